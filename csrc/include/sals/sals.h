@@ -1,0 +1,317 @@
+/*
+ * sals: Sparse Attention in Latent Space (arXiv 2510.24273), public C ABI.
+ *
+ * This header is the whole contract: what is not declared here is not API.
+ *
+ * The method, per attention layer and decode step:
+ *   1. every appended pre-RoPE key k (all KV heads concatenated, Dk = n_head_kv * head_dim)
+ *      is stored as a latent vector k~ = U^T k of `rank` coordinates (U: [Dk, rank], from
+ *      calibration); its value is group-quantised; the first `n_sink` tokens and the last
+ *      `n_recent` tokens are also kept exact;
+ *   2. the pre-RoPE query is folded per GQA group, projected (q~ = U^T q), and scored against
+ *      the leading `score_rank` latent coordinates of every candidate token (no RoPE);
+ *   3. the top `budget` candidates are selected; only their keys are rebuilt (U k~), rotated
+ *      at their own positions, and attended exactly, together with the sinks and the recent
+ *      window.
+ *
+ * Conventions
+ *   - Every fallible function returns a sals_status_t. On failure sals_last_error() gives a
+ *     message naming the argument ("k: expected 4 dims, got 3"); nothing is modified.
+ *   - Tensors are DLTensor views (strides count elements, NULL strides = compact). The last
+ *     dimension must be contiguous (stride 1); other dimensions may have any stride.
+ *     Accepted float dtypes: float32, float16, bfloat16 (arithmetic accumulates in float32).
+ *     Index tensors are int32.
+ *   - A function borrows its tensors for the duration of the call and keeps no pointer to them.
+ *   - Device: a cache lives on the device named in its config; every tensor passed to it must
+ *     be on that device. Stateless functions run where their tensors are (all on one device).
+ *   - `stream` is a cudaStream_t for CUDA tensors (NULL = legacy default stream) and is ignored
+ *     on the CPU. CUDA work is only enqueued on that stream: no host synchronisation and no
+ *     allocation happens inside sals_cache_append / sals_cache_attend unless a comment says so.
+ *   - Positions are int32 token positions as the model's RoPE sees them. A position < 0 marks
+ *     a padding slot (left or right padding): it is not stored and its output row is zero.
+ *   - Thread safety: distinct handles may be used from distinct threads; one handle must not be
+ *     used by two threads at once.
+ */
+#ifndef SALS_SALS_H_
+#define SALS_SALS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sals/dlpack.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#if defined(SALS_BUILDING_LIBRARY)
+#define SALS_API __declspec(dllexport)
+#else
+#define SALS_API __declspec(dllimport)
+#endif
+#else
+#define SALS_API __attribute__((visibility("default")))
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Versions                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+#define SALS_VERSION_MAJOR 0
+#define SALS_VERSION_MINOR 1
+#define SALS_VERSION_PATCH 0
+#define SALS_VERSION_STRING "0.1.0"
+/** Bumped whenever a struct layout, enum value or function signature in this header changes. */
+#define SALS_ABI_VERSION 1
+
+/** The library's version string, e.g. "0.1.0". */
+SALS_API const char* sals_version(void);
+/** The library's ABI version; compare with SALS_ABI_VERSION to detect a header/library mismatch. */
+SALS_API int32_t sals_abi_version(void);
+/** 1 if the library was built with CUDA kernels and a CUDA device is usable now, else 0. */
+SALS_API int32_t sals_cuda_available(void);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Status and errors                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Result of every fallible call. New values are only ever added at the end. */
+typedef enum sals_status {
+  SALS_OK = 0,
+  SALS_ERR_INVALID_ARGUMENT = 1, /**< a NULL, a wrong shape, dtype, stride or value */
+  SALS_ERR_UNSUPPORTED = 2,      /**< valid, but not implemented for this device/dtype/size */
+  SALS_ERR_OUT_OF_MEMORY = 3,    /**< host or device allocation failed */
+  SALS_ERR_CAPACITY = 4,         /**< max_batch or max_tokens of the cache would be exceeded */
+  SALS_ERR_NOT_FINITE = 5,       /**< an input holds NaN or infinity */
+  SALS_ERR_DEVICE = 6,           /**< a CUDA runtime error */
+} sals_status_t;
+
+/** A static string naming a status ("SALS_ERR_CAPACITY"); never NULL. */
+SALS_API const char* sals_status_string(sals_status_t status);
+/**
+ * The message of the last failed call on this thread ("" if none). Thread-local; valid until
+ * the next sals call on the same thread.
+ */
+SALS_API const char* sals_last_error(void);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Configuration                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Storage type of latent keys, the exact windows and 16-bit values. */
+typedef enum sals_dtype {
+  SALS_DTYPE_FLOAT32 = 0,
+  SALS_DTYPE_FLOAT16 = 1,
+  SALS_DTYPE_BFLOAT16 = 2,
+} sals_dtype_t;
+
+/**
+ * One attention layer's cache settings. Start from sals_config_default() and set the shape
+ * fields; the defaults are the paper's (16 sinks, 64 recent, budget 1/8, shared selection).
+ */
+typedef struct sals_config {
+  int32_t n_head_q;        /**< query heads (Hq); a multiple of n_head_kv */
+  int32_t n_head_kv;       /**< key/value heads (Hkv) */
+  int32_t head_dim;        /**< d; Dk = n_head_kv * head_dim */
+  int32_t rank;            /**< latent rank r, 1..Dk; columns of the projection */
+  int32_t score_rank;      /**< r*, 1..rank: leading latent coordinates used for scoring */
+  int32_t value_bits;      /**< 16 (stored in `dtype`), 8, 4 or 2 (group-quantised) */
+  int32_t value_group;     /**< channels per quantisation group; divides head_dim; default 32 */
+  int32_t n_sink;          /**< first tokens always attended and kept exact; default 16 */
+  int32_t n_recent;        /**< last tokens always attended and kept exact; default 64 */
+  /**
+   * Tokens selected per step among the candidates (tokens that are neither sinks nor recent):
+   * budget_tokens if > 0, else ceil(budget_frac * S) with S the sequence's length. Clamped to
+   * the number of candidates, so a budget covering the sequence selects every token.
+   */
+  float budget_frac;       /**< in (0, 1]; default 0.125 */
+  int32_t budget_tokens;   /**< fixed count, >= 0; 0 = use budget_frac; default 0 */
+  int32_t select_per_head; /**< 0: one selection shared by all heads (the paper); 1: per KV head */
+  int32_t dense;           /**< 1: attend every token with rebuilt keys (dense layers) */
+  int32_t max_batch;       /**< sequences held, >= 1 */
+  int32_t max_tokens;      /**< tokens held per sequence, >= 1 */
+  sals_dtype_t dtype;      /**< storage type; default SALS_DTYPE_FLOAT16 */
+  float scale;             /**< softmax scale; 0 = 1/sqrt(head_dim) */
+  /**
+   * 1: reject NaN/inf inputs with SALS_ERR_NOT_FINITE. On CUDA the check reads back one flag
+   * per call (a host synchronisation): set 0 for CUDA graphs and peak speed. Default 1.
+   */
+  int32_t check_finite;
+  int32_t n_threads;       /**< CPU worker threads; 0 = one per online core */
+  DLDevice device;         /**< where the cache lives: {kDLCPU, 0} or {kDLCUDA, ordinal} */
+} sals_config_t;
+
+/** Paper defaults with zero shape fields; the caller must set n_head_q .. max_tokens. */
+SALS_API sals_config_t sals_config_default(void);
+
+/**
+ * Rotary position embedding, as HF models describe it. Scalings (Llama-3, linear, YaRN, ...)
+ * are folded into inv_freq. A key or query x at position p becomes, for i < rotary_dim/2 and
+ * theta = p * inv_freq[i], c = attention_scaling * cos(theta), s = attention_scaling * sin(theta):
+ *   rotate-half (interleaved = 0): pairs (i, i + rotary_dim/2)
+ *   interleaved (interleaved = 1): pairs (2i, 2i + 1)
+ *   (x_a, x_b) -> (x_a c - x_b s, x_b c + x_a s);  dims >= rotary_dim are left unchanged.
+ * theta, cos and sin are computed in float32.
+ */
+typedef struct sals_rope {
+  const float* inv_freq;   /**< host memory, rotary_dim/2 entries; borrowed (copied by a cache) */
+  int32_t rotary_dim;      /**< even, <= head_dim; 0 = no rotary embedding (inv_freq unused) */
+  float attention_scaling; /**< multiplies cos and sin; 1 for most models */
+  int32_t interleaved;     /**< 0 rotate-half (Llama, Mistral, Qwen, Gemma), 1 interleaved */
+} sals_rope_t;
+
+/* ------------------------------------------------------------------------------------------ */
+/* The cache: one attention layer, up to max_batch sequences                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Opaque per-layer cache. */
+typedef struct sals_cache sals_cache_t;
+
+/**
+ * Create a cache and allocate all of its memory (cache, workspace) on config->device.
+ * projection: [Dk, rank] float (U_r, orthonormal columns; an identity gives full rank), on any
+ *   device; copied (as float32) into the cache, so the caller may free it afterwards.
+ * rope: copied. Creation synchronises the device (it is not on the hot path).
+ * On success *out owns the cache: release it with sals_cache_destroy.
+ */
+SALS_API sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* rope,
+                                         const DLTensor* projection, sals_cache_t** out);
+
+/** Free the cache and all its memory. NULL is a no-op. */
+SALS_API void sals_cache_destroy(sals_cache_t* cache);
+
+/** Empty every sequence (lengths to 0); memory stays allocated. */
+SALS_API sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream);
+
+/** Copy the cache's configuration to *out. */
+SALS_API sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out);
+
+/**
+ * Append a chunk of tokens (a prefill chunk, or one decode token: T = 1) to sequences 0..B-1.
+ * k, v: [B, T, n_head_kv, head_dim] pre-RoPE keys and values (after any k_norm).
+ * pos:  [B, T] int32 positions; a slot with pos < 0 is padding and is skipped, so each
+ *       sequence grows by its count of non-negative positions (ragged batches).
+ * Capacity is reserved conservatively and checked on the host without reading pos: each call
+ * reserves T slots per sequence until sals_cache_reset, and fails with SALS_ERR_CAPACITY
+ * (changing nothing) if that would pass max_tokens, or if B > max_batch.
+ */
+SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                         const DLTensor* pos, void* stream);
+
+/**
+ * Attention of new queries over everything the cache holds (append the step's own key first).
+ * q:     [B, T, n_head_q, head_dim] pre-RoPE queries (after any q_norm), rotated here at q_pos.
+ * q_pos: [B, T] int32; a query row with q_pos < 0 is padding and its output row is 0.
+ * out:   [B, T, n_head_q, head_dim], any float dtype; may not alias q.
+ * A key is visible to a query when its position is <= the query's position (causal).
+ * With T == 1 and config.dense == 0 the step is sparse: sinks, recent window and the selected
+ * candidates. Otherwise (T > 1 or dense) every visible token is attended, with rebuilt keys and
+ * dequantised values outside the exact windows.
+ */
+SALS_API sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q,
+                                         const DLTensor* q_pos, DLTensor* out, void* stream);
+
+/** Tokens held per sequence. out: [B] int32 on the cache's device, B <= max_batch. */
+SALS_API sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream);
+
+/**
+ * The candidates selected by the last sparse sals_cache_attend (for inspection and tests).
+ * idx:   [B, H, N] int32 token indices (0-based slots in the sequence, not positions), where
+ *        H = 1 for a shared selection or n_head_kv per head, N >= the largest count; unused
+ *        entries are -1; order within a row is unspecified (compare as sets).
+ * count: [B] int32, tokens selected per sequence (0 after a dense or T > 1 attend).
+ */
+SALS_API sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx,
+                                           DLTensor* count, void* stream);
+
+/** Bytes held, per component, for the tokens stored now (sum over sequences). */
+typedef struct sals_memory {
+  uint64_t latent_keys;  /**< rank coordinates per token */
+  uint64_t values;       /**< quantised (or 16-bit) values */
+  uint64_t value_scales; /**< scales and zeros of the quantisation groups */
+  uint64_t exact_window; /**< exact keys and values of the sinks and the recent window */
+  uint64_t positions;    /**< one int32 per token */
+  uint64_t projection;   /**< U_r */
+  uint64_t total;        /**< sum of the above */
+  uint64_t dense_fp16;   /**< what dense fp16 K and V would need: 2 * S * Dk * 2 per sequence */
+  uint64_t allocated;    /**< everything the cache allocated, workspace included */
+} sals_memory_t;
+
+/** Fill *out. For a CUDA cache this reads the lengths back (synchronises `stream`). */
+SALS_API sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out,
+                                         void* stream);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Stateless stages on caller-provided tensors (framework-managed memory, experiments)         */
+/* All tensors of one call live on one device. Outputs are written, never allocated.           */
+/* ------------------------------------------------------------------------------------------ */
+
+/** out[n, :] = x[n, :] @ proj.  x: [N, Dk], proj: [Dk, R], out: [N, R]. */
+SALS_API sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* out,
+                                    void* stream);
+
+/**
+ * Rotate x at pos (sals_rope_t describes the rotation).
+ * x: [N, H, head_dim], pos: [N] int32, out: like x; out may alias x (in place).
+ */
+SALS_API sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos,
+                                       const sals_rope_t* rope, DLTensor* out, void* stream);
+
+/**
+ * Score and select. For each sequence b and selection head h, scores
+ *   s[j] = q_lat[b, h, :score_rank] . k_lat[b, j, :score_rank]
+ * over the candidates j in [n_sink, length_b - n_recent) and writes the indices of the
+ * `budget` largest to idx[b, h, :] (any order; -1 where a sequence has fewer candidates).
+ * q_lat: [B, H, R], k_lat: [B, S, R'] with score_rank <= min(R, R'),
+ * lengths: [B] int32 (length_b <= S) or NULL (every sequence has S tokens),
+ * idx: [B, H, budget] int32. budget must be in 1 .. S - n_sink - n_recent.
+ */
+SALS_API sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
+                                         const DLTensor* lengths, int32_t score_rank,
+                                         int32_t n_sink, int32_t n_recent, int32_t budget,
+                                         DLTensor* idx, void* stream);
+
+/**
+ * Rebuild keys from latent vectors and rotate them at their own positions:
+ *   out[n] = RoPE(reshape(proj @ k_lat[n], [H, head_dim]), pos[n]).
+ * k_lat: [N, R], proj: [H * head_dim, R], pos: [N] int32, out: [N, H, head_dim].
+ */
+SALS_API sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj,
+                                         const DLTensor* pos, const sals_rope_t* rope,
+                                         DLTensor* out, void* stream);
+
+/**
+ * Exact softmax attention of one query per sequence over a subset of tokens.
+ * q: [B, Hq, d] (already rotated), k, v: [B, S, Hkv, d] (k already rotated),
+ * idx: [B, H, N] int32 token indices with H = 1 (shared) or Hkv, -1 entries ignored;
+ *      NULL attends tokens 0 .. length_b - 1,
+ * lengths: [B] int32 or NULL (= S); out: [B, Hq, d]. scale: softmax scale (0 = 1/sqrt(d)).
+ * An index >= length_b is an error (SALS_ERR_INVALID_ARGUMENT on the CPU). A sequence with
+ * no token to attend gets a zero output row.
+ */
+SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k,
+                                             const DLTensor* v, const DLTensor* idx,
+                                             const DLTensor* lengths, float scale, DLTensor* out,
+                                             void* stream);
+
+/**
+ * Asymmetric group quantisation of rows (KIVI style): for each group of `group` channels,
+ * scale = (max - min) / (2^bits - 1), zero = min, code = round((x - zero) / scale) clamped to
+ * [0, 2^bits - 1]; codes packed little-endian within each byte (first channel in the low bits).
+ * v: [N, D] float, bits in {2, 4, 8}, group divides D and 8 * group / bits is whole,
+ * packed: [N, D * bits / 8] uint8, scale, zero: [N, D / group] float16.
+ */
+SALS_API sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
+                                            DLTensor* packed, DLTensor* scale, DLTensor* zero,
+                                            void* stream);
+
+/** Inverse of sals_quantize_values: out[n, c] = zero + code * scale. out: [N, D] float. */
+SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* scale,
+                                              const DLTensor* zero, int32_t bits, int32_t group,
+                                              DLTensor* out, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SALS_SALS_H_ */

@@ -1,0 +1,169 @@
+/*
+ * Internal interface between the validating C ABI layer (csrc/api.c, csrc/cache.c) and the
+ * backends (csrc/cpu/ for the host, cuda/ for NVIDIA GPUs). Not installed, not API.
+ *
+ * The ABI layer checks every argument, converts DLTensors to sals_view_t (byte_offset applied,
+ * strides filled in, last dim contiguous) and calls the backend of the tensors' device. Backends
+ * trust their arguments.
+ */
+#ifndef SALS_INTERNAL_H_
+#define SALS_INTERNAL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sals/sals.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SALS_MAX_DIMS 4
+
+/** Element types a view may hold. */
+typedef enum sals_elem {
+  SALS_ELEM_F32 = 0,
+  SALS_ELEM_F16 = 1,
+  SALS_ELEM_BF16 = 2,
+  SALS_ELEM_I32 = 3,
+  SALS_ELEM_U8 = 4,
+} sals_elem_t;
+
+/** A validated tensor view: data points at element 0; strides in elements; stride[ndim-1] == 1. */
+typedef struct sals_view {
+  void* data;
+  sals_elem_t elem;
+  int32_t ndim;
+  int64_t shape[SALS_MAX_DIMS];
+  int64_t stride[SALS_MAX_DIMS];
+} sals_view_t;
+
+/**
+ * The cache. The struct lives in host memory; every pointer below points at memory on
+ * cfg.device. Layouts (all compact row-major, `b` = sequence slot, `t` = token slot):
+ *   proj        float32 [Dk, rank]
+ *   lat_score   dtype   [max_batch, max_tokens, score_rank]   leading latent coordinates, so
+ *                                                              the scoring pass streams them
+ *   lat_rest    dtype   [max_batch, max_tokens, rank - score_rank] (NULL when equal)
+ *   val         value_bits == 16: dtype [max_batch, max_tokens, Dk]
+ *               else      uint8 [max_batch, max_tokens, Dk * value_bits / 8]
+ *   val_scale,
+ *   val_zero    float16 bits [max_batch, max_tokens, Dk / value_group] (NULL at 16 bits)
+ *   sink_k/v    dtype   [max_batch, n_sink, Dk]     exact pre-RoPE keys/values of slots < n_sink
+ *   recent_k/v  dtype   [max_batch, n_recent, Dk]   ring: token slot t lives at t % n_recent
+ *   pos         int32   [max_batch, max_tokens]     position of each stored token
+ *   len         int32   [max_batch]                 tokens stored per sequence
+ *   sel_idx     int32   [max_batch, n_sel_heads, max_tokens]  last selection, -1 padded
+ *   sel_count   int32   [max_batch]
+ *   inv_freq    float32 [rotary_dim / 2]
+ * Every token is in the latent cache and the value store; sinks and recent tokens are also
+ * kept exact, and attention reads them from the exact copies.
+ */
+struct sals_cache {
+  sals_config_t cfg;
+  int32_t dk;             /* n_head_kv * head_dim */
+  int32_t n_sel_heads;    /* 1 (shared selection) or n_head_kv */
+  int32_t n_groups;       /* Dk / value_group */
+  int64_t val_row_bytes;  /* bytes of one token's stored value */
+  float scale;            /* resolved softmax scale */
+  int32_t rotary_dim;
+  float attention_scaling;
+  int32_t interleaved;
+  float* inv_freq;
+  float* inv_freq_host;
+
+  float* proj;
+  void* lat_score;
+  void* lat_rest;
+  void* val;
+  uint16_t* val_scale;
+  uint16_t* val_zero;
+  void* sink_k;
+  void* sink_v;
+  void* recent_k;
+  void* recent_v;
+  int32_t* pos;
+  int32_t* len;
+  int32_t* sel_idx;
+  int32_t* sel_count;
+
+  int32_t* reserved;      /* host: slots reserved per sequence (capacity check) */
+  uint64_t allocated;     /* bytes allocated on cfg.device */
+  void* backend;          /* backend-private state (workspace, streams, flags) */
+};
+
+/* ---- errors (csrc/error.c) ---------------------------------------------------------------- */
+
+/** Record a printf-style message as this thread's last error and return `status`. */
+sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* ---- backends ----------------------------------------------------------------------------- */
+/* Each backend implements the same entry points; `stream` is ignored on the CPU.            */
+
+#define SALS_BACKEND_DECLARE(prefix)                                                          \
+  sals_status_t prefix##_cache_init(sals_cache_t* c);                                        \
+  void prefix##_cache_free(sals_cache_t* c);                                                  \
+  sals_status_t prefix##_cache_reset(sals_cache_t* c, void* stream);                          \
+  sals_status_t prefix##_cache_append(sals_cache_t* c, const sals_view_t* k,                  \
+                                      const sals_view_t* v, const sals_view_t* pos,           \
+                                      void* stream);                                          \
+  sals_status_t prefix##_cache_attend(sals_cache_t* c, const sals_view_t* q,                  \
+                                      const sals_view_t* q_pos, const sals_view_t* out,       \
+                                      void* stream);                                          \
+  sals_status_t prefix##_cache_lengths(const sals_cache_t* c, const sals_view_t* out,         \
+                                       void* stream);                                         \
+  sals_status_t prefix##_cache_selected(const sals_cache_t* c, const sals_view_t* idx,        \
+                                        const sals_view_t* count, void* stream);              \
+  sals_status_t prefix##_cache_lengths_host(const sals_cache_t* c, int32_t* out,              \
+                                            void* stream);                                    \
+  sals_status_t prefix##_project(const sals_view_t* x, const sals_view_t* proj,               \
+                                 const sals_view_t* out, void* stream);                       \
+  sals_status_t prefix##_rope_apply(const sals_view_t* x, const sals_view_t* pos,             \
+                                    const float* inv_freq, int32_t rotary_dim,                \
+                                    float attention_scaling, int32_t interleaved,             \
+                                    const sals_view_t* out, void* stream);                    \
+  sals_status_t prefix##_score_select(const sals_view_t* q_lat, const sals_view_t* k_lat,     \
+                                      const sals_view_t* lengths, int32_t score_rank,         \
+                                      int32_t n_sink, int32_t n_recent, int32_t budget,       \
+                                      const sals_view_t* idx, void* stream);                  \
+  sals_status_t prefix##_rebuild_rope(const sals_view_t* k_lat, const sals_view_t* proj,      \
+                                      const sals_view_t* pos, const float* inv_freq,          \
+                                      int32_t rotary_dim, float attention_scaling,            \
+                                      int32_t interleaved, const sals_view_t* out,            \
+                                      void* stream);                                          \
+  sals_status_t prefix##_sparse_attention(                                                    \
+      const sals_view_t* q, const sals_view_t* k, const sals_view_t* v,                       \
+      const sals_view_t* idx, const sals_view_t* lengths, float scale,                        \
+      const sals_view_t* out, void* stream);                                                  \
+  sals_status_t prefix##_quantize_values(const sals_view_t* v, int32_t bits, int32_t group,  \
+                                         const sals_view_t* packed, const sals_view_t* scale, \
+                                         const sals_view_t* zero, void* stream);              \
+  sals_status_t prefix##_dequantize_values(                                                   \
+      const sals_view_t* packed, const sals_view_t* scale, const sals_view_t* zero,           \
+      int32_t bits, int32_t group, const sals_view_t* out, void* stream);
+
+/*
+ * Notes binding on both backends:
+ * - cache_init allocates every buffer listed in struct sals_cache (and the workspace) on
+ *   cfg.device, copies nothing else; cache_free releases them (NULL-safe). The ABI layer fills
+ *   cfg, the derived ints, inv_freq_host and `proj` contents via the backend after init.
+ * - In stateless functions, rope inv_freq is host memory (the CUDA backend passes the values
+ *   to kernels by copying them into kernel parameters or a workspace: no allocation).
+ * - Optional views (lengths, idx) arrive as NULL pointers when absent.
+ */
+SALS_BACKEND_DECLARE(sals_cpu)
+#if defined(SALS_WITH_CUDA)
+SALS_BACKEND_DECLARE(sals_cuda)
+/** Copy `bytes` from host `src` into the cache's device memory at `dst` (synchronous). */
+sals_status_t sals_cuda_upload(void* dst, const void* src, size_t bytes);
+int32_t sals_cuda_device_usable(void);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SALS_INTERNAL_H_ */
