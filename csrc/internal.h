@@ -160,6 +160,8 @@ SALS_BACKEND_DECLARE(sals_cpu)
 SALS_BACKEND_DECLARE(sals_cuda)
 /** Copy `bytes` from host `src` into the cache's device memory at `dst` (synchronous). */
 sals_status_t sals_cuda_upload(void* dst, const void* src, size_t bytes);
+/** Copy `bytes` from device memory `src` (any CUDA device) to host `dst_host` (synchronous). */
+sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t bytes);
 int32_t sals_cuda_device_usable(void);
 #endif
 

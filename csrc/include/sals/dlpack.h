@@ -123,6 +123,54 @@ typedef struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 } DLManagedTensorVersioned;
 
+
+/* ---- DLPack 1.3 C exchange API (`type(x).__dlpack_c_exchange_api__`) ----------------------- */
+/*
+ * A framework publishes one static DLPackExchangeAPI, as a PyCapsule named
+ * "dlpack_exchange_api" on its tensor *type*. Consumers use it to import tensors without
+ * stream synchronisation and to ask for the framework's current work stream. Every function
+ * returns 0 on success and -1 with a Python exception set (the GIL must be held), except
+ * DLPackManagedTensorAllocator, which reports through SetError.
+ */
+
+/** Allocate a tensor in the producer framework shaped like `prototype` (dtype, ndim, shape, device). */
+typedef int (*DLPackManagedTensorAllocator)(
+    DLTensor* prototype, DLManagedTensorVersioned** out, void* error_ctx,
+    void (*SetError)(void* error_ctx, const char* kind, const char* message));
+
+/** Export `py_object` (a PyObject* of the publishing type) as an owned tensor; no stream sync. */
+typedef int (*DLPackManagedTensorFromPyObjectNoSync)(void* py_object,
+                                                     DLManagedTensorVersioned** out);
+
+/** Fill `out` with a view of `py_object`, valid only until control returns to the producer. */
+typedef int (*DLPackDLTensorFromPyObjectNoSync)(void* py_object, DLTensor* out);
+
+/** The framework's current work stream on a device (a cudaStream_t for CUDA; NULL on the CPU). */
+typedef int (*DLPackCurrentWorkStream)(DLDeviceType device_type, int32_t device_id,
+                                       void** out_current_stream);
+
+/** Wrap an owned tensor as a Python object of the framework (ownership is stolen); no sync. */
+typedef int (*DLPackManagedTensorToPyObjectNoSync)(DLManagedTensorVersioned* tensor,
+                                                   void** out_py_object);
+
+/** The part of the table that stays stable across versions. */
+typedef struct DLPackExchangeAPIHeader {
+  /** Check `version.major` before touching any other field. */
+  DLPackVersion version;
+  /** An older table in the chain, or NULL. */
+  struct DLPackExchangeAPIHeader* prev_api;
+} DLPackExchangeAPIHeader;
+
+/** The exchange table (DLPack 1.3). Lives for the whole process; never freed by consumers. */
+typedef struct DLPackExchangeAPI {
+  DLPackExchangeAPIHeader header;
+  DLPackManagedTensorAllocator managed_tensor_allocator;                       /**< not NULL */
+  DLPackManagedTensorFromPyObjectNoSync managed_tensor_from_py_object_no_sync; /**< not NULL */
+  DLPackManagedTensorToPyObjectNoSync managed_tensor_to_py_object_no_sync;     /**< not NULL */
+  DLPackDLTensorFromPyObjectNoSync dltensor_from_py_object_no_sync;            /**< may be NULL */
+  DLPackCurrentWorkStream current_work_stream;                                 /**< not NULL */
+} DLPackExchangeAPI;
+
 #ifdef __cplusplus
 }
 #endif

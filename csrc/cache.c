@@ -1,0 +1,386 @@
+/* The cache's C ABI: configuration checks, argument validation, capacity, dispatch. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu.h"
+#include "tensor.h"
+
+#define INVALID SALS_ERR_INVALID_ARGUMENT
+
+sals_config_t sals_config_default(void) {
+  sals_config_t c;
+  memset(&c, 0, sizeof c);
+  c.value_bits = 16;
+  c.value_group = 32;
+  c.n_sink = 16;
+  c.n_recent = 64;
+  c.budget_frac = 0.125f;
+  c.dtype = SALS_DTYPE_FLOAT16;
+  c.check_finite = 1;
+  c.device.device_type = kDLCPU;
+  c.device.device_id = 0;
+  return c;
+}
+
+static sals_status_t check_flag(const char* name, int32_t v) {
+  if (v == 0 || v == 1) return SALS_OK;
+  return sals_set_error(INVALID, "config.%s: %d must be 0 or 1", name, (int)v);
+}
+
+static sals_status_t check_min(const char* name, int32_t v, int32_t lo) {
+  if (v >= lo) return SALS_OK;
+  return sals_set_error(INVALID, "config.%s: %d must be >= %d", name, (int)v, (int)lo);
+}
+
+#define TRY(expr)                    \
+  do {                               \
+    sals_status_t st_ = (expr);      \
+    if (st_ != SALS_OK) return st_;  \
+  } while (0)
+
+static sals_status_t check_config(const sals_config_t* g) {
+  char buf[32];
+  TRY(check_min("n_head_q", g->n_head_q, 1));
+  TRY(check_min("n_head_kv", g->n_head_kv, 1));
+  if (g->n_head_q % g->n_head_kv != 0)
+    return sals_set_error(INVALID, "config.n_head_q: %d is not a multiple of n_head_kv %d",
+                          (int)g->n_head_q, (int)g->n_head_kv);
+  TRY(check_min("head_dim", g->head_dim, 1));
+  if ((int64_t)g->n_head_kv * g->head_dim > INT32_MAX / 2)
+    return sals_set_error(INVALID, "config.head_dim: n_head_kv * head_dim too large");
+  const int32_t dk = g->n_head_kv * g->head_dim;
+  TRY(check_min("rank", g->rank, 1));
+  if (g->rank > dk)
+    return sals_set_error(INVALID, "config.rank: %d > Dk %d (n_head_kv * head_dim)", (int)g->rank,
+                          (int)dk);
+  TRY(check_min("score_rank", g->score_rank, 1));
+  if (g->score_rank > g->rank)
+    return sals_set_error(INVALID, "config.score_rank: %d > rank %d", (int)g->score_rank,
+                          (int)g->rank);
+  if (g->value_bits != 16 && g->value_bits != 8 && g->value_bits != 4 && g->value_bits != 2)
+    return sals_set_error(INVALID, "config.value_bits: %d not one of 16, 8, 4, 2",
+                          (int)g->value_bits);
+  if (g->value_bits < 16) {
+    TRY(check_min("value_group", g->value_group, 1));
+    if (g->head_dim % g->value_group != 0)
+      return sals_set_error(INVALID, "config.value_group: %d does not divide head_dim %d",
+                            (int)g->value_group, (int)g->head_dim);
+    if (g->value_group * g->value_bits % 8 != 0)
+      return sals_set_error(INVALID,
+                            "config.value_group: %d groups of %d-bit codes do not fill whole bytes",
+                            (int)g->value_group, (int)g->value_bits);
+  }
+  TRY(check_min("n_sink", g->n_sink, 0));
+  TRY(check_min("n_recent", g->n_recent, 0));
+  if (!(g->budget_frac > 0.0f && g->budget_frac <= 1.0f))
+    return sals_set_error(INVALID, "config.budget_frac: %g not in (0, 1]", (double)g->budget_frac);
+  TRY(check_min("budget_tokens", g->budget_tokens, 0));
+  TRY(check_flag("select_per_head", g->select_per_head));
+  TRY(check_flag("dense", g->dense));
+  TRY(check_min("max_batch", g->max_batch, 1));
+  TRY(check_min("max_tokens", g->max_tokens, 1));
+  if (g->dtype != SALS_DTYPE_FLOAT32 && g->dtype != SALS_DTYPE_FLOAT16 &&
+      g->dtype != SALS_DTYPE_BFLOAT16)
+    return sals_set_error(INVALID, "config.dtype: %d not a sals_dtype_t", (int)g->dtype);
+  if (!(g->scale >= 0.0f) || !isfinite(g->scale))
+    return sals_set_error(INVALID, "config.scale: %g must be finite and >= 0 (0 = 1/sqrt(head_dim))",
+                          (double)g->scale);
+  TRY(check_flag("check_finite", g->check_finite));
+  TRY(check_min("n_threads", g->n_threads, 0));
+  if (g->device.device_type != kDLCPU && g->device.device_type != kDLCUDA)
+    return sals_set_error(SALS_ERR_UNSUPPORTED, "config.device: %s not supported (cpu, cuda)",
+                          sals_device_str(g->device, buf));
+  if (g->device.device_type == kDLCPU && g->device.device_id != 0)
+    return sals_set_error(INVALID, "config.device: cpu device_id must be 0, got %d",
+                          (int)g->device.device_id);
+  if (g->device.device_type == kDLCUDA && g->device.device_id < 0)
+    return sals_set_error(INVALID, "config.device: invalid CUDA ordinal %d",
+                          (int)g->device.device_id);
+  /* Every buffer must be addressable: bound the largest, B * T * Dk elements. */
+  const double cells = (double)g->max_batch * (double)g->max_tokens * (double)dk;
+  if (cells > 4.0e15)
+    return sals_set_error(INVALID, "config.max_tokens: max_batch * max_tokens * Dk too large");
+  return SALS_OK;
+}
+
+/* A compact float32 host copy of the projection [Dk, rank] (which may live on a GPU). */
+static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
+  const int64_t R = pv->shape[0], C = pv->shape[1];
+  const size_t es = sals_elem_size(pv->elem);
+  const void* base = pv->data;
+  void* staged = NULL;
+  int64_t lo = 0;
+  if (pdev.device_type == kDLCUDA) {
+#if defined(SALS_WITH_CUDA)
+    /* Copy the span the view covers, then read it with the view's strides. */
+    int64_t hi = 0;
+    for (int32_t i = 0; i < 2; ++i) {
+      const int64_t reach = (pv->shape[i] - 1) * pv->stride[i];
+      if (reach < 0) lo += reach;
+      else hi += reach;
+    }
+    const size_t bytes = (size_t)(hi - lo + 1) * es;
+    staged = malloc(bytes);
+    if (!staged) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (projection)");
+    sals_status_t st = sals_cuda_download(staged, (const char*)pv->data + lo * (int64_t)es, bytes);
+    if (st != SALS_OK) {
+      free(staged);
+      return st;
+    }
+    base = staged;
+#else
+    return sals_check_backend("projection", pdev);
+#endif
+  }
+  float* p = (float*)malloc((size_t)(R * C) * sizeof(float) + 1);
+  if (!p) {
+    free(staged);
+    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (projection)");
+  }
+  sals_view_t hv = *pv;
+  hv.data = (char*)base - lo * (int64_t)es;
+  for (int64_t i = 0; i < R; ++i)
+    sals_load_f32(p + i * C, (const char*)hv.data + i * hv.stride[0] * (int64_t)es, hv.elem, C);
+  free(staged);
+  for (int64_t i = 0; i < R * C; ++i)
+    if (!isfinite(p[i])) {
+      free(p);
+      return sals_set_error(SALS_ERR_NOT_FINITE, "projection: holds NaN or infinity");
+    }
+  *out = p;
+  return SALS_OK;
+}
+
+static void free_host(sals_cache_t* c) {
+  free(c->inv_freq_host);
+  free(c->reserved);
+  free(c);
+}
+
+sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* rope,
+                                const DLTensor* projection, sals_cache_t** out) {
+  if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
+  if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
+  TRY(check_config(config));
+  TRY(sals_check_rope(rope, config->head_dim));
+  TRY(sals_check_backend("config.device", config->device));
+  const int32_t dk = config->n_head_kv * config->head_dim;
+  sals_view_t pv;
+  DLDevice pdev;
+  TRY(sals_view_make(projection, "projection", 2, SALS_ACCEPT_FLOAT, &pv, &pdev));
+  TRY(sals_check_dim(&pv, "projection", 0, dk, "Dk = n_head_kv * head_dim"));
+  TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
+  if (pdev.device_type != kDLCPU)
+    TRY(sals_check_device("projection", pdev, config->device, "the cache"));
+#if defined(SALS_WITH_CUDA)
+  if (config->device.device_type == kDLCUDA && !sals_cuda_device_usable())
+    return sals_set_error(SALS_ERR_DEVICE, "config.device: no usable CUDA device");
+#endif
+  float* proj = NULL;
+  TRY(projection_host(&pv, pdev, &proj));
+
+  sals_cache_t* c = (sals_cache_t*)calloc(1, sizeof *c);
+  const int32_t half = rope->rotary_dim / 2;
+  if (c) {
+    c->inv_freq_host = (float*)calloc((size_t)(half > 0 ? half : 1), sizeof(float));
+    c->reserved = (int32_t*)calloc((size_t)config->max_batch, sizeof(int32_t));
+  }
+  if (!c || !c->inv_freq_host || !c->reserved) {
+    if (c) free_host(c);
+    free(proj);
+    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (cache)");
+  }
+  const sals_config_t* g = config;
+  c->cfg = *g;
+  c->dk = dk;
+  c->n_sel_heads = g->select_per_head ? g->n_head_kv : 1;
+  c->n_groups = g->value_bits < 16 ? dk / g->value_group : 0;
+  c->val_row_bytes = g->value_bits < 16 ? (int64_t)dk * g->value_bits / 8
+                                        : (int64_t)dk * (g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2);
+  c->scale = g->scale > 0.0f ? g->scale : 1.0f / sqrtf((float)g->head_dim);
+  c->rotary_dim = rope->rotary_dim;
+  c->attention_scaling = rope->attention_scaling;
+  c->interleaved = rope->interleaved;
+  if (half > 0) memcpy(c->inv_freq_host, rope->inv_freq, (size_t)half * sizeof(float));
+
+  const size_t proj_bytes = (size_t)dk * (size_t)g->rank * sizeof(float);
+  sals_status_t st = SALS_DISPATCH(g->device, cache_init, c);
+  if (st == SALS_OK) {
+#if defined(SALS_WITH_CUDA)
+    if (g->device.device_type == kDLCUDA) {
+      st = sals_cuda_upload(c->proj, proj, proj_bytes);
+      if (st == SALS_OK && half > 0)
+        st = sals_cuda_upload(c->inv_freq, c->inv_freq_host, (size_t)half * sizeof(float));
+    } else
+#endif
+    {
+      memcpy(c->proj, proj, proj_bytes);
+      if (half > 0) memcpy(c->inv_freq, c->inv_freq_host, (size_t)half * sizeof(float));
+    }
+    if (st == SALS_OK) st = SALS_DISPATCH(g->device, cache_reset, c, NULL);
+    if (st != SALS_OK) SALS_DISPATCH(g->device, cache_free, c);
+  }
+  free(proj);
+  if (st != SALS_OK) {
+    free_host(c);
+    return st;
+  }
+  *out = c;
+  return SALS_OK;
+}
+
+void sals_cache_destroy(sals_cache_t* cache) {
+  if (cache == NULL) return;
+  SALS_DISPATCH(cache->cfg.device, cache_free, cache);
+  free_host(cache);
+}
+
+sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, cache, stream));
+  memset(cache->reserved, 0, (size_t)cache->cfg.max_batch * sizeof(int32_t));
+  return SALS_OK;
+}
+
+sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
+  *out = cache->cfg;
+  return SALS_OK;
+}
+
+/* A tensor handed to the cache: checked and on the cache's device. */
+static sals_status_t cache_view(const sals_cache_t* c, const DLTensor* t, const char* name,
+                                int32_t ndim, uint32_t accept, sals_view_t* v) {
+  DLDevice dev;
+  TRY(sals_view_make(t, name, ndim, accept, v, &dev));
+  return sals_check_device(name, dev, c->cfg.device, "the cache");
+}
+
+/* b's extent matches a's over the first n dims. */
+static sals_status_t same_dims(const sals_view_t* b, const char* bn, const sals_view_t* a,
+                               const char* an, int32_t n) {
+  for (int32_t i = 0; i < n; ++i)
+    if (b->shape[i] != a->shape[i])
+      return sals_set_error(INVALID, "%s: dim %d is %lld, expected %lld (%s.shape[%d])", bn, (int)i,
+                            (long long)b->shape[i], (long long)a->shape[i], an, (int)i);
+  return SALS_OK;
+}
+
+sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                const DLTensor* pos, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  const sals_config_t* g = &cache->cfg;
+  sals_view_t kv, vv, pv;
+  TRY(cache_view(cache, k, "k", 4, SALS_ACCEPT_FLOAT, &kv));
+  TRY(cache_view(cache, v, "v", 4, SALS_ACCEPT_FLOAT, &vv));
+  TRY(cache_view(cache, pos, "pos", 2, SALS_ACCEPT_I32, &pv));
+  TRY(sals_check_dim(&kv, "k", 2, g->n_head_kv, "n_head_kv"));
+  TRY(sals_check_dim(&kv, "k", 3, g->head_dim, "head_dim"));
+  TRY(same_dims(&vv, "v", &kv, "k", 4));
+  TRY(same_dims(&pv, "pos", &kv, "k", 2));
+  const int64_t B = kv.shape[0], T = kv.shape[1];
+  if (B > g->max_batch)
+    return sals_set_error(SALS_ERR_CAPACITY, "k: batch %lld > max_batch %d", (long long)B,
+                          (int)g->max_batch);
+  for (int64_t b = 0; b < B; ++b)
+    if (cache->reserved[b] + T > g->max_tokens)
+      return sals_set_error(SALS_ERR_CAPACITY,
+                            "k: %lld more tokens for sequence %lld would reserve %lld > "
+                            "max_tokens %d (each append reserves T slots until reset)",
+                            (long long)T, (long long)b, (long long)(cache->reserved[b] + T),
+                            (int)g->max_tokens);
+  if (B == 0 || T == 0) return SALS_OK;
+  TRY(SALS_DISPATCH(g->device, cache_append, cache, &kv, &vv, &pv, stream));
+  for (int64_t b = 0; b < B; ++b) cache->reserved[b] += (int32_t)T;
+  return SALS_OK;
+}
+
+sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+                                DLTensor* out, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  const sals_config_t* g = &cache->cfg;
+  sals_view_t qv, pv, ov;
+  TRY(cache_view(cache, q, "q", 4, SALS_ACCEPT_FLOAT, &qv));
+  TRY(cache_view(cache, q_pos, "q_pos", 2, SALS_ACCEPT_I32, &pv));
+  TRY(cache_view(cache, out, "out", 4, SALS_ACCEPT_FLOAT, &ov));
+  TRY(sals_check_dim(&qv, "q", 2, g->n_head_q, "n_head_q"));
+  TRY(sals_check_dim(&qv, "q", 3, g->head_dim, "head_dim"));
+  TRY(same_dims(&pv, "q_pos", &qv, "q", 2));
+  TRY(same_dims(&ov, "out", &qv, "q", 4));
+  if (qv.shape[0] > g->max_batch)
+    return sals_set_error(SALS_ERR_CAPACITY, "q: batch %lld > max_batch %d",
+                          (long long)qv.shape[0], (int)g->max_batch);
+  if (sals_views_overlap(&ov, &qv))
+    return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
+  if (sals_view_numel(&qv) == 0) return SALS_OK;
+  return SALS_DISPATCH(g->device, cache_attend, cache, &qv, &pv, &ov, stream);
+}
+
+sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  sals_view_t ov;
+  TRY(cache_view(cache, out, "out", 1, SALS_ACCEPT_I32, &ov));
+  if (ov.shape[0] > cache->cfg.max_batch)
+    return sals_set_error(INVALID, "out: dim 0 is %lld, more than max_batch %d",
+                          (long long)ov.shape[0], (int)cache->cfg.max_batch);
+  if (ov.shape[0] == 0) return SALS_OK;
+  return SALS_DISPATCH(cache->cfg.device, cache_lengths, cache, &ov, stream);
+}
+
+sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
+                                  void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  sals_view_t iv, cv;
+  TRY(cache_view(cache, idx, "idx", 3, SALS_ACCEPT_I32, &iv));
+  TRY(cache_view(cache, count, "count", 1, SALS_ACCEPT_I32, &cv));
+  if (iv.shape[0] > cache->cfg.max_batch)
+    return sals_set_error(INVALID, "idx: dim 0 is %lld, more than max_batch %d",
+                          (long long)iv.shape[0], (int)cache->cfg.max_batch);
+  TRY(sals_check_dim(&iv, "idx", 1, cache->n_sel_heads,
+                     cache->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
+  TRY(same_dims(&cv, "count", &iv, "idx", 1));
+  if (sals_views_overlap(&iv, &cv)) return sals_set_error(INVALID, "count: overlaps idx");
+  if (cache->cfg.device.device_type == kDLCPU)
+    for (int64_t b = 0; b < iv.shape[0]; ++b)
+      if (cache->sel_count[b] > iv.shape[2])
+        return sals_set_error(INVALID, "idx: dim 2 is %lld, fewer than the %d tokens selected "
+                              "for sequence %lld", (long long)iv.shape[2], (int)cache->sel_count[b],
+                              (long long)b);
+  if (iv.shape[0] == 0) return SALS_OK;
+  return SALS_DISPATCH(cache->cfg.device, cache_selected, cache, &iv, &cv, stream);
+}
+
+sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
+  const sals_config_t* g = &cache->cfg;
+  int32_t* len = (int32_t*)malloc((size_t)g->max_batch * sizeof(int32_t));
+  if (!len) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory");
+  sals_status_t st = SALS_DISPATCH(g->device, cache_lengths_host, cache, len, stream);
+  if (st != SALS_OK) {
+    free(len);
+    return st;
+  }
+  const uint64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2, dk = (uint64_t)cache->dk;
+  sals_memory_t m;
+  memset(&m, 0, sizeof m);
+  for (int32_t b = 0; b < g->max_batch; ++b) {
+    const uint64_t S = (uint64_t)len[b];
+    const uint64_t sinks = S < (uint64_t)g->n_sink ? S : (uint64_t)g->n_sink;
+    const uint64_t recent = S < (uint64_t)g->n_recent ? S : (uint64_t)g->n_recent;
+    m.latent_keys += S * (uint64_t)g->rank * e;
+    m.values += S * (uint64_t)cache->val_row_bytes;
+    m.value_scales += S * (uint64_t)cache->n_groups * 2 * 2;
+    m.exact_window += (sinks + recent) * dk * e * 2;
+    m.positions += S * 4;
+    m.dense_fp16 += 2 * S * dk * 2;
+  }
+  free(len);
+  m.projection = dk * (uint64_t)g->rank * 4;
+  m.total = m.latent_keys + m.values + m.value_scales + m.exact_window + m.positions + m.projection;
+  m.allocated = cache->allocated;
+  *out = m;
+  return SALS_OK;
+}

@@ -1,0 +1,209 @@
+/* DLTensor -> sals_view_t validation; messages name the argument. */
+#include "tensor.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+size_t sals_elem_size(sals_elem_t elem) {
+  switch (elem) {
+    case SALS_ELEM_F32:
+    case SALS_ELEM_I32: return 4;
+    case SALS_ELEM_F16:
+    case SALS_ELEM_BF16: return 2;
+    case SALS_ELEM_U8: return 1;
+  }
+  return 0;
+}
+
+int64_t sals_view_numel(const sals_view_t* v) {
+  int64_t n = 1;
+  for (int32_t i = 0; i < v->ndim; ++i) n *= v->shape[i];
+  return n;
+}
+
+const char* sals_device_str(DLDevice dev, char* buf) {
+  switch ((int)dev.device_type) {
+    case kDLCPU: snprintf(buf, 24, "cpu"); break;
+    case kDLCUDA: snprintf(buf, 24, "cuda:%d", (int)dev.device_id); break;
+    case kDLCUDAHost: snprintf(buf, 24, "cuda_host"); break;
+    case kDLCUDAManaged: snprintf(buf, 24, "cuda_managed:%d", (int)dev.device_id); break;
+    case kDLROCM: snprintf(buf, 24, "rocm:%d", (int)dev.device_id); break;
+    case kDLMetal: snprintf(buf, 24, "metal:%d", (int)dev.device_id); break;
+    default: snprintf(buf, 24, "device type %d", (int)dev.device_type); break;
+  }
+  return buf;
+}
+
+static const char* dtype_str(DLDataType t, char* buf) {
+  static const char* const kinds[] = {"int", "uint", "float", "handle", "bfloat", "complex", "bool"};
+  if (t.code <= kDLBool)
+    snprintf(buf, 32, "%s%u", kinds[t.code], (unsigned)t.bits);
+  else
+    snprintf(buf, 32, "type code %u (%u bits)", (unsigned)t.code, (unsigned)t.bits);
+  return buf;
+}
+
+static int elem_of(DLDataType t, sals_elem_t* out) {
+  if (t.code == kDLFloat && t.bits == 32) *out = SALS_ELEM_F32;
+  else if (t.code == kDLFloat && t.bits == 16) *out = SALS_ELEM_F16;
+  else if (t.code == kDLBfloat && t.bits == 16) *out = SALS_ELEM_BF16;
+  else if (t.code == kDLInt && t.bits == 32) *out = SALS_ELEM_I32;
+  else if (t.code == kDLUInt && t.bits == 8) *out = SALS_ELEM_U8;
+  else return 0;
+  return 1;
+}
+
+static const char* accepted_str(uint32_t accept) {
+  if (accept == SALS_ACCEPT_FLOAT) return "float32/float16/bfloat16";
+  if (accept == SALS_ACCEPT_I32) return "int32";
+  if (accept == SALS_ACCEPT_U8) return "uint8";
+  if (accept == SALS_ACCEPT_F16) return "float16";
+  return "see sals.h";
+}
+
+sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, uint32_t accept,
+                             sals_view_t* v, DLDevice* dev) {
+  char buf[32];
+  if (t == NULL) return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: is NULL", name);
+  if (t->ndim != ndim)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: expected %d dims, got %d", name,
+                          (int)ndim, (int)t->ndim);
+  if (t->dtype.lanes != 1)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "%s: vector dtype with %u lanes not supported (lanes must be 1)", name,
+                          (unsigned)t->dtype.lanes);
+  sals_elem_t elem;
+  if (!elem_of(t->dtype, &elem) || !(accept & (1u << elem)))
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: dtype %s not supported (%s)", name,
+                          dtype_str(t->dtype, buf), accepted_str(accept));
+  DLDevice d = t->device;
+  if (d.device_type == kDLCUDAHost) d.device_type = kDLCPU; /* host-accessible pinned memory */
+  if (d.device_type == kDLCPU) d.device_id = 0;
+  if (d.device_type != kDLCPU && d.device_type != kDLCUDA)
+    return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on %s, not supported (cpu, cuda)", name,
+                          sals_device_str(t->device, buf));
+  if (d.device_type == kDLCUDA && d.device_id < 0)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: invalid CUDA device ordinal %d", name,
+                          (int)d.device_id);
+  if (ndim > 0 && t->shape == NULL)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: shape is NULL", name);
+  /* Elements (and so byte offsets) must fit comfortably in 63 bits. */
+  const int64_t limit = (int64_t)1 << 48;
+  int64_t numel = 1;
+  for (int32_t i = 0; i < ndim; ++i) {
+    if (t->shape[i] < 0)
+      return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: dim %d has negative extent %lld",
+                            name, (int)i, (long long)t->shape[i]);
+    if (t->shape[i] > limit || (numel > 0 && t->shape[i] > limit / numel))
+      return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: too many elements", name);
+    numel *= t->shape[i];
+  }
+  memset(v, 0, sizeof *v);
+  v->elem = elem;
+  v->ndim = ndim;
+  int64_t compact = 1;
+  for (int32_t i = ndim - 1; i >= 0; --i) {
+    v->shape[i] = t->shape[i];
+    if (t->strides != NULL) {
+      if (t->strides[i] > limit || t->strides[i] < -limit)
+        return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: stride %lld of dim %d too large",
+                              name, (long long)t->strides[i], (int)i);
+      v->stride[i] = t->strides[i];
+    } else {
+      v->stride[i] = compact;
+    }
+    compact *= t->shape[i];
+  }
+  if (ndim > 0 && v->shape[ndim - 1] > 1 && v->stride[ndim - 1] != 1)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "%s: last dimension must be contiguous (stride 1), got %lld", name,
+                          (long long)v->stride[ndim - 1]);
+  if (ndim > 0) v->stride[ndim - 1] = 1;
+  if (numel > 0 && t->data == NULL)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: data is NULL but it has %lld elements",
+                          name, (long long)numel);
+  v->data = t->data == NULL ? NULL : (void*)((char*)t->data + t->byte_offset);
+  if (dev) *dev = d;
+  return SALS_OK;
+}
+
+sals_status_t sals_check_device(const char* name, DLDevice dev, DLDevice want,
+                                const char* want_name) {
+  char a[32], b[32];
+  if (dev.device_type == want.device_type && dev.device_id == want.device_id) return SALS_OK;
+  return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: on %s but %s is on %s", name,
+                        sals_device_str(dev, a), want_name, sals_device_str(want, b));
+}
+
+sals_status_t sals_check_dim(const sals_view_t* v, const char* name, int32_t axis, int64_t want,
+                             const char* what) {
+  if (v->shape[axis] == want) return SALS_OK;
+  return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: dim %d is %lld, expected %lld (%s)", name,
+                        (int)axis, (long long)v->shape[axis], (long long)want, what);
+}
+
+/* Byte range [lo, hi) touched by a non-empty view. */
+static void view_span(const sals_view_t* v, uintptr_t* lo, uintptr_t* hi) {
+  int64_t first = 0, last = 0;
+  for (int32_t i = 0; i < v->ndim; ++i) {
+    int64_t reach = (v->shape[i] - 1) * v->stride[i];
+    if (reach < 0) first += reach;
+    else last += reach;
+  }
+  size_t es = sals_elem_size(v->elem);
+  *lo = (uintptr_t)v->data + (intptr_t)(first * (int64_t)es);
+  *hi = (uintptr_t)v->data + (intptr_t)((last + 1) * (int64_t)es);
+}
+
+int sals_views_overlap(const sals_view_t* a, const sals_view_t* b) {
+  if (sals_view_numel(a) == 0 || sals_view_numel(b) == 0) return 0;
+  uintptr_t alo, ahi, blo, bhi;
+  view_span(a, &alo, &ahi);
+  view_span(b, &blo, &bhi);
+  return alo < bhi && blo < ahi;
+}
+
+int sals_views_same(const sals_view_t* a, const sals_view_t* b) {
+  if (a->data != b->data || a->elem != b->elem || a->ndim != b->ndim) return 0;
+  for (int32_t i = 0; i < a->ndim; ++i)
+    if (a->shape[i] != b->shape[i] || (a->shape[i] > 1 && a->stride[i] != b->stride[i])) return 0;
+  return 1;
+}
+
+sals_status_t sals_check_rope(const sals_rope_t* rope, int64_t head_dim) {
+  if (rope == NULL) return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope: is NULL");
+  if (rope->rotary_dim < 0 || rope->rotary_dim % 2 != 0)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "rope.rotary_dim: %d must be even and >= 0", (int)rope->rotary_dim);
+  if (rope->rotary_dim > head_dim)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.rotary_dim: %d > head_dim %lld",
+                          (int)rope->rotary_dim, (long long)head_dim);
+  if (rope->interleaved != 0 && rope->interleaved != 1)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.interleaved: %d must be 0 or 1",
+                          (int)rope->interleaved);
+  if (!isfinite(rope->attention_scaling))
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.attention_scaling: not finite");
+  if (rope->rotary_dim > 0) {
+    if (rope->inv_freq == NULL)
+      return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                            "rope.inv_freq: is NULL but rotary_dim is %d", (int)rope->rotary_dim);
+    for (int32_t i = 0; i < rope->rotary_dim / 2; ++i)
+      if (!isfinite(rope->inv_freq[i]))
+        return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.inv_freq[%d]: not finite", (int)i);
+  }
+  return SALS_OK;
+}
+
+sals_status_t sals_check_backend(const char* name, DLDevice dev) {
+#if defined(SALS_WITH_CUDA)
+  (void)name;
+  (void)dev;
+  return SALS_OK;
+#else
+  char buf[32];
+  if (dev.device_type != kDLCUDA) return SALS_OK;
+  return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on %s but the library was built without CUDA",
+                        name, sals_device_str(dev, buf));
+#endif
+}

@@ -1,0 +1,491 @@
+/*
+ * The cache on a CUDA device: allocation (everything, workspace included, at creation),
+ * reset, append (slot assignment on the device, projection, value quantisation, exact
+ * windows) and the small copy-out entry points. Attention lives in attend.cu.
+ *
+ * Append is graph-capturable with check_finite = 0: destination slots are computed from the
+ * device-resident lengths, and a slot past max_tokens (only reachable by replaying a captured
+ * graph past the capacity the host reserved) is dropped rather than written out of bounds.
+ */
+#include <string.h>
+
+#include <new>
+
+#include "common.cuh"
+#include "gemm.cuh"
+
+namespace sals_cuda {
+namespace {
+
+constexpr int kScanThreads = 256;
+
+/* Finite check over a strided view of up to 4 dims; sets *flag when a NaN/inf is seen. */
+__global__ void finite_kernel(DView v, int64_t n, int* flag) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i, off = 0;
+    for (int d = SALS_MAX_DIMS - 1; d >= 0; --d) {
+      off += (r % v.shape[d]) * v.stride[d];
+      r /= v.shape[d];
+    }
+    if (!isfinite(load_elem(v.data, v.elem, off))) *flag = 1;
+  }
+}
+
+/* One block per sequence: destination slot of each row (pos >= 0), positions, lengths. */
+__global__ void __launch_bounds__(kScanThreads)
+    slot_kernel(DView pos, int32_t T, int32_t max_tokens, int32_t* __restrict__ len,
+                int32_t* __restrict__ newlen, int32_t* __restrict__ cpos,
+                int32_t* __restrict__ dest) {
+  __shared__ int32_t warp_sum[kScanThreads / 32];
+  __shared__ int32_t base_s;
+  const int32_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) base_s = len[b];
+  __syncthreads();
+  for (int32_t t0 = 0; t0 < T; t0 += kScanThreads) {
+    const int32_t t = t0 + threadIdx.x;
+    const int32_t p = t < T ? load_i32(pos, off2(pos, b, t)) : -1;
+    const int32_t valid = p >= 0;
+    int32_t incl = valid;
+    for (int o = 1; o < 32; o <<= 1) {
+      int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sum[warp] = incl;
+    __syncthreads();
+    int32_t before = 0, total = 0;
+    for (int w = 0; w < kScanThreads / 32; ++w) {
+      if (w < warp) before += warp_sum[w];
+      total += warp_sum[w];
+    }
+    const int32_t base = base_s;
+    if (t < T) {
+      int32_t slot = base + before + incl - 1;
+      if (!valid || slot >= max_tokens) slot = -1;
+      dest[(int64_t)b * T + t] = slot;
+      if (slot >= 0) cpos[(int64_t)b * max_tokens + slot] = p;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) base_s = base + total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    int32_t n = base_s < max_tokens ? base_s : max_tokens;
+    len[b] = n;
+    newlen[b] = n;
+  }
+}
+
+/* Latent row element (slot j of sequence b, coordinate n) split over the two arrays. */
+template <typename T>
+__device__ __forceinline__ void store_latent(const sals_cache_t& c, int64_t b, int64_t j,
+                                             int64_t n, float x) {
+  const int64_t rs = c.cfg.score_rank, rr = c.cfg.rank - c.cfg.score_rank;
+  const int64_t row = b * c.cfg.max_tokens + j;
+  if (n < rs)
+    ((T*)c.lat_score)[row * rs + n] = from_f<T>(x);
+  else
+    ((T*)c.lat_rest)[row * rr + (n - rs)] = from_f<T>(x);
+}
+
+/* Values, exact windows: one block per appended row, one thread per quantisation group. */
+template <typename T>
+__global__ void values_kernel(sals_cache_t c, DView k, DView v, int32_t T_, const int32_t* dest,
+                              const int32_t* newlen) {
+  const int32_t b = blockIdx.x / T_, t = blockIdx.x % T_;
+  const int32_t slot = dest[blockIdx.x];
+  if (slot < 0) return;
+  const int32_t d = c.cfg.head_dim, dk = c.dk;
+  const int64_t row = (int64_t)b * c.cfg.max_tokens + slot;
+  const bool sink = slot < c.cfg.n_sink;
+  const bool recent = c.cfg.n_recent > 0 && slot >= newlen[b] - c.cfg.n_recent;
+  T* sk = sink ? (T*)c.sink_k + ((int64_t)b * c.cfg.n_sink + slot) * dk : nullptr;
+  T* sv = sink ? (T*)c.sink_v + ((int64_t)b * c.cfg.n_sink + slot) * dk : nullptr;
+  T* rk = recent ? (T*)c.recent_k + ((int64_t)b * c.cfg.n_recent + slot % c.cfg.n_recent) * dk
+                 : nullptr;
+  T* rv = recent ? (T*)c.recent_v + ((int64_t)b * c.cfg.n_recent + slot % c.cfg.n_recent) * dk
+                 : nullptr;
+  if (sink || recent) {
+    for (int32_t i = threadIdx.x; i < dk; i += blockDim.x) {
+      const float kx = load_elem(k.data, k.elem, off4(k, b, t, i / d, i % d));
+      const float vx = load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d));
+      if (sink) { sk[i] = from_f<T>(kx); sv[i] = from_f<T>(vx); }
+      if (recent) { rk[i] = from_f<T>(kx); rv[i] = from_f<T>(vx); }
+    }
+  }
+  const int32_t bits = c.cfg.value_bits;
+  if (bits == 16) {
+    T* dst = (T*)c.val + row * dk;
+    for (int32_t i = threadIdx.x; i < dk; i += blockDim.x)
+      dst[i] = from_f<T>(load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d)));
+    return;
+  }
+  const int32_t group = c.cfg.value_group;
+  uint8_t* packed = (uint8_t*)c.val + row * c.val_row_bytes;
+  for (int32_t g = threadIdx.x; g < c.n_groups; g += blockDim.x) {
+    const int32_t c0 = g * group;
+    auto x_at = [&](int32_t e) {
+      const int32_t i = c0 + e;
+      return load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d));
+    };
+    /* group * bits is a multiple of 8: each group owns whole bytes */
+    quantize_group(x_at, group, bits, packed + (int64_t)c0 * bits / 8,
+                   &c.val_scale[row * c.n_groups + g], &c.val_zero[row * c.n_groups + g]);
+  }
+}
+
+/* Split-K partials of a decode append, summed in a fixed order (deterministic). */
+template <typename T>
+__global__ void proj_finish_kernel(sals_cache_t c, const float* part, int32_t splits, int32_t M,
+                                   int32_t T_, const int32_t* dest) {
+  const int32_t r = c.cfg.rank;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)M * r;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int32_t m = (int32_t)(i / r), n = (int32_t)(i % r);
+    const int32_t slot = dest[m];
+    if (slot < 0) continue;
+    float s = 0.f;
+    for (int32_t z = 0; z < splits; ++z) s += part[((int64_t)z * M + m) * r + n];
+    store_latent<T>(c, m / T_, slot, n, s);
+  }
+}
+
+template <typename T>
+__global__ void convert_proj_kernel(const float* src, T* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = from_f<T>(src[i]);
+}
+
+__global__ void lengths_kernel(const int32_t* len, DView out, int32_t B) {
+  int32_t b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < B) ((int32_t*)out.data)[b * out.stride[0]] = len[b];
+}
+
+__global__ void selected_kernel(const int32_t* sel, const int32_t* cnt, int32_t H,
+                                int32_t max_tokens, DView idx, DView count) {
+  const int32_t b = blockIdx.y / H, h = blockIdx.y % H;
+  const int32_t n = cnt[b];
+  const int64_t N = idx.shape[2];
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < N;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    int32_t x = (j < n && j < max_tokens) ? sel[((int64_t)b * H + h) * max_tokens + j] : -1;
+    ((int32_t*)idx.data)[off3(idx, b, h, j)] = x;
+  }
+  if (h == 0 && blockIdx.x == 0 && threadIdx.x == 0)
+    ((int32_t*)count.data)[b * count.stride[0]] = n;
+}
+
+/* Input projection row m = b*T + t, column i = h*d + e of a [B, T, Hkv, d] view. */
+struct KRowLoad {
+  DView k;
+  int32_t T, d;
+  __device__ float operator()(int64_t m, int64_t i) const {
+    return load_elem(k.data, k.elem, off4(k, m / T, m % T, i / d, i % d));
+  }
+};
+template <typename T> struct KRowLoad8 {
+  DView k;
+  int64_t M, K;
+  int32_t steps, d; /* steps: T of the [B, T, Hkv, d] view */
+  __device__ void load8(int64_t m, int64_t i, T* dst) const {
+    if (m >= M || i >= K) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(0.f);
+      return;
+    }
+    const int64_t o = off4(k, m / steps, m % steps, i / d, i % d);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(load_elem(k.data, k.elem, o + e));
+  }
+};
+struct FloatMatLoad {
+  const float* p;
+  int64_t ld;
+  __device__ float operator()(int64_t i, int64_t j) const { return p[i * ld + j]; }
+};
+template <typename T> struct LatentEpi {
+  sals_cache_t c;
+  const int32_t* dest;
+  int32_t T_;
+  __device__ void operator()(int64_t m, int64_t n, float x) const {
+    const int32_t slot = dest[m];
+    if (slot >= 0) store_latent<T>(c, m / T_, slot, n, x);
+  }
+  __device__ void operator()(int64_t m, int64_t n, float x, int) const { (*this)(m, n, x); }
+};
+struct PartEpi {
+  float* part;
+  int64_t M, N;
+  __device__ void operator()(int64_t m, int64_t n, float x, int z) const {
+    part[((int64_t)z * M + m) * N + n] = x;
+  }
+};
+
+sals_status_t check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
+                           cudaStream_t st) {
+  CacheState* s = state(c);
+  SALS_CUDA_TRY(cudaMemsetAsync(s->flag, 0, sizeof(int), st));
+  const sals_view_t* vs[2] = {a, b};
+  for (int i = 0; i < 2; ++i) {
+    if (!vs[i]) continue;
+    int64_t n = 1;
+    for (int d = 0; d < vs[i]->ndim; ++d) n *= vs[i]->shape[d];
+    if (n == 0) continue;
+    int64_t blocks = cdiv(n, 256);
+    if (blocks > 4096) blocks = 4096;
+    finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(vs[i]), n, s->flag);
+    SALS_CUDA_LAUNCHED("finite");
+  }
+  SALS_CUDA_TRY(cudaMemcpyAsync(s->flag_host, s->flag, sizeof(int), cudaMemcpyDeviceToHost, st));
+  SALS_CUDA_TRY(cudaStreamSynchronize(st));
+  if (*s->flag_host) return sals_set_error(SALS_ERR_NOT_FINITE, "input holds NaN or infinity");
+  return SALS_OK;
+}
+
+}  // namespace
+
+/* Exposed to attend.cu. */
+sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st) {
+  CacheState* s = state(c);
+  if (s->uh_ready || c->cfg.dtype == SALS_DTYPE_FLOAT32) return SALS_OK;
+  const int64_t n = (int64_t)c->dk * c->cfg.rank;
+  SALS_DISPATCH_DTYPE(c->cfg.dtype, T, {
+    convert_proj_kernel<T><<<(unsigned)cdiv(n, 256) < 4096 ? (unsigned)cdiv(n, 256) : 4096, 256,
+                             0, st>>>(c->proj, (T*)s->uh, n);
+  });
+  SALS_CUDA_LAUNCHED("convert_proj");
+  s->uh_ready = true;
+  return SALS_OK;
+}
+
+sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
+                                 cudaStream_t st) {
+  return check_finite(c, a, b, st);
+}
+
+}  // namespace sals_cuda
+
+using namespace sals_cuda;
+
+extern "C" {
+
+int32_t sals_cuda_device_usable(void) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n > 0 ? 1 : 0;
+}
+
+sals_status_t sals_cuda_upload(void* dst, const void* src, size_t bytes) {
+  SALS_CUDA_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t bytes) {
+  SALS_CUDA_TRY(cudaMemcpy(dst_host, src_dev, bytes, cudaMemcpyDeviceToHost));
+  return SALS_OK;
+}
+
+void sals_cuda_cache_free(sals_cache_t* c) {
+  if (!c) return;
+  DeviceGuard g(c->cfg.device.device_id);
+  void* ptrs[] = {c->inv_freq, c->proj,     c->lat_score, c->lat_rest, c->val,
+                  c->val_scale, c->val_zero, c->sink_k,    c->sink_v,   c->recent_k,
+                  c->recent_v,  c->pos,      c->len,       c->sel_idx,  c->sel_count};
+  for (void* p : ptrs)
+    if (p) cudaFree(p);
+  c->inv_freq = nullptr; c->proj = nullptr; c->lat_score = nullptr; c->lat_rest = nullptr;
+  c->val = nullptr; c->val_scale = nullptr; c->val_zero = nullptr; c->sink_k = nullptr;
+  c->sink_v = nullptr; c->recent_k = nullptr; c->recent_v = nullptr; c->pos = nullptr;
+  c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
+  CacheState* s = state(c);
+  if (s) {
+    void* sp[] = {s->uh, s->dest, s->newlen, s->qlat, s->scores, s->part_o, s->part_ml,
+                  s->proj_part, s->flag};
+    for (void* p : sp)
+      if (p) cudaFree(p);
+    if (s->flag_host) cudaFreeHost(s->flag_host);
+    delete s;
+    c->backend = nullptr;
+  }
+}
+
+/* Split partials per (sequence, query head) of the fused attention: enough to fill the device
+ * at batch 1, bounded so the workspace stays small. */
+static int parts_for(const sals_cache_t* c, int num_sms) {
+  (void)c;
+  int p = 4 * ((2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv);
+  if (p < 4) p = 4;
+  if (p > 256) p = 256;
+  return p;
+}
+
+sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
+  const sals_config_t& cf = c->cfg;
+  SALS_CUDA_TRY(cudaSetDevice(cf.device.device_id));
+  CacheState* s = new (std::nothrow) CacheState();
+  if (!s) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "cuda cache: host state");
+  memset(s, 0, sizeof(*s));
+  c->backend = s;
+  s->device = cf.device.device_id;
+  cudaDeviceProp prop;
+  SALS_CUDA_TRY(cudaGetDeviceProperties(&prop, s->device));
+  s->num_sms = prop.multiProcessorCount;
+  const size_t es = cf.dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  const int64_t B = cf.max_batch, S = cf.max_tokens, dk = c->dk, r = cf.rank,
+                rs = cf.score_rank, H = c->n_sel_heads, Hq = cf.n_head_q, d = cf.head_dim;
+  uint64_t total = 0;
+  bool oom = false;
+  auto alloc = [&](void** p, size_t bytes) {
+    if (bytes == 0 || oom) return;
+    if (cudaMalloc(p, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      *p = nullptr;
+      oom = true;
+      return;
+    }
+    total += bytes;
+  };
+  const int32_t rot = c->rotary_dim;
+  alloc((void**)&c->inv_freq, (size_t)(rot / 2 > 0 ? rot / 2 : 1) * 4);
+  alloc((void**)&c->proj, (size_t)dk * r * 4);
+  alloc(&c->lat_score, (size_t)B * S * rs * es);
+  if (r > rs) alloc(&c->lat_rest, (size_t)B * S * (r - rs) * es);
+  alloc(&c->val, (size_t)B * S * c->val_row_bytes);
+  if (cf.value_bits != 16) {
+    alloc((void**)&c->val_scale, (size_t)B * S * c->n_groups * 2);
+    alloc((void**)&c->val_zero, (size_t)B * S * c->n_groups * 2);
+  }
+  if (cf.n_sink > 0) {
+    alloc(&c->sink_k, (size_t)B * cf.n_sink * dk * es);
+    alloc(&c->sink_v, (size_t)B * cf.n_sink * dk * es);
+  }
+  if (cf.n_recent > 0) {
+    alloc(&c->recent_k, (size_t)B * cf.n_recent * dk * es);
+    alloc(&c->recent_v, (size_t)B * cf.n_recent * dk * es);
+  }
+  alloc((void**)&c->pos, (size_t)B * S * 4);
+  alloc((void**)&c->len, (size_t)B * 4);
+  alloc((void**)&c->sel_idx, (size_t)B * H * S * 4);
+  alloc((void**)&c->sel_count, (size_t)B * 4);
+  /* workspace */
+  if (cf.dtype != SALS_DTYPE_FLOAT32) alloc(&s->uh, (size_t)dk * r * es);
+  alloc((void**)&s->dest, (size_t)B * S * 4);
+  alloc((void**)&s->newlen, (size_t)B * 4);
+  alloc((void**)&s->qlat, (size_t)B * H * rs * 4);
+  alloc((void**)&s->scores, (size_t)B * H * S * 4);
+  s->max_parts = parts_for(c, s->num_sms);
+  alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
+  alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
+  s->proj_splits = (int)(dk / 256 > 1 ? (dk / 256 < 32 ? dk / 256 : 32) : 1);
+  alloc((void**)&s->proj_part, (size_t)s->proj_splits * B * r * 4);
+  alloc((void**)&s->flag, sizeof(int));
+  if (!oom && cudaMallocHost((void**)&s->flag_host, sizeof(int)) != cudaSuccess) {
+    cudaGetLastError();
+    oom = true;
+  }
+  if (oom) {
+    sals_cuda_cache_free(c);
+    return sals_set_error(SALS_ERR_OUT_OF_MEMORY,
+                          "cuda cache: device allocation failed (max_batch %d, max_tokens %d)",
+                          cf.max_batch, cf.max_tokens);
+  }
+  c->allocated = total;
+  SALS_CUDA_TRY(cudaMemset(c->len, 0, (size_t)B * 4));
+  SALS_CUDA_TRY(cudaMemset(c->sel_count, 0, (size_t)B * 4));
+  SALS_CUDA_TRY(cudaMemset(c->pos, 0xff, (size_t)B * S * 4));
+  SALS_CUDA_TRY(cudaDeviceSynchronize());
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_reset(sals_cache_t* c, void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  cudaStream_t st = (cudaStream_t)stream;
+  SALS_CUDA_TRY(cudaMemsetAsync(c->len, 0, (size_t)c->cfg.max_batch * 4, st));
+  SALS_CUDA_TRY(cudaMemsetAsync(c->sel_count, 0, (size_t)c->cfg.max_batch * 4, st));
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, const sals_view_t* v,
+                                     const sals_view_t* pos, void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  cudaStream_t st = (cudaStream_t)stream;
+  CacheState* s = state(c);
+  const int32_t B = (int32_t)k->shape[0], T = (int32_t)k->shape[1];
+  if ((int64_t)B * T == 0) return SALS_OK;
+  if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, st));
+  SALS_STATUS_TRY(ensure_uh(c, st));
+  slot_kernel<<<B, kScanThreads, 0, st>>>(dview(pos), T, c->cfg.max_tokens, c->len, s->newlen,
+                                          c->pos, s->dest);
+  SALS_CUDA_LAUNCHED("slot");
+  const int64_t M = (int64_t)B * T, N = c->cfg.rank, K = c->dk;
+  const int32_t d = c->cfg.head_dim;
+  const sals_cache_t cv = *c;
+  const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
+  if (tc && c->cfg.dtype == SALS_DTYPE_FLOAT16) {
+    SALS_CUDA_TRY(hgemm<__half>(M, N, K, KRowLoad8<__half>{dview(k), M, K, T, d},
+                                (const __half*)s->uh, LatentEpi<__half>{cv, s->dest, T}, st));
+  } else if (tc) {
+    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(M, N, K, KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d},
+                                       (const __nv_bfloat16*)s->uh,
+                                       LatentEpi<__nv_bfloat16>{cv, s->dest, T}, st));
+  } else if (M <= c->cfg.max_batch && s->proj_splits > 1) {
+    SALS_CUDA_TRY(sgemm(M, N, K, s->proj_splits, KRowLoad{dview(k), T, d},
+                        FloatMatLoad{c->proj, N}, PartEpi{s->proj_part, M, N}, st));
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
+      int64_t blocks = cdiv(M * N, 256);
+      proj_finish_kernel<T_><<<(unsigned)(blocks < 1024 ? blocks : 1024), 256, 0, st>>>(
+          cv, s->proj_part, s->proj_splits, (int32_t)M, T, s->dest);
+    });
+    SALS_CUDA_LAUNCHED("proj_finish");
+  } else {
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
+      SALS_CUDA_TRY(sgemm(M, N, K, 1, KRowLoad{dview(k), T, d}, FloatMatLoad{c->proj, N},
+                          LatentEpi<T_>{cv, s->dest, T}, st));
+    });
+  }
+  SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
+    values_kernel<T_><<<(unsigned)M, 128, 0, st>>>(cv, dview(k), dview(v), T, s->dest, s->newlen);
+  });
+  SALS_CUDA_LAUNCHED("values");
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_lengths(const sals_cache_t* c, const sals_view_t* out,
+                                      void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  const int32_t B = (int32_t)out->shape[0];
+  if (B == 0) return SALS_OK;
+  lengths_kernel<<<(B + 127) / 128, 128, 0, (cudaStream_t)stream>>>(c->len, dview(out), B);
+  SALS_CUDA_LAUNCHED("lengths");
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_lengths_host(const sals_cache_t* c, int32_t* out, void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  cudaStream_t st = (cudaStream_t)stream;
+  SALS_CUDA_TRY(cudaMemcpyAsync(out, c->len, (size_t)c->cfg.max_batch * 4,
+                                cudaMemcpyDeviceToHost, st));
+  SALS_CUDA_TRY(cudaStreamSynchronize(st));
+  return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_selected(const sals_cache_t* c, const sals_view_t* idx,
+                                       const sals_view_t* count, void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  const int32_t B = (int32_t)idx->shape[0], H = (int32_t)idx->shape[1];
+  if (B == 0) return SALS_OK;
+  const int64_t N = idx->shape[2];
+  dim3 grid((unsigned)(N > 0 ? (cdiv(N, 256) < 64 ? cdiv(N, 256) : 64) : 1), (unsigned)(B * H));
+  selected_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(c->sel_idx, c->sel_count, H,
+                                                          c->cfg.max_tokens, dview(idx),
+                                                          dview(count));
+  SALS_CUDA_LAUNCHED("selected");
+  return SALS_OK;
+}
+
+}  // extern "C"

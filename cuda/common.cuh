@@ -1,0 +1,312 @@
+/*
+ * Shared pieces of the CUDA backend: element access through validated views, conversions,
+ * launch checks, tensor-core fragments and the CUDA-private cache state. Not API.
+ */
+#ifndef SALS_CUDA_COMMON_CUH_
+#define SALS_CUDA_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "internal.h"
+
+#define SALS_CUDA_TRY(expr)                                                                  \
+  do {                                                                                       \
+    cudaError_t e_ = (expr);                                                                 \
+    if (e_ != cudaSuccess)                                                                   \
+      return sals_set_error(SALS_ERR_DEVICE, "%s: %s (%s:%d)", #expr, cudaGetErrorString(e_), \
+                            __FILE__, __LINE__);                                             \
+  } while (0)
+
+/* After a launch: configuration errors surface here; faults surface at the next sync. */
+#define SALS_CUDA_LAUNCHED(name) SALS_CUDA_TRY(cudaPeekAtLastError())
+
+#define SALS_STATUS_TRY(expr)            \
+  do {                                   \
+    sals_status_t s_ = (expr);           \
+    if (s_ != SALS_OK) return s_;        \
+  } while (0)
+
+namespace sals_cuda {
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* A view as kernels see it: element type is a run-time tag, strides in elements. */
+struct DView {
+  const void* data;
+  int32_t elem;
+  int64_t shape[SALS_MAX_DIMS];
+  int64_t stride[SALS_MAX_DIMS];
+};
+
+static inline DView dview(const sals_view_t* v) {
+  DView d;
+  d.data = v ? v->data : nullptr;
+  d.elem = v ? (int32_t)v->elem : 0;
+  for (int i = 0; i < SALS_MAX_DIMS; ++i) {
+    d.shape[i] = (v && i < v->ndim) ? v->shape[i] : 1;
+    d.stride[i] = (v && i < v->ndim) ? v->stride[i] : 0;
+  }
+  return d;
+}
+
+__device__ __forceinline__ float load_elem(const void* p, int32_t elem, int64_t i) {
+  switch (elem) {
+    case SALS_ELEM_F32: return ((const float*)p)[i];
+    case SALS_ELEM_F16: return __half2float(((const __half*)p)[i]);
+    case SALS_ELEM_BF16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+    case SALS_ELEM_I32: return (float)((const int32_t*)p)[i];
+    default: return (float)((const uint8_t*)p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_elem(void* p, int32_t elem, int64_t i, float x) {
+  switch (elem) {
+    case SALS_ELEM_F32: ((float*)p)[i] = x; break;
+    case SALS_ELEM_F16: ((__half*)p)[i] = __float2half_rn(x); break;
+    case SALS_ELEM_BF16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(x); break;
+    default: break;
+  }
+}
+
+__device__ __forceinline__ int64_t off2(const DView& v, int64_t i, int64_t j) {
+  return i * v.stride[0] + j * v.stride[1];
+}
+__device__ __forceinline__ int64_t off3(const DView& v, int64_t i, int64_t j, int64_t k) {
+  return i * v.stride[0] + j * v.stride[1] + k * v.stride[2];
+}
+__device__ __forceinline__ int64_t off4(const DView& v, int64_t i, int64_t j, int64_t k,
+                                        int64_t l) {
+  return i * v.stride[0] + j * v.stride[1] + k * v.stride[2] + l * v.stride[3];
+}
+__device__ __forceinline__ int32_t load_i32(const DView& v, int64_t off) {
+  return ((const int32_t*)v.data)[off];
+}
+
+/* Typed storage helpers for the cache's own compact arrays. */
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float half_bits_to_f(uint16_t h) {
+  return __half2float(__ushort_as_half(h));
+}
+
+/* Dispatch on the cache storage type. */
+#define SALS_DISPATCH_DTYPE(dtype, T, ...)                          \
+  do {                                                              \
+    if ((dtype) == SALS_DTYPE_FLOAT32) {                            \
+      typedef float T;                                              \
+      __VA_ARGS__;                                                  \
+    } else if ((dtype) == SALS_DTYPE_FLOAT16) {                     \
+      typedef __half T;                                             \
+      __VA_ARGS__;                                                  \
+    } else {                                                        \
+      typedef __nv_bfloat16 T;                                      \
+      __VA_ARGS__;                                                  \
+    }                                                               \
+  } while (0)
+
+/* RoPE of one pair at position p for frequency f (float32 theta, as the header specifies). */
+__device__ __forceinline__ void rope_cs(int32_t p, float f, float att, float* c, float* s) {
+  float th = (float)p * f;
+  float sn, cs;
+  sincosf(th, &sn, &cs);
+  *c = cs * att;
+  *s = sn * att;
+}
+
+/* Rotate x[0..d) in place (any memory space reachable by one thread), pairs per the header. */
+__device__ __forceinline__ void rope_pair_index(int32_t i, int32_t rd, int32_t inter, int32_t* a,
+                                                int32_t* b) {
+  if (inter) {
+    *a = 2 * i;
+    *b = 2 * i + 1;
+  } else {
+    *a = i;
+    *b = i + rd / 2;
+  }
+}
+
+/*
+ * Quantise one group of `group` channels (x_at(e) gives channel e as float) exactly as the CPU
+ * backend does: zero rounded down and scale rounded up to float16, so [zero, zero + levels *
+ * scale] covers [min, max]; codes packed little-endian into the group's whole bytes.
+ */
+template <typename F>
+__device__ __forceinline__ void quantize_group(F x_at, int32_t group, int32_t bits,
+                                               uint8_t* packed, uint16_t* scale, uint16_t* zero) {
+  const int32_t levels = (1 << bits) - 1;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int32_t e = 0; e < group; ++e) {
+    const float x = x_at(e);
+    lo = fminf(lo, x);
+    hi = fmaxf(hi, x);
+  }
+  const __half zh = __float2half_rd(lo);
+  const float z = __half2float(zh);
+  const __half sh = __float2half_ru((hi - z) / (float)levels);
+  const float sc = __half2float(sh);
+  const float inv = sc > 0.f ? 1.f / sc : 0.f;
+  *scale = __half_as_ushort(sh);
+  *zero = __half_as_ushort(zh);
+  uint32_t acc = 0;
+  int nb = 0;
+  for (int32_t e = 0; e < group; ++e) {
+    float q = (x_at(e) - z) * inv + 0.5f;
+    q = q < 0.f ? 0.f : (q > (float)levels ? (float)levels : q);
+    acc |= (uint32_t)q << nb;
+    nb += bits;
+    if (nb == 8) {
+      *packed++ = (uint8_t)acc;
+      acc = 0;
+      nb = 0;
+    }
+  }
+}
+
+/* Constant-size table of inv_freq for stateless kernels (passed by value, no allocation). */
+struct RopeArgs {
+  float inv_freq[256];
+  int32_t rotary_dim;
+  float att;
+  int32_t inter;
+};
+
+/* ---- tensor-core fragments (mma.sync m16n8k16, fp32 accumulate) ------------------------ */
+
+template <typename T> struct MmaKind;
+template <> struct MmaKind<__half> { static constexpr bool bf16 = false; };
+template <> struct MmaKind<__nv_bfloat16> { static constexpr bool bf16 = true; };
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
+  if constexpr (MmaKind<T>::bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+/* 16-byte async copy; src_bytes 0 fills the destination with zeros. */
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* ---- CUDA-private cache state (cache->backend) ----------------------------------------- */
+
+struct CacheState {
+  int device;
+  void* uh;          /* dtype [Dk, rank]: the projection in the storage type (tensor cores) */
+  bool uh_ready;     /* uh converted from cache->proj (done at the first append/attend) */
+  int32_t* dest;     /* [max_batch * max_tokens] destination slot of each appended row, -1 pad */
+  int32_t* newlen;   /* [max_batch] lengths after the last append (ring ownership) */
+  float* qlat;       /* [max_batch, n_sel_heads, score_rank] scoring queries */
+  float* scores;     /* [max_batch, n_sel_heads, max_tokens] */
+  float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
+  float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
+  float* proj_part;  /* [proj_splits, max_batch, rank] split-K partials of decode appends */
+  int max_parts;
+  int proj_splits;
+  int* flag;         /* device: non-finite input seen */
+  int* flag_host;    /* pinned */
+  int num_sms;
+};
+
+static inline CacheState* state(const sals_cache_t* c) { return (CacheState*)c->backend; }
+
+/* Sets the cache's device for the duration of a call and restores the caller's. */
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    if (cudaGetDevice(&prev) == cudaSuccess && prev != dev) cudaSetDevice(dev);
+    else prev = -1;
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+};
+
+/* ---- functions shared between translation units --------------------------------------- */
+
+/* Budget of a sequence of S tokens: the header's rule, clamped to the candidates. */
+__device__ __forceinline__ int32_t budget_for(int32_t S, int32_t n_sink, int32_t n_recent,
+                                              int32_t budget_tokens, float budget_frac) {
+  int32_t n_cand = S - n_sink - n_recent;
+  if (n_cand <= 0) return 0;
+  int32_t k;
+  if (budget_tokens > 0) {
+    k = budget_tokens;
+  } else {
+    double x = ceil((double)budget_frac * (double)S);
+    k = x > (double)n_cand ? n_cand : (int32_t)x;
+  }
+  return k < n_cand ? k : n_cand;
+}
+
+/* Top-k selection over rows of float scores (select.cu). Row r covers scores[r*row_stride + j]
+ * for j in [lo_r, hi_r) and writes min(budget_r, hi_r - lo_r) token indices (j) to
+ * idx[b*idx_stride_b + h*idx_stride_h + ...] (r = b*rows_per_seq + h) in any order; when pad_to > 0 the row is padded with -1 up to pad_to.
+ * The per-row range and budget come from a RowSpec evaluated on the device. */
+struct RowSpec {
+  const int32_t* lengths; /* [B] or NULL (= fixed_len) */
+  int32_t fixed_len;
+  int32_t rows_per_seq;   /* rows r belong to sequence r / rows_per_seq */
+  int32_t n_sink, n_recent;
+  int32_t budget_tokens;  /* > 0: fixed budget */
+  float budget_frac;      /* used when budget_tokens == 0 */
+  int32_t* count;         /* [B] selected per sequence, or NULL */
+  DView qpos;             /* [B, 1] query positions: a padded query (< 0) selects nothing; */
+  bool has_qpos;          /* absent for the stateless score_select */
+};
+cudaError_t launch_topk(const float* scores, int64_t row_stride, int32_t rows, RowSpec spec,
+                        int32_t* idx, int64_t idx_stride_b, int64_t idx_stride_h, int32_t pad_to,
+                        cudaStream_t st);
+
+/* Scores s[b, h, j] = q_lat[b, h, :R] . k_lat[b, j, :R] for j in [n_sink, len_b - n_recent)
+ * (score.cu). q_lat: float [B, H, R] compact; k_lat: a 3-D view [B, S, >=R]. */
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
+                          const int32_t* lengths, int32_t fixed_len, int32_t n_sink,
+                          int32_t n_recent, int32_t B, float* scores, int64_t score_stride_b,
+                          int32_t num_sms, cudaStream_t st);
+
+}  // namespace sals_cuda
+
+#endif /* SALS_CUDA_COMMON_CUH_ */

@@ -1,0 +1,117 @@
+/*
+ * Scoring pass: the one pass that touches every candidate token. Memory-bound, so each group
+ * of L lanes reads one token's leading R latent coordinates with 16-byte loads (L = R/8
+ * rounded up to a power of two, at most 32) and several tokens are in flight per warp.
+ */
+#include "common.cuh"
+
+namespace sals_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* f) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_f<T>(h[i]);
+}
+
+/* Vector path: 16-bit storage, R % 8 == 0, rows 16-byte aligned. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    score_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, const T* __restrict__ k,
+                     int64_t ksb, int64_t ksj, const int32_t* __restrict__ lengths,
+                     int32_t fixed_len, int32_t n_sink, int32_t n_recent, int32_t L,
+                     float* __restrict__ scores, int64_t ssb) {
+  const int32_t b = blockIdx.y;
+  const int32_t S = lengths ? lengths[b] : fixed_len;
+  const int32_t lo = n_sink, hi = S - n_recent;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane % L;          /* lane within the token's group */
+  const int grp = lane / L;          /* token group within the warp */
+  const int per_warp = 32 / L;
+  const int warp = threadIdx.x >> 5;
+  const int64_t step = (int64_t)gridDim.x * (kThreads / 32) * per_warp;
+  const float* q = qlat + (int64_t)b * H * R;
+  float* s = scores + (int64_t)b * ssb;
+  for (int64_t j0 = lo + ((int64_t)blockIdx.x * (kThreads / 32) + warp) * per_warp; j0 < hi;
+       j0 += step) {
+    const int64_t j = j0 + grp;
+    const bool ok = j < hi;
+    const T* row = k + (int64_t)b * ksb + (ok ? j : lo) * ksj;
+    for (int32_t h = 0; h < H; ++h) {
+      float acc = 0.f;
+      for (int32_t c = sub * 8; c < R; c += L * 8) {
+        float kv[8];
+        load8<T>(row + c, kv);
+        const float4 qa = __ldg(reinterpret_cast<const float4*>(q + h * R + c));
+        const float4 qb = __ldg(reinterpret_cast<const float4*>(q + h * R + c + 4));
+        acc += kv[0] * qa.x + kv[1] * qa.y + kv[2] * qa.z + kv[3] * qa.w + kv[4] * qb.x +
+               kv[5] * qb.y + kv[6] * qb.z + kv[7] * qb.w;
+      }
+      for (int o = L / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (ok && sub == 0) s[(int64_t)h * (ssb / H) + j] = acc;
+    }
+  }
+}
+
+/* Any element type and stride. */
+__global__ void __launch_bounds__(kThreads)
+    score_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, DView k,
+                     const int32_t* __restrict__ lengths, int32_t fixed_len, int32_t n_sink,
+                     int32_t n_recent, float* __restrict__ scores, int64_t ssb) {
+  const int32_t b = blockIdx.y;
+  const int32_t S = lengths ? lengths[b] : fixed_len;
+  const int32_t lo = n_sink, hi = S - n_recent;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t step = (int64_t)gridDim.x * (kThreads / 32);
+  for (int64_t j = lo + (int64_t)blockIdx.x * (kThreads / 32) + warp; j < hi; j += step) {
+    for (int32_t h = 0; h < H; ++h) {
+      float acc = 0.f;
+      for (int32_t c = lane; c < R; c += 32)
+        acc += load_elem(k.data, k.elem, off3(k, b, j, c)) * qlat[((int64_t)b * H + h) * R + c];
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) scores[(int64_t)b * ssb + (int64_t)h * (ssb / H) + j] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
+                          const int32_t* lengths, int32_t fixed_len, int32_t n_sink,
+                          int32_t n_recent, int32_t B, float* scores, int64_t score_stride_b,
+                          int32_t num_sms, cudaStream_t st) {
+  if (B <= 0) return cudaSuccess;
+  const int64_t S = k_lat.shape[1];
+  const bool vec = (k_lat.elem == SALS_ELEM_F16 || k_lat.elem == SALS_ELEM_BF16) && R % 8 == 0 &&
+                   k_lat.stride[1] % 8 == 0 && k_lat.stride[0] % 8 == 0 &&
+                   ((uintptr_t)k_lat.data % 16) == 0;
+  int L = 1;
+  while (L < 32 && L * 8 < R) L <<= 1;
+  const int per_block = vec ? (kThreads / 32) * (32 / L) : kThreads / 32;
+  int64_t gx = cdiv(S, per_block);
+  const int64_t cap = cdiv(8LL * (num_sms > 0 ? num_sms : 132), B);
+  if (gx > cap) gx = cap;
+  if (gx < 1) gx = 1;
+  dim3 grid((unsigned)gx, (unsigned)B);
+  if (vec) {
+    if (k_lat.elem == SALS_ELEM_F16)
+      score_vec_kernel<__half><<<grid, kThreads, 0, st>>>(
+          qlat, H, R, (const __half*)k_lat.data, k_lat.stride[0], k_lat.stride[1], lengths,
+          fixed_len, n_sink, n_recent, L, scores, score_stride_b);
+    else
+      score_vec_kernel<__nv_bfloat16><<<grid, kThreads, 0, st>>>(
+          qlat, H, R, (const __nv_bfloat16*)k_lat.data, k_lat.stride[0], k_lat.stride[1],
+          lengths, fixed_len, n_sink, n_recent, L, scores, score_stride_b);
+  } else {
+    score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, k_lat, lengths, fixed_len, n_sink,
+                                                n_recent, scores, score_stride_b);
+  }
+  return cudaPeekAtLastError();
+}
+
+}  // namespace sals_cuda

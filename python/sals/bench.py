@@ -1,0 +1,322 @@
+"""``python -m sals bench attention``: the decode attention operator on one GPU.
+
+One run measures, for each shape (LLaMA2-7B: 32/32 heads, Llama-3.1-8B: 32/8 heads, d = 128),
+context and batch:
+
+- SALS-25% and SALS-12.5% (paper settings: r = Dk/4 with 4-bit values / r = Dk/8 with 2-bit
+  values, r* = r/2, budget 1/8, 16 sinks, 64 recent): one full decode step (the query's own
+  append, then attend) on a cache already filled to the context, replayed from a CUDA graph and
+  timed with CUDA events (median over many replays);
+- dense decode through ``torch.nn.functional.scaled_dot_product_attention`` on fp16 K/V with the
+  FlashAttention backend and with the cuDNN backend;
+- the floors of SALS.md section 7 (bytes over the measured copy bandwidth, rebuild FLOPs over the
+  measured bf16 matrix rate) and the fraction of the floor reached;
+- per-kernel times of one SALS step (torch profiler), so a note can say where the time goes.
+
+Writes JSON (``--out``) and prints a table. Needs torch with CUDA and a CUDA build of sals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3.1-8b": (32, 8, 128)}
+SETTINGS = ("sals-25", "sals-12.5")
+
+
+def _median_ms(fn, iters: int, torch) -> float:
+    """Median of `iters` event-timed calls of fn (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def measure_ceilings(torch) -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matrix rate, on random data."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), 20, torch)
+    bw = 2 * n / (ms * 1e-3)
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = _median_ms(lambda: a @ b, 20, torch)
+    rate = 2 * m**3 / (ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "bf16_flop_per_s": rate}
+
+
+def floors(cfg, B: int, S: int, ceil: dict) -> dict:
+    """SALS.md section 7 per layer, summed over the batch (S tokens per sequence)."""
+    dk = cfg.n_head_kv * cfg.head_dim
+    r, rs, bits = cfg.rank, cfg.score_rank, cfg.value_bits
+    nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
+    kept = nc + cfg.n_sink + cfg.n_recent
+    score_bytes = S * rs * 2
+    gather_bytes = kept * (r * 2 + dk * (bits + 1) / 8)
+    flops = 2 * kept * r * dk
+    t_bytes = B * (score_bytes + gather_bytes) / ceil["copy_bytes_per_s"]
+    t_flops = B * flops / ceil["bf16_flop_per_s"]
+    return {
+        "bytes": B * (score_bytes + gather_bytes),
+        "flops": B * flops,
+        "floor_ms": 1e3 * max(t_bytes, t_flops),
+        "score_floor_ms": 1e3 * B * score_bytes / ceil["copy_bytes_per_s"],
+        "attend_floor_ms": 1e3 * max(B * gather_bytes / ceil["copy_bytes_per_s"], t_flops),
+        "bound": "flops" if t_flops > t_bytes else "bytes",
+    }
+
+
+def _fill(cache, B, S, Hkv, d, torch, chunk=2048):
+    for t0 in range(0, S, chunk):
+        t = min(chunk, S - t0)
+        k = torch.randn(B, t, Hkv, d, device="cuda", dtype=torch.float16)
+        v = torch.randn(B, t, Hkv, d, device="cuda", dtype=torch.float16)
+        pos = torch.arange(t0, t0 + t, device="cuda", dtype=torch.int32).expand(B, t).contiguous()
+        cache.append(k, v, pos)
+    torch.cuda.synchronize()
+
+
+def _kernel_times(step, torch, reps=5) -> dict:
+    """Per-kernel device time of one step (mean over reps), from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and t > 0:
+            name = ev.key
+            short = name.split("(")[0].split("<")[0].replace("sals_cuda::", "")
+            short = short.replace("(anonymous namespace)::", "")
+            out[short] = out.get(short, 0.0) + t / 1e3 / reps
+    return out
+
+
+def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> dict:
+    hq, hkv, d = SHAPES[shape]
+    cfg = sals.Config.preset(
+        setting, hq, hkv, d, max_batch=B, max_tokens=S + 64 + graph_steps * (iters + 8),
+        dtype="float16", check_finite=False)
+    dk = hkv * d
+    proj, _ = torch.linalg.qr(torch.randn(dk, dk, device="cuda", dtype=torch.float32))
+    proj = proj[:, : cfg.rank].contiguous()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    rope = sals.Rope(inv_freq.numpy())
+    cache = sals.LayerCache(cfg, rope, proj, device="cuda")
+    t0 = time.time()
+    _fill(cache, B, S, hkv, d, torch)
+    fill_s = time.time() - t0
+    k1 = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)
+    v1 = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)
+    q1 = torch.randn(B, 1, hq, d, device="cuda", dtype=torch.float16)
+    pos1 = torch.full((B, 1), S, device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q1)
+
+    def step():
+        cache.append(k1, v1, pos1)
+        cache.attend(q1, pos1, out=out)
+
+    kernels = _kernel_times(step, torch)
+    res = {"fill_s": fill_s, "kernels_ms": kernels, "graph": False}
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(graph_steps):
+                step()
+        ms = _median_ms(g.replay, iters, torch) / graph_steps
+        res["graph"] = True
+    except Exception as e:  # capture unsupported by this build: eager events instead
+        res["graph_error"] = repr(e)
+        ms = _median_ms(step, iters, torch)
+    res["ms"] = ms
+    res.update(floors(cfg, B, S, ceil))
+    res["fraction_of_floor"] = res["floor_ms"] / ms
+    cache.close()
+    del cache
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_dense(torch, shape, B, S, backend, iters) -> float | None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hkv, d = SHAPES[shape]
+    q = torch.randn(B, hq, 1, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(B, hkv, S, d, device="cuda", dtype=torch.float16)
+    v = torch.randn(B, hkv, S, d, device="cuda", dtype=torch.float16)
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    F = torch.nn.functional
+    gqa = hq != hkv
+
+    def run():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+    try:
+        run()
+        torch.cuda.synchronize()
+    except Exception:
+        if not gqa:
+            return None
+        # backend without GQA support: expanded K/V (reads Hq/Hkv times the bytes)
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        gqa = False
+        try:
+            run()
+        except Exception:
+            return None
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            for _ in range(10):
+                run()
+        return _median_ms(g.replay, iters, torch) / 10
+    except Exception:
+        return _median_ms(run, iters, torch)
+    finally:
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def _fits(shape, B, S, budget_bytes) -> bool:
+    hq, hkv, d = SHAPES[shape]
+    dense = 2 * B * S * hkv * d * 2
+    return dense * 1.25 < budget_bytes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sals bench")
+    ap.add_argument("what", choices=["attention"])
+    ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--contexts", default="1024,4096,32768,131072")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--graph-steps", type=int, default=10)
+    ap.add_argument("--max-fill-tokens", type=int, default=1 << 20,
+                    help="skip SALS rows whose cache fill exceeds this many tokens (B*S)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import sals
+
+    if not torch.cuda.is_available() or not sals.cuda_available():
+        print("bench attention needs a CUDA device and a CUDA build of sals", file=sys.stderr)
+        return 2
+    dev = torch.cuda.get_device_properties(0)
+    total = dev.total_memory
+    ceil = measure_ceilings(torch)
+    meta = {
+        "gpu": dev.name, "torch": torch.__version__, "sals": sals.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **ceil,
+    }
+    print(f"# {dev.name}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        for S in [int(x) for x in args.contexts.split(",")]:
+            for B in [int(x) for x in args.batches.split(",")]:
+                row = {"shape": shape, "context": S, "batch": B}
+                if not _fits(shape, B, S, 0.8 * total):
+                    row["skipped"] = "dense fp16 K/V does not fit"
+                    rows.append(row)
+                    continue
+                for backend in ("flash", "cudnn"):
+                    try:
+                        row[f"sdpa_{backend}_ms"] = bench_dense(torch, shape, B, S, backend,
+                                                                args.iters)
+                    except torch.OutOfMemoryError:
+                        row[f"sdpa_{backend}_ms"] = None
+                        torch.cuda.empty_cache()
+                for setting in args.settings.split(","):
+                    if B * S > args.max_fill_tokens:
+                        row[setting] = {"skipped": f"fill of {B * S} tokens over --max-fill-tokens"}
+                        continue
+                    try:
+                        r = bench_sals(sals, torch, shape, setting, B, S, ceil, args.iters,
+                                       args.graph_steps)
+                    except (torch.OutOfMemoryError, MemoryError) as e:
+                        r = {"skipped": f"out of memory: {e}"}
+                        torch.cuda.empty_cache()
+                    for backend in ("flash", "cudnn"):
+                        d_ms = row.get(f"sdpa_{backend}_ms")
+                        if d_ms and "ms" in r:
+                            r[f"speedup_vs_{backend}"] = d_ms / r["ms"]
+                    row[setting] = r
+                rows.append(row)
+                _print_row(row, args.settings.split(","))
+                if args.out:
+                    with open(args.out, "w") as f:
+                        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _print_row(row, settings):
+    head = f"{row['shape']:<12} S={row['context']:<6} B={row['batch']:<3}"
+    print(f"{head} flash {_fmt(row.get('sdpa_flash_ms'))} ms  cudnn "
+          f"{_fmt(row.get('sdpa_cudnn_ms'))} ms", flush=True)
+    for s in settings:
+        r = row.get(s, {})
+        if "ms" not in r:
+            print(f"    {s:<10} {r.get('skipped', '-')}", flush=True)
+            continue
+        ks = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels_ms"].items(),
+                                                         key=lambda kv: -kv[1])[:6])
+        print(f"    {s:<10} {r['ms']:.3f} ms  x{_fmt(r.get('speedup_vs_flash'), '.2f')} flash "
+              f"x{_fmt(r.get('speedup_vs_cudnn'), '.2f')} cudnn  floor {r['floor_ms']:.3f} ms "
+              f"({r['bound']}) {100 * r['fraction_of_floor']:.0f}%  graph={r['graph']}  "
+              f"fill {r['fill_s']:.1f}s", flush=True)
+        print(f"        kernels: {ks}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The per-layer SALS cache (``sals_cache_t``)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import _C
+from . import _tensors as _t
+from .config import Config, Rope
+from .errors import InvalidArgumentError, UnsupportedError
+
+_KDLCPU, _KDLCUDA = 1, 2
+
+
+def _parse_device(device) -> tuple[int, int]:
+    """"cpu", "cuda", "cuda:N" or a torch.device -> DLPack (device_type, device_id)."""
+    text = str(device)
+    if text == "cpu":
+        return _KDLCPU, 0
+    if text == "cuda":
+        torch = sys.modules.get("torch")
+        return _KDLCUDA, (torch.cuda.current_device() if torch is not None else 0)
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return _KDLCUDA, int(text[5:])
+    raise InvalidArgumentError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class LayerCache:
+    """One attention layer's compressed KV cache for up to ``config.max_batch`` sequences.
+
+    ``projection``: ``[Dk, rank]`` (U_r, orthonormal columns; any DLPack array on any device),
+    copied into the cache. ``rope`` is copied. ``device``: "cpu", "cuda", "cuda:N" or a
+    torch.device. All memory is allocated here; append/attend allocate nothing in the library.
+
+    On CUDA, work runs on the current torch stream of the inputs' device (or ``stream=`` where
+    a method takes one). Use as a context manager or call ``close()``; any call after
+    ``close()`` raises ValueError.
+    """
+
+    def __init__(self, config: Config, rope: Rope, projection, device="cpu"):
+        if not isinstance(config, Config):
+            raise InvalidArgumentError(f"config: expected sals.Config, got {type(config).__name__}")
+        if not isinstance(rope, Rope):
+            raise InvalidArgumentError(f"rope: expected sals.Rope, got {type(rope).__name__}")
+        dev_type, dev_id = _parse_device(device)
+        proj = _t.tensor(projection, "projection")
+        self._config = config
+        self._device = (dev_type, dev_id)
+        self._last_batch = 0
+        self._c = _C.Cache(config._to_c(dev_type, dev_id), rope._to_c(), proj.obj, _t.stream(proj))
+
+    @property
+    def config(self) -> Config:
+        """The Config this cache was created with."""
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        return self._c.closed
+
+    def append(self, k, v, positions, stream=None) -> None:
+        """Append a chunk of tokens to sequences ``0..B-1``.
+
+        ``k``, ``v``: ``[B, T, n_head_kv, head_dim]`` pre-RoPE keys and values (float32, float16
+        or bfloat16; last dim contiguous). ``positions``: ``[B, T]`` integer positions; a
+        position < 0 marks padding (not stored). Raises CapacityError if ``B > max_batch`` or the
+        chunk could pass ``max_tokens`` (nothing is changed then).
+        """
+        kt = _t.tensor(k, "k")
+        vt = _t.tensor(v, "v")
+        pt = _t.index(positions, "positions", kt)
+        self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt))
+
+    def attend(self, q, positions, out=None, stream=None):
+        """Attention of ``q`` over everything the cache holds (append the step's keys first).
+
+        ``q``: ``[B, T, n_head_q, head_dim]`` pre-RoPE queries, ``positions``: ``[B, T]``
+        (a query at a position < 0 is padding; its output row is 0). Returns ``out``, or a new
+        ``[B, T, n_head_q, head_dim]`` tensor of q's dtype in q's framework. T == 1 on a sparse
+        layer is a SALS decode step; T > 1 or a dense layer attends every visible token.
+        """
+        qt = _t.tensor(q, "q")
+        pt = _t.index(positions, "positions", qt)
+        if out is None:
+            if len(qt.shape) != 4:
+                raise InvalidArgumentError(f"q: expected 4 dims [B, T, n_head_q, head_dim], "
+                                           f"got {len(qt.shape)}")
+            out = _t.empty(qt, qt.shape, qt.dtype)
+        self._c.attend(qt.obj, pt.obj, _t.tensor(out, "out").obj,
+                       stream if stream is not None else _t.stream(qt))
+        self._last_batch = int(qt.shape[0])
+        return out
+
+    def _host_int32(self, shape):
+        """An int32 buffer the library can write for this cache's device (numpy on the CPU)."""
+        if self._device[0] == _KDLCPU:
+            return np.empty(shape, np.int32)
+        torch = sys.modules.get("torch")
+        if torch is None:
+            raise UnsupportedError("reading a CUDA cache's lengths or selection needs torch")
+        return torch.empty(shape, dtype=torch.int32, device=f"cuda:{self._device[1]}")
+
+    def lengths(self) -> np.ndarray:
+        """Tokens held per sequence: numpy int32 ``[max_batch]``."""
+        buf = self._host_int32((self._config.max_batch,))
+        self._c.lengths(buf, self._stream())
+        return _t.to_numpy(buf)
+
+    def selected(self) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates selected by the last sparse attend: ``(idx, count)``.
+
+        ``idx``: numpy int32 ``[B, H, N]`` token slots (0-based, not positions) with B the batch
+        of the last attend, H = 1 (shared selection) or n_head_kv (per head), N = max(count);
+        unused entries are -1 and order within a row is unspecified (compare as sets).
+        ``count``: numpy int32 ``[B]``, 0 after a dense or multi-token attend.
+        """
+        cfg = self._config
+        heads = cfg.n_head_kv if cfg.select_per_head else 1
+        b = max(self._last_batch, 1)
+        idx = self._host_int32((b, heads, cfg.max_tokens))
+        count = self._host_int32((b,))
+        self._c.selected(idx, count, self._stream())
+        idx, count = _t.to_numpy(idx), _t.to_numpy(count)
+        n = int(count.max()) if count.size else 0
+        return np.ascontiguousarray(idx[:, :, :n]), count
+
+    def memory(self) -> dict:
+        """Bytes held, per component (the ``sals_memory_t`` fields): latent_keys, values,
+        value_scales, exact_window, positions, projection, total; dense_fp16 is what dense fp16
+        K and V would need for the same tokens; allocated is everything the cache allocated."""
+        return self._c.memory(self._stream())
+
+    def reset(self) -> None:
+        """Empty every sequence; memory stays allocated."""
+        self._c.reset(self._stream())
+
+    def close(self) -> None:
+        """Free the cache's memory now. Idempotent."""
+        self._c.close()
+
+    def _stream(self):
+        torch = sys.modules.get("torch")
+        if self._device[0] == _KDLCUDA and torch is not None:
+            return torch.cuda.current_stream(self._device[1]).cuda_stream
+        return None
+
+    def __enter__(self) -> "LayerCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"device={self._device}"
+        return f"LayerCache({self._config}, {state})"

@@ -1,0 +1,171 @@
+"""Cache configuration (mirrors ``sals_config_t``) and rotary embedding (``sals_rope_t``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+#: storage dtype names and their ``sals_dtype_t`` values
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+_PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
+
+
+@dataclasses.dataclass
+class Config:
+    """One attention layer's cache settings (``sals_config_t``).
+
+    Shapes: keys/values ``[B, T, n_head_kv, head_dim]``, queries ``[B, T, n_head_q, head_dim]``,
+    ``Dk = n_head_kv * head_dim``, projection ``[Dk, rank]``.
+
+    ``rank`` None means ``Dk`` (full rank); ``score_rank`` None means ``rank // 2``, or ``rank``
+    when ``rank == Dk``. ``value_bits`` is 16 (unquantised, stored in ``dtype``), 8, 4 or 2.
+    ``budget_tokens`` > 0 fixes the number of selected candidates, otherwise
+    ``ceil(budget_frac * S)``. ``dtype`` is the storage type of latent keys, exact windows and
+    16-bit values: "float16", "bfloat16" or "float32". ``scale`` None means ``1/sqrt(head_dim)``.
+    ``n_threads`` 0 uses one CPU thread per online core.
+    """
+
+    n_head_q: int
+    n_head_kv: int
+    head_dim: int
+    rank: int | None = None
+    score_rank: int | None = None
+    value_bits: int = 16
+    value_group: int = 32
+    n_sink: int = 16
+    n_recent: int = 64
+    budget_frac: float = 0.125
+    budget_tokens: int = 0
+    select_per_head: bool = False
+    dense: bool = False
+    max_batch: int = 1
+    max_tokens: int = 4096
+    dtype: str = "float16"
+    scale: float | None = None
+    check_finite: bool = True
+    n_threads: int = 0
+
+    @property
+    def dk(self) -> int:
+        """``n_head_kv * head_dim``: the width of all KV heads' keys concatenated."""
+        return int(self.n_head_kv) * int(self.head_dim)
+
+    def resolved_rank(self) -> int:
+        """``rank``, or ``Dk`` when it is None."""
+        return self.dk if self.rank is None else int(self.rank)
+
+    def resolved_score_rank(self) -> int:
+        """``score_rank``, or its default: ``rank // 2`` (``rank`` at full rank), at least 1."""
+        if self.score_rank is not None:
+            return int(self.score_rank)
+        rank = self.resolved_rank()
+        return rank if rank == self.dk else max(1, rank // 2)
+
+    @classmethod
+    def preset(cls, name: str, n_head_q: int, n_head_kv: int, head_dim: int, **overrides: Any):
+        """The paper's settings.
+
+        - ``"sals-25"``: rank ``Dk/4``, 4-bit values;
+        - ``"sals-12.5"``: rank ``Dk/8``, 2-bit values;
+          both with score rank ``rank/2``, budget 1/8, 16 sinks and 64 recent tokens;
+        - ``"dense-equivalent"``: full rank, full budget, 16-bit values (equals dense attention
+          up to rounding).
+
+        ``overrides`` set any other field (``max_tokens``, ``dtype``, ...).
+        """
+        dk = int(n_head_kv) * int(head_dim)
+        if name == "sals-25":
+            fields = dict(rank=max(1, dk // 4), value_bits=4)
+        elif name == "sals-12.5":
+            fields = dict(rank=max(1, dk // 8), value_bits=2)
+        elif name == "dense-equivalent":
+            fields = dict(rank=dk, score_rank=dk, value_bits=16, budget_frac=1.0)
+        else:
+            raise InvalidArgumentError(f"name: unknown preset {name!r}; expected one of {_PRESETS}")
+        if name != "dense-equivalent":
+            fields.update(score_rank=max(1, fields["rank"] // 2), budget_frac=0.125, n_sink=16,
+                          n_recent=64)
+        fields.update(overrides)
+        return cls(n_head_q, n_head_kv, head_dim, **fields)
+
+    def _to_c(self, device_type: int, device_id: int) -> dict:
+        """The dict sals._C.Cache reads (``sals_config_t`` fields); the C library validates
+        values, this only resolves defaults and names."""
+        if self.dtype not in DTYPES:
+            raise InvalidArgumentError(
+                f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        return {
+            "n_head_q": int(self.n_head_q),
+            "n_head_kv": int(self.n_head_kv),
+            "head_dim": int(self.head_dim),
+            "rank": self.resolved_rank(),
+            "score_rank": self.resolved_score_rank(),
+            "value_bits": int(self.value_bits),
+            "value_group": int(self.value_group),
+            "n_sink": int(self.n_sink),
+            "n_recent": int(self.n_recent),
+            "budget_frac": float(self.budget_frac),
+            "budget_tokens": int(self.budget_tokens),
+            "select_per_head": int(bool(self.select_per_head)),
+            "dense": int(bool(self.dense)),
+            "max_batch": int(self.max_batch),
+            "max_tokens": int(self.max_tokens),
+            "dtype": DTYPES[self.dtype],
+            "scale": 0.0 if self.scale is None else float(self.scale),
+            "check_finite": int(bool(self.check_finite)),
+            "n_threads": int(self.n_threads),
+            "device_type": device_type,
+            "device_id": device_id,
+        }
+
+
+class Rope:
+    """Rotary position embedding as HF models describe it (``sals_rope_t``).
+
+    ``inv_freq``: ``[rotary_dim / 2]`` frequencies (any array: torch, numpy, list), copied as
+    float32; model-specific scalings (Llama-3, linear, YaRN) are already folded in.
+    ``attention_scaling`` multiplies cos and sin. ``interleaved`` False pairs channels
+    ``(i, i + rotary_dim/2)`` (rotate-half: Llama, Mistral, Qwen, Gemma), True pairs
+    ``(2i, 2i+1)``. ``rotary_dim`` None means ``2 * len(inv_freq)``; channels past it are not
+    rotated.
+    """
+
+    def __init__(self, inv_freq, attention_scaling: float = 1.0, interleaved: bool = False,
+                 rotary_dim: int | None = None):
+        if hasattr(inv_freq, "detach"):  # torch: leave autograd and the device
+            inv_freq = inv_freq.detach().float().cpu().numpy()
+        freq = np.ascontiguousarray(np.asarray(inv_freq, dtype=np.float32).reshape(-1))
+        if not np.all(np.isfinite(freq)):
+            raise InvalidArgumentError("inv_freq: holds NaN or infinity")
+        self.inv_freq = freq
+        self.rotary_dim = 2 * freq.size if rotary_dim is None else int(rotary_dim)
+        if self.rotary_dim != 2 * freq.size:
+            raise InvalidArgumentError(
+                f"rotary_dim: {self.rotary_dim} needs {self.rotary_dim // 2} inv_freq entries, "
+                f"got {freq.size}")
+        self.attention_scaling = float(attention_scaling)
+        self.interleaved = bool(interleaved)
+
+    @classmethod
+    def none(cls) -> "Rope":
+        """No rotary embedding (rotary_dim 0)."""
+        return cls(np.zeros(0, np.float32))
+
+    @classmethod
+    def default(cls, head_dim: int, theta: float = 10000.0, **kwargs) -> "Rope":
+        """The standard frequencies ``theta ** (-2i / head_dim)``, i < head_dim / 2."""
+        i = np.arange(0, head_dim, 2, dtype=np.float64)
+        return cls((1.0 / theta ** (i / head_dim)).astype(np.float32), **kwargs)
+
+    def _to_c(self) -> tuple:
+        return (self.inv_freq.tobytes(), self.rotary_dim, self.attention_scaling,
+                int(self.interleaved))
+
+    def __repr__(self) -> str:
+        return (f"Rope(rotary_dim={self.rotary_dim}, attention_scaling={self.attention_scaling}, "
+                f"interleaved={self.interleaved})")

@@ -1,0 +1,202 @@
+"""SalsCache: a transformers ``Cache`` whose attention layers hold one ``sals.LayerCache`` each
+(latent keys, quantised values, exact sinks and recent window) and no dense keys or values.
+
+Sliding-window layers (Gemma 3) keep transformers' own exact window cache
+(``DynamicSlidingWindowLayer``): at most ``sliding_window - 1`` tokens, attended densely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from .. import CapacityError, InvalidArgumentError, LayerCache, UnsupportedError
+
+
+def _unsupported(what: str):
+    raise UnsupportedError(
+        f"SalsCache: {what} is not supported (beam search, assisted decoding and cache "
+        f"cropping need dense keys); use greedy or sampling generation")
+
+
+class SalsLayer(CacheLayerMixin):
+    """One attention layer of a SalsCache. ``slots`` counts appended token slots (padding
+    included): it is the logical length transformers sees (mask sizes, position offsets), while
+    ``LayerCache.lengths()`` counts the tokens actually stored per sequence."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer_cache: LayerCache, index: int, device: torch.device):
+        super().__init__()
+        self.layer_cache = layer_cache
+        self.index = index
+        self.device = device
+        self.slots = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.update(key_states, value_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise InvalidArgumentError(
+            f"SalsCache layer {self.index}: holds no dense keys; its attention module is not "
+            f"patched (call sals.hf.patch(model) before using a SalsCache)")
+
+    def _check_device(self, x: torch.Tensor, name: str) -> None:
+        if x.device != self.device:
+            raise InvalidArgumentError(
+                f"{name}: on {x.device}, but SalsCache layer {self.index} lives on {self.device} "
+                f"(create the cache after moving the model)")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v: [B, T, Hkv, d] pre-RoPE; positions: [B, T] int32, < 0 for padding."""
+        self._check_device(k, "k")
+        try:
+            with _device_guard(self.device):
+                # DLPack refuses tensors that require grad (a plain forward outside no_grad)
+                self.layer_cache.append(k.detach(), v.detach(), positions)
+        except CapacityError as e:
+            cfg = self.layer_cache.config
+            raise CapacityError(
+                f"{e} (SalsCache layer {self.index}: {self.slots} of {cfg.max_tokens} token slots "
+                f"used, batch {k.shape[0]} of {cfg.max_batch}; create the cache larger: "
+                f"sals.hf.patch(..., max_tokens=N) or SalsCache(model, max_batch, max_tokens))"
+            ) from e
+        self.slots += int(k.shape[1])
+
+    def attend(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q: [B, T, Hq, d] pre-RoPE -> [B, T, Hq, d] in q's dtype."""
+        self._check_device(q, "q")
+        with _device_guard(self.device):
+            return self.layer_cache.attend(q.detach(), positions)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.slots
+
+    def get_max_length(self) -> int:
+        return self.layer_cache.config.max_tokens
+
+    def reset(self) -> None:
+        self.layer_cache.reset()
+        self.slots = 0
+
+    def offload(self):
+        _unsupported("offloading")
+
+    def prefetch(self):
+        _unsupported("offloading")
+
+    def reorder_cache(self, beam_idx) -> None:
+        _unsupported("reorder_cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        _unsupported("crop")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        _unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices) -> None:
+        _unsupported("batch_select_indices")
+
+    def memory(self) -> dict:
+        return self.layer_cache.memory()
+
+    def __repr__(self) -> str:
+        return f"SalsLayer(index={self.index}, slots={self.slots})"
+
+
+class _device_guard:
+    """Make the layer's CUDA device current for the call (DLPack export of a CUDA tensor that
+    is not on the current device fails); nothing on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+class SalsCache(Cache):
+    """The KV cache of a model patched by :func:`sals.hf.patch`.
+
+    ``model``: the patched model; ``max_batch``: sequences (rows of input_ids); ``max_tokens``:
+    token slots per sequence (prompt, padding and generated tokens; default: the ``max_tokens``
+    given to ``patch``). Every layer's memory is allocated here, on that layer's device.
+
+    ``generate`` and a plain ``model(...)`` create one automatically when given none; pass one
+    explicitly (``past_key_values=cache``) to keep it across calls, e.g. chunked prefill or a
+    hand-written decode loop.
+    """
+
+    def __init__(self, model, max_batch: int = 1, max_tokens: int | None = None):
+        from .patch import patch_state  # patch imports this module
+
+        state = patch_state(model)
+        if max_tokens is None:
+            max_tokens = state.max_tokens
+        if max_tokens is None:
+            raise InvalidArgumentError(
+                "max_tokens: give SalsCache(model, max_batch, max_tokens) or "
+                "sals.hf.patch(..., max_tokens=N)")
+        if int(max_batch) < 1 or int(max_tokens) < 1:
+            raise InvalidArgumentError(
+                f"max_batch, max_tokens: expected >= 1, got {max_batch}, {max_tokens}")
+        layers = []
+        for info in state.info.layers:
+            if info.sliding:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=info.sliding_window))
+                continue
+            cfg = dataclasses.replace(state.configs[info.index], max_batch=int(max_batch),
+                                      max_tokens=int(max_tokens))
+            with _device_guard(info.device):
+                lc = LayerCache(cfg, state.ropes[info.index], state.projections[info.index],
+                                device=str(info.device))
+            layers.append(SalsLayer(lc, info.index, info.device))
+        super().__init__(layers=layers)
+        self.patch_state = state
+        self.max_batch = int(max_batch)
+        self.max_tokens = int(max_tokens)
+
+    def memory(self) -> dict:
+        """Bytes held now, summed over layers: the ``sals_memory_t`` fields of the SALS layers
+        (``total``, ``dense_fp16``, ...), plus ``window`` (exact keys and values of sliding-window
+        layers, in the model's dtype) added to ``total``."""
+        out: dict = {}
+        window = 0
+        for layer in self.layers:
+            if isinstance(layer, SalsLayer):
+                for key, val in layer.memory().items():
+                    out[key] = out.get(key, 0) + int(val)
+            elif layer.is_initialized and layer.keys is not None:
+                window += layer.keys.nbytes + layer.values.nbytes
+        out["window"] = window
+        out["total"] = out.get("total", 0) + window
+        return out
+
+    def close(self) -> None:
+        """Free every layer's memory now; the cache cannot be used afterwards."""
+        for layer in self.layers:
+            if isinstance(layer, SalsLayer):
+                layer.layer_cache.close()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        _unsupported("crop")
+
+    def __repr__(self) -> str:
+        n = sum(isinstance(layer, SalsLayer) for layer in self.layers)
+        return (f"SalsCache(layers={len(self.layers)}, sals_layers={n}, "
+                f"max_batch={self.max_batch}, max_tokens={self.max_tokens}, "
+                f"seq_length={self.get_seq_length()})")

@@ -1,0 +1,171 @@
+"""Calibration of a HuggingFace model: pre-RoPE keys of every layer -> ``sals.Calibration``.
+
+Keys are taken where the model computes them: a forward pre-hook on each attention module
+recomputes ``k_norm(k_proj(hidden))`` from the module's input (one extra GEMM per layer, only
+while calibrating), so the keys are exactly those the patched forward stores.
+
+Default text, always offline: the docstrings of Python standard-library modules
+(``inspect.getdoc`` of each module and of its public classes, functions and methods), in a
+fixed order, so the same interpreter gives the same text. ``text=`` takes any other text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import warnings
+
+import torch
+
+from .. import Calibration, Calibrator, CalibrationError, InvalidArgumentError
+from . import _arch
+
+#: Standard-library modules whose docstrings make the default calibration text: well documented,
+#: and importing them has no side effects (no GUI, no browser, no printing).
+STDLIB_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar",
+    "cmath", "codecs", "collections", "concurrent.futures", "configparser", "contextlib",
+    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email",
+    "email.message", "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools", "gc",
+    "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html",
+    "html.parser", "http", "http.client", "http.cookies", "http.server", "imaplib",
+    "importlib", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "locale",
+    "logging", "logging.handlers", "lzma", "mailbox", "math", "mimetypes", "mmap",
+    "multiprocessing", "numbers", "operator", "optparse", "os", "os.path", "pathlib", "pickle",
+    "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "random", "re", "runpy",
+    "sched", "secrets", "selectors", "shlex", "shutil", "signal", "smtplib", "socket",
+    "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "sysconfig", "tarfile",
+    "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "trace", "traceback",
+    "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings",
+    "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib",
+)
+
+
+def _docstrings(module) -> list[str]:
+    docs = [inspect.getdoc(module) or ""]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj):
+            docs.append(inspect.getdoc(obj) or "")
+            for attr, member in sorted(vars(obj).items()):
+                if not attr.startswith("_") and inspect.isfunction(member):
+                    docs.append(inspect.getdoc(member) or "")
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            docs.append(inspect.getdoc(obj) or "")
+    return [d for d in docs if len(d) > 40]
+
+
+def stdlib_text() -> str:
+    """The default calibration text: standard-library docstrings, deduplicated, in module
+    order (about 0.6 MB with Python 3.11); modules that fail to import are skipped."""
+    seen, parts = set(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in STDLIB_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            for doc in _docstrings(module):
+                if doc not in seen:
+                    seen.add(doc)
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def stdlib_description() -> str:
+    v = sys.version_info
+    return f"docstrings of the Python {v.major}.{v.minor}.{v.micro} standard library"
+
+
+def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Tokenise ``text`` and cut the first ``n_tokens`` tokens into ``[1, <= seq_len]``
+    sequences (each one a separate forward pass, starting at position 0)."""
+    if n_tokens < 1 or seq_len < 1:
+        raise InvalidArgumentError(
+            f"n_tokens, seq_len: expected >= 1, got {n_tokens}, {seq_len}")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise CalibrationError(
+            f"text: holds {len(ids)} tokens, fewer than the {n_tokens} asked for")
+    ids = torch.tensor(ids[:n_tokens], dtype=torch.long)
+    return [ids[i:i + seq_len][None] for i in range(0, n_tokens, seq_len)]
+
+
+def collect_keys(model, chunks, calibrator: Calibrator, progress: bool = True,
+                 info: _arch.ModelInfo | None = None) -> None:
+    """Run ``model`` over ``chunks`` (``[1, T]`` token ids) and add every layer's pre-RoPE keys
+    ``[T, Dk]`` to ``calibrator``."""
+    from tqdm.auto import tqdm
+
+    info = _arch.describe(model) if info is None else info
+
+    def hook(layer: int):
+        def pre_hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            _, k, _ = _arch.pre_rope(module, hidden, with_query=False)
+            calibrator.update(layer, k.reshape(-1, module.head_dim * k.shape[-2]))
+        return pre_hook
+
+    handles = [layer.module.register_forward_pre_hook(hook(layer.index), with_kwargs=True)
+               for layer in info.layers]
+    device = info.layers[0].device
+    try:
+        with torch.no_grad(), tqdm(total=sum(c.shape[1] for c in chunks), unit="tok",
+                                   desc="calibrating", disable=not progress) as bar:
+            for ids in chunks:
+                model(ids.to(device), use_cache=False)
+                bar.update(ids.shape[1])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate(model, tokenizer, n_tokens: int = 16384, seq_len: int = 1024,
+              rank_frac: float | None = None, energy: float | None = None,
+              text: str | None = None, data: str | None = None,
+              progress: bool = True) -> Calibration:
+    """Calibrate ``model`` on ``n_tokens`` tokens of ``text`` (default: stdlib docstrings) and
+    keep per layer ``rank_frac * Dk`` directions (default 0.25, enough for both paper
+    presets) or the fewest keeping ``energy`` of the key energy. ``data`` describes the text
+    in the file (default: what it is and how many tokens)."""
+    if rank_frac is None and energy is None:
+        rank_frac = 0.25
+    info = _arch.describe(model)
+    if text is None:
+        text = stdlib_text()
+        data = data or stdlib_description()
+    calibrator = Calibrator([layer.dk for layer in info.layers])
+    collect_keys(model, token_chunks(tokenizer, text, n_tokens, seq_len), calibrator,
+                 progress=progress, info=info)
+    description = f"{data or 'user text'}; {n_tokens} tokens in sequences of {seq_len}"
+    return calibrator.finish(rank_frac=rank_frac, energy=energy,
+                             fingerprint=_arch.fingerprint(model, info), data=description)
+
+
+def cache_dir() -> str:
+    """Where computed calibrations are kept: ``$SALS_CACHE_DIR``, else ``~/.cache/sals``."""
+    return os.environ.get("SALS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "sals")
+
+
+def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 1024,
+                       progress: bool = True) -> tuple[Calibration, str, bool]:
+    """``(calibration, path, computed)``: the stdlib-text calibration (rank Dk/4) of ``model``
+    from :func:`cache_dir`, computed and saved there first when missing or unreadable. The file
+    name carries the model's weight digest and the token count."""
+    fp = _arch.fingerprint(model)
+    name = f"{fp['model_type']}-{fp['weights_sha256'][:16]}-{n_tokens}tok-{seq_len}.salscal"
+    path = os.path.join(cache_dir(), name)
+    if os.path.isfile(path):
+        try:
+            return Calibration.load(path, fingerprint=fp), path, False
+        except CalibrationError:
+            pass  # stale or damaged: compute it again below
+    calib = calibrate(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    calib.save(path)
+    return calib, path, True

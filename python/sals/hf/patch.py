@@ -1,0 +1,324 @@
+"""sals.hf.patch / unpatch: replace each attention module's forward with one that keeps the
+model's KV cache in SALS form (see SALS.md), so that ``model.generate`` and plain forward loops
+work unchanged.
+
+Per attention layer and forward call (hidden states of B sequences, T new tokens):
+  - pre-RoPE q, k, v are computed from the module's own projections and norms;
+  - positions come from ``position_ids``; a new token is padding when the model's 4D mask
+    forbids it from attending to itself (left-padded batches), and is then passed at position -1
+    (not stored, zero output);
+  - on an empty cache (prefill) the model's own attention function runs on exact, rotated keys
+    with the model's mask, then the chunk is appended to the SALS cache;
+  - otherwise the chunk is appended and ``LayerCache.attend`` answers: a sparse SALS step for
+    one token on a sparse layer, dense attention over rebuilt keys for a chunk or a dense layer.
+Sliding-window layers (Gemma 3) run the original forward on an exact window cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import types
+
+import numpy as np
+import torch
+
+from .. import (Calibration, CalibrationError, Config, InvalidArgumentError, Rope,
+               UnsupportedError, cuda_available)
+from . import _arch
+from .cache import SalsCache, SalsLayer, _unsupported
+
+_STATE_ATTR = "_sals_patch"
+
+
+@dataclasses.dataclass
+class PatchState:
+    """What ``patch`` attached to a model: per-layer configs, ropes and projections (used by
+    every SalsCache made for it) and what ``unpatch`` restores."""
+
+    info: _arch.ModelInfo
+    configs: dict[int, Config]
+    ropes: dict[int, Rope]
+    projections: dict[int, np.ndarray]
+    max_tokens: int | None
+    calibration: Calibration | None
+    saved: list = dataclasses.field(default_factory=list)  # (object, attribute, value or None)
+
+
+def patch_state(model) -> PatchState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise InvalidArgumentError("model: not patched; call sals.hf.patch(model) first")
+    return state
+
+
+def _check_fingerprint(calib: Calibration, expected: dict) -> None:
+    got = dict(calib.fingerprint or {})
+    diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: calibration {a!r}, model {b!r}" for k, (a, b) in diff.items())
+        raise CalibrationError(f"calibration: made for another model ({detail})")
+
+
+def _load_calibration(calibration, fingerprint: dict) -> Calibration | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = Calibration.load(calibration)
+    if not isinstance(calibration, Calibration):
+        raise InvalidArgumentError(
+            f"calibration: expected None, a path or a sals.Calibration, got "
+            f"{type(calibration).__name__}")
+    _check_fingerprint(calibration, fingerprint)
+    return calibration
+
+
+def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, dense: bool,
+                  model_dtype: torch.dtype, calib: Calibration | None) -> tuple[Config, np.ndarray]:
+    fields = dict(overrides)
+    fields.setdefault("scale", info.scaling)
+    fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
+    # the finiteness check costs a host synchronisation per call on CUDA
+    fields.setdefault("check_finite", info.device.type != "cuda")
+    if preset is None and calib is not None and "rank" not in fields:
+        fields["rank"] = calib.layers[info.index].rank
+    if preset is not None:
+        cfg = Config.preset(preset, info.n_head_q, info.n_head_kv, info.head_dim, **fields)
+    else:
+        cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
+    cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
+    rank = cfg.resolved_rank()
+    if calib is None:
+        if rank != info.dk:
+            raise CalibrationError(
+                f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
+                f"{info.index}, which needs a calibration (python -m sals calibrate --model ... "
+                f"--out FILE, then patch(model, calibration=FILE)); without one use "
+                f"preset='dense-equivalent' or rank={info.dk}")
+        projection = np.eye(info.dk, dtype=np.float32)
+    else:
+        if calib.layers[info.index].dk != info.dk:
+            raise CalibrationError(
+                f"calibration: layer {info.index} has Dk={calib.layers[info.index].dk}, the "
+                f"model {info.dk}")
+        projection = calib.projection(info.index, rank)
+    return cfg, projection
+
+
+def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
+          max_tokens: int | None = None, **config_overrides):
+    """Make ``model`` keep its KV cache in SALS form. Returns ``model`` (patched in place).
+
+    ``calibration``: a ``sals.Calibration`` or the path of one (``python -m sals calibrate``);
+    it must have been made for this model (else ``sals.CalibrationError``). None means the
+    identity projection at full rank, so only full-rank settings are accepted
+    (``preset="dense-equivalent"`` or ``rank=Dk``).
+    ``preset``: "sals-25", "sals-12.5", "dense-equivalent" (see ``sals.Config.preset``) or None
+    (``sals.Config`` defaults, with the calibration's per-layer rank).
+    ``dense_layers``: layer indices attended densely over the compressed cache; default the
+    paper's ``(0, 1, L-1)``.
+    ``max_tokens``: token slots per sequence of the caches created automatically by a plain
+    forward (``generate`` sizes its cache from the prompt and ``max_new_tokens``).
+    ``config_overrides``: any ``sals.Config`` field (``budget_frac``, ``value_bits``,
+    ``dtype``, ``n_sink``, ...), applied to every layer.
+
+    Patching a patched model replaces the previous patch. Unsupported architectures raise
+    ``sals.UnsupportedError`` naming the supported ones.
+    """
+    if getattr(model, _STATE_ATTR, None) is not None:
+        unpatch(model)
+    info = _arch.describe(model)
+    n_layers = len(info.layers)
+    if dense_layers is None:
+        dense_layers = sorted({0, 1, n_layers - 1} & set(range(n_layers)))
+    dense_layers = {int(i) for i in dense_layers}
+    bad = sorted(i for i in dense_layers if not 0 <= i < n_layers)
+    if bad:
+        raise InvalidArgumentError(f"dense_layers: {bad} outside 0..{n_layers - 1}")
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise InvalidArgumentError(f"max_tokens: expected >= 1, got {max_tokens}")
+    for bad_key in ("max_batch", "max_tokens", "n_head_q", "n_head_kv", "head_dim"):
+        if bad_key in config_overrides:
+            raise InvalidArgumentError(
+                f"{bad_key}: set by the model or the cache, not a patch option")
+    if any(layer.device.type == "cuda" for layer in info.layers):
+        if not cuda_available():
+            raise UnsupportedError(
+                "model: is on CUDA, but this sals build has no usable CUDA backend "
+                "(sals.cuda_available() is False)")
+    calib = _load_calibration(calibration, _arch.fingerprint(model, info))
+    configs, ropes, projections = {}, {}, {}
+    for layer in info.layers:
+        if layer.sliding:
+            continue
+        cfg, proj = _layer_config(layer, preset, config_overrides, layer.index in dense_layers,
+                                  layer.module.q_proj.weight.dtype, calib)
+        configs[layer.index], projections[layer.index] = cfg, proj
+        ropes[layer.index] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
+    state = PatchState(info, configs, ropes, projections,
+                       None if max_tokens is None else int(max_tokens), calib)
+    for layer in info.layers:
+        _replace(state, layer.module, "forward",
+                 types.MethodType(_attention_forward(state, layer), layer.module))
+    _replace(state, model, "forward", _model_forward(model, state))
+    if hasattr(model, "_prepare_cache_for_generation"):
+        _replace(state, model, "_prepare_cache_for_generation", _prepare_cache(model, state))
+    object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def _replace(state: PatchState, obj, name: str, value) -> None:
+    """Set an instance attribute, remembering what the instance itself held (usually nothing:
+    the class attribute shows through again after unpatch)."""
+    state.saved.append((obj, name, obj.__dict__.get(name)))
+    object.__setattr__(obj, name, value)
+
+
+def unpatch(model):
+    """Restore the forwards ``patch`` replaced. Returns ``model``. Existing SalsCaches of the
+    model can no longer be used with it."""
+    state = patch_state(model)
+    for obj, name, old in reversed(state.saved):
+        if old is None:
+            obj.__dict__.pop(name, None)
+        else:
+            object.__setattr__(obj, name, old)
+    model.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+def is_patched(model) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def _padding(mask, past: int, batch: int, length: int) -> torch.Tensor | None:
+    """[B, T] bool, True where a new token is padding: its own column of the model's mask
+    forbids it (left-padded prompts). None when the mask has no padding to say."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise UnsupportedError(
+            f"attention_mask: {type(mask).__name__} masks (flex attention) are not supported; "
+            f"use attn_implementation 'sdpa' or 'eager'")
+    if mask.shape[-1] != past + length:
+        raise InvalidArgumentError(
+            f"attention_mask: covers {mask.shape[-1]} keys, expected {past} cached + {length} new")
+    t = torch.arange(length, device=mask.device)
+    if mask.dim() == 4:
+        own = mask[:, 0, t, past + t]
+    elif mask.dim() == 2:  # flash attention passes the 2D padding mask itself
+        own = mask[:, past:]
+    else:
+        raise InvalidArgumentError(f"attention_mask: expected 2 or 4 dims, got {mask.dim()}")
+    if own.dtype != torch.bool:
+        own = own > torch.finfo(own.dtype).min / 2 if own.is_floating_point() else own != 0
+    return ~own.expand(batch, length)
+
+
+def _positions(position_ids, padding, past: int, batch: int, length: int,
+               device: torch.device) -> torch.Tensor:
+    """[B, T] int32 positions for the sals cache, -1 at padding."""
+    if position_ids is None:  # what the model itself does without position_ids
+        position_ids = torch.arange(past, past + length, device=device)[None]
+    pos = position_ids.to(device=device, dtype=torch.int32).expand(batch, length)
+    if padding is not None:
+        pos = pos.masked_fill(padding.to(device), -1)
+    return pos.contiguous()
+
+
+def _attention_forward(state: PatchState, info: _arch.LayerInfo):
+    module = info.module
+    original = module.forward
+    apply_rope = _arch.modeling_function(module, "apply_rotary_pos_emb")
+    eager = _arch.modeling_function(module, "eager_attention_forward")
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        if past_key_values is None or info.sliding:
+            return original(hidden_states, position_embeddings=position_embeddings,
+                            attention_mask=attention_mask, past_key_values=past_key_values,
+                            **kwargs)
+        if not isinstance(past_key_values, SalsCache):
+            raise InvalidArgumentError(
+                f"past_key_values: a model patched by sals.hf needs a SalsCache, got "
+                f"{type(past_key_values).__name__} (pass none, or sals.hf.SalsCache(model, ...))")
+        if past_key_values.patch_state is not state:
+            raise InvalidArgumentError(
+                "past_key_values: this SalsCache was made for another patch of the model; "
+                "create a new one")
+        layer: SalsLayer = past_key_values.layers[info.index]
+        batch, length = hidden_states.shape[:2]
+        q, k, v = _arch.pre_rope(self, hidden_states)
+        past = layer.slots
+        padding = _padding(attention_mask, past, batch, length)
+        positions = _positions(kwargs.get("position_ids"), padding, past, batch, length,
+                               q.device)
+        if past == 0:
+            # prefill: the model's own attention on exact keys, then compress the chunk
+            cos, sin = position_embeddings
+            qr, kr = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager)
+            out, _ = attend(self, qr, kr, v.transpose(1, 2), attention_mask, dropout=0.0,
+                            scaling=self.scaling, **kwargs)
+            layer.append(k, v, positions)
+        else:
+            layer.append(k, v, positions)
+            out = layer.attend(q, positions)
+        return self.o_proj(out.reshape(batch, length, -1).contiguous()), None
+
+    return forward
+
+
+def _model_forward(model, state: PatchState):
+    """The model's forward, creating a SalsCache when the call would otherwise make a
+    DynamicCache (``use_cache`` on and no ``past_key_values``)."""
+    original = model.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        given = bound.arguments
+        use_cache = given.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(state.info.config, "use_cache", True)
+        if given.get("past_key_values") is None and use_cache:
+            x = given.get("input_ids")
+            if x is None:
+                x = given.get("inputs_embeds")
+            if x is not None:
+                batch, length = x.shape[:2]
+                bound.arguments["past_key_values"] = SalsCache(
+                    model, batch, max(length, state.max_tokens or 0))
+                return original(*bound.args, **bound.kwargs)
+        return original(*args, **kwargs)
+
+    return forward
+
+
+def _prepare_cache(model, state: PatchState):
+    """``generate``'s cache preparation, making a SalsCache sized for the call (batch x
+    num_return_sequences sequences, prompt + max_new_tokens - 1 slots) when given none."""
+    original = model._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs, *args):
+        # transformers 5.x: (..., generation_mode, batch_size, max_cache_length)
+        batch_size, max_cache_length = args[-2], args[-1]
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache:
+            if generation_config.num_beams > 1:
+                _unsupported("beam search (num_beams > 1)")
+            if generation_config.cache_implementation is not None:
+                raise InvalidArgumentError(
+                    f"cache_implementation: {generation_config.cache_implementation!r} "
+                    f"conflicts with a SALS-patched model (it brings its own cache)")
+            model_kwargs["past_key_values"] = SalsCache(
+                model, batch_size * generation_config.num_return_sequences,
+                max(int(max_cache_length), state.max_tokens or 0))
+        return original(generation_config, model_kwargs, *args)
+
+    return prepare

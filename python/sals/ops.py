@@ -1,0 +1,165 @@
+"""Stateless SALS stages on caller tensors (experiments, framework-managed memory).
+
+Every function takes DLPack tensors (numpy, torch, ...) on one device, writes ``out`` when
+given, and otherwise returns a new tensor in the framework of its first argument. CUDA work
+runs on the current torch stream of the inputs (or ``stream=``). Arguments are validated by the
+C library; errors name the argument.
+"""
+
+from __future__ import annotations
+
+from . import _C
+from . import _tensors as _t
+from .config import Rope
+from .errors import InvalidArgumentError
+
+
+def _dims(t: _t.Tensor, name: str, n: int, layout: str) -> tuple:
+    if len(t.shape) != n:
+        raise InvalidArgumentError(f"{name}: expected {n} dims {layout}, got {len(t.shape)}")
+    return t.shape
+
+
+def _rope(rope) -> tuple:
+    if not isinstance(rope, Rope):
+        raise InvalidArgumentError(f"rope: expected sals.Rope, got {type(rope).__name__}")
+    return rope._to_c()
+
+
+def _pick(stream, primary: _t.Tensor):
+    return stream if stream is not None else _t.stream(primary)
+
+
+def _out(out, like: _t.Tensor, shape, dtype: str):
+    return _t.empty(like, shape, dtype) if out is None else out
+
+
+def project(x, proj, out=None, stream=None):
+    """``out[n] = x[n] @ proj``. x: ``[N, Dk]``, proj: ``[Dk, R]`` -> ``[N, R]`` (x's dtype)."""
+    xt, pt = _t.tensor(x, "x"), _t.tensor(proj, "proj")
+    n = _dims(xt, "x", 2, "[N, Dk]")[0]
+    r = _dims(pt, "proj", 2, "[Dk, R]")[1]
+    out = _out(out, xt, (n, r), xt.dtype)
+    _C.project(xt.obj, pt.obj, _t.tensor(out, "out").obj, _pick(stream, xt))
+    return out
+
+
+def rope_apply(x, pos, rope: Rope, out=None, stream=None):
+    """Rotate ``x`` at ``pos``. x: ``[N, H, head_dim]``, pos: ``[N]`` int32 -> like x.
+    ``out`` may be ``x`` itself (in place)."""
+    xt = _t.tensor(x, "x")
+    pt = _t.index(pos, "pos", xt)
+    rope_c = _rope(rope)
+    out = _out(out, xt, xt.shape, xt.dtype)
+    _C.rope_apply(xt.obj, pt.obj, rope_c, _t.tensor(out, "out").obj, _pick(stream, xt))
+    return out
+
+
+def rebuild_rope(k_lat, proj, pos, rope: Rope, head_dim: int | None = None, out=None,
+                 stream=None):
+    """Rebuild keys from latents and rotate each at its own position:
+    ``out[n] = RoPE(reshape(proj @ k_lat[n], [H, head_dim]), pos[n])``.
+
+    k_lat: ``[N, R]``, proj: ``[H * head_dim, R]``, pos: ``[N]`` int32 ->
+    ``[N, H, head_dim]`` (k_lat's dtype). ``head_dim`` None means ``rope.rotary_dim``.
+    """
+    kt, pt = _t.tensor(k_lat, "k_lat"), _t.tensor(proj, "proj")
+    post = _t.index(pos, "pos", kt)
+    rope_c = _rope(rope)
+    if out is None:
+        d = rope.rotary_dim if head_dim is None else int(head_dim)
+        if d <= 0:
+            raise InvalidArgumentError("head_dim: required when rope has no rotary dims")
+        n = _dims(kt, "k_lat", 2, "[N, R]")[0]
+        dk = _dims(pt, "proj", 2, "[H * head_dim, R]")[0]
+        if dk % d:
+            raise InvalidArgumentError(f"proj: {dk} rows are not a multiple of head_dim {d}")
+        out = _t.empty(kt, (n, dk // d, d), kt.dtype)
+    _C.rebuild_rope(kt.obj, pt.obj, post.obj, rope_c, _t.tensor(out, "out").obj,
+                    _pick(stream, kt))
+    return out
+
+
+def score_select(q_lat, k_lat, score_rank: int, budget: int, n_sink: int = 0, n_recent: int = 0,
+                 lengths=None, out=None, stream=None):
+    """Indices of the ``budget`` best-scoring candidates per sequence and selection head.
+
+    Scores ``s[j] = q_lat[b, h, :score_rank] . k_lat[b, j, :score_rank]`` over candidates
+    ``j in [n_sink, length_b - n_recent)``. q_lat: ``[B, H, R]``, k_lat: ``[B, S, R']``,
+    lengths: ``[B]`` int32 or None (= S) -> int32 ``[B, H, budget]`` (any order within a row;
+    -1 where a sequence has fewer candidates). ``budget`` in ``1 .. S - n_sink - n_recent``.
+    """
+    qt, kt = _t.tensor(q_lat, "q_lat"), _t.tensor(k_lat, "k_lat")
+    lt = None if lengths is None else _t.index(lengths, "lengths", qt)
+    if out is None:
+        b, h, _ = _dims(qt, "q_lat", 3, "[B, H, R]")
+        if int(budget) < 1:
+            raise InvalidArgumentError(f"budget: must be >= 1, got {budget}")
+        out = _t.empty(qt, (b, h, int(budget)), "int32")
+    _C.score_select(qt.obj, kt.obj, None if lt is None else lt.obj, int(score_rank), int(n_sink),
+                    int(n_recent), int(budget), _t.tensor(out, "idx").obj,
+                    _pick(stream, qt))
+    return out
+
+
+def sparse_attention(q, k, v, idx=None, lengths=None, scale: float | None = None, out=None,
+                     stream=None):
+    """Exact softmax attention of one query per sequence over a subset of tokens.
+
+    q: ``[B, Hq, d]`` (rotated), k, v: ``[B, S, Hkv, d]`` (k rotated), idx: ``[B, H, N]`` int32
+    with H = 1 (shared) or Hkv, -1 entries ignored, None = tokens ``0 .. length_b - 1``;
+    lengths: ``[B]`` int32 or None (= S); scale None = ``1/sqrt(d)`` -> ``[B, Hq, d]``
+    (q's dtype). A sequence with nothing to attend gets a zero row.
+    """
+    qt, kt, vt = _t.tensor(q, "q"), _t.tensor(k, "k"), _t.tensor(v, "v")
+    it = None if idx is None else _t.index(idx, "idx", qt)
+    lt = None if lengths is None else _t.index(lengths, "lengths", qt)
+    if out is None:
+        _dims(qt, "q", 3, "[B, Hq, d]")
+        out = _t.empty(qt, qt.shape, qt.dtype)
+    _C.sparse_attention(qt.obj, kt.obj, vt.obj, None if it is None else it.obj,
+                        None if lt is None else lt.obj, 0.0 if scale is None else float(scale),
+                        _t.tensor(out, "out").obj, _pick(stream, qt))
+    return out
+
+
+def quantize_values(v, bits: int, group: int = 32, stream=None):
+    """Asymmetric group quantisation of rows (KIVI style), groups along the channel axis.
+
+    v: ``[N, D]`` float -> ``(packed uint8 [N, D * bits / 8], scale float16 [N, D / group],
+    zero float16 [N, D / group])`` with ``x ~ zero + code * scale``, codes packed little-endian
+    (first channel in the low bits). bits in {2, 4, 8}; group divides D.
+    """
+    vt = _t.tensor(v, "v")
+    n, d = _dims(vt, "v", 2, "[N, D]")
+    bits, group = int(bits), int(group)
+    if bits not in (2, 4, 8):
+        raise InvalidArgumentError(f"bits: expected 2, 4 or 8, got {bits}")
+    if group <= 0 or d % group:
+        raise InvalidArgumentError(f"group: must divide D = {d}, got {group}")
+    packed = _t.empty(vt, (n, d * bits // 8), "uint8")
+    scale = _t.empty(vt, (n, d // group), "float16")
+    zero = _t.empty(vt, (n, d // group), "float16")
+    _C.quantize_values(vt.obj, bits, group, _t.tensor(packed, "packed").obj,
+                       _t.tensor(scale, "scale").obj, _t.tensor(zero, "zero").obj,
+                       _pick(stream, vt))
+    return packed, scale, zero
+
+
+def dequantize_values(packed, scale, zero, bits: int, group: int = 32, dtype: str = "float32",
+                      out=None, stream=None):
+    """Inverse of quantize_values: ``out[n, c] = zero + code * scale``.
+
+    packed: ``[N, D * bits / 8]`` uint8, scale, zero: ``[N, D / group]`` float16 ->
+    ``[N, D]`` of ``dtype`` ("float32", "float16" or "bfloat16").
+    """
+    pt = _t.tensor(packed, "packed")
+    st, zt = _t.tensor(scale, "scale"), _t.tensor(zero, "zero")
+    if out is None:
+        n, w = _dims(pt, "packed", 2, "[N, D * bits / 8]")
+        if int(bits) not in (2, 4, 8):
+            raise InvalidArgumentError(f"bits: expected 2, 4 or 8, got {bits}")
+        out = _t.empty(pt, (n, w * 8 // int(bits)), dtype)
+    _C.dequantize_values(pt.obj, st.obj, zt.obj, int(bits), int(group),
+                         _t.tensor(out, "out").obj, _pick(stream, pt))
+    return out

@@ -1,0 +1,149 @@
+"""Build sals: libsals with CMake, then the abi3 extension sals._C linked against it.
+
+    pip install --no-build-isolation .          # wheel install (offline works)
+    python setup.py build_ext --inplace         # developer flow: python/sals/{_C*.so,lib/}
+
+CMake runs with -DSALS_CUDA=AUTO (CUDA kernels when nvcc is found; CPU-only otherwise) and
+Release; set SALS_CUDA=OFF (or ON) in the environment to force it, CMAKE_ARGS to add options,
+SALS_BUILD_DIR to reuse a build directory. libsals.so and the public headers are installed inside
+the package (sals/lib/, sals/include/, sals/lib/pkgconfig/sals.pc) and sals._C finds the library
+through the rpath $ORIGIN/lib.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HEADER = os.path.join(ROOT, "csrc", "include", "sals", "sals.h")
+
+
+def _version() -> str:
+    with open(HEADER, encoding="utf-8") as f:
+        m = re.search(r'#define SALS_VERSION_STRING "([^"]+)"', f.read())
+    if m is None:
+        raise RuntimeError(f"SALS_VERSION_STRING not found in {HEADER}")
+    return m.group(1)
+
+
+def _soname(path: str) -> str | None:
+    """The DT_SONAME of a shared library (via readelf), or None."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    m = re.search(r"\(SONAME\)\s+Library soname: \[([^\]]+)\]", out)
+    return m.group(1) if m else None
+
+
+PC_TEMPLATE = """prefix=${{pcfiledir}}/../..
+libdir=${{pcfiledir}}/..
+includedir=${{prefix}}/include
+
+Name: sals
+Description: Sparse Attention in Latent Space (SALS) KV cache compression
+Version: {version}
+Libs: -L${{libdir}} -Wl,-rpath,${{libdir}} -lsals
+Cflags: -I${{includedir}}
+"""
+
+
+# find_package(sals CONFIG PATHS <sals.get_library() dir>/cmake) -> imported target sals::sals
+CMAKE_CONFIG = """# sals {version}, installed inside the Python package
+get_filename_component(_sals_lib "${{CMAKE_CURRENT_LIST_DIR}}/../.." ABSOLUTE)
+get_filename_component(_sals_root "${{_sals_lib}}/.." ABSOLUTE)
+set(sals_VERSION {version})
+if(NOT TARGET sals::sals)
+  add_library(sals::sals SHARED IMPORTED)
+  set_target_properties(sals::sals PROPERTIES
+    IMPORTED_LOCATION "${{_sals_lib}}/{soname}"
+    INTERFACE_INCLUDE_DIRECTORIES "${{_sals_root}}/include")
+endif()
+"""
+
+
+class CMakeThenExtension(build_ext):
+    """Builds libsals with CMake, installs it into the package, then builds sals._C."""
+
+    def run(self):
+        pkg_dir = os.path.join(ROOT, "python", "sals") if self.inplace else \
+            os.path.join(os.path.abspath(self.build_lib), "sals")
+        lib_dir = os.path.join(pkg_dir, "lib")
+        self._build_libsals(lib_dir, pkg_dir)
+        for ext in self.extensions:
+            ext.library_dirs.append(lib_dir)
+        super().run()
+
+    def _build_libsals(self, lib_dir: str, pkg_dir: str) -> None:
+        build_dir = os.environ.get("SALS_BUILD_DIR") or os.path.join(
+            os.path.abspath(self.build_temp), "cmake")
+        cuda = os.environ.get("SALS_CUDA", "AUTO").upper()
+        if cuda not in ("AUTO", "ON", "OFF"):
+            raise RuntimeError(f"SALS_CUDA must be AUTO, ON or OFF, got {cuda!r}")
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("building sals needs CMake (pip install cmake, or apt install cmake)")
+        args = [cmake, "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                f"-DSALS_CUDA={cuda}"]
+        if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+            args += ["-G", "Ninja"]
+        args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
+        subprocess.check_call(args)
+        subprocess.check_call([cmake, "--build", build_dir, "--target", "sals", "--parallel", jobs])
+
+        links = glob.glob(os.path.join(build_dir, "**", "libsals.so"), recursive=True)
+        if not links:
+            raise RuntimeError(f"CMake built no libsals.so under {build_dir}")
+        real = os.path.realpath(links[0])
+        os.makedirs(lib_dir, exist_ok=True)
+        for old in glob.glob(os.path.join(lib_dir, "libsals.so*")):
+            os.remove(old)
+        soname = _soname(real) or "libsals.so"
+        shutil.copy2(real, os.path.join(lib_dir, soname))
+        if soname != "libsals.so":
+            # The link-time name, as a one-line GNU ld script (what glibc does for libc.so):
+            # -lsals works, and a wheel does not carry a second copy of the library.
+            with open(os.path.join(lib_dir, "libsals.so"), "w", encoding="utf-8") as f:
+                f.write(f"/* GNU ld script: link against the real library */\nINPUT({soname})\n")
+
+        include_dir = os.path.join(pkg_dir, "include", "sals")
+        os.makedirs(include_dir, exist_ok=True)
+        for header in glob.glob(os.path.join(ROOT, "csrc", "include", "sals", "*.h")):
+            shutil.copy2(header, include_dir)
+        pc_dir = os.path.join(lib_dir, "pkgconfig")
+        os.makedirs(pc_dir, exist_ok=True)
+        with open(os.path.join(pc_dir, "sals.pc"), "w", encoding="utf-8") as f:
+            f.write(PC_TEMPLATE.format(version=_version()))
+        cmake_dir = os.path.join(lib_dir, "cmake", "sals")
+        os.makedirs(cmake_dir, exist_ok=True)
+        with open(os.path.join(cmake_dir, "salsConfig.cmake"), "w", encoding="utf-8") as f:
+            f.write(CMAKE_CONFIG.format(version=_version(), soname=soname))
+
+
+ext = Extension(
+    "sals._C",
+    sources=["python/sals/_C.c"],
+    include_dirs=[os.path.join("csrc", "include")],
+    depends=glob.glob(os.path.join("csrc", "include", "sals", "*.h")),
+    libraries=["sals"],
+    runtime_library_dirs=["$ORIGIN/lib"],
+    extra_compile_args=["-std=c99", "-Wall", "-Werror=implicit-function-declaration"],
+    py_limited_api=True,
+)
+
+setup(
+    version=_version(),
+    ext_modules=[ext],
+    cmdclass={"build_ext": CMakeThenExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    zip_safe=False,
+)

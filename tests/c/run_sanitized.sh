@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the C tests under AddressSanitizer + UBSan (a separate build), then under valgrind.
+#   tests/c/run_sanitized.sh [build-dir-prefix]   (default: build-sanitize, build-valgrind)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+prefix=${1:-$root/build}
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+
+cmake -S "$root" -B "$prefix-sanitize" "${gen[@]}" -DSALS_CUDA=OFF -DSALS_BUILD_TESTS=ON \
+  -DSALS_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug
+cmake --build "$prefix-sanitize"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir "$prefix-sanitize" --output-on-failure
+
+if command -v valgrind >/dev/null; then
+  cmake -S "$root" -B "$prefix-valgrind" "${gen[@]}" -DSALS_CUDA=OFF -DSALS_BUILD_TESTS=ON \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  cmake --build "$prefix-valgrind"
+  ctest --test-dir "$prefix-valgrind" --output-on-failure \
+    --overwrite MemoryCheckCommand="$(command -v valgrind)" \
+    --overwrite MemoryCheckCommandOptions="--error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible" \
+    -T memcheck
+else
+  echo "valgrind not found: skipped" >&2
+fi

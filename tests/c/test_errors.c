@@ -1,0 +1,341 @@
+/* Status strings, versions, configuration checks and bad inputs for every function. */
+#include "util.h"
+
+#define INV SALS_ERR_INVALID_ARGUMENT
+
+static sals_config_t good_config(void) {
+  sals_config_t c = sals_config_default();
+  c.n_head_q = 4;
+  c.n_head_kv = 2;
+  c.head_dim = 8;
+  c.rank = 16;
+  c.score_rank = 8;
+  c.value_bits = 4;
+  c.value_group = 8;
+  c.n_sink = 1;
+  c.n_recent = 2;
+  c.max_batch = 2;
+  c.max_tokens = 8;
+  c.dtype = SALS_DTYPE_FLOAT32;
+  return c;
+}
+
+static float g_inv_freq[4] = {1.0f, 0.1f, 0.01f, 0.001f};
+static float g_eye[16 * 16];
+
+static sals_status_t create(const sals_config_t* c, sals_cache_t** out) {
+  sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+  tensor_t p;
+  tset(&p, g_eye, F32, 2, c->n_head_kv * c->head_dim, c->rank, 0, 0);
+  return sals_cache_create(c, &rope, &p.t, out);
+}
+
+/* Set one field to a bad value and expect a message naming it. */
+#define BAD_FIELD(field, value, needle)                         \
+  do {                                                          \
+    sals_config_t c_ = good_config();                           \
+    c_.field = value;                                           \
+    sals_cache_t* h_ = NULL;                                    \
+    CHECK_ERR(create(&c_, &h_), INV, needle);                   \
+    CHECK(h_ == NULL, "handle written on failure");             \
+  } while (0)
+
+int main(void) {
+  for (int i = 0; i < 16; ++i) g_eye[i * 16 + i] = 1.0f;
+  CHECK(strcmp(sals_status_string(SALS_OK), "SALS_OK") == 0, "ok");
+  CHECK(strcmp(sals_status_string(SALS_ERR_CAPACITY), "SALS_ERR_CAPACITY") == 0, "capacity");
+  CHECK(strcmp(sals_status_string(SALS_ERR_DEVICE), "SALS_ERR_DEVICE") == 0, "device");
+  CHECK(strcmp(sals_status_string((sals_status_t)99), "SALS_ERR_UNKNOWN") == 0, "unknown");
+  CHECK(strcmp(sals_version(), SALS_VERSION_STRING) == 0, "version %s", sals_version());
+  CHECK(sals_abi_version() == SALS_ABI_VERSION, "abi");
+  CHECK(sals_cuda_available() == 0 || sals_cuda_available() == 1, "cuda_available");
+  sals_cache_destroy(NULL);
+
+  /* Configuration. */
+  BAD_FIELD(n_head_q, 0, "config.n_head_q");
+  BAD_FIELD(n_head_q, 3, "config.n_head_q: 3 is not a multiple of n_head_kv 2");
+  BAD_FIELD(n_head_kv, -1, "config.n_head_kv");
+  BAD_FIELD(head_dim, 0, "config.head_dim");
+  BAD_FIELD(rank, 0, "config.rank");
+  BAD_FIELD(rank, 17, "config.rank: 17 > Dk 16");
+  BAD_FIELD(score_rank, 0, "config.score_rank");
+  BAD_FIELD(score_rank, 17, "config.score_rank: 17 > rank 16");
+  BAD_FIELD(value_bits, 3, "config.value_bits");
+  BAD_FIELD(value_group, 3, "config.value_group: 3 does not divide head_dim 8");
+  BAD_FIELD(value_group, 0, "config.value_group");
+  BAD_FIELD(n_sink, -1, "config.n_sink");
+  BAD_FIELD(n_recent, -2, "config.n_recent");
+  BAD_FIELD(budget_frac, 0.0f, "config.budget_frac");
+  BAD_FIELD(budget_frac, 1.5f, "config.budget_frac");
+  BAD_FIELD(budget_frac, NAN, "config.budget_frac");
+  BAD_FIELD(budget_tokens, -1, "config.budget_tokens");
+  BAD_FIELD(select_per_head, 2, "config.select_per_head");
+  BAD_FIELD(dense, -1, "config.dense");
+  BAD_FIELD(max_batch, 0, "config.max_batch");
+  BAD_FIELD(max_tokens, 0, "config.max_tokens");
+  BAD_FIELD(dtype, (sals_dtype_t)7, "config.dtype");
+  BAD_FIELD(scale, -1.0f, "config.scale");
+  BAD_FIELD(scale, INFINITY, "config.scale");
+  BAD_FIELD(check_finite, 5, "config.check_finite");
+  BAD_FIELD(n_threads, -1, "config.n_threads");
+  BAD_FIELD(device.device_id, 1, "config.device");
+  {
+    sals_config_t c = good_config();
+    c.device.device_type = kDLOpenCL;
+    sals_cache_t* h = NULL;
+    CHECK_ERR(create(&c, &h), SALS_ERR_UNSUPPORTED, "config.device");
+    c = good_config();
+    c.device.device_type = kDLCUDA;
+    if (!sals_cuda_available()) CHECK(create(&c, &h) != SALS_OK && h == NULL, "cuda cache without CUDA");
+    c = good_config();
+    CHECK_ERR(sals_cache_create(NULL, NULL, NULL, &h), INV, "config: is NULL");
+    CHECK_ERR(sals_cache_create(&c, NULL, NULL, NULL), INV, "out: is NULL");
+    tensor_t p;
+    tset(&p, g_eye, F32, 2, 16, 16, 0, 0);
+    CHECK_ERR(sals_cache_create(&c, NULL, &p.t, &h), INV, "rope: is NULL");
+    sals_rope_t rope = {g_inv_freq, 10, 1.0f, 0};
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "rope.rotary_dim: 10 > head_dim 8");
+    rope.rotary_dim = 3;
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "rope.rotary_dim");
+    rope.rotary_dim = 8;
+    rope.inv_freq = NULL;
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "rope.inv_freq");
+    rope.inv_freq = g_inv_freq;
+    rope.interleaved = 2;
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "rope.interleaved");
+    rope.interleaved = 0;
+    CHECK_ERR(sals_cache_create(&c, &rope, NULL, &h), INV, "projection: is NULL");
+    tset(&p, g_eye, F32, 2, 16, 8, 0, 0);
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "projection: dim 1 is 8, expected 16");
+    tset(&p, g_eye, I32, 2, 16, 16, 0, 0);
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), INV, "projection: dtype int32 not supported");
+    float bad[16 * 16] = {0};
+    bad[5] = NAN;
+    tset(&p, bad, F32, 2, 16, 16, 0, 0);
+    CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &h), SALS_ERR_NOT_FINITE, "projection");
+    CHECK(h == NULL, "no handle after failures");
+  }
+
+  /* Cache calls. */
+  sals_config_t cfg = good_config();
+  sals_cache_t* cache = NULL;
+  CHECK_OK(create(&cfg, &cache));
+  if (!cache) return finish();
+  float k[2 * 8 * 2 * 8] = {0}, v[2 * 8 * 2 * 8] = {0}, q[2 * 8 * 4 * 8] = {0}, o[2 * 8 * 4 * 8];
+  int32_t pos[2 * 8] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+  tensor_t tk, tv, tp, tq, to;
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tset(&tv, v, F32, 4, 2, 3, 2, 8);
+  tset(&tp, pos, I32, 2, 2, 3, 0, 0);
+  CHECK_ERR(sals_cache_append(NULL, &tk.t, &tv.t, &tp.t, NULL), INV, "cache: is NULL");
+  CHECK_ERR(sals_cache_append(cache, NULL, &tv.t, &tp.t, NULL), INV, "k: is NULL");
+  tset(&tk, k, F32, 3, 2, 3, 16, 0);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: expected 4 dims, got 3");
+  tset(&tk, k, I32, 4, 2, 3, 2, 8);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV,
+            "k: dtype int32 not supported (float32/float16/bfloat16)");
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tk.t.dtype.lanes = 4;
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: vector dtype");
+  tset(&tk, k, F32, 4, 2, 3, 2, 4);
+  tstride(&tk, 48, 16, 8, 1);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: dim 3 is 4, expected 8");
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tstride(&tk, 96, 32, 16, 2);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV,
+            "k: last dimension must be contiguous (stride 1), got 2");
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tk.t.device.device_type = kDLCUDA;
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: on cuda:0 but the cache is on cpu");
+  tk.t.device.device_type = kDLVulkan;
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_UNSUPPORTED, "k: on device type 7");
+  tset(&tk, NULL, F32, 4, 2, 3, 2, 8);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: data is NULL");
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tset(&tv, v, F32, 4, 2, 2, 2, 8);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "v: dim 1 is 2, expected 3");
+  tset(&tv, v, F32, 4, 2, 3, 2, 8);
+  tset(&tp, pos, F32, 2, 2, 3, 0, 0);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "pos: dtype float32 not supported (int32)");
+  tset(&tp, pos, I32, 2, 2, 4, 0, 0);
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "pos: dim 1 is 4, expected 3");
+  tset(&tp, pos, I32, 2, 2, 3, 0, 0);
+  tstride(&tp, 8, 1, 0, 0);
+  k[3] = NAN;
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE, "k: holds NaN");
+  k[3] = 0.0f;
+  v[60] = INFINITY; /* sequence 1, token 0, head 1 */
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE, "v: holds NaN");
+  v[60] = 0.0f;
+  {
+    int32_t lens[2] = {-1, -1};
+    tensor_t tl;
+    tset(&tl, lens, I32, 1, 2, 0, 0, 0);
+    CHECK_OK(sals_cache_lengths(cache, &tl.t, NULL));
+    CHECK(lens[0] == 0 && lens[1] == 0, "nothing stored by failed appends: %d %d", lens[0], lens[1]);
+  }
+  {
+    float big[3 * 3 * 16] = {0};
+    int32_t bp[9] = {0};
+    tensor_t bk, bv, bpp;
+    tset(&bk, big, F32, 4, 3, 3, 2, 8);
+    tset(&bv, big, F32, 4, 3, 3, 2, 8);
+    tset(&bpp, bp, I32, 2, 3, 3, 0, 0);
+    CHECK_ERR(sals_cache_append(cache, &bk.t, &bv.t, &bpp.t, NULL), SALS_ERR_CAPACITY, "k: batch 3 > max_batch 2");
+  }
+  CHECK_OK(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL));
+  CHECK_OK(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL));
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_CAPACITY, "max_tokens 8");
+
+  tset(&tq, q, F32, 4, 2, 1, 4, 8);
+  tset(&tp, pos, I32, 2, 2, 1, 0, 0);
+  tstride(&tp, 8, 1, 0, 0);
+  tset(&to, o, F32, 4, 2, 1, 4, 8);
+  CHECK_ERR(sals_cache_attend(NULL, &tq.t, &tp.t, &to.t, NULL), INV, "cache: is NULL");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, NULL, NULL), INV, "out: is NULL");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &tq.t, NULL), INV, "out: overlaps q");
+  tset(&tq, q, F32, 4, 2, 1, 2, 8);
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV, "q: dim 2 is 2, expected 4 (n_head_q)");
+  tset(&tq, q, BF16, 4, 2, 1, 4, 8); /* q and out may differ in float dtype */
+  CHECK_OK(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL));
+  tset(&tq, q, F32, 4, 2, 1, 4, 8);
+  tset(&to, o, F32, 4, 2, 2, 4, 8);
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV, "out: dim 1 is 2, expected 1");
+  tset(&to, o, F32, 4, 2, 1, 4, 8);
+  q[9] = NAN;
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), SALS_ERR_NOT_FINITE, "q: holds NaN");
+  q[9] = 0.0f;
+  CHECK_OK(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL));
+  {
+    int32_t idx[2 * 1 * 8], cnt[2];
+    tensor_t ti, tc;
+    tset(&ti, idx, I32, 3, 2, 2, 8, 0);
+    tset(&tc, cnt, I32, 1, 2, 0, 0, 0);
+    CHECK_ERR(sals_cache_selected(cache, &ti.t, &tc.t, NULL), INV, "idx: dim 1 is 2, expected 1");
+    tset(&ti, idx, I32, 3, 2, 1, 0, 0);
+    CHECK_ERR(sals_cache_selected(cache, &ti.t, &tc.t, NULL), INV, "idx: dim 2 is 0, fewer than");
+    tset(&ti, idx, I32, 3, 2, 1, 8, 0);
+    tset(&tc, cnt, I32, 1, 3, 0, 0, 0);
+    CHECK_ERR(sals_cache_selected(cache, &ti.t, &tc.t, NULL), INV, "count: dim 0 is 3, expected 2");
+    tset(&tc, cnt, I32, 1, 2, 0, 0, 0);
+    CHECK_OK(sals_cache_selected(cache, &ti.t, &tc.t, NULL));
+    /* 6 tokens per sequence: 1 sink, 2 recent, 3 candidates; budget ceil(6/8) = 1. */
+    CHECK(cnt[0] == 1 && cnt[1] == 1, "counts %d %d", cnt[0], cnt[1]);
+    int32_t lens[3];
+    tensor_t tl;
+    tset(&tl, lens, I32, 1, 3, 0, 0, 0);
+    CHECK_ERR(sals_cache_lengths(cache, &tl.t, NULL), INV, "out: dim 0 is 3, more than max_batch 2");
+    CHECK_ERR(sals_cache_lengths(NULL, &tl.t, NULL), INV, "cache: is NULL");
+    CHECK_ERR(sals_cache_selected(NULL, &ti.t, &tc.t, NULL), INV, "cache: is NULL");
+  }
+  sals_memory_t m;
+  CHECK_ERR(sals_cache_memory(cache, NULL, NULL), INV, "out: is NULL");
+  CHECK_ERR(sals_cache_memory(NULL, &m, NULL), INV, "cache: is NULL");
+  CHECK_OK(sals_cache_memory(cache, &m, NULL));
+  /* 12 tokens of Dk 16: latent 16 float32, values 4-bit (8 bytes) + 2 groups of scale+zero. */
+  CHECK(m.latent_keys == 12 * 16 * 4, "latent %llu", (unsigned long long)m.latent_keys);
+  CHECK(m.values == 12 * 8 && m.value_scales == 12 * 2 * 4, "values %llu %llu",
+        (unsigned long long)m.values, (unsigned long long)m.value_scales);
+  CHECK(m.positions == 48 && m.dense_fp16 == 2 * 12 * 16 * 2, "positions/dense");
+  CHECK(m.exact_window == 2 * (1 + 2) * 16 * 4 * 2, "exact %llu", (unsigned long long)m.exact_window);
+  CHECK(m.total == m.latent_keys + m.values + m.value_scales + m.exact_window + m.positions + m.projection,
+        "total");
+  CHECK(m.allocated >= m.total, "allocated");
+  sals_config_t got;
+  CHECK_ERR(sals_cache_get_config(NULL, &got), INV, "cache: is NULL");
+  CHECK_ERR(sals_cache_get_config(cache, NULL), INV, "out: is NULL");
+  CHECK_OK(sals_cache_get_config(cache, &got));
+  CHECK(memcmp(&got, &cfg, sizeof cfg) == 0, "config round trip");
+  CHECK_ERR(sals_cache_reset(NULL, NULL), INV, "cache: is NULL");
+  CHECK_OK(sals_cache_reset(cache, NULL));
+  tset(&tk, k, F32, 4, 2, 3, 2, 8);
+  tset(&tp, pos, I32, 2, 2, 3, 0, 0);
+  tstride(&tp, 8, 1, 0, 0);
+  CHECK_OK(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL));
+  sals_cache_destroy(cache);
+
+  /* Stateless functions. */
+  {
+    float x[4 * 16] = {0}, pr[16 * 8] = {0}, out[4 * 8];
+    tensor_t tx, tpr, tout;
+    tset(&tx, x, F32, 2, 4, 16, 0, 0);
+    tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
+    tset(&tout, out, F32, 2, 4, 8, 0, 0);
+    CHECK_ERR(sals_project(NULL, &tpr.t, &tout.t, NULL), INV, "x: is NULL");
+    tset(&tpr, pr, F32, 2, 12, 8, 0, 0);
+    CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV, "proj: dim 0 is 12, expected 16 (x.shape[1])");
+    tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
+    tpr.t.device.device_type = kDLCUDA;
+    CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV, "proj: on cuda:0 but x is on cpu");
+    tx.t.device.device_type = kDLCUDA;
+    tout.t.device.device_type = kDLCUDA;
+    if (!sals_cuda_available())
+      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), SALS_ERR_UNSUPPORTED, "built without CUDA");
+    tset(&tx, x, F32, 2, 4, 16, 0, 0);
+    tset(&tout, x, F32, 2, 4, 8, 0, 0);
+    tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
+    CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV, "out: overlaps x");
+
+    int32_t p4[4] = {0, 1, 2, 3};
+    tensor_t t3, tpos;
+    tset(&t3, x, F32, 3, 4, 2, 8, 0);
+    tset(&tpos, p4, I32, 1, 4, 0, 0, 0);
+    sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+    CHECK_OK(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3.t, NULL)); /* in place */
+    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, NULL, &t3.t, NULL), INV, "rope: is NULL");
+    tensor_t t3b;
+    tset(&t3b, x + 1, F32, 3, 4, 2, 8, 0);
+    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3b.t, NULL), INV, "out: overlaps x without being the same view");
+    tset(&tpos, p4, I32, 1, 3, 0, 0, 0);
+    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3.t, NULL), INV, "pos: dim 0 is 3, expected 4");
+
+    float ql[2 * 1 * 8] = {0}, kl[2 * 20 * 8] = {0};
+    int32_t idx[2 * 1 * 4], lens[2] = {20, 21};
+    tensor_t tql, tkl, ti, tl;
+    tset(&tql, ql, F32, 3, 2, 1, 8, 0);
+    tset(&tkl, kl, F32, 3, 2, 20, 8, 0);
+    tset(&ti, idx, I32, 3, 2, 1, 4, 0);
+    tset(&tl, lens, I32, 1, 2, 0, 0, 0);
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 9, 2, 2, 4, &ti.t, NULL), INV, "score_rank: 9 not in 1..8");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 10, 8, 4, &ti.t, NULL), INV, "budget: 4 not in 1..2");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, -1, 8, 4, &ti.t, NULL), INV, "n_sink");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 2, 2, 5, &ti.t, NULL), INV, "idx: dim 2 is 4, expected 5 (budget)");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 8, 2, 2, 4, &ti.t, NULL), INV, "lengths[1]: 21 not in 0..20");
+
+    float kk[1 * 4 * 2 * 8] = {0}, vv[1 * 4 * 2 * 8] = {0}, qq[1 * 4 * 8] = {0}, oo[1 * 4 * 8];
+    int32_t sidx[1 * 1 * 2] = {0, 4};
+    tensor_t tqq, tkk, tvv, tsi, too;
+    tset(&tqq, qq, F32, 3, 1, 4, 8, 0);
+    tset(&tkk, kk, F32, 4, 1, 4, 2, 8);
+    tset(&tvv, vv, F32, 4, 1, 4, 2, 8);
+    tset(&tsi, sidx, I32, 3, 1, 1, 2, 0);
+    tset(&too, oo, F32, 3, 1, 4, 8, 0);
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV, "idx[0, 0, 1]: 4 not a token");
+    sidx[1] = -2;
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV, "idx[0, 0, 1]: -2");
+    sidx[1] = -1;
+    CHECK_OK(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL));
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, -1.0f, &too.t, NULL), INV, "scale");
+    tset(&tqq, qq, F32, 3, 1, 3, 8, 0);
+    tset(&too, oo, F32, 3, 1, 3, 8, 0);
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, NULL, NULL, 0.0f, &too.t, NULL), INV, "not a multiple of k.shape[2]");
+
+    float vq[2 * 8] = {0};
+    uint8_t pk[2 * 4];
+    uint16_t sc[2], zr[2];
+    tensor_t tvq, tpk, tsc, tzr;
+    tset(&tvq, vq, F32, 2, 2, 8, 0, 0);
+    tset(&tpk, pk, U8, 2, 2, 4, 0, 0);
+    tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
+    tset(&tzr, zr, F16, 2, 2, 1, 0, 0);
+    CHECK_ERR(sals_quantize_values(&tvq.t, 3, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "bits: 3");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 3, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "group: 3 does not divide");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 1, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "group: 1 groups of 4-bit");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 2, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "packed: dim 1 is 4, expected 2");
+    tset(&tsc, sc, F32, 2, 2, 1, 0, 0);
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "scale: dtype float32 not supported (float16)");
+    tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
+    CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, NULL, NULL), INV, "out: is NULL");
+  }
+  return finish();
+}

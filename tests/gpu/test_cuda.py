@@ -1,0 +1,216 @@
+"""The CUDA backend against the CPU backend and float64, through the Python API.
+
+Skipped unless torch has CUDA and sals was built with CUDA kernels.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+sals = pytest.importorskip("sals")
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and sals.cuda_available()), reason="no CUDA device or build")
+
+
+def rel(a, b):
+    a = torch.as_tensor(a).double().cpu()
+    b = torch.as_tensor(b).double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_rope(d, theta=10000.0):
+    return sals.Rope(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+
+
+def make_proj(dk, rank, gen):
+    q, _ = torch.linalg.qr(torch.randn(dk, dk, generator=gen, dtype=torch.float64))
+    return q[:, :rank].float().contiguous()
+
+
+def pair(cfg, rope, proj):
+    return (sals.LayerCache(cfg, rope, proj, device="cpu"),
+            sals.LayerCache(cfg, rope, proj.cuda(), device="cuda"))
+
+
+def run_both(cfg, B, T0, steps, dtype, seed, pad=True, noncontig=False):
+    """Prefill (ragged) + decode steps on both backends; returns worst errors and overlap."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d = cfg.n_head_q, cfg.n_head_kv, cfg.head_dim
+    proj = make_proj(hkv * d, cfg.rank, gen)
+    rope = make_rope(d)
+    cpu, gpu = pair(cfg, rope, proj)
+    pos = torch.arange(T0, dtype=torch.int32).repeat(B, 1)
+    if pad:
+        for b in range(B):
+            pos[b, : 3 * b] = -1
+            pos[b, 3 * b:] -= 3 * b
+
+    def rnd(*shape):
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        if noncontig:  # same values, strided batch/token/head dims
+            big = torch.zeros(*shape[:-1], 2, shape[-1], dtype=dtype)
+            big[..., 1, :] = x
+            x = big[..., 1, :]
+            assert not x.is_contiguous()
+        return x
+
+    k, v, q = rnd(B, T0, hkv, d), rnd(B, T0, hkv, d), rnd(B, T0, hq, d)
+    for c, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        c.append(k.to(dev), v.to(dev), pos.to(dev))
+    oc = cpu.attend(q, pos)
+    og = gpu.attend(q.cuda(), pos.cuda())
+    errs = [rel(og, oc)]
+    overlap = 1.0
+    last = pos.max(dim=1).values
+    for s in range(steps):
+        k1, v1, q1 = rnd(B, 1, hkv, d), rnd(B, 1, hkv, d), rnd(B, 1, hq, d)
+        p1 = (last + 1 + s).view(B, 1).to(torch.int32)
+        if pad and B > 1 and s == 1:
+            p1[-1, 0] = -1
+        cpu.append(k1, v1, p1)
+        gpu.append(k1.cuda(), v1.cuda(), p1.cuda())
+        oc = cpu.attend(q1, p1)
+        og = gpu.attend(q1.cuda(), p1.cuda())
+        assert og.is_cuda and og.dtype == q1.dtype
+        errs.append(rel(og, oc))
+        ic, nc = cpu.selected()
+        ig, ng = gpu.selected()
+        np.testing.assert_array_equal(nc, ng)
+        for b in range(B):
+            for h in range(ic.shape[1]):
+                n = int(nc[b])
+                if n:
+                    a, g = set(ic[b, h, :n].tolist()), set(ig[b, h, :n].tolist())
+                    overlap = min(overlap, len(a & g) / n)
+    np.testing.assert_array_equal(cpu.lengths(), gpu.lengths())
+    assert cpu.memory()["total"] == gpu.memory()["total"]
+    cpu.close()
+    gpu.close()
+    return max(errs), overlap
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (6, 2, 128), (8, 2, 256), (8, 1, 128)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dense_equivalence(hq, hkv, d, dtype):
+    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=3, max_tokens=160,
+                             dtype=dtype, n_sink=4, n_recent=8)
+    err, overlap = run_both(cfg, 3, 97, 3, getattr(torch, dtype), seed=hq + d)
+    assert err < 1e-2 and overlap == 1.0
+
+
+@pytest.mark.parametrize("setting", ["sals-25", "sals-12.5"])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 1), (12, 4)])
+def test_sparse_vs_cpu(setting, hq, hkv):
+    cfg = sals.Config.preset(setting, hq, hkv, 64, max_batch=4, max_tokens=4200,
+                             dtype="float16", n_sink=16, n_recent=64)
+    err, overlap = run_both(cfg, 4, 4099, 2, torch.float16, seed=hq * 7 + hkv)
+    assert overlap >= 0.9, overlap
+    assert err < 5e-2, err
+
+
+def test_per_head_selection_bf16_noncontiguous():
+    cfg = sals.Config(8, 2, 128, rank=64, score_rank=32, value_bits=4, select_per_head=True,
+                      n_sink=4, n_recent=16, budget_frac=0.2, max_batch=2, max_tokens=300,
+                      dtype="bfloat16")
+    err, overlap = run_both(cfg, 2, 257, 2, torch.bfloat16, seed=5, noncontig=True)
+    assert overlap >= 0.9 and err < 5e-2
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_float32_general_path(dense):
+    cfg = sals.Config(6, 3, 64, rank=17, score_rank=9, value_bits=8, n_sink=2, n_recent=5,
+                      budget_frac=0.3, dense=dense, max_batch=3, max_tokens=140, dtype="float32")
+    err, overlap = run_both(cfg, 3, 97, 2, torch.float32, seed=11)
+    assert overlap >= 0.9 and err < 1e-3
+
+
+def test_float64_reference_dense_equivalent():
+    """GPU output at full rank / full budget / 16-bit values equals float64 causal attention."""
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, S = 8, 2, 64, 97
+    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=1, max_tokens=S,
+                             dtype="float16", n_sink=4, n_recent=8)
+    rope = make_rope(d)
+    gpu = sals.LayerCache(cfg, rope, torch.eye(hkv * d).cuda(), device="cuda")
+    k, v, q = (torch.randn(1, S, h, d, generator=gen).half() for h in (hkv, hkv, hq))
+    pos = torch.arange(S, dtype=torch.int32).view(1, S)
+    gpu.append(k.cuda(), v.cuda(), pos.cuda())
+    out = gpu.attend(q.cuda(), pos.cuda()).double().cpu()
+
+    def rot(x):  # rotate-half RoPE in float64
+        inv = torch.tensor(rope.inv_freq if hasattr(rope, "inv_freq") else
+                           1.0 / 10000.0 ** (np.arange(0, d, 2) / d), dtype=torch.float64)
+        th = pos.view(S, 1).double() * inv.view(1, -1)
+        c, s = th.cos()[None, :, None, :], th.sin()[None, :, None, :]
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+    qr, kr = rot(q.double()), rot(k.double())
+    kr = kr.repeat_interleave(hq // hkv, dim=2)
+    vv = v.double().repeat_interleave(hq // hkv, dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", qr, kr) / math.sqrt(d)
+    logits = logits.masked_fill(torch.ones(S, S).triu(1).bool(), float("-inf"))
+    ref = torch.einsum("bhts,bshd->bthd", logits.softmax(-1), vv)
+    assert rel(out, ref) < 2e-3
+    gpu.close()
+
+
+def test_current_stream_and_graph_replay():
+    """Work goes to torch's current stream; a captured decode step replays like eager."""
+    cfg = sals.Config.preset("sals-12.5", 8, 2, 128, max_batch=2, max_tokens=1200,
+                             dtype="float16", check_finite=False)
+    gen = torch.Generator().manual_seed(9)
+    proj = make_proj(256, cfg.rank, gen).cuda()
+    caches = [sals.LayerCache(cfg, make_rope(128), proj, device="cuda") for _ in range(2)]
+    S = 1000
+    k = torch.randn(2, S, 2, 128, generator=gen).half().cuda()
+    v = torch.randn(2, S, 2, 128, generator=gen).half().cuda()
+    pos = torch.arange(S, dtype=torch.int32).repeat(2, 1).cuda()
+    for c in caches:
+        c.append(k, v, pos)
+    k1 = torch.randn(2, 1, 2, 128, generator=gen).half().cuda()
+    v1 = torch.randn(2, 1, 2, 128, generator=gen).half().cuda()
+    q1 = torch.randn(2, 1, 8, 128, generator=gen).half().cuda()
+    p1 = torch.full((2, 1), S, dtype=torch.int32).cuda()
+    eager = torch.empty_like(q1)
+    caches[0].append(k1, v1, p1)
+    caches[0].attend(q1, p1, out=eager)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    out = torch.zeros_like(q1)
+    with torch.cuda.graph(g, stream=s):
+        caches[1].append(k1, v1, p1)
+        caches[1].attend(q1, p1, out=out)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel(out, eager) < 1e-3
+    np.testing.assert_array_equal(caches[0].lengths(), caches[1].lengths())
+    for c in caches:
+        c.close()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stateless_quantize_and_ops(bits):
+    gen = torch.Generator().manual_seed(bits)
+    v = torch.randn(97, 256, generator=gen)
+    pc, sc, zc = sals.quantize_values(v, bits, 32)
+    pg, sg, zg = sals.quantize_values(v.cuda(), bits, 32)
+    assert torch.equal(sc, sg.cpu()) and torch.equal(zc, zg.cpu())
+    assert (pc != pg.cpu()).float().mean() < 1e-3
+    dc = sals.dequantize_values(pc, sc, zc, bits, 32)
+    dg = sals.dequantize_values(pg, sg, zg, bits, 32)
+    assert rel(dg, dc) < 1e-2
+    x = torch.randn(17, 3, 64, generator=gen)
+    pos = torch.randint(0, 5000, (17,), generator=gen, dtype=torch.int32)
+    rope = make_rope(64)
+    assert rel(sals.rope_apply(x.cuda(), pos.cuda(), rope), sals.rope_apply(x, pos, rope)) < 1e-5
+    proj = torch.randn(192, 40, generator=gen)
+    kl = sals.project(x.reshape(17, 192), proj)
+    assert rel(sals.project(x.reshape(17, 192).cuda(), proj.cuda()), kl) < 1e-5
+    assert rel(sals.rebuild_rope(kl.cuda(), proj.cuda(), pos.cuda(), rope),
+               sals.rebuild_rope(kl, proj, pos, rope)) < 1e-5

@@ -1,0 +1,434 @@
+/*
+ * Every operation on both backends through the C ABI, compared: the cache (prefill append with
+ * ragged padding, sparse decode steps, dense mode, T > 1 attend, dense equivalence at full
+ * rank) and the stateless stages. Needs no Python; run it under compute-sanitizer too.
+ * Prints "N passed, N failed"; exits non-zero on failure, 0 with a note when no GPU is usable.
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sals/sals.h"
+
+static int n_pass, n_fail;
+#define CHECK(cond, ...)                          \
+  do {                                            \
+    if (cond) {                                   \
+      ++n_pass;                                   \
+    } else {                                      \
+      ++n_fail;                                   \
+      printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      printf(__VA_ARGS__);                        \
+      printf("\n");                               \
+    }                                             \
+  } while (0)
+#define OK(call)                                                                      \
+  do {                                                                                \
+    sals_status_t s_ = (call);                                                        \
+    CHECK(s_ == SALS_OK, "%s -> %s: %s", #call, sals_status_string(s_), sals_last_error()); \
+  } while (0)
+
+static uint64_t rng = 88172645463325252ull;
+static float frand(void) { /* uniform in [-1, 1) */
+  rng ^= rng << 13;
+  rng ^= rng >> 7;
+  rng ^= rng << 17;
+  return (float)((rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+
+/* A tensor with a host and a device copy of the same bytes. */
+typedef struct {
+  DLTensor h, d;
+  int64_t* shape; /* heap: both DLTensors point at it, so the struct may be copied */
+  size_t bytes;
+} pair_t;
+
+static DLDataType f32 = {kDLFloat, 32, 1}, f16 = {kDLFloat, 16, 1}, bf16 = {kDLBfloat, 16, 1},
+                  i32 = {kDLInt, 32, 1}, u8 = {kDLUInt, 8, 1};
+
+static pair_t mk(int ndim, const int64_t* shape, DLDataType t) {
+  pair_t p;
+  memset(&p, 0, sizeof p);
+  p.shape = (int64_t*)calloc(4, sizeof(int64_t));
+  size_t n = 1;
+  for (int i = 0; i < ndim; ++i) {
+    p.shape[i] = shape[i];
+    n *= (size_t)shape[i];
+  }
+  p.bytes = n * t.bits / 8;
+  p.h.data = calloc(p.bytes ? p.bytes : 1, 1);
+  p.h.device = (DLDevice){kDLCPU, 0};
+  p.h.ndim = ndim;
+  p.h.dtype = t;
+  p.h.shape = p.shape;
+  p.d = p.h;
+  cudaMalloc(&p.d.data, p.bytes ? p.bytes : 1);
+  cudaMemset(p.d.data, 0, p.bytes ? p.bytes : 1);
+  p.d.device = (DLDevice){kDLCUDA, 0};
+  return p;
+}
+static void rel(pair_t* p) {
+  free(p->shape);
+  free(p->h.data);
+  cudaFree(p->d.data);
+}
+static void up(pair_t* p) { cudaMemcpy(p->d.data, p->h.data, p->bytes, cudaMemcpyHostToDevice); }
+static void down(pair_t* p) {
+  cudaDeviceSynchronize();
+  cudaMemcpy(p->h.data, p->d.data, p->bytes, cudaMemcpyDeviceToHost);
+}
+static float h2f(uint16_t h) {
+  uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u, u;
+  if (e == 0) {
+    if (m == 0) u = s;
+    else {
+      e = 113;
+      while (!(m & 1024u)) { m <<= 1; --e; }
+      u = s | (e << 23) | ((m & 1023u) << 13);
+    }
+  } else if (e == 31) u = s | 0x7f800000u | (m << 13);
+  else u = s | ((e + 112) << 23) | (m << 13);
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static uint16_t f2h(float f) { /* round to nearest even, normal range is enough here */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  uint32_t s = (u >> 16) & 0x8000u;
+  int32_t e = (int32_t)((u >> 23) & 255) - 112;
+  uint32_t m = u & 0x7fffffu;
+  if (e <= 0) return (uint16_t)s;
+  uint32_t h = s | ((uint32_t)e << 10) | (m >> 13);
+  uint32_t rest = m & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return (uint16_t)h;
+}
+static float getf(const DLTensor* t, size_t i) {
+  if (t->dtype.bits == 32) return ((float*)t->data)[i];
+  uint16_t x = ((uint16_t*)t->data)[i];
+  if (t->dtype.code == kDLBfloat) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return h2f(x);
+}
+static void setf(DLTensor* t, size_t i, float f) {
+  if (t->dtype.bits == 32) ((float*)t->data)[i] = f;
+  else if (t->dtype.code == kDLBfloat) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    ((uint16_t*)t->data)[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  } else ((uint16_t*)t->data)[i] = f2h(f);
+}
+static size_t numel(const pair_t* p) {
+  size_t n = 1;
+  for (int i = 0; i < p->h.ndim; ++i) n *= (size_t)p->shape[i];
+  return n;
+}
+static void fill(pair_t* p, float amp) {
+  for (size_t i = 0; i < numel(p); ++i) setf(&p->h, i, amp * frand());
+  up(p);
+}
+/* ||a - b|| / ||b|| over the host copies of two tensors (a read back from the device). */
+static double rel_err(pair_t* dev, const DLTensor* ref) {
+  down(dev);
+  double num = 0, den = 0;
+  for (size_t i = 0; i < numel(dev); ++i) {
+    double x = getf(&dev->h, i), y = getf(ref, i);
+    if (isnan(x)) return INFINITY;
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static sals_rope_t make_rope(int32_t d, float* inv) {
+  for (int i = 0; i < d / 2; ++i) inv[i] = powf(10000.0f, -2.0f * i / d);
+  sals_rope_t r = {inv, d, 1.0f, 0};
+  return r;
+}
+
+/* Run the same cache workload on both backends and compare outputs, selections, lengths. */
+static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int32_t rank,
+                       int32_t rs, int32_t bits, sals_dtype_t dt, int32_t dense, int32_t per_head,
+                       float budget_frac, int32_t B, int32_t T0, int steps, double tol) {
+  const int32_t dk = hkv * d;
+  sals_config_t cfg = sals_config_default();
+  cfg.n_head_q = hq;
+  cfg.n_head_kv = hkv;
+  cfg.head_dim = d;
+  cfg.rank = rank;
+  cfg.score_rank = rs;
+  cfg.value_bits = bits;
+  cfg.value_group = 32 < d ? 32 : d;
+  cfg.n_sink = 4;
+  cfg.n_recent = 8;
+  cfg.budget_frac = budget_frac;
+  cfg.select_per_head = per_head;
+  cfg.dense = dense;
+  cfg.max_batch = B;
+  cfg.max_tokens = T0 + steps + 4;
+  cfg.dtype = dt;
+  cfg.check_finite = 1;
+  DLDataType io = dt == SALS_DTYPE_FLOAT32 ? f32 : (dt == SALS_DTYPE_FLOAT16 ? f16 : bf16);
+  float inv[256];
+  sals_rope_t rope = make_rope(d, inv);
+  int64_t ps[2] = {dk, rank};
+  pair_t proj = mk(2, ps, f32);
+  for (int64_t i = 0; i < dk; ++i)
+    for (int64_t j = 0; j < rank; ++j)
+      ((float*)proj.h.data)[i * rank + j] = rank == dk ? (i == j ? 1.f : 0.f) : frand() / sqrtf((float)dk);
+  up(&proj);
+  sals_cache_t *cc = NULL, *gc = NULL;
+  OK(sals_cache_create(&cfg, &rope, &proj.h, &cc));
+  cfg.device = (DLDevice){kDLCUDA, 0};
+  OK(sals_cache_create(&cfg, &rope, &proj.d, &gc));
+  if (!cc || !gc) return;
+
+  /* prefill: ragged (sequence b is left-padded by 3*b slots) */
+  int64_t ks[4] = {B, T0, hkv, d}, qs[4] = {B, T0, hq, d}, pp[2] = {B, T0};
+  pair_t k = mk(4, ks, io), v = mk(4, ks, io), q = mk(4, qs, io), pos = mk(2, pp, i32);
+  pair_t oc = mk(4, qs, io), og = mk(4, qs, io);
+  fill(&k, 1.0f);
+  fill(&v, 1.0f);
+  fill(&q, 1.0f);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T0; ++t) ((int32_t*)pos.h.data)[b * T0 + t] = t < 3 * b ? -1 : t - 3 * b;
+  up(&pos);
+  OK(sals_cache_append(cc, &k.h, &v.h, &pos.h, NULL));
+  OK(sals_cache_append(gc, &k.d, &v.d, &pos.d, NULL));
+  OK(sals_cache_attend(cc, &q.h, &pos.h, &oc.h, NULL));
+  OK(sals_cache_attend(gc, &q.d, &pos.d, &og.d, NULL));
+  double e = rel_err(&og, &oc.h);
+  CHECK(e < tol, "%s: prefill attend (T=%d) rel err %.3g", name, T0, e);
+
+  int64_t ks1[4] = {B, 1, hkv, d}, qs1[4] = {B, 1, hq, d}, pp1[2] = {B, 1};
+  pair_t k1 = mk(4, ks1, io), v1 = mk(4, ks1, io), q1 = mk(4, qs1, io), pos1 = mk(2, pp1, i32);
+  pair_t oc1 = mk(4, qs1, io), og1 = mk(4, qs1, io);
+  const int32_t H = per_head ? hkv : 1;
+  int64_t is[3] = {B, H, cfg.max_tokens}, cs[1] = {B};
+  pair_t ic = mk(3, is, i32), ig = mk(3, is, i32), nc = mk(1, cs, i32), ng = mk(1, cs, i32);
+  double worst = 0, worst_overlap = 1;
+  for (int s = 0; s < steps; ++s) {
+    fill(&k1, 1.0f);
+    fill(&v1, 1.0f);
+    fill(&q1, 1.0f);
+    for (int b = 0; b < B; ++b)
+      ((int32_t*)pos1.h.data)[b] = (b == B - 1 && s == 1) ? -1 : T0 - 3 * b + s; /* one pad */
+    up(&pos1);
+    OK(sals_cache_append(cc, &k1.h, &v1.h, &pos1.h, NULL));
+    OK(sals_cache_append(gc, &k1.d, &v1.d, &pos1.d, NULL));
+    OK(sals_cache_attend(cc, &q1.h, &pos1.h, &oc1.h, NULL));
+    OK(sals_cache_attend(gc, &q1.d, &pos1.d, &og1.d, NULL));
+    e = rel_err(&og1, &oc1.h);
+    if (e > worst) worst = e;
+    OK(sals_cache_selected(cc, &ic.h, &nc.h, NULL));
+    OK(sals_cache_selected(gc, &ig.d, &ng.d, NULL));
+    down(&ig);
+    down(&ng);
+    for (int b = 0; b < B; ++b) {
+      const int32_t n = ((int32_t*)nc.h.data)[b];
+      CHECK(n == ((int32_t*)ng.h.data)[b], "%s: count[%d] cpu %d cuda %d", name, b, n,
+            ((int32_t*)ng.h.data)[b]);
+      for (int h = 0; h < H; ++h) {
+        const int32_t* a = (int32_t*)ic.h.data + ((size_t)b * H + h) * cfg.max_tokens;
+        const int32_t* g = (int32_t*)ig.h.data + ((size_t)b * H + h) * cfg.max_tokens;
+        int common = 0;
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < n; ++j)
+            if (a[i] == g[j]) {
+              ++common;
+              break;
+            }
+        double ov = n > 0 ? (double)common / n : 1.0;
+        if (ov < worst_overlap) worst_overlap = ov;
+        CHECK(n == 0 || g[n] == -1 || n == cfg.max_tokens, "%s: selection not -1 padded", name);
+      }
+    }
+  }
+  CHECK(worst < tol, "%s: decode attend worst rel err %.3g", name, worst);
+  CHECK(worst_overlap >= 0.9, "%s: worst selection overlap %.3f", name, worst_overlap);
+  printf("%-28s prefill %.2e  decode %.2e  overlap %.3f\n", name, e, worst, worst_overlap);
+  int64_t ls[1] = {B};
+  pair_t lc = mk(1, ls, i32), lg = mk(1, ls, i32);
+  OK(sals_cache_lengths(cc, &lc.h, NULL));
+  OK(sals_cache_lengths(gc, &lg.d, NULL));
+  down(&lg);
+  CHECK(memcmp(lc.h.data, lg.h.data, (size_t)B * 4) == 0, "%s: lengths differ", name);
+  sals_memory_t mc, mg;
+  OK(sals_cache_memory(cc, &mc, NULL));
+  OK(sals_cache_memory(gc, &mg, NULL));
+  CHECK(mc.total == mg.total, "%s: memory totals differ", name);
+
+  pair_t* all[] = {&proj, &k, &v, &q, &pos, &oc, &og, &k1, &v1, &q1, &pos1, &oc1, &og1, &ic, &ig,
+                   &nc, &ng, &lc, &lg};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i) rel(all[i]);
+  sals_cache_destroy(cc);
+  sals_cache_destroy(gc);
+}
+
+static void stateless(void) {
+  const int64_t N = 97, H = 3, d = 64, R = 40, dk = H * d;
+  float inv[256];
+  sals_rope_t rope = make_rope((int32_t)d, inv);
+  int64_t xs[3] = {N, H, d}, ps[1] = {N}, x2[2] = {N, dk}, pr[2] = {dk, R}, o2[2] = {N, R};
+  pair_t x = mk(3, xs, f32), pos = mk(1, ps, i32), oc = mk(3, xs, f32), og = mk(3, xs, f32);
+  fill(&x, 1.f);
+  for (int i = 0; i < N; ++i) ((int32_t*)pos.h.data)[i] = i * 37 + 5;
+  up(&pos);
+  OK(sals_rope_apply(&x.h, &pos.h, &rope, &oc.h, NULL));
+  OK(sals_rope_apply(&x.d, &pos.d, &rope, &og.d, NULL));
+  double e = rel_err(&og, &oc.h);
+  CHECK(e < 1e-5, "rope_apply rel err %.3g", e);
+
+  pair_t xx = mk(2, x2, f16), proj = mk(2, pr, f32), pc = mk(2, o2, f32), pg = mk(2, o2, f32);
+  fill(&xx, 1.f);
+  fill(&proj, 0.2f);
+  OK(sals_project(&xx.h, &proj.h, &pc.h, NULL));
+  OK(sals_project(&xx.d, &proj.d, &pg.d, NULL));
+  e = rel_err(&pg, &pc.h);
+  CHECK(e < 1e-5, "project rel err %.3g", e);
+
+  int64_t rp[2] = {dk, R};
+  pair_t rproj = mk(2, rp, f32), rc = mk(3, xs, f32), rg = mk(3, xs, f32);
+  fill(&rproj, 0.2f);
+  OK(sals_rebuild_rope(&pc.h, &rproj.h, &pos.h, &rope, &rc.h, NULL));
+  OK(sals_rebuild_rope(&pc.d, &rproj.d, &pos.d, &rope, &rg.d, NULL));
+  e = rel_err(&rg, &rc.h);
+  CHECK(e < 1e-5, "rebuild_rope rel err %.3g", e);
+
+  /* quantise / dequantise: codes must match exactly except on rounding ties */
+  const int bitsv[3] = {2, 4, 8};
+  for (int bi = 0; bi < 3; ++bi) {
+    const int32_t bits = bitsv[bi], group = 32;
+    int64_t vs[2] = {N, dk}, pk[2] = {N, dk * bits / 8}, sz[2] = {N, dk / group};
+    pair_t v = mk(2, vs, bf16), kc = mk(2, pk, u8), kg = mk(2, pk, u8), sc = mk(2, sz, f16),
+           sg = mk(2, sz, f16), zc = mk(2, sz, f16), zg = mk(2, sz, f16), dc = mk(2, vs, f32),
+           dg = mk(2, vs, f32);
+    fill(&v, 3.f);
+    OK(sals_quantize_values(&v.h, bits, group, &kc.h, &sc.h, &zc.h, NULL));
+    OK(sals_quantize_values(&v.d, bits, group, &kg.d, &sg.d, &zg.d, NULL));
+    down(&kg);
+    down(&sg);
+    down(&zg);
+    size_t diff = 0;
+    for (size_t i = 0; i < kc.bytes; ++i) diff += ((uint8_t*)kc.h.data)[i] != ((uint8_t*)kg.h.data)[i];
+    CHECK(diff * 1000 <= kc.bytes, "quantize %d-bit: %zu of %zu bytes differ", bits, diff, kc.bytes);
+    CHECK(memcmp(sc.h.data, sg.h.data, sc.bytes) == 0 && memcmp(zc.h.data, zg.h.data, zc.bytes) == 0,
+          "quantize %d-bit: scales/zeros differ", bits);
+    OK(sals_dequantize_values(&kc.h, &sc.h, &zc.h, bits, group, &dc.h, NULL));
+    OK(sals_dequantize_values(&kc.d, &sc.d, &zc.d, bits, group, &dg.d, NULL));
+    e = rel_err(&dg, &dc.h);
+    CHECK(e < 1e-6, "dequantize %d-bit rel err %.3g", bits, e);
+    pair_t* all[] = {&v, &kc, &kg, &sc, &sg, &zc, &zg, &dc, &dg};
+    for (size_t i = 0; i < 9; ++i) rel(all[i]);
+  }
+
+  /* score_select: the GPU's choice must be a valid top-k of the CPU's float64 scores */
+  {
+    const int64_t B = 3, Hs = 2, S = 4099, Rs = 24;
+    const int32_t budget = 300, n_sink = 4, n_recent = 16;
+    int64_t qs[3] = {B, Hs, Rs}, kls[3] = {B, S, Rs}, ls[1] = {B}, is[3] = {B, Hs, budget};
+    pair_t ql = mk(3, qs, f32), kl = mk(3, kls, f16), len = mk(1, ls, i32), ic = mk(3, is, i32),
+           ig = mk(3, is, i32);
+    fill(&ql, 1.f);
+    fill(&kl, 1.f);
+    const int32_t lens[3] = {4099, 17 + 4 + 16 + 250, 97};
+    memcpy(len.h.data, lens, sizeof lens);
+    up(&len);
+    OK(sals_score_select(&ql.h, &kl.h, &len.h, (int32_t)Rs, n_sink, n_recent, budget, &ic.h, NULL));
+    OK(sals_score_select(&ql.d, &kl.d, &len.d, (int32_t)Rs, n_sink, n_recent, budget, &ig.d, NULL));
+    down(&ig);
+    int bad = 0;
+    double* sc = (double*)malloc(sizeof(double) * S);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hs; ++h) {
+        const int32_t lo = n_sink, hi = lens[b] - n_recent, nc = hi - lo;
+        const int32_t k = budget < nc ? budget : nc;
+        for (int j = lo; j < hi; ++j) {
+          double s = 0;
+          for (int c = 0; c < Rs; ++c)
+            s += (double)getf(&ql.h, (b * Hs + h) * Rs + c) * getf(&kl.h, ((size_t)b * S + j) * Rs + c);
+          sc[j] = s;
+        }
+        /* k-th largest (float64), then every GPU index must score >= it minus rounding */
+        double kth = INFINITY;
+        {
+          double* tmp = (double*)malloc(sizeof(double) * nc);
+          memcpy(tmp, sc + lo, sizeof(double) * nc);
+          for (int i = 0; i < k; ++i) { /* partial selection sort, small k is fine here */
+            int m = i;
+            for (int j = i + 1; j < nc; ++j) if (tmp[j] > tmp[m]) m = j;
+            double t = tmp[i]; tmp[i] = tmp[m]; tmp[m] = t;
+          }
+          kth = tmp[k - 1];
+          free(tmp);
+        }
+        const int32_t* g = (int32_t*)ig.h.data + (b * Hs + h) * budget;
+        const int32_t* c = (int32_t*)ic.h.data + (b * Hs + h) * budget;
+        for (int i = 0; i < budget; ++i) {
+          if (i >= k) {
+            bad += g[i] != -1 || c[i] != -1;
+            continue;
+          }
+          bad += g[i] < lo || g[i] >= hi || sc[g[i]] < kth - 1e-3;
+          for (int j = 0; j < i; ++j) bad += g[j] == g[i];
+        }
+      }
+    free(sc);
+    CHECK(bad == 0, "score_select: %d invalid GPU selections", bad);
+    pair_t* all[] = {&ql, &kl, &len, &ic, &ig};
+    for (size_t i = 0; i < 5; ++i) rel(all[i]);
+  }
+
+  /* sparse_attention with and without idx, GQA 3 */
+  {
+    const int64_t B = 2, Hq = 6, Hkv = 2, S = 97, dd = 64, Nn = 40;
+    int64_t qs[3] = {B, Hq, dd}, kvs[4] = {B, S, Hkv, dd}, is[3] = {B, Hkv, Nn}, ls[1] = {B};
+    pair_t q = mk(3, qs, bf16), k = mk(4, kvs, bf16), v = mk(4, kvs, bf16), idx = mk(3, is, i32),
+           len = mk(1, ls, i32), oc = mk(3, qs, f32), og = mk(3, qs, f32);
+    fill(&q, 1.f);
+    fill(&k, 1.f);
+    fill(&v, 1.f);
+    const int32_t lens[2] = {97, 50};
+    memcpy(len.h.data, lens, sizeof lens);
+    up(&len);
+    for (int i = 0; i < B * Hkv * Nn; ++i)
+      ((int32_t*)idx.h.data)[i] = (i % 7 == 0) ? -1 : (int32_t)((i * 13) % lens[i / (Hkv * Nn)]);
+    up(&idx);
+    OK(sals_sparse_attention(&q.h, &k.h, &v.h, &idx.h, &len.h, 0.f, &oc.h, NULL));
+    OK(sals_sparse_attention(&q.d, &k.d, &v.d, &idx.d, &len.d, 0.f, &og.d, NULL));
+    e = rel_err(&og, &oc.h);
+    CHECK(e < 1e-5, "sparse_attention (idx) rel err %.3g", e);
+    OK(sals_sparse_attention(&q.h, &k.h, &v.h, NULL, &len.h, 0.f, &oc.h, NULL));
+    OK(sals_sparse_attention(&q.d, &k.d, &v.d, NULL, &len.d, 0.f, &og.d, NULL));
+    e = rel_err(&og, &oc.h);
+    CHECK(e < 1e-5, "sparse_attention (dense) rel err %.3g", e);
+    pair_t* all[] = {&q, &k, &v, &idx, &len, &oc, &og};
+    for (size_t i = 0; i < 7; ++i) rel(all[i]);
+  }
+  pair_t* all[] = {&x, &pos, &oc, &og, &xx, &proj, &pc, &pg, &rproj, &rc, &rg};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i) rel(all[i]);
+}
+
+int main(void) {
+  if (!sals_cuda_available()) {
+    printf("no usable CUDA device: skipped\n0 passed, 0 failed\n");
+    return 0;
+  }
+  stateless();
+  /* name, Hq, Hkv, d, rank, r*, bits, dtype, dense, per_head, budget, B, T0, steps, tol */
+  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3);
+  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
+  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
+  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
+  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
+  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  printf("%d passed, %d failed\n", n_pass, n_fail);
+  return n_fail ? 1 : 0;
+}

@@ -1,0 +1,295 @@
+"""sals.hf.patch on tiny random models of every supported family (no download, CPU).
+
+The dense-equivalence tests store the cache in float32: the tiny models' greedy choices are
+separated by as little as ~4e-3 in logits, and float16 rounding of stored keys and values could
+flip one; the float16 default is checked separately against a logit bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import sals
+import sals.hf
+import tiny
+from sals.hf import calibrate
+
+FULL = dict(preset="dense-equivalent", dtype="float32")
+# small windows so that 40-token prompts leave real candidates to select among
+SPARSE = dict(n_sink=2, n_recent=4, budget_frac=0.25, dense_layers=[])
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+def _decode_logits(model, prompt, steps, cache):
+    """Logits of a prefill's last token, then of one forward per token of ``steps`` ([B, n]),
+    through cache: n + 1 positions."""
+    with torch.no_grad():
+        out = [model(prompt, past_key_values=cache).logits[:, -1:]]
+        for i in range(steps.shape[1]):
+            out.append(model(steps[:, i:i + 1], past_key_values=cache).logits)
+    return torch.cat(out, 1)
+
+
+def _tiny_calibration(model, seed=7, rank_frac=0.5):
+    """A calibration of a tiny model on random token sequences (its keys are what matters)."""
+    cal = sals.Calibrator([layer.dk for layer in sals.hf._arch.describe(model).layers])
+    chunks = [tiny.prompt(64, seed=seed + i) for i in range(4)]
+    calibrate.collect_keys(model, chunks, cal, progress=False)
+    return cal.finish(rank_frac=rank_frac, fingerprint=sals.hf.fingerprint(model), data="random")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_dense_equivalent_greedy_generate_is_token_identical(family):
+    model = tiny.model(family)
+    ids = tiny.prompt(40)
+    ref = model.generate(ids, max_new_tokens=24, do_sample=False)
+    sals.hf.patch(model, **FULL)
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    cache = out.past_key_values
+    assert isinstance(cache, sals.hf.SalsCache)
+    assert cache.get_seq_length() == 40 + 24 - 1  # the last token is never fed back
+    lengths = [layer.layer_cache.lengths()[0] for layer in cache.layers
+               if isinstance(layer, sals.hf.SalsLayer)]
+    assert lengths and all(n == 63 for n in lengths)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_dense_equivalent_sampling_matches_unpatched(family):
+    model = tiny.model(family)
+    ids = tiny.prompt(32, batch=2)
+    torch.manual_seed(11)
+    ref = model.generate(ids, max_new_tokens=16, do_sample=True, top_k=20, temperature=0.8)
+    sals.hf.patch(model, **FULL)
+    torch.manual_seed(11)
+    out = model.generate(ids, max_new_tokens=16, do_sample=True, top_k=20, temperature=0.8)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_num_return_sequences_sizes_the_cache(family):
+    model = tiny.model(family)
+    ids = tiny.prompt(20)
+    torch.manual_seed(3)
+    ref = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    sals.hf.patch(model, **FULL)
+    torch.manual_seed(3)
+    out = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.past_key_values.max_batch == 3
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_forward_loop_matches_one_full_forward(family):
+    """Prefill + one-token steps through an explicit SalsCache == one causal forward over the
+    whole sequence (float32 rounding only)."""
+    model = tiny.model(family)
+    ids = tiny.prompt(50)
+    ref = _logits(model, ids)[:, 29:]
+    sals.hf.patch(model, **FULL)
+    got = _decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_float16_cache_stays_close(family):
+    """The default float16 storage at full rank and budget only adds fp16 rounding."""
+    model = tiny.model(family)
+    ids = tiny.prompt(50)
+    ref = _logits(model, ids)[:, 29:]
+    sals.hf.patch(model, preset="dense-equivalent")
+    assert model._sals_patch.configs[1].dtype == "float16"
+    got = _decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
+    assert (got - ref).abs().max().item() < 5e-3
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_chunked_prefill(family):
+    """A prompt fed in three chunks through one SalsCache gives the logits of a single forward:
+    exact for the first chunk, dense attention over the (full-rank) cache for the others."""
+    model = tiny.model(family)
+    ids = tiny.prompt(45)
+    ref = _logits(model, ids)
+    sals.hf.patch(model, **FULL)
+    cache = sals.hf.SalsCache(model, 1, 64)
+    got = torch.cat([_logits(model, ids[:, a:b], past_key_values=cache)
+                     for a, b in ((0, 17), (17, 18), (18, 45))], 1)
+    assert cache.get_seq_length() == 45
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def _left_padded(prompts, pad_id=0):
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.shape[1]:] = p[0]
+        mask[i, width - p.shape[1]:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_left_padded_batch_equals_sequences_alone(family):
+    """Sparse SALS (selection active), a batch of three left-padded prompts of lengths 40, 23
+    and 31 generates what each prompt generates alone."""
+    model = tiny.model(family)
+    sals.hf.patch(model, dtype="float32", preset=None, **SPARSE)
+    prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4), (31, 5))]
+    alone = [model.generate(p, max_new_tokens=12, do_sample=False)[0, p.shape[1]:]
+             for p in prompts]
+    ids, mask = _left_padded(prompts)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True)
+    for i, ref in enumerate(alone):
+        assert torch.equal(out.sequences[i, ids.shape[1]:], ref)
+    # padding is not stored: each sequence holds its own tokens only
+    layer = next(x for x in out.past_key_values.layers if isinstance(x, sals.hf.SalsLayer))
+    assert layer.layer_cache.lengths()[:3].tolist() == [40 + 11, 23 + 11, 31 + 11]
+    assert out.past_key_values.get_seq_length() == 40 + 11
+
+
+def test_sparse_step_selects_a_budget():
+    """With the sparse settings the decode step really selects: ceil(0.25 * S) candidates."""
+    model = tiny.model("llama")
+    sals.hf.patch(model, dtype="float32", preset=None, **SPARSE)
+    cache = sals.hf.SalsCache(model, 1, 64)
+    ids = tiny.prompt(41)
+    with torch.no_grad():
+        model(ids[:, :40], past_key_values=cache)
+        model(ids[:, 40:], past_key_values=cache)
+    idx, count = cache.layers[2].layer_cache.selected()
+    assert count.tolist() == [int(np.ceil(0.25 * 41))]
+    assert set(idx[0, 0, :count[0]].tolist()) <= set(range(2, 41 - 4))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_lossy_settings_stay_close(family):
+    """Each lossy knob alone, decode logits vs the unpatched model over 16 steps after a
+    48-token prompt. Bounds are about twice the errors measured on these models (tiny random
+    models attend diffusely, so sparsity costs them more than it costs a trained model)."""
+    model = tiny.model(family)
+    ids = tiny.prompt(64)
+    ref = _logits(model, ids)[:, 47:]
+    scale = ref.std().item()
+    calib = _tiny_calibration(model)
+    dk = 2 * 32
+    knobs = {
+        "values 8-bit": (dict(preset="dense-equivalent", value_bits=8), 0.02),
+        "values 4-bit": (dict(preset="dense-equivalent", value_bits=4), 0.15),
+        "values 2-bit": (dict(preset="dense-equivalent", value_bits=2), 0.6),
+        "rank Dk/2": (dict(preset="dense-equivalent", calibration=calib, rank=dk // 2,
+                           score_rank=dk // 2), 0.8),
+        "score rank 8": (dict(preset=None, score_rank=8, budget_frac=0.5, n_sink=2,
+                              n_recent=4, dense_layers=[]), 0.8),
+        "budget 1/2": (dict(preset=None, budget_frac=0.5, n_sink=2, n_recent=4,
+                            dense_layers=[]), 0.8),
+    }
+    errors = {}
+    for name, (kw, _) in knobs.items():
+        sals.hf.patch(model, **kw)
+        cache = sals.hf.SalsCache(model, 1, 64)
+        got = _decode_logits(model, ids[:, :48], ids[:, 48:], cache)
+        errors[name] = (got - ref).abs().max().item() / scale
+    print({k: round(v, 4) for k, v in errors.items()})
+    for name, (_, bound) in knobs.items():
+        assert 0 < errors[name] < bound, (name, errors[name])
+    assert errors["values 8-bit"] < errors["values 4-bit"] < errors["values 2-bit"]
+
+
+def test_unpatch_restores_the_model():
+    model = tiny.model("qwen3")
+    ids = tiny.prompt(30)
+    ref = _logits(model, ids)
+    ref_gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+    attn = model.model.layers[0].self_attn
+    sals.hf.patch(model, **FULL)
+    assert sals.hf.is_patched(model) and "forward" in vars(attn)
+    sals.hf.unpatch(model)
+    assert not sals.hf.is_patched(model)
+    assert "forward" not in vars(attn) and "forward" not in vars(model)
+    assert "_prepare_cache_for_generation" not in vars(model)
+    assert torch.equal(_logits(model, ids), ref)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref_gen)
+    assert isinstance(out.past_key_values, DynamicCache)
+    with pytest.raises(sals.InvalidArgumentError, match="not patched"):
+        sals.hf.unpatch(model)
+
+
+def test_plain_forward_creates_a_sals_cache_and_continues():
+    model = tiny.model("llama")
+    ids = tiny.prompt(30)
+    ref = _logits(model, ids)
+    sals.hf.patch(model, max_tokens=40, **FULL)
+    with torch.no_grad():
+        out = model(ids[:, :25])
+        cache = out.past_key_values
+        assert isinstance(cache, sals.hf.SalsCache) and cache.max_tokens == 40
+        step = model(ids[:, 25:], past_key_values=cache).logits
+        # use_cache=False: the original attention, no cache at all
+        assert model(ids, use_cache=False).past_key_values is None
+    assert (step - ref[:, 25:]).abs().max().item() < 1e-4
+
+
+def test_sals_cache_holds_no_dense_keys():
+    model = tiny.model("gemma3")
+    sals.hf.patch(model, preset=None, value_bits=4, **SPARSE)
+    out = model.generate(tiny.prompt(40), max_new_tokens=4, do_sample=False,
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    for i, layer in enumerate(cache.layers):
+        if model.config.layer_types[i] == "full_attention":
+            assert isinstance(layer, sals.hf.SalsLayer) and layer.keys is None
+        else:  # exact window: at most sliding_window - 1 tokens
+            assert layer.keys.shape[-2] == model.config.sliding_window - 1
+    mem = cache.memory()
+    assert mem["window"] > 0 and mem["total"] > 0
+    # 4-bit values with a float16 exact window still undercut dense fp16 at 43 tokens
+    assert mem["total"] - mem["window"] - mem["projection"] < mem["dense_fp16"]
+
+
+def test_errors_are_clear():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(sals.UnsupportedError, match="GPT2LMHeadModel.*supported: llama"):
+        sals.hf.patch(gpt2)
+
+    model = tiny.model("llama")
+    with pytest.raises(sals.CalibrationError, match="rank 16 of Dk=64.*needs a calibration"):
+        sals.hf.patch(model)  # sals-25 without a calibration
+    other = tiny.model("llama", seed=1)
+    with pytest.raises(sals.CalibrationError, match="another model.*weights_sha256"):
+        sals.hf.patch(model, calibration=_tiny_calibration(other))
+    with pytest.raises(sals.CalibrationError, match="another model.*n_layers"):
+        sals.hf.patch(model, calibration=_tiny_calibration(
+            tiny.model("llama", num_hidden_layers=2)))
+    with pytest.raises(sals.InvalidArgumentError, match="dense_layers"):
+        sals.hf.patch(model, dense_layers=[7], **FULL)
+    with pytest.raises(sals.InvalidArgumentError, match="max_batch"):
+        sals.hf.patch(model, max_batch=4, **FULL)
+    with pytest.raises(sals.InvalidArgumentError, match="float64"):
+        sals.hf.patch(tiny.model("llama", dtype=torch.float64), **FULL)
+    with pytest.raises(sals.InvalidArgumentError, match="not patched"):
+        sals.hf.SalsCache(model, 1, 8)
+
+    sals.hf.patch(model, **FULL)
+    ids = tiny.prompt(12)
+    with pytest.raises(sals.InvalidArgumentError, match="needs a SalsCache, got DynamicCache"):
+        model(ids, past_key_values=DynamicCache())
+    with pytest.raises(sals.CapacityError, match="max_tokens"):
+        _logits(model, ids, past_key_values=sals.hf.SalsCache(model, 1, 8))
+    with pytest.raises(sals.UnsupportedError, match="beam search"):
+        model.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
+    stale = sals.hf.SalsCache(model, 1, 16)
+    sals.hf.patch(model, **FULL)  # a new patch: caches of the old one are refused
+    with pytest.raises(sals.InvalidArgumentError, match="another patch"):
+        _logits(model, ids, past_key_values=stale)

@@ -1,0 +1,51 @@
+"""Config presets and defaults, Rope construction."""
+
+import numpy as np
+import pytest
+
+import sals
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 32, 128), (9, 3, 64)])
+def test_presets_are_the_papers(hq, hkv, d):
+    dk = hkv * d
+    s25 = sals.Config.preset("sals-25", hq, hkv, d)
+    s12 = sals.Config.preset("sals-12.5", hq, hkv, d, max_tokens=100)
+    for cfg, frac, bits in ((s25, 4, 4), (s12, 8, 2)):
+        assert cfg.resolved_rank() == dk // frac and cfg.value_bits == bits
+        assert cfg.resolved_score_rank() == dk // frac // 2
+        assert (cfg.budget_frac, cfg.n_sink, cfg.n_recent) == (0.125, 16, 64)
+        assert not cfg.select_per_head and not cfg.dense
+    assert s12.max_tokens == 100
+    dense = sals.Config.preset("dense-equivalent", hq, hkv, d)
+    assert dense.resolved_rank() == dense.resolved_score_rank() == dk
+    assert dense.value_bits == 16 and dense.budget_frac == 1.0
+
+
+def test_rank_defaults():
+    cfg = sals.Config(8, 2, 64)
+    assert cfg.dk == 128 and cfg.resolved_rank() == 128 and cfg.resolved_score_rank() == 128
+    cfg.rank = 40
+    assert cfg.resolved_score_rank() == 20
+    cfg.score_rank = 7
+    assert cfg.resolved_score_rank() == 7
+
+
+def test_cache_reports_the_resolved_config():
+    cfg = sals.Config.preset("sals-25", 4, 2, 64, max_tokens=16, dtype="bfloat16")
+    proj = np.linalg.qr(np.random.default_rng(0).standard_normal((128, 128)))[0][:, :32]
+    with sals.LayerCache(cfg, sals.Rope.default(64), proj.astype(np.float32)) as cache:
+        c = cache._c.config()
+    assert (c["rank"], c["score_rank"], c["value_bits"], c["dtype"]) == (32, 16, 4, 2)
+    assert (c["device_type"], c["device_id"], c["max_tokens"]) == (1, 0, 16)
+
+
+def test_rope_inputs():
+    torch = pytest.importorskip("torch")
+    r = sals.Rope(torch.tensor([1.0, 0.5], requires_grad=True), attention_scaling=2.0,
+                  interleaved=True)
+    assert r.rotary_dim == 4 and r.inv_freq.dtype == np.float32
+    assert r.attention_scaling == 2.0 and r.interleaved
+    d = sals.Rope.default(8, theta=100.0)
+    np.testing.assert_allclose(d.inv_freq, 100.0 ** (-np.arange(0, 8, 2) / 8), rtol=1e-6)
+    assert sals.Rope.none().rotary_dim == 0
