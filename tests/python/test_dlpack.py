@@ -241,3 +241,28 @@ def test_describe_and_non_dlpack_inputs():
     # lists are converted (float64 data to float32)
     out = sals.project([[1.0, 2.0, 3.0]], np.eye(3, dtype=np.float32))
     np.testing.assert_array_equal(out, [[1.0, 2.0, 3.0]])
+
+
+def test_torch_through_dunder_dlpack_and_exchange_api():
+    """torch tensors import through the DLPack 1.3 exchange API; the same tensor behind a
+    wrapper type without that table goes through torch's __dlpack__ (a versioned capsule)."""
+    torch = pytest.importorskip("torch")
+
+    class Wrap:
+        def __init__(self, t):
+            self.t = t
+
+        def __dlpack__(self, **kwargs):
+            return self.t.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.t.__dlpack_device__()
+
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))[1:]
+    proj = _proj(rng)
+    direct = sals.project(x, proj)
+    wrapped = sals.project(Wrap(x), proj)
+    assert isinstance(wrapped, _C.Array)
+    np.testing.assert_array_equal(np.from_dlpack(wrapped), direct.numpy())
+    assert _C.describe(Wrap(x.half()))[2:4] == ("float16", (5, 8))
