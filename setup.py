@@ -110,10 +110,9 @@ class CMakeThenExtension(build_ext):
         soname = _soname(real) or "libsals.so"
         shutil.copy2(real, os.path.join(lib_dir, soname))
         if soname != "libsals.so":
-            # The link-time name, as a one-line GNU ld script (what glibc does for libc.so):
-            # -lsals works, and a wheel does not carry a second copy of the library.
-            with open(os.path.join(lib_dir, "libsals.so"), "w", encoding="utf-8") as f:
-                f.write(f"/* GNU ld script: link against the real library */\nINPUT({soname})\n")
+            # The link-time and dlopen name. A real copy, not a link: wheels cannot hold links,
+            # and ctypes users open libsals.so by name.
+            shutil.copy2(real, os.path.join(lib_dir, "libsals.so"))
 
         include_dir = os.path.join(pkg_dir, "include", "sals")
         os.makedirs(include_dir, exist_ok=True)

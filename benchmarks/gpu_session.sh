@@ -41,7 +41,7 @@ if has sanitize; then
 fi
 if has pytest; then
   log pytest
-  (cd /tmp && timeout 400 python3 -m pytest -x -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
+  (cd /tmp && timeout 400 python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
     2>&1 | tee "$OUT/pytest.log" | tail -30)
 fi
 if has bench; then

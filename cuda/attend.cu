@@ -639,6 +639,7 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
       float ps = p;
       for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
       Sc[row * kGKT + lane] = p;
+      __syncwarp(); /* every lane has read mrow/lrow before lane 0 updates them */
       if (lane == 0) {
         mrow[row] = m_new;
         lrow[row] = lrow[row] * alpha + ps;

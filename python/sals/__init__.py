@@ -57,8 +57,8 @@ def get_include() -> str:
 
 
 def get_library() -> str:
-    """Path of the libsals shared library this package loads (``libsals.so.<ABI>``: dlopen it,
-    or link with ``-L<its dir> -lsals``, where ``libsals.so`` is a linker script naming it)."""
+    """Path of the libsals shared library this package loads (``libsals.so.<ABI>``): dlopen it,
+    or link with ``-L<its dir> -lsals``."""
     libdir = os.path.join(_HERE, "lib")
     names = sorted(os.listdir(libdir)) if os.path.isdir(libdir) else []
     versioned = [n for n in names if n.startswith("libsals.so.")]

@@ -298,7 +298,7 @@ static void stateless(void) {
   pair_t rproj = mk(2, rp, f32), rc = mk(3, xs, f32), rg = mk(3, xs, f32);
   fill(&rproj, 0.2f);
   OK(sals_rebuild_rope(&pc.h, &rproj.h, &pos.h, &rope, &rc.h, NULL));
-  OK(sals_rebuild_rope(&pc.d, &rproj.d, &pos.d, &rope, &rg.d, NULL));
+  OK(sals_rebuild_rope(&pg.d, &rproj.d, &pos.d, &rope, &rg.d, NULL));
   e = rel_err(&rg, &rc.h);
   CHECK(e < 1e-5, "rebuild_rope rel err %.3g", e);
 
@@ -322,7 +322,7 @@ static void stateless(void) {
     CHECK(memcmp(sc.h.data, sg.h.data, sc.bytes) == 0 && memcmp(zc.h.data, zg.h.data, zc.bytes) == 0,
           "quantize %d-bit: scales/zeros differ", bits);
     OK(sals_dequantize_values(&kc.h, &sc.h, &zc.h, bits, group, &dc.h, NULL));
-    OK(sals_dequantize_values(&kc.d, &sc.d, &zc.d, bits, group, &dg.d, NULL));
+    OK(sals_dequantize_values(&kg.d, &sg.d, &zg.d, bits, group, &dg.d, NULL));
     e = rel_err(&dg, &dc.h);
     CHECK(e < 1e-6, "dequantize %d-bit rel err %.3g", bits, e);
     pair_t* all[] = {&v, &kc, &kg, &sc, &sg, &zc, &zg, &dc, &dg};

@@ -90,21 +90,23 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
         cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
     cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
     rank = cfg.resolved_rank()
+    if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
+        return cfg, np.eye(info.dk, dtype=np.float32)
     if calib is None:
-        if rank != info.dk:
-            raise CalibrationError(
-                f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
-                f"{info.index}, which needs a calibration (python -m sals calibrate --model ... "
-                f"--out FILE, then patch(model, calibration=FILE)); without one use "
-                f"preset='dense-equivalent' or rank={info.dk}")
-        projection = np.eye(info.dk, dtype=np.float32)
-    else:
-        if calib.layers[info.index].dk != info.dk:
-            raise CalibrationError(
-                f"calibration: layer {info.index} has Dk={calib.layers[info.index].dk}, the "
-                f"model {info.dk}")
-        projection = calib.projection(info.index, rank)
-    return cfg, projection
+        raise CalibrationError(
+            f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
+            f"{info.index}, which needs a calibration (python -m sals calibrate --model ... "
+            f"--out FILE, then patch(model, calibration=FILE)); without one use "
+            f"preset='dense-equivalent' or rank={info.dk}")
+    stored = calib.layers[info.index]
+    if stored.dk != info.dk:
+        raise CalibrationError(
+            f"calibration: layer {info.index} has Dk={stored.dk}, the model {info.dk}")
+    if rank > stored.rank:
+        raise CalibrationError(
+            f"calibration: layer {info.index} stores rank {stored.rank}, the settings need "
+            f"{rank} (calibrate with a larger --rank-frac)")
+    return cfg, calib.projection(info.index, rank)
 
 
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
