@@ -90,7 +90,7 @@ class CMakeThenExtension(build_ext):
             raise RuntimeError(f"SALS_CUDA must be AUTO, ON or OFF, got {cuda!r}")
         cmake = shutil.which("cmake")
         if cmake is None:
-            raise RuntimeError("building sals needs CMake (pip install cmake, or apt install cmake)")
+            raise RuntimeError("building sals needs CMake (pip install cmake; apt install cmake)")
         args = [cmake, "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
                 f"-DSALS_CUDA={cuda}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):

@@ -2,7 +2,8 @@
  * Attention over the cache.
  *
  * Sparse decode step (T == 1, 16-bit storage, head_dim 64/128/256, G <= 8), all on the device:
- *   qfold   scoring queries q~ = U[:, :r*]^T (GQA-summed pre-RoPE query)        (CUDA cores)
+ *   fold    scoring queries q~ = U[:, :r*]^T (GQA-summed pre-RoPE query): split-K
+ *           partials over many blocks (gemm.cuh skinny) and a fixed-order sum
  *   score   s_j = q~ . k~_j[:r*] over the candidates                            (score.cu)
  *   topk    radix select of the budget per sequence (or per KV head)            (select.cu)
  *   fused   per (split, KV head, sequence): gather 64 listed tokens' latent rows, rebuild their
@@ -18,6 +19,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "gemm.cuh"
 
 namespace sals_cuda {
 sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st);
@@ -119,50 +121,27 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
 }
 
 /* ---- scoring query ------------------------------------------------------------------------ */
-constexpr int kFoldRows = 256, kFoldB = 8;
-__global__ void __launch_bounds__(256) qfold_kernel(AttnArgs a, int32_t B, int32_t D,
-                                                     float* __restrict__ qlat) {
-  __shared__ float qf[kFoldB][kFoldRows];
-  __shared__ float red[4][kFoldB][64];
-  const int32_t hs = blockIdx.z;
-  const int32_t b0 = blockIdx.y * kFoldB;
-  const int cl = threadIdx.x % 64, ph = threadIdx.x / 64;
-  const int32_t col = blockIdx.x * 64 + cl;
-  const int32_t row_lo = a.n_sel_heads == 1 ? 0 : hs * D;
-  const int32_t row_hi = a.n_sel_heads == 1 ? a.dk : row_lo + D;
-  float acc[kFoldB] = {};
-  for (int32_t r0 = row_lo; r0 < row_hi; r0 += kFoldRows) {
-    for (int i = threadIdx.x; i < kFoldB * kFoldRows; i += blockDim.x) {
-      const int bb = i / kFoldRows, rr = i % kFoldRows;
-      const int32_t b = b0 + bb, row = r0 + rr;
-      float s = 0.f;
-      if (b < B && row < row_hi) {
-        const int32_t kvh = row / D, e = row % D;
-        for (int32_t g = 0; g < a.G; ++g)
-          s += load_elem(a.q.data, a.q.elem, off4(a.q, b, 0, kvh * a.G + g, e));
-      }
-      qf[bb][rr] = s;
-    }
-    __syncthreads();
-    if (col < a.rs) {
-      for (int rr = ph; rr < kFoldRows && r0 + rr < row_hi; rr += 4) {
-        const float u = a.proj[(int64_t)(r0 + rr) * a.rank + col];
-#pragma unroll
-        for (int bb = 0; bb < kFoldB; ++bb) acc[bb] += u * qf[bb][rr];
-      }
-    }
-    __syncthreads();
+/* Row b, input coordinate k of selection head hs: the GQA-summed pre-RoPE query at Dk row
+ * row0 + k, with row0 = 0 (shared selection: all heads) or hs * D (per KV head). */
+struct QFoldLoad {
+  DView q;
+  int32_t G, D, per_head;
+  __device__ float operator()(int64_t b, int64_t k, int32_t hs) const {
+    const int32_t row = (per_head ? hs * D : 0) + (int32_t)k;
+    const int32_t kvh = row / D, e = row % D;
+    float s = 0.f;
+    for (int32_t g = 0; g < G; ++g) s += load_elem(q.data, q.elem, off4(q, b, 0, kvh * G + g, e));
+    return s;
   }
-#pragma unroll
-  for (int bb = 0; bb < kFoldB; ++bb) red[ph][bb][cl] = acc[bb];
-  __syncthreads();
-  if (ph == 0 && col < a.rs) {
-    for (int bb = 0; bb < kFoldB; ++bb) {
-      const int32_t b = b0 + bb;
-      if (b < B)
-        qlat[((int64_t)b * a.n_sel_heads + hs) * a.rs + col] =
-            red[0][bb][cl] + red[1][bb][cl] + red[2][bb][cl] + red[3][bb][cl];
-    }
+};
+/* out[i] = sum over splits of part[z * n + i], in a fixed order (deterministic). */
+__global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits, int64_t n,
+                                  float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int32_t z = 0; z < splits; ++z) s += part[z * n + i];
+    out[i] = s;
   }
 }
 
@@ -764,9 +743,13 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
 
   if (sparse) {
     const int32_t H = c->n_sel_heads;
-    dim3 fg((unsigned)cdiv(cf.score_rank, 64), (unsigned)cdiv(B, kFoldB), (unsigned)H);
-    qfold_kernel<<<fg, 256, 0, st>>>(a, B, D, s->qlat);
-    SALS_CUDA_LAUNCHED("qfold");
+    const int32_t fold_k = H == 1 ? c->dk : D;
+    SALS_CUDA_TRY(skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank,
+                         QFoldLoad{dview(q), G, D, H == 1 ? 0 : 1}, s->qpart, st));
+    const int64_t nq = (int64_t)B * H * cf.score_rank;
+    sum_splits_kernel<<<(unsigned)cdiv(nq, 256), 256, 0, st>>>(s->qpart, skinny_splits(fold_k),
+                                                               nq, s->qlat);
+    SALS_CUDA_LAUNCHED("sum_splits");
     DView kl;
     kl.data = c->lat_score;
     kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
@@ -787,6 +770,8 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     spec.count = c->sel_count;
     spec.qpos = dview(q_pos);
     spec.has_qpos = true;
+    spec.pos = c->pos;
+    spec.pos_stride = cf.max_tokens;
     SALS_CUDA_TRY(launch_topk(s->scores, cf.max_tokens, B * H, spec, c->sel_idx,
                               (int64_t)H * cf.max_tokens, cf.max_tokens, 0, st));
   } else {

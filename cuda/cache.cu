@@ -184,6 +184,7 @@ struct KRowLoad {
   __device__ float operator()(int64_t m, int64_t i) const {
     return load_elem(k.data, k.elem, off4(k, m / T, m % T, i / d, i % d));
   }
+  __device__ float operator()(int64_t m, int64_t i, int32_t) const { return (*this)(m, i); }
 };
 template <typename T> struct KRowLoad8 {
   DView k;
@@ -212,14 +213,6 @@ template <typename T> struct LatentEpi {
   __device__ void operator()(int64_t m, int64_t n, float x) const {
     const int32_t slot = dest[m];
     if (slot >= 0) store_latent<T>(c, m / T_, slot, n, x);
-  }
-  __device__ void operator()(int64_t m, int64_t n, float x, int) const { (*this)(m, n, x); }
-};
-struct PartEpi {
-  float* part;
-  int64_t M, N;
-  __device__ void operator()(int64_t m, int64_t n, float x, int z) const {
-    part[((int64_t)z * M + m) * N + n] = x;
   }
 };
 
@@ -304,8 +297,8 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
   CacheState* s = state(c);
   if (s) {
-    void* sp[] = {s->uh, s->dest, s->newlen, s->qlat, s->scores, s->part_o, s->part_ml,
-                  s->proj_part, s->flag};
+    void* sp[] = {s->uh,      s->dest,  s->newlen, s->qlat, s->scores, s->part_o, s->part_ml,
+                  s->proj_part, s->qpart, s->flag};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -381,8 +374,8 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   s->max_parts = parts_for(c, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
-  s->proj_splits = (int)(dk / 256 > 1 ? (dk / 256 < 32 ? dk / 256 : 32) : 1);
-  alloc((void**)&s->proj_part, (size_t)s->proj_splits * B * r * 4);
+  alloc((void**)&s->proj_part, (size_t)skinny_splits(dk) * B * r * 4);
+  alloc((void**)&s->qpart, (size_t)skinny_splits(dk) * B * H * rs * 4);
   alloc((void**)&s->flag, sizeof(int));
   if (!oom && cudaMallocHost((void**)&s->flag_host, sizeof(int)) != cudaSuccess) {
     cudaGetLastError();
@@ -433,18 +426,18 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
     SALS_CUDA_TRY(hgemm<__nv_bfloat16>(M, N, K, KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d},
                                        (const __nv_bfloat16*)s->uh,
                                        LatentEpi<__nv_bfloat16>{cv, s->dest, T}, st));
-  } else if (M <= c->cfg.max_batch && s->proj_splits > 1) {
-    SALS_CUDA_TRY(sgemm(M, N, K, s->proj_splits, KRowLoad{dview(k), T, d},
-                        FloatMatLoad{c->proj, N}, PartEpi{s->proj_part, M, N}, st));
+  } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
+    SALS_CUDA_TRY(skinny((int32_t)M, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
+                         KRowLoad{dview(k), T, d}, s->proj_part, st));
     SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
       int64_t blocks = cdiv(M * N, 256);
       proj_finish_kernel<T_><<<(unsigned)(blocks < 1024 ? blocks : 1024), 256, 0, st>>>(
-          cv, s->proj_part, s->proj_splits, (int32_t)M, T, s->dest);
+          cv, s->proj_part, skinny_splits(K), (int32_t)M, T, s->dest);
     });
     SALS_CUDA_LAUNCHED("proj_finish");
   } else {
     SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
-      SALS_CUDA_TRY(sgemm(M, N, K, 1, KRowLoad{dview(k), T, d}, FloatMatLoad{c->proj, N},
+      SALS_CUDA_TRY(sgemm(M, N, K, KRowLoad{dview(k), T, d}, FloatMatLoad{c->proj, N},
                           LatentEpi<T_>{cv, s->dest, T}, st));
     });
   }

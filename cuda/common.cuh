@@ -242,9 +242,9 @@ struct CacheState {
   float* scores;     /* [max_batch, n_sel_heads, max_tokens] */
   float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
   float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
-  float* proj_part;  /* [proj_splits, max_batch, rank] split-K partials of decode appends */
+  float* proj_part;  /* [skinny_splits(Dk), max_batch, rank] split-K partials of decode appends */
+  float* qpart;      /* [skinny_splits(Dk), max_batch, n_sel_heads, score_rank] same, queries */
   int max_parts;
-  int proj_splits;
   int* flag;         /* device: non-finite input seen */
   int* flag_host;    /* pinned */
   int num_sms;
@@ -282,9 +282,10 @@ __device__ __forceinline__ int32_t budget_for(int32_t S, int32_t n_sink, int32_t
 }
 
 /* Top-k selection over rows of float scores (select.cu). Row r covers scores[r*row_stride + j]
- * for j in [lo_r, hi_r) and writes min(budget_r, hi_r - lo_r) token indices (j) to
- * idx[b*idx_stride_b + h*idx_stride_h + ...] (r = b*rows_per_seq + h) in any order; when pad_to > 0 the row is padded with -1 up to pad_to.
- * The per-row range and budget come from a RowSpec evaluated on the device. */
+ * for the candidates j in [lo_r, hi_r) and writes min(budget_r, candidates) token indices (j)
+ * to idx[b*idx_stride_b + h*idx_stride_h + ...] (r = b*rows_per_seq + h) in any order; when
+ * pad_to > 0 the row is padded with -1 up to pad_to. The per-row range and budget come from a
+ * RowSpec evaluated on the device. */
 struct RowSpec {
   const int32_t* lengths; /* [B] or NULL (= fixed_len) */
   int32_t fixed_len;
@@ -295,6 +296,9 @@ struct RowSpec {
   int32_t* count;         /* [B] selected per sequence, or NULL */
   DView qpos;             /* [B, 1] query positions: a padded query (< 0) selects nothing; */
   bool has_qpos;          /* absent for the stateless score_select */
+  const int32_t* pos;     /* [B, pos_stride] token positions: a token after the query's position
+                           * is not a candidate; NULL = every token is */
+  int64_t pos_stride;
 };
 cudaError_t launch_topk(const float* scores, int64_t row_stride, int32_t rows, RowSpec spec,
                         int32_t* idx, int64_t idx_stride_b, int64_t idx_stride_h, int32_t pad_to,

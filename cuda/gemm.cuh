@@ -1,8 +1,9 @@
 /*
- * Two matrix-product templates used by several operations:
+ * Matrix-product templates used by several operations:
  *   sgemm:  float32 CUDA-core tiles (64x64x16, 4x4 per thread) with accessor functors for A, B
- *           and the epilogue, and optional split-K over blockIdx.z (exact float32 path: any
- *           dtype, stride or size);
+ *           and the epilogue (exact float32 path: any dtype, stride or size);
+ *   skinny: split-K float32 partials of a few rows times a float32 matrix (decode-step
+ *           projections of keys and scoring queries);
  *   hgemm:  tensor-core tiles (mma.sync m16n8k16, 64x64x32, 4 warps) for 16-bit storage, A
  *           rows converted on load, B a compact [K, N] matrix in the storage type.
  * Both are templates so that projection, append and rebuild share one tiled loop each.
@@ -16,28 +17,25 @@ namespace sals_cuda {
 
 constexpr int kSgBM = 64, kSgBN = 64, kSgBK = 16, kSgThreads = 256;
 
-/* C[m, n] = sum_{k in split} A(m, k) B(k, n); epi(m, n, value, split). */
+/* C[m, n] = sum_k A(m, k) B(k, n); epi(m, n, value). */
 template <typename ALoad, typename BLoad, typename Epi>
 __global__ void __launch_bounds__(kSgThreads)
-    sgemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_per_split, ALoad a, BLoad bl,
-                 Epi epi) {
+    sgemm_kernel(int64_t M, int64_t N, int64_t K, ALoad a, BLoad bl, Epi epi) {
   __shared__ float As[kSgBK][kSgBM + 4];
   __shared__ float Bs[kSgBK][kSgBN + 4];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t m0 = (int64_t)blockIdx.y * kSgBM, n0 = (int64_t)blockIdx.x * kSgBN;
-  const int64_t k_begin = (int64_t)blockIdx.z * k_per_split;
-  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
   float acc[4][4] = {};
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kSgBK) {
+  for (int64_t k0 = 0; k0 < K; k0 += kSgBK) {
     for (int i = threadIdx.x; i < kSgBK * kSgBM; i += kSgThreads) {
       int kk = i / kSgBM, mm = i % kSgBM;
       int64_t m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < M && k < k_end) ? a(m, k) : 0.f;
+      As[kk][mm] = (m < M && k < K) ? a(m, k) : 0.f;
     }
     for (int i = threadIdx.x; i < kSgBK * kSgBN; i += kSgThreads) {
       int kk = i / kSgBN, nn = i % kSgBN;
       int64_t n = n0 + nn, k = k0 + kk;
-      Bs[kk][nn] = (n < N && k < k_end) ? bl(k, n) : 0.f;
+      Bs[kk][nn] = (n < N && k < K) ? bl(k, n) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -59,19 +57,78 @@ __global__ void __launch_bounds__(kSgThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < M && n < N) epi(m, n, acc[i][j], (int)blockIdx.z);
+      if (m < M && n < N) epi(m, n, acc[i][j]);
     }
 }
 
 template <typename ALoad, typename BLoad, typename Epi>
-cudaError_t sgemm(int64_t M, int64_t N, int64_t K, int splits, ALoad a, BLoad b, Epi epi,
-                  cudaStream_t st) {
+cudaError_t sgemm(int64_t M, int64_t N, int64_t K, ALoad a, BLoad b, Epi epi, cudaStream_t st) {
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (splits < 1) splits = 1;
-  int64_t kps = cdiv(cdiv(K, splits), kSgBK) * kSgBK;
-  if (kps < kSgBK) kps = kSgBK;
-  dim3 grid((unsigned)cdiv(N, kSgBN), (unsigned)cdiv(M, kSgBM), (unsigned)splits);
-  sgemm_kernel<<<grid, kSgThreads, 0, st>>>(M, N, K, kps, a, b, epi);
+  dim3 grid((unsigned)cdiv(N, kSgBN), (unsigned)cdiv(M, kSgBM));
+  sgemm_kernel<<<grid, kSgThreads, 0, st>>>(M, N, K, a, b, epi);
+  return cudaPeekAtLastError();
+}
+
+/* ---- skinny products: a few rows (decode batch) times a float32 matrix ----------------- */
+
+constexpr int kSkCols = 64, kSkRows = 128, kSkM = 16, kSkThreads = 256;
+
+/* Split-K partials of C[m, n] = sum_k X(m, k, hs) U_hs[k, n] for up to a few hundred rows m:
+ * part[(z * M * H + m * H + hs) * N + n] for split z of kSkRows rows of K, where
+ * U_hs = U + hs * u_head_stride (row stride ldu). One block per (64 columns, split, 16 rows,
+ * head): every U element is read once per 16 rows, so the grid covers the device even at
+ * batch 1 and the product runs near the bandwidth of reading U once. */
+template <typename XLoad>
+__global__ void __launch_bounds__(kSkThreads)
+    skinny_kernel(int32_t M, int32_t N, int32_t K, int32_t H, const float* __restrict__ U,
+                  int64_t ldu, int64_t u_head_stride, XLoad x, float* __restrict__ part) {
+  __shared__ float xs[kSkM][kSkRows];
+  __shared__ float red[kSkThreads / kSkCols][kSkM][kSkCols];
+  const int32_t z = blockIdx.y, hs = blockIdx.z % H, m0 = (blockIdx.z / H) * kSkM;
+  const int32_t k0 = z * kSkRows;
+  const int tid = threadIdx.x;
+  for (int i = tid; i < kSkM * kSkRows; i += kSkThreads) {
+    const int mm = i / kSkRows, kk = i % kSkRows;
+    xs[mm][kk] = (m0 + mm < M && k0 + kk < K) ? x(m0 + mm, k0 + kk, hs) : 0.f;
+  }
+  __syncthreads();
+  constexpr int kPh = kSkThreads / kSkCols;
+  const int cl = tid % kSkCols, ph = tid / kSkCols;
+  const int32_t n = blockIdx.x * kSkCols + cl;
+  const int32_t kn = K - k0 < kSkRows ? K - k0 : kSkRows;
+  float acc[kSkM] = {};
+  if (n < N) {
+    const float* u = U + hs * u_head_stride + (int64_t)k0 * ldu + n;
+#pragma unroll 4
+    for (int kk = ph; kk < kn; kk += kPh) {
+      const float uv = __ldg(u + (int64_t)kk * ldu);
+#pragma unroll
+      for (int mm = 0; mm < kSkM; ++mm) acc[mm] += uv * xs[mm][kk];
+    }
+  }
+#pragma unroll
+  for (int mm = 0; mm < kSkM; ++mm) red[ph][mm][cl] = acc[mm];
+  __syncthreads();
+  for (int i = tid; i < kSkM * kSkCols; i += kSkThreads) {
+    const int mm = i / kSkCols, c = i % kSkCols;
+    const int32_t nn = blockIdx.x * kSkCols + c;
+    if (m0 + mm >= M || nn >= N) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int p = 0; p < kPh; ++p) v += red[p][mm][c];
+    part[(((int64_t)z * M + m0 + mm) * H + hs) * N + nn] = v;
+  }
+}
+
+static inline int32_t skinny_splits(int64_t K) { return (int32_t)cdiv(K, kSkRows); }
+
+template <typename XLoad>
+cudaError_t skinny(int32_t M, int32_t N, int32_t K, int32_t H, const float* U, int64_t ldu,
+                   int64_t u_head_stride, XLoad x, float* part, cudaStream_t st) {
+  if (M <= 0 || N <= 0 || K <= 0) return cudaSuccess;
+  dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)skinny_splits(K),
+            (unsigned)(cdiv(M, kSkM) * H));
+  skinny_kernel<<<grid, kSkThreads, 0, st>>>(M, N, K, H, U, ldu, u_head_stride, x, part);
   return cudaPeekAtLastError();
 }
 

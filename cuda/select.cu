@@ -1,9 +1,13 @@
 /*
  * Top-k selection per row on the device (no host round trip): a radix select over the scores'
  * order-preserving integer keys in three digit passes (11, 11, 10 bits), one block per row,
- * then one pass that writes every key above the threshold and as many ties as the budget
- * leaves. Shared-memory histogram updates are aggregated per warp (__match_any_sync) because
- * the leading digits of similar floats collide heavily.
+ * then one pass that writes every key above the threshold and, in index order, as many keys
+ * equal to it as the budget leaves. Shared-memory histogram updates are aggregated per warp
+ * (__match_any_sync) because the leading digits of similar floats collide heavily.
+ *
+ * The rule is the CPU backend's: candidates are the tokens in [n_sink, S - n_recent) whose
+ * position is not after the query's; a NaN score ranks as -inf; ties go to the lower index;
+ * count = min(budget, visible candidates), the same for every head of a sequence.
  */
 #include "common.cuh"
 
@@ -15,9 +19,26 @@ constexpr int kBins = 2048;
 
 /* Larger float -> larger unsigned key. */
 __device__ __forceinline__ uint32_t order_key(float f) {
-  if (isnan(f)) return 0u; /* NaN ranks last (the CPU skips NaN scores) */
+  if (isnan(f)) f = -INFINITY; /* as the CPU backend: a NaN score ranks as -inf */
   uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Exclusive prefix of `flag` over the block in thread order; *total gets the block's sum. */
+__device__ __forceinline__ int32_t block_excl_scan(bool flag, int32_t* warp_tot, int32_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t bal = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_tot[warp] = __popc(bal);
+  __syncthreads();
+  int32_t before = 0, all = 0;
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int32_t x = warp_tot[w];
+    before += w < warp ? x : 0;
+    all += x;
+  }
+  __syncthreads(); /* warp_tot is reused by the next call */
+  *total = all;
+  return before + __popc(bal & ((1u << lane) - 1u));
 }
 
 __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict__ scores,
@@ -26,37 +47,45 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
                                                         int64_t isb, int64_t ish,
                                                         int32_t pad_to) {
   __shared__ int32_t hist[kBins];
+  __shared__ int32_t warp_tot[kThreads / 32];
   __shared__ uint32_t s_prefix;
-  __shared__ int32_t s_remaining;
-  __shared__ int32_t s_above, s_equal;
+  __shared__ int32_t s_remaining, s_above, s_visible;
 
   const int32_t row = blockIdx.x;
   const int32_t b = row / spec.rows_per_seq;
   const int32_t S = spec.lengths ? spec.lengths[b] : spec.fixed_len;
   const int32_t lo = spec.n_sink;
   const int32_t hi = S - spec.n_recent;
-  const int32_t n_cand = hi > lo ? hi - lo : 0;
-  const bool padded = spec.has_qpos && load_i32(spec.qpos, off2(spec.qpos, b, 0)) < 0;
-  const int32_t k =
-      padded ? 0 : budget_for(S, spec.n_sink, spec.n_recent, spec.budget_tokens, spec.budget_frac);
+  const int32_t qp = spec.has_qpos ? load_i32(spec.qpos, off2(spec.qpos, b, 0)) : INT32_MAX;
+  const int32_t* kpos = spec.pos ? spec.pos + (int64_t)b * spec.pos_stride : nullptr;
   const float* s = scores + (int64_t)row * row_stride;
   int32_t* out = idx + (int64_t)b * isb + (int64_t)(row % spec.rows_per_seq) * ish;
   const int tid = threadIdx.x;
-
-  if (spec.count && row % spec.rows_per_seq == 0 && tid == 0) spec.count[b] = k;
-  for (int32_t i = k + tid; i < pad_to; i += kThreads) out[i] = -1;
-  if (k == 0) return;
-  if (k == n_cand) {
-    for (int32_t i = tid; i < n_cand; i += kThreads) out[i] = lo + i;
-    return;
-  }
+  auto visible = [&](int32_t j) { return j >= lo && j < hi && (!kpos || kpos[j] <= qp); };
 
   if (tid == 0) {
     s_prefix = 0;
-    s_remaining = k;
     s_above = 0;
-    s_equal = 0;
+    s_visible = 0;
   }
+  __syncthreads();
+  int32_t k = qp < 0 ? 0 : budget_for(S, spec.n_sink, spec.n_recent, spec.budget_tokens,
+                                      spec.budget_frac);
+  if (k > 0 && kpos) { /* invisible tokens are not candidates: count the visible ones */
+    int32_t n = 0;
+    for (int32_t j = lo + tid; j < hi; j += kThreads) n += kpos[j] <= qp;
+    n = __reduce_add_sync(0xffffffffu, n);
+    if ((tid & 31) == 0 && n) atomicAdd(&s_visible, n);
+    __syncthreads();
+    k = k < s_visible ? k : s_visible;
+  } else if (k > 0) {
+    k = k < hi - lo ? k : hi - lo;
+  }
+  if (spec.count && row % spec.rows_per_seq == 0 && tid == 0) spec.count[b] = k;
+  for (int32_t i = k + tid; i < pad_to; i += kThreads) out[i] = -1;
+  if (k == 0) return;
+
+  if (tid == 0) s_remaining = k;
   const int shifts[3] = {21, 10, 0};
   const int widths[3] = {11, 11, 10};
   uint32_t mask = 0;
@@ -70,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
       int32_t j = base + tid;
       bool live = false;
       uint32_t digit = 0;
-      if (j < hi) {
+      if (visible(j)) {
         uint32_t key = order_key(s[j]);
         live = (key & mask) == prefix;
         digit = (key >> sh) & dmask;
@@ -115,16 +144,22 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     __syncthreads();
   }
 
+  /* Keys above the threshold in any order; keys equal to it in index order (lower first). */
   const uint32_t thr = s_prefix;
   const int32_t ties = s_remaining;
   const int32_t n_above = k - ties;
-  for (int32_t j = lo + tid; j < hi; j += kThreads) {
-    uint32_t key = order_key(s[j]);
-    if (key > thr) {
-      out[atomicAdd(&s_above, 1)] = j;
-    } else if (key == thr) {
-      int32_t e = atomicAdd(&s_equal, 1);
-      if (e < ties) out[n_above + e] = j;
+  int32_t eq_base = 0; /* uniform over the block: every thread runs the same chunks */
+  for (int32_t base = lo; base < hi; base += kThreads) {
+    const int32_t j = base + tid;
+    const bool vis = visible(j);
+    const uint32_t key = vis ? order_key(s[j]) : 0u;
+    if (vis && key > thr) out[atomicAdd(&s_above, 1)] = j;
+    if (eq_base < ties) {
+      int32_t n_eq;
+      const bool eq = vis && key == thr;
+      const int32_t r = block_excl_scan(eq, warp_tot, &n_eq);
+      if (eq && eq_base + r < ties) out[n_above + eq_base + r] = j;
+      eq_base += n_eq;
     }
   }
 }

@@ -17,7 +17,7 @@ struct View2Load {
 };
 struct View2Store {
   DView v;
-  __device__ void operator()(int64_t i, int64_t j, float x, int) const {
+  __device__ void operator()(int64_t i, int64_t j, float x) const {
     store_elem((void*)v.data, v.elem, off2(v, i, j), x);
   }
 };
@@ -217,7 +217,7 @@ extern "C" {
 sals_status_t sals_cuda_project(const sals_view_t* x, const sals_view_t* proj,
                                 const sals_view_t* out, void* stream) {
   const int64_t N = x->shape[0], K = x->shape[1], R = proj->shape[1];
-  SALS_CUDA_TRY(sgemm(N, R, K, 1, View2Load{dview(x)}, View2Load{dview(proj)},
+  SALS_CUDA_TRY(sgemm(N, R, K, View2Load{dview(x)}, View2Load{dview(proj)},
                       View2Store{dview(out)}, (cudaStream_t)stream));
   return SALS_OK;
 }
@@ -274,6 +274,8 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
     spec.budget_frac = 0.f;
     spec.count = nullptr;
     spec.has_qpos = false;
+    spec.pos = nullptr;
+    spec.pos_stride = 0;
     e = launch_topk(sc, S, B * H, spec, (int32_t*)idx->data, idx->stride[0], idx->stride[1],
                     budget, st);
   }

@@ -226,7 +226,8 @@ class ReferenceCache:
             if length == 0:
                 continue
             pos = np.array(s["pos"])
-            exact = (np.arange(length) < self.n_sink) | (np.arange(length) >= length - self.n_recent)
+            slot = np.arange(length)
+            exact = (slot < self.n_sink) | (slot >= length - self.n_recent)
             lat = np.array(s["lat"]).reshape(length, self.rank)
             keys = np.where(exact[:, None], np.array(s["k"]), lat @ self.u.T).reshape(
                 length, self.hkv, self.d)

@@ -242,8 +242,13 @@ int64_t sals_topk(const float* score, int64_t n, int64_t k, int32_t* perm, int32
   int64_t lo = 0, hi = nv - 1;
   const int64_t nth = k - 1;
   while (lo < hi) {
+    int32_t t;
+    if (hi - lo == 1) { /* two left: the median-of-three below needs mid distinct from lo */
+      if (better(score, perm[hi], perm[lo])) { t = perm[lo]; perm[lo] = perm[hi]; perm[hi] = t; }
+      break;
+    }
     int64_t mid = lo + (hi - lo) / 2;
-    int32_t a = perm[lo], b = perm[mid], c = perm[hi], t;
+    int32_t a = perm[lo], b = perm[mid], c = perm[hi];
     if (better(score, b, a)) { t = a; a = b; b = t; }
     if (better(score, c, b)) { t = b; b = c; c = t; }
     if (better(score, b, a)) { t = a; a = b; b = t; }

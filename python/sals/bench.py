@@ -112,8 +112,9 @@ def _kernel_times(step, torch, reps=5) -> dict:
         if t is None:
             t = getattr(ev, "cuda_time_total", 0.0)
         if t and t > 0:
+            # full kernel name with template arguments, without namespaces and parameters
             name = ev.key.replace("(anonymous namespace)::", "").replace("sals_cuda::", "")
-            name = name.replace("void ", "").split("(")[0].split("<")[0]
+            name = name.removeprefix("void ").split("(")[0]
             out[name] = out.get(name, 0.0) + t / 1e3 / reps
     return out
 

@@ -36,11 +36,12 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_calibration(smollm2, tmp_path_factory):
-    """A 2048-token stdlib calibration of SmolLM2, computed once per session in a temporary
-    cache directory (the user's ~/.cache/sals is left alone)."""
+    """The demo's calibration of SmolLM2 (4096 stdlib tokens), computed once per session in a
+    temporary SALS_CACHE_DIR that the demo and notebook tests then find (the user's
+    ~/.cache/sals is left alone)."""
     from sals.hf import calibrate
 
     model, tokenizer = smollm2
     os.environ["SALS_CACHE_DIR"] = str(tmp_path_factory.mktemp("sals-cache"))
-    calib, _, _ = calibrate.cached_calibration(model, tokenizer, n_tokens=2048, progress=False)
+    calib, _, _ = calibrate.cached_calibration(model, tokenizer, n_tokens=4096, progress=False)
     return calib

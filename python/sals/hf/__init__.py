@@ -11,9 +11,9 @@ transformers 5.x. Calibrations come from ``python -m sals calibrate`` (``sals.hf
 
 from __future__ import annotations
 
-from ._arch import SUPPORTED, fingerprint
+from ._arch import SUPPORTED, fingerprint, pre_rope
 from .cache import SalsCache, SalsLayer
 from .patch import is_patched, patch, unpatch
 
 __all__ = ["SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched", "patch",
-           "unpatch"]
+           "pre_rope", "unpatch"]
