@@ -196,13 +196,14 @@ sals_status_t sals_check_rope(const sals_rope_t* rope, int64_t head_dim) {
 }
 
 sals_status_t sals_check_backend(const char* name, DLDevice dev) {
-#if defined(SALS_WITH_CUDA)
-  (void)name;
-  (void)dev;
-  return SALS_OK;
-#else
   char buf[32];
   if (dev.device_type != kDLCUDA) return SALS_OK;
+#if defined(SALS_WITH_CUDA)
+  /* A CUDA build runs on machines without a driver or GPU: say so instead of a runtime code. */
+  if (sals_cuda_device_usable()) return SALS_OK;
+  return sals_set_error(SALS_ERR_DEVICE, "%s: on %s but no usable CUDA device (driver or GPU missing)",
+                        name, sals_device_str(dev, buf));
+#else
   return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on %s but the library was built without CUDA",
                         name, sals_device_str(dev, buf));
 #endif

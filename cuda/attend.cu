@@ -18,6 +18,8 @@
  */
 #include <math.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "gemm.cuh"
 
@@ -89,29 +91,59 @@ struct AttnArgs {
   int32_t max_parts;
 };
 
-/* Value of token `slot` (kind as above) at dims [e0, e0 + n) of KV head h, as floats. */
-template <typename T>
+/* N consecutive 16-bit elements as floats, one vector load (p is N-element aligned). */
+template <typename T, int N>
+__device__ __forceinline__ void load_n(const T* p, float* dst) {
+  if constexpr (N == 1) {
+    dst[0] = to_f<T>(p[0]);
+  } else {
+    using V = typename std::conditional<N == 2, uint32_t,
+                                        typename std::conditional<N == 4, uint2, uint4>::type>::type;
+    const V u = *reinterpret_cast<const V*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = to_f<T>(h[e]);
+  }
+}
+
+/* Value of token `slot` (kind as above) at dims [e0, e0 + N) of KV head h, as floats; e0 is a
+ * multiple of N. N channels of one quantisation group come from one load of their codes. */
+template <typename T, int N>
 __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t h, int32_t D,
-                                           int32_t slot, int32_t kind, int32_t e0, int32_t n,
-                                           float* dst) {
+                                           int32_t slot, int32_t kind, int32_t e0, float* dst) {
   const int64_t col = (int64_t)h * D + e0;
   if (kind == 1 || kind == 2) {
     const T* p = kind == 1 ? (const T*)a.sink_v + ((int64_t)b * a.n_sink + slot) * a.dk
                            : (const T*)a.recent_v + ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
-    for (int32_t e = 0; e < n; ++e) dst[e] = to_f<T>(p[col + e]);
+    load_n<T, N>(p + col, dst);
     return;
   }
   const int64_t row = (int64_t)b * a.max_tokens + slot;
   if (a.bits == 16) {
-    const T* p = (const T*)a.val + row * a.dk;
-    for (int32_t e = 0; e < n; ++e) dst[e] = to_f<T>(p[col + e]);
+    load_n<T, N>((const T*)a.val + row * a.dk + col, dst);
     return;
   }
   const uint8_t* p = (const uint8_t*)a.val + row * a.val_row_bytes;
   const uint16_t* sc = a.val_scale + row * a.n_groups;
   const uint16_t* zr = a.val_zero + row * a.n_groups;
   const uint32_t mask = (1u << a.bits) - 1u;
-  for (int32_t e = 0; e < n; ++e) {
+  if (N > 1 && a.group % N == 0) {
+    /* N * bits is 4, 8, 16, 32 or 64 bits, aligned to its own size */
+    const int64_t bit0 = col * a.bits;
+    const uint8_t* q = p + (bit0 >> 3);
+    const int tb = N * a.bits;
+    uint64_t w;
+    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
+    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
+    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
+    else w = *reinterpret_cast<const uint64_t*>(q);
+    const int64_t g = col / a.group;
+    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * a.bits)) & mask) * s;
+    return;
+  }
+  for (int32_t e = 0; e < N; ++e) {
     const int64_t ch = col + e;
     const int64_t bit = ch * a.bits;
     const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
@@ -146,7 +178,8 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits
 }
 
 /* ---- fused gather + rebuild + RoPE + attention (tensor cores) ----------------------------- */
-constexpr int kFWarps = 4, kFTile = 64, kFKC = 32, kFStride = kFKC + 8;
+/* 8 warps x 16 tokens: every U_h chunk staged in shared memory feeds 128 tokens. */
+constexpr int kFWarps = 8, kFTile = 16 * kFWarps, kFKC = 32, kFStride = kFKC + 8;
 
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(kFWarps * 32)
@@ -390,8 +423,9 @@ __global__ void __launch_bounds__(kFWarps * 32)
       ps += __shfl_xor_sync(0xffffffffu, ps, 4);
       ps += __shfl_xor_sync(0xffffffffu, ps, 8);
       ps += __shfl_xor_sync(0xffffffffu, ps, 16);
-      /* quad lanes hold equal values: each row was counted 4 times */
-      l_run[gq] = l_run[gq] * alpha + ps * 0.25f;
+      /* the xor 4/8/16 reduction spans the 8 row groups of one quad position: each of the
+       * 16 rows is counted once */
+      l_run[gq] = l_run[gq] * alpha + ps;
       m_run[gq] = m_new;
 #pragma unroll
       for (int e = 0; e < DPL; ++e) o_acc[gq][e] *= alpha;
@@ -404,7 +438,7 @@ __global__ void __launch_bounds__(kFWarps * 32)
       const int kind = t_kind[row];
       if (kind < 0) continue;
       float v[DPL];
-      load_value<T>(a, b, h, D, t_slot[row], kind, lane * DPL, DPL, v);
+      load_value<T, DPL>(a, b, h, D, t_slot[row], kind, lane * DPL, v);
       const int src = (r16 & 7) * 4;
 #pragma unroll
       for (int gq = 0; gq < GM; ++gq) {
@@ -575,7 +609,7 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
         K[i] = to_f<T>(kp[(int64_t)h * D + e]);
       }
       float v = 0.f;
-      if (kind >= 0) load_value<T>(a, b, h, D, kslot[j], kind, e, 1, &v);
+      if (kind >= 0) load_value<T, 1>(a, b, h, D, kslot[j], kind, e, &v);
       V[i] = v;
     }
     __syncthreads();

@@ -30,7 +30,7 @@ def haystack(tokenizer, n_tokens: int, depth: float) -> dict:
     per_filler = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
     n = max(1, n_tokens // per_filler)
     parts = [FILLER] * n
-    parts.insert(int(round(n * depth)), NEEDLE + " ")
+    parts.insert(round(n * depth), NEEDLE + " ")
     messages = [{"role": "user", "content": "".join(parts) + "\n\n" + QUESTION}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import sals.hf
+
     from .hf import calibrate, loading
 
     t0 = time.perf_counter()

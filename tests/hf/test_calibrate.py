@@ -9,11 +9,10 @@ import re
 
 import numpy as np
 import pytest
-import torch
-
 import sals
 import sals.hf
 import tiny
+import torch
 from sals.hf import calibrate, calibrate_cli
 
 
@@ -71,7 +70,8 @@ def test_cli_calibrates_a_local_model(tmp_path, capsys):
     assert calibrate_cli.main(["--model", str(tmp_path / "model"), "--out", str(out),
                                "--tokens", "512", "--seq-len", "128", "--quiet"]) == 0
     report = capsys.readouterr().out
-    assert re.search(r"^\s+0\s+64\s+16\s+0\.\d{4}\s+0\.\d{4}\s+0\.\d{4}$", report, re.M), report
+    row = r"^\s+0\s+64\s+16\s+0\.\d{4}\s+0\.\d{4}\s+0\.\d{4}$"  # layer Dk rank energies
+    assert re.search(row, report, re.MULTILINE), report
     assert "512 tokens (docstrings of the Python" in report
     calib = sals.Calibration.load(out, fingerprint=sals.hf.fingerprint(model))
     assert [layer.rank for layer in calib.layers] == [16] * 4

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import DynamicCache
-
 import sals
 import sals.hf
 import tiny
+import torch
 from sals.hf import calibrate
+from transformers import DynamicCache
 
-FULL = dict(preset="dense-equivalent", dtype="float32")
+FULL = {"preset": "dense-equivalent", "dtype": "float32"}
 # small windows so that 40-token prompts leave real candidates to select among
-SPARSE = dict(n_sink=2, n_recent=4, budget_frac=0.25, dense_layers=[])
+SPARSE = {"n_sink": 2, "n_recent": 4, "budget_frac": 0.25, "dense_layers": []}
 
 
 def _logits(model, ids, **kw):
@@ -180,14 +179,16 @@ def test_lossy_storage_stays_close(family):
     ids = tiny.prompt(64)
     ref = _logits(model, ids)[:, 47:]
     calib = _tiny_calibration(model)
-    full = dict(preset="dense-equivalent", n_sink=2, n_recent=4, dense_layers=[])
+    full = {"preset": "dense-equivalent", "n_sink": 2, "n_recent": 4, "dense_layers": []}
     knobs = {
-        "float16": (dict(dtype="float16"), 0.002),
-        "values 8-bit": (dict(dtype="float32", value_bits=8), 0.02),
-        "values 4-bit": (dict(dtype="float32", value_bits=4), 0.3),
-        "values 2-bit": (dict(dtype="float32", value_bits=2), 1.5),
-        "rank Dk/2": (dict(dtype="float32", calibration=calib, rank=32, score_rank=32), 1.0),
-        "rank Dk/4": (dict(dtype="float32", calibration=calib, rank=16, score_rank=16), 1.5),
+        "float16": ({"dtype": "float16"}, 0.002),
+        "values 8-bit": ({"dtype": "float32", "value_bits": 8}, 0.02),
+        "values 4-bit": ({"dtype": "float32", "value_bits": 4}, 0.3),
+        "values 2-bit": ({"dtype": "float32", "value_bits": 2}, 1.5),
+        "rank Dk/2": ({"dtype": "float32", "calibration": calib, "rank": 32,
+                       "score_rank": 32}, 1.0),
+        "rank Dk/4": ({"dtype": "float32", "calibration": calib, "rank": 16,
+                       "score_rank": 16}, 1.5),
     }
     errors = {}
     for name, (kw, _) in knobs.items():

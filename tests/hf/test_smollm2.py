@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import sals
 import sals.hf
+import torch
 from sals import demo
 
 pytestmark = pytest.mark.slow

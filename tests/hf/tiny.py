@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 import transformers
 
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-              max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.15,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = {
+    "vocab_size": 97, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+    "max_position_embeddings": 1024, "tie_word_embeddings": False, "initializer_range": 0.15,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None,  # generation never stops early
+}
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3")
 

@@ -297,8 +297,10 @@ SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* 
 
 /**
  * Asymmetric group quantisation of rows (KIVI style): for each group of `group` channels,
- * scale = (max - min) / (2^bits - 1), zero = min, code = round((x - zero) / scale) clamped to
- * [0, 2^bits - 1]; codes packed little-endian within each byte (first channel in the low bits).
+ * zero = min rounded down to float16, scale = (max - zero) / (2^bits - 1) rounded up to float16
+ * (so the codes cover [min, max] and every element is within scale/2 of its reconstruction),
+ * code = round((x - zero) / scale) clamped to [0, 2^bits - 1]; codes packed little-endian
+ * within each byte (first channel in the low bits).
  * v: [N, D] float, bits in {2, 4, 8}, group divides D and group * bits / 8 is whole,
  * packed: [N, D * bits / 8] uint8, scale, zero: [N, D / group] float16.
  */

@@ -21,8 +21,8 @@ SUPPORTED = {
     "mistral": ("MistralAttention", "Mistral (no sliding window, v0.2+)"),
     "qwen2": ("Qwen2Attention", "Qwen2 / Qwen2.5 (qkv bias)"),
     "qwen3": ("Qwen3Attention", "Qwen3 dense (q_norm/k_norm)"),
-    "gemma3_text": ("Gemma3Attention", "Gemma 3 text (q_norm/k_norm, query_pre_attn_scalar, "
-                    "sliding-window layers kept exact)"),
+    "gemma3_text": ("Gemma3Attention", ("Gemma 3 text (q_norm/k_norm, query_pre_attn_scalar, "
+                    "sliding-window layers kept exact)")),
 }
 
 #: rotary types whose frequencies change with the sequence length: a key stored once cannot be

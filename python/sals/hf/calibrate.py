@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .. import Calibration, Calibrator, CalibrationError, InvalidArgumentError
+from .. import Calibration, CalibrationError, Calibrator, InvalidArgumentError
 from . import _arch
 
 #: Standard-library modules whose docstrings make the default calibration text: well documented,

@@ -25,8 +25,15 @@ import types
 import numpy as np
 import torch
 
-from .. import (Calibration, CalibrationError, Config, InvalidArgumentError, Rope,
-               UnsupportedError, cuda_available)
+from .. import (
+    Calibration,
+    CalibrationError,
+    Config,
+    InvalidArgumentError,
+    Rope,
+    UnsupportedError,
+    cuda_available,
+)
 from . import _arch
 from .cache import SalsCache, SalsLayer, _unsupported
 
@@ -141,15 +148,14 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         raise InvalidArgumentError(f"dense_layers: {bad} outside 0..{n_layers - 1}")
     if max_tokens is not None and int(max_tokens) < 1:
         raise InvalidArgumentError(f"max_tokens: expected >= 1, got {max_tokens}")
-    for bad_key in ("max_batch", "max_tokens", "n_head_q", "n_head_kv", "head_dim"):
+    for bad_key in ("max_batch", "n_head_q", "n_head_kv", "head_dim"):
         if bad_key in config_overrides:
             raise InvalidArgumentError(
                 f"{bad_key}: set by the model or the cache, not a patch option")
-    if any(layer.device.type == "cuda" for layer in info.layers):
-        if not cuda_available():
-            raise UnsupportedError(
-                "model: is on CUDA, but this sals build has no usable CUDA backend "
-                "(sals.cuda_available() is False)")
+    if any(layer.device.type == "cuda" for layer in info.layers) and not cuda_available():
+        raise UnsupportedError(
+            "model: is on CUDA, but this sals build has no usable CUDA backend "
+            "(sals.cuda_available() is False)")
     calib = _load_calibration(calibration, _arch.fingerprint(model, info))
     configs, ropes, projections = {}, {}, {}
     for layer in info.layers:
