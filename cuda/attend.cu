@@ -178,8 +178,9 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits
 }
 
 /* ---- fused gather + rebuild + RoPE + attention (tensor cores) ----------------------------- */
-/* 8 warps x 16 tokens: every U_h chunk staged in shared memory feeds 128 tokens. */
-constexpr int kFWarps = 8, kFTile = 16 * kFWarps, kFKC = 32, kFStride = kFKC + 8;
+/* 8 warps x 16 tokens: every U_h chunk staged in shared memory feeds 128 tokens; 64 latent
+ * coordinates per pipeline stage (rows padded by 16 bytes: conflict-free ldmatrix). */
+constexpr int kFWarps = 8, kFTile = 16 * kFWarps, kFKC = 64, kFStride = kFKC + 8;
 
 template <typename T, int D, int GM>
 __global__ void __launch_bounds__(kFWarps * 32)
@@ -188,8 +189,12 @@ __global__ void __launch_bounds__(kFWarps * 32)
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */
   constexpr int DPL = D / 32;            /* value dims per lane */
-  __shared__ __align__(16) T As[2][kFTile * kFStride];
-  __shared__ __align__(16) T Bs[2][W * kFStride];
+  /* dynamic: two stages of latent rows [kFTile][kFKC] and U_h rows [W][kFKC] (padded rows) */
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  T* const as0 = reinterpret_cast<T*>(fused_smem);
+  T* const bs0 = as0 + 2 * kFTile * kFStride;
+  auto As = [&](int buf) { return as0 + buf * (kFTile * kFStride); };
+  auto Bs = [&](int buf) { return bs0 + buf * (W * kFStride); };
   __shared__ float qs[GM][D];
   __shared__ int32_t t_slot[kFTile], t_kind[kFTile], t_pos[kFTile];
   __shared__ int32_t s_any_rebuild;
@@ -284,19 +289,24 @@ __global__ void __launch_bounds__(kFWarps * 32)
 
       if (any_rebuild) {
         auto stage = [&](int buf, int32_t kc) {
-          for (int c = tid; c < kFTile * 4; c += blockDim.x) {
-            const int row = c / 4, ch = (c % 4) * 8;
-            const bool live = t_kind[row] == 0;
+          /* 16-byte pieces; a piece lies in one of the two latent arrays (rs % 8 == 0) and
+           * pieces past the rank are zero-filled, so any rank that is a multiple of 8 works */
+          constexpr int kPieces = kFKC / 8;
+          for (int c = tid; c < kFTile * kPieces; c += blockDim.x) {
+            const int row = c / kPieces, ch = (c % kPieces) * 8;
+            const int32_t col = kc + ch;
+            const bool live = t_kind[row] == 0 && col < a.rank;
             const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
-            const T* src = kc < a.rs ? lat_s + srow * a.rs + kc + ch
-                                     : lat_r + srow * rr + (kc - a.rs) + ch;
-            cp_async16(&As[buf][row * kFStride + ch], live ? (const void*)src : (const void*)lat_s,
+            const T* src = col < a.rs ? lat_s + srow * a.rs + col : lat_r + srow * rr + (col - a.rs);
+            cp_async16(&As(buf)[row * kFStride + ch], live ? (const void*)src : (const void*)lat_s,
                        live ? 16 : 0);
           }
-          for (int c = tid; c < W * 4; c += blockDim.x) {
-            const int n = c / 4, ch = (c % 4) * 8;
+          for (int c = tid; c < W * kPieces; c += blockDim.x) {
+            const int n = c / kPieces, ch = (c % kPieces) * 8;
+            const bool live = kc + ch < a.rank;
             const T* src = uh + ((int64_t)h * D + dim_of(n, pass)) * a.rank + kc + ch;
-            cp_async16(&Bs[buf][n * kFStride + ch], src, 16);
+            cp_async16(&Bs(buf)[n * kFStride + ch], live ? (const void*)src : (const void*)uh,
+                       live ? 16 : 0);
           }
           cp_async_commit();
         };
@@ -310,11 +320,11 @@ __global__ void __launch_bounds__(kFWarps * 32)
 #pragma unroll
           for (int ks = 0; ks < kFKC; ks += 16) {
             uint32_t af[4];
-            ldmatrix_x4(af, &As[buf][(warp * 16 + (lane % 16)) * kFStride + ks + (lane / 16) * 8]);
+            ldmatrix_x4(af, &As(buf)[(warp * 16 + (lane % 16)) * kFStride + ks + (lane / 16) * 8]);
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
               uint32_t bf[4];
-              ldmatrix_x4(bf, &Bs[buf][(np * 16 + (lane % 8) + (lane / 16) * 8) * kFStride + ks +
+              ldmatrix_x4(bf, &Bs(buf)[(np * 16 + (lane % 8) + (lane / 16) * 8) * kFStride + ks +
                                        ((lane / 8) % 2) * 8]);
               mma16816<T>(acc[2 * np], af, &bf[0]);
               mma16816<T>(acc[2 * np + 1], af, &bf[2]);
@@ -725,13 +735,22 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   return a;
 }
 
+template <typename T, int D, int GM>
+cudaError_t launch_fused_g(const AttnArgs& a, dim3 grid, cudaStream_t st) {
+  constexpr int W = D < 128 ? D : 128;
+  constexpr size_t smem = sizeof(T) * 2 * (kFTile + W) * kFStride;
+  cudaError_t e = cudaFuncSetAttribute(fused_kernel<T, D, GM>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  fused_kernel<T, D, GM><<<grid, kFWarps * 32, smem, st>>>(a);
+  return cudaPeekAtLastError();
+}
 template <typename T, int D>
 cudaError_t launch_fused_d(const AttnArgs& a, dim3 grid, cudaStream_t st) {
-  if (a.G <= 1) fused_kernel<T, D, 1><<<grid, kFWarps * 32, 0, st>>>(a);
-  else if (a.G <= 2) fused_kernel<T, D, 2><<<grid, kFWarps * 32, 0, st>>>(a);
-  else if (a.G <= 4) fused_kernel<T, D, 4><<<grid, kFWarps * 32, 0, st>>>(a);
-  else fused_kernel<T, D, 8><<<grid, kFWarps * 32, 0, st>>>(a);
-  return cudaPeekAtLastError();
+  if (a.G <= 1) return launch_fused_g<T, D, 1>(a, grid, st);
+  if (a.G <= 2) return launch_fused_g<T, D, 2>(a, grid, st);
+  if (a.G <= 4) return launch_fused_g<T, D, 4>(a, grid, st);
+  return launch_fused_g<T, D, 8>(a, grid, st);
 }
 template <typename T>
 cudaError_t launch_fused(const AttnArgs& a, int D, dim3 grid, cudaStream_t st) {
@@ -773,7 +792,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   const int32_t rot = c->rotary_dim;
   const bool rot_ok = rot == 0 || c->interleaved || rot == D;
   const bool fast = decode && cf.dtype != SALS_DTYPE_FLOAT32 && (D == 64 || D == 128 || D == 256) &&
-                    G <= 8 && cf.rank % kFKC == 0 && cf.score_rank % kFKC == 0 && rot_ok;
+                    G <= 8 && cf.rank % 8 == 0 && cf.score_rank % 8 == 0 && rot_ok;
 
   if (sparse) {
     const int32_t H = c->n_sel_heads;

@@ -151,11 +151,16 @@ __global__ void proj_finish_kernel(sals_cache_t c, const float* part, int32_t sp
   }
 }
 
+/* dst = [U_hi; U_lo; U_hi] with U_hi = T(U), U_lo = T(U - U_hi): see KRowLoad8. */
 template <typename T>
 __global__ void convert_proj_kernel(const float* src, T* dst, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x)
-    dst[i] = from_f<T>(src[i]);
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const T hi = from_f<T>(src[i]);
+    dst[i] = hi;
+    dst[n + i] = from_f<T>(src[i] - to_f<T>(hi));
+    dst[2 * n + i] = hi;
+  }
 }
 
 __global__ void lengths_kernel(const int32_t* len, DView out, int32_t B) {
@@ -186,19 +191,33 @@ struct KRowLoad {
   }
   __device__ float operator()(int64_t m, int64_t i, int32_t) const { return (*this)(m, i); }
 };
+/*
+ * A operand of the prefill projection on tensor cores. 16-bit U and 16-bit keys alone would
+ * round the latent keys (and so the scores) well above float32: with x = x_hi + x_lo and
+ * U = U_hi + U_lo split into 16-bit parts, the product runs over K' = 3K (or 2K when the keys
+ * are already in the storage type, x_lo = 0) as [x_hi, x_hi, x_lo] . [U_hi; U_lo; U_hi], which
+ * is float32-accurate up to the dropped x_lo U_lo term. Column i of segment i / K is key
+ * coordinate i % K.
+ */
 template <typename T> struct KRowLoad8 {
   DView k;
   int64_t M, K;
   int32_t steps, d; /* steps: T of the [B, T, Hkv, d] view */
   __device__ void load8(int64_t m, int64_t i, T* dst) const {
-    if (m >= M || i >= K) {
+    const int64_t seg = i / K;
+    if (m >= M || seg >= 3) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(0.f);
       return;
     }
+    i -= seg * K;
     const int64_t o = off4(k, m / steps, m % steps, i / d, i % d);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(load_elem(k.data, k.elem, o + e));
+    for (int e = 0; e < 8; ++e) {
+      const float x = load_elem(k.data, k.elem, o + e);
+      const T hi = from_f<T>(x);
+      dst[e] = seg == 2 ? from_f<T>(x - to_f<T>(hi)) : hi;
+    }
   }
 };
 struct FloatMatLoad {
@@ -366,7 +385,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   alloc((void**)&c->sel_idx, (size_t)B * H * S * 4);
   alloc((void**)&c->sel_count, (size_t)B * 4);
   /* workspace */
-  if (cf.dtype != SALS_DTYPE_FLOAT32) alloc(&s->uh, (size_t)dk * r * es);
+  if (cf.dtype != SALS_DTYPE_FLOAT32) alloc(&s->uh, (size_t)3 * dk * r * es);
   alloc((void**)&s->dest, (size_t)B * S * 4);
   alloc((void**)&s->newlen, (size_t)B * 4);
   alloc((void**)&s->qlat, (size_t)B * H * rs * 4);
@@ -419,11 +438,14 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   const int32_t d = c->cfg.head_dim;
   const sals_cache_t cv = *c;
   const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
+  const bool k_exact = (k->elem == SALS_ELEM_F16 && c->cfg.dtype == SALS_DTYPE_FLOAT16) ||
+                       (k->elem == SALS_ELEM_BF16 && c->cfg.dtype == SALS_DTYPE_BFLOAT16);
+  const int64_t K3 = (k_exact ? 2 : 3) * K; /* see KRowLoad8 */
   if (tc && c->cfg.dtype == SALS_DTYPE_FLOAT16) {
-    SALS_CUDA_TRY(hgemm<__half>(M, N, K, KRowLoad8<__half>{dview(k), M, K, T, d},
+    SALS_CUDA_TRY(hgemm<__half>(M, N, K3, KRowLoad8<__half>{dview(k), M, K, T, d},
                                 (const __half*)s->uh, LatentEpi<__half>{cv, s->dest, T}, st));
   } else if (tc) {
-    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(M, N, K, KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d},
+    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(M, N, K3, KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d},
                                        (const __nv_bfloat16*)s->uh,
                                        LatentEpi<__nv_bfloat16>{cv, s->dest, T}, st));
   } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */

@@ -234,7 +234,8 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 struct CacheState {
   int device;
-  void* uh;          /* dtype [Dk, rank]: the projection in the storage type (tensor cores) */
+  void* uh;          /* dtype [3 Dk, rank]: the projection in the storage type, [U_hi; U_lo;
+                      * U_hi] (tensor cores; the fused kernel rebuilds keys with U_hi) */
   bool uh_ready;     /* uh converted from cache->proj (done at the first append/attend) */
   int32_t* dest;     /* [max_batch * max_tokens] destination slot of each appended row, -1 pad */
   int32_t* newlen;   /* [max_batch] lengths after the last append (ring ownership) */

@@ -18,7 +18,9 @@ __device__ __forceinline__ void load8(const T* p, float* f) {
   for (int i = 0; i < 8; ++i) f[i] = to_f<T>(h[i]);
 }
 
-/* Vector path: 16-bit storage, R % 8 == 0, rows 16-byte aligned. */
+/* Vector path: 16-bit storage, R % 8 == 0, rows 16-byte aligned. Each lane group scores kU
+ * tokens per iteration so that kU independent 16-byte loads per lane are in flight. */
+constexpr int kU = 4;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     score_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, const T* __restrict__ k,
@@ -33,26 +35,38 @@ __global__ void __launch_bounds__(kThreads)
   const int grp = lane / L;          /* token group within the warp */
   const int per_warp = 32 / L;
   const int warp = threadIdx.x >> 5;
-  const int64_t step = (int64_t)gridDim.x * (kThreads / 32) * per_warp;
+  const int64_t step = (int64_t)gridDim.x * (kThreads / 32) * per_warp * kU;
   const float* q = qlat + (int64_t)b * H * R;
   float* s = scores + (int64_t)b * ssb;
-  for (int64_t j0 = lo + ((int64_t)blockIdx.x * (kThreads / 32) + warp) * per_warp; j0 < hi;
+  for (int64_t j0 = lo + ((int64_t)blockIdx.x * (kThreads / 32) + warp) * per_warp * kU; j0 < hi;
        j0 += step) {
-    const int64_t j = j0 + grp;
-    const bool ok = j < hi;
-    const T* row = k + (int64_t)b * ksb + (ok ? j : lo) * ksj;
+    const T* row[kU];
+    bool ok[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t j = j0 + u * per_warp + grp;
+      ok[u] = j < hi;
+      row[u] = k + (int64_t)b * ksb + (ok[u] ? j : lo) * ksj;
+    }
     for (int32_t h = 0; h < H; ++h) {
-      float acc = 0.f;
+      float acc[kU] = {};
       for (int32_t c = sub * 8; c < R; c += L * 8) {
-        float kv[8];
-        load8<T>(row + c, kv);
+        float kv[kU][8];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) load8<T>(row[u] + c, kv[u]);
         const float4 qa = __ldg(reinterpret_cast<const float4*>(q + h * R + c));
         const float4 qb = __ldg(reinterpret_cast<const float4*>(q + h * R + c + 4));
-        acc += kv[0] * qa.x + kv[1] * qa.y + kv[2] * qa.z + kv[3] * qa.w + kv[4] * qb.x +
-               kv[5] * qb.y + kv[6] * qb.z + kv[7] * qb.w;
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          acc[u] += kv[u][0] * qa.x + kv[u][1] * qa.y + kv[u][2] * qa.z + kv[u][3] * qa.w +
+                    kv[u][4] * qb.x + kv[u][5] * qb.y + kv[u][6] * qb.z + kv[u][7] * qb.w;
       }
-      for (int o = L / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (ok && sub == 0) s[(int64_t)h * (ssb / H) + j] = acc;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        float x = acc[u];
+        for (int o = L / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        if (ok[u] && sub == 0) s[(int64_t)h * (ssb / H) + j0 + u * per_warp + grp] = x;
+      }
     }
   }
 }
@@ -92,7 +106,7 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
                    ((uintptr_t)k_lat.data % 16) == 0;
   int L = 1;
   while (L < 32 && L * 8 < R) L <<= 1;
-  const int per_block = vec ? (kThreads / 32) * (32 / L) : kThreads / 32;
+  const int per_block = vec ? (kThreads / 32) * (32 / L) * kU : kThreads / 32;
   int64_t gx = cdiv(S, per_block);
   const int64_t cap = cdiv(8LL * (num_sms > 0 ? num_sms : 132), B);
   if (gx > cap) gx = cap;

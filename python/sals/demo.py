@@ -25,13 +25,17 @@ QUESTION = ("What is the secret passphrase mentioned in the text above? "
 
 
 def haystack(tokenizer, n_tokens: int, depth: float) -> dict:
-    """Chat-formatted prompt of about ``n_tokens`` tokens: filler sentences with NEEDLE inserted
-    at ``depth`` (0 = start, 1 = end), then QUESTION."""
+    """Prompt of about ``n_tokens`` tokens: filler sentences with NEEDLE inserted at ``depth``
+    (0 = start, 1 = end), then QUESTION; chat-formatted when the tokenizer has a chat template,
+    else a plain "Question: ... Answer:" completion (base models)."""
     per_filler = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
     n = max(1, n_tokens // per_filler)
     parts = [FILLER] * n
     parts.insert(round(n * depth), NEEDLE + " ")
-    messages = [{"role": "user", "content": "".join(parts) + "\n\n" + QUESTION}]
+    text = "".join(parts)
+    if getattr(tokenizer, "chat_template", None) is None:
+        return dict(tokenizer(f"{text}\n\nQuestion: {QUESTION}\nAnswer:", return_tensors="pt"))
+    messages = [{"role": "user", "content": text + "\n\n" + QUESTION}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)
 

@@ -127,34 +127,50 @@ def test_float32_general_path(dense):
     assert overlap >= 0.9 and err < 1e-3
 
 
-def test_float64_reference_dense_equivalent():
-    """GPU output at full rank / full budget / 16-bit values equals float64 causal attention."""
-    gen = torch.Generator().manual_seed(3)
-    hq, hkv, d, S = 8, 2, 64, 97
-    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=1, max_tokens=S,
-                             dtype="float16", n_sink=4, n_recent=8)
-    rope = make_rope(d)
-    gpu = sals.LayerCache(cfg, rope, torch.eye(hkv * d).cuda(), device="cuda")
-    k, v, q = (torch.randn(1, S, h, d, generator=gen).half() for h in (hkv, hkv, hq))
-    pos = torch.arange(S, dtype=torch.int32).view(1, S)
-    gpu.append(k.cuda(), v.cuda(), pos.cuda())
-    out = gpu.attend(q.cuda(), pos.cuda()).double().cpu()
+def _rot64(x, pos, d, theta=10000.0):
+    """Rotate-half RoPE in float64; x [..., T, H, d], pos [T]."""
+    inv = torch.tensor(1.0 / theta ** (np.arange(0, d, 2) / d), dtype=torch.float64)
+    th = pos.view(-1, 1).double() * inv.view(1, -1)
+    c, s = th.cos()[:, None, :], th.sin()[:, None, :]
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([a * c - b * s, b * c + a * s], -1)
 
-    def rot(x):  # rotate-half RoPE in float64
-        inv = torch.tensor(rope.inv_freq if hasattr(rope, "inv_freq") else
-                           1.0 / 10000.0 ** (np.arange(0, d, 2) / d), dtype=torch.float64)
-        th = pos.view(S, 1).double() * inv.view(1, -1)
-        c, s = th.cos()[None, :, None, :], th.sin()[None, :, None, :]
-        a, b = x[..., : d // 2], x[..., d // 2:]
-        return torch.cat([a * c - b * s, b * c + a * s], -1)
 
-    qr, kr = rot(q.double()), rot(k.double())
-    kr = kr.repeat_interleave(hq // hkv, dim=2)
-    vv = v.double().repeat_interleave(hq // hkv, dim=2)
-    logits = torch.einsum("bthd,bshd->bhts", qr, kr) / math.sqrt(d)
-    logits = logits.masked_fill(torch.ones(S, S).triu(1).bool(), float("-inf"))
-    ref = torch.einsum("bhts,bshd->bthd", logits.softmax(-1), vv)
-    assert rel(out, ref) < 2e-3
+def _attention64(q, k, v, qpos, kpos, scale):
+    """Causal attention in float64 of one sequence: q [T, Hq, d], k/v [S, Hkv, d] post-RoPE."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    logits = torch.einsum("thd,shd->hts", q, k) * scale
+    logits = logits.masked_fill(kpos.view(1, 1, -1) > qpos.view(1, -1, 1), float("-inf"))
+    return torch.einsum("hts,shd->thd", logits.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 128), (8, 1, 256)])
+def test_float64_reference_dense_equivalent(dtype, hq, hkv, d):
+    """At full rank / full budget / 16-bit values the GPU equals float64 causal attention, for a
+    prefill chunk (general kernel) and for decode steps (fused tensor-core kernel)."""
+    gen = torch.Generator().manual_seed(3 + d)
+    tdt = getattr(torch, dtype)
+    S, steps = 97, 3
+    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=1, max_tokens=S + steps,
+                             dtype=dtype, n_sink=4, n_recent=8)
+    proj = make_proj(hkv * d, hkv * d, gen)
+    gpu = sals.LayerCache(cfg, make_rope(d), proj.cuda(), device="cuda")
+    k, v, q = (torch.randn(S + steps, h, d, generator=gen).to(tdt) for h in (hkv, hkv, hq))
+    pos = torch.arange(S + steps, dtype=torch.int32)
+    gpu.append(k[None, :S].cuda(), v[None, :S].cuda(), pos[None, :S].cuda())
+    outs = [gpu.attend(q[None, :S].cuda(), pos[None, :S].cuda())[0]]
+    for t in range(S, S + steps):
+        sl = slice(t, t + 1)
+        gpu.append(k[None, sl].cuda(), v[None, sl].cuda(), pos[None, sl].cuda())
+        outs.append(gpu.attend(q[None, sl].cuda(), pos[None, sl].cuda())[0])
+    out = torch.cat(outs).double().cpu()
+    kr = _rot64(k.double(), pos, d)
+    ref = _attention64(_rot64(q.double(), pos, d), kr, v.double(), pos, pos, 1 / math.sqrt(d))
+    tol = 2e-3 if dtype == "float16" else 1.5e-2
+    assert rel(out[:S], ref[:S]) < tol
+    assert rel(out[S:], ref[S:]) < tol
     gpu.close()
 
 

@@ -204,8 +204,8 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   OK(sals_cache_append(gc, &k.d, &v.d, &pos.d, NULL));
   OK(sals_cache_attend(cc, &q.h, &pos.h, &oc.h, NULL));
   OK(sals_cache_attend(gc, &q.d, &pos.d, &og.d, NULL));
-  double e = rel_err(&og, &oc.h);
-  CHECK(e < tol, "%s: prefill attend (T=%d) rel err %.3g", name, T0, e);
+  const double e_prefill = rel_err(&og, &oc.h);
+  CHECK(e_prefill < tol, "%s: prefill attend (T=%d) rel err %.3g", name, T0, e_prefill);
 
   int64_t ks1[4] = {B, 1, hkv, d}, qs1[4] = {B, 1, hq, d}, pp1[2] = {B, 1};
   pair_t k1 = mk(4, ks1, io), v1 = mk(4, ks1, io), q1 = mk(4, qs1, io), pos1 = mk(2, pp1, i32);
@@ -225,7 +225,7 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
     OK(sals_cache_append(gc, &k1.d, &v1.d, &pos1.d, NULL));
     OK(sals_cache_attend(cc, &q1.h, &pos1.h, &oc1.h, NULL));
     OK(sals_cache_attend(gc, &q1.d, &pos1.d, &og1.d, NULL));
-    e = rel_err(&og1, &oc1.h);
+    const double e = rel_err(&og1, &oc1.h);
     if (e > worst) worst = e;
     OK(sals_cache_selected(cc, &ic.h, &nc.h, NULL));
     OK(sals_cache_selected(gc, &ig.d, &ng.d, NULL));
@@ -253,7 +253,8 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   }
   CHECK(worst < tol, "%s: decode attend worst rel err %.3g", name, worst);
   CHECK(worst_overlap >= 0.9, "%s: worst selection overlap %.3f", name, worst_overlap);
-  printf("%-28s prefill %.2e  decode %.2e  overlap %.3f\n", name, e, worst, worst_overlap);
+  printf("%-28s prefill %.2e  decode %.2e  overlap %.3f\n", name, e_prefill, worst,
+         worst_overlap);
   int64_t ls[1] = {B};
   pair_t lc = mk(1, ls, i32), lg = mk(1, ls, i32);
   OK(sals_cache_lengths(cc, &lc.h, NULL));

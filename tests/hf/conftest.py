@@ -35,13 +35,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def smollm2_calibration(smollm2, tmp_path_factory):
-    """The demo's calibration of SmolLM2 (4096 stdlib tokens), computed once per session in a
-    temporary SALS_CACHE_DIR that the demo and notebook tests then find (the user's
-    ~/.cache/sals is left alone)."""
+def sals_cache_dir(tmp_path_factory):
+    """A temporary SALS_CACHE_DIR for the session: calibrations computed by one test are found
+    by the next (the demo, the notebook kernel), and the user's cache is left alone."""
+    path = str(tmp_path_factory.mktemp("sals-cache"))
+    os.environ["SALS_CACHE_DIR"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_calibration(smollm2, sals_cache_dir):
+    """The demo's calibration of SmolLM2 (4096 stdlib tokens), computed once per session."""
     from sals.hf import calibrate
 
     model, tokenizer = smollm2
-    os.environ["SALS_CACHE_DIR"] = str(tmp_path_factory.mktemp("sals-cache"))
     calib, _, _ = calibrate.cached_calibration(model, tokenizer, n_tokens=4096, progress=False)
     return calib

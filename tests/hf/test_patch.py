@@ -155,6 +155,19 @@ def test_left_padded_batch_equals_sequences_alone(family):
     assert out.past_key_values.get_seq_length() == 40 + 11
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_batch_matches_unpatched(attn):
+    """Dense-equivalent SALS on a left-padded batch generates what the unpatched model
+    generates for the same batch, with the float mask of eager attention and the boolean mask
+    of SDPA."""
+    model = tiny.model("qwen3", attn=attn)
+    ids, mask = _left_padded([tiny.prompt(n, seed=s) for n, s in ((30, 3), (17, 4))])
+    kw = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    ref = model.generate(ids, **kw)
+    sals.hf.patch(model, **FULL)
+    assert torch.equal(model.generate(ids, **kw), ref)
+
+
 def test_sparse_step_selects_a_budget():
     """With the sparse settings the decode step really selects: ceil(0.25 * S) candidates."""
     model = tiny.model("llama")

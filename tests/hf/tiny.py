@@ -45,10 +45,10 @@ def config(family: str, **overrides):
     return cls(**kw)
 
 
-def model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+def model(family: str, seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **overrides):
     torch.manual_seed(seed)
     m = transformers.AutoModelForCausalLM.from_config(config(family, **overrides),
-                                                      attn_implementation="sdpa")
+                                                      attn_implementation=attn)
     return m.to(dtype).eval()
 
 

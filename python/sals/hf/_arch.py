@@ -101,9 +101,20 @@ def _rotary(model, layer_type: str) -> tuple[torch.Tensor, float, str]:
         f"model: no rotary embedding module with inv_freq found in {type(model).__name__}")
 
 
+def _check_transformers() -> None:
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UnsupportedError(
+            f"transformers {transformers.__version__}: sals.hf needs transformers 5.x "
+            f"(attention modules, caches and masks changed in 5.0; tested with 5.17)")
+
+
 def describe(model) -> ModelInfo:
     """Inspect ``model``; raise UnsupportedError naming it when its architecture is not one of
-    SUPPORTED, InvalidArgumentError when its dtype or device cannot be used."""
+    SUPPORTED (or transformers is older than 5), InvalidArgumentError when its dtype or device
+    cannot be used."""
+    _check_transformers()
     config = _text_config(model)
     model_type = getattr(config, "model_type", None)
     archs = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]

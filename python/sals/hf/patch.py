@@ -24,6 +24,7 @@ import types
 
 import numpy as np
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import (
     Calibration,
@@ -267,8 +268,6 @@ def _attention_forward(state: PatchState, info: _arch.LayerInfo):
             # prefill: the model's own attention on exact keys, then compress the chunk
             cos, sin = position_embeddings
             qr, kr = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
             attend = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager)
             out, _ = attend(self, qr, kr, v.transpose(1, 2), attention_mask, dropout=0.0,
