@@ -1,6 +1,8 @@
 /* Stateless stages: argument validation and dispatch to the backend of the tensors' device. */
 #include <math.h>
+#include <stdio.h>
 
+#include "cpu/cpu.h"
 #include "tensor.h"
 
 #define INVALID SALS_ERR_INVALID_ARGUMENT
@@ -11,18 +13,30 @@
     if (st_ != SALS_OK) return st_;  \
   } while (0)
 
-/* A tensor of a stateless call: checked, and on the device of the call's first tensor. */
-static sals_status_t arg(const DLTensor* t, const char* name, int32_t ndim, uint32_t accept,
-                         sals_view_t* v, const DLDevice* first, const char* first_name) {
-  DLDevice dev;
-  TRY(sals_view_make(t, name, ndim, accept, v, &dev));
-  return sals_check_device(name, dev, *first, first_name);
-}
+/* One tensor of a stateless call; an `optional` one may be NULL (absent). */
+typedef struct {
+  const DLTensor* t;
+  const char* name;
+  int32_t ndim;
+  uint32_t accept;
+  sals_view_t* v;
+  int optional;
+} arg_t;
 
-static sals_status_t first_arg(const DLTensor* t, const char* name, int32_t ndim, uint32_t accept,
-                               sals_view_t* v, DLDevice* dev) {
-  TRY(sals_view_make(t, name, ndim, accept, v, dev));
-  return sals_check_backend(name, *dev);
+static int absent(const arg_t* a) { return a->optional && a->t == NULL; }
+
+/* Check a call's tensors in order and fill their views: the first decides the device (which
+ * needs a backend), every other one must be on it. */
+static sals_status_t views(const arg_t* a, int n, DLDevice* dev) {
+  TRY(sals_view_make(a[0].t, a[0].name, a[0].ndim, a[0].accept, a[0].v, dev));
+  TRY(sals_check_backend(a[0].name, *dev));
+  for (int i = 1; i < n; ++i) {
+    if (absent(&a[i])) continue;
+    DLDevice d;
+    TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
+    TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
+  }
+  return SALS_OK;
 }
 
 static sals_status_t dim_eq(const sals_view_t* v, const char* name, int32_t axis,
@@ -39,30 +53,86 @@ static sals_status_t no_overlap(const sals_view_t* out, const char* on, const sa
   return sals_set_error(INVALID, "%s: overlaps %s", on, in_name);
 }
 
+/* The output a[i] overlaps none of the tensors listed before it. */
+static sals_status_t apart(const arg_t* a, int i) {
+  for (int j = 0; j < i; ++j)
+    if (!absent(&a[j])) TRY(no_overlap(a[i].v, a[i].name, a[j].v, a[j].name));
+  return SALS_OK;
+}
+
+/* Length of sequence b: lengths[b] from host-readable lengths, S when there are none. */
+static int64_t length_of(const sals_view_t* lv, int64_t b, int64_t S) {
+  return lv ? ((const int32_t*)lv->data)[b * lv->stride[0]] : S;
+}
+
 /* Host-readable optional lengths [B]: each in 0..S. */
 static sals_status_t check_lengths(const sals_view_t* lv, DLDevice dev, int64_t S) {
   if (!lv || dev.device_type != kDLCPU) return SALS_OK;
   for (int64_t b = 0; b < lv->shape[0]; ++b) {
-    const int32_t n = ((const int32_t*)lv->data)[b * lv->stride[0]];
+    const int64_t n = length_of(lv, b, S);
     if (n < 0 || n > S)
-      return sals_set_error(INVALID, "lengths[%lld]: %d not in 0..%lld", (long long)b, (int)n,
-                            (long long)S);
+      return sals_set_error(INVALID, "lengths[%lld]: %lld not in 0..%lld", (long long)b,
+                            (long long)n, (long long)S);
   }
   return SALS_OK;
+}
+
+/*
+ * Finiteness of float inputs in host memory: the first `n` elements of the row of `v` at the
+ * leading indices ix[0 .. ndim-2] must be finite ("k: holds NaN or infinity at row [0, 3, 1]").
+ * Only the elements a function reads are checked, so padding beyond `lengths` may hold anything.
+ * CUDA inputs are not checked here (that would need a device pass and a host synchronisation).
+ */
+static sals_status_t finite_row(const sals_view_t* v, const char* name, const int64_t* ix,
+                                int64_t n) {
+  int64_t off = 0;
+  for (int32_t i = 0; i + 1 < v->ndim; ++i) off += ix[i] * v->stride[i];
+  if (sals_all_finite((const char*)v->data + off * (int64_t)sals_elem_size(v->elem), v->elem, n))
+    return SALS_OK;
+  if (v->ndim == 2)
+    return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %lld", name,
+                          (long long)ix[0]);
+  char at[96];
+  int len = snprintf(at, sizeof at, "[%lld", (long long)ix[0]);
+  for (int32_t i = 1; i + 1 < v->ndim; ++i)
+    len += snprintf(at + len, sizeof at - (size_t)len, ", %lld", (long long)ix[i]);
+  return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %s]", name, at);
+}
+
+/* The first `n` elements of every row of a host view are finite. */
+static sals_status_t finite_rows(const sals_view_t* v, const char* name, int64_t n) {
+  int64_t rows = 1, ix[SALS_MAX_DIMS] = {0};
+  for (int32_t i = 0; i + 1 < v->ndim; ++i) rows *= v->shape[i];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = v->ndim - 2, rest = r; i >= 0; --i) {
+      ix[i] = rest % v->shape[i];
+      rest /= v->shape[i];
+    }
+    TRY(finite_row(v, name, ix, n));
+  }
+  return SALS_OK;
+}
+
+static sals_status_t finite_all(const sals_view_t* v, const char* name) {
+  return finite_rows(v, name, v->shape[v->ndim - 1]);
 }
 
 sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  TRY(first_arg(x, "x", 2, SALS_ACCEPT_FLOAT, &xv, &dev));
-  TRY(arg(proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, &dev, "x"));
-  TRY(arg(out, "out", 2, SALS_ACCEPT_FLOAT, &ov, &dev, "x"));
+  const arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0},
+                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0},
+                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0}};
+  TRY(views(a, 3, &dev));
   TRY(dim_eq(&pv, "proj", 0, &xv, "x", 1));
   TRY(dim_eq(&ov, "out", 0, &xv, "x", 0));
   TRY(dim_eq(&ov, "out", 1, &pv, "proj", 1));
-  TRY(no_overlap(&ov, "out", &xv, "x"));
-  TRY(no_overlap(&ov, "out", &pv, "proj"));
+  TRY(apart(a, 2));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU) {
+    TRY(finite_all(&xv, "x"));
+    TRY(finite_all(&pv, "proj"));
+  }
   return SALS_DISPATCH(dev, project, &xv, &pv, &ov, stream);
 }
 
@@ -70,9 +140,10 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
                               DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  TRY(first_arg(x, "x", 3, SALS_ACCEPT_FLOAT, &xv, &dev));
-  TRY(arg(pos, "pos", 1, SALS_ACCEPT_I32, &pv, &dev, "x"));
-  TRY(arg(out, "out", 3, SALS_ACCEPT_FLOAT, &ov, &dev, "x"));
+  const arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0},
+                     {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  TRY(views(a, 3, &dev));
   TRY(dim_eq(&pv, "pos", 0, &xv, "x", 0));
   for (int32_t i = 0; i < 3; ++i) TRY(dim_eq(&ov, "out", i, &xv, "x", i));
   TRY(sals_check_rope(rope, xv.shape[2]));
@@ -80,8 +151,25 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
     return sals_set_error(INVALID, "out: overlaps x without being the same view");
   TRY(no_overlap(&ov, "out", &pv, "pos"));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU) TRY(finite_all(&xv, "x"));
   return SALS_DISPATCH(dev, rope_apply, &xv, &pv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
+}
+
+/* score_select reads q_lat[b, h, :score_rank] and k_lat[b, j, :score_rank] of the candidates j
+ * in [n_sink, length_b - n_recent). */
+static sals_status_t finite_scored(const sals_view_t* qv, const sals_view_t* kv,
+                                   const sals_view_t* lv, int32_t score_rank, int32_t n_sink,
+                                   int32_t n_recent) {
+  TRY(finite_rows(qv, "q_lat", score_rank));
+  for (int64_t b = 0; b < kv->shape[0]; ++b) {
+    const int64_t end = length_of(lv, b, kv->shape[1]) - n_recent;
+    for (int64_t j = n_sink; j < end; ++j) {
+      const int64_t ix[2] = {b, j};
+      TRY(finite_row(kv, "k_lat", ix, score_rank));
+    }
+  }
+  return SALS_OK;
 }
 
 sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
@@ -89,10 +177,11 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                                 int32_t n_recent, int32_t budget, DLTensor* idx, void* stream) {
   sals_view_t qv, kv, lv, iv;
   DLDevice dev;
-  TRY(first_arg(q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, &dev));
-  TRY(arg(k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, &dev, "q_lat"));
-  if (lengths) TRY(arg(lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, &dev, "q_lat"));
-  TRY(arg(idx, "idx", 3, SALS_ACCEPT_I32, &iv, &dev, "q_lat"));
+  const arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0},
+                     {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0},
+                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1},
+                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0}};
+  TRY(views(a, 4, &dev));
   TRY(dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
   if (lengths) TRY(dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
   const int64_t S = kv.shape[1];
@@ -111,11 +200,11 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
   if (iv.shape[2] != budget)
     return sals_set_error(INVALID, "idx: dim 2 is %lld, expected %d (budget)",
                           (long long)iv.shape[2], (int)budget);
-  TRY(no_overlap(&iv, "idx", &qv, "q_lat"));
-  TRY(no_overlap(&iv, "idx", &kv, "k_lat"));
-  if (lengths) TRY(no_overlap(&iv, "idx", &lv, "lengths"));
+  TRY(apart(a, 3));
   TRY(check_lengths(lengths ? &lv : NULL, dev, S));
   if (sals_view_numel(&iv) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU)
+    TRY(finite_scored(&qv, &kv, lengths ? &lv : NULL, score_rank, n_sink, n_recent));
   return SALS_DISPATCH(dev, score_select, &qv, &kv, lengths ? &lv : NULL, score_rank, n_sink,
                        n_recent, budget, &iv, stream);
 }
@@ -124,10 +213,11 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
                                 const sals_rope_t* rope, DLTensor* out, void* stream) {
   sals_view_t kv, pv, posv, ov;
   DLDevice dev;
-  TRY(first_arg(k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, &dev));
-  TRY(arg(proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, &dev, "k_lat"));
-  TRY(arg(pos, "pos", 1, SALS_ACCEPT_I32, &posv, &dev, "k_lat"));
-  TRY(arg(out, "out", 3, SALS_ACCEPT_FLOAT, &ov, &dev, "k_lat"));
+  const arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0},
+                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0},
+                     {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  TRY(views(a, 4, &dev));
   TRY(dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
   TRY(dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
   TRY(dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
@@ -135,12 +225,51 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
     return sals_set_error(INVALID, "proj: dim 0 is %lld, expected %lld (out.shape[1] * out.shape[2])",
                           (long long)pv.shape[0], (long long)(ov.shape[1] * ov.shape[2]));
   TRY(sals_check_rope(rope, ov.shape[2]));
-  TRY(no_overlap(&ov, "out", &kv, "k_lat"));
-  TRY(no_overlap(&ov, "out", &pv, "proj"));
-  TRY(no_overlap(&ov, "out", &posv, "pos"));
+  TRY(apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU) {
+    TRY(finite_all(&kv, "k_lat"));
+    TRY(finite_all(&pv, "proj"));
+  }
   return SALS_DISPATCH(dev, rebuild_rope, &kv, &pv, &posv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
+}
+
+/* k[b, t, h] and v[b, t, h] for the KV heads h0 .. h1 - 1 are finite. */
+static sals_status_t finite_token(const sals_view_t* kv, const sals_view_t* vv, int64_t b,
+                                  int64_t t, int64_t h0, int64_t h1) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t ix[3] = {b, t, h};
+    TRY(finite_row(kv, "k", ix, kv->shape[3]));
+    TRY(finite_row(vv, "v", ix, vv->shape[3]));
+  }
+  return SALS_OK;
+}
+
+/* Host inputs of sparse_attention: every idx entry is -1 or a token below its sequence's
+ * length, and what is read (q; k and v of the attended tokens) is finite. */
+static sals_status_t check_attended(const sals_view_t* qv, const sals_view_t* kv,
+                                    const sals_view_t* vv, const sals_view_t* iv,
+                                    const sals_view_t* lv) {
+  const int64_t S = kv->shape[1], Hkv = kv->shape[2];
+  for (int64_t b = 0; b < qv->shape[0]; ++b) {
+    const int64_t len = length_of(lv, b, S);
+    if (!iv) {
+      for (int64_t t = 0; t < len; ++t) TRY(finite_token(kv, vv, b, t, 0, Hkv));
+      continue;
+    }
+    const int shared = iv->shape[1] == 1;
+    for (int64_t h = 0; h < iv->shape[1]; ++h)
+      for (int64_t n = 0; n < iv->shape[2]; ++n) {
+        const int32_t t = ((const int32_t*)iv->data)[b * iv->stride[0] + h * iv->stride[1] + n];
+        if (t < -1 || t >= len)
+          return sals_set_error(INVALID, "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
+                                "(or -1)", (long long)b, (long long)h, (long long)n, (int)t,
+                                (long long)len - 1);
+        if (t >= 0) TRY(finite_token(kv, vv, b, t, shared ? 0 : h, shared ? Hkv : h + 1));
+      }
+  }
+  return finite_all(qv, "q");
 }
 
 sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const DLTensor* v,
@@ -148,12 +277,13 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                                     DLTensor* out, void* stream) {
   sals_view_t qv, kv, vv, iv, lv, ov;
   DLDevice dev;
-  TRY(first_arg(q, "q", 3, SALS_ACCEPT_FLOAT, &qv, &dev));
-  TRY(arg(k, "k", 4, SALS_ACCEPT_FLOAT, &kv, &dev, "q"));
-  TRY(arg(v, "v", 4, SALS_ACCEPT_FLOAT, &vv, &dev, "q"));
-  if (idx) TRY(arg(idx, "idx", 3, SALS_ACCEPT_I32, &iv, &dev, "q"));
-  if (lengths) TRY(arg(lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, &dev, "q"));
-  TRY(arg(out, "out", 3, SALS_ACCEPT_FLOAT, &ov, &dev, "q"));
+  const arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0},
+                     {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0},
+                     {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0},
+                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1},
+                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  TRY(views(a, 6, &dev));
   TRY(dim_eq(&kv, "k", 0, &qv, "q", 0));
   TRY(dim_eq(&kv, "k", 3, &qv, "q", 2));
   for (int32_t i = 0; i < 4; ++i) TRY(dim_eq(&vv, "v", i, &kv, "k", i));
@@ -167,30 +297,14 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
     if (iv.shape[1] != 1 && iv.shape[1] != Hkv)
       return sals_set_error(INVALID, "idx: dim 1 is %lld, expected 1 (shared) or %lld (k.shape[2])",
                             (long long)iv.shape[1], (long long)Hkv);
-    TRY(no_overlap(&ov, "out", &iv, "idx"));
   }
-  if (lengths) {
-    TRY(dim_eq(&lv, "lengths", 0, &qv, "q", 0));
-    TRY(no_overlap(&ov, "out", &lv, "lengths"));
-  }
+  if (lengths) TRY(dim_eq(&lv, "lengths", 0, &qv, "q", 0));
   if (!(scale >= 0.0f) || !isfinite(scale))
     return sals_set_error(INVALID, "scale: %g must be finite and >= 0", (double)scale);
-  TRY(no_overlap(&ov, "out", &qv, "q"));
-  TRY(no_overlap(&ov, "out", &kv, "k"));
-  TRY(no_overlap(&ov, "out", &vv, "v"));
+  TRY(apart(a, 5));
   TRY(check_lengths(lengths ? &lv : NULL, dev, S));
-  if (idx && dev.device_type == kDLCPU)
-    for (int64_t b = 0; b < iv.shape[0]; ++b) {
-      const int64_t len = lengths ? ((const int32_t*)lv.data)[b * lv.stride[0]] : S;
-      for (int64_t h = 0; h < iv.shape[1]; ++h)
-        for (int64_t n = 0; n < iv.shape[2]; ++n) {
-          const int32_t t = ((const int32_t*)iv.data)[b * iv.stride[0] + h * iv.stride[1] + n];
-          if (t < -1 || t >= len)
-            return sals_set_error(INVALID, "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
-                                  "(or -1)", (long long)b, (long long)h, (long long)n, (int)t,
-                                  (long long)len - 1);
-        }
-    }
+  if (dev.device_type == kDLCPU)
+    TRY(check_attended(&qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   const float s = scale > 0.0f ? scale : 1.0f / sqrtf((float)qv.shape[2]);
   return SALS_DISPATCH(dev, sparse_attention, &qv, &kv, &vv, idx ? &iv : NULL,
@@ -229,18 +343,15 @@ sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t grou
                                    void* stream) {
   sals_view_t vv, pv, sv, zv;
   DLDevice dev;
-  TRY(first_arg(v, "v", 2, SALS_ACCEPT_FLOAT, &vv, &dev));
-  TRY(arg(packed, "packed", 2, SALS_ACCEPT_U8, &pv, &dev, "v"));
-  TRY(arg(scale, "scale", 2, SALS_ACCEPT_F16, &sv, &dev, "v"));
-  TRY(arg(zero, "zero", 2, SALS_ACCEPT_F16, &zv, &dev, "v"));
+  const arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0},
+                     {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0},
+                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0},
+                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0}};
+  TRY(views(a, 4, &dev));
   TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
-  TRY(no_overlap(&pv, "packed", &vv, "v"));
-  TRY(no_overlap(&sv, "scale", &vv, "v"));
-  TRY(no_overlap(&zv, "zero", &vv, "v"));
-  TRY(no_overlap(&sv, "scale", &pv, "packed"));
-  TRY(no_overlap(&zv, "zero", &pv, "packed"));
-  TRY(no_overlap(&zv, "zero", &sv, "scale"));
+  for (int i = 1; i < 4; ++i) TRY(apart(a, i)); /* three outputs, all written */
   if (sals_view_numel(&vv) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU) TRY(finite_all(&vv, "v"));
   return SALS_DISPATCH(dev, quantize_values, &vv, bits, group, &pv, &sv, &zv, stream);
 }
 
@@ -249,14 +360,17 @@ sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* sca
                                      DLTensor* out, void* stream) {
   sals_view_t pv, sv, zv, ov;
   DLDevice dev;
-  TRY(first_arg(packed, "packed", 2, SALS_ACCEPT_U8, &pv, &dev));
-  TRY(arg(scale, "scale", 2, SALS_ACCEPT_F16, &sv, &dev, "packed"));
-  TRY(arg(zero, "zero", 2, SALS_ACCEPT_F16, &zv, &dev, "packed"));
-  TRY(arg(out, "out", 2, SALS_ACCEPT_FLOAT, &ov, &dev, "packed"));
+  const arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0},
+                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0},
+                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0},
+                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0}};
+  TRY(views(a, 4, &dev));
   TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
-  TRY(no_overlap(&ov, "out", &pv, "packed"));
-  TRY(no_overlap(&ov, "out", &sv, "scale"));
-  TRY(no_overlap(&ov, "out", &zv, "zero"));
+  TRY(apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
+  if (dev.device_type == kDLCPU) {
+    TRY(finite_all(&sv, "scale"));
+    TRY(finite_all(&zv, "zero"));
+  }
   return SALS_DISPATCH(dev, dequantize_values, &pv, &sv, &zv, bits, group, &ov, stream);
 }

@@ -268,22 +268,35 @@ static sals_status_t same_dims(const sals_view_t* b, const char* bn, const sals_
   return SALS_OK;
 }
 
+/*
+ * The token tensors of append (k, v, pos) and attend (q, out, q_pos): x [B, T, n_heads,
+ * head_dim] float with B <= max_batch, `like` of x's shape (any float dtype), pos [B, T] int32.
+ */
+static sals_status_t token_views(const sals_cache_t* c, const DLTensor* x, const char* xn,
+                                 int32_t n_heads, const char* heads_what, const DLTensor* like,
+                                 const char* ln, const DLTensor* pos, const char* pn,
+                                 sals_view_t* xv, sals_view_t* lv, sals_view_t* pv) {
+  const sals_config_t* g = &c->cfg;
+  TRY(cache_view(c, x, xn, 4, SALS_ACCEPT_FLOAT, xv));
+  TRY(cache_view(c, like, ln, 4, SALS_ACCEPT_FLOAT, lv));
+  TRY(cache_view(c, pos, pn, 2, SALS_ACCEPT_I32, pv));
+  TRY(sals_check_dim(xv, xn, 2, n_heads, heads_what));
+  TRY(sals_check_dim(xv, xn, 3, g->head_dim, "head_dim"));
+  TRY(same_dims(lv, ln, xv, xn, 4));
+  TRY(same_dims(pv, pn, xv, xn, 2));
+  if (xv->shape[0] > g->max_batch)
+    return sals_set_error(SALS_ERR_CAPACITY, "%s: batch %lld > max_batch %d", xn,
+                          (long long)xv->shape[0], (int)g->max_batch);
+  return SALS_OK;
+}
+
 sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
                                 const DLTensor* pos, void* stream) {
   if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
-  TRY(cache_view(cache, k, "k", 4, SALS_ACCEPT_FLOAT, &kv));
-  TRY(cache_view(cache, v, "v", 4, SALS_ACCEPT_FLOAT, &vv));
-  TRY(cache_view(cache, pos, "pos", 2, SALS_ACCEPT_I32, &pv));
-  TRY(sals_check_dim(&kv, "k", 2, g->n_head_kv, "n_head_kv"));
-  TRY(sals_check_dim(&kv, "k", 3, g->head_dim, "head_dim"));
-  TRY(same_dims(&vv, "v", &kv, "k", 4));
-  TRY(same_dims(&pv, "pos", &kv, "k", 2));
+  TRY(token_views(cache, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv, &pv));
   const int64_t B = kv.shape[0], T = kv.shape[1];
-  if (B > g->max_batch)
-    return sals_set_error(SALS_ERR_CAPACITY, "k: batch %lld > max_batch %d", (long long)B,
-                          (int)g->max_batch);
   for (int64_t b = 0; b < B; ++b)
     if (cache->reserved[b] + T > g->max_tokens)
       return sals_set_error(SALS_ERR_CAPACITY,
@@ -302,16 +315,8 @@ sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DL
   if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
-  TRY(cache_view(cache, q, "q", 4, SALS_ACCEPT_FLOAT, &qv));
-  TRY(cache_view(cache, q_pos, "q_pos", 2, SALS_ACCEPT_I32, &pv));
-  TRY(cache_view(cache, out, "out", 4, SALS_ACCEPT_FLOAT, &ov));
-  TRY(sals_check_dim(&qv, "q", 2, g->n_head_q, "n_head_q"));
-  TRY(sals_check_dim(&qv, "q", 3, g->head_dim, "head_dim"));
-  TRY(same_dims(&pv, "q_pos", &qv, "q", 2));
-  TRY(same_dims(&ov, "out", &qv, "q", 4));
-  if (qv.shape[0] > g->max_batch)
-    return sals_set_error(SALS_ERR_CAPACITY, "q: batch %lld > max_batch %d",
-                          (long long)qv.shape[0], (int)g->max_batch);
+  TRY(token_views(cache, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv, &ov,
+                  &pv));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
   if (sals_view_numel(&qv) == 0) return SALS_OK;

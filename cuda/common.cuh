@@ -118,11 +118,20 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
     }                                                               \
   } while (0)
 
-/* RoPE of one pair at position p for frequency f (float32 theta, as the header specifies). */
+/*
+ * RoPE of one pair at position p for frequency f (float32 theta, as the header specifies).
+ * theta is reduced to [-pi, pi] in double (exact enough for any int32 position) and the
+ * hardware sine/cosine (absolute error ~5e-7 there) does the rest: sincosf costs tens of
+ * instructions per pair, and a Payne-Hanek slow path with a local-memory frame once theta
+ * passes ~1e5 (long contexts), in the loop every rebuilt key goes through.
+ */
 __device__ __forceinline__ void rope_cs(int32_t p, float f, float att, float* c, float* s) {
-  float th = (float)p * f;
+  const float th = (float)p * f;
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  const double k = rint((double)th * (1.0 / kTwoPi));
+  const float r = (float)fma(-k, kTwoPi, (double)th);
   float sn, cs;
-  sincosf(th, &sn, &cs);
+  __sincosf(r, &sn, &cs);
   *c = cs * att;
   *s = sn * att;
 }

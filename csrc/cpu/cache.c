@@ -9,7 +9,6 @@
 
 #include "cpu.h"
 
-#define KEY_BLOCK 64     /* keys per attention block: KT [d][64] stays in L1/L2 */
 #define TOKEN_BLOCK 16   /* tokens per append task */
 #define SCORE_BLOCK 64   /* latent rows converted at a time when scoring */
 #define ATTN_ROWS 256    /* query rows per task on the multi-token path */
@@ -79,9 +78,8 @@ sals_status_t sals_cpu_cache_init(sals_cache_t* c) {
   const int64_t select_ws = dk + r + SCORE_BLOCK * rs + 2 * T + d;
   const int64_t append_ws = TOKEN_BLOCK * (dk + r) + dk;
   const int64_t R = s->rows_max;
-  const int64_t attend_ws = 2 * R * d + 2 * R + R * KEY_BLOCK + r * KEY_BLOCK +
-                            2 * d * KEY_BLOCK + 2 * half * KEY_BLOCK + max_i64(dk, r) +
-                            2 * half + 2 * KEY_BLOCK + R;
+  const int64_t attend_ws = sals_attn_ws_floats(R, d) + (r + 2 * half + 2) * SALS_KEY_BLOCK +
+                            max_i64(dk, r) + 2 * half + R;
   s->ws_stride = (max_i64(select_ws, max_i64(append_ws, attend_ws)) + 15) & ~(int64_t)15;
   s->ws = (float*)track(c, (size_t)(s->ws_stride * s->n_threads) * 4, &failed);
   s->partial = (float*)track(c, (size_t)(B * s->max_chunks * Hq * (d + 2)) * 4, &failed);
@@ -327,22 +325,17 @@ static void attend_task(void* p, int64_t task, int32_t thread) {
   const int64_t tqn = a->T - t0 < s->q_block ? a->T - t0 : s->q_block;
   const int64_t Rh = tqn * G, R = Rh * a->hg_size; /* rows per head, rows in all */
 
-  float* q = s->ws + thread * s->ws_stride;
-  float* m = q + R * d;
-  float* l = m + R;
-  float* acc = l + R;
-  float* sc = acc + R * d;
-  float* lt = sc + R * KEY_BLOCK;
-  float* kt = lt + r * KEY_BLOCK;
-  float* vb = kt + d * KEY_BLOCK;
-  float* ccos = vb + KEY_BLOCK * d;
-  float* csin = ccos + half * KEY_BLOCK;
-  float* row = csin + half * KEY_BLOCK;
+  sals_attn_ws_t w;
+  float* lt = sals_attn_ws_carve(s->ws + thread * s->ws_stride, R, d, &w);
+  float *q = w.q, *m = w.m, *l = w.l, *acc = w.acc, *sc = w.s, *kt = w.kt, *vb = w.v;
+  float* ccos = lt + r * SALS_KEY_BLOCK;
+  float* csin = ccos + half * SALS_KEY_BLOCK;
+  float* row = csin + half * SALS_KEY_BLOCK;
   float* qc = row + max_i64(dk, r);
   float* qs = qc + half;
   int32_t* kpos = (int32_t*)(qs + half);
-  int32_t* slots = kpos + KEY_BLOCK;
-  int32_t* qpos = slots + KEY_BLOCK;
+  int32_t* slots = kpos + SALS_KEY_BLOCK;
+  int32_t* qpos = slots + SALS_KEY_BLOCK;
 
   /* Rotated, scaled query rows, ordered [head][query][group member]. */
   int32_t qmax = -1;
@@ -375,8 +368,8 @@ static void attend_task(void* p, int64_t task, int32_t thread) {
   const int64_t i0 = L * ch / a->n_ch, i1 = L * (ch + 1) / a->n_ch;
   const int32_t* spos = c->pos + b * maxT;
 
-  for (int64_t j0 = i0; j0 < i1 && qmax >= 0; j0 += KEY_BLOCK) {
-    const int64_t nk = i1 - j0 < KEY_BLOCK ? i1 - j0 : KEY_BLOCK;
+  for (int64_t j0 = i0; j0 < i1 && qmax >= 0; j0 += SALS_KEY_BLOCK) {
+    const int64_t nk = i1 - j0 < SALS_KEY_BLOCK ? i1 - j0 : SALS_KEY_BLOCK;
     int32_t kmin = INT32_MAX;
     for (int64_t n = 0; n < nk; ++n) {
       const int64_t i = j0 + n;
@@ -393,12 +386,12 @@ static void attend_task(void* p, int64_t task, int32_t thread) {
       const int64_t srow = b * maxT + slots[n];
       sals_load_f32(row, (const char*)c->lat_score + srow * rs * e, el, rs);
       if (r > rs) sals_load_f32(row + rs, (const char*)c->lat_rest + srow * (r - rs) * e, el, r - rs);
-      for (int64_t i = 0; i < r; ++i) lt[i * KEY_BLOCK + (n - la)] = row[i];
+      for (int64_t i = 0; i < r; ++i) lt[i * SALS_KEY_BLOCK + (n - la)] = row[i];
     }
     for (int64_t hh = 0; hh < a->hg_size; ++hh) {
       const int64_t h = h0 + hh;
       if (lb > la)
-        sals_gemm(d, lb - la, r, c->proj + h * d * r, r, lt, KEY_BLOCK, kt + la, KEY_BLOCK, 0);
+        sals_gemm(d, lb - la, r, c->proj + h * d * r, r, lt, SALS_KEY_BLOCK, kt + la, SALS_KEY_BLOCK, 0);
       for (int64_t n = 0; n < nk; ++n) {
         const int64_t slot = slots[n];
         float* vr = vb + n * d;
@@ -418,11 +411,11 @@ static void attend_task(void* p, int64_t task, int32_t thread) {
         const char* ksrc = (const char*)(slot < ns ? c->sink_k : c->recent_k);
         const char* vsrc = (const char*)(slot < ns ? c->sink_v : c->recent_v);
         sals_load_f32(row, ksrc + (xrow * dk + h * d) * e, el, d);
-        for (int64_t i = 0; i < d; ++i) kt[i * KEY_BLOCK + n] = row[i];
+        for (int64_t i = 0; i < d; ++i) kt[i * SALS_KEY_BLOCK + n] = row[i];
         sals_load_f32(vr, vsrc + (xrow * dk + h * d) * e, el, d);
       }
-      if (half > 0) sals_rope_cols(kt, KEY_BLOCK, nk, (int32_t)half, c->interleaved, ccos, csin);
-      sals_attn_block(Rh, d, nk, q + hh * Rh * d, kt, KEY_BLOCK, vb, kpos, qpos + hh * Rh, sc,
+      if (half > 0) sals_rope_cols(kt, SALS_KEY_BLOCK, nk, (int32_t)half, c->interleaved, ccos, csin);
+      sals_attn_block(Rh, d, nk, q + hh * Rh * d, kt, SALS_KEY_BLOCK, vb, kpos, qpos + hh * Rh, sc,
                       m + hh * Rh, l + hh * Rh, acc + hh * Rh * d);
     }
   }

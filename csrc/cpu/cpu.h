@@ -78,6 +78,36 @@ void sals_rope_row(float* x, int32_t half, int32_t interleaved, const float* c, 
 void sals_rope_pos(int32_t pos, const float* inv_freq, int32_t half, float attention_scaling,
                    float* c, float* s);
 
+/** Keys per attention block: a transposed key block [d][SALS_KEY_BLOCK] stays in L1/L2. */
+#define SALS_KEY_BLOCK 64
+
+/**
+ * The part of an attention task's workspace that every attention path lays out alike, for R
+ * query rows of d dims over blocks of SALS_KEY_BLOCK keys: q [R][d] (scaled, rotated), the
+ * online-softmax state m, l [R] and acc [R][d], scores s [R][SALS_KEY_BLOCK], one key block
+ * transposed kt [d][SALS_KEY_BLOCK] and its values v [SALS_KEY_BLOCK][d].
+ */
+typedef struct {
+  float *q, *m, *l, *acc, *s, *kt, *v;
+} sals_attn_ws_t;
+
+/** Floats a sals_attn_ws_t takes. */
+static inline int64_t sals_attn_ws_floats(int64_t R, int64_t d) {
+  return 2 * R * d + 2 * R + R * SALS_KEY_BLOCK + 2 * d * SALS_KEY_BLOCK;
+}
+
+/** Lay a sals_attn_ws_t out from ws; returns the first float after it. */
+static inline float* sals_attn_ws_carve(float* ws, int64_t R, int64_t d, sals_attn_ws_t* w) {
+  w->q = ws;
+  w->m = w->q + R * d;
+  w->l = w->m + R;
+  w->acc = w->l + R;
+  w->s = w->acc + R * d;
+  w->kt = w->s + R * SALS_KEY_BLOCK;
+  w->v = w->kt + d * SALS_KEY_BLOCK;
+  return w->v + SALS_KEY_BLOCK * d;
+}
+
 /**
  * Online-softmax update of R query rows with one block of nk keys.
  * q [R][d] (scaled, rotated), kt [d][nk] (row stride ldk), v [nk][d], kpos [nk], qpos [R]

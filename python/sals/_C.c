@@ -68,20 +68,6 @@ typedef struct {
   void* stream;
 } call_t;
 
-static void call_init(call_t* c, PyObject* stream_arg, int* ok) {
-  memset(c, 0, sizeof(*c));
-  *ok = 1;
-  if (stream_arg != NULL && stream_arg != Py_None) {
-    c->stream = PyLong_AsVoidPtr(stream_arg);
-    if (c->stream == NULL && PyErr_Occurred()) {
-      PyErr_SetString(PyExc_TypeError, "stream: expected an int (a cudaStream_t) or None");
-      *ok = 0;
-      return;
-    }
-    c->stream_known = 1;
-  }
-}
-
 /* Release every imported tensor (the producers' deleters run here, GIL held). */
 static void call_release(call_t* c) {
   for (int i = 0; i < c->n_held; ++i) {
@@ -250,15 +236,62 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
   return h->versioned != NULL ? &h->versioned->dl_tensor : &h->legacy->dl_tensor;
 }
 
-/* Optional tensor: None gives NULL with no error; *ok tells failure apart. */
-static DLTensor* call_import_opt(call_t* c, PyObject* obj, const char* name, int writable,
-                                 int* ok) {
-  *ok = 1;
-  if (obj == NULL || obj == Py_None) return NULL;
-  DLTensor* t = call_import(c, obj, name, writable);
-  if (t == NULL) *ok = 0;
-  return t;
+/* One tensor argument of a call: imported into *out. */
+typedef struct {
+  PyObject* obj;
+  const char* name;
+  int flags;
+  DLTensor** out;
+} arg_t;
+
+enum {
+  ARG_WRITE = 1,    /* an output: refuse read-only tensors */
+  ARG_OPTIONAL = 2, /* None is allowed and gives NULL */
+};
+
+/*
+ * Start a call: read its stream argument and import its tensors in order. Returns 0, or -1 with
+ * an exception set and nothing held.
+ */
+static int call_begin(call_t* c, PyObject* stream_arg, const arg_t* args, int n) {
+  memset(c, 0, sizeof(*c));
+  if (stream_arg != NULL && stream_arg != Py_None) {
+    c->stream = PyLong_AsVoidPtr(stream_arg);
+    if (c->stream == NULL && PyErr_Occurred()) {
+      PyErr_SetString(PyExc_TypeError, "stream: expected an int (a cudaStream_t) or None");
+      return -1;
+    }
+    c->stream_known = 1;
+  }
+  for (int i = 0; i < n; ++i) {
+    *args[i].out = NULL;
+    if ((args[i].flags & ARG_OPTIONAL) && args[i].obj == Py_None) continue;
+    *args[i].out = call_import(c, args[i].obj, args[i].name, args[i].flags & ARG_WRITE);
+    if (*args[i].out == NULL) {
+      call_release(c);
+      return -1;
+    }
+  }
+  return 0;
 }
+
+/* Finish a call: release its tensors; raise the sals exception of a failed status. 0 or -1. */
+static int call_end(call_t* c, sals_status_t st) {
+  call_release(c);
+  if (st == SALS_OK) return 0;
+  raise_status(st);
+  return -1;
+}
+
+/* Run the sals call `expr` without the GIL, finish call `c`, and return None (or raise). */
+#define CALL_RETURN_NONE(c, expr)               \
+  do {                                          \
+    sals_status_t st_;                          \
+    Py_BEGIN_ALLOW_THREADS st_ = (expr);        \
+    Py_END_ALLOW_THREADS                        \
+    if (call_end(&(c), st_) < 0) return NULL;   \
+    Py_RETURN_NONE;                             \
+  } while (0)
 
 /* ------------------------------------------------------------------------------------------ */
 /* RoPE and config conversion                                                                  */
@@ -383,25 +416,16 @@ static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
   sals_config_t cfg;
   sals_rope_t rope;
   if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return -1;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return -1;
-  DLTensor* proj = call_import(&c, proj_obj, "projection", 0);
-  if (proj == NULL) {
-    call_release(&c);
-    return -1;
-  }
+  DLTensor* proj;
+  const arg_t in[] = {{proj_obj, "projection", 0, &proj}};
+  if (call_begin(&c, stream_obj, in, 1) < 0) return -1;
   sals_cache_t* cache = NULL;
   sals_status_t st;
   Py_BEGIN_ALLOW_THREADS
   st = sals_cache_create(&cfg, &rope, proj, &cache);
   Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) {
-    raise_status(st);
-    return -1;
-  }
+  if (call_end(&c, st) < 0) return -1;
   sals_cache_destroy(self->cache); /* __init__ called twice */
   self->cache = cache;
   return 0;
@@ -425,23 +449,11 @@ static PyObject* Cache_append(CacheObject* self, PyObject* args, PyObject* kwarg
     return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *k, *v, *pos;
-  if ((k = call_import(&c, k_obj, "k", 0)) == NULL || (v = call_import(&c, v_obj, "v", 0)) == NULL ||
-      (pos = call_import(&c, pos_obj, "positions", 0)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_append(cache, k, v, pos, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{k_obj, "k", 0, &k}, {v_obj, "v", 0, &v}, {pos_obj, "positions", 0, &pos}};
+  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_append(cache, k, v, pos, c.stream));
 }
 
 /* attend(q, pos, out, stream=None) */
@@ -453,24 +465,12 @@ static PyObject* Cache_attend(CacheObject* self, PyObject* args, PyObject* kwarg
     return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *q, *pos, *out;
-  if ((q = call_import(&c, q_obj, "q", 0)) == NULL ||
-      (pos = call_import(&c, pos_obj, "positions", 0)) == NULL ||
-      (out = call_import(&c, out_obj, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_attend(cache, q, pos, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {
+      {q_obj, "q", 0, &q}, {pos_obj, "positions", 0, &pos}, {out_obj, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_attend(cache, q, pos, out, c.stream));
 }
 
 /* lengths(out, stream=None) */
@@ -481,22 +481,11 @@ static PyObject* Cache_lengths(CacheObject* self, PyObject* args, PyObject* kwar
     return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
-  DLTensor* out = call_import(&c, out_obj, "out", 1);
-  if (out == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_lengths(cache, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  DLTensor* out;
+  const arg_t in[] = {{out_obj, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 1) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_lengths(cache, out, c.stream));
 }
 
 /* selected(idx, count, stream=None) */
@@ -508,23 +497,11 @@ static PyObject* Cache_selected(CacheObject* self, PyObject* args, PyObject* kwa
     return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *idx, *count;
-  if ((idx = call_import(&c, idx_obj, "idx", 1)) == NULL ||
-      (count = call_import(&c, count_obj, "count", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_selected(cache, idx, count, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{idx_obj, "idx", ARG_WRITE, &idx}, {count_obj, "count", ARG_WRITE, &count}};
+  if (call_begin(&c, stream_obj, in, 2) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_selected(cache, idx, count, c.stream));
 }
 
 /* memory(stream=None) -> dict of sals_memory_t fields */
@@ -534,16 +511,14 @@ static PyObject* Cache_memory(CacheObject* self, PyObject* args, PyObject* kwarg
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
+  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
   sals_memory_t m;
   sals_status_t st;
   Py_BEGIN_ALLOW_THREADS
   st = sals_cache_memory(cache, &m, c.stream);
   Py_END_ALLOW_THREADS
-  if (st != SALS_OK) return raise_status(st);
+  if (call_end(&c, st) < 0) return NULL;
   return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "latent_keys",
                        (unsigned long long)m.latent_keys, "values", (unsigned long long)m.values,
                        "value_scales", (unsigned long long)m.value_scales, "exact_window",
@@ -561,16 +536,9 @@ static PyObject* Cache_reset(CacheObject* self, PyObject* args, PyObject* kwargs
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
   sals_cache_t* cache = cache_get(self);
   if (cache == NULL) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_reset(cache, c.stream);
-  Py_END_ALLOW_THREADS
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_reset(cache, c.stream));
 }
 
 /* config() -> dict (the fields of sals_config_t as the library resolved them) */
@@ -908,14 +876,10 @@ static PyType_Spec Array_spec = {
 static PyObject* mod_describe(PyObject* Py_UNUSED(m), PyObject* args) {
   PyObject* obj;
   if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, Py_None, &ok); /* cannot fail without a stream */
-  DLTensor* t = call_import(&c, obj, "x", 0);
-  if (t == NULL) {
-    call_release(&c);
-    return NULL;
-  }
+  DLTensor* t;
+  const arg_t in[] = {{obj, "x", 0, &t}};
+  if (call_begin(&c, Py_None, in, 1) < 0) return NULL;
   PyObject* shape = PyTuple_New(t->ndim);
   if (shape != NULL) {
     for (int i = 0; i < t->ndim; ++i) PyTuple_SetItem(shape, i, PyLong_FromLongLong(t->shape[i]));
@@ -937,23 +901,11 @@ static PyObject* mod_project(PyObject* Py_UNUSED(m), PyObject* args, PyObject* k
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &x_o, &p_o, &out_o,
                                    &stream_obj))
     return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *x, *p, *out;
-  if ((x = call_import(&c, x_o, "x", 0)) == NULL || (p = call_import(&c, p_o, "proj", 0)) == NULL ||
-      (out = call_import(&c, out_o, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_project(x, p, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{x_o, "x", 0, &x}, {p_o, "proj", 0, &p}, {out_o, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_project(x, p, out, c.stream));
 }
 
 static PyObject* mod_rope_apply(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -964,24 +916,11 @@ static PyObject* mod_rope_apply(PyObject* Py_UNUSED(m), PyObject* args, PyObject
     return NULL;
   sals_rope_t rope;
   if (parse_rope(rope_o, &rope) < 0) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *x, *pos, *out;
-  if ((x = call_import(&c, x_o, "x", 0)) == NULL ||
-      (pos = call_import(&c, pos_o, "pos", 0)) == NULL ||
-      (out = call_import(&c, out_o, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_rope_apply(x, pos, &rope, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{x_o, "x", 0, &x}, {pos_o, "pos", 0, &pos}, {out_o, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_rope_apply(x, pos, &rope, out, c.stream));
 }
 
 static PyObject* mod_score_select(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -992,28 +931,15 @@ static PyObject* mod_score_select(PyObject* Py_UNUSED(m), PyObject* args, PyObje
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiiiiO|O", kwlist, &q_o, &k_o, &len_o,
                                    &score_rank, &n_sink, &n_recent, &budget, &idx_o, &stream_obj))
     return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
-  DLTensor *q, *k, *len = NULL, *idx;
-  if ((q = call_import(&c, q_o, "q_lat", 0)) == NULL ||
-      (k = call_import(&c, k_o, "k_lat", 0)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  len = call_import_opt(&c, len_o, "lengths", 0, &ok);
-  if (!ok || (idx = call_import(&c, idx_o, "idx", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, idx, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  DLTensor *q, *k, *len, *idx;
+  const arg_t in[] = {{q_o, "q_lat", 0, &q},
+                      {k_o, "k_lat", 0, &k},
+                      {len_o, "lengths", ARG_OPTIONAL, &len},
+                      {idx_o, "idx", ARG_WRITE, &idx}};
+  if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, idx,
+                                        c.stream));
 }
 
 static PyObject* mod_rebuild_rope(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1024,25 +950,14 @@ static PyObject* mod_rebuild_rope(PyObject* Py_UNUSED(m), PyObject* args, PyObje
     return NULL;
   sals_rope_t rope;
   if (parse_rope(rope_o, &rope) < 0) return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *k, *p, *pos, *out;
-  if ((k = call_import(&c, k_o, "k_lat", 0)) == NULL ||
-      (p = call_import(&c, p_o, "proj", 0)) == NULL ||
-      (pos = call_import(&c, pos_o, "pos", 0)) == NULL ||
-      (out = call_import(&c, out_o, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_rebuild_rope(k, p, pos, &rope, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{k_o, "k_lat", 0, &k},
+                      {p_o, "proj", 0, &p},
+                      {pos_o, "pos", 0, &pos},
+                      {out_o, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_rebuild_rope(k, p, pos, &rope, out, c.stream));
 }
 
 static PyObject* mod_sparse_attention(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1052,29 +967,16 @@ static PyObject* mod_sparse_attention(PyObject* Py_UNUSED(m), PyObject* args, Py
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOfO|O", kwlist, &q_o, &k_o, &v_o, &idx_o,
                                    &len_o, &scale, &out_o, &stream_obj))
     return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *q, *k, *v, *idx, *len, *out;
-  if ((q = call_import(&c, q_o, "q", 0)) == NULL || (k = call_import(&c, k_o, "k", 0)) == NULL ||
-      (v = call_import(&c, v_o, "v", 0)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  idx = call_import_opt(&c, idx_o, "idx", 0, &ok);
-  if (ok) len = call_import_opt(&c, len_o, "lengths", 0, &ok);
-  if (!ok || (out = call_import(&c, out_o, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_sparse_attention(q, k, v, idx, len, scale, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{q_o, "q", 0, &q},
+                      {k_o, "k", 0, &k},
+                      {v_o, "v", 0, &v},
+                      {idx_o, "idx", ARG_OPTIONAL, &idx},
+                      {len_o, "lengths", ARG_OPTIONAL, &len},
+                      {out_o, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 6) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_sparse_attention(q, k, v, idx, len, scale, out, c.stream));
 }
 
 static PyObject* mod_quantize_values(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1084,25 +986,14 @@ static PyObject* mod_quantize_values(PyObject* Py_UNUSED(m), PyObject* args, PyO
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiiOOO|O", kwlist, &v_o, &bits, &group, &pk_o,
                                    &sc_o, &z_o, &stream_obj))
     return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *v, *pk, *sc, *z;
-  if ((v = call_import(&c, v_o, "v", 0)) == NULL ||
-      (pk = call_import(&c, pk_o, "packed", 1)) == NULL ||
-      (sc = call_import(&c, sc_o, "scale", 1)) == NULL ||
-      (z = call_import(&c, z_o, "zero", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_quantize_values(v, bits, group, pk, sc, z, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{v_o, "v", 0, &v},
+                      {pk_o, "packed", ARG_WRITE, &pk},
+                      {sc_o, "scale", ARG_WRITE, &sc},
+                      {z_o, "zero", ARG_WRITE, &z}};
+  if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_quantize_values(v, bits, group, pk, sc, z, c.stream));
 }
 
 static PyObject* mod_dequantize_values(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1112,25 +1003,14 @@ static PyObject* mod_dequantize_values(PyObject* Py_UNUSED(m), PyObject* args, P
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiiO|O", kwlist, &pk_o, &sc_o, &z_o, &bits,
                                    &group, &out_o, &stream_obj))
     return NULL;
-  int ok;
   call_t c;
-  call_init(&c, stream_obj, &ok);
-  if (!ok) return NULL;
   DLTensor *pk, *sc, *z, *out;
-  if ((pk = call_import(&c, pk_o, "packed", 0)) == NULL ||
-      (sc = call_import(&c, sc_o, "scale", 0)) == NULL ||
-      (z = call_import(&c, z_o, "zero", 0)) == NULL ||
-      (out = call_import(&c, out_o, "out", 1)) == NULL) {
-    call_release(&c);
-    return NULL;
-  }
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_dequantize_values(pk, sc, z, bits, group, out, c.stream);
-  Py_END_ALLOW_THREADS
-  call_release(&c);
-  if (st != SALS_OK) return raise_status(st);
-  Py_RETURN_NONE;
+  const arg_t in[] = {{pk_o, "packed", 0, &pk},
+                      {sc_o, "scale", 0, &sc},
+                      {z_o, "zero", 0, &z},
+                      {out_o, "out", ARG_WRITE, &out}};
+  if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_dequantize_values(pk, sc, z, bits, group, out, c.stream));
 }
 
 static PyObject* mod_version(PyObject* Py_UNUSED(m), PyObject* Py_UNUSED(ignored)) {

@@ -30,17 +30,17 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3.1-8b": (32, 8, 128)}
 SETTINGS = ("sals-25", "sals-12.5")
 
 
-def _median_ms(fn, iters: int, torch) -> float:
-    """Median of `iters` event-timed calls of fn (after 3 warm-up calls)."""
+def _median_ms(fn, iters: int, torch, *args) -> float:
+    """Median of `iters` event-timed calls of fn(*args) (after 3 warm-up calls)."""
     for _ in range(3):
-        fn()
+        fn(*args)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        fn(*args)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
@@ -51,16 +51,13 @@ def measure_ceilings(torch) -> dict:
     """Copy bandwidth (bytes read + written) and bf16 matrix rate, on random data."""
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), 20, torch)
+    ms = _median_ms(torch.empty_like(src).copy_, 20, torch, src)
     bw = 2 * n / (ms * 1e-3)
-    del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: a @ b, 20, torch)
+    ms = _median_ms(a.matmul, 20, torch, torch.randn_like(a))
     rate = 2 * m**3 / (ms * 1e-3)
-    del a, b
+    src = a = None  # free both before the benchmarks allocate
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": bw, "bf16_flop_per_s": rate}
 
@@ -122,8 +119,15 @@ def _kernel_times(step, torch, reps=5) -> dict:
 def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> dict:
     hq, hkv, d = SHAPES[shape]
     cfg = sals.Config.preset(
-        setting, hq, hkv, d, max_batch=B, max_tokens=S + 64 + graph_steps * (iters + 8),
-        dtype="float16", check_finite=False)
+        setting,
+        hq,
+        hkv,
+        d,
+        max_batch=B,
+        max_tokens=S + 64 + graph_steps * (iters + 8),
+        dtype="float16",
+        check_finite=False,
+    )
     dk = hkv * d
     proj, _ = torch.linalg.qr(torch.randn(dk, dk, device="cuda", dtype=torch.float32))
     proj = proj[:, : cfg.rank].contiguous()
@@ -157,14 +161,13 @@ def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> d
                 step()
         ms = _median_ms(g.replay, iters, torch) / graph_steps
         res["graph"] = True
-    except Exception as e:  # capture unsupported by this build: eager events instead
+    except RuntimeError as e:  # capture unsupported by this build: eager events instead
         res["graph_error"] = repr(e)
         ms = _median_ms(step, iters, torch)
     res["ms"] = ms
     res.update(floors(cfg, B, S, ceil))
     res["fraction_of_floor"] = res["floor_ms"] / ms
-    cache.close()
-    del cache
+    cache.close()  # releases the cache's device memory
     torch.cuda.empty_cache()
     return res
 
@@ -187,7 +190,7 @@ def bench_dense(torch, shape, B, S, backend, iters) -> float | None:
     try:
         run()
         torch.cuda.synchronize()
-    except Exception:
+    except RuntimeError:
         if not gqa:
             return None
         # backend without GQA support: expanded K/V (reads Hq/Hkv times the bytes)
@@ -196,7 +199,7 @@ def bench_dense(torch, shape, B, S, backend, iters) -> float | None:
         gqa = False
         try:
             run()
-        except Exception:
+        except RuntimeError:
             return None
     try:
         g = torch.cuda.CUDAGraph()
@@ -209,15 +212,15 @@ def bench_dense(torch, shape, B, S, backend, iters) -> float | None:
             for _ in range(10):
                 run()
         return _median_ms(g.replay, iters, torch) / 10
-    except Exception:
+    except RuntimeError:
         return _median_ms(run, iters, torch)
     finally:
-        del q, k, v
+        q = k = v = None  # free the dense K/V before the next configuration
         torch.cuda.empty_cache()
 
 
 def _fits(shape, B, S, budget_bytes) -> bool:
-    hq, hkv, d = SHAPES[shape]
+    _, hkv, d = SHAPES[shape]
     dense = 2 * B * S * hkv * d * 2
     return dense * 1.25 < budget_bytes
 
@@ -231,8 +234,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--graph-steps", type=int, default=10)
-    ap.add_argument("--max-fill-tokens", type=int, default=1 << 20,
-                    help="skip SALS rows whose cache fill exceeds this many tokens (B*S)")
+    ap.add_argument(
+        "--max-fill-tokens",
+        type=int,
+        default=1 << 20,
+        help="skip SALS rows whose cache fill exceeds this many tokens (B*S)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -247,13 +254,20 @@ def main(argv=None) -> int:
     total = dev.total_memory
     ceil = measure_ceilings(torch)
     meta = {
-        "gpu": dev.name, "torch": torch.__version__, "sals": sals.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gpu": dev.name,
+        "torch": torch.__version__,
+        "sals": sals.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **ceil,
     }
-    print(f"# {dev.name}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(
+        f"# {dev.name}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {ceil['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
     rows = []
     for shape in args.shapes.split(","):
         for S in [int(x) for x in args.contexts.split(",")]:
@@ -265,8 +279,9 @@ def main(argv=None) -> int:
                     continue
                 for backend in ("flash", "cudnn"):
                     try:
-                        row[f"sdpa_{backend}_ms"] = bench_dense(torch, shape, B, S, backend,
-                                                                args.iters)
+                        row[f"sdpa_{backend}_ms"] = bench_dense(
+                            torch, shape, B, S, backend, args.iters
+                        )
                     except torch.OutOfMemoryError:
                         row[f"sdpa_{backend}_ms"] = None
                         torch.cuda.empty_cache()
@@ -275,8 +290,9 @@ def main(argv=None) -> int:
                         row[setting] = {"skipped": f"fill of {B * S} tokens over --max-fill-tokens"}
                         continue
                     try:
-                        r = bench_sals(sals, torch, shape, setting, B, S, ceil, args.iters,
-                                       args.graph_steps)
+                        r = bench_sals(
+                            sals, torch, shape, setting, B, S, ceil, args.iters, args.graph_steps
+                        )
                     except (torch.OutOfMemoryError, MemoryError) as e:
                         r = {"skipped": f"out of memory: {e}"}
                         torch.cuda.empty_cache()
@@ -302,19 +318,26 @@ def _fmt(x, spec=".3f"):
 
 def _print_row(row, settings):
     head = f"{row['shape']:<12} S={row['context']:<6} B={row['batch']:<3}"
-    print(f"{head} flash {_fmt(row.get('sdpa_flash_ms'))} ms  cudnn "
-          f"{_fmt(row.get('sdpa_cudnn_ms'))} ms", flush=True)
+    print(
+        f"{head} flash {_fmt(row.get('sdpa_flash_ms'))} ms  cudnn "
+        f"{_fmt(row.get('sdpa_cudnn_ms'))} ms",
+        flush=True,
+    )
     for s in settings:
         r = row.get(s, {})
         if "ms" not in r:
             print(f"    {s:<10} {r.get('skipped', '-')}", flush=True)
             continue
-        ks = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels_ms"].items(),
-                                                         key=lambda kv: -kv[1])[:6])
-        print(f"    {s:<10} {r['ms']:.3f} ms  x{_fmt(r.get('speedup_vs_flash'), '.2f')} flash "
-              f"x{_fmt(r.get('speedup_vs_cudnn'), '.2f')} cudnn  floor {r['floor_ms']:.3f} ms "
-              f"({r['bound']}) {100 * r['fraction_of_floor']:.0f}%  graph={r['graph']}  "
-              f"fill {r['fill_s']:.1f}s", flush=True)
+        ks = ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(r["kernels_ms"].items(), key=lambda kv: -kv[1])[:6]
+        )
+        print(
+            f"    {s:<10} {r['ms']:.3f} ms  x{_fmt(r.get('speedup_vs_flash'), '.2f')} flash "
+            f"x{_fmt(r.get('speedup_vs_cudnn'), '.2f')} cudnn  floor {r['floor_ms']:.3f} ms "
+            f"({r['bound']}) {100 * r['fraction_of_floor']:.0f}%  graph={r['graph']}  "
+            f"fill {r['fill_s']:.1f}s",
+            flush=True,
+        )
         print(f"        kernels: {ks}", flush=True)
 
 

@@ -3,7 +3,8 @@
 Every function takes DLPack tensors (numpy, torch, ...) on one device, writes ``out`` when
 given, and otherwise returns a new tensor in the framework of its first argument. CUDA work
 runs on the current torch stream of the inputs (or ``stream=``). Arguments are validated by the
-C library; errors name the argument.
+C library; errors name the argument. NaN or infinity in what a function reads of a CPU input
+raises NotFiniteError naming the argument and row; CUDA inputs are not checked.
 """
 
 from __future__ import annotations

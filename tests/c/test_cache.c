@@ -54,6 +54,19 @@ static float round_store(float x, sals_dtype_t t) {
  * latent keys U U^T k, values dequantised (16-bit: rounded to the storage dtype).
  * Returns the max error of the decode output; *sel_out receives the selection counts.
  */
+/* Attend the first T query rows of each sequence of q [B, 4, Hq, d] (a strided view) at
+ * pos [B, T] into the same rows of out [B, 4, Hq, d]. */
+static sals_status_t attend_rows(sals_cache_t* cache, float* q, int32_t* pos, float* out, int B,
+                                 int T, int Hq, int d) {
+  tensor_t tq, tqp, to;
+  tset(&tq, q, F32, 4, B, T, Hq, d);
+  tstride(&tq, 4 * Hq * d, Hq * d, d, 1);
+  tset(&tqp, pos, I32, 2, B, T, 0, 0);
+  tset(&to, out, F32, 4, B, T, Hq, d);
+  tstride(&to, 4 * Hq * d, Hq * d, d, 1);
+  return sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL);
+}
+
 static double run_scenario(const scen_t* s, double tol, const char* label, float* out_decode) {
   const int B = s->B, Hq = s->Hq, Hkv = s->Hkv, d = s->d, dk = Hkv * d, G = Hq / Hkv;
   int maxS = 0;
@@ -195,13 +208,7 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
 
   /* Decode attend (T = 1). */
   float* out = (float*)malloc(sizeof(float) * (size_t)B * 4 * Hq * d);
-  tensor_t tq, tqp, to;
-  tset(&tq, q, F32, 4, B, 1, Hq, d);
-  tstride(&tq, 4 * Hq * d, Hq * d, d, 1);
-  tset(&tqp, dpos, I32, 2, B, 1, 0, 0);
-  tset(&to, out, F32, 4, B, 1, Hq, d);
-  tstride(&to, 4 * Hq * d, Hq * d, d, 1);
-  CHECK_OK(sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL));
+  CHECK_OK(attend_rows(cache, q, dpos, out, B, 1, Hq, d));
 
   /* The selection, as sets. */
   const int nsel = s->per_head ? Hkv : 1;
@@ -289,12 +296,7 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
   int32_t* mpos = (int32_t*)malloc(sizeof(int32_t) * (size_t)B * 3);
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < 3; ++t) mpos[b * 3 + t] = s->lens[b] - 3 + t; /* < 0 = padding */
-  tset(&tq, q, F32, 4, B, 3, Hq, d);
-  tstride(&tq, 4 * Hq * d, Hq * d, d, 1);
-  tset(&tqp, mpos, I32, 2, B, 3, 0, 0);
-  tset(&to, out, F32, 4, B, 3, Hq, d);
-  tstride(&to, 4 * Hq * d, Hq * d, d, 1);
-  CHECK_OK(sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL));
+  CHECK_OK(attend_rows(cache, q, mpos, out, B, 3, Hq, d));
   double err_m = 0.0;
   for (int b = 0; b < B; ++b) {
     const int S = s->lens[b] + 1;

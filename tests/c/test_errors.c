@@ -40,6 +40,142 @@ static sals_status_t create(const sals_config_t* c, sals_cache_t** out) {
     CHECK(h_ == NULL, "handle written on failure");             \
   } while (0)
 
+
+#define NF SALS_ERR_NOT_FINITE
+
+/* 1 if all n floats equal `value` (an output a failed call must not have touched). */
+static int untouched(const float* x, int n, float value) {
+  for (int i = 0; i < n; ++i)
+    if (x[i] != value) return 0;
+  return 1;
+}
+
+/* NaN and infinity in every float input of every stateless function (CPU tensors). */
+static void test_stateless_not_finite(void) {
+  const float bad[2] = {NAN, INFINITY};
+  for (int which = 0; which < 2; ++which) {
+    const float nf = bad[which];
+    { /* project: x [4, 16], proj [16, 8] */
+      float x[4 * 16] = {0}, pr[16 * 8] = {0}, out[4 * 8];
+      tensor_t tx, tpr, tout;
+      tset(&tx, x, F32, 2, 4, 16, 0, 0);
+      tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
+      tset(&tout, out, F32, 2, 4, 8, 0, 0);
+      for (int i = 0; i < 32; ++i) out[i] = 7.0f;
+      x[2 * 16 + 15] = nf;
+      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF, "x: holds NaN or infinity at row 2");
+      x[2 * 16 + 15] = 0.0f;
+      pr[5 * 8] = nf;
+      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF, "proj: holds NaN or infinity at row 5");
+      CHECK(untouched(out, 32, 7.0f), "project wrote out before failing");
+      pr[5 * 8] = 0.0f;
+      CHECK_OK(sals_project(&tx.t, &tpr.t, &tout.t, NULL));
+    }
+    { /* rope_apply: x [4, 2, 8], in place */
+      float x[4 * 2 * 8];
+      int32_t p4[4] = {0, 1, 2, 3};
+      sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+      tensor_t tx, tpos;
+      tset(&tx, x, F32, 3, 4, 2, 8, 0);
+      tset(&tpos, p4, I32, 1, 4, 0, 0, 0);
+      for (int i = 0; i < 64; ++i) x[i] = 7.0f;
+      x[(1 * 2 + 1) * 8 + 3] = nf;
+      CHECK_ERR(sals_rope_apply(&tx.t, &tpos.t, &rope, &tx.t, NULL), NF,
+                "x: holds NaN or infinity at row [1, 1]");
+      x[(1 * 2 + 1) * 8 + 3] = 7.0f;
+      CHECK(untouched(x, 64, 7.0f), "rope_apply rotated x in place before failing");
+    }
+    { /* rebuild_rope: k_lat [3, 4], proj [16, 4] -> out [3, 2, 8] */
+      float kl[3 * 4] = {0}, pr[16 * 4] = {0}, out[3 * 2 * 8];
+      int32_t p3[3] = {0, 1, 2};
+      sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+      tensor_t tkl, tpr, tpos, tout;
+      tset(&tkl, kl, F32, 2, 3, 4, 0, 0);
+      tset(&tpr, pr, F32, 2, 16, 4, 0, 0);
+      tset(&tpos, p3, I32, 1, 3, 0, 0, 0);
+      tset(&tout, out, F32, 3, 3, 2, 8, 0);
+      for (int i = 0; i < 48; ++i) out[i] = 7.0f;
+      kl[2 * 4 + 1] = nf;
+      CHECK_ERR(sals_rebuild_rope(&tkl.t, &tpr.t, &tpos.t, &rope, &tout.t, NULL), NF,
+                "k_lat: holds NaN or infinity at row 2");
+      kl[2 * 4 + 1] = 0.0f;
+      pr[11 * 4 + 3] = nf;
+      CHECK_ERR(sals_rebuild_rope(&tkl.t, &tpr.t, &tpos.t, &rope, &tout.t, NULL), NF,
+                "proj: holds NaN or infinity at row 11");
+      CHECK(untouched(out, 48, 7.0f), "rebuild_rope wrote out before failing");
+    }
+    { /* sparse_attention: q [1, 4, 8], k, v [1, 5, 2, 8] */
+      float q[4 * 8] = {0}, k[5 * 2 * 8] = {0}, v[5 * 2 * 8] = {0}, out[4 * 8];
+      int32_t shared[2] = {1, 3}, per_head[2 * 1] = {1, 3}, len1[1] = {4};
+      tensor_t tq, tk, tv, ti, tl, tout;
+      tset(&tq, q, F32, 3, 1, 4, 8, 0);
+      tset(&tk, k, F32, 4, 1, 5, 2, 8);
+      tset(&tv, v, F32, 4, 1, 5, 2, 8);
+      tset(&ti, shared, I32, 3, 1, 1, 2, 0);
+      tset(&tl, len1, I32, 1, 1, 0, 0, 0);
+      tset(&tout, out, F32, 3, 1, 4, 8, 0);
+      for (int i = 0; i < 32; ++i) out[i] = 7.0f;
+      q[2 * 8 + 7] = nf;
+      CHECK_ERR(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL), NF,
+                "q: holds NaN or infinity at row [0, 2]");
+      q[2 * 8 + 7] = 0.0f;
+      k[(3 * 2 + 1) * 8] = nf; /* token 3, head 1: selected (shared) */
+      CHECK_ERR(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL), NF,
+                "k: holds NaN or infinity at row [0, 3, 1]");
+      k[(3 * 2 + 1) * 8] = 0.0f;
+      v[(1 * 2 + 0) * 8 + 2] = nf; /* token 1, head 0 */
+      CHECK_ERR(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL), NF,
+                "v: holds NaN or infinity at row [0, 1, 0]");
+      CHECK_ERR(sals_sparse_attention(&tq.t, &tk.t, &tv.t, NULL, &tl.t, 0.0f, &tout.t, NULL), NF,
+                "v: holds NaN or infinity at row [0, 1, 0]");
+      CHECK(untouched(out, 32, 7.0f), "sparse_attention wrote out before failing");
+      v[(1 * 2 + 0) * 8 + 2] = 0.0f;
+      /* Not read: a token outside idx, one past the length, a head that did not select it. */
+      k[(0 * 2 + 0) * 8] = v[(4 * 2 + 1) * 8] = nf;
+      CHECK_OK(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL));
+      k[(0 * 2 + 0) * 8] = 0.0f;
+      CHECK_OK(sals_sparse_attention(&tq.t, &tk.t, &tv.t, NULL, &tl.t, 0.0f, &tout.t, NULL));
+      tset(&ti, per_head, I32, 3, 1, 2, 1, 0); /* head 0 reads token 1, head 1 token 3 */
+      k[(1 * 2 + 1) * 8] = v[(3 * 2 + 0) * 8] = nf;
+      CHECK_OK(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL));
+      k[(3 * 2 + 1) * 8 + 5] = nf;
+      CHECK_ERR(sals_sparse_attention(&tq.t, &tk.t, &tv.t, &ti.t, NULL, 0.0f, &tout.t, NULL), NF,
+                "k: holds NaN or infinity at row [0, 3, 1]");
+    }
+    { /* quantize_values / dequantize_values: v [3, 8], 4 bits, groups of 8 */
+      float vq[3 * 8] = {0}, out[3 * 8];
+      uint16_t vh[3 * 8] = {0}, sc[3], zr[3];
+      uint8_t pk[3 * 4];
+      tensor_t tv, tpk, tsc, tzr, tout;
+      tset(&tv, vq, F32, 2, 3, 8, 0, 0);
+      tset(&tpk, pk, U8, 2, 3, 4, 0, 0);
+      tset(&tsc, sc, F16, 2, 3, 1, 0, 0);
+      tset(&tzr, zr, F16, 2, 3, 1, 0, 0);
+      tset(&tout, out, F32, 2, 3, 8, 0, 0);
+      vq[1 * 8 + 6] = nf;
+      CHECK_ERR(sals_quantize_values(&tv.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL), NF,
+                "v: holds NaN or infinity at row 1");
+      vh[2 * 8] = which ? 0x7c00u : 0x7e00u; /* float16 inf / NaN */
+      tset(&tv, vh, F16, 2, 3, 8, 0, 0);
+      CHECK_ERR(sals_quantize_values(&tv.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL), NF,
+                "v: holds NaN or infinity at row 2");
+      vh[2 * 8] = 0;
+      CHECK_OK(sals_quantize_values(&tv.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL));
+      for (int i = 0; i < 24; ++i) out[i] = 7.0f;
+      sc[1] = which ? 0x7c00u : 0x7e00u;
+      CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, &tout.t, NULL), NF,
+                "scale: holds NaN or infinity at row 1");
+      sc[1] = 0;
+      zr[2] = which ? 0xfc00u : 0xfe00u; /* negative */
+      CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, &tout.t, NULL), NF,
+                "zero: holds NaN or infinity at row 2");
+      CHECK(untouched(out, 24, 7.0f), "dequantize_values wrote out before failing");
+      zr[2] = 0;
+      CHECK_OK(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, &tout.t, NULL));
+    }
+  }
+}
+
 int main(void) {
   for (int i = 0; i < 16; ++i) g_eye[i * 16 + i] = 1.0f;
   CHECK(strcmp(sals_status_string(SALS_OK), "SALS_OK") == 0, "ok");
@@ -307,6 +443,23 @@ int main(void) {
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, -1, 8, 4, &ti.t, NULL), INV, "n_sink");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 2, 2, 5, &ti.t, NULL), INV, "idx: dim 2 is 4, expected 5 (budget)");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 8, 2, 2, 4, &ti.t, NULL), INV, "lengths[1]: 21 not in 0..20");
+    lens[1] = 12;
+    for (int which = 0; which < 2; ++which) { /* NaN, then infinity */
+      const float nf = which ? INFINITY : NAN;
+      ql[8 + 3] = nf;
+      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL), SALS_ERR_NOT_FINITE,
+                "q_lat: holds NaN or infinity at row [1, 0]");
+      ql[8 + 3] = 0.0f;
+      ql[8 + 4] = nf; /* past score_rank 4: not read */
+      CHECK_OK(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL));
+      kl[(20 + 5) * 8] = nf; /* sequence 1, candidate 5 */
+      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL), SALS_ERR_NOT_FINITE,
+                "k_lat: holds NaN or infinity at row [1, 5]");
+      kl[(20 + 5) * 8] = 0.0f;
+      /* Not read: a sink, a recent token, a row past the length, coordinates past score_rank. */
+      kl[(20 + 1) * 8] = kl[(20 + 10) * 8] = kl[(20 + 15) * 8] = kl[(0 + 7) * 8 + 6] = nf;
+      CHECK_OK(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL));
+    }
 
     float kk[1 * 4 * 2 * 8] = {0}, vv[1 * 4 * 2 * 8] = {0}, qq[1 * 4 * 8] = {0}, oo[1 * 4 * 8];
     int32_t sidx[1 * 1 * 2] = {0, 4};
@@ -343,5 +496,6 @@ int main(void) {
     tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
     CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, NULL, NULL), INV, "out: is NULL");
   }
+  test_stateless_not_finite();
   return finish();
 }

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 sals = pytest.importorskip("sals")
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and sals.cuda_available()), reason="no CUDA device or build")
+    not (torch.cuda.is_available() and sals.cuda_available()), reason="no CUDA device or build"
+)
 
 
 def rel(a, b):
@@ -31,8 +32,10 @@ def make_proj(dk, rank, gen):
 
 
 def pair(cfg, rope, proj):
-    return (sals.LayerCache(cfg, rope, proj, device="cpu"),
-            sals.LayerCache(cfg, rope, proj.cuda(), device="cuda"))
+    return (
+        sals.LayerCache(cfg, rope, proj, device="cpu"),
+        sals.LayerCache(cfg, rope, proj.cuda(), device="cuda"),
+    )
 
 
 def run_both(cfg, B, T0, steps, dtype, seed, pad=True, noncontig=False):
@@ -46,7 +49,7 @@ def run_both(cfg, B, T0, steps, dtype, seed, pad=True, noncontig=False):
     if pad:
         for b in range(B):
             pos[b, : 3 * b] = -1
-            pos[b, 3 * b:] -= 3 * b
+            pos[b, 3 * b :] -= 3 * b
 
     def rnd(*shape):
         x = torch.randn(*shape, generator=gen).to(dtype)
@@ -95,8 +98,17 @@ def run_both(cfg, B, T0, steps, dtype, seed, pad=True, noncontig=False):
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (6, 2, 128), (8, 2, 256), (8, 1, 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_dense_equivalence(hq, hkv, d, dtype):
-    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=3, max_tokens=160,
-                             dtype=dtype, n_sink=4, n_recent=8)
+    cfg = sals.Config.preset(
+        "dense-equivalent",
+        hq,
+        hkv,
+        d,
+        max_batch=3,
+        max_tokens=160,
+        dtype=dtype,
+        n_sink=4,
+        n_recent=8,
+    )
     err, overlap = run_both(cfg, 3, 97, 3, getattr(torch, dtype), seed=hq + d)
     assert err < 1e-2 and overlap == 1.0
 
@@ -104,25 +116,51 @@ def test_dense_equivalence(hq, hkv, d, dtype):
 @pytest.mark.parametrize("setting", ["sals-25", "sals-12.5"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 1), (12, 4)])
 def test_sparse_vs_cpu(setting, hq, hkv):
-    cfg = sals.Config.preset(setting, hq, hkv, 64, max_batch=4, max_tokens=4200,
-                             dtype="float16", n_sink=16, n_recent=64)
+    cfg = sals.Config.preset(
+        setting, hq, hkv, 64, max_batch=4, max_tokens=4200, dtype="float16", n_sink=16, n_recent=64
+    )
     err, overlap = run_both(cfg, 4, 4099, 2, torch.float16, seed=hq * 7 + hkv)
     assert overlap >= 0.9, overlap
     assert err < 5e-2, err
 
 
 def test_per_head_selection_bf16_noncontiguous():
-    cfg = sals.Config(8, 2, 128, rank=64, score_rank=32, value_bits=4, select_per_head=True,
-                      n_sink=4, n_recent=16, budget_frac=0.2, max_batch=2, max_tokens=300,
-                      dtype="bfloat16")
+    cfg = sals.Config(
+        8,
+        2,
+        128,
+        rank=64,
+        score_rank=32,
+        value_bits=4,
+        select_per_head=True,
+        n_sink=4,
+        n_recent=16,
+        budget_frac=0.2,
+        max_batch=2,
+        max_tokens=300,
+        dtype="bfloat16",
+    )
     err, overlap = run_both(cfg, 2, 257, 2, torch.bfloat16, seed=5, noncontig=True)
     assert overlap >= 0.9 and err < 5e-2
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_float32_general_path(dense):
-    cfg = sals.Config(6, 3, 64, rank=17, score_rank=9, value_bits=8, n_sink=2, n_recent=5,
-                      budget_frac=0.3, dense=dense, max_batch=3, max_tokens=140, dtype="float32")
+    cfg = sals.Config(
+        6,
+        3,
+        64,
+        rank=17,
+        score_rank=9,
+        value_bits=8,
+        n_sink=2,
+        n_recent=5,
+        budget_frac=0.3,
+        dense=dense,
+        max_batch=3,
+        max_tokens=140,
+        dtype="float32",
+    )
     err, overlap = run_both(cfg, 3, 97, 2, torch.float32, seed=11)
     assert overlap >= 0.9 and err < 1e-3
 
@@ -132,7 +170,7 @@ def _rot64(x, pos, d, theta=10000.0):
     inv = torch.tensor(1.0 / theta ** (np.arange(0, d, 2) / d), dtype=torch.float64)
     th = pos.view(-1, 1).double() * inv.view(1, -1)
     c, s = th.cos()[:, None, :], th.sin()[:, None, :]
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * c - b * s, b * c + a * s], -1)
 
 
@@ -153,8 +191,17 @@ def test_float64_reference_dense_equivalent(dtype, hq, hkv, d):
     gen = torch.Generator().manual_seed(3 + d)
     tdt = getattr(torch, dtype)
     S, steps = 97, 3
-    cfg = sals.Config.preset("dense-equivalent", hq, hkv, d, max_batch=1, max_tokens=S + steps,
-                             dtype=dtype, n_sink=4, n_recent=8)
+    cfg = sals.Config.preset(
+        "dense-equivalent",
+        hq,
+        hkv,
+        d,
+        max_batch=1,
+        max_tokens=S + steps,
+        dtype=dtype,
+        n_sink=4,
+        n_recent=8,
+    )
     proj = make_proj(hkv * d, hkv * d, gen)
     gpu = sals.LayerCache(cfg, make_rope(d), proj.cuda(), device="cuda")
     k, v, q = (torch.randn(S + steps, h, d, generator=gen).to(tdt) for h in (hkv, hkv, hq))
@@ -176,8 +223,9 @@ def test_float64_reference_dense_equivalent(dtype, hq, hkv, d):
 
 def test_current_stream_and_graph_replay():
     """Work goes to torch's current stream; a captured decode step replays like eager."""
-    cfg = sals.Config.preset("sals-12.5", 8, 2, 128, max_batch=2, max_tokens=1200,
-                             dtype="float16", check_finite=False)
+    cfg = sals.Config.preset(
+        "sals-12.5", 8, 2, 128, max_batch=2, max_tokens=1200, dtype="float16", check_finite=False
+    )
     gen = torch.Generator().manual_seed(9)
     proj = make_proj(256, cfg.rank, gen).cuda()
     caches = [sals.LayerCache(cfg, make_rope(128), proj, device="cuda") for _ in range(2)]
@@ -228,5 +276,10 @@ def test_stateless_quantize_and_ops(bits):
     proj = torch.randn(192, 40, generator=gen)
     kl = sals.project(x.reshape(17, 192), proj)
     assert rel(sals.project(x.reshape(17, 192).cuda(), proj.cuda()), kl) < 1e-5
-    assert rel(sals.rebuild_rope(kl.cuda(), proj.cuda(), pos.cuda(), rope),
-               sals.rebuild_rope(kl, proj, pos, rope)) < 1e-5
+    assert (
+        rel(
+            sals.rebuild_rope(kl.cuda(), proj.cuda(), pos.cuda(), rope),
+            sals.rebuild_rope(kl, proj, pos, rope),
+        )
+        < 1e-5
+    )

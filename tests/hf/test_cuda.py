@@ -8,7 +8,7 @@ import sals
 import sals.hf
 import tiny
 import torch
-from test_patch import FULL, SPARSE, _decode_logits, _left_padded, _logits
+from test_patch import FULL, SPARSE
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sals.cuda_available()),
@@ -32,7 +32,7 @@ def test_cuda_dense_equivalent_generate_is_token_identical(family):
 def test_cuda_matches_cpu_with_sparse_selection(family):
     """Sparse SALS with 4-bit values on a left-padded batch: CUDA logits == CPU logits."""
     prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4))]
-    ids, mask = _left_padded(prompts)
+    ids, mask = tiny.left_padded(prompts)
     steps = tiny.prompt(8, batch=2, seed=9)
     logits = {}
     for device in ("cpu", "cuda"):
@@ -55,8 +55,8 @@ def test_cuda_bfloat16_model():
     """A bf16 model gets a bf16 cache; dense-equivalent decode stays within bf16 rounding."""
     model = tiny.model("llama", dtype=torch.bfloat16).cuda()
     ids = tiny.prompt(50).cuda()
-    ref = _logits(model, ids)[:, 29:].float()
+    ref = tiny.logits(model, ids)[:, 29:].float()
     sals.hf.patch(model, preset="dense-equivalent")
     assert model._sals_patch.configs[0].dtype == "bfloat16"
-    got = _decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
+    got = tiny.decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
     assert (got.float() - ref).abs().max().item() < 0.1 * ref.std().item()

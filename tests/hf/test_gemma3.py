@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import sals
 import sals.hf
+import tiny
 import torch
 from sals import demo
 
@@ -29,21 +30,12 @@ def gemma3(sals_cache_dir):
     return model, calib, ids, dense, ref
 
 
-def _teacher_forced(model, ids, continuation):
-    cache = sals.hf.SalsCache(model, 1, ids.shape[1] + continuation.shape[1])
-    with torch.no_grad():
-        out = [model(ids, past_key_values=cache).logits[:, -1:]]
-        for i in range(continuation.shape[1] - 1):
-            out.append(model(continuation[:, i:i + 1], past_key_values=cache).logits)
-    return torch.cat(out, 1), cache
-
-
 def test_gemma3_dense_equivalent_is_token_identical(gemma3):
     model, calib, ids, dense, ref = gemma3
     sals.hf.patch(model, calibration=calib, preset="dense-equivalent", dtype="float32")
     try:
         assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), dense)
-        got, cache = _teacher_forced(model, ids, dense[:, ids.shape[1]:])
+        got, cache = tiny.teacher_forced(model, ids, dense[:, ids.shape[1]:])
     finally:
         sals.hf.unpatch(model)
     assert (got - ref).abs().max().item() < 1e-4 * ref.std().item()
@@ -59,10 +51,8 @@ def test_gemma3_presets_stay_close(gemma3, preset):
     model, calib, ids, dense, ref = gemma3
     sals.hf.patch(model, calibration=calib, preset=preset)
     try:
-        got, _ = _teacher_forced(model, ids, dense[:, ids.shape[1]:])
+        got, _ = tiny.teacher_forced(model, ids, dense[:, ids.shape[1]:])
     finally:
         sals.hf.unpatch(model)
-    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).mean().item()
+    top1, kl = tiny.agreement(got, ref)
     assert top1 >= 0.85 and kl < 0.04, (top1, kl)

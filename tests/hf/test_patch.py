@@ -21,21 +21,6 @@ FULL = {"preset": "dense-equivalent", "dtype": "float32"}
 SPARSE = {"n_sink": 2, "n_recent": 4, "budget_frac": 0.25, "dense_layers": []}
 
 
-def _logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits
-
-
-def _decode_logits(model, prompt, steps, cache):
-    """Logits of a prefill's last token, then of one forward per token of ``steps`` ([B, n]),
-    through cache: n + 1 positions."""
-    with torch.no_grad():
-        out = [model(prompt, past_key_values=cache).logits[:, -1:]]
-        for i in range(steps.shape[1]):
-            out.append(model(steps[:, i:i + 1], past_key_values=cache).logits)
-    return torch.cat(out, 1)
-
-
 def _tiny_calibration(model, seed=7, rank_frac=0.5):
     """A calibration of a tiny model on random token sequences (its keys are what matters)."""
     cal = sals.Calibrator([layer.dk for layer in sals.hf._arch.describe(model).layers])
@@ -92,9 +77,9 @@ def test_forward_loop_matches_one_full_forward(family):
     whole sequence (float32 rounding only)."""
     model = tiny.model(family)
     ids = tiny.prompt(50)
-    ref = _logits(model, ids)[:, 29:]
+    ref = tiny.logits(model, ids)[:, 29:]
     sals.hf.patch(model, **FULL)
-    got = _decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
+    got = tiny.decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
     assert (got - ref).abs().max().item() < 1e-4
 
 
@@ -103,10 +88,10 @@ def test_float16_cache_stays_close(family):
     """The default float16 storage at full rank and budget only adds fp16 rounding."""
     model = tiny.model(family)
     ids = tiny.prompt(50)
-    ref = _logits(model, ids)[:, 29:]
+    ref = tiny.logits(model, ids)[:, 29:]
     sals.hf.patch(model, preset="dense-equivalent")
     assert model._sals_patch.configs[1].dtype == "float16"
-    got = _decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
+    got = tiny.decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
     assert (got - ref).abs().max().item() < 5e-3
 
 
@@ -116,23 +101,13 @@ def test_chunked_prefill(family):
     exact for the first chunk, dense attention over the (full-rank) cache for the others."""
     model = tiny.model(family)
     ids = tiny.prompt(45)
-    ref = _logits(model, ids)
+    ref = tiny.logits(model, ids)
     sals.hf.patch(model, **FULL)
     cache = sals.hf.SalsCache(model, 1, 64)
-    got = torch.cat([_logits(model, ids[:, a:b], past_key_values=cache)
+    got = torch.cat([tiny.logits(model, ids[:, a:b], past_key_values=cache)
                      for a, b in ((0, 17), (17, 18), (18, 45))], 1)
     assert cache.get_seq_length() == 45
     assert (got - ref).abs().max().item() < 1e-4
-
-
-def _left_padded(prompts, pad_id=0):
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.shape[1]:] = p[0]
-        mask[i, width - p.shape[1]:] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -144,7 +119,7 @@ def test_left_padded_batch_equals_sequences_alone(family):
     prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4), (31, 5))]
     alone = [model.generate(p, max_new_tokens=12, do_sample=False)[0, p.shape[1]:]
              for p in prompts]
-    ids, mask = _left_padded(prompts)
+    ids, mask = tiny.left_padded(prompts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                          pad_token_id=0, return_dict_in_generate=True)
     for i, ref in enumerate(alone):
@@ -161,7 +136,7 @@ def test_left_padded_batch_matches_unpatched(attn):
     generates for the same batch, with the float mask of eager attention and the boolean mask
     of SDPA."""
     model = tiny.model("qwen3", attn=attn)
-    ids, mask = _left_padded([tiny.prompt(n, seed=s) for n, s in ((30, 3), (17, 4))])
+    ids, mask = tiny.left_padded([tiny.prompt(n, seed=s) for n, s in ((30, 3), (17, 4))])
     kw = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     ref = model.generate(ids, **kw)
     sals.hf.patch(model, **FULL)
@@ -190,7 +165,7 @@ def test_lossy_storage_stays_close(family):
     twice the largest error measured over these families."""
     model = tiny.model(family, initializer_range=0.05)
     ids = tiny.prompt(64)
-    ref = _logits(model, ids)[:, 47:]
+    ref = tiny.logits(model, ids)[:, 47:]
     calib = _tiny_calibration(model)
     full = {"preset": "dense-equivalent", "n_sink": 2, "n_recent": 4, "dense_layers": []}
     knobs = {
@@ -206,7 +181,7 @@ def test_lossy_storage_stays_close(family):
     errors = {}
     for name, (kw, _) in knobs.items():
         sals.hf.patch(model, **full, **kw)
-        got = _decode_logits(model, ids[:, :48], ids[:, 48:], sals.hf.SalsCache(model, 1, 64))
+        got = tiny.decode_logits(model, ids[:, :48], ids[:, 48:], sals.hf.SalsCache(model, 1, 64))
         errors[name] = (got - ref).abs().max().item() / ref.std().item()
     print(family, {k: round(v, 4) for k, v in errors.items()})
     for name, (_, bound) in knobs.items():
@@ -224,12 +199,12 @@ def test_sparse_budget_error_vanishes_at_full_budget(family):
     logits by about one standard deviation.)"""
     model = tiny.model(family, initializer_range=0.05)
     ids = tiny.prompt(64)
-    ref = _logits(model, ids)[:, 47:]
+    ref = tiny.logits(model, ids)[:, 47:]
     errors = {}
     for budget, score_rank in ((1.0, None), (1.0, 8), (0.5, None), (0.125, None), (0.125, 8)):
         sals.hf.patch(model, preset=None, dtype="float32", n_sink=2, n_recent=4, dense_layers=[],
                       budget_frac=budget, score_rank=score_rank)
-        got = _decode_logits(model, ids[:, :48], ids[:, 48:], sals.hf.SalsCache(model, 1, 64))
+        got = tiny.decode_logits(model, ids[:, :48], ids[:, 48:], sals.hf.SalsCache(model, 1, 64))
         errors[budget, score_rank] = (got - ref).abs().max().item() / ref.std().item()
     print(family, errors)
     assert errors[1.0, None] < 1e-4 and errors[1.0, 8] < 1e-4
@@ -240,7 +215,7 @@ def test_sparse_budget_error_vanishes_at_full_budget(family):
 def test_unpatch_restores_the_model():
     model = tiny.model("qwen3")
     ids = tiny.prompt(30)
-    ref = _logits(model, ids)
+    ref = tiny.logits(model, ids)
     ref_gen = model.generate(ids, max_new_tokens=8, do_sample=False)
     attn = model.model.layers[0].self_attn
     sals.hf.patch(model, **FULL)
@@ -249,7 +224,7 @@ def test_unpatch_restores_the_model():
     assert not sals.hf.is_patched(model)
     assert "forward" not in vars(attn) and "forward" not in vars(model)
     assert "_prepare_cache_for_generation" not in vars(model)
-    assert torch.equal(_logits(model, ids), ref)
+    assert torch.equal(tiny.logits(model, ids), ref)
     out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref_gen)
     assert isinstance(out.past_key_values, DynamicCache)
@@ -260,7 +235,7 @@ def test_unpatch_restores_the_model():
 def test_plain_forward_creates_a_sals_cache_and_continues():
     model = tiny.model("llama")
     ids = tiny.prompt(30)
-    ref = _logits(model, ids)
+    ref = tiny.logits(model, ids)
     sals.hf.patch(model, max_tokens=40, **FULL)
     with torch.no_grad():
         out = model(ids[:, :25])
@@ -319,10 +294,10 @@ def test_errors_are_clear():
     with pytest.raises(sals.InvalidArgumentError, match="needs a SalsCache, got DynamicCache"):
         model(ids, past_key_values=DynamicCache())
     with pytest.raises(sals.CapacityError, match="max_tokens"):
-        _logits(model, ids, past_key_values=sals.hf.SalsCache(model, 1, 8))
+        tiny.logits(model, ids, past_key_values=sals.hf.SalsCache(model, 1, 8))
     with pytest.raises(sals.UnsupportedError, match="beam search"):
         model.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
     stale = sals.hf.SalsCache(model, 1, 16)
     sals.hf.patch(model, **FULL)  # a new patch: caches of the old one are refused
     with pytest.raises(sals.InvalidArgumentError, match="another patch"):
-        _logits(model, ids, past_key_values=stale)
+        tiny.logits(model, ids, past_key_values=stale)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import sals
 import sals.hf
+import tiny
 import torch
 from sals import demo
 
@@ -27,16 +28,6 @@ def haystack(smollm2):
     return ids, dense, logits
 
 
-def _teacher_forced(model, ids, continuation):
-    """Patched logits for each continuation token, fed one decode step at a time."""
-    cache = sals.hf.SalsCache(model, 1, ids.shape[1] + continuation.shape[1])
-    with torch.no_grad():
-        out = [model(ids, past_key_values=cache).logits[:, -1:]]
-        for i in range(continuation.shape[1] - 1):
-            out.append(model(continuation[:, i:i + 1], past_key_values=cache).logits)
-    return torch.cat(out, 1)
-
-
 def test_dense_equivalent_is_token_identical(smollm2, haystack):
     model, tokenizer = smollm2
     ids, dense, ref = haystack
@@ -44,7 +35,7 @@ def test_dense_equivalent_is_token_identical(smollm2, haystack):
     sals.hf.patch(model, preset="dense-equivalent", dtype="float32")
     try:
         assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), dense)
-        got = _teacher_forced(model, ids, dense[:, ids.shape[1]:])
+        got, _ = tiny.teacher_forced(model, ids, dense[:, ids.shape[1]:])
     finally:
         sals.hf.unpatch(model)
     assert (got - ref).abs().max().item() < 1e-3 * ref.std().item()
@@ -62,14 +53,12 @@ def test_paper_presets_stay_close(smollm2, smollm2_calibration, haystack, preset
     ids, dense, ref = haystack
     sals.hf.patch(model, calibration=smollm2_calibration, preset=preset)
     try:
-        got = _teacher_forced(model, ids, dense[:, ids.shape[1]:])
+        got, _ = tiny.teacher_forced(model, ids, dense[:, ids.shape[1]:])
         out = model.generate(ids, max_new_tokens=24, do_sample=False,
                              return_dict_in_generate=True)
     finally:
         sals.hf.unpatch(model)
-    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).mean().item()
+    top1, kl = tiny.agreement(got, ref)
     mem = out.past_key_values.memory()
     print(f"{preset}: top-1 {top1:.3f}, mean KL {kl:.4f}, "
           f"compression {mem['dense_fp16'] / mem['total']:.2f}x")

@@ -89,18 +89,18 @@ def test_bad_projection_and_rope():
 
 # ---- append / attend --------------------------------------------------------------------
 
+def naming(exc, *cases):
+    """Parametrize rows: each case raises `exc` with a message naming the argument it breaks,
+    the case's name up to its last underscore (k_ndim -> k, q_pos_shape -> q_pos)."""
+    return [(case, exc, rf"\b{case.rsplit('_', 1)[0]}\b") for case in cases]
+
+
 @pytest.mark.parametrize("case,exc,match", [
-    ("k_ndim", sals.InvalidArgumentError, r"\bk\b"),
-    ("k_heads", sals.InvalidArgumentError, r"\bk\b"),
-    ("k_dtype", sals.InvalidArgumentError, r"\bk\b"),
-    ("k_stride", sals.InvalidArgumentError, r"\bk\b"),
-    ("v_shape", sals.InvalidArgumentError, r"\bv\b"),
-    ("v_dtype", sals.InvalidArgumentError, r"\bv\b"),
-    ("pos_shape", sals.InvalidArgumentError, "pos"),
+    *naming(sals.InvalidArgumentError, "k_ndim", "k_heads", "k_dtype", "k_stride", "v_shape",
+            "v_dtype", "pos_shape"),
     ("pos_float", sals.InvalidArgumentError, "positions"),
     ("pos_range", sals.InvalidArgumentError, "positions"),
-    ("k_nan", sals.NotFiniteError, r"\bk\b"),
-    ("v_inf", sals.NotFiniteError, r"\bv\b"),
+    *naming(sals.NotFiniteError, "k_nan", "v_inf"),
     ("batch", sals.CapacityError, "batch"),
     ("tokens", sals.CapacityError, "max_tokens"),
 ])
@@ -147,15 +147,10 @@ def test_capacity_is_checked_across_calls():
 
 
 @pytest.mark.parametrize("case,exc,match", [
-    ("q_heads", sals.InvalidArgumentError, r"\bq\b"),
-    ("q_dim", sals.InvalidArgumentError, r"\bq\b"),
-    ("q_dtype", sals.InvalidArgumentError, r"\bq\b"),
-    ("q_nan", sals.NotFiniteError, r"\bq\b"),
-    ("pos_shape", sals.InvalidArgumentError, "pos"),
-    ("out_shape", sals.InvalidArgumentError, "out"),
-    ("out_dtype", sals.InvalidArgumentError, "out"),
-    ("out_alias", sals.InvalidArgumentError, "out"),
-    ("out_readonly", ValueError, "out"),
+    *naming(sals.InvalidArgumentError, "q_heads", "q_dim", "q_dtype", "q_pos_shape", "out_shape",
+            "out_dtype", "out_alias"),
+    *naming(sals.NotFiniteError, "q_nan"),
+    *naming(ValueError, "out_readonly"),
     ("batch", sals.SalsError, "batch|\\bq\\b"),
 ])
 def test_bad_attend(case, exc, match):
@@ -170,7 +165,7 @@ def test_bad_attend(case, exc, match):
         q = q.astype(np.float64)
     elif case == "q_nan":
         q[0, 0, 0, 0] = np.nan
-    elif case == "pos_shape":
+    elif case == "q_pos_shape":
         p = pos(1, 2, 20)
     elif case == "out_shape":
         out = f32(1, 1, HQ, D - 1)
@@ -201,11 +196,6 @@ def test_bad_project():
         sals.project(x, proj, out=f32(5, 4))
     with pytest.raises(sals.InvalidArgumentError, match=r"\bx\b"):
         sals.project(f32(5, 16)[:, ::2], proj)
-    # stateless stages do not scan for NaN (only caches do, check_finite): NaN propagates
-    bad = x.copy()
-    bad[1, 1] = np.nan
-    out = sals.project(bad, proj)
-    assert np.all(np.isnan(out[1])) and np.all(np.isfinite(np.delete(out, 1, axis=0)))
 
 
 def test_bad_rope_apply():
@@ -291,6 +281,103 @@ def test_bad_quantize_and_dequantize():
         sals.dequantize_values(packed, scale, zero, 5, 32)
     with pytest.raises(sals.InvalidArgumentError, match="out"):
         sals.dequantize_values(packed, scale, zero, 4, 32, out=np.zeros((4, 64), np.int32))
+
+
+# ---- NaN and infinity in stateless inputs (checked on the CPU, not on CUDA: sals.h) --------
+
+def stateless_inputs():
+    """Finite arguments of every stateless function, by function name."""
+    rng = np.random.default_rng(2)
+
+    def g(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    packed, scale, zero = sals.quantize_values(g(4, 64), 4, 32)
+    return {
+        "project": dict(x=g(5, 8), proj=g(8, 3)),
+        "rope_apply": dict(x=g(5, 2, 64), pos=np.arange(5, dtype=np.int32), rope=rope_for(64)),
+        "score_select": dict(q_lat=g(2, 1, 16), k_lat=g(2, 100, 16), score_rank=8, budget=5,
+                             n_sink=4, n_recent=8),
+        "rebuild_rope": dict(k_lat=g(5, 16), proj=g(128, 16), pos=np.arange(5, dtype=np.int32),
+                             rope=rope_for(64)),
+        "sparse_attention": dict(q=g(2, 4, 64), k=g(2, 10, 2, 64), v=g(2, 10, 2, 64)),
+        "quantize_values": dict(v=g(4, 64), bits=4, group=32),
+        "dequantize_values": dict(packed=packed, scale=scale, zero=zero, bits=4, group=32),
+    }
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("fn,arg,at,row", [
+    ("project", "x", (2, 5), "row 2"),
+    ("project", "proj", (7, 1), "row 7"),
+    ("rope_apply", "x", (3, 1, 10), r"row \[3, 1\]"),
+    ("score_select", "q_lat", (1, 0, 2), r"row \[1, 0\]"),
+    ("score_select", "k_lat", (0, 50, 3), r"row \[0, 50\]"),
+    ("rebuild_rope", "k_lat", (4, 0), "row 4"),
+    ("rebuild_rope", "proj", (100, 3), "row 100"),
+    ("sparse_attention", "q", (1, 3, 0), r"row \[1, 3\]"),
+    ("sparse_attention", "k", (0, 7, 1, 5), r"row \[0, 7, 1\]"),
+    ("sparse_attention", "v", (1, 2, 0, 63), r"row \[1, 2, 0\]"),
+    ("quantize_values", "v", (3, 63), "row 3"),
+    ("dequantize_values", "scale", (2, 1), "row 2"),
+    ("dequantize_values", "zero", (0, 0), "row 0"),
+])
+def test_stateless_not_finite(fn, arg, at, row, value):
+    kwargs = stateless_inputs()[fn]
+    good = getattr(sals, fn)(**kwargs)
+    kwargs[arg] = kwargs[arg].copy()
+    kwargs[arg][at] = value
+    if fn != "quantize_values":  # the only one without out=
+        kwargs["out"] = np.full_like(good, 7)
+    with pytest.raises(sals.NotFiniteError, match=rf"^{arg}: holds NaN or infinity at {row}$"):
+        getattr(sals, fn)(**kwargs)
+    if "out" in kwargs:
+        assert np.all(kwargs["out"] == 7)  # nothing written
+
+
+def test_stateless_not_finite_in_place_and_16_bit():
+    torch = pytest.importorskip("torch")
+    x = f32(5, 2, 64)
+    x[1, 0, 3] = np.inf
+    before = x.copy()
+    with pytest.raises(sals.NotFiniteError, match=r"^x: holds NaN or infinity at row \[1, 0\]$"):
+        sals.rope_apply(x, np.arange(5, dtype=np.int32), rope_for(64), out=x)
+    np.testing.assert_array_equal(x, before)
+    for dtype in (torch.float16, torch.bfloat16):
+        v = torch.zeros(3, 64, dtype=dtype)
+        v[2, 5] = float("nan")
+        with pytest.raises(sals.NotFiniteError, match="^v: holds NaN or infinity at row 2$"):
+            sals.quantize_values(v, 2, 32)
+        k = torch.zeros(1, 4, 1, 64, dtype=dtype)
+        k[0, 3, 0, 0] = float("-inf")
+        q = torch.zeros(1, 2, 64, dtype=dtype)
+        with pytest.raises(sals.NotFiniteError, match=r"^k: holds NaN or infinity at row \[0, 3, 0\]$"):
+            sals.sparse_attention(q, k, torch.zeros_like(k))
+
+
+def test_stateless_unread_elements_are_not_checked():
+    """Only what a call reads must be finite: padding past `lengths`, tokens outside idx,
+    sinks and recent tokens when scoring, latent coordinates past score_rank."""
+    kw = stateless_inputs()["score_select"]
+    lengths = np.array([100, 60], np.int32)
+    k_lat, q_lat = kw["k_lat"], kw["q_lat"]
+    k_lat[0, 2] = np.nan  # a sink
+    k_lat[0, 95] = np.inf  # a recent token
+    k_lat[1, 70] = np.nan  # past length 60
+    k_lat[:, :, 8:] = np.nan  # past score_rank 8
+    q_lat[:, :, 8:] = np.inf
+    idx = sals.score_select(lengths=lengths, **kw)
+    assert idx.min() >= 4 and idx[0].max() < 92 and idx[1].max() < 52
+    q, k, v = (stateless_inputs()["sparse_attention"][n] for n in "qkv")
+    k[0, 9], v[1, 6:] = np.nan, np.inf  # past lengths 9 and 6
+    lengths = np.array([9, 6], np.int32)
+    out = sals.sparse_attention(q, k, v, lengths=lengths)
+    assert np.all(np.isfinite(out))
+    k[0, 0, 1] = np.nan  # token 0 is not in idx for head 1
+    idx = np.array([[[1, 0], [2, 3]], [[4, -1], [5, 1]]], np.int32)  # per KV head
+    assert np.all(np.isfinite(sals.sparse_attention(q, k, v, idx=idx, lengths=lengths)))
+    with pytest.raises(sals.NotFiniteError, match=r"^k: holds NaN or infinity at row \[0, 0, 1\]$"):
+        sals.sparse_attention(q, k, v, idx=idx[:, :1], lengths=lengths)  # shared: all heads
 
 
 def test_error_classes():

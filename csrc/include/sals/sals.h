@@ -247,6 +247,17 @@ SALS_API sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_
 /* All tensors of one call live on one device. Outputs are written, never allocated.           */
 /* ------------------------------------------------------------------------------------------ */
 
+/*
+ * NaN and infinity: CPU inputs are checked for NaN/inf; CUDA inputs are not (a check would
+ * cost a device pass and a host synchronisation). On the CPU every float element a function
+ * reads is checked before anything is written, and a non-finite one fails the call with
+ * SALS_ERR_NOT_FINITE and a message naming the argument and the row ("v: holds NaN or
+ * infinity at row 3", "k: holds NaN or infinity at row [0, 5, 1]"). Elements a call does not
+ * read (k and v rows outside idx or past lengths, k_lat rows outside the candidates, latent
+ * coordinates past score_rank) are not looked at. On CUDA, non-finite inputs propagate into
+ * the outputs.
+ */
+
 /** out[n, :] = x[n, :] @ proj.  x: [N, Dk], proj: [Dk, R], out: [N, R]. */
 SALS_API sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* out,
                                     void* stream);
