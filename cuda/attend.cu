@@ -152,6 +152,45 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
   }
 }
 
+/* Dequantised value of tile row `row` at dims [e0, e0 + N) from the codes, scales and zeros
+ * staged in shared memory (codes: cb = D * bits / 8 bytes per row; ngh = D / group scales and
+ * zeros per row); the same arithmetic as load_value. */
+template <int N>
+__device__ __forceinline__ void load_value_staged(const AttnArgs& a, const uint8_t* codes,
+                                                  const uint16_t* sc, const uint16_t* zr,
+                                                  int32_t cb, int32_t ngh, int32_t row,
+                                                  int32_t e0, float* dst) {
+  const uint8_t* p = codes + row * cb;
+  sc += row * ngh;
+  zr += row * ngh;
+  const uint32_t mask = (1u << a.bits) - 1u;
+  if (N > 1 && a.group % N == 0) {
+    const int32_t bit0 = e0 * a.bits;
+    const uint8_t* q = p + (bit0 >> 3);
+    const int tb = N * a.bits;
+    uint64_t w;
+    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
+    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
+    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
+    else w = *reinterpret_cast<const uint64_t*>(q);
+    const int32_t g = e0 / a.group;
+    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * a.bits)) & mask) * s;
+    return;
+  }
+  for (int32_t e = 0; e < N; ++e) {
+    const int32_t bit = (e0 + e) * a.bits;
+    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
+    const int32_t g = (e0 + e) / a.group;
+    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
+  }
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
+}
+
 /* ---- scoring query ------------------------------------------------------------------------ */
 /* Row b, input coordinate k of selection head hs: the GQA-summed pre-RoPE query at Dk row
  * row0 + k, with row0 = 0 (shared selection: all heads) or hs * D (per KV head). */
@@ -179,7 +218,10 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits
 
 /* ---- fused gather + rebuild + RoPE + attention (tensor cores) ----------------------------- */
 /* 8 warps x 16 tokens: every U_h chunk staged in shared memory feeds 128 tokens; 64 latent
- * coordinates per pipeline stage (rows padded by 16 bytes: conflict-free ldmatrix). */
+ * coordinates per pipeline stage (rows padded by 16 bytes: conflict-free ldmatrix).
+ * With quantised values, the codes, scales and zeros of the tile's rebuilt tokens are copied
+ * into shared memory (cp.async) while the keys are rebuilt, so P.V no longer waits on
+ * dependent global gathers (the kernel's largest stall). */
 constexpr int kFWarps = 8, kFTile = 16 * kFWarps, kFKC = 64, kFStride = kFKC + 8;
 
 template <typename T, int D, int GM>
@@ -189,10 +231,17 @@ __global__ void __launch_bounds__(kFWarps * 32)
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */
   constexpr int DPL = D / 32;            /* value dims per lane */
-  /* dynamic: two stages of latent rows [kFTile][kFKC] and U_h rows [W][kFKC] (padded rows) */
+  /* dynamic: two stages of latent rows [kFTile][kFKC] and U_h rows [W][kFKC] (padded rows);
+   * then, when bits < 16, the tile's value codes [kFTile][cb] and scales, zeros [kFTile][ngh] */
   extern __shared__ __align__(16) unsigned char fused_smem[];
   T* const as0 = reinterpret_cast<T*>(fused_smem);
   T* const bs0 = as0 + 2 * kFTile * kFStride;
+  const bool staged = a.bits < 16;
+  const int32_t cb = staged ? D * a.bits / 8 : 0;   /* a multiple of 16 bytes */
+  const int32_t ngh = D / a.group;
+  uint8_t* const v_codes = reinterpret_cast<uint8_t*>(bs0 + 2 * W * kFStride);
+  uint16_t* const v_sc = reinterpret_cast<uint16_t*>(v_codes + kFTile * cb);
+  uint16_t* const v_zr = v_sc + kFTile * ngh;
   auto As = [&](int buf) { return as0 + buf * (kFTile * kFStride); };
   auto Bs = [&](int buf) { return bs0 + buf * (W * kFStride); };
   __shared__ float qs[GM][D];
@@ -276,6 +325,41 @@ __global__ void __launch_bounds__(kFWarps * 32)
     }
     __syncthreads();
     const bool any_rebuild = s_any_rebuild != 0;
+    if (staged && any_rebuild) {
+      /* 16-byte pieces of codes (cb and the row offsets are multiples of 16); scales and zeros
+       * in 4-byte words when ngh is even (then every offset is even), else one by one */
+      const int32_t pieces = cb / 16;
+      for (int c = tid; c < kFTile * pieces; c += blockDim.x) {
+        const int row = c / pieces, pc = c % pieces;
+        if (t_kind[row] != 0) continue;
+        const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
+        cp_async16(v_codes + row * cb + pc * 16,
+                   (const uint8_t*)a.val + srow * a.val_row_bytes + (int64_t)h * cb + pc * 16, 16);
+      }
+      if (ngh % 2 == 0) {
+        const int32_t words = ngh / 2;
+        for (int c = tid; c < kFTile * words; c += blockDim.x) {
+          const int row = c / words, wd = c % words;
+          if (t_kind[row] != 0) continue;
+          const int64_t o = ((int64_t)b * a.max_tokens + t_slot[row]) * a.n_groups +
+                            (int64_t)h * ngh + 2 * wd;
+          cp_async4(v_sc + row * ngh + 2 * wd, a.val_scale + o);
+          cp_async4(v_zr + row * ngh + 2 * wd, a.val_zero + o);
+        }
+      } else {
+        for (int c = tid; c < kFTile * ngh; c += blockDim.x) {
+          const int row = c / ngh, gi = c % ngh;
+          if (t_kind[row] != 0) continue;
+          const int64_t o = ((int64_t)b * a.max_tokens + t_slot[row]) * a.n_groups +
+                            (int64_t)h * ngh + gi;
+          v_sc[row * ngh + gi] = a.val_scale[o];
+          v_zr[row * ngh + gi] = a.val_zero[o];
+        }
+      }
+      /* committed before the first rebuild stage: the rebuild loop's first wait covers it,
+       * and its last wait<0> + barrier makes the staged values visible to P.V */
+      cp_async_commit();
+    }
 
     float logit[GM][2];
 #pragma unroll
@@ -448,7 +532,10 @@ __global__ void __launch_bounds__(kFWarps * 32)
       const int kind = t_kind[row];
       if (kind < 0) continue;
       float v[DPL];
-      load_value<T, DPL>(a, b, h, D, t_slot[row], kind, lane * DPL, v);
+      if (staged && kind == 0)
+        load_value_staged<DPL>(a, v_codes, v_sc, v_zr, cb, ngh, row, lane * DPL, v);
+      else
+        load_value<T, DPL>(a, b, h, D, t_slot[row], kind, lane * DPL, v);
       const int src = (r16 & 7) * 4;
 #pragma unroll
       for (int gq = 0; gq < GM; ++gq) {
@@ -735,28 +822,65 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   return a;
 }
 
+/*
+ * Splits of each (sequence, KV head) tile list. Blocks run in waves of `slots` (blocks resident
+ * on the device at once); a wave lasts about the tiles of one block plus a fixed cost (query
+ * rotation, partial write, share of the merge: ~1/4 tile). The split minimising waves x
+ * (tiles per block + 1/4) avoids a last wave that leaves most of the device idle; ties go to
+ * fewer partials.
+ */
+int32_t pick_splits(int64_t pairs, int32_t max_tiles, int32_t max_split, int64_t slots) {
+  const int32_t hi = max_tiles < max_split ? max_tiles : max_split;
+  int32_t best = 1;
+  double best_cost = INFINITY;
+  for (int32_t ns = 1; ns <= hi; ++ns) {
+    const double cost = (double)cdiv(ns * pairs, slots) * ((double)cdiv(max_tiles, ns) + 0.25);
+    if (cost < best_cost) {
+      best = ns;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+/* Launches the fused kernel over B x n_head_kv tile lists of at most max_tiles tiles, split
+ * in at most max_split parts (pick_splits); *nsplit gets the split used. */
+struct FusedGrid {
+  int32_t B, max_tiles, max_split, num_sms;
+};
 template <typename T, int D, int GM>
-cudaError_t launch_fused_g(const AttnArgs& a, dim3 grid, cudaStream_t st) {
+cudaError_t launch_fused_g(const AttnArgs& a, const FusedGrid& fg, int32_t* nsplit,
+                           cudaStream_t st) {
   constexpr int W = D < 128 ? D : 128;
-  constexpr size_t smem = sizeof(T) * 2 * (kFTile + W) * kFStride;
+  const size_t staged = a.bits < 16 ? (size_t)kFTile * (D * a.bits / 8 + 4 * (D / a.group)) : 0;
+  const size_t smem = sizeof(T) * 2 * (kFTile + W) * kFStride + staged;
   cudaError_t e = cudaFuncSetAttribute(fused_kernel<T, D, GM>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
+  int per_sm = 0;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_kernel<T, D, GM>,
+                                                    kFWarps * 32, smem);
+  if (e != cudaSuccess) return e;
+  const int64_t pairs = (int64_t)fg.B * a.hkv;
+  *nsplit = pick_splits(pairs, fg.max_tiles, fg.max_split,
+                        (int64_t)fg.num_sms * (per_sm > 0 ? per_sm : 1));
+  dim3 grid((unsigned)*nsplit, (unsigned)a.hkv, (unsigned)fg.B);
   fused_kernel<T, D, GM><<<grid, kFWarps * 32, smem, st>>>(a);
   return cudaPeekAtLastError();
 }
 template <typename T, int D>
-cudaError_t launch_fused_d(const AttnArgs& a, dim3 grid, cudaStream_t st) {
-  if (a.G <= 1) return launch_fused_g<T, D, 1>(a, grid, st);
-  if (a.G <= 2) return launch_fused_g<T, D, 2>(a, grid, st);
-  if (a.G <= 4) return launch_fused_g<T, D, 4>(a, grid, st);
-  return launch_fused_g<T, D, 8>(a, grid, st);
+cudaError_t launch_fused_d(const AttnArgs& a, const FusedGrid& fg, int32_t* ns, cudaStream_t st) {
+  if (a.G <= 1) return launch_fused_g<T, D, 1>(a, fg, ns, st);
+  if (a.G <= 2) return launch_fused_g<T, D, 2>(a, fg, ns, st);
+  if (a.G <= 4) return launch_fused_g<T, D, 4>(a, fg, ns, st);
+  return launch_fused_g<T, D, 8>(a, fg, ns, st);
 }
 template <typename T>
-cudaError_t launch_fused(const AttnArgs& a, int D, dim3 grid, cudaStream_t st) {
-  if (D == 64) return launch_fused_d<T, 64>(a, grid, st);
-  if (D == 128) return launch_fused_d<T, 128>(a, grid, st);
-  return launch_fused_d<T, 256>(a, grid, st);
+cudaError_t launch_fused(const AttnArgs& a, int D, const FusedGrid& fg, int32_t* ns,
+                         cudaStream_t st) {
+  if (D == 64) return launch_fused_d<T, 64>(a, fg, ns, st);
+  if (D == 128) return launch_fused_d<T, 128>(a, fg, ns, st);
+  return launch_fused_d<T, 256>(a, fg, ns, st);
 }
 
 /* Host copy of the budget rule, for sizing the grid (an upper bound over lengths <= S). */
@@ -837,15 +961,14 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     const int32_t max_list = cf.n_sink + cf.n_recent +
                              (sparse ? host_budget(cf, cf.max_tokens) : cf.max_tokens);
     const int32_t max_tiles = (int32_t)cdiv(max_list, kFTile);
-    int32_t want = (int32_t)cdiv(4LL * s->num_sms, (int64_t)B * cf.n_head_kv);
-    int32_t nsplit = want < max_tiles ? want : max_tiles;
-    if (nsplit > s->max_parts / kFWarps) nsplit = s->max_parts / kFWarps;
-    if (nsplit < 1) nsplit = 1;
-    dim3 grid((unsigned)nsplit, (unsigned)cf.n_head_kv, (unsigned)B);
+    const int32_t max_split = s->max_parts / kFWarps;
+    const FusedGrid fg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
+                       s->num_sms};
+    int32_t nsplit = 1;
     if (cf.dtype == SALS_DTYPE_FLOAT16)
-      SALS_CUDA_TRY(launch_fused<__half>(a, D, grid, st));
+      SALS_CUDA_TRY(launch_fused<__half>(a, D, fg, &nsplit, st));
     else
-      SALS_CUDA_TRY(launch_fused<__nv_bfloat16>(a, D, grid, st));
+      SALS_CUDA_TRY(launch_fused<__nv_bfloat16>(a, D, fg, &nsplit, st));
     merge_kernel<<<(unsigned)(B * cf.n_head_q), 128, 0, st>>>(a, D, nsplit * kFWarps);
     SALS_CUDA_LAUNCHED("merge");
     return SALS_OK;

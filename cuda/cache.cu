@@ -327,11 +327,10 @@ void sals_cuda_cache_free(sals_cache_t* c) {
 }
 
 /* Split partials per (sequence, query head) of the fused attention: enough to fill the device
- * at batch 1, bounded so the workspace stays small. */
+ * at batch 1, bounded so the workspace stays small; at least one split's 8 warp partials. */
 static int parts_for(const sals_cache_t* c, int num_sms) {
-  (void)c;
   int p = 4 * ((2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv);
-  if (p < 4) p = 4;
+  if (p < 8) p = 8;
   if (p > 256) p = 256;
   return p;
 }

@@ -3,7 +3,9 @@
  * order-preserving integer keys in three digit passes (11, 11, 10 bits), one block per row,
  * then one pass that writes every key above the threshold and, in index order, as many keys
  * equal to it as the budget leaves. Shared-memory histogram updates are aggregated per warp
- * (__match_any_sync) because the leading digits of similar floats collide heavily.
+ * (__match_any_sync) because the leading digits of similar floats collide heavily. Each pass
+ * loads kU scores (and positions) per thread before using any of them: with one block per row
+ * the passes are bound by load latency, not bandwidth.
  *
  * The rule is the CPU backend's: candidates are the tokens in [n_sink, S - n_recent) whose
  * position is not after the query's; a NaN score ranks as -inf; ties go to the lower index;
@@ -16,6 +18,7 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kBins = 2048;
+constexpr int kU = 8;
 
 /* Larger float -> larger unsigned key. */
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
   __shared__ int32_t hist[kBins];
   __shared__ int32_t warp_tot[kThreads / 32];
   __shared__ uint32_t s_prefix;
-  __shared__ int32_t s_remaining, s_above, s_visible;
+  __shared__ int32_t s_remaining, s_above, s_visible, s_eq;
 
   const int32_t row = blockIdx.x;
   const int32_t b = row / spec.rows_per_seq;
@@ -61,7 +64,24 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
   const float* s = scores + (int64_t)row * row_stride;
   int32_t* out = idx + (int64_t)b * isb + (int64_t)(row % spec.rows_per_seq) * ish;
   const int tid = threadIdx.x;
-  auto visible = [&](int32_t j) { return j >= lo && j < hi && (!kpos || kpos[j] <= qp); };
+  /* Chunk of kU * kThreads candidates from `base`: element u of this thread is j = base + u *
+   * kThreads + tid; vis[u] says whether it is a visible candidate, key[u] its order key. The
+   * loads of all kU elements are issued before any is used. */
+  auto load_chunk = [&](int32_t base, bool* vis, uint32_t* key) {
+    float x[kU];
+    int32_t p[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int32_t j = base + u * kThreads + tid;
+      const bool in = j < hi;
+      x[u] = in ? s[j] : 0.f;
+      p[u] = in && kpos ? kpos[j] : 0;
+      vis[u] = in && (!kpos || p[u] <= qp);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) key[u] = vis[u] ? order_key(x[u]) : 0u;
+  };
+  constexpr int32_t kChunk = kU * kThreads;
 
   if (tid == 0) {
     s_prefix = 0;
@@ -73,7 +93,16 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
                                       spec.budget_frac);
   if (k > 0 && kpos) { /* invisible tokens are not candidates: count the visible ones */
     int32_t n = 0;
-    for (int32_t j = lo + tid; j < hi; j += kThreads) n += kpos[j] <= qp;
+    for (int32_t base = lo; base < hi; base += kChunk) {
+      int32_t p[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int32_t j = base + u * kThreads + tid;
+        p[u] = j < hi ? kpos[j] : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) n += base + u * kThreads + tid < hi && p[u] <= qp;
+    }
     n = __reduce_add_sync(0xffffffffu, n);
     if ((tid & 31) == 0 && n) atomicAdd(&s_visible, n);
     __syncthreads();
@@ -95,19 +124,20 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     const uint32_t prefix = s_prefix;
     const int sh = shifts[pass];
     const uint32_t dmask = (1u << widths[pass]) - 1u;
-    for (int32_t base = lo; base < hi; base += kThreads) {
-      int32_t j = base + tid;
-      bool live = false;
-      uint32_t digit = 0;
-      if (visible(j)) {
-        uint32_t key = order_key(s[j]);
-        live = (key & mask) == prefix;
-        digit = (key >> sh) & dmask;
-      }
-      uint32_t active = __ballot_sync(0xffffffffu, live);
-      if (live) {
-        uint32_t peers = __match_any_sync(active, digit);
-        if ((__ffs(peers) - 1) == (int)(threadIdx.x & 31)) atomicAdd(&hist[digit], __popc(peers));
+    for (int32_t base = lo; base < hi; base += kChunk) {
+      bool vis[kU];
+      uint32_t key[kU];
+      load_chunk(base, vis, key);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const bool live = vis[u] && (key[u] & mask) == prefix;
+        const uint32_t digit = (key[u] >> sh) & dmask;
+        const uint32_t active = __ballot_sync(0xffffffffu, live);
+        if (live) {
+          const uint32_t peers = __match_any_sync(active, digit);
+          if ((__ffs(peers) - 1) == (int)(threadIdx.x & 31))
+            atomicAdd(&hist[digit], __popc(peers));
+        }
       }
     }
     __syncthreads();
@@ -116,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
       int32_t remaining = s_remaining;
       int32_t acc = 0;
       int found_bin = -1;
-      int32_t above_found = 0;
+      int32_t above_found = 0, in_found = 0;
       for (int top = (int)dmask; top >= 0 && found_bin < 0; top -= 32) {
         int bin = top - tid;
         int32_t c = bin >= 0 ? hist[bin] : 0;
@@ -131,6 +161,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
           found_bin = top - lane;
           int32_t excl = __shfl_sync(0xffffffffu, incl - c, lane);
           above_found = acc + excl;
+          in_found = __shfl_sync(0xffffffffu, c, lane);
         } else {
           acc += __shfl_sync(0xffffffffu, incl, 31);
         }
@@ -138,28 +169,36 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
       if (tid == 0) {
         s_prefix = prefix | ((uint32_t)found_bin << sh);
         s_remaining = remaining - above_found;
+        s_eq = in_found; /* after the last pass: keys equal to the threshold */
       }
     }
     mask |= dmask << sh;
     __syncthreads();
   }
 
-  /* Keys above the threshold in any order; keys equal to it in index order (lower first). */
+  /* Keys above the threshold in any order; keys equal to it in index order (lower first),
+   * unless every one of them is selected: then in any order too, with no block scans. */
   const uint32_t thr = s_prefix;
   const int32_t ties = s_remaining;
   const int32_t n_above = k - ties;
+  const bool all_ties = s_eq == ties;
   int32_t eq_base = 0; /* uniform over the block: every thread runs the same chunks */
-  for (int32_t base = lo; base < hi; base += kThreads) {
-    const int32_t j = base + tid;
-    const bool vis = visible(j);
-    const uint32_t key = vis ? order_key(s[j]) : 0u;
-    if (vis && key > thr) out[atomicAdd(&s_above, 1)] = j;
-    if (eq_base < ties) {
-      int32_t n_eq;
-      const bool eq = vis && key == thr;
-      const int32_t r = block_excl_scan(eq, warp_tot, &n_eq);
-      if (eq && eq_base + r < ties) out[n_above + eq_base + r] = j;
-      eq_base += n_eq;
+  for (int32_t base = lo; base < hi; base += kChunk) {
+    bool vis[kU];
+    uint32_t key[kU];
+    load_chunk(base, vis, key);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int32_t j = base + u * kThreads + tid; /* index order: u-major, then thread */
+      if (vis[u] && (key[u] > thr || (all_ties && key[u] == thr)))
+        out[atomicAdd(&s_above, 1)] = j;
+      if (!all_ties && eq_base < ties) {
+        int32_t n_eq;
+        const bool eq = vis[u] && key[u] == thr;
+        const int32_t r = block_excl_scan(eq, warp_tot, &n_eq);
+        if (eq && eq_base + r < ties) out[n_above + eq_base + r] = j;
+        eq_base += n_eq;
+      }
     }
   }
 }

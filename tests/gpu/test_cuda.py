@@ -144,6 +144,29 @@ def test_per_head_selection_bf16_noncontiguous():
     assert overlap >= 0.9 and err < 5e-2
 
 
+@pytest.mark.parametrize("bits,group,d", [(4, 64, 64), (8, 128, 128), (2, 8, 128)])
+def test_value_group_layouts(bits, group, d):
+    """Decode with one scale per head (odd count: staged one by one) and many small groups."""
+    cfg = sals.Config(
+        8,
+        2,
+        d,
+        rank=64,
+        score_rank=32,
+        value_bits=bits,
+        value_group=group,
+        n_sink=4,
+        n_recent=16,
+        budget_frac=0.25,
+        max_batch=3,
+        max_tokens=400,
+        dtype="float16",
+    )
+    err, overlap = run_both(cfg, 3, 301, 3, torch.float16, seed=bits * 31 + group)
+    assert overlap >= 0.9, overlap
+    assert err < 5e-2, err
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_float32_general_path(dense):
     cfg = sals.Config(
