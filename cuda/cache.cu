@@ -284,12 +284,16 @@ using namespace sals_cuda;
 extern "C" {
 
 int32_t sals_cuda_device_usable(void) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n > 0 ? 1 : 0;
+  /* Asked before every CUDA call: look once (devices and drivers do not appear at run time). */
+  static const int32_t usable = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return n > 0 ? 1 : 0;
+  }();
+  return usable;
 }
 
 sals_status_t sals_cuda_upload(void* dst, const void* src, size_t bytes) {
