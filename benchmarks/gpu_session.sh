@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device session: build libsals with CUDA (+ C tests), install the Python package, run the
+# One call on the GPU machine: build libsals with CUDA (+ C tests), install the Python package, run the
 # C tests, the CUDA-vs-CPU C test under compute-sanitizer, the GPU pytest suite and (with
 # BENCH=1) the attention benchmark. Logs and JSON go to $OUT (default ./gpu-out).
 #   STEPS="build ctest sanitize pytest bench" bash benchmarks/gpu_session.sh
