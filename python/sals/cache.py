@@ -20,8 +20,12 @@ def _parse_device(device) -> tuple[int, int]:
     if text == "cpu":
         return _KDLCPU, 0
     if text == "cuda":
+        # torch's current device when torch can see one; otherwise the library reports the
+        # missing GPU or CUDA build itself.
         torch = sys.modules.get("torch")
-        return _KDLCUDA, (torch.cuda.current_device() if torch is not None else 0)
+        if torch is not None and torch.cuda.is_available():
+            return _KDLCUDA, torch.cuda.current_device()
+        return _KDLCUDA, 0
     if text.startswith("cuda:") and text[5:].isdigit():
         return _KDLCUDA, int(text[5:])
     raise InvalidArgumentError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")

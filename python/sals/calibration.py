@@ -208,6 +208,9 @@ class Calibration:
         path = os.fspath(path)
         with open(path, "rb") as f:
             raw = f.read()
+        # np.load would take any other bytes for a .npy or a pickle and say so confusingly.
+        if not zipfile.is_zipfile(io.BytesIO(raw)):
+            raise CalibrationError(f"{path}: not a calibration file (not an .npz archive, or truncated)")
         try:
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 files = {name: z[name] for name in z.files}

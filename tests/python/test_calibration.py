@@ -130,8 +130,9 @@ def _header_edit(change):
 
 
 @pytest.mark.parametrize("damage,match", [
-    ("truncate", "not a readable"),
-    ("garbage", "not a readable"),
+    ("truncate", "not a calibration file"),
+    ("garbage", "not a calibration file"),
+    ("text", "not an .npz archive"),
     ("tamper_array", "SHA-256"),
     ("format", "format"),
     ("version", "version"),
@@ -147,6 +148,8 @@ def test_corrupt_files_are_refused(calib, tmp_path, damage, match):
         bad.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
         bad.write_bytes(b"\x00" * 100)
+    elif damage == "text":
+        bad.write_bytes(b"garbage")
     elif damage == "tamper_array":
         def edit(name, data):
             if name != "eigenvectors_1.npy":
