@@ -173,10 +173,6 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
   if (pdev.device_type != kDLCPU)
     TRY(sals_check_device("projection", pdev, config->device, "the cache"));
-#if defined(SALS_WITH_CUDA)
-  if (config->device.device_type == kDLCUDA && !sals_cuda_device_usable())
-    return sals_set_error(SALS_ERR_DEVICE, "config.device: no usable CUDA device");
-#endif
   float* proj = NULL;
   TRY(projection_host(&pv, pdev, &proj));
 
