@@ -2,7 +2,10 @@
 # One call on the GPU machine: build libsals with CUDA (+ C tests), install the Python package, run the
 # C tests, the CUDA-vs-CPU C test under compute-sanitizer, the GPU pytest suite and (with
 # BENCH=1) the attention benchmark. Logs and JSON go to $OUT (default ./gpu-out).
-#   STEPS="build ctest sanitize pytest bench" bash benchmarks/gpu_session.sh
+#   STEPS="build ctest sanitize pytest bench profile" bash benchmarks/gpu_session.sh
+# profile: Nsight Compute on one kernel (PROFILE_KERNEL, default fused_kernel) of each
+# PROFILE_CASES entry ("shape:context:batch:setting", see benchmarks/profile_step.py); writes the
+# details page and the per-line source view (stall samples) of each case.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -49,4 +52,21 @@ if has bench; then
   (cd /tmp && timeout ${BENCH_TIMEOUT:-540} python3 -m sals bench attention --out "$OUT/bench.json" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log")
 fi
+if has profile; then
+  for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5}; do
+    IFS=: read -r shape ctx batch setting <<< "$case"
+    name=prof_${shape}_${ctx}_${batch}
+    log "profile $case"
+    (cd /tmp && timeout 300 ncu -k "regex:${PROFILE_KERNEL:-fused_kernel}" -s 2 -c 1 --set full \
+      --import-source yes -f -o "/tmp/$name" python3 "$OLDPWD/benchmarks/profile_step.py" \
+      "$shape" "$ctx" "$batch" "$setting" > "$OUT/$name.log" 2>&1; tail -3 "$OUT/$name.log")
+    ncu -i "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
+    ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/${name}_sass.csv" 2>&1
+    grep -E "Duration|Registers|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
+      "$OUT/$name.txt" | head -20
+  done
+fi
 log done
+# the device tool returns at most 8 files: pack the logs into one archive
+(cd "$OUT" && tar czf logs.tgz --exclude logs.tgz --exclude '*.json' * && find . -type f \
+  ! -name logs.tgz ! -name '*.json' -delete)
