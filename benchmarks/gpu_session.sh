@@ -3,9 +3,10 @@
 # C tests, the CUDA-vs-CPU C test under compute-sanitizer, the GPU pytest suite and (with
 # BENCH=1) the attention benchmark. Logs and JSON go to $OUT (default ./gpu-out).
 #   STEPS="build ctest sanitize pytest bench profile" bash benchmarks/gpu_session.sh
-# profile: Nsight Compute on one kernel (PROFILE_KERNEL, default fused_kernel) of each
-# PROFILE_CASES entry ("shape:context:batch:setting", see benchmarks/profile_step.py); writes the
-# details page and the per-line source view (stall samples) of each case.
+# profile: Nsight Compute on one kernel of each PROFILE_CASES entry
+# ("shape:context:batch:setting:kernel", see benchmarks/profile_step.py; kernel is a regex on the
+# kernel name, default rebuild_logits); writes the details page and the per-instruction source
+# view (stall samples) of each case.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -53,11 +54,12 @@ if has bench; then
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log")
 fi
 if has profile; then
-  for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5}; do
-    IFS=: read -r shape ctx batch setting <<< "$case"
-    name=prof_${shape}_${ctx}_${batch}
+  for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5:rebuild_logits}; do
+    IFS=: read -r shape ctx batch setting kernel <<< "$case"
+    kernel=${kernel:-rebuild_logits}
+    name=prof_${kernel}_${shape}_${ctx}_${batch}
     log "profile $case"
-    (cd /tmp && timeout 300 ncu -k "regex:${PROFILE_KERNEL:-fused_kernel}" -s 2 -c 1 --set full \
+    (cd /tmp && timeout 300 ncu -k "regex:$kernel" -s 2 -c 1 --set full \
       --import-source yes -f -o "/tmp/$name" python3 "$OLDPWD/benchmarks/profile_step.py" \
       "$shape" "$ctx" "$batch" "$setting" > "$OUT/$name.log" 2>&1; tail -3 "$OUT/$name.log")
     ncu -i "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1

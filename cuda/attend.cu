@@ -6,12 +6,15 @@
  *           partials over many blocks (gemm.cuh skinny) and a fixed-order sum
  *   score   s_j = q~ . k~_j[:r*] over the candidates                            (score.cu)
  *   topk    radix select of the budget per sequence (or per KV head)            (select.cu)
- *   fused   per (split, KV head, sequence): gather 64 listed tokens' latent rows, rebuild their
+ *   rebuild per (split, KV head, sequence): gather 128 listed tokens' latent rows, rebuild their
  *           keys on tensor cores (k = U_h k~, never written to memory), add the exact keys of
- *           sink/recent tokens, RoPE in registers, logits for the G query heads, online softmax,
- *           dequantise values and accumulate P.V; one partial per warp
+ *           sink/recent tokens, RoPE in registers, write the logits of the G query heads
+ *   pv      per (split, KV head, sequence): online softmax over the logits, dequantise values
+ *           and accumulate P.V for the G query heads; one partial per warp
  *   merge   combines the partials of each (sequence, query head) into the output row.
- * Dense decode (config.dense, T == 1) uses the same fused kernel over every token.
+ * Rebuild is tensor-core work and P.V streams values: as two kernels each runs at its own
+ * occupancy, and the value gathers no longer stall the rebuild pipeline.
+ * Dense decode (config.dense, T == 1) runs the same kernels over every token.
  * Everything else (T > 1, float32 storage, other head dims) runs the general kernel below,
  * which rebuilds keys tile by tile in shared memory on CUDA cores: simpler, exact, slower.
  * No host synchronisation and no allocation unless check_finite is set.
@@ -86,6 +89,8 @@ struct AttnArgs {
   float att, scale;
   /* call */
   DView q, qpos, out;
+  float* logits;       /* [B, hq, lmax] sparse decode logits (log2 domain) */
+  int64_t lmax;
   float* part_o;
   float* part_ml;
   int32_t max_parts;
@@ -106,8 +111,42 @@ __device__ __forceinline__ void load_n(const T* p, float* dst) {
   }
 }
 
+/* Channels [col, col + N) of a quantised value row: codes packed little-endian from p, group
+ * g's float16 scale and zero at sc[g], zr[g] (g = channel / group); col is a multiple of N. The
+ * same pointers work for a whole cache row in global memory and for one head's slice staged in
+ * shared memory. N channels of one group come from one load of their codes. */
+template <int N>
+__device__ __forceinline__ void decode_codes(const uint8_t* p, const uint16_t* sc,
+                                             const uint16_t* zr, int64_t col, int32_t bits,
+                                             int32_t group, float* dst) {
+  const uint32_t mask = (1u << bits) - 1u;
+  if (N > 1 && group % N == 0) {
+    /* N * bits is 4, 8, 16, 32 or 64 bits, aligned to its own size */
+    const int64_t bit0 = col * bits;
+    const uint8_t* q = p + (bit0 >> 3);
+    const int tb = N * bits;
+    uint64_t w;
+    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
+    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
+    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
+    else w = *reinterpret_cast<const uint64_t*>(q);
+    const int64_t g = col / group;
+    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * bits)) & mask) * s;
+    return;
+  }
+  for (int32_t e = 0; e < N; ++e) {
+    const int64_t ch = col + e;
+    const int64_t bit = ch * bits;
+    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
+    const int64_t g = ch / group;
+    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
+  }
+}
+
 /* Value of token `slot` (kind as above) at dims [e0, e0 + N) of KV head h, as floats; e0 is a
- * multiple of N. N channels of one quantisation group come from one load of their codes. */
+ * multiple of N. */
 template <typename T, int N>
 __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t h, int32_t D,
                                            int32_t slot, int32_t kind, int32_t e0, float* dst) {
@@ -123,72 +162,8 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
     load_n<T, N>((const T*)a.val + row * a.dk + col, dst);
     return;
   }
-  const uint8_t* p = (const uint8_t*)a.val + row * a.val_row_bytes;
-  const uint16_t* sc = a.val_scale + row * a.n_groups;
-  const uint16_t* zr = a.val_zero + row * a.n_groups;
-  const uint32_t mask = (1u << a.bits) - 1u;
-  if (N > 1 && a.group % N == 0) {
-    /* N * bits is 4, 8, 16, 32 or 64 bits, aligned to its own size */
-    const int64_t bit0 = col * a.bits;
-    const uint8_t* q = p + (bit0 >> 3);
-    const int tb = N * a.bits;
-    uint64_t w;
-    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
-    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
-    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
-    else w = *reinterpret_cast<const uint64_t*>(q);
-    const int64_t g = col / a.group;
-    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
-#pragma unroll
-    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * a.bits)) & mask) * s;
-    return;
-  }
-  for (int32_t e = 0; e < N; ++e) {
-    const int64_t ch = col + e;
-    const int64_t bit = ch * a.bits;
-    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
-    const int64_t g = ch / a.group;
-    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
-  }
-}
-
-/* Dequantised value of tile row `row` at dims [e0, e0 + N) from the codes, scales and zeros
- * staged in shared memory (codes: cb = D * bits / 8 bytes per row; ngh = D / group scales and
- * zeros per row); the same arithmetic as load_value. */
-template <int N>
-__device__ __forceinline__ void load_value_staged(const AttnArgs& a, const uint8_t* codes,
-                                                  const uint16_t* sc, const uint16_t* zr,
-                                                  int32_t cb, int32_t ngh, int32_t row,
-                                                  int32_t e0, float* dst) {
-  const uint8_t* p = codes + row * cb;
-  sc += row * ngh;
-  zr += row * ngh;
-  const uint32_t mask = (1u << a.bits) - 1u;
-  if (N > 1 && a.group % N == 0) {
-    const int32_t bit0 = e0 * a.bits;
-    const uint8_t* q = p + (bit0 >> 3);
-    const int tb = N * a.bits;
-    uint64_t w;
-    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
-    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
-    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
-    else w = *reinterpret_cast<const uint64_t*>(q);
-    const int32_t g = e0 / a.group;
-    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
-#pragma unroll
-    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * a.bits)) & mask) * s;
-    return;
-  }
-  for (int32_t e = 0; e < N; ++e) {
-    const int32_t bit = (e0 + e) * a.bits;
-    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
-    const int32_t g = (e0 + e) / a.group;
-    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
-  }
-}
-
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
+  decode_codes<N>((const uint8_t*)a.val + row * a.val_row_bytes, a.val_scale + row * a.n_groups,
+                  a.val_zero + row * a.n_groups, col, a.bits, a.group, dst);
 }
 
 /* ---- scoring query ------------------------------------------------------------------------ */
@@ -216,36 +191,40 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits
   }
 }
 
-/* ---- fused gather + rebuild + RoPE + attention (tensor cores) ----------------------------- */
-/* 8 warps x 16 tokens: every U_h chunk staged in shared memory feeds 128 tokens; 64 latent
- * coordinates per pipeline stage (rows padded by 16 bytes: conflict-free ldmatrix).
- * With quantised values, the codes, scales and zeros of the tile's rebuilt tokens are copied
- * into shared memory (cp.async) while the keys are rebuilt, so P.V no longer waits on
- * dependent global gathers (the kernel's largest stall). */
-constexpr int kFWarps = 8, kFTile = 16 * kFWarps, kFKC = 64, kFStride = kFKC + 8;
+/* ---- sparse decode, part 1: rebuild + RoPE + logits (tensor cores) ------------------------ */
+/* One block per (split, KV head, sequence) walks 128-token tiles of the sequence's list: gather
+ * the tiles' latent rows, rebuild their keys for head h on tensor cores (k = U_h k~, never written
+ * to memory), add the exact keys of sink/recent tokens, apply RoPE at each token's position and
+ * write the logits of the G query heads (log2 domain, -inf where the token is after the query).
+ * Latent rows and U_h stream through a kRStages-deep cp.async pipeline of 32 coordinates (rows
+ * padded by 16 bytes: conflict-free ldmatrix). Each thread's gather addresses are computed once
+ * per tile (rows) or per pass (U_h), so a pipeline stage costs a handful of instructions per
+ * 16-byte copy. */
+constexpr int kRWarps = 8, kRTile = 16 * kRWarps, kRKC = 32, kRStride = kRKC + 8, kRStages = 4;
+constexpr int kRPieces = kRKC / 8;                              /* 16-byte copies per row */
+constexpr int kRRowsPerThread = kRTile * kRPieces / (kRWarps * 32);
+
+template <typename T, int D>
+constexpr size_t rebuild_smem_bytes() {
+  return sizeof(T) * (size_t)kRStages * (kRTile + (D < 128 ? D : 128)) * kRStride;
+}
 
 template <typename T, int D, int GM>
-__global__ void __launch_bounds__(kFWarps * 32)
-    fused_kernel(AttnArgs a) {
-  constexpr int W = D < 128 ? D : 128;   /* columns per pass */
+__global__ void __launch_bounds__(kRWarps * 32)
+    rebuild_logits_kernel(AttnArgs a) {
+  constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */
-  constexpr int DPL = D / 32;            /* value dims per lane */
-  /* dynamic: two stages of latent rows [kFTile][kFKC] and U_h rows [W][kFKC] (padded rows);
-   * then, when bits < 16, the tile's value codes [kFTile][cb] and scales, zeros [kFTile][ngh] */
-  extern __shared__ __align__(16) unsigned char fused_smem[];
-  T* const as0 = reinterpret_cast<T*>(fused_smem);
-  T* const bs0 = as0 + 2 * kFTile * kFStride;
-  const bool staged = a.bits < 16;
-  const int32_t cb = staged ? D * a.bits / 8 : 0;   /* a multiple of 16 bytes */
-  const int32_t ngh = D / a.group;
-  uint8_t* const v_codes = reinterpret_cast<uint8_t*>(bs0 + 2 * W * kFStride);
-  uint16_t* const v_sc = reinterpret_cast<uint16_t*>(v_codes + kFTile * cb);
-  uint16_t* const v_zr = v_sc + kFTile * ngh;
-  auto As = [&](int buf) { return as0 + buf * (kFTile * kFStride); };
-  auto Bs = [&](int buf) { return bs0 + buf * (W * kFStride); };
+  constexpr int kURowsPerThread = W * kRPieces / (kRWarps * 32);
+  /* dynamic: kRStages stages of latent rows [kRTile][kRKC] and U_h rows [W][kRKC] */
+  extern __shared__ __align__(16) unsigned char rebuild_smem[];
+  T* const as0 = reinterpret_cast<T*>(rebuild_smem);
+  T* const bs0 = as0 + kRStages * kRTile * kRStride;
+  auto As = [&](int buf) { return as0 + buf * (kRTile * kRStride); };
+  auto Bs = [&](int buf) { return bs0 + buf * (W * kRStride); };
   __shared__ float qs[GM][D];
-  __shared__ int32_t t_slot[kFTile], t_kind[kFTile], t_pos[kFTile];
+  __shared__ float s_freq[D / 2];
+  __shared__ int32_t t_slot[kRTile], t_kind[kRTile], t_pos[kRTile];
   __shared__ int32_t s_any_rebuild;
 
   const int32_t b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
@@ -280,27 +259,23 @@ __global__ void __launch_bounds__(kFWarps * 32)
     }
     qs[gq][e] = x;
   }
+  for (int i = tid; i < D / 2; i += blockDim.x) s_freq[i] = i < a.rotary_dim / 2 ? a.inv_freq[i] : 0.f;
 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
   const int32_t* sel = a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
   const int32_t n_sel = a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
   const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
-  const int32_t n_tiles = (L.total + kFTile - 1) / kFTile;
-
-  float m_run[GM], l_run[GM], o_acc[GM][DPL];
-#pragma unroll
-  for (int gq = 0; gq < GM; ++gq) {
-    m_run[gq] = -INFINITY;
-    l_run[gq] = 0.f;
-#pragma unroll
-    for (int e = 0; e < DPL; ++e) o_acc[gq][e] = 0.f;
-  }
+  const int32_t n_tiles = (L.total + kRTile - 1) / kRTile;
 
   const T* lat_s = (const T*)a.lat_score;
   const T* lat_r = (const T*)a.lat_rest;
   const T* uh = (const T*)a.uh;
   const int32_t rr = a.rank - a.rs;
+  /* this thread's 16-byte copies: rows tid / kRPieces + j * (threads / kRPieces), column ch */
+  const int ch = (tid % kRPieces) * 8;
+  const int row0 = tid / kRPieces;
+  constexpr int kRowStep = kRWarps * 32 / kRPieces;
 
   auto dim_of = [&](int c, int p) -> int {
     if (NPASS == 1) return c;
@@ -311,8 +286,8 @@ __global__ void __launch_bounds__(kFWarps * 32)
     __syncthreads(); /* previous tile's smem reads are done */
     if (tid == 0) s_any_rebuild = 0;
     __syncthreads();
-    if (tid < kFTile) {
-      const int32_t i = tile * kFTile + tid;
+    if (tid < kRTile) {
+      const int32_t i = tile * kRTile + tid;
       int32_t kind = -1, slot = 0, p = 0;
       if (i < L.total) {
         slot = tok_slot(L, i, sel, a.n_sink, &kind);
@@ -325,40 +300,17 @@ __global__ void __launch_bounds__(kFWarps * 32)
     }
     __syncthreads();
     const bool any_rebuild = s_any_rebuild != 0;
-    if (staged && any_rebuild) {
-      /* 16-byte pieces of codes (cb and the row offsets are multiples of 16); scales and zeros
-       * in 4-byte words when ngh is even (then every offset is even), else one by one */
-      const int32_t pieces = cb / 16;
-      for (int c = tid; c < kFTile * pieces; c += blockDim.x) {
-        const int row = c / pieces, pc = c % pieces;
-        if (t_kind[row] != 0) continue;
-        const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
-        cp_async16(v_codes + row * cb + pc * 16,
-                   (const uint8_t*)a.val + srow * a.val_row_bytes + (int64_t)h * cb + pc * 16, 16);
-      }
-      if (ngh % 2 == 0) {
-        const int32_t words = ngh / 2;
-        for (int c = tid; c < kFTile * words; c += blockDim.x) {
-          const int row = c / words, wd = c % words;
-          if (t_kind[row] != 0) continue;
-          const int64_t o = ((int64_t)b * a.max_tokens + t_slot[row]) * a.n_groups +
-                            (int64_t)h * ngh + 2 * wd;
-          cp_async4(v_sc + row * ngh + 2 * wd, a.val_scale + o);
-          cp_async4(v_zr + row * ngh + 2 * wd, a.val_zero + o);
-        }
-      } else {
-        for (int c = tid; c < kFTile * ngh; c += blockDim.x) {
-          const int row = c / ngh, gi = c % ngh;
-          if (t_kind[row] != 0) continue;
-          const int64_t o = ((int64_t)b * a.max_tokens + t_slot[row]) * a.n_groups +
-                            (int64_t)h * ngh + gi;
-          v_sc[row * ngh + gi] = a.val_scale[o];
-          v_zr[row * ngh + gi] = a.val_zero[o];
-        }
-      }
-      /* committed before the first rebuild stage: the rebuild loop's first wait covers it,
-       * and its last wait<0> + barrier makes the staged values visible to P.V */
-      cp_async_commit();
+    /* element offsets of this thread's latent rows (score part and rest part, each already
+     * shifted so that adding the stage's first coordinate gives the copy's source) */
+    int64_t off_s[kRRowsPerThread], off_r[kRRowsPerThread];
+    bool live[kRRowsPerThread];
+#pragma unroll
+    for (int j = 0; j < kRRowsPerThread; ++j) {
+      const int row = row0 + j * kRowStep;
+      const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
+      live[j] = t_kind[row] == 0;
+      off_s[j] = srow * a.rs + ch;
+      off_r[j] = srow * rr + ch - a.rs;
     }
 
     float logit[GM][2];
@@ -372,51 +324,58 @@ __global__ void __launch_bounds__(kFWarps * 32)
       for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
       if (any_rebuild) {
-        auto stage = [&](int buf, int32_t kc) {
-          /* 16-byte pieces; a piece lies in one of the two latent arrays (rs % 8 == 0) and
-           * pieces past the rank are zero-filled, so any rank that is a multiple of 8 works */
-          constexpr int kPieces = kFKC / 8;
-          for (int c = tid; c < kFTile * kPieces; c += blockDim.x) {
-            const int row = c / kPieces, ch = (c % kPieces) * 8;
-            const int32_t col = kc + ch;
-            const bool live = t_kind[row] == 0 && col < a.rank;
-            const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
-            const T* src = col < a.rs ? lat_s + srow * a.rs + col : lat_r + srow * rr + (col - a.rs);
-            cp_async16(&As(buf)[row * kFStride + ch], live ? (const void*)src : (const void*)lat_s,
-                       live ? 16 : 0);
-          }
-          for (int c = tid; c < W * kPieces; c += blockDim.x) {
-            const int n = c / kPieces, ch = (c % kPieces) * 8;
-            const bool live = kc + ch < a.rank;
-            const T* src = uh + ((int64_t)h * D + dim_of(n, pass)) * a.rank + kc + ch;
-            cp_async16(&Bs(buf)[n * kFStride + ch], live ? (const void*)src : (const void*)uh,
-                       live ? 16 : 0);
-          }
-          cp_async_commit();
-        };
-        stage(0, 0);
-        int buf = 0;
-        for (int32_t kc = 0; kc < a.rank; kc += kFKC) {
-          const bool more = kc + kFKC < a.rank;
-          if (more) stage(buf ^ 1, kc + kFKC);
-          if (more) cp_async_wait<1>(); else cp_async_wait<0>();
-          __syncthreads();
+        int64_t off_u[kURowsPerThread];
 #pragma unroll
-          for (int ks = 0; ks < kFKC; ks += 16) {
+        for (int j = 0; j < kURowsPerThread; ++j)
+          off_u[j] = ((int64_t)h * D + dim_of(row0 + j * kRowStep, pass)) * a.rank + ch;
+        /* a 16-byte copy lies in one of the two latent arrays (rs % 8 == 0); copies past the
+         * rank are zero-filled, so any rank that is a multiple of 8 works */
+        auto stage = [&](int buf, int32_t kc) {
+          const int32_t col = kc + ch;
+          const bool in_rank = col < a.rank, in_score = col < a.rs;
+#pragma unroll
+          for (int j = 0; j < kRRowsPerThread; ++j) {
+            const bool ok = live[j] && in_rank;
+            const T* src = !ok ? lat_s : in_score ? lat_s + off_s[j] + kc : lat_r + off_r[j] + kc;
+            cp_async16(&As(buf)[(row0 + j * kRowStep) * kRStride + ch], src, ok ? 16 : 0);
+          }
+#pragma unroll
+          for (int j = 0; j < kURowsPerThread; ++j)
+            cp_async16(&Bs(buf)[(row0 + j * kRowStep) * kRStride + ch],
+                       in_rank ? (const void*)(uh + off_u[j] + kc) : (const void*)uh,
+                       in_rank ? 16 : 0);
+        };
+#pragma unroll
+        for (int st = 0; st < kRStages - 1; ++st) {
+          if (st * kRKC < a.rank) stage(st, st * kRKC);
+          cp_async_commit();
+        }
+        int it = 0;
+        for (int32_t kc = 0; kc < a.rank; kc += kRKC, ++it) {
+          /* stage `it` has landed; every warp is done with the buffer refilled below */
+          cp_async_wait<kRStages - 2>();
+          __syncthreads();
+          const int32_t next = kc + (kRStages - 1) * kRKC;
+          if (next < a.rank) stage((it + kRStages - 1) % kRStages, next);
+          cp_async_commit();
+          const T* A = As(it % kRStages);
+          const T* Bt = Bs(it % kRStages);
+#pragma unroll
+          for (int ks = 0; ks < kRKC; ks += 16) {
             uint32_t af[4];
-            ldmatrix_x4(af, &As(buf)[(warp * 16 + (lane % 16)) * kFStride + ks + (lane / 16) * 8]);
+            ldmatrix_x4(af, &A[(warp * 16 + (lane % 16)) * kRStride + ks + (lane / 16) * 8]);
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
               uint32_t bf[4];
-              ldmatrix_x4(bf, &Bs(buf)[(np * 16 + (lane % 8) + (lane / 16) * 8) * kFStride + ks +
-                                       ((lane / 8) % 2) * 8]);
+              ldmatrix_x4(bf, &Bt[(np * 16 + (lane % 8) + (lane / 16) * 8) * kRStride + ks +
+                                  ((lane / 8) % 2) * 8]);
               mma16816<T>(acc[2 * np], af, &bf[0]);
               mma16816<T>(acc[2 * np + 1], af, &bf[2]);
             }
           }
-          __syncthreads();
-          buf ^= 1;
         }
+        cp_async_wait<0>();
+        __syncthreads(); /* the next pass or tile refills the stages */
       }
 
       /* exact keys of window tokens, then RoPE at each token's own position */
@@ -445,7 +404,7 @@ __global__ void __launch_bounds__(kFWarps * 32)
               const int dm = dim_of(nt * 8 + 2 * t4, pass);
               if (dm < a.rotary_dim) {
                 float cs, sn;
-                rope_cs(p, a.inv_freq[dm / 2], a.att, &cs, &sn);
+                rope_cs(p, s_freq[dm / 2], a.att, &cs, &sn);
                 const float xa = acc[nt][hr * 2], xb = acc[nt][hr * 2 + 1];
                 acc[nt][hr * 2] = xa * cs - xb * sn;
                 acc[nt][hr * 2 + 1] = xb * cs + xa * sn;
@@ -460,7 +419,7 @@ __global__ void __launch_bounds__(kFWarps * 32)
               for (int j = 0; j < 2; ++j) {
                 const int dm = dim_of(nt * 8 + 2 * t4 + j, pass);
                 float cs, sn;
-                rope_cs(p, a.inv_freq[dm], a.att, &cs, &sn);
+                rope_cs(p, s_freq[dm], a.att, &cs, &sn);
                 const float xa = acc[nt][hr * 2 + j], xb = acc[nt + NT / 2][hr * 2 + j];
                 acc[nt][hr * 2 + j] = xa * cs - xb * sn;
                 acc[nt + NT / 2][hr * 2 + j] = xb * cs + xa * sn;
@@ -485,69 +444,241 @@ __global__ void __launch_bounds__(kFWarps * 32)
       }
     }
 
-    /* complete logits across the quad, mask, online softmax, P.V */
-    bool vis[2];
+    /* complete each row's logits across its quad; lane t4 of the quad writes heads t4, t4 + 4 */
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = warp * 16 + g + hr * 8;
-      vis[hr] = t_kind[row] >= 0 && t_pos[row] <= qp;
-    }
-#pragma unroll
-    for (int gq = 0; gq < GM; ++gq) {
-      if (gq >= G) continue;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float x = logit[gq][hr];
-        x += __shfl_xor_sync(0xffffffffu, x, 1);
-        x += __shfl_xor_sync(0xffffffffu, x, 2);
-        logit[gq][hr] = vis[hr] ? x : -INFINITY;
-      }
-      float mx = fmaxf(logit[gq][0], logit[gq][1]);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-      const float m_new = fmaxf(m_run[gq], mx);
-      if (m_new == -INFINITY) {
-        logit[gq][0] = logit[gq][1] = 0.f;
-        continue;
-      }
-      const float alpha = exp2f(m_run[gq] - m_new);
-      const float p0 = exp2f(logit[gq][0] - m_new), p1 = exp2f(logit[gq][1] - m_new);
-      float ps = p0 + p1;
-      ps += __shfl_xor_sync(0xffffffffu, ps, 4);
-      ps += __shfl_xor_sync(0xffffffffu, ps, 8);
-      ps += __shfl_xor_sync(0xffffffffu, ps, 16);
-      /* the xor 4/8/16 reduction spans the 8 row groups of one quad position: each of the
-       * 16 rows is counted once */
-      l_run[gq] = l_run[gq] * alpha + ps;
-      m_run[gq] = m_new;
-#pragma unroll
-      for (int e = 0; e < DPL; ++e) o_acc[gq][e] *= alpha;
-      logit[gq][0] = p0;
-      logit[gq][1] = p1;
-    }
-#pragma unroll 4
-    for (int r16 = 0; r16 < 16; ++r16) {
-      const int row = warp * 16 + r16;
-      const int kind = t_kind[row];
-      if (kind < 0) continue;
-      float v[DPL];
-      if (staged && kind == 0)
-        load_value_staged<DPL>(a, v_codes, v_sc, v_zr, cb, ngh, row, lane * DPL, v);
-      else
-        load_value<T, DPL>(a, b, h, D, t_slot[row], kind, lane * DPL, v);
-      const int src = (r16 & 7) * 4;
+      const int32_t i = tile * kRTile + row;
+      const bool vis = t_kind[row] >= 0 && t_pos[row] <= qp;
 #pragma unroll
       for (int gq = 0; gq < GM; ++gq) {
         if (gq >= G) continue;
-        const float p = __shfl_sync(0xffffffffu, r16 < 8 ? logit[gq][0] : logit[gq][1], src);
-#pragma unroll
-        for (int e = 0; e < DPL; ++e) o_acc[gq][e] += p * v[e];
+        float x = logit[gq][hr];
+        x += __shfl_xor_sync(0xffffffffu, x, 1);
+        x += __shfl_xor_sync(0xffffffffu, x, 2);
+        if (gq % 4 == t4 && i < L.total)
+          a.logits[((int64_t)b * a.hq + h * G + gq) * a.lmax + i] = vis ? x : -INFINITY;
       }
     }
   }
+}
 
-  const int32_t part = split * kFWarps + warp;
+/* ---- sparse decode, part 2: softmax + dequantise + P.V ------------------------------------- */
+/* One block per (split, KV head, sequence); each warp takes 32 list entries at a time: lane j
+ * reads entry j's slot and logits, the warp updates its running max and sum (exp2 domain), then
+ * every lane accumulates its D/32 value dimensions over the 32 entries, shared by the G query
+ * heads. With quantised values the group's codes, scales and zeros (head h's slice of each row)
+ * are first copied into the warp's shared memory with cp.async, one group ahead, so the P.V loop
+ * reads shared memory instead of waiting on one dependent global gather per entry. Exact window
+ * values (16-bit) and 16-bit storage are read from global memory. One partial per warp;
+ * merge_kernel combines them. */
+constexpr int kPWarps = 4;
+
+/* Shared bytes of one staged group of 32 entries (codes, then scales and zeros). */
+__host__ __device__ inline int32_t pv_group_bytes(int32_t row_bytes, int32_t ngh) {
+  return (32 * row_bytes + 32 * ngh * 4 + 15) / 16 * 16;
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
+}
+
+/* P.V over n staged entries of one group, all rebuilt (quantised): lane owns dims
+ * [lane * DPL, +DPL), whose TB = DPL * bits code bits start at byte lane_byte of each row and
+ * lie in quantisation group lane_g (group % DPL == 0). p holds the entries' probabilities as
+ * [32][GM]. Compile-time code width: no per-entry branches. */
+template <int DPL, int TB, int GM>
+__device__ __forceinline__ void pv_staged_rows(const uint8_t* codes, const uint16_t* sc,
+                                               const uint16_t* zr, int32_t rb, int32_t ngh,
+                                               int32_t n, int32_t lane_byte, int32_t lane_shift,
+                                               int32_t lane_g, const float* p, int32_t G,
+                                               float (&o)[GM][DPL]) {
+  constexpr int BITS = TB / DPL;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+#pragma unroll 4
+  for (int32_t r = 0; r < n; ++r) {
+    const uint8_t* q = codes + r * rb + lane_byte;
+    uint64_t w;
+    if constexpr (TB <= 8) w = (uint64_t)(*q >> lane_shift);
+    else if constexpr (TB == 16) w = *reinterpret_cast<const uint16_t*>(q);
+    else if constexpr (TB == 32) w = *reinterpret_cast<const uint32_t*>(q);
+    else w = *reinterpret_cast<const uint64_t*>(q);
+    const float z = half_bits_to_f(zr[r * ngh + lane_g]), s = half_bits_to_f(sc[r * ngh + lane_g]);
+    float v[DPL];
+#pragma unroll
+    for (int e = 0; e < DPL; ++e) v[e] = z + (float)((uint32_t)(w >> (e * BITS)) & kMask) * s;
+#pragma unroll
+    for (int gq = 0; gq < GM; ++gq) {
+      if (gq >= G) continue;
+      const float pr = p[r * GM + gq];
+#pragma unroll
+      for (int e = 0; e < DPL; ++e) o[gq][e] += pr * v[e];
+    }
+  }
+}
+
+template <typename T, int D, int GM>
+__global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, int32_t staged) {
+  constexpr int DPL = D / 32; /* value dims per lane */
+  extern __shared__ __align__(16) unsigned char pv_smem[];
+  const int32_t b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t G = a.G;
+  if (load_i32(a.qpos, off2(a.qpos, b, 0)) < 0) return; /* padded query: merge writes zeros */
+
+  const int32_t S = a.len[b];
+  const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
+  const int32_t* sel = a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+  const int32_t n_sel = a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
+  const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
+  /* this split's entries: whole 32-entry groups */
+  const int32_t groups = (L.total + 31) / 32;
+  const int32_t per = (groups + nsplit - 1) / nsplit * 32;
+  const int32_t i0 = split * per;
+  const int32_t i1 = i0 + per < L.total ? i0 + per : L.total;
+  const float* lg_row = a.logits + ((int64_t)b * a.hq + h * G) * a.lmax;
+
+  __shared__ __align__(16) float p_s[kPWarps][32][GM]; /* probabilities of the current group */
+  /* staging buffers of this warp: two groups */
+  const int32_t rb = staged ? D * a.bits / 8 : 0; /* code bytes of head h per token */
+  const int32_t ngh = staged ? D / a.group : 0;
+  /* staged entries decode with one load per lane when its DPL channels share a group */
+  const bool fast = staged && a.group % DPL == 0;
+  const int32_t lane_byte = lane * DPL * a.bits / 8, lane_shift = (lane * DPL * a.bits) % 8;
+  const int32_t lane_g = fast ? lane * DPL / a.group : 0;
+  const int32_t gb = pv_group_bytes(rb, ngh);
+  unsigned char* const wbuf = pv_smem + (size_t)warp * 2 * gb;
+  auto codes = [&](int k) { return wbuf + k * gb; };
+  auto scales = [&](int k) { return reinterpret_cast<uint16_t*>(wbuf + k * gb + 32 * rb); };
+  auto zeros = [&](int k) { return scales(k) + 32 * ngh; };
+  /* copies of the group's rebuilt entries (kind 0); slot and kind of entry r are in lane r */
+  auto stage = [&](int k, int32_t slot, int32_t kind) {
+    const int32_t pieces = rb / 16; /* rb is a multiple of 16 (D >= 64, bits >= 2) */
+    for (int c = lane; c < 32 * pieces; c += 32) {
+      const int r = c / pieces, pc = c % pieces;
+      const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
+      const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
+      if (kr == 0)
+        cp_async16(codes(k) + r * rb + pc * 16,
+                   (const uint8_t*)a.val + ((int64_t)b * a.max_tokens + sr) * a.val_row_bytes +
+                       (int64_t)h * rb + pc * 16, 16);
+    }
+    /* scales and zeros: 4-byte words when ngh is even (then every offset is even) */
+    const int32_t per_row = ngh % 2 == 0 ? ngh / 2 : ngh;
+    for (int c = lane; c < 32 * per_row; c += 32) {
+      const int r = c / per_row, w = c % per_row;
+      const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
+      const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
+      if (kr != 0) continue;
+      const int64_t o = ((int64_t)b * a.max_tokens + sr) * a.n_groups + (int64_t)h * ngh;
+      if (ngh % 2 == 0) {
+        cp_async4(scales(k) + r * ngh + 2 * w, a.val_scale + o + 2 * w);
+        cp_async4(zeros(k) + r * ngh + 2 * w, a.val_zero + o + 2 * w);
+      } else {
+        scales(k)[r * ngh + w] = a.val_scale[o + w];
+        zeros(k)[r * ngh + w] = a.val_zero[o + w];
+      }
+    }
+    cp_async_commit();
+  };
+  auto entry = [&](int32_t i, int32_t* slot, int32_t* kind) {
+    *kind = -1;
+    *slot = 0;
+    if (i < i1) *slot = tok_slot(L, i, sel, a.n_sink, kind);
+  };
+
+  float m_run[GM], l_run[GM], o_acc[GM][DPL];
+#pragma unroll
+  for (int gq = 0; gq < GM; ++gq) {
+    m_run[gq] = -INFINITY;
+    l_run[gq] = 0.f;
+#pragma unroll
+    for (int e = 0; e < DPL; ++e) o_acc[gq][e] = 0.f;
+  }
+
+  int32_t base = i0 + warp * 32;
+  int32_t slot, kind;
+  entry(base + lane, &slot, &kind);
+  if (staged && base < i1) stage(0, slot, kind);
+  for (int k = 0; base < i1; base += kPWarps * 32, k ^= 1) {
+    /* next group's copies go out before this group's work */
+    const int32_t nbase = base + kPWarps * 32;
+    int32_t nslot, nkind;
+    entry(nbase + lane, &nslot, &nkind);
+    const bool more = nbase < i1;
+    if (staged && more) stage(k ^ 1, nslot, nkind);
+
+    const int32_t i = base + lane;
+#pragma unroll
+    for (int gq = 0; gq < GM; ++gq) {
+      float pg = 0.f;
+      if (gq < G) {
+        const float x = i < i1 ? lg_row[(int64_t)gq * a.lmax + i] : -INFINITY;
+        float mx = x;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float m_new = fmaxf(m_run[gq], mx);
+        if (m_new > -INFINITY) { /* else nothing visible yet */
+          const float alpha = exp2f(m_run[gq] - m_new);
+          pg = exp2f(x - m_new);
+          float ps = pg;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+          l_run[gq] = l_run[gq] * alpha + ps;
+          m_run[gq] = m_new;
+#pragma unroll
+          for (int e = 0; e < DPL; ++e) o_acc[gq][e] *= alpha;
+        }
+      }
+      p_s[warp][lane][gq] = pg;
+    }
+    if (staged) {
+      if (more) cp_async_wait<1>(); else cp_async_wait<0>();
+    }
+    __syncwarp(); /* every lane's copies and probabilities of this group are visible */
+    const int32_t n = i1 - base < 32 ? i1 - base : 32;
+    const float* pw = &p_s[warp][0][0];
+    if (fast && base >= L.n_exact) {
+      /* every entry is rebuilt: codes from shared memory, code width fixed at compile time */
+      const uint8_t* cd = codes(k);
+      const uint16_t *sc = scales(k), *zr = zeros(k);
+      switch (DPL * a.bits) {
+        case DPL * 2:
+          pv_staged_rows<DPL, DPL * 2, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+          break;
+        case DPL * 4:
+          pv_staged_rows<DPL, DPL * 4, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+          break;
+        default:
+          pv_staged_rows<DPL, DPL * 8, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+      }
+    } else {
+      /* window entries (exact 16-bit values), 16-bit storage or unstaged layouts */
+      for (int32_t r = 0; r < n; ++r) {
+        const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
+        float v[DPL];
+        if (staged && kr == 0) {
+          decode_codes<DPL>(codes(k) + r * rb, scales(k) + r * ngh, zeros(k) + r * ngh,
+                            lane * DPL, a.bits, a.group, v);
+        } else {
+          const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
+          load_value<T, DPL>(a, b, h, D, sr, kr, lane * DPL, v);
+        }
+#pragma unroll
+        for (int gq = 0; gq < GM; ++gq) {
+          if (gq >= G) continue;
+          const float pr = pw[r * GM + gq];
+#pragma unroll
+          for (int e = 0; e < DPL; ++e) o_acc[gq][e] += pr * v[e];
+        }
+      }
+    }
+    __syncwarp(); /* this group's buffer is refilled two groups later */
+    slot = nslot;
+    kind = nkind;
+  }
+
+  const int32_t part = split * kPWarps + warp;
 #pragma unroll
   for (int gq = 0; gq < GM; ++gq) {
     if (gq >= G) continue;
@@ -815,6 +946,8 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   a.q = dview(q);
   a.qpos = dview(q_pos);
   a.out = dview(out);
+  a.logits = s->logits;
+  a.lmax = attend_list_max(c->cfg);
   a.part_o = s->part_o;
   a.part_ml = s->part_ml;
   a.max_parts = s->max_parts;
@@ -843,48 +976,78 @@ int32_t pick_splits(int64_t pairs, int32_t max_tiles, int32_t max_split, int64_t
   return best;
 }
 
-/* Launches the fused kernel over B x n_head_kv tile lists of at most max_tiles tiles, split
- * in at most max_split parts (pick_splits); *nsplit gets the split used. */
-struct FusedGrid {
-  int32_t B, max_tiles, max_split, num_sms;
+/* Launch geometry of a decode step: B x n_head_kv lists of at most max_tiles 128-token tiles. */
+struct DecodeGrid {
+  int32_t B, max_tiles, max_pv_split, num_sms;
 };
+
+/* Resident blocks per SM of `kernel` (at least 1). */
+template <typename K>
+cudaError_t blocks_per_sm(K kernel, int threads, size_t smem, int* n) {
+  *n = 0;
+  const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, threads, smem);
+  if (*n < 1) *n = 1;
+  return e;
+}
+
+/* rebuild_logits_kernel then softmax_pv_kernel; *pv_split gets the softmax split used. */
 template <typename T, int D, int GM>
-cudaError_t launch_fused_g(const AttnArgs& a, const FusedGrid& fg, int32_t* nsplit,
-                           cudaStream_t st) {
-  constexpr int W = D < 128 ? D : 128;
-  const size_t staged = a.bits < 16 ? (size_t)kFTile * (D * a.bits / 8 + 4 * (D / a.group)) : 0;
-  const size_t smem = sizeof(T) * 2 * (kFTile + W) * kFStride + staged;
-  cudaError_t e = cudaFuncSetAttribute(fused_kernel<T, D, GM>,
+cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, int32_t* pv_split,
+                            cudaStream_t st) {
+  const int64_t pairs = (int64_t)dg.B * a.hkv;
+  const size_t smem = rebuild_smem_bytes<T, D>();
+  cudaError_t e = cudaFuncSetAttribute(rebuild_logits_kernel<T, D, GM>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
   int per_sm = 0;
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_kernel<T, D, GM>,
-                                                    kFWarps * 32, smem);
+  e = blocks_per_sm(rebuild_logits_kernel<T, D, GM>, kRWarps * 32, smem, &per_sm);
   if (e != cudaSuccess) return e;
-  const int64_t pairs = (int64_t)fg.B * a.hkv;
-  *nsplit = pick_splits(pairs, fg.max_tiles, fg.max_split,
-                        (int64_t)fg.num_sms * (per_sm > 0 ? per_sm : 1));
-  dim3 grid((unsigned)*nsplit, (unsigned)a.hkv, (unsigned)fg.B);
-  fused_kernel<T, D, GM><<<grid, kFWarps * 32, smem, st>>>(a);
+  const int32_t ns = pick_splits(pairs, dg.max_tiles, dg.max_tiles, (int64_t)dg.num_sms * per_sm);
+  rebuild_logits_kernel<T, D, GM><<<dim3((unsigned)ns, (unsigned)a.hkv, (unsigned)dg.B),
+                                    kRWarps * 32, smem, st>>>(a);
+  e = cudaPeekAtLastError();
+  if (e != cudaSuccess) return e;
+  /* softmax + P.V streams the values: enough blocks for several per SM, at most one split per
+   * 128-entry tile of the longest list. Staging needs 2 groups per warp of shared memory;
+   * configurations needing more than kPStageMax fall back to global reads. */
+  constexpr size_t kPStageMax = 96 << 10;
+  const size_t pv_smem = a.bits < 16 ? (size_t)kPWarps * 2 *
+                                           pv_group_bytes(D * a.bits / 8, D / a.group)
+                                     : 0;
+  const int32_t staged = pv_smem > 0 && pv_smem <= kPStageMax;
+  const size_t pv_dyn = staged ? pv_smem : 0;
+  e = cudaFuncSetAttribute(softmax_pv_kernel<T, D, GM>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pv_dyn);
+  if (e != cudaSuccess) return e;
+  e = blocks_per_sm(softmax_pv_kernel<T, D, GM>, kPWarps * 32, pv_dyn, &per_sm);
+  if (e != cudaSuccess) return e;
+  int64_t want = cdiv((int64_t)dg.num_sms * per_sm, pairs);
+  if (want > dg.max_tiles) want = dg.max_tiles;
+  if (want > dg.max_pv_split) want = dg.max_pv_split;
+  *pv_split = want > 1 ? (int32_t)want : 1;
+  softmax_pv_kernel<T, D, GM><<<dim3((unsigned)*pv_split, (unsigned)a.hkv, (unsigned)dg.B),
+                                kPWarps * 32, pv_dyn, st>>>(a, staged);
   return cudaPeekAtLastError();
 }
 template <typename T, int D>
-cudaError_t launch_fused_d(const AttnArgs& a, const FusedGrid& fg, int32_t* ns, cudaStream_t st) {
-  if (a.G <= 1) return launch_fused_g<T, D, 1>(a, fg, ns, st);
-  if (a.G <= 2) return launch_fused_g<T, D, 2>(a, fg, ns, st);
-  if (a.G <= 4) return launch_fused_g<T, D, 4>(a, fg, ns, st);
-  return launch_fused_g<T, D, 8>(a, fg, ns, st);
+cudaError_t launch_decode_d(const AttnArgs& a, const DecodeGrid& dg, int32_t* ns, cudaStream_t st) {
+  if (a.G <= 1) return launch_decode_g<T, D, 1>(a, dg, ns, st);
+  if (a.G <= 2) return launch_decode_g<T, D, 2>(a, dg, ns, st);
+  if (a.G <= 4) return launch_decode_g<T, D, 4>(a, dg, ns, st);
+  return launch_decode_g<T, D, 8>(a, dg, ns, st);
 }
 template <typename T>
-cudaError_t launch_fused(const AttnArgs& a, int D, const FusedGrid& fg, int32_t* ns,
-                         cudaStream_t st) {
-  if (D == 64) return launch_fused_d<T, 64>(a, fg, ns, st);
-  if (D == 128) return launch_fused_d<T, 128>(a, fg, ns, st);
-  return launch_fused_d<T, 256>(a, fg, ns, st);
+cudaError_t launch_decode(const AttnArgs& a, int D, const DecodeGrid& dg, int32_t* ns,
+                          cudaStream_t st) {
+  if (D == 64) return launch_decode_d<T, 64>(a, dg, ns, st);
+  if (D == 128) return launch_decode_d<T, 128>(a, dg, ns, st);
+  return launch_decode_d<T, 256>(a, dg, ns, st);
 }
 
+}  // namespace
+
 /* Host copy of the budget rule, for sizing the grid (an upper bound over lengths <= S). */
-int32_t host_budget(const sals_config_t& cf, int32_t S) {
+static int32_t host_budget(const sals_config_t& cf, int32_t S) {
   int32_t n_cand = S - cf.n_sink - cf.n_recent;
   if (n_cand <= 0) return 0;
   int32_t k = cf.budget_tokens > 0 ? cf.budget_tokens
@@ -892,7 +1055,12 @@ int32_t host_budget(const sals_config_t& cf, int32_t S) {
   return k < n_cand ? k : n_cand;
 }
 
-}  // namespace
+/* Sinks + recent + the budget at max_tokens (the budget grows with the length), or every token
+ * in dense mode. */
+int64_t attend_list_max(const sals_config_t& cf) {
+  if (cf.dense) return cf.max_tokens;
+  return (int64_t)cf.n_sink + cf.n_recent + host_budget(cf, cf.max_tokens);
+}
 }  // namespace sals_cuda
 
 using namespace sals_cuda;
@@ -958,18 +1126,16 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   if (fast) {
     /* tiles per (sequence, head) bounded on the host from max_tokens: graph replays with
      * longer sequences stay covered, because blocks loop over tiles with a stride. */
-    const int32_t max_list = cf.n_sink + cf.n_recent +
-                             (sparse ? host_budget(cf, cf.max_tokens) : cf.max_tokens);
-    const int32_t max_tiles = (int32_t)cdiv(max_list, kFTile);
-    const int32_t max_split = s->max_parts / kFWarps;
-    const FusedGrid fg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
-                       s->num_sms};
-    int32_t nsplit = 1;
+    const int32_t max_tiles = (int32_t)cdiv(a.lmax, kRTile);
+    const int32_t max_split = s->max_parts / kPWarps;
+    const DecodeGrid dg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
+                        s->num_sms};
+    int32_t pv_split = 1;
     if (cf.dtype == SALS_DTYPE_FLOAT16)
-      SALS_CUDA_TRY(launch_fused<__half>(a, D, fg, &nsplit, st));
+      SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, &pv_split, st));
     else
-      SALS_CUDA_TRY(launch_fused<__nv_bfloat16>(a, D, fg, &nsplit, st));
-    merge_kernel<<<(unsigned)(B * cf.n_head_q), 128, 0, st>>>(a, D, nsplit * kFWarps);
+      SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, &pv_split, st));
+    merge_kernel<<<(unsigned)(B * cf.n_head_q), 128, 0, st>>>(a, D, pv_split * kPWarps);
     SALS_CUDA_LAUNCHED("merge");
     return SALS_OK;
   }

@@ -320,7 +320,7 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
   CacheState* s = state(c);
   if (s) {
-    void* sp[] = {s->uh,      s->dest,  s->newlen, s->qlat, s->scores, s->part_o, s->part_ml,
+    void* sp[] = {s->uh,      s->dest,  s->newlen, s->qlat, s->scores, s->logits, s->part_o, s->part_ml,
                   s->proj_part, s->qpart, s->flag};
     for (void* p : sp)
       if (p) cudaFree(p);
@@ -393,6 +393,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   alloc((void**)&s->newlen, (size_t)B * 4);
   alloc((void**)&s->qlat, (size_t)B * H * rs * 4);
   alloc((void**)&s->scores, (size_t)B * H * S * 4);
+  alloc((void**)&s->logits, (size_t)B * Hq * attend_list_max(cf) * 4);
   s->max_parts = parts_for(c, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);

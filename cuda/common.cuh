@@ -244,12 +244,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 struct CacheState {
   int device;
   void* uh;          /* dtype [3 Dk, rank]: the projection in the storage type, [U_hi; U_lo;
-                      * U_hi] (tensor cores; the fused kernel rebuilds keys with U_hi) */
+                      * U_hi] (tensor cores; decode rebuilds keys with U_hi) */
   bool uh_ready;     /* uh converted from cache->proj (done at the first append/attend) */
   int32_t* dest;     /* [max_batch * max_tokens] destination slot of each appended row, -1 pad */
   int32_t* newlen;   /* [max_batch] lengths after the last append (ring ownership) */
   float* qlat;       /* [max_batch, n_sel_heads, score_rank] scoring queries */
   float* scores;     /* [max_batch, n_sel_heads, max_tokens] */
+  float* logits;     /* [max_batch, Hq, attend_list_max] decode logits (rebuild -> softmax) */
   float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
   float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
   float* proj_part;  /* [skinny_splits(Dk), max_batch, rank] split-K partials of decode appends */
@@ -320,6 +321,10 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
                           const int32_t* lengths, int32_t fixed_len, int32_t n_sink,
                           int32_t n_recent, int32_t B, float* scores, int64_t score_stride_b,
                           int32_t num_sms, cudaStream_t st);
+
+/* Longest attended list of one decode step for the cache's config (attend.cu): the row length of
+ * CacheState::logits. */
+int64_t attend_list_max(const sals_config_t& cf);
 
 }  // namespace sals_cuda
 
