@@ -1118,7 +1118,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     spec.pos = c->pos;
     spec.pos_stride = cf.max_tokens;
     SALS_CUDA_TRY(launch_topk(s->scores, cf.max_tokens, B * H, spec, c->sel_idx,
-                              (int64_t)H * cf.max_tokens, cf.max_tokens, 0, st));
+                              (int64_t)H * cf.max_tokens, cf.max_tokens, 0, s->topk_ws, st));
   } else {
     SALS_CUDA_TRY(cudaMemsetAsync(c->sel_count, 0, (size_t)B * 4, st));
   }

@@ -320,8 +320,8 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
   CacheState* s = state(c);
   if (s) {
-    void* sp[] = {s->uh,      s->dest,  s->newlen, s->qlat, s->scores, s->logits, s->part_o, s->part_ml,
-                  s->proj_part, s->qpart, s->flag};
+    void* sp[] = {s->uh,     s->dest,   s->newlen,  s->qlat,      s->scores, s->topk_ws,
+                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->flag};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -393,6 +393,8 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   alloc((void**)&s->newlen, (size_t)B * 4);
   alloc((void**)&s->qlat, (size_t)B * H * rs * 4);
   alloc((void**)&s->scores, (size_t)B * H * S * 4);
+  const size_t topk_bytes = topk_workspace_bytes((int32_t)(B * H), S);
+  alloc(&s->topk_ws, topk_bytes);
   alloc((void**)&s->logits, (size_t)B * Hq * attend_list_max(cf) * 4);
   s->max_parts = parts_for(c, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
@@ -414,6 +416,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   SALS_CUDA_TRY(cudaMemset(c->len, 0, (size_t)B * 4));
   SALS_CUDA_TRY(cudaMemset(c->sel_count, 0, (size_t)B * 4));
   SALS_CUDA_TRY(cudaMemset(c->pos, 0xff, (size_t)B * S * 4));
+  SALS_CUDA_TRY(cudaMemset(s->topk_ws, 0, topk_bytes));
   SALS_CUDA_TRY(cudaDeviceSynchronize());
   return SALS_OK;
 }

@@ -250,6 +250,8 @@ struct CacheState {
   int32_t* newlen;   /* [max_batch] lengths after the last append (ring ownership) */
   float* qlat;       /* [max_batch, n_sel_heads, score_rank] scoring queries */
   float* scores;     /* [max_batch, n_sel_heads, max_tokens] */
+  void* topk_ws;     /* top-k workspace, topk_workspace_bytes(max_batch * n_sel_heads,
+                      * max_tokens), zeroed at creation (launch_topk keeps it so) */
   float* logits;     /* [max_batch, Hq, attend_list_max] decode logits (rebuild -> softmax) */
   float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
   float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
@@ -296,7 +298,9 @@ __device__ __forceinline__ int32_t budget_for(int32_t S, int32_t n_sink, int32_t
  * for the candidates j in [lo_r, hi_r) and writes min(budget_r, candidates) token indices (j)
  * to idx[b*idx_stride_b + h*idx_stride_h + ...] (r = b*rows_per_seq + h) in any order; when
  * pad_to > 0 the row is padded with -1 up to pad_to. The per-row range and budget come from a
- * RowSpec evaluated on the device. */
+ * RowSpec evaluated on the device. `workspace`: at least topk_workspace_bytes(rows,
+ * row_stride) bytes, zeroed before its first use and then only used by launch_topk with the
+ * same row_stride (every launch leaves it as it found it). */
 struct RowSpec {
   const int32_t* lengths; /* [B] or NULL (= fixed_len) */
   int32_t fixed_len;
@@ -311,9 +315,10 @@ struct RowSpec {
                            * is not a candidate; NULL = every token is */
   int64_t pos_stride;
 };
+size_t topk_workspace_bytes(int32_t rows, int64_t row_stride);
 cudaError_t launch_topk(const float* scores, int64_t row_stride, int32_t rows, RowSpec spec,
                         int32_t* idx, int64_t idx_stride_b, int64_t idx_stride_h, int32_t pad_to,
-                        cudaStream_t st);
+                        void* workspace, cudaStream_t st);
 
 /* Scores s[b, h, j] = q_lat[b, h, :R] . k_lat[b, j, :R] for j in [n_sink, len_b - n_recent)
  * (score.cu). q_lat: float [B, H, R] compact; k_lat: a 3-D view [B, S, >=R]. */

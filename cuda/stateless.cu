@@ -1,7 +1,8 @@
 /*
  * Stateless stages on caller-provided CUDA tensors (experiments, tests). Any float dtype and
- * strides; float32 arithmetic. Only sals_score_select needs scratch memory (float queries and
- * scores): it is taken stream-ordered (cudaMallocAsync), which graph capture also accepts.
+ * strides; float32 arithmetic. Only sals_score_select needs scratch memory (float queries,
+ * scores, top-k workspace): it is taken stream-ordered (cudaMallocAsync), which graph capture
+ * also accepts.
  */
 #include "common.cuh"
 #include "gemm.cuh"
@@ -249,6 +250,8 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
   if (B == 0 || H == 0) return SALS_OK;
   float* qf = nullptr;
   float* sc = nullptr;
+  void* ws = nullptr; /* top-k workspace: zeroed before its first use */
+  const size_t ws_bytes = topk_workspace_bytes(B * H, S > 0 ? S : 1);
   SALS_CUDA_TRY(cudaMallocAsync((void**)&qf, sizeof(float) * B * H * score_rank, st));
   if (cudaMallocAsync((void**)&sc, sizeof(float) * (size_t)B * H * (S > 0 ? S : 1), st) !=
       cudaSuccess) {
@@ -256,9 +259,18 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
     return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "score_select: scratch for %d x %d scores",
                           B * H, S);
   }
-  to_float3_kernel<<<blocks_for((int64_t)B * H * score_rank, 256), 256, 0, st>>>(
-      dview(q_lat), score_rank, qf);
-  cudaError_t e = cudaPeekAtLastError();
+  if (cudaMallocAsync(&ws, ws_bytes, st) != cudaSuccess) {
+    cudaFreeAsync(qf, st);
+    cudaFreeAsync(sc, st);
+    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "score_select: top-k workspace of %zu bytes",
+                          ws_bytes);
+  }
+  cudaError_t e = cudaMemsetAsync(ws, 0, ws_bytes, st);
+  if (e == cudaSuccess) {
+    to_float3_kernel<<<blocks_for((int64_t)B * H * score_rank, 256), 256, 0, st>>>(
+        dview(q_lat), score_rank, qf);
+    e = cudaPeekAtLastError();
+  }
   const int32_t* len = lengths ? (const int32_t*)lengths->data : nullptr;
   if (e == cudaSuccess)
     e = launch_scores(qf, H, score_rank, dview(k_lat), len, S, n_sink, n_recent, B, sc,
@@ -277,10 +289,11 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
     spec.pos = nullptr;
     spec.pos_stride = 0;
     e = launch_topk(sc, S, B * H, spec, (int32_t*)idx->data, idx->stride[0], idx->stride[1],
-                    budget, st);
+                    budget, ws, st);
   }
   cudaFreeAsync(qf, st);
   cudaFreeAsync(sc, st);
+  cudaFreeAsync(ws, st);
   SALS_CUDA_TRY(e);
   return SALS_OK;
 }
