@@ -196,17 +196,41 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits
  * the tiles' latent rows, rebuild their keys for head h on tensor cores (k = U_h k~, never written
  * to memory), add the exact keys of sink/recent tokens, apply RoPE at each token's position and
  * write the logits of the G query heads (log2 domain, -inf where the token is after the query).
- * Latent rows and U_h stream through a kRStages-deep cp.async pipeline of 32 coordinates (rows
- * padded by 16 bytes: conflict-free ldmatrix). Each thread's gather addresses are computed once
+ * Latent rows and U_h stream through a cp.async pipeline (4 stages of 32 coordinates for
+ * mma.sync, 3 of 64 for wgmma on sm_90a, which reads them from shared memory without ldmatrix). Each thread's gather addresses are computed once
  * per tile (rows) or per pass (U_h), so a pipeline stage costs a handful of instructions per
  * 16-byte copy. */
-constexpr int kRWarps = 8, kRTile = 16 * kRWarps, kRKC = 32, kRStride = kRKC + 8, kRStages = 4;
+constexpr int kRWarps = 8, kRTile = 16 * kRWarps;
+/* Pipeline geometry: K coordinates per stage and stage count of each MMA path. mma.sync reads
+ * rows padded by 16 bytes with ldmatrix (conflict-free); wgmma (sm_90a) reads 128-byte rows in
+ * the 128-byte swizzle layout straight from shared memory, 8-row atoms 1024-byte aligned. */
+constexpr int kMmaKC = 32, kMmaStages = 4, kMmaStride = kMmaKC + 8;
+constexpr int kWgKC = 64, kWgStages = 3;
+#ifdef SALS_WGMMA
+constexpr int kRKC = kWgKC, kRStages = kWgStages;
+#else
+constexpr int kRKC = kMmaKC, kRStages = kMmaStages;
+#endif
 constexpr int kRPieces = kRKC / 8;                              /* 16-byte copies per row */
 constexpr int kRRowsPerThread = kRTile * kRPieces / (kRWarps * 32);
 
+/* Element offset of (row, column) in one operand tile of a stage; column is a multiple of 8
+ * or the offset of an element within its 16-byte chunk. */
+__device__ __forceinline__ int rebuild_tile_offset(int row, int col) {
+#ifdef SALS_WGMMA
+  return row * kWgKC + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+#else
+  return row * kMmaStride + col;
+#endif
+}
+/* Dynamic shared memory of either path (the host does not know which one the device runs):
+ * the stages, plus 1 KB to align the swizzle atoms. */
 template <typename T, int D>
 constexpr size_t rebuild_smem_bytes() {
-  return sizeof(T) * (size_t)kRStages * (kRTile + (D < 128 ? D : 128)) * kRStride;
+  constexpr size_t rows = kRTile + (D < 128 ? D : 128);
+  constexpr size_t mma = sizeof(T) * kMmaStages * rows * kMmaStride;
+  constexpr size_t wg = sizeof(T) * kWgStages * rows * kWgKC + 1024;
+  return mma > wg ? mma : wg;
 }
 
 template <typename T, int D, int GM>
@@ -218,10 +242,16 @@ __global__ void __launch_bounds__(kRWarps * 32)
   constexpr int kURowsPerThread = W * kRPieces / (kRWarps * 32);
   /* dynamic: kRStages stages of latent rows [kRTile][kRKC] and U_h rows [W][kRKC] */
   extern __shared__ __align__(16) unsigned char rebuild_smem[];
+#ifdef SALS_WGMMA
+  constexpr int kRowElems = kWgKC;
+  T* const as0 = reinterpret_cast<T*>(rebuild_smem + ((1024 - (smem_u32(rebuild_smem) & 1023)) & 1023));
+#else
+  constexpr int kRowElems = kMmaStride;
   T* const as0 = reinterpret_cast<T*>(rebuild_smem);
-  T* const bs0 = as0 + kRStages * kRTile * kRStride;
-  auto As = [&](int buf) { return as0 + buf * (kRTile * kRStride); };
-  auto Bs = [&](int buf) { return bs0 + buf * (W * kRStride); };
+#endif
+  T* const bs0 = as0 + kRStages * kRTile * kRowElems;
+  auto As = [&](int buf) { return as0 + buf * (kRTile * kRowElems); };
+  auto Bs = [&](int buf) { return bs0 + buf * (W * kRowElems); };
   __shared__ float qs[GM][D];
   __shared__ float s_freq[D / 2];
   __shared__ int32_t t_slot[kRTile], t_kind[kRTile], t_pos[kRTile];
@@ -337,11 +367,11 @@ __global__ void __launch_bounds__(kRWarps * 32)
           for (int j = 0; j < kRRowsPerThread; ++j) {
             const bool ok = live[j] && in_rank;
             const T* src = !ok ? lat_s : in_score ? lat_s + off_s[j] + kc : lat_r + off_r[j] + kc;
-            cp_async16(&As(buf)[(row0 + j * kRowStep) * kRStride + ch], src, ok ? 16 : 0);
+            cp_async16(&As(buf)[rebuild_tile_offset(row0 + j * kRowStep, ch)], src, ok ? 16 : 0);
           }
 #pragma unroll
           for (int j = 0; j < kURowsPerThread; ++j)
-            cp_async16(&Bs(buf)[(row0 + j * kRowStep) * kRStride + ch],
+            cp_async16(&Bs(buf)[rebuild_tile_offset(row0 + j * kRowStep, ch)],
                        in_rank ? (const void*)(uh + off_u[j] + kc) : (const void*)uh,
                        in_rank ? 16 : 0);
         };
@@ -354,25 +384,44 @@ __global__ void __launch_bounds__(kRWarps * 32)
         for (int32_t kc = 0; kc < a.rank; kc += kRKC, ++it) {
           /* stage `it` has landed; every warp is done with the buffer refilled below */
           cp_async_wait<kRStages - 2>();
+#ifdef SALS_WGMMA
+          fence_proxy_async(); /* cp.async data is read by wgmma (the async proxy) */
+#endif
           __syncthreads();
           const int32_t next = kc + (kRStages - 1) * kRKC;
           if (next < a.rank) stage((it + kRStages - 1) % kRStages, next);
           cp_async_commit();
           const T* A = As(it % kRStages);
           const T* Bt = Bs(it % kRStages);
+#ifdef SALS_WGMMA
+          /* warpgroup wg: tokens [64 wg, +64) times all W columns */
+          const T* Aw = A + (warp >> 2) * 64 * kWgKC;
+          wgmma_fence_operands(acc);
+          wgmma_fence();
+#pragma unroll
+          for (int ks = 0; ks < kRKC; ks += 16) {
+            const uint64_t da = wgmma_desc_sw128(Aw + ks), db = wgmma_desc_sw128(Bt + ks);
+            if constexpr (W == 128) wgmma_m64n128k16<T>(acc, da, db);
+            else wgmma_m64n64k16<T>(acc, da, db);
+          }
+          wgmma_commit();
+          wgmma_wait_all(); /* the stage is refilled two iterations later */
+          wgmma_fence_operands(acc);
+#else
 #pragma unroll
           for (int ks = 0; ks < kRKC; ks += 16) {
             uint32_t af[4];
-            ldmatrix_x4(af, &A[(warp * 16 + (lane % 16)) * kRStride + ks + (lane / 16) * 8]);
+            ldmatrix_x4(af, &A[(warp * 16 + (lane % 16)) * kMmaStride + ks + (lane / 16) * 8]);
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
               uint32_t bf[4];
-              ldmatrix_x4(bf, &Bt[(np * 16 + (lane % 8) + (lane / 16) * 8) * kRStride + ks +
+              ldmatrix_x4(bf, &Bt[(np * 16 + (lane % 8) + (lane / 16) * 8) * kMmaStride + ks +
                                   ((lane / 8) % 2) * 8]);
               mma16816<T>(acc[2 * np], af, &bf[0]);
               mma16816<T>(acc[2 * np + 1], af, &bf[2]);
             }
           }
+#endif
         }
         cp_async_wait<0>();
         __syncthreads(); /* the next pass or tile refills the stages */
