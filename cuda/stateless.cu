@@ -99,10 +99,13 @@ __global__ void rebuild_rope_kernel(DView kl, DView proj, DView pos, RopeArgs r,
 }
 
 /* One block per (sequence, query head); each warp keeps its own online softmax over a strided
- * share of the tokens, merged at the end. Indices outside [0, length) are skipped. */
+ * share of the tokens, merged at the end. -1 entries are skipped; any other index outside
+ * [0, length) is skipped too and, when bad != NULL, the first one seen is recorded as
+ * {1, b, h, n, idx[b, h, n], length_b}. */
 constexpr int kSaWarps = 4;
 __global__ void sparse_attention_kernel(DView q, DView k, DView v, DView idx, bool has_idx,
-                                        const int32_t* lengths, float scale, DView out) {
+                                        const int32_t* lengths, float scale, DView out,
+                                        int32_t* bad) {
   extern __shared__ float sm[];
   const int32_t Hq = (int32_t)q.shape[1], d = (int32_t)q.shape[2];
   const int32_t Hkv = (int32_t)k.shape[2], G = Hq / Hkv;
@@ -121,7 +124,16 @@ __global__ void sparse_attention_kernel(DView q, DView k, DView v, DView idx, bo
   float m = -INFINITY, l = 0.f;
   for (int64_t i = warp; i < n_list; i += kSaWarps) {
     const int32_t j = has_idx ? load_i32(idx, off3(idx, b, hi, i)) : (int32_t)i;
-    if (j < 0 || j >= len) continue;
+    if (j < 0 || j >= len) {
+      if (j != -1 && bad && lane == 0 && atomicCAS(bad, 0, 1) == 0) {
+        bad[1] = b;
+        bad[2] = hi;
+        bad[3] = (int32_t)i;
+        bad[4] = j;
+        bad[5] = len;
+      }
+      continue;
+    }
     float s = 0.f;
     for (int32_t e = lane; e < d; e += 32)
       s += qs[e] * load_elem(k.data, k.elem, off4(k, b, j, h, e));
@@ -326,12 +338,34 @@ sals_status_t sals_cuda_sparse_attention(const sals_view_t* q, const sals_view_t
   if ((int64_t)B * Hq == 0) return SALS_OK;
   if (scale == 0.f) scale = 1.f / sqrtf((float)d);
   const size_t smem = sizeof(float) * ((size_t)d * (1 + kSaWarps) + 2 * kSaWarps);
+  cudaStream_t st = (cudaStream_t)stream;
   SALS_CUDA_TRY(cudaFuncSetAttribute(sparse_attention_kernel,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  sparse_attention_kernel<<<(unsigned)(B * Hq), kSaWarps * 32, smem, (cudaStream_t)stream>>>(
-      dview(q), dview(k), dview(v), dview(idx), idx != nullptr,
-      lengths ? (const int32_t*)lengths->data : nullptr, scale, dview(out));
-  SALS_CUDA_LAUNCHED("sparse_attention");
+  /* Out-of-range indices are reported as the CPU path does, which needs the result on the
+   * host: done in eager calls; a graph being captured skips them silently (no host wait). */
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  SALS_CUDA_TRY(cudaStreamIsCapturing(st, &capture));
+  int32_t seen[6] = {0, 0, 0, 0, 0, 0};
+  int32_t* bad = nullptr;
+  if (idx && capture == cudaStreamCaptureStatusNone)
+    SALS_CUDA_TRY(cudaMallocAsync((void**)&bad, sizeof(seen), st));
+  cudaError_t e = bad ? cudaMemsetAsync(bad, 0, sizeof(seen), st) : cudaSuccess;
+  if (e == cudaSuccess) {
+    sparse_attention_kernel<<<(unsigned)(B * Hq), kSaWarps * 32, smem, st>>>(
+        dview(q), dview(k), dview(v), dview(idx), idx != nullptr,
+        lengths ? (const int32_t*)lengths->data : nullptr, scale, dview(out), bad);
+    e = cudaPeekAtLastError();
+  }
+  if (bad) {
+    if (e == cudaSuccess) e = cudaMemcpyAsync(seen, bad, sizeof(seen), cudaMemcpyDeviceToHost, st);
+    cudaFreeAsync(bad, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+  }
+  SALS_CUDA_TRY(e);
+  if (seen[0]) /* the CPU path's message */
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "idx[%d, %d, %d]: %d not a token of 0..%d (or -1)", seen[1], seen[2],
+                          seen[3], seen[4], seen[5] - 1);
   return SALS_OK;
 }
 

@@ -306,3 +306,24 @@ def test_stateless_quantize_and_ops(bits):
         )
         < 1e-5
     )
+
+
+def test_stateless_sparse_attention_index_errors():
+    """Out-of-range indices are an error on CUDA as on the CPU (same message); -1 is skipped."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 64, generator=gen)
+    k = torch.randn(2, 50, 2, 64, generator=gen)
+    v = torch.randn(2, 50, 2, 64, generator=gen)
+    lengths = torch.tensor([50, 30], dtype=torch.int32)
+    idx = torch.randint(0, 30, (2, 1, 12), generator=gen, dtype=torch.int32)
+    idx[0, 0, 3] = -1
+    ref = sals.sparse_attention(q, k, v, idx, lengths)
+    out = sals.sparse_attention(q.cuda(), k.cuda(), v.cuda(), idx.cuda(), lengths.cuda())
+    assert rel(out, ref) < 1e-5
+    bad = idx.clone()
+    bad[1, 0, 5] = 30  # past length 30 of sequence 1
+    for dev in ("cpu", "cuda"):
+        with pytest.raises(sals.InvalidArgumentError, match=r"idx\[1, 0, 5\]: 30 not a token"):
+            sals.sparse_attention(
+                q.to(dev), k.to(dev), v.to(dev), bad.to(dev), lengths.to(dev)
+            )

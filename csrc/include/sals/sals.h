@@ -298,8 +298,9 @@ SALS_API sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* 
  * idx: [B, H, N] int32 token indices with H = 1 (shared) or Hkv, -1 entries ignored;
  *      NULL attends tokens 0 .. length_b - 1,
  * lengths: [B] int32 or NULL (= S); out: [B, Hq, d]. scale: softmax scale (0 = 1/sqrt(d)).
- * An index >= length_b is an error (SALS_ERR_INVALID_ARGUMENT on the CPU). A sequence with
- * no token to attend gets a zero output row.
+ * Any other index outside [0, length_b) is an error (SALS_ERR_INVALID_ARGUMENT); on CUDA the
+ * check waits for the stream, except while the stream is being captured into a graph, where
+ * such indices are skipped. A sequence with no token to attend gets a zero output row.
  */
 SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k,
                                              const DLTensor* v, const DLTensor* idx,
