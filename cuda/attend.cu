@@ -168,28 +168,39 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
 
 /* ---- scoring query ------------------------------------------------------------------------ */
 /* Row b, input coordinate k of selection head hs: the GQA-summed pre-RoPE query at Dk row
- * row0 + k, with row0 = 0 (shared selection: all heads) or hs * D (per KV head). */
-struct QFoldLoad {
+ * row0 + k, with row0 = 0 (shared selection: all heads) or hs * D (per KV head), heads added in
+ * order g = 0, 1, ... Typed loads, and up to 8 heads as predicated loads with no loop, so that
+ * the skinny kernel's staging has all its loads in flight (gemm.cuh). */
+template <typename E> struct QFoldLoad {
   DView q;
   int32_t G, D, per_head;
   __device__ float operator()(int64_t b, int64_t k, int32_t hs) const {
     const int32_t row = (per_head ? hs * D : 0) + (int32_t)k;
     const int32_t kvh = row / D, e = row % D;
+    const int64_t o = off4(q, b, 0, (int64_t)kvh * G, e);
+    if (G <= 4) return fold<4>(o);
+    if (G <= 8) return fold<8>(o);
     float s = 0.f;
-    for (int32_t g = 0; g < G; ++g) s += load_elem(q.data, q.elem, off4(q, b, 0, kvh * G + g, e));
+    for (int32_t g = 0; g < G; ++g) s += load_as<E>(q.data, o + g * q.stride[2]);
+    return s;
+  }
+  /* the first G of GM heads: GM predicated loads, no loop */
+  template <int GM> __device__ float fold(int64_t o) const {
+    float x[GM], s = 0.f;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) x[g] = g < G ? load_as<E>(q.data, o + g * q.stride[2]) : 0.f;
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+      if (g < G) s += x[g];
     return s;
   }
 };
-/* out[i] = sum over splits of part[z * n + i], in a fixed order (deterministic). */
-__global__ void sum_splits_kernel(const float* __restrict__ part, int32_t splits, int64_t n,
-                                  float* __restrict__ out) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    float s = 0.f;
-    for (int32_t z = 0; z < splits; ++z) s += part[z * n + i];
-    out[i] = s;
-  }
-}
+/* Row r = b * H + hs of the scoring queries (skinny epilogue). */
+struct QLatStore {
+  float* qlat;
+  int32_t R;
+  __device__ void operator()(int64_t r, int64_t n, float x) const { qlat[r * R + n] = x; }
+};
 
 /* ---- sparse decode, part 1: rebuild + RoPE + logits (tensor cores) ------------------------ */
 /* One block per (split, KV head, sequence) walks 128-token tiles of the sequence's list: gather
@@ -1138,12 +1149,12 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   if (sparse) {
     const int32_t H = c->n_sel_heads;
     const int32_t fold_k = H == 1 ? c->dk : D;
-    SALS_CUDA_TRY(skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank,
-                         QFoldLoad{dview(q), G, D, H == 1 ? 0 : 1}, s->qpart, st));
-    const int64_t nq = (int64_t)B * H * cf.score_rank;
-    sum_splits_kernel<<<(unsigned)cdiv(nq, 256), 256, 0, st>>>(s->qpart, skinny_splits(fold_k),
-                                                               nq, s->qlat);
-    SALS_CUDA_LAUNCHED("sum_splits");
+    SALS_DISPATCH_FLOAT_ELEM(q->elem, E, {
+      SALS_CUDA_TRY(skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank,
+                           QFoldLoad<E>{dview(q), G, D, H == 1 ? 0 : 1},
+                           skinny_work(s->qpart, cf.max_batch, cf.score_rank, H),
+                           QLatStore{s->qlat, cf.score_rank}, st));
+    });
     DView kl;
     kl.data = c->lat_score;
     kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32

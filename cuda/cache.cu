@@ -32,20 +32,29 @@ __global__ void finite_kernel(DView v, int64_t n, int* flag) {
   }
 }
 
-/* One block per sequence: destination slot of each row (pos >= 0), positions, lengths. */
-__global__ void __launch_bounds__(kScanThreads)
-    slot_kernel(DView pos, int32_t T, int32_t max_tokens, int32_t* __restrict__ len,
-                int32_t* __restrict__ newlen, int32_t* __restrict__ cpos,
-                int32_t* __restrict__ dest) {
+/*
+ * Slots of the T rows of sequence b, in order: rows with pos >= 0 take consecutive slots from
+ * len[b], and a slot past max_tokens is dropped (-1). Writes dest, cpos, len[b] and newlen[b].
+ * Run by a whole block of kScanThreads threads; returns to every thread the new length and the
+ * slot of row threadIdx.x (of the last 256-row chunk when T > kScanThreads).
+ */
+struct Slots {
+  int32_t len, slot;
+};
+__device__ Slots assign_slots(const DView& pos, int32_t b, int32_t T, int32_t max_tokens,
+                              int32_t* __restrict__ len, int32_t* __restrict__ newlen,
+                              int32_t* __restrict__ cpos, int32_t* __restrict__ dest) {
   __shared__ int32_t warp_sum[kScanThreads / 32];
   __shared__ int32_t base_s;
-  const int32_t b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  /* the first chunk's positions are loaded together with len[b] */
+  int32_t p = (int32_t)threadIdx.x < T ? load_i32(pos, off2(pos, b, threadIdx.x)) : -1;
   if (threadIdx.x == 0) base_s = len[b];
   __syncthreads();
+  int32_t slot = -1;
   for (int32_t t0 = 0; t0 < T; t0 += kScanThreads) {
     const int32_t t = t0 + threadIdx.x;
-    const int32_t p = t < T ? load_i32(pos, off2(pos, b, t)) : -1;
+    if (t0 > 0) p = t < T ? load_i32(pos, off2(pos, b, t)) : -1;
     const int32_t valid = p >= 0;
     int32_t incl = valid;
     for (int o = 1; o < 32; o <<= 1) {
@@ -61,20 +70,30 @@ __global__ void __launch_bounds__(kScanThreads)
     }
     const int32_t base = base_s;
     if (t < T) {
-      int32_t slot = base + before + incl - 1;
-      if (!valid || slot >= max_tokens) slot = -1;
-      dest[(int64_t)b * T + t] = slot;
-      if (slot >= 0) cpos[(int64_t)b * max_tokens + slot] = p;
+      int32_t sl = base + before + incl - 1;
+      if (!valid || sl >= max_tokens) sl = -1;
+      dest[(int64_t)b * T + t] = sl;
+      if (sl >= 0) cpos[(int64_t)b * max_tokens + sl] = p;
+      slot = sl;
     }
     __syncthreads();
     if (threadIdx.x == 0) base_s = base + total;
     __syncthreads();
   }
+  const int32_t n = base_s < max_tokens ? base_s : max_tokens;
   if (threadIdx.x == 0) {
-    int32_t n = base_s < max_tokens ? base_s : max_tokens;
     len[b] = n;
     newlen[b] = n;
   }
+  return Slots{n, slot};
+}
+
+/* One block per sequence: slots of a T > 1 append (a decode step assigns them in values_kernel). */
+__global__ void __launch_bounds__(kScanThreads)
+    slot_kernel(DView pos, int32_t T, int32_t max_tokens, int32_t* __restrict__ len,
+                int32_t* __restrict__ newlen, int32_t* __restrict__ cpos,
+                int32_t* __restrict__ dest) {
+  assign_slots(pos, blockIdx.x, T, max_tokens, len, newlen, cpos, dest);
 }
 
 /* Latent row element (slot j of sequence b, coordinate n) split over the two arrays. */
@@ -89,65 +108,117 @@ __device__ __forceinline__ void store_latent(const sals_cache_t& c, int64_t b, i
     ((T*)c.lat_rest)[row * rr + (n - rs)] = from_f<T>(x);
 }
 
-/* Values, exact windows: one block per appended row, one thread per quantisation group. */
+/* Offsets of the channels i = h * d + e of row (b, t) of a [B, T, Hkv, d] view; rows whose heads
+ * lie back to back (the usual layout) need no division per channel. */
+struct RowOff {
+  int64_t base, s2, s3;
+  int32_t d;
+  bool flat;
+  __device__ RowOff(const DView& x, int64_t b, int64_t t, int32_t d_)
+      : base(off2(x, b, t)), s2(x.stride[2]), s3(x.stride[3]), d(d_),
+        flat(x.stride[3] == 1 && x.stride[2] == d_) {}
+  __device__ int64_t operator()(int32_t i) const {
+    return flat ? base + i : base + (i / d) * s2 + (i % d) * s3;
+  }
+};
+
+/*
+ * A float element's raw bits (float32: 32 bits; float16 / bfloat16: 16 bits), then its value.
+ * Loading raw bits first lets a thread have all its loads in flight before it converts any: a
+ * conversion right after each load (load_elem's switch) waits on the loads one after another.
+ * k and v may be of different float types, so the type stays a run-time tag here.
+ */
+__device__ __forceinline__ uint32_t load_bits(const void* p, int32_t elem, int64_t i) {
+  return elem == SALS_ELEM_F32 ? ((const uint32_t*)p)[i] : ((const uint16_t*)p)[i];
+}
+__device__ __forceinline__ float bits_value(uint32_t x, int32_t elem) {
+  if (elem == SALS_ELEM_F32) return __uint_as_float(x);
+  if (elem == SALS_ELEM_F16) return __half2float(__ushort_as_half((unsigned short)x));
+  return __bfloat162float(__ushort_as_bfloat16((unsigned short)x));
+}
+
+/* Channels of a row staged per pass: kVPer per thread, loaded before any is used. */
+constexpr int kVPer = 16, kVChunk = kScanThreads * kVPer;
+
+/*
+ * Values and exact windows of one appended row (m = b * T + t) per block of kScanThreads. With
+ * T == 1 the block first assigns its sequence's slot (a decode step needs no slot kernel).
+ * Channels are read coalesced (thread i takes channels i, i + 256, ...), all of a pass at once,
+ * and staged in shared memory; then one thread per quantisation group runs quantize_group on the
+ * staged copy (one padding float per 32 keeps the group-strided reads free of bank conflicts).
+ * A pass covers whole groups; a group longer than a pass is read from global memory instead.
+ * Three blocks per SM leave registers for a pass's 32 loads in flight without spills.
+ */
 template <typename T>
-__global__ void values_kernel(sals_cache_t c, DView k, DView v, int32_t T_, const int32_t* dest,
-                              const int32_t* newlen) {
+__global__ void __launch_bounds__(kScanThreads, 3)
+    values_kernel(sals_cache_t c, DView k, DView v, DView pos, int32_t T_,
+                  int32_t* __restrict__ len, int32_t* __restrict__ newlen,
+                  int32_t* __restrict__ cpos, int32_t* __restrict__ dest) {
+  __shared__ float xs[kVChunk + kVChunk / 32];
+  __shared__ int32_t slot_s;
   const int32_t b = blockIdx.x / T_, t = blockIdx.x % T_;
-  const int32_t slot = dest[blockIdx.x];
+  int32_t slot, n;
+  if (T_ == 1) {
+    const Slots a = assign_slots(pos, b, 1, c.cfg.max_tokens, len, newlen, cpos, dest);
+    n = a.len;
+    if (threadIdx.x == 0) slot_s = a.slot;
+    __syncthreads();
+    slot = slot_s;
+  } else {
+    slot = dest[blockIdx.x];
+    n = newlen[b];
+  }
   if (slot < 0) return;
-  const int32_t d = c.cfg.head_dim, dk = c.dk;
+  const int32_t d = c.cfg.head_dim, dk = c.dk, bits = c.cfg.value_bits;
+  const int32_t group = c.cfg.value_group;
   const int64_t row = (int64_t)b * c.cfg.max_tokens + slot;
   const bool sink = slot < c.cfg.n_sink;
-  const bool recent = c.cfg.n_recent > 0 && slot >= newlen[b] - c.cfg.n_recent;
+  const bool recent = c.cfg.n_recent > 0 && slot >= n - c.cfg.n_recent;
   T* sk = sink ? (T*)c.sink_k + ((int64_t)b * c.cfg.n_sink + slot) * dk : nullptr;
   T* sv = sink ? (T*)c.sink_v + ((int64_t)b * c.cfg.n_sink + slot) * dk : nullptr;
   T* rk = recent ? (T*)c.recent_k + ((int64_t)b * c.cfg.n_recent + slot % c.cfg.n_recent) * dk
                  : nullptr;
   T* rv = recent ? (T*)c.recent_v + ((int64_t)b * c.cfg.n_recent + slot % c.cfg.n_recent) * dk
                  : nullptr;
-  if (sink || recent) {
-    for (int32_t i = threadIdx.x; i < dk; i += blockDim.x) {
-      const float kx = load_elem(k.data, k.elem, off4(k, b, t, i / d, i % d));
-      const float vx = load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d));
-      if (sink) { sk[i] = from_f<T>(kx); sv[i] = from_f<T>(vx); }
-      if (recent) { rk[i] = from_f<T>(kx); rv[i] = from_f<T>(vx); }
-    }
-  }
-  const int32_t bits = c.cfg.value_bits;
-  if (bits == 16) {
-    T* dst = (T*)c.val + row * dk;
-    for (int32_t i = threadIdx.x; i < dk; i += blockDim.x)
-      dst[i] = from_f<T>(load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d)));
-    return;
-  }
-  const int32_t group = c.cfg.value_group;
+  T* full = bits == 16 ? (T*)c.val + row * dk : nullptr;
   uint8_t* packed = (uint8_t*)c.val + row * c.val_row_bytes;
-  for (int32_t g = threadIdx.x; g < c.n_groups; g += blockDim.x) {
-    const int32_t c0 = g * group;
-    auto x_at = [&](int32_t e) {
-      const int32_t i = c0 + e;
-      return load_elem(v.data, v.elem, off4(v, b, t, i / d, i % d));
-    };
-    /* group * bits is a multiple of 8: each group owns whole bytes */
-    quantize_group(x_at, group, bits, packed + (int64_t)c0 * bits / 8,
-                   &c.val_scale[row * c.n_groups + g], &c.val_zero[row * c.n_groups + g]);
-  }
-}
-
-/* Split-K partials of a decode append, summed in a fixed order (deterministic). */
-template <typename T>
-__global__ void proj_finish_kernel(sals_cache_t c, const float* part, int32_t splits, int32_t M,
-                                   int32_t T_, const int32_t* dest) {
-  const int32_t r = c.cfg.rank;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)M * r;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int32_t m = (int32_t)(i / r), n = (int32_t)(i % r);
-    const int32_t slot = dest[m];
-    if (slot < 0) continue;
-    float s = 0.f;
-    for (int32_t z = 0; z < splits; ++z) s += part[((int64_t)z * M + m) * r + n];
-    store_latent<T>(c, m / T_, slot, n, s);
+  const bool staged = bits == 16 || group <= kVChunk;
+  const int32_t span = bits == 16 || !staged ? kVChunk : kVChunk / group * group;
+  const RowOff voff(v, b, t, d), koff(k, b, t, d);
+  for (int32_t c0 = 0; c0 < dk; c0 += span) {
+    const int32_t cn = dk - c0 < span ? dk - c0 : span;
+    uint32_t vb[kVPer], kb[kVPer];
+#pragma unroll
+    for (int j = 0; j < kVPer; ++j) {
+      const int32_t i = threadIdx.x + j * kScanThreads;
+      vb[j] = i < cn ? load_bits(v.data, v.elem, voff(c0 + i)) : 0u;
+      kb[j] = i < cn && (sink || recent) ? load_bits(k.data, k.elem, koff(c0 + i)) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kVPer; ++j) {
+      const int32_t i = threadIdx.x + j * kScanThreads, ch = c0 + i;
+      if (i >= cn) break;
+      const float vx = bits_value(vb[j], v.elem), kx = bits_value(kb[j], k.elem);
+      if (sink) { sk[ch] = from_f<T>(kx); sv[ch] = from_f<T>(vx); }
+      if (recent) { rk[ch] = from_f<T>(kx); rv[ch] = from_f<T>(vx); }
+      if (full) full[ch] = from_f<T>(vx);
+      else xs[i + i / 32] = vx;
+    }
+    if (full) continue;
+    __syncthreads();
+    /* groups that start in this pass (all of them lie in it when staged) */
+    const int32_t g_lo = (c0 + group - 1) / group, g_hi = (c0 + cn - 1) / group + 1;
+    for (int32_t g = g_lo + threadIdx.x; g < g_hi; g += kScanThreads) {
+      const int32_t e0 = g * group;
+      auto x_at = [&](int32_t e) {
+        const int32_t i = e0 + e - c0;
+        return staged ? xs[i + i / 32] : load_elem(v.data, v.elem, voff(e0 + e));
+      };
+      /* group * bits is a multiple of 8: each group owns whole bytes */
+      quantize_group(x_at, group, bits, packed + (int64_t)e0 * bits / 8,
+                     &c.val_scale[row * c.n_groups + g], &c.val_zero[row * c.n_groups + g]);
+    }
+    __syncthreads();
   }
 }
 
@@ -183,13 +254,13 @@ __global__ void selected_kernel(const int32_t* sel, const int32_t* cnt, int32_t 
 }
 
 /* Input projection row m = b*T + t, column i = h*d + e of a [B, T, Hkv, d] view. */
-struct KRowLoad {
+template <typename E> struct KRowLoad {
   DView k;
   int32_t T, d;
-  __device__ float operator()(int64_t m, int64_t i) const {
-    return load_elem(k.data, k.elem, off4(k, m / T, m % T, i / d, i % d));
+  __device__ float operator()(int64_t m, int64_t i, int32_t = 0) const {
+    const int64_t b = T == 1 ? m : m / T; /* decode: no 64-bit division per element */
+    return load_as<E>(k.data, RowOff(k, b, m - b * T, d)((int32_t)i));
   }
-  __device__ float operator()(int64_t m, int64_t i, int32_t) const { return (*this)(m, i); }
 };
 /*
  * A operand of the prefill projection on tensor cores. 16-bit U and 16-bit keys alone would
@@ -230,7 +301,7 @@ template <typename T> struct LatentEpi {
   const int32_t* dest;
   int32_t T_;
   __device__ void operator()(int64_t m, int64_t n, float x) const {
-    const int32_t slot = dest[m];
+    const int32_t slot = __ldg(dest + m); /* written by an earlier kernel: read-only here */
     if (slot >= 0) store_latent<T>(c, m / T_, slot, n, x);
   }
 };
@@ -330,7 +401,7 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   }
 }
 
-/* Split partials per (sequence, query head) of the fused attention: enough to fill the device
+/* Split partials per (sequence, query head) of the decode softmax: enough to fill the device
  * at batch 1, bounded so the workspace stays small; at least one split's 8 warp partials. */
 static int parts_for(const sals_cache_t* c, int num_sms) {
   int p = 4 * ((2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv);
@@ -399,8 +470,8 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   s->max_parts = parts_for(c, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
-  alloc((void**)&s->proj_part, (size_t)skinny_splits(dk) * B * r * 4);
-  alloc((void**)&s->qpart, (size_t)skinny_splits(dk) * B * H * rs * 4);
+  alloc((void**)&s->proj_part, skinny_work_bytes(B, r, dk, 1));
+  alloc((void**)&s->qpart, skinny_work_bytes(B, rs, dk, H));
   alloc((void**)&s->flag, sizeof(int));
   if (!oom && cudaMallocHost((void**)&s->flag_host, sizeof(int)) != cudaSuccess) {
     cudaGetLastError();
@@ -417,6 +488,9 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   SALS_CUDA_TRY(cudaMemset(c->sel_count, 0, (size_t)B * 4));
   SALS_CUDA_TRY(cudaMemset(c->pos, 0xff, (size_t)B * S * 4));
   SALS_CUDA_TRY(cudaMemset(s->topk_ws, 0, topk_bytes));
+  /* skinny arrival counters start at zero (the partials need no initial value) */
+  SALS_CUDA_TRY(cudaMemset(s->proj_part, 0, skinny_work_bytes(B, r, dk, 1)));
+  SALS_CUDA_TRY(cudaMemset(s->qpart, 0, skinny_work_bytes(B, rs, dk, H)));
   SALS_CUDA_TRY(cudaDeviceSynchronize());
   return SALS_OK;
 }
@@ -438,12 +512,22 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   if ((int64_t)B * T == 0) return SALS_OK;
   if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, st));
   SALS_STATUS_TRY(ensure_uh(c, st));
-  slot_kernel<<<B, kScanThreads, 0, st>>>(dview(pos), T, c->cfg.max_tokens, c->len, s->newlen,
-                                          c->pos, s->dest);
-  SALS_CUDA_LAUNCHED("slot");
   const int64_t M = (int64_t)B * T, N = c->cfg.rank, K = c->dk;
   const int32_t d = c->cfg.head_dim;
   const sals_cache_t cv = *c;
+  /* slots first (a decode step, T == 1, assigns them in values_kernel), then values, then the
+   * projection, whose epilogue reads the slots */
+  if (T > 1) {
+    slot_kernel<<<B, kScanThreads, 0, st>>>(dview(pos), T, c->cfg.max_tokens, c->len,
+                                            s->newlen, c->pos, s->dest);
+    SALS_CUDA_LAUNCHED("slot");
+  }
+  SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
+    values_kernel<T_><<<(unsigned)M, kScanThreads, 0, st>>>(cv, dview(k), dview(v), dview(pos),
+                                                            T, c->len, s->newlen, c->pos,
+                                                            s->dest);
+  });
+  SALS_CUDA_LAUNCHED("values");
   const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
   const bool k_exact = (k->elem == SALS_ELEM_F16 && c->cfg.dtype == SALS_DTYPE_FLOAT16) ||
                        (k->elem == SALS_ELEM_BF16 && c->cfg.dtype == SALS_DTYPE_BFLOAT16);
@@ -456,24 +540,17 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
                                        (const __nv_bfloat16*)s->uh,
                                        LatentEpi<__nv_bfloat16>{cv, s->dest, T}, st));
   } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
-    SALS_CUDA_TRY(skinny((int32_t)M, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
-                         KRowLoad{dview(k), T, d}, s->proj_part, st));
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
-      int64_t blocks = cdiv(M * N, 256);
-      proj_finish_kernel<T_><<<(unsigned)(blocks < 1024 ? blocks : 1024), 256, 0, st>>>(
-          cv, s->proj_part, skinny_splits(K), (int32_t)M, T, s->dest);
-    });
-    SALS_CUDA_LAUNCHED("proj_finish");
+    const SkinnyWork w = skinny_work(s->proj_part, c->cfg.max_batch, N, 1);
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
+      SALS_CUDA_TRY(skinny((int32_t)M, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
+                           KRowLoad<E>{dview(k), T, d}, w, LatentEpi<T_>{cv, s->dest, T}, st));
+    }));
   } else {
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
-      SALS_CUDA_TRY(sgemm(M, N, K, KRowLoad{dview(k), T, d}, FloatMatLoad{c->proj, N},
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
+      SALS_CUDA_TRY(sgemm(M, N, K, KRowLoad<E>{dview(k), T, d}, FloatMatLoad{c->proj, N},
                           LatentEpi<T_>{cv, s->dest, T}, st));
-    });
+    }));
   }
-  SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
-    values_kernel<T_><<<(unsigned)M, 128, 0, st>>>(cv, dview(k), dview(v), T, s->dest, s->newlen);
-  });
-  SALS_CUDA_LAUNCHED("values");
   return SALS_OK;
 }
 

@@ -366,8 +366,9 @@ struct CacheState {
   float* logits;     /* [max_batch, Hq, attend_list_max] decode logits (rebuild -> softmax) */
   float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
   float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
-  float* proj_part;  /* [skinny_splits(Dk), max_batch, rank] split-K partials of decode appends */
-  float* qpart;      /* [skinny_splits(Dk), max_batch, n_sel_heads, score_rank] same, queries */
+  float* proj_part;  /* skinny workspace (gemm.cuh skinny_work) of decode-append projections:
+                      * arrival counters, then split-K partials */
+  float* qpart;      /* the same for the scoring queries */
   int max_parts;
   int* flag;         /* device: non-finite input seen */
   int* flag_host;    /* pinned */

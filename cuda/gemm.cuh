@@ -2,14 +2,17 @@
  * Matrix-product templates used by several operations:
  *   sgemm:  float32 CUDA-core tiles (64x64x16, 4x4 per thread) with accessor functors for A, B
  *           and the epilogue (exact float32 path: any dtype, stride or size);
- *   skinny: split-K float32 partials of a few rows times a float32 matrix (decode-step
- *           projections of keys and scoring queries);
+ *   skinny: split-K float32 product of a few rows times a float32 matrix, the splits added
+ *           in a fixed order by the last block of each output tile (decode-step projections
+ *           of keys and scoring queries);
  *   hgemm:  tensor-core tiles (mma.sync m16n8k16, 64x64x32, 4 warps) for 16-bit storage, A
  *           rows converted on load, B a compact [K, N] matrix in the storage type.
  * Both are templates so that projection, append and rebuild share one tiled loop each.
  */
 #ifndef SALS_CUDA_GEMM_CUH_
 #define SALS_CUDA_GEMM_CUH_
+
+#include <cuda/atomic>
 
 #include "common.cuh"
 
@@ -71,64 +74,201 @@ cudaError_t sgemm(int64_t M, int64_t N, int64_t K, ALoad a, BLoad b, Epi epi, cu
 
 /* ---- skinny products: a few rows (decode batch) times a float32 matrix ----------------- */
 
-constexpr int kSkCols = 64, kSkRows = 128, kSkM = 16, kSkThreads = 256;
+/*
+ * C[r, n] = sum_k X(m, k, hs) U_hs[k, n] for r = m * H + hs, up to a few hundred rows m, where
+ * U_hs = U + hs * u_head_stride (row stride ldu). Grid: (32 columns, split of K, 16 rows m and
+ * head hs); each block reads its U tile once for all 16 rows, so U is read once per 16 rows.
+ * Inside a block each warp takes 4-row groups of the split (one column per lane), and issues all
+ * its U loads before the block stages X, so the whole tile is in flight at once; X sits in
+ * shared memory as [16][rows] and is read as 4-row float4 broadcasts.
+ * Block sums are written to part[((z * M + m) * H + hs) * N + n] for split z. With an
+ * epilogue, the last block of each (column tile, row group, head) to finish (an arrival counter)
+ * adds the splits in order z = 0, 1, ... and calls epi(m * H + hs, n, sum): a fixed order, so the
+ * result does not depend on which block came last.
+ */
+constexpr int kSkCols = 32, kSkM = 16, kSkWarps = 8, kSkThreads = 32 * kSkWarps;
+constexpr int kSkQuads = 8;                              /* 4-row groups per warp, at most */
+constexpr int kSkMaxRows = 4 * kSkWarps * kSkQuads;      /* rows of K per split, at most */
+constexpr int kSkSumBatch = 16;                          /* partials loaded at once when summing */
+static_assert(kSkM * kSkMaxRows >= kSkWarps * kSkM * kSkCols, "shared X also holds warp sums");
 
-/* Split-K partials of C[m, n] = sum_k X(m, k, hs) U_hs[k, n] for up to a few hundred rows m:
- * part[(z * M * H + m * H + hs) * N + n] for split z of kSkRows rows of K, where
- * U_hs = U + hs * u_head_stride (row stride ldu). One block per (64 columns, split, 16 rows,
- * head): every U element is read once per 16 rows, so the grid covers the device even at
- * batch 1 and the product runs near the bandwidth of reading U once. */
-template <typename XLoad>
-__global__ void __launch_bounds__(kSkThreads)
-    skinny_kernel(int32_t M, int32_t N, int32_t K, int32_t H, const float* __restrict__ U,
-                  int64_t ldu, int64_t u_head_stride, XLoad x, float* __restrict__ part) {
-  __shared__ float xs[kSkM][kSkRows];
-  __shared__ float red[kSkThreads / kSkCols][kSkM][kSkCols];
-  const int32_t z = blockIdx.y, hs = blockIdx.z % H, m0 = (blockIdx.z / H) * kSkM;
-  const int32_t k0 = z * kSkRows;
-  const int tid = threadIdx.x;
-  for (int i = tid; i < kSkM * kSkRows; i += kSkThreads) {
-    const int mm = i / kSkRows, kk = i % kSkRows;
-    xs[mm][kk] = (m0 + mm < M && k0 + kk < K) ? x(m0 + mm, k0 + kk, hs) : 0.f;
-  }
-  __syncthreads();
-  constexpr int kPh = kSkThreads / kSkCols;
-  const int cl = tid % kSkCols, ph = tid / kSkCols;
-  const int32_t n = blockIdx.x * kSkCols + cl;
-  const int32_t kn = K - k0 < kSkRows ? K - k0 : kSkRows;
-  float acc[kSkM] = {};
-  if (n < N) {
-    const float* u = U + hs * u_head_stride + (int64_t)k0 * ldu + n;
-#pragma unroll 4
-    for (int kk = ph; kk < kn; kk += kPh) {
-      const float uv = __ldg(u + (int64_t)kk * ldu);
-#pragma unroll
-      for (int mm = 0; mm < kSkM; ++mm) acc[mm] += uv * xs[mm][kk];
-    }
-  }
-#pragma unroll
-  for (int mm = 0; mm < kSkM; ++mm) red[ph][mm][cl] = acc[mm];
-  __syncthreads();
-  for (int i = tid; i < kSkM * kSkCols; i += kSkThreads) {
-    const int mm = i / kSkCols, c = i % kSkCols;
-    const int32_t nn = blockIdx.x * kSkCols + c;
-    if (m0 + mm >= M || nn >= N) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int p = 0; p < kPh; ++p) v += red[p][mm][c];
-    part[(((int64_t)z * M + m0 + mm) * H + hs) * N + nn] = v;
-  }
+/* Rows of K per split: K / 16 rounded up to whole 32-row passes, within [32, kSkMaxRows]. At
+ * most 16 splits up to K = 4096 (enough blocks to cover the device at batch 1, few partials per
+ * output to add at the end), K / kSkMaxRows beyond. */
+static inline int32_t skinny_rows(int64_t K) {
+  const int64_t r = cdiv(cdiv(K, 16), 32) * 32;
+  return (int32_t)(r < 32 ? 32 : (r > kSkMaxRows ? kSkMaxRows : r));
+}
+static inline int32_t skinny_splits(int64_t K) { return (int32_t)cdiv(K, skinny_rows(K)); }
+/* An upper bound of skinny_splits(k) for every k <= K (workspace sizing). */
+static inline int64_t skinny_max_splits(int64_t K) {
+  return cdiv(K, kSkMaxRows) > 16 ? cdiv(K, kSkMaxRows) : 16;
 }
 
-static inline int32_t skinny_splits(int64_t K) { return (int32_t)cdiv(K, kSkRows); }
+/*
+ * X loaders read elements with the type fixed at compile time (load_as<E>, dispatched on the
+ * host with SALS_DISPATCH_FLOAT_ELEM) and are called with in-range indices only: with a run-time
+ * type switch (load_elem) or a guard around the load, each conversion sits in its own branch
+ * right after its load, and the block's staging loop waits on its loads one after another
+ * instead of having them all in flight.
+ */
+template <typename E> __device__ __forceinline__ float load_as(const void* p, int64_t i) {
+  return to_f<E>(((const E*)p)[i]);
+}
+#define SALS_DISPATCH_FLOAT_ELEM(elem, E, ...)                      \
+  do {                                                              \
+    if ((elem) == SALS_ELEM_F32) {                                  \
+      typedef float E;                                              \
+      __VA_ARGS__;                                                  \
+    } else if ((elem) == SALS_ELEM_F16) {                           \
+      typedef __half E;                                             \
+      __VA_ARGS__;                                                  \
+    } else {                                                        \
+      typedef __nv_bfloat16 E;                                      \
+      __VA_ARGS__;                                                  \
+    }                                                               \
+  } while (0)
 
-template <typename XLoad>
+/* Workspace of a skinny product with an epilogue, for up to max_m rows: one arrival counter per
+ * (column tile, row group, head), zero between launches (the last block resets its own), then
+ * the split partials. Zero it once when it is allocated. */
+struct SkinnyWork {
+  uint32_t* count;
+  float* part;
+};
+static inline int64_t skinny_counters(int64_t max_m, int64_t N, int64_t H) {
+  return cdiv(N, kSkCols) * cdiv(max_m, kSkM) * H;
+}
+static inline size_t skinny_work_bytes(int64_t max_m, int64_t N, int64_t K, int64_t H) {
+  return (size_t)4 * (skinny_counters(max_m, N, H) + skinny_max_splits(K) * max_m * H * N);
+}
+static inline SkinnyWork skinny_work(void* base, int64_t max_m, int64_t N, int64_t H) {
+  uint32_t* count = (uint32_t*)base;
+  return SkinnyWork{count, (float*)(count + skinny_counters(max_m, N, H))};
+}
+
+/* Two blocks per SM: a batch-16 LLaMA2-size grid (256 blocks) is resident in one wave. */
+template <typename XLoad, typename Epi>
+__global__ void __launch_bounds__(kSkThreads, 2)
+    skinny_kernel(int32_t M, int32_t N, int32_t K, int32_t H, int32_t R,
+                  const float* __restrict__ U, int64_t ldu, int64_t u_head_stride, XLoad x,
+                  float* __restrict__ part, uint32_t* __restrict__ count, Epi epi) {
+  /* X [kSkM][R] while the products run, then the warps' sums [kSkWarps][kSkM][kSkCols] */
+  __shared__ __align__(16) float sm[kSkM * kSkMaxRows];
+  __shared__ bool last_s;
+  const int32_t splits = (int32_t)gridDim.y, z = (int32_t)blockIdx.y;
+  const int32_t hs = (int32_t)blockIdx.z % H, m0 = ((int32_t)blockIdx.z / H) * kSkM;
+  const int32_t k0 = z * R, kn = K - k0 < R ? K - k0 : R;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int32_t n = (int32_t)blockIdx.x * kSkCols + lane;
+  const int nq = R / (4 * kSkWarps);
+
+  float u[kSkQuads][4];
+  const float* up = U + hs * u_head_stride + (int64_t)k0 * ldu + n;
+#pragma unroll
+  for (int j = 0; j < kSkQuads; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kk = 4 * (warp + kSkWarps * j) + r;
+      u[j][r] = (j < nq && kk < kn && n < N) ? __ldg(up + (int64_t)kk * ldu) : 0.f;
+    }
+
+  /* X [kSkM][R] (element i = mm * R + kk), spread over all threads. Every thread makes all
+   * kSkM loads, with no branch between them: indices are clamped into range (past the tile,
+   * onto its last row: cached duplicates), and what lies outside is stored as zeros. */
+  float xv[kSkM];
+#pragma unroll
+  for (int j = 0; j < kSkM; ++j) {
+    const int i = tid + j * kSkThreads, kk = i % R, mm = i / R < kSkM ? i / R : kSkM - 1;
+    xv[j] = x(m0 + mm < M ? m0 + mm : M - 1, k0 + kk < K ? k0 + kk : K - 1, hs);
+  }
+#pragma unroll
+  for (int j = 0; j < kSkM; ++j) {
+    const int i = tid + j * kSkThreads, mm = i / R, kk = i - mm * R;
+    if (i < kSkM * R) sm[i] = m0 + mm < M && k0 + kk < K ? xv[j] : 0.f;
+  }
+  __syncthreads();
+
+  float acc[kSkM] = {};
+#pragma unroll
+  for (int j = 0; j < kSkQuads; ++j) {
+    if (j >= nq) break;
+    const int kq = 4 * (warp + kSkWarps * j);
+#pragma unroll
+    for (int mm = 0; mm < kSkM; ++mm) {
+      const float4 xq = *reinterpret_cast<const float4*>(&sm[mm * R + kq]);
+      acc[mm] += u[j][0] * xq.x;
+      acc[mm] += u[j][1] * xq.y;
+      acc[mm] += u[j][2] * xq.z;
+      acc[mm] += u[j][3] * xq.w;
+    }
+  }
+  __syncthreads(); /* X no longer read: the space takes the warps' sums */
+#pragma unroll
+  for (int mm = 0; mm < kSkM; ++mm) sm[(warp * kSkM + mm) * kSkCols + lane] = acc[mm];
+  __syncthreads();
+
+  /* each thread owns kOut of the block's kSkM x kSkCols outputs */
+  constexpr int kOut = kSkM * kSkCols / kSkThreads;
+  const int64_t zstride = (int64_t)M * H * N;
+#pragma unroll
+  for (int o = 0; o < kOut; ++o) {
+    const int i = tid + o * kSkThreads, mm = i / kSkCols, c = i % kSkCols;
+    const int32_t m = m0 + mm, nn = (int32_t)blockIdx.x * kSkCols + c;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kSkWarps; ++w) s += sm[(w * kSkM + mm) * kSkCols + c];
+    if (m < M && nn < N) part[z * zstride + ((int64_t)m * H + hs) * N + nn] = s;
+  }
+  /* Arrive on the tile's counter. The barrier orders the block's partial stores before
+   * thread 0's release (cumulative at device scope); the last block's acquire, then the
+   * barrier, order every other block's partials before its reads. */
+  __syncthreads();
+  const uint32_t tile = blockIdx.x + gridDim.x * blockIdx.z;
+  if (tid == 0) {
+    cuda::atomic_ref<uint32_t, cuda::thread_scope_device> arrived(count[tile]);
+    last_s = arrived.fetch_add(1u, cuda::memory_order_acq_rel) == (uint32_t)splits - 1;
+  }
+  __syncthreads();
+  if (!last_s) return;
+  float s[kOut] = {};
+  for (int32_t z0 = 0; z0 < splits; z0 += kSkSumBatch) {
+    float p[kOut][kSkSumBatch];
+#pragma unroll
+    for (int o = 0; o < kOut; ++o) {
+      const int i = tid + o * kSkThreads;
+      const int32_t m = m0 + i / kSkCols, nn = (int32_t)blockIdx.x * kSkCols + i % kSkCols;
+      const bool ok = m < M && nn < N;
+      const float* src = part + ((int64_t)m * H + hs) * N + nn;
+#pragma unroll
+      for (int j = 0; j < kSkSumBatch; ++j)
+        p[o][j] = ok && z0 + j < splits ? __ldcg(src + (z0 + j) * zstride) : 0.f;
+    }
+#pragma unroll
+    for (int o = 0; o < kOut; ++o)
+#pragma unroll
+      for (int j = 0; j < kSkSumBatch; ++j)
+        if (z0 + j < splits) s[o] += p[o][j];
+  }
+#pragma unroll
+  for (int o = 0; o < kOut; ++o) {
+    const int i = tid + o * kSkThreads;
+    const int32_t m = m0 + i / kSkCols, nn = (int32_t)blockIdx.x * kSkCols + i % kSkCols;
+    if (m < M && nn < N) epi((int64_t)m * H + hs, nn, s[o]);
+  }
+  if (tid == 0) count[tile] = 0; /* every block of the tile has arrived: ready for the next */
+}
+
+/* The whole product: epi(m * H + hs, n, value) for every m < M, hs < H, n < N. w: a workspace
+ * from skinny_work for at least M rows, the same N and H, and K at most the sizing's K. */
+template <typename XLoad, typename Epi>
 cudaError_t skinny(int32_t M, int32_t N, int32_t K, int32_t H, const float* U, int64_t ldu,
-                   int64_t u_head_stride, XLoad x, float* part, cudaStream_t st) {
+                   int64_t u_head_stride, XLoad x, SkinnyWork w, Epi epi, cudaStream_t st) {
   if (M <= 0 || N <= 0 || K <= 0) return cudaSuccess;
-  dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)skinny_splits(K),
-            (unsigned)(cdiv(M, kSkM) * H));
-  skinny_kernel<<<grid, kSkThreads, 0, st>>>(M, N, K, H, U, ldu, u_head_stride, x, part);
+  const int32_t R = skinny_rows(K);
+  dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)cdiv(K, R), (unsigned)(cdiv(M, kSkM) * H));
+  skinny_kernel<<<grid, kSkThreads, 0, st>>>(M, N, K, H, R, U, ldu, u_head_stride, x, w.part,
+                                             w.count, epi);
   return cudaPeekAtLastError();
 }
 
