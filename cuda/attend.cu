@@ -752,26 +752,55 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
   }
 }
 
-__global__ void merge_kernel(AttnArgs a, int32_t D, int32_t parts) {
+/* Combines the `parts` (<= kMaxParts) partials of each (sequence, query head): one block of
+ * kMergeThreads; the partials' weights exp2(m_p - M) are computed once into shared memory and
+ * every output dimension then sums its column with independent loads. A partial with l = 0
+ * saw nothing visible and gets weight 0. */
+constexpr int kMergeThreads = 128, kMaxParts = 256;
+
+__device__ __forceinline__ float block_reduce(float x, bool take_max, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = take_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads(); /* red is reused */
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = red[0];
+  for (int w = 1; w < kMergeThreads / 32; ++w) x = take_max ? fmaxf(x, red[w]) : x + red[w];
+  return x;
+}
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(AttnArgs a, int32_t D, int32_t parts) {
+  __shared__ float w_s[kMaxParts];
+  __shared__ float red[kMergeThreads / 32];
   const int32_t b = blockIdx.x / a.hq, hq = blockIdx.x % a.hq;
   const int32_t qp = load_i32(a.qpos, off2(a.qpos, b, 0));
   const int64_t base = ((int64_t)b * a.hq + hq) * a.max_parts;
-  float M = -INFINITY;
-  if (qp >= 0)
-    for (int32_t p = 0; p < parts; ++p)
-      if (a.part_ml[(base + p) * 2 + 1] > 0.f) M = fmaxf(M, a.part_ml[(base + p) * 2]);
   float L = 0.f;
-  if (M > -INFINITY)
-    for (int32_t p = 0; p < parts; ++p) {
+  if (qp >= 0) { /* a padded query has no partials: zeros */
+    float mx = -INFINITY;
+    for (int32_t p = threadIdx.x; p < parts; p += kMergeThreads)
+      if (a.part_ml[(base + p) * 2 + 1] > 0.f) mx = fmaxf(mx, a.part_ml[(base + p) * 2]);
+    const float M = block_reduce(mx, true, red);
+    float ls = 0.f;
+    for (int32_t p = threadIdx.x; p < parts; p += kMergeThreads) {
       const float l = a.part_ml[(base + p) * 2 + 1];
-      if (l > 0.f) L += l * exp2f(a.part_ml[(base + p) * 2] - M);
+      const float w = l > 0.f ? exp2f(a.part_ml[(base + p) * 2] - M) : 0.f;
+      w_s[p] = w;
+      ls += l * w;
     }
-  for (int32_t e = threadIdx.x; e < D; e += blockDim.x) {
+    L = block_reduce(ls, false, red); /* its barriers also publish w_s */
+  }
+  for (int32_t e = threadIdx.x; e < D; e += kMergeThreads) {
     float o = 0.f;
     if (L > 0.f) {
+#pragma unroll 4
       for (int32_t p = 0; p < parts; ++p) {
-        const float l = a.part_ml[(base + p) * 2 + 1];
-        if (l > 0.f) o += a.part_o[(base + p) * D + e] * exp2f(a.part_ml[(base + p) * 2] - M);
+        const float w = w_s[p];
+        if (w != 0.f) o += w * a.part_o[(base + p) * D + e];
       }
       o /= L;
     }
@@ -1195,7 +1224,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
       SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, &pv_split, st));
     else
       SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, &pv_split, st));
-    merge_kernel<<<(unsigned)(B * cf.n_head_q), 128, 0, st>>>(a, D, pv_split * kPWarps);
+    merge_kernel<<<(unsigned)(B * cf.n_head_q), kMergeThreads, 0, st>>>(a, D, pv_split * kPWarps);
     SALS_CUDA_LAUNCHED("merge");
     return SALS_OK;
   }
