@@ -103,13 +103,13 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
   return __half2float(__ushort_as_half(h));
 }
 
-/* Dispatch on the cache storage type. */
-#define SALS_DISPATCH_DTYPE(dtype, T, ...)                          \
+/* Runs the statements with T = float, __half or __nv_bfloat16, picked by two conditions. */
+#define SALS_DISPATCH_FLOAT(is_f32, is_f16, T, ...)                 \
   do {                                                              \
-    if ((dtype) == SALS_DTYPE_FLOAT32) {                            \
+    if (is_f32) {                                                   \
       typedef float T;                                              \
       __VA_ARGS__;                                                  \
-    } else if ((dtype) == SALS_DTYPE_FLOAT16) {                     \
+    } else if (is_f16) {                                            \
       typedef __half T;                                             \
       __VA_ARGS__;                                                  \
     } else {                                                        \
@@ -117,6 +117,12 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
       __VA_ARGS__;                                                  \
     }                                                               \
   } while (0)
+/* ... on the cache storage type (sals_dtype_t) */
+#define SALS_DISPATCH_DTYPE(dtype, T, ...) \
+  SALS_DISPATCH_FLOAT((dtype) == SALS_DTYPE_FLOAT32, (dtype) == SALS_DTYPE_FLOAT16, T, __VA_ARGS__)
+/* ... on the element type of a float DView (SALS_ELEM_*) */
+#define SALS_DISPATCH_FLOAT_ELEM(elem, T, ...) \
+  SALS_DISPATCH_FLOAT((elem) == SALS_ELEM_F32, (elem) == SALS_ELEM_F16, T, __VA_ARGS__)
 
 /*
  * RoPE of one pair at position p for frequency f (float32 theta, as the header specifies).

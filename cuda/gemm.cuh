@@ -115,19 +115,6 @@ static inline int64_t skinny_max_splits(int64_t K) {
 template <typename E> __device__ __forceinline__ float load_as(const void* p, int64_t i) {
   return to_f<E>(((const E*)p)[i]);
 }
-#define SALS_DISPATCH_FLOAT_ELEM(elem, E, ...)                      \
-  do {                                                              \
-    if ((elem) == SALS_ELEM_F32) {                                  \
-      typedef float E;                                              \
-      __VA_ARGS__;                                                  \
-    } else if ((elem) == SALS_ELEM_F16) {                           \
-      typedef __half E;                                             \
-      __VA_ARGS__;                                                  \
-    } else {                                                        \
-      typedef __nv_bfloat16 E;                                      \
-      __VA_ARGS__;                                                  \
-    }                                                               \
-  } while (0)
 
 /* Workspace of a skinny product with an epilogue, for up to max_m rows: one arrival counter per
  * (column tile, row group, head), zero between launches (the last block resets its own), then
