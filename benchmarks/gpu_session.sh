@@ -5,8 +5,8 @@
 #   STEPS="build ctest sanitize pytest bench profile" bash benchmarks/gpu_session.sh
 # profile: Nsight Compute on one kernel of each PROFILE_CASES entry
 # ("shape:context:batch:setting:kernel", see benchmarks/profile_step.py; kernel is a regex on the
-# kernel name, default rebuild_logits); writes the details page and the per-instruction source
-# view (stall samples) of each case.
+# kernel name, default rebuild_logits; PROFILE_SKIP matching launches are skipped first, default
+# 2); writes the details page and the per-instruction source view (stall samples) of each case.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -59,7 +59,7 @@ if has profile; then
     kernel=${kernel:-rebuild_logits}
     name=prof_${kernel}_${shape}_${ctx}_${batch}
     log "profile $case"
-    (cd /tmp && timeout 300 ncu -k "regex:$kernel" -s 2 -c 1 --set full \
+    (cd /tmp && timeout 300 ncu -k "regex:$kernel" -s ${PROFILE_SKIP:-2} -c 1 --set full \
       --import-source yes -f -o "/tmp/$name" python3 "$OLDPWD/benchmarks/profile_step.py" \
       "$shape" "$ctx" "$batch" "$setting" > "$OUT/$name.log" 2>&1; tail -3 "$OUT/$name.log")
     ncu -i "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1

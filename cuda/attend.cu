@@ -169,29 +169,29 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
 /* ---- scoring query ------------------------------------------------------------------------ */
 /* Row b, input coordinate k of selection head hs: the GQA-summed pre-RoPE query at Dk row
  * row0 + k, with row0 = 0 (shared selection: all heads) or hs * D (per KV head), heads added in
- * order g = 0, 1, ... Typed loads, and up to 8 heads as predicated loads with no loop, so that
- * the skinny kernel's staging has all its loads in flight (gemm.cuh). */
-template <typename E> struct QFoldLoad {
+ * order g = 0, 1, ... Typed loads; GM > 0 folds up to GM heads as GM predicated loads with no
+ * loop, so that the skinny kernel's staging has all its loads in flight (gemm.cuh); GM = 0
+ * loops over any number of heads. The host picks the smallest GM that covers G: the staging
+ * inlines the loader 16 times, and a loader carrying every path overflowed the instruction
+ * cache (half the kernel's stall samples). */
+template <typename E, int GM> struct QFoldLoad {
   DView q;
   int32_t G, D, per_head;
   __device__ float operator()(int64_t b, int64_t k, int32_t hs) const {
     const int32_t row = (per_head ? hs * D : 0) + (int32_t)k;
     const int32_t kvh = row / D, e = row % D;
     const int64_t o = off4(q, b, 0, (int64_t)kvh * G, e);
-    if (G <= 4) return fold<4>(o);
-    if (G <= 8) return fold<8>(o);
     float s = 0.f;
-    for (int32_t g = 0; g < G; ++g) s += load_as<E>(q.data, o + g * q.stride[2]);
-    return s;
-  }
-  /* the first G of GM heads: GM predicated loads, no loop */
-  template <int GM> __device__ float fold(int64_t o) const {
-    float x[GM], s = 0.f;
+    if constexpr (GM == 0) {
+      for (int32_t g = 0; g < G; ++g) s += load_as<E>(q.data, o + g * q.stride[2]);
+    } else {
+      float x[GM];
 #pragma unroll
-    for (int g = 0; g < GM; ++g) x[g] = g < G ? load_as<E>(q.data, o + g * q.stride[2]) : 0.f;
+      for (int g = 0; g < GM; ++g) x[g] = g < G ? load_as<E>(q.data, o + g * q.stride[2]) : 0.f;
 #pragma unroll
-    for (int g = 0; g < GM; ++g)
-      if (g < G) s += x[g];
+      for (int g = 0; g < GM; ++g)
+        if (g < G) s += x[g];
+    }
     return s;
   }
 };
@@ -1178,11 +1178,19 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   if (sparse) {
     const int32_t H = c->n_sel_heads;
     const int32_t fold_k = H == 1 ? c->dk : D;
+    const SkinnyWork qw = skinny_work(s->qpart, cf.max_batch, cf.score_rank, H);
+    const QLatStore qs{s->qlat, cf.score_rank};
+    auto fold = [&](auto load) {
+      return skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank, load, qw,
+                    qs, st);
+    };
+    const int32_t ph = H == 1 ? 0 : 1;
     SALS_DISPATCH_FLOAT_ELEM(q->elem, E, {
-      SALS_CUDA_TRY(skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank,
-                           QFoldLoad<E>{dview(q), G, D, H == 1 ? 0 : 1},
-                           skinny_work(s->qpart, cf.max_batch, cf.score_rank, H),
-                           QLatStore{s->qlat, cf.score_rank}, st));
+      const DView qv = dview(q);
+      if (G == 1) SALS_CUDA_TRY(fold(QFoldLoad<E, 1>{qv, G, D, ph}));
+      else if (G <= 4) SALS_CUDA_TRY(fold(QFoldLoad<E, 4>{qv, G, D, ph}));
+      else if (G <= 8) SALS_CUDA_TRY(fold(QFoldLoad<E, 8>{qv, G, D, ph}));
+      else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph}));
     });
     DView kl;
     kl.data = c->lat_score;
