@@ -1,5 +1,5 @@
 """One SALS decode step (append + attend) on a filled cache, run a few times eagerly: a target
-for Nsight Compute (`ncu -k regex:fused_kernel ... python3 benchmarks/profile_step.py`).
+for Nsight Compute (`ncu -k regex:rebuild_logits ... python3 benchmarks/profile_step.py`).
 
     python3 benchmarks/profile_step.py SHAPE CONTEXT BATCH SETTING [STEPS]
 e.g. llama2-7b 4096 16 sals-12.5. Shapes and settings are those of `python -m sals bench`.

@@ -80,7 +80,7 @@ struct AttnArgs {
   const int32_t* len;
   const int32_t* sel_idx;
   const int32_t* sel_count;
-  const void* uh;      /* storage-type projection (fused kernel) */
+  const void* uh;      /* storage-type projection (tensor-core rebuild) */
   const float* proj;   /* float32 projection (general kernel) */
   const float* inv_freq;
   int32_t n_sink, n_recent, max_tokens, rank, rs, dk, hkv, hq, G, bits, group, n_groups;

@@ -210,7 +210,7 @@ def _attention64(q, k, v, qpos, kpos, scale):
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 128), (8, 1, 256)])
 def test_float64_reference_dense_equivalent(dtype, hq, hkv, d):
     """At full rank / full budget / 16-bit values the GPU equals float64 causal attention, for a
-    prefill chunk (general kernel) and for decode steps (fused tensor-core kernel)."""
+    prefill chunk (general kernel) and for decode steps (tensor-core rebuild kernels)."""
     gen = torch.Generator().manual_seed(3 + d)
     tdt = getattr(torch, dtype)
     S, steps = 97, 3
