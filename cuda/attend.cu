@@ -281,22 +281,8 @@ __global__ void __launch_bounds__(kRWarps * 32)
     float x = 0.f;
     if (gq < G) {
       const int64_t o = off4(a.q, b, 0, h * G + gq, 0);
-      x = load_elem(a.q.data, a.q.elem, o + e);
-      const int32_t half = a.rotary_dim / 2;
-      int32_t pi = -1, ea = 0, eb = 0;
-      if (a.inter) {
-        if (e < a.rotary_dim) { pi = e / 2; ea = e & ~1; eb = ea + 1; }
-      } else if (e < a.rotary_dim) {
-        pi = e < half ? e : e - half; ea = pi; eb = pi + half;
-      }
-      if (pi >= 0) {
-        float cs, sn;
-        rope_cs(qp, a.inv_freq[pi], a.att, &cs, &sn);
-        const float xa = load_elem(a.q.data, a.q.elem, o + ea);
-        const float xb = load_elem(a.q.data, a.q.elem, o + eb);
-        x = (e == ea) ? xa * cs - xb * sn : xb * cs + xa * sn;
-      }
-      x *= a.scale * kLog2e;
+      auto qe = [&](int32_t j) { return load_elem(a.q.data, a.q.elem, o + j); };
+      x = rope_elem(qe, e, qp, a.inv_freq, a.rotary_dim, a.inter, a.att) * (a.scale * kLog2e);
     }
     qs[gq][e] = x;
   }
@@ -847,21 +833,9 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
     float x = 0.f;
     if (qpos[row] >= 0) {
       const int64_t o = off4(a.q, b, t0 + tq, h * G + gq, 0);
-      x = load_elem(a.q.data, a.q.elem, o + e);
-      int32_t pi = -1, ea = 0, eb = 0;
-      if (a.inter) {
-        if (e < a.rotary_dim) { pi = e / 2; ea = e & ~1; eb = ea + 1; }
-      } else if (e < a.rotary_dim) {
-        pi = e < half ? e : e - half; ea = pi; eb = pi + half;
-      }
-      if (pi >= 0) {
-        float cs, sn;
-        rope_cs(qpos[row], a.inv_freq[pi], a.att, &cs, &sn);
-        const float xa = load_elem(a.q.data, a.q.elem, o + ea);
-        const float xb = load_elem(a.q.data, a.q.elem, o + eb);
-        x = (e == ea) ? xa * cs - xb * sn : xb * cs + xa * sn;
-      }
-      x *= a.scale * kLog2e;
+      auto qe = [&](int32_t j) { return load_elem(a.q.data, a.q.elem, o + j); };
+      x = rope_elem(qe, e, qpos[row], a.inv_freq, a.rotary_dim, a.inter, a.att) *
+          (a.scale * kLog2e);
     }
     Q[i] = x;
     O[i] = 0.f;

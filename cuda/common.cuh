@@ -142,7 +142,7 @@ __device__ __forceinline__ void rope_cs(int32_t p, float f, float att, float* c,
   *s = sn * att;
 }
 
-/* Rotate x[0..d) in place (any memory space reachable by one thread), pairs per the header. */
+/* Elements *a, *b of rotary pair i (rotary dimension rd), pairs per the header. */
 __device__ __forceinline__ void rope_pair_index(int32_t i, int32_t rd, int32_t inter, int32_t* a,
                                                 int32_t* b) {
   if (inter) {
@@ -152,6 +152,22 @@ __device__ __forceinline__ void rope_pair_index(int32_t i, int32_t rd, int32_t i
     *a = i;
     *b = i + rd / 2;
   }
+}
+
+/* Element e of a head vector rotated at position p; x(j) reads element j of the unrotated
+ * vector. Elements past rotary_dim pass through. */
+template <typename X>
+__device__ __forceinline__ float rope_elem(X x, int32_t e, int32_t p, const float* inv_freq,
+                                           int32_t rotary_dim, int32_t inter, float att) {
+  if (e >= rotary_dim) return x(e);
+  const int32_t half = rotary_dim / 2;
+  const int32_t pi = inter ? e / 2 : (e < half ? e : e - half);
+  int32_t ea, eb;
+  rope_pair_index(pi, rotary_dim, inter, &ea, &eb);
+  float cs, sn;
+  rope_cs(p, inv_freq[pi], att, &cs, &sn);
+  const float xa = x(ea), xb = x(eb);
+  return e == ea ? xa * cs - xb * sn : xb * cs + xa * sn;
 }
 
 /*

@@ -78,22 +78,11 @@ __global__ void rebuild_rope_kernel(DView kl, DView proj, DView pos, RopeArgs r,
   }
   __syncthreads();
   const int32_t p = load_i32(pos, n * pos.stride[0]);
-  const int32_t half = r.rotary_dim / 2;
   for (int32_t i = threadIdx.x; i < dk; i += blockDim.x) {
     const int32_t h = i / d, e = i % d;
-    float y = k[i];
-    int32_t pi = -1, ea = 0, eb = 0;
-    if (r.inter) {
-      if (e < r.rotary_dim) { pi = e / 2; ea = e & ~1; eb = ea + 1; }
-    } else if (e < r.rotary_dim) {
-      pi = e < half ? e : e - half; ea = pi; eb = pi + half;
-    }
-    if (pi >= 0) {
-      float cs, sn;
-      rope_cs(p, r.inv_freq[pi], r.att, &cs, &sn);
-      const float xa = k[h * d + ea], xb = k[h * d + eb];
-      y = (e == ea) ? xa * cs - xb * sn : xb * cs + xa * sn;
-    }
+    const float* kh = k + h * d;
+    const float y = rope_elem([&](int32_t j) { return kh[j]; }, e, p, r.inv_freq, r.rotary_dim,
+                              r.inter, r.att);
     store_elem((void*)out.data, out.elem, off3(out, n, h, e), y);
   }
 }
