@@ -1019,17 +1019,16 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
 }
 
 /*
- * Splits of each (sequence, KV head) tile list. Blocks run in waves of `slots` (blocks resident
- * on the device at once); a wave lasts about the tiles of one block plus a fixed cost (query
- * rotation, partial write, share of the merge: ~1/4 tile). The split minimising waves x
+ * Splits of each (sequence, KV head) tile list for the rebuild kernel. Blocks run in waves of
+ * `slots` (blocks resident on the device at once); a wave lasts about the tiles of one block
+ * plus a fixed cost (query rotation, first tile header: ~1/4 tile). The split minimising waves x
  * (tiles per block + 1/4) avoids a last wave that leaves most of the device idle; ties go to
- * fewer partials.
+ * fewer blocks.
  */
-int32_t pick_splits(int64_t pairs, int32_t max_tiles, int32_t max_split, int64_t slots) {
-  const int32_t hi = max_tiles < max_split ? max_tiles : max_split;
+int32_t pick_splits(int64_t pairs, int32_t max_tiles, int64_t slots) {
   int32_t best = 1;
   double best_cost = INFINITY;
-  for (int32_t ns = 1; ns <= hi; ++ns) {
+  for (int32_t ns = 1; ns <= max_tiles; ++ns) {
     const double cost = (double)cdiv(ns * pairs, slots) * ((double)cdiv(max_tiles, ns) + 0.25);
     if (cost < best_cost) {
       best = ns;
@@ -1065,7 +1064,7 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, int32_t* pv
   int per_sm = 0;
   e = blocks_per_sm(rebuild_logits_kernel<T, D, GM>, kRWarps * 32, smem, &per_sm);
   if (e != cudaSuccess) return e;
-  const int32_t ns = pick_splits(pairs, dg.max_tiles, dg.max_tiles, (int64_t)dg.num_sms * per_sm);
+  const int32_t ns = pick_splits(pairs, dg.max_tiles, (int64_t)dg.num_sms * per_sm);
   rebuild_logits_kernel<T, D, GM><<<dim3((unsigned)ns, (unsigned)a.hkv, (unsigned)dg.B),
                                     kRWarps * 32, smem, st>>>(a);
   e = cudaPeekAtLastError();
