@@ -291,7 +291,7 @@ def test_errors_are_clear():
 
     sals.hf.patch(model, **FULL)
     ids = tiny.prompt(12)
-    with pytest.raises(sals.InvalidArgumentError, match="needs a SalsCache, got DynamicCache"):
+    with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
         model(ids, past_key_values=DynamicCache())
     with pytest.raises(sals.CapacityError, match="max_tokens"):
         tiny.logits(model, ids, past_key_values=sals.hf.SalsCache(model, 1, 8))
@@ -301,3 +301,29 @@ def test_errors_are_clear():
     sals.hf.patch(model, **FULL)  # a new patch: caches of the old one are refused
     with pytest.raises(sals.InvalidArgumentError, match="another patch"):
         tiny.logits(model, ids, past_key_values=stale)
+
+
+def test_a_patched_model_never_keeps_dense_kv():
+    """Under every cache keyword this transformers knows (``past_key_values``, and ``cache``
+    from 5.24 on), a non-SALS cache is refused by forward and generate; generate's own cache
+    is a SalsCache whatever name transformers gives it."""
+    model = tiny.model("llama")
+    sals.hf.patch(model, **FULL)
+    ids = tiny.prompt(12)
+    arg = sals.hf._arch.describe(model).cache_arg
+    for name in {"past_key_values", arg}:
+        with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
+            model(ids, **{name: DynamicCache()})
+        with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
+            model.generate(ids, max_new_tokens=2, do_sample=False, **{name: DynamicCache()})
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, sals.hf.SalsCache)
+    assert out.past_key_values.get_seq_length() == 12 + 2
+
+    # a cache smuggled in under a keyword the patch does not know is refused, not updated
+    attn = model.model.layers[0].self_attn
+    hidden = torch.zeros(1, 3, model.config.hidden_size)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(3)[None])
+    with pytest.raises(sals.UnsupportedError, match="unknown keyword"):
+        attn(hidden, position_embeddings=cos_sin, attention_mask=None,
+             kv_store=DynamicCache())

@@ -31,6 +31,9 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: the transformers releases the HF layer is tested on (pyproject.toml states the same range)
+TESTED_TRANSFORMERS = "5.17 to 5.24"
+
 
 def supported_text() -> str:
     return ", ".join(f"{k} ({v[1]})" for k, v in SUPPORTED.items())
@@ -72,6 +75,29 @@ class ModelInfo:
     layers: list[LayerInfo]
     hidden_size: int
     vocab_size: int
+    cache_arg: str             # the keyword transformers passes the KV cache under
+
+
+#: the keyword of the KV cache in attention and model forwards: "past_key_values" in
+#: transformers 5.17, "cache" in 5.24 (which still maps the old name, with a FutureWarning)
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_argument(function, what: str) -> str:
+    """The keyword under which ``function`` (an attention or model forward) takes the KV cache.
+    A forward that takes it under neither known name would bypass the SALS cache: refused."""
+    import inspect
+
+    import transformers
+
+    params = inspect.signature(function).parameters
+    for name in CACHE_ARGS:
+        if name in params:
+            return name
+    raise UnsupportedError(
+        f"model: {what} takes no {' or '.join(CACHE_ARGS)} argument in transformers "
+        f"{transformers.__version__}; sals.hf cannot keep its KV cache in SALS form there "
+        f"(tested: transformers {TESTED_TRANSFORMERS})")
 
 
 def _text_config(model):
@@ -107,7 +133,8 @@ def _check_transformers() -> None:
     if int(transformers.__version__.split(".")[0]) < 5:
         raise UnsupportedError(
             f"transformers {transformers.__version__}: sals.hf needs transformers 5.x "
-            f"(attention modules, caches and masks changed in 5.0; tested with 5.17)")
+            f"(attention modules, caches and masks changed in 5.0; tested: "
+            f"{TESTED_TRANSFORMERS})")
 
 
 def describe(model) -> ModelInfo:
@@ -160,8 +187,8 @@ def describe(model) -> ModelInfo:
             index=m.layer_idx,
             module=m,
             layer_type=layer_type,
-            sliding_window=layer_kwargs.get("sliding_window") if layer_type != "full_attention"
-            else None,
+            sliding_window=None if layer_type == "full_attention" else _layer_kwargs(
+                layer_kwargs, m.layer_idx).get("sliding_window"),
             n_head_q=int(config.num_attention_heads),
             n_head_kv=int(config.num_key_value_heads),
             head_dim=int(m.head_dim),
@@ -169,8 +196,16 @@ def describe(model) -> ModelInfo:
             inv_freq=inv_freq.detach().float().cpu(),
             attention_scaling=attention_scaling,
         ))
+    cache_arg = cache_argument(type(modules[0]).forward, f"{attn_class}.forward")
     return ModelInfo(model_type=model_type, architecture=archs[0], config=config, layers=layers,
-                     hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size))
+                     hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size),
+                     cache_arg=cache_arg)
+
+
+def _layer_kwargs(layer_kwargs, index: int) -> dict:
+    """Cache-layer kwargs of one layer: transformers 5.17 returns one dict for all layers,
+    5.24 a list with one dict per layer."""
+    return layer_kwargs[index] if isinstance(layer_kwargs, (list, tuple)) else layer_kwargs
 
 
 def modeling_function(module, name: str):

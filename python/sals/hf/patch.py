@@ -24,6 +24,7 @@ import types
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import (
@@ -237,27 +238,53 @@ def _positions(position_ids, padding, past: int, batch: int, length: int,
     return pos.contiguous()
 
 
+def _take_cache(kwargs: dict, cache_arg: str):
+    """Pop the KV cache from an attention forward's keyword arguments, under the name this
+    transformers uses or the deprecated one. A Cache under any other keyword would be updated
+    by the model's own forward behind SALS's back: refused."""
+    given = [kwargs.pop(name, None) for name in _arch.CACHE_ARGS]
+    caches = [c for c in given if c is not None]
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise UnsupportedError(
+                f"{name}: a {type(value).__name__} reached a SALS-patched attention under an "
+                f"unknown keyword (this transformers passes its cache as {cache_arg!r}); "
+                f"tested: transformers {_arch.TESTED_TRANSFORMERS}")
+    if len(caches) > 1 and caches[0] is not caches[1]:
+        raise InvalidArgumentError(
+            f"{cache_arg}: two different caches given (as {' and '.join(_arch.CACHE_ARGS)})")
+    return caches[0] if caches else None
+
+
+def _check_cache(cache, state: PatchState) -> None:
+    """A patched model keeps its KV only in a SalsCache of its own patch: anything else would
+    run dense (or corrupt the other patch's cache) in silence."""
+    if not isinstance(cache, SalsCache):
+        raise InvalidArgumentError(
+            f"{state.info.cache_arg}: a model patched by sals.hf keeps its KV cache in a "
+            f"SalsCache, got {type(cache).__name__} (pass none, or sals.hf.SalsCache(model, ...))")
+    if cache.patch_state is not state:
+        raise InvalidArgumentError(
+            f"{state.info.cache_arg}: this SalsCache was made for another patch of the model; "
+            f"create a new one")
+
+
 def _attention_forward(state: PatchState, info: _arch.LayerInfo):
     module = info.module
     original = module.forward
     apply_rope = _arch.modeling_function(module, "apply_rotary_pos_emb")
     eager = _arch.modeling_function(module, "eager_attention_forward")
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
-        if past_key_values is None or info.sliding:
+    cache_arg = state.info.cache_arg
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = _take_cache(kwargs, cache_arg)
+        if cache is not None:
+            _check_cache(cache, state)
+        if cache is None or info.sliding:
             return original(hidden_states, position_embeddings=position_embeddings,
-                            attention_mask=attention_mask, past_key_values=past_key_values,
-                            **kwargs)
-        if not isinstance(past_key_values, SalsCache):
-            raise InvalidArgumentError(
-                f"past_key_values: a model patched by sals.hf needs a SalsCache, got "
-                f"{type(past_key_values).__name__} (pass none, or sals.hf.SalsCache(model, ...))")
-        if past_key_values.patch_state is not state:
-            raise InvalidArgumentError(
-                "past_key_values: this SalsCache was made for another patch of the model; "
-                "create a new one")
-        layer: SalsLayer = past_key_values.layers[info.index]
+                            attention_mask=attention_mask, **{cache_arg: cache}, **kwargs)
+        layer: SalsLayer = cache.layers[info.index]
         batch, length = hidden_states.shape[:2]
         q, k, v = _arch.pre_rope(self, hidden_states)
         past = layer.slots
@@ -283,24 +310,28 @@ def _attention_forward(state: PatchState, info: _arch.LayerInfo):
 
 def _model_forward(model, state: PatchState):
     """The model's forward, creating a SalsCache when the call would otherwise make a
-    DynamicCache (``use_cache`` on and no ``past_key_values``)."""
+    DynamicCache (``use_cache`` on and no cache given)."""
     original = model.forward
     signature = inspect.signature(original)
+    cache_arg = _arch.cache_argument(original, f"{type(model).__name__}.forward")
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
         given = bound.arguments
+        extra = given.get("kwargs", {})  # **kwargs: where a deprecated cache name lands
+        if any(extra.get(name) is not None for name in _arch.CACHE_ARGS if name != cache_arg):
+            return original(*args, **kwargs)  # transformers maps the old name itself
         use_cache = given.get("use_cache")
         if use_cache is None:
             use_cache = getattr(state.info.config, "use_cache", True)
-        if given.get("past_key_values") is None and use_cache:
+        if given.get(cache_arg) is None and use_cache:
             x = given.get("input_ids")
             if x is None:
                 x = given.get("inputs_embeds")
             if x is not None:
                 batch, length = x.shape[:2]
-                bound.arguments["past_key_values"] = SalsCache(
+                bound.arguments[cache_arg] = SalsCache(
                     model, batch, max(length, state.max_tokens or 0))
                 return original(*bound.args, **bound.kwargs)
         return original(*args, **kwargs)
@@ -312,18 +343,19 @@ def _prepare_cache(model, state: PatchState):
     """``generate``'s cache preparation, making a SalsCache sized for the call (batch x
     num_return_sequences sequences, prompt + max_new_tokens - 1 slots) when given none."""
     original = model._prepare_cache_for_generation
+    cache_arg = state.info.cache_arg
 
     def prepare(generation_config, model_kwargs, *args):
         # transformers 5.x: (..., generation_mode, batch_size, max_cache_length)
         batch_size, max_cache_length = args[-2], args[-1]
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache:
+        if model_kwargs.get(cache_arg) is None and generation_config.use_cache:
             if generation_config.num_beams > 1:
                 _unsupported("beam search (num_beams > 1)")
             if generation_config.cache_implementation is not None:
                 raise InvalidArgumentError(
                     f"cache_implementation: {generation_config.cache_implementation!r} "
                     f"conflicts with a SALS-patched model (it brings its own cache)")
-            model_kwargs["past_key_values"] = SalsCache(
+            model_kwargs[cache_arg] = SalsCache(
                 model, batch_size * generation_config.num_return_sequences,
                 max(int(max_cache_length), state.max_tokens or 0))
         return original(generation_config, model_kwargs, *args)
