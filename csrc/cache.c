@@ -319,6 +319,29 @@ sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DL
   return SALS_DISPATCH(g->device, cache_attend, cache, &qv, &pv, &ov, stream);
 }
 
+sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  const sals_config_t* g = &cache->cfg;
+  if (batch < 0 || batch > g->max_batch)
+    return sals_set_error(SALS_ERR_CAPACITY, "batch: %lld outside 0..max_batch %d",
+                          (long long)batch, (int)g->max_batch);
+  if (tokens < 0) return sals_set_error(INVALID, "tokens: %d must be >= 0", (int)tokens);
+  for (int64_t b = 0; b < batch; ++b)
+    if ((int64_t)cache->reserved[b] + tokens > g->max_tokens)
+      return sals_set_error(SALS_ERR_CAPACITY,
+                            "tokens: %d more for sequence %lld would reserve %lld > max_tokens %d",
+                            (int)tokens, (long long)b, (long long)cache->reserved[b] + tokens,
+                            (int)g->max_tokens);
+  for (int64_t b = 0; b < batch; ++b) cache->reserved[b] += tokens;
+  return SALS_OK;
+}
+
+sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  if (wait != 0 && wait != 1) return sals_set_error(INVALID, "wait: %d must be 0 or 1", (int)wait);
+  return SALS_DISPATCH(cache->cfg.device, cache_check, cache, wait, stream);
+}
+
 sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
   if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
   sals_view_t ov;

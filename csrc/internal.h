@@ -120,6 +120,7 @@ sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
                                         const sals_view_t* count, void* stream);              \
   sals_status_t prefix##_cache_lengths_host(const sals_cache_t* c, int32_t* out,              \
                                             void* stream);                                    \
+  sals_status_t prefix##_cache_check(sals_cache_t* c, int32_t wait, void* stream);            \
   sals_status_t prefix##_project(const sals_view_t* x, const sals_view_t* proj,               \
                                  const sals_view_t* out, void* stream);                       \
   sals_status_t prefix##_rope_apply(const sals_view_t* x, const sals_view_t* pos,             \

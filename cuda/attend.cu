@@ -29,7 +29,7 @@
 namespace sals_cuda {
 sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st);
 sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                                 cudaStream_t st);
+                                 int first, cudaStream_t st);
 
 namespace {
 
@@ -1136,7 +1136,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   const sals_config_t& cf = c->cfg;
   const int32_t B = (int32_t)q->shape[0], Tq = (int32_t)q->shape[1], D = cf.head_dim;
   if ((int64_t)B * Tq == 0) return SALS_OK;
-  if (cf.check_finite) SALS_STATUS_TRY(cache_check_finite(c, q, nullptr, st));
+  if (cf.check_finite) SALS_STATUS_TRY(cache_check_finite(c, q, nullptr, 2, st));
   SALS_STATUS_TRY(ensure_uh(c, st));
   AttnArgs a = make_args(c, q, q_pos, out);
   const bool decode = Tq == 1;

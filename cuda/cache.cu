@@ -19,7 +19,8 @@ namespace {
 
 constexpr int kScanThreads = 256;
 
-/* Finite check over a strided view of up to 4 dims; sets *flag when a NaN/inf is seen. */
+/* Finite check over a strided view of up to 4 dims; sets *flag when a NaN/inf is seen (a
+ * plain store of 1: any number of writers agree). */
 __global__ void finite_kernel(DView v, int64_t n, int* flag) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
@@ -306,10 +307,33 @@ template <typename T> struct LatentEpi {
   }
 };
 
+constexpr const char* kFiniteArgs[] = {"k", "v", "q"};
+constexpr int kFiniteCount = 3;
+
+/* Report (and clear) what earlier checks found: NOT_FINITE naming the argument. Reads the
+ * mapped flags without synchronising, so it sees the checks whose kernels have completed. */
+sals_status_t report_finite(CacheState* s) {
+  volatile int* flags = s->flag_host;
+  for (int i = 0; i < kFiniteCount; ++i) {
+    if (flags[i]) {
+      for (int j = 0; j < kFiniteCount; ++j) flags[j] = 0;
+      return sals_set_error(SALS_ERR_NOT_FINITE,
+                            "%s: an earlier call's input held NaN or infinity (CUDA checks run "
+                            "on the device and report at the next call or sals_cache_check; "
+                            "the cache holds that token: reset it)",
+                            kFiniteArgs[i]);
+    }
+  }
+  return SALS_OK;
+}
+
+/* Report what earlier checks found, then enqueue the checks of this call's inputs (first and
+ * second argument: flags `first` and `first + 1`). No host synchronisation, no copy: graph
+ * capturable. */
 sals_status_t check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                           cudaStream_t st) {
+                           int first, cudaStream_t st) {
   CacheState* s = state(c);
-  SALS_CUDA_TRY(cudaMemsetAsync(s->flag, 0, sizeof(int), st));
+  SALS_STATUS_TRY(report_finite(s));
   const sals_view_t* vs[2] = {a, b};
   for (int i = 0; i < 2; ++i) {
     if (!vs[i]) continue;
@@ -318,12 +342,9 @@ sals_status_t check_finite(sals_cache_t* c, const sals_view_t* a, const sals_vie
     if (n == 0) continue;
     int64_t blocks = cdiv(n, 256);
     if (blocks > 4096) blocks = 4096;
-    finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(vs[i]), n, s->flag);
+    finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(vs[i]), n, s->flag + first + i);
     SALS_CUDA_LAUNCHED("finite");
   }
-  SALS_CUDA_TRY(cudaMemcpyAsync(s->flag_host, s->flag, sizeof(int), cudaMemcpyDeviceToHost, st));
-  SALS_CUDA_TRY(cudaStreamSynchronize(st));
-  if (*s->flag_host) return sals_set_error(SALS_ERR_NOT_FINITE, "input holds NaN or infinity");
   return SALS_OK;
 }
 
@@ -344,8 +365,8 @@ sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st) {
 }
 
 sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                                 cudaStream_t st) {
-  return check_finite(c, a, b, st);
+                                 int first, cudaStream_t st) {
+  return check_finite(c, a, b, first, st);
 }
 
 }  // namespace sals_cuda
@@ -392,7 +413,7 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   CacheState* s = state(c);
   if (s) {
     void* sp[] = {s->uh,     s->dest,   s->newlen,  s->qlat,      s->scores, s->topk_ws,
-                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->flag};
+                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -472,11 +493,13 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
   alloc((void**)&s->proj_part, skinny_work_bytes(B, r, dk, 1));
   alloc((void**)&s->qpart, skinny_work_bytes(B, rs, dk, H));
-  alloc((void**)&s->flag, sizeof(int));
-  if (!oom && cudaMallocHost((void**)&s->flag_host, sizeof(int)) != cudaSuccess) {
+  if (!oom && (cudaHostAlloc((void**)&s->flag_host, kFiniteCount * sizeof(int),
+                             cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess ||
+               cudaHostGetDevicePointer((void**)&s->flag, s->flag_host, 0) != cudaSuccess)) {
     cudaGetLastError();
     oom = true;
   }
+  if (s->flag_host) memset(s->flag_host, 0, kFiniteCount * sizeof(int));
   if (oom) {
     sals_cuda_cache_free(c);
     return sals_set_error(SALS_ERR_OUT_OF_MEMORY,
@@ -510,7 +533,7 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   CacheState* s = state(c);
   const int32_t B = (int32_t)k->shape[0], T = (int32_t)k->shape[1];
   if ((int64_t)B * T == 0) return SALS_OK;
-  if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, st));
+  if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, 0, st));
   SALS_STATUS_TRY(ensure_uh(c, st));
   const int64_t M = (int64_t)B * T, N = c->cfg.rank, K = c->dk;
   const int32_t d = c->cfg.head_dim;
@@ -562,6 +585,18 @@ sals_status_t sals_cuda_cache_lengths(const sals_cache_t* c, const sals_view_t* 
   lengths_kernel<<<(B + 127) / 128, 128, 0, (cudaStream_t)stream>>>(c->len, dview(out), B);
   SALS_CUDA_LAUNCHED("lengths");
   return SALS_OK;
+}
+
+sals_status_t sals_cuda_cache_check(sals_cache_t* c, int32_t wait, void* stream) {
+  DeviceGuard g(c->cfg.device.device_id);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (wait) {
+    /* waiting is impossible while the stream is captured: report what is known */
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    SALS_CUDA_TRY(cudaStreamIsCapturing(st, &capture));
+    if (capture == cudaStreamCaptureStatusNone) SALS_CUDA_TRY(cudaStreamSynchronize(st));
+  }
+  return report_finite(state(c));
 }
 
 sals_status_t sals_cuda_cache_lengths_host(const sals_cache_t* c, int32_t* out, void* stream) {

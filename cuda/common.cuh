@@ -351,8 +351,10 @@ struct CacheState {
                       * arrival counters, then split-K partials */
   float* qpart;      /* the same for the scoring queries */
   int max_parts;
-  int* flag;         /* device: non-finite input seen */
-  int* flag_host;    /* pinned */
+  /* Non-finite input seen, one int per argument (kFiniteArgs: k, v, q), in mapped pinned host
+   * memory: kernels write it through `flag`, the host reads `flag_host` without a copy. */
+  int* flag;         /* device alias of flag_host */
+  int* flag_host;
   int num_sms;
 };
 

@@ -543,3 +543,11 @@ sals_status_t sals_cpu_cache_selected(const sals_cache_t* c, const sals_view_t* 
   }
   return SALS_OK;
 }
+
+/* The CPU checks inputs before using them: nothing is ever pending. */
+sals_status_t sals_cpu_cache_check(sals_cache_t* c, int32_t wait, void* stream) {
+  (void)c;
+  (void)wait;
+  (void)stream;
+  return SALS_OK;
+}

@@ -541,6 +541,32 @@ static PyObject* Cache_reset(CacheObject* self, PyObject* args, PyObject* kwargs
   CALL_RETURN_NONE(c, sals_cache_reset(cache, c.stream));
 }
 
+/* reserve(batch, tokens) */
+static PyObject* Cache_reserve(CacheObject* self, PyObject* args) {
+  long long batch;
+  int tokens;
+  if (!PyArg_ParseTuple(args, "Li", &batch, &tokens)) return NULL;
+  sals_cache_t* cache = cache_get(self);
+  if (cache == NULL) return NULL;
+  sals_status_t st = sals_cache_reserve(cache, (int64_t)batch, (int32_t)tokens);
+  if (st != SALS_OK) return raise_status(st);
+  Py_RETURN_NONE;
+}
+
+/* check(wait, stream=None) */
+static PyObject* Cache_check(CacheObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"wait", "stream", NULL};
+  int wait;
+  PyObject* stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p|O", kwlist, &wait, &stream_obj))
+    return NULL;
+  sals_cache_t* cache = cache_get(self);
+  if (cache == NULL) return NULL;
+  call_t c;
+  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_cache_check(cache, (int32_t)wait, c.stream));
+}
+
 /* config() -> dict (the fields of sals_config_t as the library resolved them) */
 static PyObject* Cache_config(CacheObject* self, PyObject* Py_UNUSED(ignored)) {
   sals_cache_t* cache = cache_get(self);
@@ -578,6 +604,10 @@ static PyMethodDef Cache_methods[] = {
      "memory(stream=None) -> dict: sals_cache_memory."},
     {"reset", (PyCFunction)(void (*)(void))Cache_reset, METH_VARARGS | METH_KEYWORDS,
      "reset(stream=None): sals_cache_reset."},
+    {"reserve", (PyCFunction)Cache_reserve, METH_VARARGS,
+     "reserve(batch, tokens): sals_cache_reserve."},
+    {"check", (PyCFunction)(void (*)(void))Cache_check, METH_VARARGS | METH_KEYWORDS,
+     "check(wait, stream=None): sals_cache_check."},
     {"config", (PyCFunction)Cache_config, METH_NOARGS, "config() -> dict: sals_cache_get_config."},
     {"close", (PyCFunction)Cache_close, METH_NOARGS, "close(): sals_cache_destroy; idempotent."},
     {NULL, NULL, 0, NULL},

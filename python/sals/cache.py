@@ -97,6 +97,19 @@ class LayerCache:
         self._last_batch = int(qt.shape[0])
         return out
 
+    def reserve(self, batch: int, tokens: int) -> None:
+        """Reserve ``tokens`` more slots for each of sequences ``0..batch-1`` without appending:
+        for appends the library does not see, i.e. replays of a captured CUDA graph. Raises
+        CapacityError (reserving nothing) if a sequence would pass ``max_tokens``."""
+        self._c.reserve(int(batch), int(tokens))
+
+    def check(self, wait: bool = True, stream=None) -> None:
+        """Raise NotFiniteError, naming the argument, if a deferred finite check found NaN or
+        infinity in an earlier call's input (``check_finite`` on CUDA: the check runs on the
+        device and is reported here or by the next append/attend). ``wait`` first waits for the
+        stream; ``wait=False`` reads the flag without synchronising. A no-op on the CPU."""
+        self._c.check(bool(wait), stream if stream is not None else self._stream())
+
     def _host_int32(self, shape):
         """An int32 buffer the library can write for this cache's device (numpy on the CPU)."""
         if self._device[0] == _KDLCPU:

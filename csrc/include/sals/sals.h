@@ -134,8 +134,12 @@ typedef struct sals_config {
   sals_dtype_t dtype;      /**< storage type; default SALS_DTYPE_FLOAT16 */
   float scale;             /**< softmax scale; 0 = 1/sqrt(head_dim) */
   /**
-   * 1: reject NaN/inf inputs with SALS_ERR_NOT_FINITE. On CUDA the check reads back one flag
-   * per call (a host synchronisation): set 0 for CUDA graphs and peak speed. Default 1.
+   * 1: report NaN/inf inputs with SALS_ERR_NOT_FINITE, naming the argument. On the CPU the
+   * call is refused before anything changes. On CUDA the check is a kernel on the call's
+   * stream that raises a flag in mapped host memory, with no host synchronisation (graph
+   * capturable): the error is returned by the first later append or attend of the cache
+   * (which read the flag without waiting) or by sals_cache_check; the cache then holds the
+   * offending token (reset it). Default 1.
    */
   int32_t check_finite;
   int32_t n_threads;       /**< CPU worker threads; 0 = one per online core */
@@ -211,6 +215,23 @@ SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k,
  */
 SALS_API sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q,
                                          const DLTensor* q_pos, DLTensor* out, void* stream);
+
+/**
+ * Reserve `tokens` more slots for each of sequences 0..batch-1 without appending: for appends
+ * the host does not see (replays of a captured CUDA graph, which re-run the kernels but not
+ * this library's host code). Fails with SALS_ERR_CAPACITY, reserving nothing, if a sequence
+ * would pass max_tokens. No device work.
+ */
+SALS_API sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens);
+
+/**
+ * Report what the deferred finite checks of earlier calls found (config.check_finite on CUDA):
+ * SALS_ERR_NOT_FINITE naming the argument, once, then the flag is clear. wait = 1 first waits
+ * for `stream` (skipped while it is being captured), so every earlier call is covered; wait = 0
+ * reads the flag as it stands, without synchronising. Always SALS_OK on the CPU, whose checks
+ * are immediate.
+ */
+SALS_API sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream);
 
 /** Tokens held per sequence. out: [B] int32 on the cache's device, B <= max_batch. */
 SALS_API sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream);

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from .. import CapacityError, InvalidArgumentError, LayerCache, UnsupportedError
+from .. import CapacityError, InvalidArgumentError, LayerCache, UnsupportedError, torch_ops
 
 
 def _unsupported(what: str):
@@ -38,6 +38,9 @@ class SalsLayer(CacheLayerMixin):
         self.device = device
         self.slots = 0
         self.is_initialized = True
+        # the torch.ops.sals operators' view of the cache (sals.torch_ops)
+        self.handle = torch_ops.handle(layer_cache)
+        self.order = torch_ops.order_tensor(device)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.update(key_states, value_states)
@@ -57,9 +60,9 @@ class SalsLayer(CacheLayerMixin):
         """k, v: [B, T, Hkv, d] pre-RoPE; positions: [B, T] int32, < 0 for padding."""
         self._check_device(k, "k")
         try:
-            with _device_guard(self.device):
-                # DLPack refuses tensors that require grad (a plain forward outside no_grad)
-                self.layer_cache.append(k.detach(), v.detach(), positions)
+            # DLPack refuses tensors that require grad (a plain forward outside no_grad)
+            torch.ops.sals.cache_append(k.detach(), v.detach(), positions, self.order,
+                                        self.handle)
         except CapacityError as e:
             cfg = self.layer_cache.config
             raise CapacityError(
@@ -72,8 +75,7 @@ class SalsLayer(CacheLayerMixin):
     def attend(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q: [B, T, Hq, d] pre-RoPE -> [B, T, Hq, d] in q's dtype."""
         self._check_device(q, "q")
-        with _device_guard(self.device):
-            return self.layer_cache.attend(q.detach(), positions)
+        return torch.ops.sals.cache_attend(q.detach(), positions, self.order, self.handle)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.slots + query_length, 0
@@ -167,6 +169,7 @@ class SalsCache(Cache):
             layers.append(SalsLayer(lc, info.index, info.device))
         super().__init__(layers=layers)
         self.patch_state = state
+        self.decode_graphs: dict = {}  # batch size -> captured decode step (sals.hf.graphs)
         self.max_batch = int(max_batch)
         self.max_tokens = int(max_tokens)
 
@@ -188,6 +191,7 @@ class SalsCache(Cache):
 
     def close(self) -> None:
         """Free every layer's memory now; the cache cannot be used afterwards."""
+        self.decode_graphs.clear()  # their kernels point into the memory freed below
         for layer in self.layers:
             if isinstance(layer, SalsLayer):
                 layer.layer_cache.close()

@@ -36,7 +36,7 @@ from .. import (
     UnsupportedError,
     cuda_available,
 )
-from . import _arch
+from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
 
 _STATE_ATTR = "_sals_patch"
@@ -53,6 +53,7 @@ class PatchState:
     projections: dict[int, np.ndarray]
     max_tokens: int | None
     calibration: Calibration | None
+    cuda_graph: bool = False
     saved: list = dataclasses.field(default_factory=list)  # (object, attribute, value or None)
 
 
@@ -89,8 +90,6 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
     fields = dict(overrides)
     fields.setdefault("scale", info.scaling)
     fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
-    # the finiteness check costs a host synchronisation per call on CUDA
-    fields.setdefault("check_finite", info.device.type != "cuda")
     if preset is None and calib is not None and "rank" not in fields:
         fields["rank"] = calib.layers[info.index].rank
     if preset is not None:
@@ -119,7 +118,7 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
 
 
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
-          max_tokens: int | None = None, **config_overrides):
+          max_tokens: int | None = None, cuda_graph: bool = False, **config_overrides):
     """Make ``model`` keep its KV cache in SALS form. Returns ``model`` (patched in place).
 
     ``calibration``: a ``sals.Calibration`` or the path of one (``python -m sals calibrate``);
@@ -132,6 +131,10 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     paper's ``(0, 1, L-1)``.
     ``max_tokens``: token slots per sequence of the caches created automatically by a plain
     forward (``generate`` sizes its cache from the prompt and ``max_new_tokens``).
+    ``cuda_graph``: run each decode step (one new token per sequence into a non-empty cache)
+    of a CUDA model as one captured CUDA graph of the whole forward (``sals.hf.graphs``):
+    ``generate`` and hand-written loops then pay no Python per layer. Models with
+    sliding-window layers (Gemma 3) and CPU models are refused with UnsupportedError.
     ``config_overrides``: any ``sals.Config`` field (``budget_frac``, ``value_bits``,
     ``dtype``, ``n_sink``, ...), applied to every layer.
 
@@ -148,6 +151,10 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     bad = sorted(i for i in dense_layers if not 0 <= i < n_layers)
     if bad:
         raise InvalidArgumentError(f"dense_layers: {bad} outside 0..{n_layers - 1}")
+    if not isinstance(cuda_graph, bool):
+        raise InvalidArgumentError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
+    if cuda_graph:
+        graphs.check_model(info)
     if max_tokens is not None and int(max_tokens) < 1:
         raise InvalidArgumentError(f"max_tokens: expected >= 1, got {max_tokens}")
     for bad_key in ("max_batch", "n_head_q", "n_head_kv", "head_dim"):
@@ -168,7 +175,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         configs[layer.index], projections[layer.index] = cfg, proj
         ropes[layer.index] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
     state = PatchState(info, configs, ropes, projections,
-                       None if max_tokens is None else int(max_tokens), calib)
+                       None if max_tokens is None else int(max_tokens), calib, cuda_graph)
     for layer in info.layers:
         _replace(state, layer.module, "forward",
                  types.MethodType(_attention_forward(state, layer), layer.module))
@@ -325,7 +332,10 @@ def _model_forward(model, state: PatchState):
         use_cache = given.get("use_cache")
         if use_cache is None:
             use_cache = getattr(state.info.config, "use_cache", True)
-        if given.get(cache_arg) is None and use_cache:
+        cache = given.get(cache_arg)
+        if state.cuda_graph and graphs.is_decode_step(cache, given):
+            return graphs.decode_step(original, state, cache, given)
+        if cache is None and use_cache:
             x = given.get("input_ids")
             if x is None:
                 x = given.get("inputs_embeds")

@@ -1,0 +1,98 @@
+"""SALS cache operations as PyTorch operators, for ``torch.compile`` and CUDA graphs.
+
+Importing this module (it needs torch; ``import sals`` never imports it) registers, in the
+``sals`` operator namespace::
+
+    sals::cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, int cache) -> ()
+    sals::cache_attend(Tensor q, Tensor positions, Tensor(a!) order, int cache) -> Tensor
+
+with CPU and CUDA kernels (``sals.LayerCache.append`` / ``attend`` on the caller's current
+stream) and fake (meta) implementations, so that ``torch.compile`` traces through them without a
+graph break and a captured CUDA graph replays them.
+
+``cache`` is the handle of a ``sals.LayerCache`` (:func:`handle`). ``order`` is the cache's
+one-element order tensor (:func:`order_tensor`): the cache's state lives inside the library,
+where the compiler cannot see it, so both operators declare that they mutate ``order``; that
+keeps every append before the attend that follows it, and keeps both from being removed as
+dead code. Nothing reads or writes its value.
+
+Shapes are those of ``LayerCache.append`` / ``attend``: ``k, v [B, T, n_head_kv, head_dim]``,
+``q [B, T, n_head_q, head_dim]`` (pre-RoPE), ``positions [B, T] int32`` (< 0 marks padding);
+``cache_attend`` returns ``[B, T, n_head_q, head_dim]`` in q's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+
+import torch
+
+from .cache import LayerCache
+from .errors import InvalidArgumentError
+
+_caches: "weakref.WeakValueDictionary[int, LayerCache]" = weakref.WeakValueDictionary()
+_handles: "weakref.WeakKeyDictionary[LayerCache, int]" = weakref.WeakKeyDictionary()
+_next_handle = itertools.count(1)
+
+
+def handle(cache: LayerCache) -> int:
+    """The operator handle of ``cache`` (stable for the cache's life; the registry holds it
+    weakly, so a handle outliving its cache is refused, never reused)."""
+    if not isinstance(cache, LayerCache):
+        raise InvalidArgumentError(f"cache: expected sals.LayerCache, got {type(cache).__name__}")
+    h = _handles.get(cache)
+    if h is None:
+        h = next(_next_handle)
+        _handles[cache] = h
+        _caches[h] = cache
+    return h
+
+
+def order_tensor(device) -> torch.Tensor:
+    """A fresh order tensor for one cache on ``device`` (see the module docstring)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _cache(h: int) -> LayerCache:
+    cache = _caches.get(h)
+    if cache is None:
+        raise InvalidArgumentError(f"cache: handle {h} names no live sals.LayerCache")
+    return cache
+
+
+_lib = torch.library.Library("sals", "DEF")
+_lib.define("cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, int cache) -> ()")
+_lib.define("cache_attend(Tensor q, Tensor positions, Tensor(a!) order, int cache) -> Tensor")
+
+
+def _on_device(x: torch.Tensor):
+    """Make x's CUDA device current: DLPack refuses a CUDA tensor of another device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _append(k, v, positions, order, cache):
+    with _on_device(k):
+        _cache(cache).append(k, v, positions)
+
+
+def _attend(q, positions, order, cache):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    with _on_device(q):
+        return _cache(cache).attend(q, positions, out=out)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("cache_append", _append, _key)
+    _lib.impl("cache_attend", _attend, _key)
+
+
+@torch.library.register_fake("sals::cache_append")
+def _append_fake(k, v, positions, order, cache):
+    return None
+
+
+@torch.library.register_fake("sals::cache_attend")
+def _attend_fake(q, positions, order, cache):
+    return q.new_empty(q.shape)
