@@ -2,7 +2,9 @@
 # One call on the GPU machine: build libsals with CUDA (+ C tests), install the Python package, run the
 # C tests, the CUDA-vs-CPU C test under compute-sanitizer, the GPU pytest suite and (with
 # BENCH=1) the attention benchmark. Logs and JSON go to $OUT (default ./gpu-out).
-#   STEPS="build ctest sanitize pytest bench profile" bash benchmarks/gpu_session.sh
+#   STEPS="build ctest sanitize pytest bench e2e profile" bash benchmarks/gpu_session.sh
+# pytest: the GPU suites (and, with NEWEST_TRANSFORMERS=wheel, the HF CUDA tests on that
+# transformers); e2e: `python -m sals bench e2e` with E2E_ARGS, JSON and plot to $OUT
 # profile: Nsight Compute on one kernel of each PROFILE_CASES entry
 # ("shape:context:batch:setting:kernel", see benchmarks/profile_step.py; kernel is a regex on the
 # kernel name, default rebuild_logits; PROFILE_SKIP matching launches are skipped first, default
@@ -46,12 +48,24 @@ fi
 if has pytest; then
   log pytest
   (cd /tmp && timeout 400 python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
-    2>&1 | tee "$OUT/pytest.log" | tail -30)
+    "$OLDPWD/tests/python/test_torch_cuda.py" "$OLDPWD/tests/python/test_torch_ops.py" \
+    "$OLDPWD/tests/hf/test_hf_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -30)
+  if [ -n "${NEWEST_TRANSFORMERS:-}" ]; then  # a wheel carried in; installed beside the old one
+    log "pytest hf on $(basename "$NEWEST_TRANSFORMERS")"
+    python3 -m pip install -q --no-deps --target /tmp/tf-newest "$NEWEST_TRANSFORMERS" &&
+      (cd /tmp && PYTHONPATH=/tmp/tf-newest timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        "$OLDPWD/tests/hf/test_hf_cuda.py" 2>&1 | tee "$OUT/pytest_newest.log" | tail -15)
+  fi
 fi
 if has bench; then
   log bench
   (cd /tmp && timeout ${BENCH_TIMEOUT:-540} python3 -m sals bench attention --out "$OUT/bench.json" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log")
+fi
+if has e2e; then
+  log e2e
+  (cd /tmp && timeout ${E2E_TIMEOUT:-540} python3 -m sals bench e2e --out "$OUT/e2e.json" \
+    --plot "$OUT/e2e.png" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log")
 fi
 if has profile; then
   for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5:rebuild_logits}; do
@@ -70,5 +84,5 @@ if has profile; then
 fi
 log done
 # the device tool returns at most 8 files: pack the logs into one archive
-(cd "$OUT" && tar czf logs.tgz --exclude logs.tgz --exclude '*.json' * && find . -type f \
-  ! -name logs.tgz ! -name '*.json' -delete)
+(cd "$OUT" && tar czf logs.tgz --exclude logs.tgz --exclude '*.json' --exclude '*.png' * &&
+  find . -type f ! -name logs.tgz ! -name '*.json' ! -name '*.png' -delete)

@@ -226,6 +226,14 @@ def _fits(shape, B, S, budget_bytes) -> bool:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if argv[:1] == ["e2e"]:
+        from . import bench_e2e
+
+        ap = argparse.ArgumentParser(prog="python -m sals bench e2e",
+                                     description=bench_e2e.__doc__.split("\n")[0])
+        bench_e2e.add_arguments(ap)
+        return bench_e2e.main(ap.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="python -m sals bench")
     ap.add_argument("what", choices=["attention"])
     ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b")

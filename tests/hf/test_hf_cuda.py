@@ -24,8 +24,7 @@ def test_cuda_dense_equivalent_generate_is_token_identical(family):
     out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
     layers = [x for x in out.past_key_values.layers if isinstance(x, sals.hf.SalsLayer)]
-    assert all(x.device.type == "cuda" and not x.layer_cache.config.check_finite
-               for x in layers)
+    assert all(x.device.type == "cuda" and x.layer_cache.config.check_finite for x in layers)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
@@ -60,3 +59,89 @@ def test_cuda_bfloat16_model():
     assert model._sals_patch.configs[0].dtype == "bfloat16"
     got = tiny.decode_logits(model, ids[:, :30], ids[:, 30:], sals.hf.SalsCache(model, 1, 64))
     assert (got.float() - ref).abs().max().item() < 0.1 * ref.std().item()
+
+
+GRAPH_FAMILIES = [f for f in tiny.FAMILIES if f != "gemma3"]  # gemma3: sliding layers
+
+
+def _generate(model, ids, **kw):
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
+
+
+@pytest.mark.parametrize("family", GRAPH_FAMILIES)
+def test_cuda_graph_decode_equals_eager_decode(family):
+    """Sparse SALS with 4-bit values: graph-replayed decode gives the eager path's tokens and
+    logits, and dense-equivalent through graphs still equals dense."""
+    model = tiny.model(family).cuda()
+    ids = tiny.prompt(40, batch=2).cuda()
+    dense = model.generate(ids, max_new_tokens=24, do_sample=False)
+    sals.hf.patch(model, dtype="float32", preset=None, value_bits=4, **SPARSE)
+    eager, eager_logits, _ = _generate(model, ids)
+    sals.hf.patch(model, dtype="float32", preset=None, value_bits=4, cuda_graph=True, **SPARSE)
+    graph, graph_logits, cache = _generate(model, ids)
+    assert torch.equal(graph, eager)
+    assert (graph_logits - eager_logits).abs().max().item() < 1e-4
+    assert set(cache.decode_graphs) == {2} and cache.decode_graphs[2].graph is not None
+    sals.hf.patch(model, cuda_graph=True, **FULL)
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), dense)
+
+
+def test_cuda_graph_left_padded_batch_and_hand_written_loop():
+    prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4))]
+    ids, mask = tiny.left_padded(prompts)
+    ids, mask = ids.cuda(), mask.cuda()
+    model = tiny.model("llama").cuda()
+    out = {}
+    for graph in (False, True):
+        sals.hf.patch(model, dtype="float32", preset=None, value_bits=4, cuda_graph=graph,
+                      **SPARSE)
+        out[graph] = model.generate(ids, attention_mask=mask, max_new_tokens=16,
+                                    do_sample=False)
+    assert torch.equal(out[True], out[False])
+
+    # a hand-written loop over one SalsCache, with a padded decode token in sequence 1
+    cache = sals.hf.SalsCache(model, 2, 64)
+    steps = tiny.prompt(6, batch=2, seed=9).cuda()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        full = torch.cat([mask, torch.ones_like(steps)], 1)
+        full[1, ids.shape[1] + 3] = 0
+        logits = []
+        for i in range(steps.shape[1]):
+            n = ids.shape[1] + i + 1
+            pos = (full[:, :n].cumsum(1) - 1)[:, -1:]
+            logits.append(model(steps[:, i:i + 1], attention_mask=full[:, :n],
+                                position_ids=pos, past_key_values=cache).logits)
+    assert cache.layers[0].slots == ids.shape[1] + steps.shape[1]
+    lengths = cache.layers[2].layer_cache.lengths().tolist()
+    assert lengths == [40 + 6, 23 + 5]  # the padded step stored nothing for sequence 1
+
+
+def test_cuda_graph_errors_are_clear():
+    model = tiny.model("llama").cuda()
+    ids = tiny.prompt(20).cuda()
+    sals.hf.patch(model, cuda_graph=True, **FULL)
+    cache = sals.hf.SalsCache(model, 1, 23)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        for i in range(3):
+            model(ids[:, i:i + 1], past_key_values=cache)
+        with pytest.raises(sals.CapacityError, match="max_tokens 23"):
+            model(ids[:, :1], past_key_values=cache)
+        cache = sals.hf.SalsCache(model, 1, 40)
+        model(ids, past_key_values=cache)
+        with pytest.raises(sals.UnsupportedError, match="output_hidden_states"):
+            model(ids[:, :1], past_key_values=cache, output_hidden_states=True)
+        # NaN input to a replayed step is reported by the next step
+        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+        emb = model.get_input_embeddings().weight
+        saved = emb[ids[0, 0]].clone()
+        emb.data[ids[0, 0]] = float("nan")
+        model(ids[:, :1], past_key_values=cache)
+        emb.data[ids[0, 0]] = saved
+        with pytest.raises(sals.NotFiniteError):
+            torch.cuda.synchronize()
+            model(ids[:, 1:2], past_key_values=cache)

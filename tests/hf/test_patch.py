@@ -327,3 +327,12 @@ def test_a_patched_model_never_keeps_dense_kv():
     with pytest.raises(sals.UnsupportedError, match="unknown keyword"):
         attn(hidden, position_embeddings=cos_sin, attention_mask=None,
              kv_store=DynamicCache())
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    with pytest.raises(sals.UnsupportedError, match="cuda_graph: the model is on"):
+        sals.hf.patch(tiny.model("llama"), cuda_graph=True, **FULL)
+    with pytest.raises(sals.UnsupportedError, match="cuda_graph: layers .* sliding-window"):
+        sals.hf.patch(tiny.model("gemma3"), cuda_graph=True, **FULL)
+    with pytest.raises(sals.InvalidArgumentError, match="cuda_graph: expected True or False"):
+        sals.hf.patch(tiny.model("llama"), cuda_graph="yes", **FULL)

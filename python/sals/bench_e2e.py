@@ -1,0 +1,364 @@
+"""``python -m sals bench e2e``: end-to-end ``model.generate`` decode speed, dense vs SALS.
+
+For each model shape, context and batch, one run measures with ``model.generate`` (greedy, a
+prompt of random token ids of the context's length, ``--new-tokens`` generated):
+
+- ``dense-static-compiled``: transformers' static cache + torch.compile ("reduce-overhead",
+  what ``generate`` does by itself with ``cache_implementation="static"``): the GPT-Fast-class
+  baseline; one warm-up generate of the same shapes first, so compilation is not timed;
+- ``dense-dynamic``: transformers' default dynamic cache, eager;
+- ``sals-25`` / ``sals-12.5``: the model patched with that preset and ``cuda_graph=True``
+  (every decode step replayed as one CUDA graph; its first two steps are the eager warm-up and
+  the capture, so ms per token is the median step).
+
+Per row: TTFT (prompt to first token), ms per output token (median decode step), decode
+tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the SALS caches'
+own device allocation, which torch does not see) and the floor: bytes read per decode step
+(weights + K/V or compressed cache, SALS.md section 7) over the copy bandwidth measured in the
+same run. ``--max-batch-context`` also finds, for dense and SALS, the largest batch whose caches
+fit at that context (from measured bytes per sequence) and times decode there.
+
+GPU models have random weights of the real shapes (``SHAPES``); SALS projections are random
+orthonormal matrices (decode time does not depend on their values). ``--model`` times a real
+model from disk instead (e.g. SmolLM2 on the CPU, where the compiled and graph rows are left out:
+the CPU rows are eager). Writes JSON (``--out``) and a PNG plot of tokens/s against context
+(``--plot``); prints a table; shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+SETTINGS = ("dense-static-compiled", "dense-dynamic", "sals-25", "sals-12.5")
+
+#: model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, rope_theta)
+SHAPES = {
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000, 10000.0),
+    "llama3.1-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0),
+}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b",
+                    help=f"comma-separated random-weight model shapes on the GPU, of "
+                         f"{', '.join(SHAPES)} (default: both)")
+    ap.add_argument("--model", default=None,
+                    help="a real model instead (HF directory or .gguf on disk), e.g. SmolLM2 "
+                         "on the CPU; SALS settings then need a calibration (computed and "
+                         "cached like the demo's)")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"comma-separated rows of {', '.join(SETTINGS)} (default: all)")
+    ap.add_argument("--contexts", default="4096,16384,32768",
+                    help="comma-separated prompt lengths in tokens (default 4096,16384,32768)")
+    ap.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=48,
+                    help="tokens generated per run (default 48)")
+    ap.add_argument("--max-batch-context", type=int, default=0,
+                    help="also time dense and SALS-12.5%% at the largest batch that fits at "
+                         "this context (0: skip; the issue's regime is 32768)")
+    ap.add_argument("--memory-fraction", type=float, default=0.9,
+                    help="fraction of GPU memory the largest-batch search may fill "
+                         "(default 0.9)")
+    ap.add_argument("--out", default=None, help="write every row as JSON to this file")
+    ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
+
+
+def _csv(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def _random_model(shape: str, torch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab, theta = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                         max_position_embeddings=131072, rope_theta=theta,
+                         attn_implementation="sdpa")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def _random_calibration(model, torch):
+    """A Calibration of random orthonormal full-rank projections, fingerprinted for ``model``
+    (timing only: which tokens are selected does not change the work)."""
+    import numpy as np
+
+    import sals.hf
+    from sals.calibration import Calibration, Layer
+
+    info = sals.hf._arch.describe(model)
+    layers = []
+    for layer in info.layers:
+        q, _ = torch.linalg.qr(torch.randn(layer.dk, layer.dk, device="cuda"))
+        rank = layer.dk // 4  # the largest rank of the SALS settings timed here
+        layers.append(Layer(dk=layer.dk, rank=rank, eigenvalues=np.linspace(1.0, 0.0, layer.dk),
+                            eigenvectors=q[:, :rank].cpu().numpy().astype(np.float32),
+                            n_tokens=0))
+    return Calibration(layers, sals.hf.fingerprint(model, info), data="random orthonormal")
+
+
+class _Clock:
+    """A logits processor recording when each token is chosen (generate waits for the logits
+    every step anyway, to test its stopping criteria)."""
+
+    def __init__(self, torch):
+        self.torch, self.times = torch, []
+
+    def __call__(self, input_ids, scores):
+        if scores.is_cuda:
+            self.torch.cuda.synchronize(scores.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _generate(model, ids, new_tokens, torch, **kw) -> dict:
+    from transformers import LogitsProcessorList
+
+    clock = _Clock(torch)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False,
+                         return_dict_in_generate=True,
+                         logits_processor=LogitsProcessorList([clock]), **kw)
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    cache = out.past_key_values
+    sals_bytes = cache.memory()["allocated"] if hasattr(cache, "memory") else 0
+    peak = (torch.cuda.max_memory_allocated() if ids.is_cuda else 0) + sals_bytes
+    step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
+    batch = int(ids.shape[0])
+    return {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
+            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+            "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+
+
+def step_bytes(model, setting: str, B: int, S: int) -> float:
+    """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
+    cache's scored latent coordinates and selected tokens (SALS.md section 7), per layer."""
+    import sals.hf
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not setting.startswith("sals"):
+        cfg = model.config
+        dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        return weights + cfg.num_hidden_layers * 2 * B * S * dk * 2
+    state = sals.hf.patch_state(model)
+    total = weights
+    for cfg in state.configs.values():
+        dk = cfg.n_head_kv * cfg.head_dim
+        r, rs, bits = cfg.resolved_rank(), cfg.resolved_score_rank(), cfg.value_bits
+        value_bytes = dk * (bits + 1) / 8 if bits < 16 else dk * 2
+        if cfg.dense:
+            total += B * S * (r * 2 + value_bytes)
+            continue
+        nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
+        total += B * (S * rs * 2 + (nc + cfg.n_sink + cfg.n_recent) * (r * 2 + value_bytes))
+    return total
+
+
+def _copy_bandwidth(torch) -> float:
+    """Bytes read + written per second by a 1 GiB device copy (median of 20)."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (statistics.median(times[3:]) * 1e-3)
+
+
+def _setting(model, setting: str, calib, torch) -> dict:
+    """Patch (or unpatch) ``model`` for ``setting``; the generate kwargs of that row."""
+    import sals.hf
+
+    if sals.hf.is_patched(model):
+        sals.hf.unpatch(model)
+    if setting == "dense-static-compiled":
+        return {"cache_implementation": "static"}
+    if setting == "dense-dynamic":
+        return {}
+    on_cuda = next(model.parameters()).is_cuda
+    sals.hf.patch(model, calibration=calib, preset=setting, cuda_graph=on_cuda)
+    return {}
+
+
+def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(B * 100003 + S)
+    ids = torch.randint(100, model.config.vocab_size - 100, (B, S), generator=gen).to(device)
+    kw = _setting(model, setting, calib, torch)
+    if setting == "dense-static-compiled":
+        _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
+    row = {"setting": setting, "batch": B, "context": S, **_generate(model, ids, new_tokens,
+                                                                    torch, **kw)}
+    if bandwidth:
+        row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth
+        row["of_floor"] = row["floor_ms"] / row["ms_per_token"]
+    return row
+
+
+def _max_batch(model, setting, S, new_tokens, calib, fraction, torch) -> int:
+    """The largest batch whose cache fits beside the weights and a prefill's activations, from
+    the bytes one sequence's cache takes (dense fp16 K+V, or a SALS cache of S tokens)."""
+    import sals.hf
+
+    free, total = torch.cuda.mem_get_info()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
+    dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    if setting.startswith("sals"):
+        _setting(model, setting, calib, torch)
+        probe = sals.hf.SalsCache(model, 1, S + new_tokens)
+        per_seq = probe.memory()["allocated"]
+        probe.close()
+    else:
+        per_seq = cfg.num_hidden_layers * 2 * (S + new_tokens) * dk * 2
+    # prefill activations: about 4 hidden-size fp16 rows per prompt token plus the logits row
+    act = S * (4 * cfg.hidden_size + cfg.vocab_size / 64) * 2
+    budget = fraction * total - weights
+    return max(int(budget // (per_seq + act)), 0)
+
+
+def main(args) -> int:
+    import torch
+
+    settings = _csv(args.settings)
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad:
+        print(f"sals bench e2e: unknown settings {bad}; choose from {', '.join(SETTINGS)}",
+              file=sys.stderr)
+        return 2
+    from tqdm.auto import tqdm
+
+    import sals.hf
+
+    on_gpu = args.model is None
+    if on_gpu and not (torch.cuda.is_available() and sals.cuda_available()):
+        print("sals bench e2e: random-weight GPU shapes need torch with CUDA and a CUDA build "
+              "of sals (or --model for a real model on the CPU)", file=sys.stderr)
+        return 1
+    bandwidth = _copy_bandwidth(torch) if on_gpu else 0.0
+    contexts, batches = _csv(args.contexts, int), _csv(args.batches, int)
+    models = _csv(args.shapes) if on_gpu else [args.model]
+    rows = []
+    bar = tqdm(total=len(models) * len(contexts) * len(batches) * len(settings), unit="row")
+    for name in models:
+        if on_gpu:
+            model, calib = _random_model(name, torch), None
+            calib = _random_calibration(model, torch)
+        else:
+            from .hf import calibrate, loading
+
+            model, tok = loading.load(name, device="cpu")
+            calib, _, _ = calibrate.cached_calibration(model, tok)
+            settings = [s for s in settings if s != "dense-static-compiled"]
+        for S in contexts:
+            for B in batches:
+                for setting in settings:
+                    bar.set_description(f"{name} {setting} B={B} S={S}")
+                    try:
+                        row = run_row(model, setting, B, S, args.new_tokens, calib, bandwidth,
+                                      torch)
+                    except torch.cuda.OutOfMemoryError as e:
+                        row = {"setting": setting, "batch": B, "context": S,
+                               "error": f"out of memory: {str(e).splitlines()[0]}"}
+                    row["model"] = name
+                    rows.append(row)
+                    bar.update()
+                    torch.cuda.empty_cache() if on_gpu else None
+        if on_gpu and args.max_batch_context:
+            S = args.max_batch_context
+            for setting in ("dense-static-compiled", "sals-12.5"):
+                B = _max_batch(model, setting, S, args.new_tokens, calib,
+                               args.memory_fraction, torch)
+                try:
+                    row = run_row(model, setting, B, S, args.new_tokens, calib, bandwidth, torch)
+                except torch.cuda.OutOfMemoryError as e:
+                    row = {"setting": setting, "batch": B, "context": S,
+                           "error": f"out of memory: {str(e).splitlines()[0]}"}
+                row.update(model=name, largest_batch=True)
+                rows.append(row)
+                torch.cuda.empty_cache()
+        if sals.hf.is_patched(model):
+            sals.hf.unpatch(model)
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    bar.close()
+    meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(),
+            "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+            "torch": torch.__version__, "copy_bytes_per_s": bandwidth,
+            "new_tokens": args.new_tokens, "command": "python -m sals bench e2e " +
+            " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "e2e"] else sys.argv[1:])}
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    _print(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _print(rows) -> None:
+    print(f"{'model':<12} {'setting':<22} {'B':>3} {'S':>6} {'TTFT ms':>9} {'ms/tok':>8} "
+          f"{'tok/s':>8} {'peak GiB':>8} {'floor ms':>8} {'of floor':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['setting']:<22} {r['batch']:>3} {r['context']:>6} "
+                  f"{r['error']}")
+            continue
+        tag = " (largest batch)" if r.get("largest_batch") else ""
+        print(f"{str(r['model'])[-12:]:<12} {r['setting']:<22} {r['batch']:>3} {r['context']:>6} "
+              f"{r['ttft_ms']:9.1f} {r['ms_per_token']:8.2f} {r['tokens_per_s']:8.1f} "
+              f"{r['peak_memory_bytes'] / 2**30:8.1f} {r.get('floor_ms', float('nan')):8.2f} "
+              f"{r.get('of_floor', float('nan')):8.0%}{tag}")
+
+
+def _plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["model"], r["batch"]) for r in rows if "error" not in r and
+                   not r.get("largest_batch")}, key=str)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(5 * max(len(keys), 1), 4),
+                             squeeze=False)
+    for ax, (model, batch) in zip(axes[0], keys):
+        for setting in SETTINGS:
+            pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
+                         if r["model"] == model and r["batch"] == batch and
+                         r["setting"] == setting and "error" not in r and
+                         not r.get("largest_batch"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=setting)
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s",
+               title=f"{model}, batch {batch}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
