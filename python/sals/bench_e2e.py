@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -262,6 +263,8 @@ def main(args) -> int:
     bandwidth = _copy_bandwidth(torch) if on_gpu else 0.0
     contexts, batches = _csv(args.contexts, int), _csv(args.batches, int)
     models = _csv(args.shapes) if on_gpu else [args.model]
+    if not on_gpu:  # compiled static-cache decode and CUDA graphs are GPU rows
+        settings = [s for s in settings if s != "dense-static-compiled"]
     rows = []
     bar = tqdm(total=len(models) * len(contexts) * len(batches) * len(settings), unit="row")
     for name in models:
@@ -273,7 +276,6 @@ def main(args) -> int:
 
             model, tok = loading.load(name, device="cpu")
             calib, _, _ = calibrate.cached_calibration(model, tok)
-            settings = [s for s in settings if s != "dense-static-compiled"]
         for S in contexts:
             for B in batches:
                 for setting in settings:
@@ -284,7 +286,7 @@ def main(args) -> int:
                     except torch.cuda.OutOfMemoryError as e:
                         row = {"setting": setting, "batch": B, "context": S,
                                "error": f"out of memory: {str(e).splitlines()[0]}"}
-                    row["model"] = name
+                    row["model"] = os.path.basename(name)
                     rows.append(row)
                     bar.update()
                     torch.cuda.empty_cache() if on_gpu else None
@@ -298,7 +300,7 @@ def main(args) -> int:
                 except torch.cuda.OutOfMemoryError as e:
                     row = {"setting": setting, "batch": B, "context": S,
                            "error": f"out of memory: {str(e).splitlines()[0]}"}
-                row.update(model=name, largest_batch=True)
+                row.update(model=os.path.basename(name), largest_batch=True)
                 rows.append(row)
                 torch.cuda.empty_cache()
         if sals.hf.is_patched(model):

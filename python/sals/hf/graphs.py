@@ -70,8 +70,7 @@ def is_decode_step(cache, given: dict) -> bool:
 
 
 def _check_kwargs(given: dict, cache_arg: str) -> None:
-    other = sorted(k for k in given if k not in _ACCEPTED and k != cache_arg and
-                   not (k == "kwargs" and not given[k]))
+    other = sorted(k for k in given if k not in _ACCEPTED and k != cache_arg)
     if given.get("inputs_embeds") is not None:
         other.append("inputs_embeds")
     for flag in ("output_attentions", "output_hidden_states"):
@@ -109,7 +108,11 @@ def decode_step(original, state, cache: SalsCache, given: dict):
     """Run one decode step of the patched model through its CUDA graph (capturing it on the
     cache's second decode step). Returns the model output."""
     cache_arg = state.info.cache_arg
+    given = {**given, **given.get("kwargs", {})}  # the forward's **kwargs, flattened
+    given.pop("kwargs", None)
     _check_kwargs(given, cache_arg)
+    keep = given.get("logits_to_keep")
+    keep = 0 if keep is None else keep
     ids = given["input_ids"]
     batch = int(ids.shape[0])
     device = ids.device
@@ -119,16 +122,17 @@ def decode_step(original, state, cache: SalsCache, given: dict):
     entry = graphs.get(batch)
     if entry is None:  # the first decode step: eager, with the same inputs a replay gets
         graphs[batch] = _Graph(None, torch.zeros_like(ids, dtype=torch.long),
-                               torch.zeros_like(pos), logits_to_keep=given.get("logits_to_keep"))
+                               torch.zeros_like(pos), logits_to_keep=keep)
         return original(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=True,
-                        logits_to_keep=given.get("logits_to_keep", 0), **{cache_arg: cache})
-    if given.get("logits_to_keep", 0) != entry.logits_to_keep and entry.graph is not None:
+                        logits_to_keep=keep, **{cache_arg: cache})
+    if not (isinstance(keep, int) and keep == entry.logits_to_keep):
         raise InvalidArgumentError(
-            "logits_to_keep: differs from the value the decode graph was captured with")
+            f"logits_to_keep: {keep!r} differs from the value this cache's decode graph was "
+            f"captured with ({entry.logits_to_keep!r})")
     entry.input_ids.copy_(ids)
     entry.position_ids.copy_(pos)
     if entry.graph is None:
-        _capture(entry, original, cache, cache_arg, given.get("logits_to_keep", 0))
+        _capture(entry, original, cache, cache_arg, keep)
     else:
         _reserve(layers, batch)
         entry.graph.replay()
