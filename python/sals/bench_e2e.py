@@ -151,14 +151,14 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
 def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens (SALS.md section 7), per layer."""
-    import sals.hf
+    import sals.hf.patch
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not setting.startswith("sals"):
         cfg = model.config
         dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
         return weights + cfg.num_hidden_layers * 2 * B * S * dk * 2
-    state = sals.hf.patch_state(model)
+    state = sals.hf.patch.patch_state(model)
     total = weights
     for cfg in state.configs.values():
         dk = cfg.n_head_kv * cfg.head_dim
@@ -266,6 +266,13 @@ def main(args) -> int:
     if not on_gpu:  # compiled static-cache decode and CUDA graphs are GPU rows
         settings = [s for s in settings if s != "dense-static-compiled"]
     rows = []
+    meta = _meta(args, torch, on_gpu, bandwidth)
+
+    def save():  # after every row, so that an interrupted run keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
     bar = tqdm(total=len(models) * len(contexts) * len(batches) * len(settings), unit="row")
     for name in models:
         if on_gpu:
@@ -288,6 +295,7 @@ def main(args) -> int:
                                "error": f"out of memory: {str(e).splitlines()[0]}"}
                     row["model"] = os.path.basename(name)
                     rows.append(row)
+                    save()
                     bar.update()
                     torch.cuda.empty_cache() if on_gpu else None
         if on_gpu and args.max_batch_context:
@@ -302,6 +310,7 @@ def main(args) -> int:
                            "error": f"out of memory: {str(e).splitlines()[0]}"}
                 row.update(model=os.path.basename(name), largest_batch=True)
                 rows.append(row)
+                save()
                 torch.cuda.empty_cache()
         if sals.hf.is_patched(model):
             sals.hf.unpatch(model)
@@ -309,21 +318,20 @@ def main(args) -> int:
         if on_gpu:
             torch.cuda.empty_cache()
     bar.close()
-    meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(),
-            "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-            "torch": torch.__version__, "copy_bytes_per_s": bandwidth,
-            "new_tokens": args.new_tokens, "command": "python -m sals bench e2e " +
-            " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "e2e"] else sys.argv[1:])}
-    import transformers
-
-    meta["transformers"] = transformers.__version__
     _print(rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def _meta(args, torch, on_gpu: bool, bandwidth: float) -> dict:
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d"), "host": platform.node(),
+            "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "copy_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,
+            "command": "python -m sals bench e2e " + " ".join(sys.argv[1:])}
 
 
 def _print(rows) -> None:
