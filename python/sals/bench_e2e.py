@@ -331,7 +331,7 @@ def _meta(args, torch, on_gpu: bool, bandwidth: float) -> dict:
             "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "copy_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,
-            "command": "python -m sals bench e2e " + " ".join(sys.argv[1:])}
+            "command": "python -m sals " + " ".join(sys.argv[1:])}
 
 
 def _print(rows) -> None:
