@@ -151,14 +151,14 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
 def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens (SALS.md section 7), per layer."""
-    import sals.hf.patch
+    from .hf.patch import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not setting.startswith("sals"):
         cfg = model.config
         dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
         return weights + cfg.num_hidden_layers * 2 * B * S * dk * 2
-    state = sals.hf.patch.patch_state(model)
+    state = patch_state(model)
     total = weights
     for cfg in state.configs.values():
         dk = cfg.n_head_kv * cfg.head_dim
