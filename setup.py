@@ -4,10 +4,16 @@
     python setup.py build_ext --inplace         # developer flow: python/sals/{_C*.so,lib/}
 
 CMake runs with -DSALS_CUDA=AUTO (CUDA kernels when nvcc is found; CPU-only otherwise) and
-Release; set SALS_CUDA=OFF (or ON) in the environment to force it, CMAKE_ARGS to add options,
-SALS_BUILD_DIR to reuse a build directory. libsals.so and the public headers are installed inside
-the package (sals/lib/, sals/include/, sals/lib/pkgconfig/sals.pc) and sals._C finds the library
-through the rpath $ORIGIN/lib.
+Release; set SALS_CUDA=OFF (or ON) in the environment to force it, SALS_CUDA_ARCHS to narrow the
+GPU architectures (e.g. 90a-real), CMAKE_ARGS to add options, SALS_BUILD_DIR to reuse a build
+directory. libsals.so and the public headers are installed inside the package (sals/lib/,
+sals/include/, sals/lib/pkgconfig/sals.pc) and sals._C finds the library through the rpath
+$ORIGIN/lib.
+
+The C library alone builds in seconds. The CUDA kernels take minutes (about 7 on two cores: five
+.cu files, each for sm_80, sm_90a and compute_90 PTX), and AUTO builds them wherever nvcc is
+found, with or without a GPU (the wheel may be meant for another machine): the build says so
+before it starts. pip shows the build's output only with `pip install -v`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -70,6 +78,28 @@ endif()
 """
 
 
+def _say(message: str) -> None:
+    """A progress line of the build (pip shows it with -v)."""
+    print(f"sals build: {message}", file=sys.stderr, flush=True)
+
+
+def _cache_value(build_dir: str, name: str) -> str | None:
+    """A variable of build_dir's CMakeCache.txt, or None."""
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt"), encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU (only for what the build says)."""
+    return bool(glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*"))
+
+
 class CMakeThenExtension(build_ext):
     """Builds libsals with CMake, installs it into the package, then builds sals._C."""
 
@@ -95,10 +125,27 @@ class CMakeThenExtension(build_ext):
                 f"-DSALS_CUDA={cuda}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             args += ["-G", "Ninja"]
+        if os.environ.get("SALS_CUDA_ARCHS"):
+            args.append(f"-DSALS_CUDA_ARCHS={os.environ['SALS_CUDA_ARCHS']}")
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
+        start = time.perf_counter()
+        _say(f"configuring libsals with CMake in {build_dir} (SALS_CUDA={cuda})")
         subprocess.check_call(args)
+        with_cuda = _cache_value(build_dir, "SALS_WITH_CUDA") == "ON"
+        if with_cuda:
+            archs = _cache_value(build_dir, "SALS_CUDA_ARCHS") or "?"
+            where = ("" if _gpu_visible() else
+                     " No GPU is visible on this machine: they are compiled for use elsewhere.")
+            _say(f"compiling the C library and the CUDA kernels (cuda/*.cu for {archs}) with "
+                 f"{jobs} jobs: this takes minutes (about 7 on two cores), with a line per "
+                 f"finished file.{where} SALS_CUDA=OFF builds the CPU backend only, in seconds.")
+        else:
+            _say(f"compiling the C library, CPU backend only, with {jobs} jobs (CUDA kernels: "
+                 f"{'SALS_CUDA=OFF' if cuda == 'OFF' else 'no nvcc found'})")
         subprocess.check_call([cmake, "--build", build_dir, "--target", "sals", "--parallel", jobs])
+        _say(f"libsals built in {time.perf_counter() - start:.0f} s "
+             f"(CUDA backend {'ON' if with_cuda else 'OFF'})")
 
         links = glob.glob(os.path.join(build_dir, "**", "libsals.so"), recursive=True)
         if not links:

@@ -18,13 +18,14 @@ Writes JSON (``--out``) and prints a table. Needs torch with CUDA and a CUDA bui
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 import statistics
 import sys
 import time
+
+from . import _cli, bench_e2e
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3.1-8b": (32, 8, 128)}
 SETTINGS = ("sals-25", "sals-12.5")
@@ -225,38 +226,64 @@ def _fits(shape, B, S, budget_bytes) -> bool:
     return dense * 1.25 < budget_bytes
 
 
+def add_parser(subparsers) -> None:
+    """Registers ``bench attention``: its options and ``run``."""
+    p = subparsers.add_parser(
+        "attention", help="the decode attention operator: SALS vs dense SDPA (one GPU)",
+        description=__doc__.split("\n", 1)[1])
+    p.add_argument("--shapes", type=_cli.csv(str, tuple(SHAPES)), default=",".join(SHAPES),
+                   help="comma-separated attention shapes: llama2-7b (32 query / 32 KV heads, "
+                        "d 128), llama3.1-8b (32 / 8, d 128)")
+    p.add_argument("--settings", type=_cli.csv(str, SETTINGS), default=",".join(SETTINGS),
+                   help="comma-separated SALS presets to time")
+    p.add_argument("--contexts", type=_cli.csv(int), default="1024,4096,32768,131072",
+                   help="comma-separated context lengths S (tokens already in the cache)")
+    p.add_argument("--batches", type=_cli.csv(int), default="1,8,16",
+                   help="comma-separated batch sizes B")
+    p.add_argument("--iters", type=int, default=30,
+                   help="timed replays per measurement (the median is reported)")
+    p.add_argument("--graph-steps", type=int, default=10,
+                   help="decode steps captured in one CUDA graph (a replay's time is divided "
+                        "by this)")
+    p.add_argument("--max-fill-tokens", type=int, default=1 << 20,
+                   help="skip SALS rows whose cache fill exceeds this many tokens (B*S)")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the results as JSON (rewritten after every row)")
+    _cli.add_debug(p)
+    p.set_defaults(run=run_attention)
+
+
+def parser() -> _cli.ArgumentParser:
+    """``python -m sals bench BENCHMARK [options]``. A benchmark is one subcommand: a module
+    with ``add_parser(subparsers)`` that adds its parser and sets ``run`` (called with the
+    parsed arguments; returns the exit status). Its imports of torch belong in ``run``, so that
+    ``--help`` stays fast."""
+    ap = _cli.ArgumentParser(prog="python -m sals bench",
+                             description="Benchmarks of sals; each has its own --help.")
+    _cli.add_debug(ap)
+    sub = ap.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="",
+                            title="benchmarks")
+    add_parser(sub)
+    bench_e2e.add_parser(sub)
+    return ap
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[2:] if argv is None else argv)
-    if argv[:1] == ["e2e"]:
-        from . import bench_e2e
+    args = parser().parse_args(argv)
+    return args.run(args)
 
-        ap = argparse.ArgumentParser(prog="python -m sals bench e2e",
-                                     description=bench_e2e.__doc__.split("\n")[0])
-        bench_e2e.add_arguments(ap)
-        return bench_e2e.main(ap.parse_args(argv[1:]))
-    ap = argparse.ArgumentParser(prog="python -m sals bench")
-    ap.add_argument("what", choices=["attention"])
-    ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--contexts", default="1024,4096,32768,131072")
-    ap.add_argument("--batches", default="1,8,16")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--graph-steps", type=int, default=10)
-    ap.add_argument(
-        "--max-fill-tokens",
-        type=int,
-        default=1 << 20,
-        help="skip SALS rows whose cache fill exceeds this many tokens (B*S)",
-    )
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
 
+def run_attention(args) -> int:
+    """``bench attention`` with parsed arguments (see :func:`add_parser`)."""
     import torch
 
     import sals
 
     if not torch.cuda.is_available() or not sals.cuda_available():
-        print("bench attention needs a CUDA device and a CUDA build of sals", file=sys.stderr)
+        why = ("torch sees no CUDA device" if not torch.cuda.is_available() else
+               "this sals was built without CUDA (SALS_CUDA=OFF, or no nvcc at build time)")
+        print(f"sals bench attention: error: needs a CUDA device and a CUDA build of sals: {why}",
+              file=sys.stderr)
         return 2
     dev = torch.cuda.get_device_properties(0)
     total = dev.total_memory
@@ -277,9 +304,9 @@ def main(argv=None) -> int:
         flush=True,
     )
     rows = []
-    for shape in args.shapes.split(","):
-        for S in [int(x) for x in args.contexts.split(",")]:
-            for B in [int(x) for x in args.batches.split(",")]:
+    for shape in args.shapes:
+        for S in args.contexts:
+            for B in args.batches:
                 row = {"shape": shape, "context": S, "batch": B}
                 if not _fits(shape, B, S, 0.8 * total):
                     row["skipped"] = "dense fp16 K/V does not fit"
@@ -293,7 +320,7 @@ def main(argv=None) -> int:
                     except torch.OutOfMemoryError:
                         row[f"sdpa_{backend}_ms"] = None
                         torch.cuda.empty_cache()
-                for setting in args.settings.split(","):
+                for setting in args.settings:
                     if B * S > args.max_fill_tokens:
                         row[setting] = {"skipped": f"fill of {B * S} tokens over --max-fill-tokens"}
                         continue
@@ -310,7 +337,7 @@ def main(argv=None) -> int:
                             r[f"speedup_vs_{backend}"] = d_ms / r["ms"]
                     row[setting] = r
                 rows.append(row)
-                _print_row(row, args.settings.split(","))
+                _print_row(row, args.settings)
                 if args.out:
                     with open(args.out, "w") as f:
                         json.dump({"meta": meta, "rows": rows}, f, indent=1)

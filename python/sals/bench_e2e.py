@@ -27,7 +27,6 @@ the CPU rows are eager). Writes JSON (``--out``) and a PNG plot of tokens/s agai
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,6 +34,8 @@ import platform
 import statistics
 import sys
 import time
+
+from . import _cli
 
 SETTINGS = ("dense-static-compiled", "dense-dynamic", "sals-25", "sals-12.5")
 
@@ -45,7 +46,11 @@ SHAPES = {
 }
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> None:
+    """Registers ``bench e2e``: its options and ``run``."""
+    ap = subparsers.add_parser(
+        "e2e", help="end-to-end generate: dense (static+compile, dynamic) vs SALS with CUDA "
+                    "graphs", description=__doc__.split("\n", 1)[1])
     ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b",
                     help=f"comma-separated random-weight model shapes on the GPU, of "
                          f"{', '.join(SHAPES)} (default: both)")
@@ -68,6 +73,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "(default 0.9)")
     ap.add_argument("--out", default=None, help="write every row as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
+    _cli.add_debug(ap)
+    ap.set_defaults(run=run)
 
 
 def _csv(text: str, kind=str) -> list:
@@ -242,7 +249,8 @@ def _max_batch(model, setting, S, new_tokens, calib, fraction, torch) -> int:
     return max(int(budget // (per_seq + act)), 0)
 
 
-def main(args) -> int:
+def run(args) -> int:
+    """``bench e2e`` with parsed arguments (see :func:`add_parser`)."""
     import torch
 
     settings = _csv(args.settings)

@@ -7,13 +7,47 @@
 
 Supported model types: see ``SUPPORTED`` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) with
 transformers 5.x. Calibrations come from ``python -m sals calibrate`` (``sals.hf.calibrate``).
+
+The names below are imported on first use, so that importing a submodule that needs neither
+torch nor transformers (the command line's argument parsing) stays fast.
 """
 
 from __future__ import annotations
 
-from ._arch import SUPPORTED, fingerprint, pre_rope
-from .cache import SalsCache, SalsLayer
-from .patch import is_patched, patch, unpatch
+import importlib
+import sys
+import types
+
+#: public name -> submodule defining it
+_EXPORTS = {
+    "SUPPORTED": "_arch", "fingerprint": "_arch", "pre_rope": "_arch",
+    "SalsCache": "cache", "SalsLayer": "cache",
+    "is_patched": "patch", "patch": "patch", "unpatch": "patch",
+}
 
 __all__ = ["SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched", "patch",
            "pre_rope", "unpatch"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Loading the submodule sals.hf.patch binds it as this package's attribute `patch`;
+        # the public `sals.hf.patch` is the function of that name, whichever import came first.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -165,6 +165,9 @@ def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 10
             return Calibration.load(path, fingerprint=fp), path, False
         except CalibrationError:
             pass  # stale or damaged: compute it again below
+    if progress:
+        print(f"calibration: none cached for this model; computing it once from {n_tokens} "
+              f"tokens of {stdlib_description()} (saved to {path})", file=sys.stderr, flush=True)
     calib = calibrate(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     calib.save(path)

@@ -14,30 +14,59 @@ import os
 import sys
 import time
 
-from .. import Calibration
+from .. import Calibration, _cli
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sals calibrate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True,
-                   help="model directory, locally cached hub id, or .gguf file (never downloaded)")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model")
-    p.add_argument("--out", required=True, help="calibration file to write")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--seq-len", type=int, default=1024,
-                   help="tokens per calibration sequence (default 1024)")
+    p = _cli.ArgumentParser(
+        prog="python -m sals calibrate",
+        description="Run a local HuggingFace model over text, collect every layer's pre-RoPE "
+                    "keys and write the SALS projections (a .salscal file for "
+                    "sals.hf.patch(model, calibration=FILE)). The model is loaded from local "
+                    "files only; the default text is the docstrings of the Python standard "
+                    "library (offline, deterministic).")
+    p.add_argument("--model", required=True, metavar="DIR_OR_ID_OR_FILE",
+                   help="model directory, locally cached hub id, or .gguf file (never "
+                        "downloaded)")
+    p.add_argument("--gguf-file", metavar="NAME",
+                   help="GGUF file name inside the --model directory")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="calibration file to write (its directory must exist)")
+    p.add_argument("--tokens", type=int, default=16384, metavar="N",
+                   help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=1024, metavar="L",
+                   help="tokens per calibration sequence, each one a forward pass from "
+                        "position 0")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--rank-frac", type=float,
-                      help="keep rank = frac * Dk per layer (default 0.25: serves sals-25 and "
+    rule.add_argument("--rank-frac", type=float, metavar="F",
+                      help="keep rank = F * Dk per layer (default 0.25: serves sals-25 and "
                            "sals-12.5)")
-    rule.add_argument("--energy", type=float,
-                      help="keep the fewest directions holding this fraction of key energy")
-    p.add_argument("--text", help="UTF-8 text file (default: Python stdlib docstrings)")
+    rule.add_argument("--energy", type=float, metavar="E",
+                      help="keep the fewest directions holding this fraction of key energy "
+                           "(e.g. 0.99)")
+    p.add_argument("--text", metavar="FILE",
+                   help="UTF-8 text file to calibrate on (default: Python stdlib docstrings)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="model dtype (default float32 on cpu, bfloat16 on cuda)")
+                   help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cli.add_debug(p)
     return p
+
+
+def _check_paths(args) -> None:
+    """Fails before torch and the model are loaded (seconds to minutes) on paths that cannot
+    work."""
+    from .loading import check_path
+
+    check_path(args.model)
+    if args.text is not None and not os.path.isfile(args.text):
+        raise FileNotFoundError(f"--text: no such file: {args.text!r}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--out: no such directory: {out_dir!r}")
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"--out: {args.out!r} is a directory; give a file name")
 
 
 def report(calib: Calibration) -> str:
@@ -54,7 +83,8 @@ def report(calib: Calibration) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import calibrate, loading
+    _check_paths(args)
+    from . import calibrate, loading  # torch and transformers: after the arguments are checked
 
     text = data = None
     if args.text is not None:
@@ -62,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             text = f.read()
         data = f"text file {os.path.basename(args.text)}"
     start = time.perf_counter()
-    model, tokenizer = loading.load(args.model, args.gguf_file, args.device, args.dtype)
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    say(f"loading {args.model}")
+    model, tokenizer = loading.load(args.model, args.gguf_file, args.device, args.dtype,
+                                    progress=say)
     print(f"loaded {type(model).__name__} from {args.model} in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     calib = calibrate.calibrate(model, tokenizer, n_tokens=args.tokens, seq_len=args.seq_len,
