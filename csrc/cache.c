@@ -39,6 +39,34 @@ static sals_status_t check_min(const char* name, int32_t v, int32_t lo) {
     if (st_ != SALS_OK) return st_;  \
   } while (0)
 
+/*
+ * One cache, one thread at a time: every call that reads or writes the cache's state holds
+ * `busy` for its duration, and a second call arriving meanwhile fails instead of racing
+ * (sals.h). An atomic exchange, so two threads cannot both take it.
+ */
+#if defined(_MSC_VER)
+#include <intrin.h>
+#define BUSY_TAKE(p) _InterlockedExchange((volatile long*)(p), 1)
+#define BUSY_DROP(p) _InterlockedExchange((volatile long*)(p), 0)
+#else
+#define BUSY_TAKE(p) __atomic_exchange_n((p), 1, __ATOMIC_ACQUIRE)
+#define BUSY_DROP(p) __atomic_store_n((p), 0, __ATOMIC_RELEASE)
+#endif
+
+static sals_status_t enter(const sals_cache_t* cache, const char* fn) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  /* `busy` is the one field a const call may change: the cache is never a const object. */
+  if (BUSY_TAKE(&((sals_cache_t*)cache)->busy) != 0)
+    return sals_set_error(INVALID, "cache: %s called while another call is using the cache "
+                          "(one cache may be used by one thread at a time)", fn);
+  return SALS_OK;
+}
+
+static sals_status_t leave(const sals_cache_t* cache, sals_status_t st) {
+  BUSY_DROP(&((sals_cache_t*)cache)->busy);
+  return st;
+}
+
 static sals_status_t check_config(const sals_config_t* g) {
   char buf[32];
   TRY(check_min("n_head_q", g->n_head_q, 1));
@@ -232,11 +260,15 @@ void sals_cache_destroy(sals_cache_t* cache) {
   free_host(cache);
 }
 
-sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+static sals_status_t cache_reset(sals_cache_t* cache, void* stream) {
   TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, cache, stream));
   memset(cache->reserved, 0, (size_t)cache->cfg.max_batch * sizeof(int32_t));
   return SALS_OK;
+}
+
+sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
+  TRY(enter(cache, "sals_cache_reset"));
+  return leave(cache, cache_reset(cache, stream));
 }
 
 sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out) {
@@ -286,9 +318,8 @@ static sals_status_t token_views(const sals_cache_t* c, const DLTensor* x, const
   return SALS_OK;
 }
 
-sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
-                                const DLTensor* pos, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+static sals_status_t cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                  const DLTensor* pos, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
   TRY(token_views(cache, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv, &pv));
@@ -306,23 +337,37 @@ sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DL
   return SALS_OK;
 }
 
-sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
-                                DLTensor* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                const DLTensor* pos, void* stream) {
+  TRY(enter(cache, "sals_cache_append"));
+  return leave(cache, cache_append(cache, k, v, pos, stream));
+}
+
+static sals_status_t cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+                                  DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
   TRY(token_views(cache, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv, &ov,
                   &pv));
+  TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
+  if (sals_views_overlap(&ov, &pv))
+    return sals_set_error(INVALID, "out: overlaps q_pos (out may not alias an input)");
   if (sals_view_numel(&qv) == 0) return SALS_OK;
   return SALS_DISPATCH(g->device, cache_attend, cache, &qv, &pv, &ov, stream);
 }
 
-sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+                                DLTensor* out, void* stream) {
+  TRY(enter(cache, "sals_cache_attend"));
+  return leave(cache, cache_attend(cache, q, q_pos, out, stream));
+}
+
+static sals_status_t cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
   sals_view_t ov;
   TRY(cache_view(cache, out, "out", 1, SALS_ACCEPT_I32, &ov));
+  TRY(sals_check_output(&ov, "out"));
   if (ov.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "out: dim 0 is %lld, more than max_batch %d",
                           (long long)ov.shape[0], (int)cache->cfg.max_batch);
@@ -330,12 +375,18 @@ sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void*
   return SALS_DISPATCH(cache->cfg.device, cache_lengths, cache, &ov, stream);
 }
 
-sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
-                                  void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
+  TRY(enter(cache, "sals_cache_lengths"));
+  return leave(cache, cache_lengths(cache, out, stream));
+}
+
+static sals_status_t cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
+                                    void* stream) {
   sals_view_t iv, cv;
   TRY(cache_view(cache, idx, "idx", 3, SALS_ACCEPT_I32, &iv));
   TRY(cache_view(cache, count, "count", 1, SALS_ACCEPT_I32, &cv));
+  TRY(sals_check_output(&iv, "idx"));
+  TRY(sals_check_output(&cv, "count"));
   if (iv.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "idx: dim 0 is %lld, more than max_batch %d",
                           (long long)iv.shape[0], (int)cache->cfg.max_batch);
@@ -353,8 +404,13 @@ sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTe
   return SALS_DISPATCH(cache->cfg.device, cache_selected, cache, &iv, &cv, stream);
 }
 
-sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
+                                  void* stream) {
+  TRY(enter(cache, "sals_cache_selected"));
+  return leave(cache, cache_selected(cache, idx, count, stream));
+}
+
+static sals_status_t cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
   const sals_config_t* g = &cache->cfg;
   int32_t* len = (int32_t*)malloc((size_t)g->max_batch * sizeof(int32_t));
@@ -384,4 +440,9 @@ sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, v
   m.allocated = cache->allocated;
   *out = m;
   return SALS_OK;
+}
+
+sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
+  TRY(enter(cache, "sals_cache_memory"));
+  return leave(cache, cache_memory(cache, out, stream));
 }
