@@ -359,6 +359,26 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
   return SALS_OK;
 }
 
+/* Every group of the (finite, host) rows of v gets a finite float16 scale and zero. */
+static sals_status_t quantizable(const sals_view_t* vv, int32_t bits, int32_t group) {
+  const int64_t D = vv->shape[1];
+  float* row = (float*)malloc((size_t)D * sizeof(float));
+  if (!row) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (v check)");
+  sals_status_t st = SALS_OK;
+  for (int64_t n = 0; n < vv->shape[0] && st == SALS_OK; ++n) {
+    sals_load_f32(row, (const char*)vv->data + n * vv->stride[0] * (int64_t)sals_elem_size(vv->elem),
+                  vv->elem, D);
+    const int64_t g = sals_quantize_row_check(row, D, bits, group);
+    if (g >= 0)
+      st = sals_set_error(SALS_ERR_NOT_FINITE,
+                          "v: row %lld, channels %lld..%lld span more than the float16 scale and "
+                          "zero of %d-bit codes hold", (long long)n, (long long)(g * group),
+                          (long long)((g + 1) * group - 1), (int)bits);
+  }
+  free(row);
+  return st;
+}
+
 sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
                                    DLTensor* packed, DLTensor* scale, DLTensor* zero,
                                    void* stream) {
@@ -372,7 +392,10 @@ sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t grou
   TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
   for (int i = 1; i < 4; ++i) TRY(apart(a, i)); /* three outputs, all written */
   if (sals_view_numel(&vv) == 0) return SALS_OK;
-  if (dev.device_type == kDLCPU) TRY(finite_all(&vv, "v"));
+  if (dev.device_type == kDLCPU) {
+    TRY(finite_all(&vv, "v"));
+    TRY(quantizable(&vv, bits, group));
+  }
   return SALS_DISPATCH(dev, quantize_values, &vv, bits, group, &pv, &sv, &zv, stream);
 }
 

@@ -132,6 +132,61 @@ static sals_status_t check_config(const sals_config_t* g) {
   return SALS_OK;
 }
 
+/*
+ * The columns of U [R, C] (row-major float32) are orthonormal within tol: every column's
+ * squared norm is within tol of 1 (exact), and for PROBES fixed pseudo-random +-1 vectors x,
+ * every entry of (U^T U - I) x is within tol * sqrt(C) (a probe costs 2 R C, where the whole
+ * Gram matrix would cost R C^2). tol is 1e-3, or 4 units of roundoff of a 16-bit input
+ * (2^-9 for float16, 2^-6 for bfloat16), which rounding an orthonormal matrix stays within.
+ */
+#define PROBES 4
+static sals_status_t check_orthonormal(const float* U, int64_t R, int64_t C, sals_elem_t elem) {
+  const double tol = elem == SALS_ELEM_BF16 ? 0x1p-6 : (elem == SALS_ELEM_F16 ? 0x1p-9 : 1e-3);
+  double* x = (double*)malloc((size_t)C * 3 * PROBES * sizeof(double));
+  if (!x) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (projection check)");
+  double *z = x + C * PROBES, *norm = z + C * PROBES, y[PROBES];
+  uint64_t rng = 0x9e3779b97f4a7c15ull;
+  for (int64_t k = 0; k < C * PROBES; ++k) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    x[k] = (rng >> 63) ? 1.0 : -1.0;
+    z[k] = 0.0;
+  }
+  for (int64_t k = 0; k < C; ++k) norm[k] = 0.0;
+  /* One pass over the rows: y = U[i, :] x, then z += U[i, :]^T y, for all probes at once. */
+  for (int64_t i = 0; i < R; ++i) {
+    const float* u = U + i * C;
+    for (int32_t p = 0; p < PROBES; ++p) y[p] = 0.0;
+    for (int64_t k = 0; k < C; ++k) {
+      norm[k] += (double)u[k] * u[k];
+      for (int32_t p = 0; p < PROBES; ++p) y[p] += (double)u[k] * x[k * PROBES + p];
+    }
+    for (int64_t k = 0; k < C; ++k)
+      for (int32_t p = 0; p < PROBES; ++p) z[k * PROBES + p] += (double)u[k] * y[p];
+  }
+  sals_status_t st = SALS_OK;
+  const double off_tol = tol * sqrt((double)C);
+  for (int64_t k = 0; k < C && st == SALS_OK; ++k) {
+    if (fabs(norm[k] - 1.0) > tol) {
+      st = sals_set_error(INVALID, "projection: column %lld has squared norm %.6g, not 1 "
+                          "(U_r needs orthonormal columns, within %.3g)", (long long)k, norm[k],
+                          tol);
+      break;
+    }
+    for (int32_t p = 0; p < PROBES; ++p)
+      if (fabs(z[k * PROBES + p] - x[k * PROBES + p]) > off_tol) {
+        st = sals_set_error(INVALID, "projection: columns are not orthogonal (|(U^T U - I) x| "
+                            "reaches %.3g at column %lld for a random +-1 vector x, more than "
+                            "%.3g)", fabs(z[k * PROBES + p] - x[k * PROBES + p]), (long long)k,
+                            off_tol);
+        break;
+      }
+  }
+  free(x);
+  return st;
+}
+
 /* A compact float32 host copy of the projection [Dk, rank] (which may live on a GPU). */
 static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
   const int64_t R = pv->shape[0], C = pv->shape[1];
@@ -176,6 +231,11 @@ static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float
       free(p);
       return sals_set_error(SALS_ERR_NOT_FINITE, "projection: holds NaN or infinity");
     }
+  sals_status_t st = check_orthonormal(p, R, C, pv->elem);
+  if (st != SALS_OK) {
+    free(p);
+    return st;
+  }
   *out = p;
   return SALS_OK;
 }

@@ -1,13 +1,15 @@
 /*
  * Inputs that used to be accepted with a wrong result, or refused though valid: misaligned
  * byte_offset, strides spanning too much, outputs whose elements share memory, repeated
- * sparse_attention indices, empty tensors with any strides, and one cache used by two threads.
+ * sparse_attention indices, values the cache's storage cannot hold, projections without
+ * orthonormal columns, empty tensors with any strides, and one cache used by two threads.
  */
 #include <pthread.h>
 
 #include "util.h"
 
 #define INV SALS_ERR_INVALID_ARGUMENT
+#define NF SALS_ERR_NOT_FINITE
 
 static float g_inv_freq[4] = {1.0f, 0.1f, 0.01f, 0.001f};
 
@@ -251,6 +253,130 @@ static void test_repeated_indices(void) {
             "idx[0, 1, 1]: token 1 appears twice");
 }
 
+/* One append of a single token (sequence 0) with k = kval everywhere but k[0] = k0, v likewise. */
+static sals_status_t append_one(sals_cache_t* cache, float k0, float kval, float v0, float vval) {
+  float k[16], v[16];
+  for (int i = 0; i < 16; ++i) k[i] = kval, v[i] = vval;
+  k[0] = k0;
+  v[0] = v0;
+  int32_t pos[1] = {0};
+  tensor_t tk, tv, tp;
+  tset(&tk, k, F32, 4, 1, 1, 2, 8);
+  tset(&tv, v, F32, 4, 1, 1, 2, 8);
+  tset(&tp, pos, I32, 2, 1, 1, 0, 0);
+  return sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL);
+}
+
+static void test_storage_overflow(void) {
+  float U[256];
+  hadamard16(U);
+  sals_cache_t* cache = NULL;
+  sals_config_t c = config16(SALS_DTYPE_FLOAT16, 16);
+  CHECK_OK(create_with(&c, U, &cache));
+  CHECK_ERR(append_one(cache, 70000.0f, 1.0f, 1.0f, 1.0f), NF,
+            "k: 70000 (sequence 0, token 0, head 0) overflows the float16 storage");
+  CHECK_ERR(append_one(cache, 1.0f, 1.0f, -1e5f, 1.0f), NF, "v: -100000");
+  /* Every element fits float16, but the latent coordinate sum(k) / 4 = 240000 does not. */
+  CHECK_ERR(append_one(cache, 60000.0f, 60000.0f, 1.0f, 1.0f), NF,
+            "k: latent coordinate 0 of (sequence 0, token 0) is 240000");
+  CHECK_OK(append_one(cache, 65504.0f, 1.0f, -65504.0f, 1.0f)); /* the largest values fit */
+  CHECK(length0(cache) == 1, "failed appends stored tokens");
+  sals_cache_destroy(cache);
+
+  /* Quantised values: the float16 scale and zero must be finite, whatever the storage. */
+  c = config16(SALS_DTYPE_FLOAT32, 2);
+  CHECK_OK(create_with(&c, U, &cache));
+  CHECK_ERR(append_one(cache, 1.0f, 1.0f, 1e6f, 0.0f), NF,
+            "v: channels 0..7 of (sequence 0, token 0) span more than the float16 scale and zero");
+  CHECK_ERR(append_one(cache, 1.0f, 1.0f, -7e4f, 0.0f), NF, "v: channels 0..7");
+  CHECK_ERR(append_one(cache, 1.0f, 1.0f, 1e5f, 1e5f), NF, "v: channels 0..7");
+  CHECK_OK(append_one(cache, 1.0f, 1.0f, 6e4f, -6e4f)); /* scale 4e4 fits */
+  CHECK(length0(cache) == 1, "failed appends stored tokens");
+  sals_cache_destroy(cache);
+
+  /* float32 storage takes any finite float; check_finite = 0 checks nothing (documented). */
+  c = config16(SALS_DTYPE_FLOAT32, 16);
+  CHECK_OK(create_with(&c, U, &cache));
+  CHECK_OK(append_one(cache, 3e38f, 1.0f, -3e38f, 1.0f));
+  sals_cache_destroy(cache);
+  c = config16(SALS_DTYPE_FLOAT16, 16);
+  c.check_finite = 0;
+  CHECK_OK(create_with(&c, U, &cache));
+  CHECK_OK(append_one(cache, 70000.0f, 1.0f, 1.0f, 1.0f));
+  sals_cache_destroy(cache);
+
+  /* The stateless quantiser: its float16 scale and zero, too. */
+  float v[2 * 8] = {0};
+  v[8 + 3] = 1e6f;
+  uint8_t pk[2 * 2];
+  uint16_t sc[2], zr[2];
+  tensor_t tv, tpk, tsc, tzr;
+  tset(&tv, v, F32, 2, 2, 8, 0, 0);
+  tset(&tpk, pk, U8, 2, 2, 2, 0, 0);
+  tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
+  tset(&tzr, zr, F16, 2, 2, 1, 0, 0);
+  CHECK_ERR(sals_quantize_values(&tv.t, 2, 8, &tpk.t, &tsc.t, &tzr.t, NULL), NF,
+            "v: row 1, channels 0..7 span more than the float16 scale and zero of 2-bit codes");
+}
+
+static void test_projection_orthonormal(void) {
+  float U[256];
+  hadamard16(U);
+  sals_config_t c = config16(SALS_DTYPE_FLOAT32, 16);
+  sals_cache_t* cache = NULL;
+  for (int i = 0; i < 256; ++i) U[i] *= 2.0f;
+  CHECK_ERR(create_with(&c, U, &cache), INV, "projection: column 0 has squared norm 4");
+  hadamard16(U);
+  c.rank = 8;
+  float V[16 * 8];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) V[i * 8 + j] = U[i * 16 + j];
+  CHECK_OK(create_with(&c, V, &cache));
+  sals_cache_destroy(cache);
+  cache = NULL;
+  for (int i = 0; i < 16; ++i) V[i * 8 + 5] = V[i * 8 + 2]; /* a repeated column */
+  CHECK_ERR(create_with(&c, V, &cache), INV, "projection: columns are not orthogonal");
+  for (int i = 0; i < 16; ++i) V[i * 8 + 5] = U[i * 16 + 5];
+  V[0] += 0.0005f; /* float32 rounding-size noise passes */
+  CHECK_OK(create_with(&c, V, &cache));
+  sals_cache_destroy(cache);
+  cache = NULL;
+  /* 16-bit copies of random orthonormal columns pass: the tolerance covers their rounding. */
+  double G[16 * 8];
+  for (int j = 0; j < 8; ++j) {
+    for (int i = 0; i < 16; ++i) G[i * 8 + j] = urand();
+    for (int pass = 0; pass < 2; ++pass)
+      for (int p = 0; p < j; ++p) {
+        double dot = 0;
+        for (int i = 0; i < 16; ++i) dot += G[i * 8 + p] * G[i * 8 + j];
+        for (int i = 0; i < 16; ++i) G[i * 8 + j] -= dot * G[i * 8 + p];
+      }
+    double n = 0;
+    for (int i = 0; i < 16; ++i) n += G[i * 8 + j] * G[i * 8 + j];
+    for (int i = 0; i < 16; ++i) G[i * 8 + j] /= sqrt(n);
+  }
+  uint16_t h[16 * 8], b[16 * 8];
+  for (int i = 0; i < 128; ++i) {
+    const float f = (float)G[i];
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    h[i] = to_f16(f);
+    b[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+  tensor_t p;
+  tset(&p, h, F16, 2, 16, 8, 0, 0);
+  CHECK_OK(sals_cache_create(&c, &rope, &p.t, &cache));
+  sals_cache_destroy(cache);
+  tset(&p, b, BF16, 2, 16, 8, 0, 0);
+  CHECK_OK(sals_cache_create(&c, &rope, &p.t, &cache));
+  sals_cache_destroy(cache);
+  cache = NULL;
+  for (int i = 0; i < 16; ++i) b[i * 8 + 3] = b[i * 8 + 1]; /* still refused in bfloat16 */
+  CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &cache), INV, "projection: columns are not orthogonal");
+  CHECK(cache == NULL, "handle written on failure");
+}
+
 /* ---- one cache, two threads ------------------------------------------------------------ */
 
 typedef struct {
@@ -338,6 +464,8 @@ int main(void) {
   test_empty_tensors_any_strides();
   test_outputs_need_distinct_elements();
   test_repeated_indices();
+  test_storage_overflow();
+  test_projection_orthonormal();
   test_two_threads();
   return finish();
 }

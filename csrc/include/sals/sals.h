@@ -92,7 +92,8 @@ typedef enum sals_status {
   SALS_ERR_UNSUPPORTED = 2,      /**< valid, but not implemented for this device/dtype/size */
   SALS_ERR_OUT_OF_MEMORY = 3,    /**< host or device allocation failed */
   SALS_ERR_CAPACITY = 4,         /**< max_batch or max_tokens of the cache would be exceeded */
-  SALS_ERR_NOT_FINITE = 5,       /**< an input holds NaN or infinity */
+  SALS_ERR_NOT_FINITE = 5,       /**< an input holds NaN or infinity, or a value that would
+                                      become infinity where the cache stores it */
   SALS_ERR_DEVICE = 6,           /**< a CUDA runtime error */
 } sals_status_t;
 
@@ -143,8 +144,12 @@ typedef struct sals_config {
   sals_dtype_t dtype;      /**< storage type; default SALS_DTYPE_FLOAT16 */
   float scale;             /**< softmax scale; 0 = 1/sqrt(head_dim) */
   /**
-   * 1: reject NaN/inf inputs with SALS_ERR_NOT_FINITE. On CUDA the check reads back one flag
-   * per call (a host synchronisation): set 0 for CUDA graphs and peak speed. Default 1.
+   * 1: reject NaN/inf inputs with SALS_ERR_NOT_FINITE. On the CPU this includes appended
+   * values the storage cannot hold: a k or v element, or a latent coordinate of U^T k, beyond
+   * the largest finite value of `dtype` (65504 for float16), or a group whose float16 scale or
+   * zero would be infinite (value_bits < 16: |v| must stay within float16's range). With 0, or
+   * on CUDA, such values are stored as infinity. On CUDA the check reads back one flag per
+   * call (a host synchronisation): set 0 for CUDA graphs and peak speed. Default 1.
    */
   int32_t check_finite;
   int32_t n_threads;       /**< CPU worker threads; 0 = one per online core */
@@ -180,7 +185,12 @@ typedef struct sals_cache sals_cache_t;
 /**
  * Create a cache and allocate all of its memory (cache, workspace) on config->device.
  * projection: [Dk, rank] float (U_r, orthonormal columns; an identity gives full rank), on any
- *   device; copied (as float32) into the cache, so the caller may free it afterwards.
+ *   device; copied (as float32) into the cache, so the caller may free it afterwards. Columns
+ *   that are not orthonormal fail with SALS_ERR_INVALID_ARGUMENT: every squared column norm
+ *   must be within tol of 1, and (U^T U - I) x within tol * sqrt(rank) for 4 fixed random
+ *   +-1 vectors x (a check costing 8 Dk rank, where the whole Gram matrix would cost
+ *   Dk rank^2); tol = 1e-3 for float32, 2^-9 for float16 and 2^-6 for bfloat16 projections
+ *   (4 units of their roundoff, which rounding an orthonormal matrix stays within).
  * rope: copied. Creation synchronises the device (it is not on the hot path).
  * On success *out owns the cache: release it with sals_cache_destroy.
  */
@@ -327,6 +337,8 @@ SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* 
  * within each byte (first channel in the low bits).
  * v: [N, D] float, bits in {2, 4, 8}, group divides D and group * bits / 8 is whole,
  * packed: [N, D * bits / 8] uint8, scale, zero: [N, D / group] float16.
+ * On the CPU a group whose scale or zero would be infinite in float16 (a minimum beyond
+ * float16's range, or (max - zero) / (2^bits - 1) beyond 65504) fails with SALS_ERR_NOT_FINITE.
  */
 SALS_API sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
                                             DLTensor* packed, DLTensor* scale, DLTensor* zero,
