@@ -332,12 +332,12 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                        lengths ? &lv : NULL, s, &ov, stream);
 }
 
-static sals_status_t check_quant(int32_t bits, int32_t group, int64_t D) {
+static sals_status_t check_quant(int32_t bits, int32_t group, int64_t D, const char* vn) {
   if (bits != 2 && bits != 4 && bits != 8)
     return sals_set_error(INVALID, "bits: %d not one of 2, 4, 8", (int)bits);
   if (group < 1 || D % group != 0)
-    return sals_set_error(INVALID, "group: %d does not divide the row length %lld", (int)group,
-                          (long long)D);
+    return sals_set_error(INVALID, "group: %d does not divide the row length %lld (%s.shape[1])",
+                          (int)group, (long long)D, vn);
   if (group * bits % 8 != 0)
     return sals_set_error(INVALID, "group: %d groups of %d-bit codes do not fill whole bytes",
                           (int)group, (int)bits);
@@ -349,7 +349,7 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
                                   const sals_view_t* sv, const sals_view_t* zv, int32_t bits,
                                   int32_t group) {
   const int64_t D = vv->shape[1];
-  TRY(check_quant(bits, group, D));
+  TRY(check_quant(bits, group, D, vn));
   TRY(dim_eq(pv, "packed", 0, vv, vn, 0));
   TRY(sals_check_dim(pv, "packed", 1, D * bits / 8, "D * bits / 8"));
   TRY(dim_eq(sv, "scale", 0, vv, vn, 0));

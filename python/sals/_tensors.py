@@ -41,11 +41,26 @@ class Tensor:
         return self.device[0] == _KDLCUDA
 
 
+#: the most elements (and the largest extent) a tensor may have, as in libsals
+_MAX_ELEMENTS = 2**48
+
+
 def tensor(x, name: str) -> Tensor:
     """Describe input ``x`` (argument ``name``) without copying it.
 
     torch tensors that require grad are detached (``__dlpack__`` refuses them); lists and scalars
-    become numpy arrays (float64 data as float32, the widest dtype sals computes in)."""
+    become numpy arrays (float64 data as float32, the widest dtype sals computes in). A shape
+    of more than 2^48 elements is refused here, before an output could be sized from it."""
+    t = _describe(x, name)
+    n = 1
+    for extent in t.shape:
+        n *= max(int(extent), 1)
+        if n > _MAX_ELEMENTS:
+            raise InvalidArgumentError(f"{name}: too many elements (shape {list(t.shape)})")
+    return t
+
+
+def _describe(x, name: str) -> Tensor:
     if _torch_tensor(x):
         if x.requires_grad:
             x = x.detach()

@@ -31,7 +31,10 @@ class Config:
     ``budget_tokens`` > 0 fixes the number of selected candidates, otherwise
     ``ceil(budget_frac * S)``. ``dtype`` is the storage type of latent keys, exact windows and
     16-bit values: "float16", "bfloat16" or "float32". ``scale`` None means ``1/sqrt(head_dim)``.
-    ``n_threads`` 0 uses one CPU thread per online core.
+    ``n_threads`` 0 uses one CPU thread per online core. ``check_finite`` (default True) refuses
+    NaN/inf inputs with NotFiniteError and, on the CPU, appended values the storage cannot hold
+    (beyond float16's 65504 for ``dtype="float16"``, or for the float16 scale and zero of
+    quantised values).
 
     Fields are checked for their kind at construction and again when a cache is made (values
     and ranges are checked by the C library): int fields take ``int`` or numpy integers (not

@@ -136,7 +136,8 @@ def sparse_attention(q, k, v, idx=None, lengths=None, scale: float | None = None
     q: ``[B, Hq, d]`` (rotated), k, v: ``[B, S, Hkv, d]`` (k rotated), idx: ``[B, H, N]`` int32
     with H = 1 (shared) or Hkv, -1 entries ignored, None = tokens ``0 .. length_b - 1``;
     lengths: ``[B]`` int32 or None (= S); scale None = ``1/sqrt(d)`` -> ``[B, Hq, d]``
-    (q's dtype). A sequence with nothing to attend gets a zero row.
+    (q's dtype). A sequence with nothing to attend gets a zero row. A token may appear once per
+    idx row: a repeat raises InvalidArgumentError on the CPU (CUDA does not check it).
     """
     qt, kt, vt = _t.tensor(q, "q"), _t.tensor(k, "k"), _t.tensor(v, "v")
     it = None if idx is None else _t.index(idx, "idx", qt)
@@ -157,7 +158,9 @@ def quantize_values(v, bits: int, group: int = 32, stream=None):
 
     v: ``[N, D]`` float -> ``(packed uint8 [N, D * bits / 8], scale float16 [N, D / group],
     zero float16 [N, D / group])`` with ``x ~ zero + code * scale``, codes packed little-endian
-    (first channel in the low bits). bits in {2, 4, 8}; group divides D.
+    (first channel in the low bits). bits in {2, 4, 8}; group divides D. On the CPU, a group
+    whose float16 scale or zero would be infinite (values beyond float16's range) raises
+    NotFiniteError naming v.
     """
     vt = _t.tensor(v, "v")
     n, d = _dims(vt, "v", 2, "[N, D]")
@@ -166,7 +169,7 @@ def quantize_values(v, bits: int, group: int = 32, stream=None):
     if bits not in (2, 4, 8):
         raise InvalidArgumentError(f"bits: expected 2, 4 or 8, got {bits}")
     if group <= 0 or d % group:
-        raise InvalidArgumentError(f"group: must divide D = {d}, got {group}")
+        raise InvalidArgumentError(f"group: must divide D = {d} (v.shape[1]), got {group}")
     packed = _t.empty(vt, (n, d * bits // 8), "uint8")
     scale = _t.empty(vt, (n, d // group), "float16")
     zero = _t.empty(vt, (n, d // group), "float16")
@@ -192,7 +195,15 @@ def dequantize_values(packed, scale, zero, bits: int, group: int = 32, dtype: st
         n, w = _dims(pt, "packed", 2, "[N, D * bits / 8]")
         if bits not in (2, 4, 8):
             raise InvalidArgumentError(f"bits: expected 2, 4 or 8, got {bits}")
-        out = _t.empty(pt, (n, w * 8 // bits), dtype)
+        d = w * 8 // bits
+        if group <= 0 or d % group:  # the output is sized from packed: name it, not out
+            raise InvalidArgumentError(
+                f"group: must divide D = {d} (packed.shape[1] * 8 / bits), got {group}")
+        for t, tn in ((st, "scale"), (zt, "zero")):
+            if len(t.shape) == 2 and t.shape[0] != n:
+                raise InvalidArgumentError(
+                    f"{tn}: dim 0 is {t.shape[0]}, expected {n} (packed.shape[0])")
+        out = _t.empty(pt, (n, d), dtype)
     _C.dequantize_values(pt.obj, st.obj, zt.obj, bits, group, _t.output(out, "out").obj,
                          _pick(stream, pt))
     return out

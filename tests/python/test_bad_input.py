@@ -448,3 +448,18 @@ def test_messages_use_python_argument_names():
     with pytest.raises(sals.InvalidArgumentError, match=r"^out: dim 2 is 4, expected 3 \(budget\)"):
         sals.score_select(f32(1, 1, 4), f32(1, 9, 4), score_rank=2, budget=3,
                           out=np.zeros((1, 1, 4), np.int32))
+
+
+def test_outputs_are_not_sized_from_unchecked_inputs():
+    # a producer claiming 2^50 rows: refused by name before an output is allocated from it
+    huge = Lying(np.zeros((16, 4), np.float32), shape=(2**50, 4), strides=None)
+    with pytest.raises(sals.InvalidArgumentError, match="^proj: too many elements"):
+        sals.rebuild_rope(f32(3, 4), huge, np.arange(3, dtype=np.int32), rope_for(8))
+    pk, sc, zr = sals.quantize_values(f32(2, 32), 4, 32)
+    with pytest.raises(sals.InvalidArgumentError, match=r"^scale: dim 0 is 2, expected 3 "
+                                                        r"\(packed.shape\[0\]\)"):
+        sals.dequantize_values(np.zeros((3, 16), np.uint8), sc, zr, 4, 32)
+    with pytest.raises(sals.InvalidArgumentError, match=r"^group: must divide D = 32 \(packed"):
+        sals.dequantize_values(pk, sc, zr, 4, 24)
+    with pytest.raises(sals.InvalidArgumentError, match=r"^group: must divide D = 33 \(v.shape"):
+        sals.quantize_values(f32(2, 33), 4, 32)
