@@ -13,8 +13,11 @@
  *     x.__dlpack__() for producers that predate max_version; both "dltensor_versioned" and
  *     "dltensor" capsules are accepted, renamed "used_..." and their deleter called when the
  *     call returns.
- * Outputs refuse READ_ONLY tensors. The DLTensor is passed through untouched (byte_offset and
- * NULL strides are handled by libsals).
+ * Outputs refuse READ_ONLY tensors. An imported DLTensor with ndim outside 0..64 or a NULL
+ * shape is refused here (describe() and the Python layer read its shape); otherwise it is
+ * passed through untouched (byte_offset and NULL strides are handled by libsals). A producer
+ * that raises or returns garbage becomes a sals error naming the argument, chained to the
+ * producer's exception.
  *
  * Stream: an explicit `stream` (an int holding a cudaStream_t; 0 = legacy default) wins;
  * otherwise the first tensor of the call decides: the exchange API's current work stream for
