@@ -1,6 +1,7 @@
 /* Stateless stages: argument validation and dispatch to the backend of the tensors' device. */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "cpu/cpu.h"
 #include "tensor.h"
@@ -13,7 +14,8 @@
     if (st_ != SALS_OK) return st_;  \
   } while (0)
 
-/* One tensor of a stateless call; an `optional` one may be NULL (absent). */
+/* One tensor of a stateless call; an `optional` one may be NULL (absent); an `output` is
+ * written, so its elements may not share memory. */
 typedef struct {
   const DLTensor* t;
   const char* name;
@@ -21,6 +23,7 @@ typedef struct {
   uint32_t accept;
   sals_view_t* v;
   int optional;
+  int output;
 } arg_t;
 
 static int absent(const arg_t* a) { return a->optional && a->t == NULL; }
@@ -35,6 +38,7 @@ static sals_status_t views(const arg_t* a, int n, DLDevice* dev) {
     DLDevice d;
     TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
     TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
+    if (a[i].output) TRY(sals_check_output(a[i].v, a[i].name));
   }
   return SALS_OK;
 }
@@ -120,9 +124,9 @@ static sals_status_t finite_all(const sals_view_t* v, const char* name) {
 sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  const arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0},
-                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0},
-                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0}};
+  const arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0, 0},
+                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
+                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(views(a, 3, &dev));
   TRY(dim_eq(&pv, "proj", 0, &xv, "x", 1));
   TRY(dim_eq(&ov, "out", 0, &xv, "x", 0));
@@ -140,9 +144,9 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
                               DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  const arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0},
-                     {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  const arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0, 0},
+                     {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0, 0},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(views(a, 3, &dev));
   TRY(dim_eq(&pv, "pos", 0, &xv, "x", 0));
   for (int32_t i = 0; i < 3; ++i) TRY(dim_eq(&ov, "out", i, &xv, "x", i));
@@ -177,10 +181,10 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                                 int32_t n_recent, int32_t budget, DLTensor* idx, void* stream) {
   sals_view_t qv, kv, lv, iv;
   DLDevice dev;
-  const arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0},
-                     {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0},
-                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1},
-                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0}};
+  const arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
+                     {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
+                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
   TRY(views(a, 4, &dev));
   TRY(dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
   if (lengths) TRY(dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
@@ -213,10 +217,10 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
                                 const sals_rope_t* rope, DLTensor* out, void* stream) {
   sals_view_t kv, pv, posv, ov;
   DLDevice dev;
-  const arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0},
-                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0},
-                     {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  const arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
+                     {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0, 0},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(views(a, 4, &dev));
   TRY(dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
   TRY(dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
@@ -247,29 +251,46 @@ static sals_status_t finite_token(const sals_view_t* kv, const sals_view_t* vv, 
 }
 
 /* Host inputs of sparse_attention: every idx entry is -1 or a token below its sequence's
- * length, and what is read (q; k and v of the attended tokens) is finite. */
+ * length, no token appears twice in one row, and what is read (q; k and v of the attended
+ * tokens) is finite. */
 static sals_status_t check_attended(const sals_view_t* qv, const sals_view_t* kv,
                                     const sals_view_t* vv, const sals_view_t* iv,
                                     const sals_view_t* lv) {
   const int64_t S = kv->shape[1], Hkv = kv->shape[2];
-  for (int64_t b = 0; b < qv->shape[0]; ++b) {
+  /* seen[t]: the last row (b * H + h) that named token t, to find repeats in one pass. */
+  int64_t* seen = NULL;
+  if (iv && S > 0 && iv->shape[2] > 1) {
+    seen = (int64_t*)malloc((size_t)S * sizeof *seen);
+    if (!seen) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (idx check)");
+    for (int64_t t = 0; t < S; ++t) seen[t] = -1;
+  }
+  sals_status_t st = SALS_OK;
+  for (int64_t b = 0; b < qv->shape[0] && st == SALS_OK; ++b) {
     const int64_t len = length_of(lv, b, S);
     if (!iv) {
-      for (int64_t t = 0; t < len; ++t) TRY(finite_token(kv, vv, b, t, 0, Hkv));
+      for (int64_t t = 0; t < len && st == SALS_OK; ++t) st = finite_token(kv, vv, b, t, 0, Hkv);
       continue;
     }
     const int shared = iv->shape[1] == 1;
-    for (int64_t h = 0; h < iv->shape[1]; ++h)
-      for (int64_t n = 0; n < iv->shape[2]; ++n) {
+    for (int64_t h = 0; h < iv->shape[1] && st == SALS_OK; ++h)
+      for (int64_t n = 0; n < iv->shape[2] && st == SALS_OK; ++n) {
         const int32_t t = ((const int32_t*)iv->data)[b * iv->stride[0] + h * iv->stride[1] + n];
-        if (t < -1 || t >= len)
-          return sals_set_error(INVALID, "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
-                                "(or -1)", (long long)b, (long long)h, (long long)n, (int)t,
-                                (long long)len - 1);
-        if (t >= 0) TRY(finite_token(kv, vv, b, t, shared ? 0 : h, shared ? Hkv : h + 1));
+        if (t < -1 || t >= len) {
+          st = sals_set_error(INVALID, "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
+                              "(or -1)", (long long)b, (long long)h, (long long)n, (int)t,
+                              (long long)len - 1);
+        } else if (t >= 0 && seen && seen[t] == b * iv->shape[1] + h) {
+          st = sals_set_error(INVALID, "idx[%lld, %lld, %lld]: token %d appears twice in "
+                              "idx[%lld, %lld] (each token may be attended once)", (long long)b,
+                              (long long)h, (long long)n, (int)t, (long long)b, (long long)h);
+        } else if (t >= 0) {
+          if (seen) seen[t] = b * iv->shape[1] + h;
+          st = finite_token(kv, vv, b, t, shared ? 0 : h, shared ? Hkv : h + 1);
+        }
       }
   }
-  return finite_all(qv, "q");
+  free(seen);
+  return st != SALS_OK ? st : finite_all(qv, "q");
 }
 
 sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const DLTensor* v,
@@ -277,12 +298,12 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                                     DLTensor* out, void* stream) {
   sals_view_t qv, kv, vv, iv, lv, ov;
   DLDevice dev;
-  const arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0},
-                     {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0},
-                     {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0},
-                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1},
-                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0}};
+  const arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
+                     {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+                     {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0, 0},
+                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1, 0},
+                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
+                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(views(a, 6, &dev));
   TRY(dim_eq(&kv, "k", 0, &qv, "q", 0));
   TRY(dim_eq(&kv, "k", 3, &qv, "q", 2));
@@ -311,12 +332,12 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                        lengths ? &lv : NULL, s, &ov, stream);
 }
 
-static sals_status_t check_quant(int32_t bits, int32_t group, int64_t D) {
+static sals_status_t check_quant(int32_t bits, int32_t group, int64_t D, const char* vn) {
   if (bits != 2 && bits != 4 && bits != 8)
     return sals_set_error(INVALID, "bits: %d not one of 2, 4, 8", (int)bits);
   if (group < 1 || D % group != 0)
-    return sals_set_error(INVALID, "group: %d does not divide the row length %lld", (int)group,
-                          (long long)D);
+    return sals_set_error(INVALID, "group: %d does not divide the row length %lld (%s.shape[1])",
+                          (int)group, (long long)D, vn);
   if (group * bits % 8 != 0)
     return sals_set_error(INVALID, "group: %d groups of %d-bit codes do not fill whole bytes",
                           (int)group, (int)bits);
@@ -328,7 +349,7 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
                                   const sals_view_t* sv, const sals_view_t* zv, int32_t bits,
                                   int32_t group) {
   const int64_t D = vv->shape[1];
-  TRY(check_quant(bits, group, D));
+  TRY(check_quant(bits, group, D, vn));
   TRY(dim_eq(pv, "packed", 0, vv, vn, 0));
   TRY(sals_check_dim(pv, "packed", 1, D * bits / 8, "D * bits / 8"));
   TRY(dim_eq(sv, "scale", 0, vv, vn, 0));
@@ -338,20 +359,43 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
   return SALS_OK;
 }
 
+/* Every group of the (finite, host) rows of v gets a finite float16 scale and zero. */
+static sals_status_t quantizable(const sals_view_t* vv, int32_t bits, int32_t group) {
+  const int64_t D = vv->shape[1];
+  float* row = (float*)malloc((size_t)D * sizeof(float));
+  if (!row) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (v check)");
+  sals_status_t st = SALS_OK;
+  for (int64_t n = 0; n < vv->shape[0] && st == SALS_OK; ++n) {
+    sals_load_f32(row, (const char*)vv->data + n * vv->stride[0] * (int64_t)sals_elem_size(vv->elem),
+                  vv->elem, D);
+    const int64_t g = sals_quantize_row_check(row, D, bits, group);
+    if (g >= 0)
+      st = sals_set_error(SALS_ERR_NOT_FINITE,
+                          "v: row %lld, channels %lld..%lld span more than the float16 scale and "
+                          "zero of %d-bit codes hold", (long long)n, (long long)(g * group),
+                          (long long)((g + 1) * group - 1), (int)bits);
+  }
+  free(row);
+  return st;
+}
+
 sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
                                    DLTensor* packed, DLTensor* scale, DLTensor* zero,
                                    void* stream) {
   sals_view_t vv, pv, sv, zv;
   DLDevice dev;
-  const arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0},
-                     {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0},
-                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0},
-                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0}};
+  const arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0, 0},
+                     {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 1},
+                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 1},
+                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 1}};
   TRY(views(a, 4, &dev));
   TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
   for (int i = 1; i < 4; ++i) TRY(apart(a, i)); /* three outputs, all written */
   if (sals_view_numel(&vv) == 0) return SALS_OK;
-  if (dev.device_type == kDLCPU) TRY(finite_all(&vv, "v"));
+  if (dev.device_type == kDLCPU) {
+    TRY(finite_all(&vv, "v"));
+    TRY(quantizable(&vv, bits, group));
+  }
   return SALS_DISPATCH(dev, quantize_values, &vv, bits, group, &pv, &sv, &zv, stream);
 }
 
@@ -360,10 +404,10 @@ sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* sca
                                      DLTensor* out, void* stream) {
   sals_view_t pv, sv, zv, ov;
   DLDevice dev;
-  const arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0},
-                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0},
-                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0},
-                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0}};
+  const arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 0},
+                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 0},
+                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 0},
+                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(views(a, 4, &dev));
   TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
   TRY(apart(a, 3));

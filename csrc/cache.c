@@ -39,6 +39,34 @@ static sals_status_t check_min(const char* name, int32_t v, int32_t lo) {
     if (st_ != SALS_OK) return st_;  \
   } while (0)
 
+/*
+ * One cache, one thread at a time: every call that reads or writes the cache's state holds
+ * `busy` for its duration, and a second call arriving meanwhile fails instead of racing
+ * (sals.h). An atomic exchange, so two threads cannot both take it.
+ */
+#if defined(_MSC_VER)
+#include <intrin.h>
+#define BUSY_TAKE(p) _InterlockedExchange((volatile long*)(p), 1)
+#define BUSY_DROP(p) _InterlockedExchange((volatile long*)(p), 0)
+#else
+#define BUSY_TAKE(p) __atomic_exchange_n((p), 1, __ATOMIC_ACQUIRE)
+#define BUSY_DROP(p) __atomic_store_n((p), 0, __ATOMIC_RELEASE)
+#endif
+
+static sals_status_t enter(const sals_cache_t* cache, const char* fn) {
+  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+  /* `busy` is the one field a const call may change: the cache is never a const object. */
+  if (BUSY_TAKE(&((sals_cache_t*)cache)->busy) != 0)
+    return sals_set_error(INVALID, "cache: %s called while another call is using the cache "
+                          "(one cache may be used by one thread at a time)", fn);
+  return SALS_OK;
+}
+
+static sals_status_t leave(const sals_cache_t* cache, sals_status_t st) {
+  BUSY_DROP(&((sals_cache_t*)cache)->busy);
+  return st;
+}
+
 static sals_status_t check_config(const sals_config_t* g) {
   char buf[32];
   TRY(check_min("n_head_q", g->n_head_q, 1));
@@ -104,6 +132,61 @@ static sals_status_t check_config(const sals_config_t* g) {
   return SALS_OK;
 }
 
+/*
+ * The columns of U [R, C] (row-major float32) are orthonormal within tol: every column's
+ * squared norm is within tol of 1 (exact), and for PROBES fixed pseudo-random +-1 vectors x,
+ * every entry of (U^T U - I) x is within tol * sqrt(C) (a probe costs 2 R C, where the whole
+ * Gram matrix would cost R C^2). tol is 1e-3, or 4 units of roundoff of a 16-bit input
+ * (2^-9 for float16, 2^-6 for bfloat16), which rounding an orthonormal matrix stays within.
+ */
+#define PROBES 4
+static sals_status_t check_orthonormal(const float* U, int64_t R, int64_t C, sals_elem_t elem) {
+  const double tol = elem == SALS_ELEM_BF16 ? 0x1p-6 : (elem == SALS_ELEM_F16 ? 0x1p-9 : 1e-3);
+  double* x = (double*)malloc((size_t)C * 3 * PROBES * sizeof(double));
+  if (!x) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (projection check)");
+  double *z = x + C * PROBES, *norm = z + C * PROBES, y[PROBES];
+  uint64_t rng = 0x9e3779b97f4a7c15ull;
+  for (int64_t k = 0; k < C * PROBES; ++k) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    x[k] = (rng >> 63) ? 1.0 : -1.0;
+    z[k] = 0.0;
+  }
+  for (int64_t k = 0; k < C; ++k) norm[k] = 0.0;
+  /* One pass over the rows: y = U[i, :] x, then z += U[i, :]^T y, for all probes at once. */
+  for (int64_t i = 0; i < R; ++i) {
+    const float* u = U + i * C;
+    for (int32_t p = 0; p < PROBES; ++p) y[p] = 0.0;
+    for (int64_t k = 0; k < C; ++k) {
+      norm[k] += (double)u[k] * u[k];
+      for (int32_t p = 0; p < PROBES; ++p) y[p] += (double)u[k] * x[k * PROBES + p];
+    }
+    for (int64_t k = 0; k < C; ++k)
+      for (int32_t p = 0; p < PROBES; ++p) z[k * PROBES + p] += (double)u[k] * y[p];
+  }
+  sals_status_t st = SALS_OK;
+  const double off_tol = tol * sqrt((double)C);
+  for (int64_t k = 0; k < C && st == SALS_OK; ++k) {
+    if (fabs(norm[k] - 1.0) > tol) {
+      st = sals_set_error(INVALID, "projection: column %lld has squared norm %.6g, not 1 "
+                          "(U_r needs orthonormal columns, within %.3g)", (long long)k, norm[k],
+                          tol);
+      break;
+    }
+    for (int32_t p = 0; p < PROBES; ++p)
+      if (fabs(z[k * PROBES + p] - x[k * PROBES + p]) > off_tol) {
+        st = sals_set_error(INVALID, "projection: columns are not orthogonal (|(U^T U - I) x| "
+                            "reaches %.3g at column %lld for a random +-1 vector x, more than "
+                            "%.3g)", fabs(z[k * PROBES + p] - x[k * PROBES + p]), (long long)k,
+                            off_tol);
+        break;
+      }
+  }
+  free(x);
+  return st;
+}
+
 /* A compact float32 host copy of the projection [Dk, rank] (which may live on a GPU). */
 static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
   const int64_t R = pv->shape[0], C = pv->shape[1];
@@ -148,6 +231,11 @@ static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float
       free(p);
       return sals_set_error(SALS_ERR_NOT_FINITE, "projection: holds NaN or infinity");
     }
+  sals_status_t st = check_orthonormal(p, R, C, pv->elem);
+  if (st != SALS_OK) {
+    free(p);
+    return st;
+  }
   *out = p;
   return SALS_OK;
 }
@@ -232,11 +320,15 @@ void sals_cache_destroy(sals_cache_t* cache) {
   free_host(cache);
 }
 
-sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+static sals_status_t cache_reset(sals_cache_t* cache, void* stream) {
   TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, cache, stream));
   memset(cache->reserved, 0, (size_t)cache->cfg.max_batch * sizeof(int32_t));
   return SALS_OK;
+}
+
+sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
+  TRY(enter(cache, "sals_cache_reset"));
+  return leave(cache, cache_reset(cache, stream));
 }
 
 sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out) {
@@ -286,9 +378,8 @@ static sals_status_t token_views(const sals_cache_t* c, const DLTensor* x, const
   return SALS_OK;
 }
 
-sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
-                                const DLTensor* pos, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+static sals_status_t cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                  const DLTensor* pos, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
   TRY(token_views(cache, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv, &pv));
@@ -306,21 +397,34 @@ sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DL
   return SALS_OK;
 }
 
-sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
-                                DLTensor* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
+                                const DLTensor* pos, void* stream) {
+  TRY(enter(cache, "sals_cache_append"));
+  return leave(cache, cache_append(cache, k, v, pos, stream));
+}
+
+static sals_status_t cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+                                  DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
   TRY(token_views(cache, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv, &ov,
                   &pv));
+  TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
+  if (sals_views_overlap(&ov, &pv))
+    return sals_set_error(INVALID, "out: overlaps q_pos (out may not alias an input)");
   if (sals_view_numel(&qv) == 0) return SALS_OK;
   return SALS_DISPATCH(g->device, cache_attend, cache, &qv, &pv, &ov, stream);
 }
 
-sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+                                DLTensor* out, void* stream) {
+  TRY(enter(cache, "sals_cache_attend"));
+  return leave(cache, cache_attend(cache, q, q_pos, out, stream));
+}
+
+static sals_status_t cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {
   const sals_config_t* g = &cache->cfg;
   if (batch < 0 || batch > g->max_batch)
     return sals_set_error(SALS_ERR_CAPACITY, "batch: %lld outside 0..max_batch %d",
@@ -336,16 +440,22 @@ sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tok
   return SALS_OK;
 }
 
-sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
-  if (wait != 0 && wait != 1) return sals_set_error(INVALID, "wait: %d must be 0 or 1", (int)wait);
-  return SALS_DISPATCH(cache->cfg.device, cache_check, cache, wait, stream);
+sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {
+  TRY(enter(cache, "sals_cache_reserve"));
+  return leave(cache, cache_reserve(cache, batch, tokens));
 }
 
-sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream) {
+  TRY(enter(cache, "sals_cache_check"));
+  if (wait != 0 && wait != 1)
+    return leave(cache, sals_set_error(INVALID, "wait: %d must be 0 or 1", (int)wait));
+  return leave(cache, SALS_DISPATCH(cache->cfg.device, cache_check, cache, wait, stream));
+}
+
+static sals_status_t cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
   sals_view_t ov;
   TRY(cache_view(cache, out, "out", 1, SALS_ACCEPT_I32, &ov));
+  TRY(sals_check_output(&ov, "out"));
   if (ov.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "out: dim 0 is %lld, more than max_batch %d",
                           (long long)ov.shape[0], (int)cache->cfg.max_batch);
@@ -353,12 +463,18 @@ sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void*
   return SALS_DISPATCH(cache->cfg.device, cache_lengths, cache, &ov, stream);
 }
 
-sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
-                                  void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
+  TRY(enter(cache, "sals_cache_lengths"));
+  return leave(cache, cache_lengths(cache, out, stream));
+}
+
+static sals_status_t cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
+                                    void* stream) {
   sals_view_t iv, cv;
   TRY(cache_view(cache, idx, "idx", 3, SALS_ACCEPT_I32, &iv));
   TRY(cache_view(cache, count, "count", 1, SALS_ACCEPT_I32, &cv));
+  TRY(sals_check_output(&iv, "idx"));
+  TRY(sals_check_output(&cv, "count"));
   if (iv.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "idx: dim 0 is %lld, more than max_batch %d",
                           (long long)iv.shape[0], (int)cache->cfg.max_batch);
@@ -376,8 +492,13 @@ sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTe
   return SALS_DISPATCH(cache->cfg.device, cache_selected, cache, &iv, &cv, stream);
 }
 
-sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
-  if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
+sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
+                                  void* stream) {
+  TRY(enter(cache, "sals_cache_selected"));
+  return leave(cache, cache_selected(cache, idx, count, stream));
+}
+
+static sals_status_t cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
   const sals_config_t* g = &cache->cfg;
   int32_t* len = (int32_t*)malloc((size_t)g->max_batch * sizeof(int32_t));
@@ -407,4 +528,9 @@ sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, v
   m.allocated = cache->allocated;
   *out = m;
   return SALS_OK;
+}
+
+sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
+  TRY(enter(cache, "sals_cache_memory"));
+  return leave(cache, cache_memory(cache, out, stream));
 }

@@ -88,6 +88,7 @@ struct sals_cache {
   int32_t* sel_count;
 
   int32_t* reserved;      /* host: slots reserved per sequence (capacity check) */
+  int32_t busy;           /* host: 1 while a call is inside (atomic; see csrc/cache.c) */
   uint64_t allocated;     /* bytes allocated on cfg.device */
   void* backend;          /* backend-private state (workspace, streams, flags) */
 };

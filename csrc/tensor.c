@@ -105,25 +105,47 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
   int64_t compact = 1;
   for (int32_t i = ndim - 1; i >= 0; --i) {
     v->shape[i] = t->shape[i];
-    if (t->strides != NULL) {
-      if (t->strides[i] > limit || t->strides[i] < -limit)
-        return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: stride %lld of dim %d too large",
-                              name, (long long)t->strides[i], (int)i);
-      v->stride[i] = t->strides[i];
-    } else {
-      v->stride[i] = compact;
-    }
+    v->stride[i] = compact;
     compact *= t->shape[i];
+  }
+  if (numel == 0) {
+    /* Nothing is read or written: any strides and any data pointer are fine (numpy gives
+     * empty arrays zero strides), and the view gets compact ones. */
+    v->data = t->data == NULL ? NULL : (void*)((char*)t->data + t->byte_offset);
+    if (dev) *dev = d;
+    return SALS_OK;
+  }
+  if (t->strides != NULL) {
+    int64_t span = 0;
+    for (int32_t i = 0; i < ndim; ++i) {
+      const int64_t s = t->strides[i];
+      if (s > limit || s < -limit)
+        return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: stride %lld of dim %d too large",
+                              name, (long long)s, (int)i);
+      const int64_t reach = t->shape[i] - 1, mag = s < 0 ? -s : s;
+      if (reach > 0 && mag > (limit - span) / reach)
+        return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                              "%s: strides span more than 2^48 elements", name);
+      span += reach * mag;
+      v->stride[i] = s;
+    }
   }
   if (ndim > 0 && v->shape[ndim - 1] > 1 && v->stride[ndim - 1] != 1)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                           "%s: last dimension must be contiguous (stride 1), got %lld", name,
                           (long long)v->stride[ndim - 1]);
   if (ndim > 0) v->stride[ndim - 1] = 1;
-  if (numel > 0 && t->data == NULL)
+  if (t->data == NULL)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: data is NULL but it has %lld elements",
                           name, (long long)numel);
-  v->data = t->data == NULL ? NULL : (void*)((char*)t->data + t->byte_offset);
+  const size_t es = sals_elem_size(elem);
+  const uintptr_t addr = (uintptr_t)t->data + (uintptr_t)t->byte_offset;
+  if (addr % es != 0)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "%s: data + byte_offset (byte_offset %llu) is not aligned to the %zu "
+                          "bytes of a %s element", name, (unsigned long long)t->byte_offset, es,
+                          dtype_str(t->dtype, buf));
+  v->data = (void*)addr;
   if (dev) *dev = d;
   return SALS_OK;
 }
@@ -162,6 +184,34 @@ int sals_views_overlap(const sals_view_t* a, const sals_view_t* b) {
   view_span(a, &alo, &ahi);
   view_span(b, &blo, &bhi);
   return alo < bhi && blo < ahi;
+}
+
+sals_status_t sals_check_output(const sals_view_t* v, const char* name) {
+  if (sals_view_numel(v) == 0) return SALS_OK;
+  /* Dims of extent > 1 by increasing |stride|: each must step past everything the smaller
+   * ones reach, so no two elements share memory (zero strides, expand, overlapping rows). */
+  int32_t order[SALS_MAX_DIMS], n = 0;
+  for (int32_t i = 0; i < v->ndim; ++i)
+    if (v->shape[i] > 1) order[n++] = i;
+  for (int32_t i = 1; i < n; ++i)
+    for (int32_t j = i; j > 0; --j) {
+      const int64_t a = v->stride[order[j - 1]], b = v->stride[order[j]];
+      if ((a < 0 ? -a : a) <= (b < 0 ? -b : b)) break;
+      const int32_t tmp = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = tmp;
+    }
+  int64_t reach = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    const int64_t s = v->stride[order[i]], mag = s < 0 ? -s : s;
+    if (mag <= reach)
+      return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                            "%s: elements overlap in memory (dim %d has stride %lld): an output "
+                            "needs a distinct element for every index", name, (int)order[i],
+                            (long long)s);
+    reach += (v->shape[order[i]] - 1) * mag;
+  }
+  return SALS_OK;
 }
 
 int sals_views_same(const sals_view_t* a, const sals_view_t* b) {

@@ -25,7 +25,9 @@ const char* sals_device_str(DLDevice dev, char* buf);
 /**
  * Check `t` (named `name` in messages) and fill *v and *dev: not NULL, `ndim` dims, an accepted
  * dtype with one lane, a supported device (pinned host memory counts as cpu), non-negative
- * extents, data present when there are elements, last dimension contiguous.
+ * extents and, when there are elements, data present and aligned to the element size, strides
+ * spanning less than 2^48 elements, last dimension contiguous. A view without elements accepts
+ * any strides and gets compact ones.
  */
 sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, uint32_t accept,
                              sals_view_t* v, DLDevice* dev);
@@ -40,6 +42,12 @@ sals_status_t sals_check_dim(const sals_view_t* v, const char* name, int32_t axi
 
 /** 1 if the memory spanned by the two views intersects (both non-empty). */
 int sals_views_overlap(const sals_view_t* a, const sals_view_t* b);
+
+/**
+ * Fail unless every element of the output view has its own memory: no zero strides on dims of
+ * extent > 1 and no overlapping rows ("out: elements overlap in memory ...").
+ */
+sals_status_t sals_check_output(const sals_view_t* v, const char* name);
 
 /** 1 if a and b describe exactly the same elements (same data, type, shape and strides). */
 int sals_views_same(const sals_view_t* a, const sals_view_t* b);

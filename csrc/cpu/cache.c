@@ -31,6 +31,12 @@ static sals_elem_t eel(const sals_cache_t* c) { return sals_dtype_elem(c->cfg.dt
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 static int64_t clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+#define TRY(expr)                    \
+  do {                               \
+    sals_status_t st_ = (expr);      \
+    if (st_ != SALS_OK) return st_;  \
+  } while (0)
+
 /* ---- init / free / reset ------------------------------------------------------------------- */
 
 static void* track(sals_cache_t* c, size_t bytes, int* failed) {
@@ -145,6 +151,76 @@ static sals_status_t check_rows(const char* name, const sals_view_t* x, const sa
   return SALS_OK;
 }
 
+static const char* dtype_name(sals_elem_t e) {
+  return e == SALS_ELEM_F32 ? "float32" : (e == SALS_ELEM_F16 ? "float16" : "bfloat16");
+}
+
+/*
+ * What append stores must fit the storage dtype: k and v rows (the exact windows, 16-bit values),
+ * the latent coordinates U^T k, and the float16 scale and zero of quantised values. Each token's
+ * k row is loaded into kf [Dk] and v into vf [Dk]; the latent (lat [rank]) is only computed when
+ * |k| could reach the largest finite value: |U^T k|_j <= |u_j| |k| and the columns u_j have
+ * norm within 1% of 1 (checked at creation). Returns SALS_ERR_NOT_FINITE naming the argument.
+ */
+static sals_status_t check_storable(const sals_cache_t* c, const sals_view_t* k,
+                                    const sals_view_t* v, int64_t b, int64_t t, float* kf,
+                                    float* vf, float* lat) {
+  const sals_config_t* g = &c->cfg;
+  const sals_elem_t el = eel(c);
+  const int64_t d = g->head_dim, dk = c->dk, r = g->rank;
+  const double limit = el == SALS_ELEM_F16 ? 65504.0 : (el == SALS_ELEM_BF16 ? 0x1.fep127 : 0x1.fffffep127);
+  for (int64_t h = 0; h < g->n_head_kv; ++h) {
+    sals_load_f32(kf + h * d, sals_view_at(k, b, t, h, 0), k->elem, d);
+    sals_load_f32(vf + h * d, sals_view_at(v, b, t, h, 0), v->elem, d);
+  }
+  const char* dt = dtype_name(el);
+  int64_t i = sals_first_overflow(kf, el, dk);
+  if (i >= 0)
+    return sals_set_error(SALS_ERR_NOT_FINITE,
+                          "k: %g (sequence %lld, token %lld, head %lld) overflows the %s storage",
+                          (double)kf[i], (long long)b, (long long)t, (long long)(i / d), dt);
+  if ((i = sals_first_overflow(vf, el, dk)) >= 0)
+    return sals_set_error(SALS_ERR_NOT_FINITE,
+                          "v: %g (sequence %lld, token %lld, head %lld) overflows the %s storage",
+                          (double)vf[i], (long long)b, (long long)t, (long long)(i / d), dt);
+  double norm = 0.0;
+  for (int64_t j = 0; j < dk; ++j) norm += (double)kf[j] * kf[j];
+  if (sqrt(norm) * 1.02 >= limit) {
+    sals_gemm(1, r, dk, kf, dk, c->proj, r, lat, r, 0);
+    if ((i = sals_first_overflow(lat, el, r)) >= 0)
+      return sals_set_error(SALS_ERR_NOT_FINITE,
+                            "k: latent coordinate %lld of (sequence %lld, token %lld) is %g, "
+                            "beyond the %s storage", (long long)i, (long long)b, (long long)t,
+                            (double)lat[i], dt);
+  }
+  if (g->value_bits < 16 && (i = sals_quantize_row_check(vf, dk, g->value_bits,
+                                                         g->value_group)) >= 0)
+    return sals_set_error(SALS_ERR_NOT_FINITE,
+                          "v: channels %lld..%lld of (sequence %lld, token %lld) span more than "
+                          "the float16 scale and zero of %d-bit values hold",
+                          (long long)(i * g->value_group), (long long)((i + 1) * g->value_group - 1),
+                          (long long)b, (long long)t, (int)g->value_bits);
+  return SALS_OK;
+}
+
+/* Every non-padding token of an append: finite k and v, and storable (check_storable). */
+static sals_status_t check_append(const sals_cache_t* c, const sals_view_t* k,
+                                  const sals_view_t* v, const sals_view_t* pos) {
+  sals_status_t st = check_rows("k", k, pos);
+  if (st == SALS_OK) st = check_rows("v", v, pos);
+  if (st != SALS_OK) return st;
+  const cpu_state_t* s = (const cpu_state_t*)c->backend;
+  float* kf = s->ws; /* thread 0's workspace: no task runs yet */
+  float* vf = kf + c->dk;
+  float* lat = vf + c->dk;
+  for (int64_t b = 0; b < k->shape[0]; ++b)
+    for (int64_t t = 0; t < k->shape[1]; ++t) {
+      if (*(const int32_t*)sals_view_at(pos, b, t, 0, 0) < 0) continue;
+      TRY(check_storable(c, k, v, b, t, kf, vf, lat));
+    }
+  return SALS_OK;
+}
+
 /* ---- append -------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -216,8 +292,7 @@ sals_status_t sals_cpu_cache_append(sals_cache_t* c, const sals_view_t* k, const
   const int64_t n_blk = (T + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
   const int64_t n_blocks_max = (c->cfg.max_tokens + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
   if (c->cfg.check_finite) {
-    sals_status_t st = check_rows("k", k, pos);
-    if (st == SALS_OK) st = check_rows("v", v, pos);
+    sals_status_t st = check_append(c, k, v, pos);
     if (st != SALS_OK) return st;
   }
   for (int64_t b = 0; b < B; ++b) {

@@ -35,6 +35,11 @@ uint16_t sals_f32_to_bf16(float f);
 uint16_t sals_f32_to_f16_directed(float f, int dir);
 /** 1 if all n elements are finite. */
 int sals_all_finite(const void* src, sals_elem_t elem, int64_t n);
+/**
+ * Index of the first of n finite floats that becomes infinity when stored as `elem` (float16
+ * beyond 65504 after rounding, bfloat16 beyond its largest finite value), -1 if none.
+ */
+int64_t sals_first_overflow(const float* src, sals_elem_t elem, int64_t n);
 
 /* ---- thread pool (parallel.c) ------------------------------------------------------------ */
 
@@ -125,6 +130,11 @@ void sals_attn_init(int64_t R, int64_t d, float* m, float* l, float* acc);
  */
 void sals_quantize_row(const float* x, int64_t D, int32_t bits, int32_t group, uint8_t* packed,
                        uint16_t* scale, uint16_t* zero);
+/**
+ * First group of a row of D finite floats whose float16 zero or scale (as sals_quantize_row
+ * computes them) would be infinite, -1 if none.
+ */
+int64_t sals_quantize_row_check(const float* x, int64_t D, int32_t bits, int32_t group);
 /** Inverse of sals_quantize_row for D channels starting at a group boundary. */
 void sals_dequantize_row(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
                          int64_t D, int32_t bits, int32_t group, float* out);

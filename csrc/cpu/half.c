@@ -126,3 +126,17 @@ int sals_all_finite(const void* src, sals_elem_t elem, int64_t n) {
   }
   return !bad;
 }
+
+int64_t sals_first_overflow(const float* src, sals_elem_t elem, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = src[i];
+    int bad;
+    switch (elem) {
+      case SALS_ELEM_F16: bad = (f2h(x) & 0x7c00u) == 0x7c00u; break;
+      case SALS_ELEM_BF16: bad = (f2b(x) & 0x7f80u) == 0x7f80u; break;
+      default: bad = !isfinite(x); break;
+    }
+    if (bad) return i;
+  }
+  return -1;
+}

@@ -191,6 +191,23 @@ void sals_quantize_row(const float* x, int64_t D, int32_t bits, int32_t group, u
   }
 }
 
+int64_t sals_quantize_row_check(const float* x, int64_t D, int32_t bits, int32_t group) {
+  const int32_t levels = (1 << bits) - 1;
+  for (int64_t g0 = 0; g0 < D; g0 += group) {
+    float lo = x[g0], hi = x[g0];
+    for (int32_t c = 1; c < group; ++c) {
+      lo = x[g0 + c] < lo ? x[g0 + c] : lo;
+      hi = x[g0 + c] > hi ? x[g0 + c] : hi;
+    }
+    /* The same zero and scale as sals_quantize_row. */
+    const uint16_t zh = sals_f32_to_f16_directed(lo, -1);
+    const float z = sals_f16_to_f32(zh);
+    const uint16_t sh = sals_f32_to_f16_directed((hi - z) / (float)levels, +1);
+    if ((zh & 0x7c00u) == 0x7c00u || (sh & 0x7c00u) == 0x7c00u) return g0 / group;
+  }
+  return -1;
+}
+
 SALS_HOT void sals_dequantize_row(const uint8_t* packed, const uint16_t* scale,
                                   const uint16_t* zero, int64_t D, int32_t bits, int32_t group,
                                   float* out) {

@@ -13,8 +13,11 @@
  *     x.__dlpack__() for producers that predate max_version; both "dltensor_versioned" and
  *     "dltensor" capsules are accepted, renamed "used_..." and their deleter called when the
  *     call returns.
- * Outputs refuse READ_ONLY tensors. The DLTensor is passed through untouched (byte_offset and
- * NULL strides are handled by libsals).
+ * Outputs refuse READ_ONLY tensors. An imported DLTensor with ndim outside 0..64 or a NULL
+ * shape is refused here (describe() and the Python layer read its shape); otherwise it is
+ * passed through untouched (byte_offset and NULL strides are handled by libsals). A producer
+ * that raises or returns garbage becomes a sals error naming the argument, chained to the
+ * producer's exception.
  *
  * Stream: an explicit `stream` (an int holding a cudaStream_t; 0 = legacy default) wins;
  * otherwise the first tensor of the call decides: the exchange API's current work stream for
@@ -24,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,6 +35,8 @@
 
 /* The exception factory, sals.errors._from_status(status, message) -> exception instance. */
 static PyObject* g_from_status = NULL;
+/* sals.errors.SalsError: exceptions of this class pass through unchanged. */
+static PyObject* g_sals_error = NULL;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors                                                                                      */
@@ -47,11 +53,68 @@ static PyObject* raise_status(sals_status_t status) {
   return NULL;
 }
 
+/*
+ * Raise the sals exception for `status` with a printf-style message (PyUnicode_FromFormat).
+ * An exception already set becomes its __cause__. Returns NULL.
+ */
+static PyObject* raise_sals(sals_status_t status, const char* fmt, ...) {
+  PyObject *ct = NULL, *cv = NULL, *ctb = NULL;
+  PyErr_Fetch(&ct, &cv, &ctb);
+  va_list ap;
+  va_start(ap, fmt);
+  PyObject* msg = PyUnicode_FromFormatV(fmt, ap);
+  va_end(ap);
+  PyObject* exc = msg == NULL ? NULL : PyObject_CallFunction(g_from_status, "iO", (int)status, msg);
+  Py_XDECREF(msg);
+  if (exc == NULL) {
+    Py_XDECREF(ct);
+    Py_XDECREF(cv);
+    Py_XDECREF(ctb);
+    return NULL;
+  }
+  if (ct != NULL) {
+    PyErr_NormalizeException(&ct, &cv, &ctb);
+    if (ctb != NULL) PyException_SetTraceback(cv, ctb);
+    PyException_SetCause(exc, cv); /* steals cv */
+    Py_XDECREF(ct);
+    Py_XDECREF(ctb);
+  }
+  PyErr_SetObject((PyObject*)Py_TYPE(exc), exc);
+  Py_DECREF(exc);
+  return NULL;
+}
+
+/*
+ * A producer's method failed with the exception now set: re-raise it as a sals error naming
+ * argument `name` ("x: __dlpack__() raised BufferError: ..."), chained to the original.
+ * sals errors pass through, and so do exceptions that are not errors (KeyboardInterrupt,
+ * SystemExit); a MemoryError becomes OutOfMemoryError. Returns NULL.
+ */
+static PyObject* reraise_as_sals(const char* name, const char* what) {
+  if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(g_sals_error))
+    return NULL;
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  PyObject* tname = t != NULL ? PyObject_GetAttrString(t, "__name__") : NULL;
+  PyObject* text = v != NULL ? PyObject_Str(v) : NULL;
+  const int oom = t != NULL && PyErr_GivenExceptionMatches(t, PyExc_MemoryError);
+  PyErr_Clear();
+  PyErr_Restore(t, v, tb); /* becomes the cause */
+  raise_sals(oom ? SALS_ERR_OUT_OF_MEMORY : SALS_ERR_INVALID_ARGUMENT, "%s: %s raised %S: %S",
+             name, what, tname != NULL ? tname : Py_None, text != NULL ? text : Py_None);
+  Py_XDECREF(tname);
+  Py_XDECREF(text);
+  return NULL;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* DLPack import                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
 #define MAX_ARGS 8
+/* The most dims an imported tensor may claim (numpy's limit); more is a broken producer. */
+#define MAX_DLPACK_DIMS 64
 
 /* One imported tensor: exactly one of `versioned` / `legacy` is set while it is held. */
 typedef struct {
@@ -103,15 +166,18 @@ static const DLPackExchangeAPI* exchange_api_of(PyObject* obj) {
 /* obj.__dlpack_device__() -> (device_type, device_id). Returns 0 on success. */
 static int dlpack_device_of(PyObject* obj, const char* name, int* type, int* id) {
   PyObject* dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-  if (dev == NULL) return -1;
-  int ok = PyArg_ParseTuple(dev, "ii", type, id);
-  Py_DECREF(dev);
-  if (!ok) {
-    PyErr_Format(PyExc_TypeError, "%s: __dlpack_device__() must return (device_type, device_id)",
-                 name);
+  if (dev == NULL) {
+    reraise_as_sals(name, "__dlpack_device__()");
     return -1;
   }
-  return 0;
+  int ok = PyTuple_Check(dev) && PyArg_ParseTuple(dev, "ii", type, id);
+  if (!ok) {
+    PyErr_Clear();
+    raise_sals(SALS_ERR_INVALID_ARGUMENT,
+               "%s: __dlpack_device__() must return (device_type, device_id), got %R", name, dev);
+  }
+  Py_DECREF(dev);
+  return ok ? 0 : -1;
 }
 
 /* Call obj.__dlpack__ with max_version (1, 3), retrying without it for old producers. */
@@ -146,6 +212,12 @@ done:
  * Import `obj` (argument `name`) for this call. `writable` refuses read-only tensors.
  * Returns the DLTensor (valid until call_release) or NULL with an exception set.
  */
+/* A failed import (the exception is set): NULL as a DLTensor*. */
+static DLTensor* no_tensor(PyObject* null) {
+  (void)null;
+  return NULL;
+}
+
 static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int writable) {
   if (c->n_held >= MAX_ARGS) {
     PyErr_SetString(PyExc_RuntimeError, "sals._C: too many tensor arguments");
@@ -156,9 +228,8 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
   if (api != NULL) {
     DLManagedTensorVersioned* mt = NULL;
     if (api->managed_tensor_from_py_object_no_sync((void*)obj, &mt) != 0 || mt == NULL) {
-      if (!PyErr_Occurred())
-        PyErr_Format(PyExc_BufferError, "%s: the producer could not export it", name);
-      return NULL;
+      if (PyErr_Occurred()) return no_tensor(reraise_as_sals(name, "the DLPack exchange API"));
+      return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT, "%s: the producer could not export it", name));
     }
     h->versioned = mt;
     c->n_held++;
@@ -166,19 +237,19 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
       void* s = NULL;
       if (mt->dl_tensor.device.device_type != kDLCPU) {
         if (api->current_work_stream(mt->dl_tensor.device.device_type,
-                                     mt->dl_tensor.device.device_id, &s) != 0)
-          return NULL;
+                                     mt->dl_tensor.device.device_id, &s) != 0) {
+          if (PyErr_Occurred()) return no_tensor(reraise_as_sals(name, "current_work_stream"));
+          return no_tensor(raise_sals(SALS_ERR_DEVICE, "%s: no current stream for its device", name));
+        }
       }
       c->stream = s;
       c->stream_known = 1;
     }
   } else {
-    if (!PyObject_HasAttrString(obj, "__dlpack__")) {
-      PyErr_Format(PyExc_TypeError,
-                   "%s: expected a DLPack tensor (an object with __dlpack__), got %R", name,
-                   (PyObject*)Py_TYPE(obj));
-      return NULL;
-    }
+    if (!PyObject_HasAttrString(obj, "__dlpack__"))
+      return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                        "%s: expected a DLPack tensor (an object with __dlpack__), got %R", name,
+                        (PyObject*)Py_TYPE(obj)));
     int dev_type = kDLCPU, dev_id = 0;
     if (dlpack_device_of(obj, name, &dev_type, &dev_id) < 0) return NULL;
     PyObject* stream_value = NULL;
@@ -193,15 +264,15 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
     }
     PyObject* capsule = call_dlpack(obj, stream_value);
     Py_XDECREF(stream_value);
-    if (capsule == NULL) return NULL;
+    if (capsule == NULL) return no_tensor(reraise_as_sals(name, "__dlpack__()"));
     if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
       DLManagedTensorVersioned* mt =
           (DLManagedTensorVersioned*)PyCapsule_GetPointer(capsule, "dltensor_versioned");
       if (mt->version.major != DLPACK_MAJOR_VERSION) {
         /* Another major has another layout: only version may be read, and the deleter not
          * called through our struct; the capsule's destructor releases it. */
-        PyErr_Format(PyExc_BufferError, "%s: DLPack major version %u is not supported (need %d)",
-                     name, (unsigned)mt->version.major, DLPACK_MAJOR_VERSION);
+        raise_sals(SALS_ERR_UNSUPPORTED, "%s: DLPack major version %u is not supported (need %d)",
+                   name, (unsigned)mt->version.major, DLPACK_MAJOR_VERSION);
         Py_DECREF(capsule);
         return NULL;
       }
@@ -218,10 +289,9 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
       }
       h->legacy = mt;
     } else {
-      PyErr_Format(PyExc_TypeError,
-                   "%s: __dlpack__() returned something other than a \"dltensor\" or "
-                   "\"dltensor_versioned\" capsule (already consumed?)",
-                   name);
+      raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                 "%s: __dlpack__() returned %R, not a \"dltensor\" or \"dltensor_versioned\" "
+                 "capsule (already consumed?)", name, (PyObject*)Py_TYPE(capsule));
       Py_DECREF(capsule);
       return NULL;
     }
@@ -229,11 +299,18 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
     c->n_held++;
     if (!c->stream_known) c->stream_known = 1; /* a CPU tensor first: no stream */
   }
-  if (writable && h->versioned != NULL && (h->versioned->flags & DLPACK_FLAG_BITMASK_READ_ONLY)) {
-    PyErr_Format(PyExc_ValueError, "%s: the tensor is read-only and cannot be written to", name);
-    return NULL;
-  }
-  return h->versioned != NULL ? &h->versioned->dl_tensor : &h->legacy->dl_tensor;
+  if (writable && h->versioned != NULL && (h->versioned->flags & DLPACK_FLAG_BITMASK_READ_ONLY))
+    return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                      "%s: the tensor is read-only and cannot be written to", name));
+  DLTensor* t = h->versioned != NULL ? &h->versioned->dl_tensor : &h->legacy->dl_tensor;
+  /* What describe() and the Python layer read before libsals checks the rest. */
+  if (t->ndim < 0 || t->ndim > MAX_DLPACK_DIMS)
+    return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT, "%s: the DLPack tensor has ndim %d (0..%d)",
+                      name, (int)t->ndim, MAX_DLPACK_DIMS));
+  if (t->ndim > 0 && t->shape == NULL)
+    return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                      "%s: the DLPack tensor has %d dims but a NULL shape", name, (int)t->ndim));
+  return t;
 }
 
 /* One tensor argument of a call: imported into *out. */
@@ -256,9 +333,11 @@ enum {
 static int call_begin(call_t* c, PyObject* stream_arg, const arg_t* args, int n) {
   memset(c, 0, sizeof(*c));
   if (stream_arg != NULL && stream_arg != Py_None) {
-    c->stream = PyLong_AsVoidPtr(stream_arg);
-    if (c->stream == NULL && PyErr_Occurred()) {
-      PyErr_SetString(PyExc_TypeError, "stream: expected an int (a cudaStream_t) or None");
+    c->stream = PyLong_Check(stream_arg) ? PyLong_AsVoidPtr(stream_arg) : NULL;
+    if (!PyLong_Check(stream_arg) || (c->stream == NULL && PyErr_Occurred())) {
+      PyErr_Clear();
+      raise_sals(SALS_ERR_INVALID_ARGUMENT, "stream: expected an int (a cudaStream_t) or None, "
+                 "got %R", stream_arg);
       return -1;
     }
     c->stream_known = 1;
@@ -303,17 +382,20 @@ static int parse_rope(PyObject* obj, sals_rope_t* r) {
   PyObject* freq = NULL;
   int rotary_dim = 0, interleaved = 0;
   float scaling = 1.0f;
-  if (!PyArg_ParseTuple(obj, "Oifi", &freq, &rotary_dim, &scaling, &interleaved)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "rope: expected (inv_freq bytes, rotary_dim, attention_scaling, interleaved)");
+  if (!PyTuple_Check(obj) || !PyArg_ParseTuple(obj, "Oifi", &freq, &rotary_dim, &scaling,
+                                                &interleaved) || !PyBytes_Check(freq)) {
+    PyErr_Clear();
+    raise_sals(SALS_ERR_INVALID_ARGUMENT,
+               "rope: expected (inv_freq bytes, rotary_dim, attention_scaling, interleaved)");
     return -1;
   }
   char* data = NULL;
   Py_ssize_t n = 0;
   if (PyBytes_AsStringAndSize(freq, &data, &n) < 0) return -1;
   if (n % (Py_ssize_t)sizeof(float) != 0 || (rotary_dim > 0 && n / 4 != rotary_dim / 2)) {
-    PyErr_Format(PyExc_ValueError, "rope: inv_freq holds %zd bytes, need rotary_dim / 2 = %d floats",
-                 n, rotary_dim / 2);
+    raise_sals(SALS_ERR_INVALID_ARGUMENT,
+               "rope: inv_freq holds %zd bytes, need rotary_dim / 2 = %d floats", n,
+               rotary_dim / 2);
     return -1;
   }
   r->inv_freq = (const float*)data;
@@ -326,13 +408,13 @@ static int parse_rope(PyObject* obj, sals_rope_t* r) {
 static int dict_int(PyObject* d, const char* key, int32_t* out) {
   PyObject* v = PyDict_GetItemString(d, key); /* borrowed */
   if (v == NULL) {
-    PyErr_Format(PyExc_KeyError, "config: missing %s", key);
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "config: missing %s", key);
     return -1;
   }
-  long x = PyLong_AsLong(v);
-  if (x == -1 && PyErr_Occurred()) return -1;
-  if (x < INT32_MIN || x > INT32_MAX) {
-    PyErr_Format(PyExc_OverflowError, "%s: %ld does not fit in int32", key, x);
+  long x = PyLong_Check(v) ? PyLong_AsLong(v) : -1;
+  if (!PyLong_Check(v) || (x == -1 && PyErr_Occurred()) || x < INT32_MIN || x > INT32_MAX) {
+    PyErr_Clear();
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "config.%s: %R is not an int32", key, v);
     return -1;
   }
   *out = (int32_t)x;
@@ -342,18 +424,22 @@ static int dict_int(PyObject* d, const char* key, int32_t* out) {
 static int dict_float(PyObject* d, const char* key, float* out) {
   PyObject* v = PyDict_GetItemString(d, key);
   if (v == NULL) {
-    PyErr_Format(PyExc_KeyError, "config: missing %s", key);
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "config: missing %s", key);
     return -1;
   }
-  double x = PyFloat_AsDouble(v);
-  if (x == -1.0 && PyErr_Occurred()) return -1;
+  double x = PyFloat_Check(v) ? PyFloat_AsDouble(v) : -1.0;
+  if (!PyFloat_Check(v) || (x == -1.0 && PyErr_Occurred())) {
+    PyErr_Clear();
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "config.%s: %R is not a float", key, v);
+    return -1;
+  }
   *out = (float)x;
   return 0;
 }
 
 static int parse_config(PyObject* d, sals_config_t* cfg) {
   if (!PyDict_Check(d)) {
-    PyErr_SetString(PyExc_TypeError, "config: expected a dict");
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "config: expected a dict");
     return -1;
   }
   *cfg = sals_config_default();
@@ -396,15 +482,54 @@ static PyObject* config_to_dict(const sals_config_t* c) {
 /* sals._C.Cache                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
+/*
+ * One cache, one thread at a time (README): a method holds `active` (under the GIL) from
+ * before it imports its tensors until the library call returns, so a second thread's call,
+ * or close() meanwhile (which would free the cache under the running call), is refused with
+ * InvalidArgumentError instead of racing.
+ */
 typedef struct {
   PyObject_HEAD
   sals_cache_t* cache;
+  const char* active; /* the method inside the cache now, or NULL */
 } CacheObject;
 
-static sals_cache_t* cache_get(CacheObject* self) {
-  if (self->cache == NULL) PyErr_SetString(PyExc_ValueError, "the cache is closed");
+/* The cache for method `method`, now held; NULL with InvalidArgumentError if closed or busy. */
+static sals_cache_t* cache_enter(CacheObject* self, const char* method) {
+  if (self->cache == NULL) {
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: is closed (%s() after close())", method);
+    return NULL;
+  }
+  if (self->active != NULL) {
+    raise_sals(SALS_ERR_INVALID_ARGUMENT,
+               "cache: %s() called while %s() is using it (one cache may be used by one "
+               "thread at a time)", method, self->active);
+    return NULL;
+  }
+  self->active = method;
   return self->cache;
 }
+
+static void cache_leave(CacheObject* self) { self->active = NULL; }
+
+/* Import a cache method's tensors; on failure the cache is released. 0 or -1. */
+static int cache_call_begin(CacheObject* self, call_t* c, PyObject* stream_arg, const arg_t* args,
+                            int n) {
+  if (call_begin(c, stream_arg, args, n) == 0) return 0;
+  cache_leave(self);
+  return -1;
+}
+
+/* Run the cache call `expr` without the GIL, release the cache and return None (or raise). */
+#define CACHE_CALL_RETURN_NONE(self, c, expr)   \
+  do {                                          \
+    sals_status_t st_;                          \
+    Py_BEGIN_ALLOW_THREADS st_ = (expr);        \
+    Py_END_ALLOW_THREADS                        \
+    cache_leave(self);                          \
+    if (call_end(&(c), st_) < 0) return NULL;   \
+    Py_RETURN_NONE;                             \
+  } while (0)
 
 /* Cache(config: dict, rope: tuple, projection, stream=None) */
 static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
@@ -413,6 +538,11 @@ static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj,
                                    &proj_obj, &stream_obj))
     return -1;
+  if (self->active != NULL) {
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: __init__() called while %s() is using it",
+               self->active);
+    return -1;
+  }
   sals_config_t cfg;
   sals_rope_t rope;
   if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return -1;
@@ -426,6 +556,12 @@ static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
   st = sals_cache_create(&cfg, &rope, proj, &cache);
   Py_END_ALLOW_THREADS
   if (call_end(&c, st) < 0) return -1;
+  if (self->active != NULL) { /* another thread entered while the projection was imported */
+    sals_cache_destroy(cache);
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: __init__() called while %s() is using it",
+               self->active);
+    return -1;
+  }
   sals_cache_destroy(self->cache); /* __init__ called twice */
   self->cache = cache;
   return 0;
@@ -447,13 +583,13 @@ static PyObject* Cache_append(CacheObject* self, PyObject* args, PyObject* kwarg
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &k_obj, &v_obj, &pos_obj,
                                    &stream_obj))
     return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "append");
   if (cache == NULL) return NULL;
   call_t c;
   DLTensor *k, *v, *pos;
   const arg_t in[] = {{k_obj, "k", 0, &k}, {v_obj, "v", 0, &v}, {pos_obj, "positions", 0, &pos}};
-  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_append(cache, k, v, pos, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, in, 3) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_append(cache, k, v, pos, c.stream));
 }
 
 /* attend(q, pos, out, stream=None) */
@@ -463,14 +599,14 @@ static PyObject* Cache_attend(CacheObject* self, PyObject* args, PyObject* kwarg
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &q_obj, &pos_obj, &out_obj,
                                    &stream_obj))
     return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "attend");
   if (cache == NULL) return NULL;
   call_t c;
   DLTensor *q, *pos, *out;
   const arg_t in[] = {
       {q_obj, "q", 0, &q}, {pos_obj, "positions", 0, &pos}, {out_obj, "out", ARG_WRITE, &out}};
-  if (call_begin(&c, stream_obj, in, 3) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_attend(cache, q, pos, out, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, in, 3) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_attend(cache, q, pos, out, c.stream));
 }
 
 /* lengths(out, stream=None) */
@@ -479,13 +615,13 @@ static PyObject* Cache_lengths(CacheObject* self, PyObject* args, PyObject* kwar
   PyObject *out_obj, *stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", kwlist, &out_obj, &stream_obj))
     return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "lengths");
   if (cache == NULL) return NULL;
   call_t c;
   DLTensor* out;
   const arg_t in[] = {{out_obj, "out", ARG_WRITE, &out}};
-  if (call_begin(&c, stream_obj, in, 1) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_lengths(cache, out, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, in, 1) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_lengths(cache, out, c.stream));
 }
 
 /* selected(idx, count, stream=None) */
@@ -495,13 +631,13 @@ static PyObject* Cache_selected(CacheObject* self, PyObject* args, PyObject* kwa
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", kwlist, &idx_obj, &count_obj,
                                    &stream_obj))
     return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "selected");
   if (cache == NULL) return NULL;
   call_t c;
   DLTensor *idx, *count;
   const arg_t in[] = {{idx_obj, "idx", ARG_WRITE, &idx}, {count_obj, "count", ARG_WRITE, &count}};
-  if (call_begin(&c, stream_obj, in, 2) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_selected(cache, idx, count, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, in, 2) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_selected(cache, idx, count, c.stream));
 }
 
 /* memory(stream=None) -> dict of sals_memory_t fields */
@@ -509,15 +645,16 @@ static PyObject* Cache_memory(CacheObject* self, PyObject* args, PyObject* kwarg
   static char* kwlist[] = {"stream", NULL};
   PyObject* stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "memory");
   if (cache == NULL) return NULL;
   call_t c;
-  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
+  if (cache_call_begin(self, &c, stream_obj, NULL, 0) < 0) return NULL;
   sals_memory_t m;
   sals_status_t st;
   Py_BEGIN_ALLOW_THREADS
   st = sals_cache_memory(cache, &m, c.stream);
   Py_END_ALLOW_THREADS
+  cache_leave(self);
   if (call_end(&c, st) < 0) return NULL;
   return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "latent_keys",
                        (unsigned long long)m.latent_keys, "values", (unsigned long long)m.values,
@@ -534,11 +671,11 @@ static PyObject* Cache_reset(CacheObject* self, PyObject* args, PyObject* kwargs
   static char* kwlist[] = {"stream", NULL};
   PyObject* stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "reset");
   if (cache == NULL) return NULL;
   call_t c;
-  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_reset(cache, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, NULL, 0) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_reset(cache, c.stream));
 }
 
 /* reserve(batch, tokens) */
@@ -546,9 +683,10 @@ static PyObject* Cache_reserve(CacheObject* self, PyObject* args) {
   long long batch;
   int tokens;
   if (!PyArg_ParseTuple(args, "Li", &batch, &tokens)) return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "reserve");
   if (cache == NULL) return NULL;
   sals_status_t st = sals_cache_reserve(cache, (int64_t)batch, (int32_t)tokens);
+  cache_leave(self);
   if (st != SALS_OK) return raise_status(st);
   Py_RETURN_NONE;
 }
@@ -560,25 +698,31 @@ static PyObject* Cache_check(CacheObject* self, PyObject* args, PyObject* kwargs
   PyObject* stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p|O", kwlist, &wait, &stream_obj))
     return NULL;
-  sals_cache_t* cache = cache_get(self);
+  sals_cache_t* cache = cache_enter(self, "check");
   if (cache == NULL) return NULL;
   call_t c;
-  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_cache_check(cache, (int32_t)wait, c.stream));
+  if (cache_call_begin(self, &c, stream_obj, NULL, 0) < 0) return NULL;
+  CACHE_CALL_RETURN_NONE(self, c, sals_cache_check(cache, (int32_t)wait, c.stream));
 }
 
 /* config() -> dict (the fields of sals_config_t as the library resolved them) */
 static PyObject* Cache_config(CacheObject* self, PyObject* Py_UNUSED(ignored)) {
-  sals_cache_t* cache = cache_get(self);
-  if (cache == NULL) return NULL;
+  sals_cache_t* cache = self->cache; /* the config never changes: no need to hold the cache */
+  if (cache == NULL)
+    return raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: is closed (config() after close())");
   sals_config_t cfg;
   sals_status_t st = sals_cache_get_config(cache, &cfg);
   if (st != SALS_OK) return raise_status(st);
   return config_to_dict(&cfg);
 }
 
-/* close(): free the cache now; later calls raise ValueError. Idempotent. */
+/* close(): free the cache now; later calls raise InvalidArgumentError (a ValueError).
+ * Idempotent. Refused while another call is using the cache. */
 static PyObject* Cache_close(CacheObject* self, PyObject* Py_UNUSED(ignored)) {
+  if (self->active != NULL)
+    return raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                      "cache: close() called while %s() is using it; close it after that call "
+                      "returns (one cache may be used by one thread at a time)", self->active);
   sals_cache_t* cache = self->cache;
   self->cache = NULL;
   Py_BEGIN_ALLOW_THREADS
@@ -609,7 +753,7 @@ static PyMethodDef Cache_methods[] = {
     {"check", (PyCFunction)(void (*)(void))Cache_check, METH_VARARGS | METH_KEYWORDS,
      "check(wait, stream=None): sals_cache_check."},
     {"config", (PyCFunction)Cache_config, METH_NOARGS, "config() -> dict: sals_cache_get_config."},
-    {"close", (PyCFunction)Cache_close, METH_NOARGS, "close(): sals_cache_destroy; idempotent."},
+    {"close", (PyCFunction)Cache_close, METH_NOARGS, "close(): sals_cache_destroy; idempotent; refused while a call is using the cache."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -902,24 +1046,26 @@ static PyType_Spec Array_spec = {
 /* Module functions                                                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-/* describe(x) -> (device_type, device_id, dtype name or None, shape tuple, read_only) */
+/* describe(x, name="x") -> (device_type, device_id, dtype name or None, shape tuple, read_only);
+ * errors name the argument `name`. */
 static PyObject* mod_describe(PyObject* Py_UNUSED(m), PyObject* args) {
   PyObject* obj;
-  if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+  const char* name = "x";
+  if (!PyArg_ParseTuple(args, "O|s", &obj, &name)) return NULL;
   call_t c;
   DLTensor* t;
-  const arg_t in[] = {{obj, "x", 0, &t}};
+  const arg_t in[] = {{obj, name, 0, &t}};
   if (call_begin(&c, Py_None, in, 1) < 0) return NULL;
   PyObject* shape = PyTuple_New(t->ndim);
   if (shape != NULL) {
     for (int i = 0; i < t->ndim; ++i) PyTuple_SetItem(shape, i, PyLong_FromLongLong(t->shape[i]));
   }
-  const char* name = dtype_name(t->dtype);
+  const char* dtype = dtype_name(t->dtype);
   int read_only = c.held[0].versioned != NULL &&
                   (c.held[0].versioned->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
   PyObject* r = shape == NULL ? NULL
                               : Py_BuildValue("(iizOi)", (int)t->device.device_type,
-                                              t->device.device_id, name, shape, read_only);
+                                              t->device.device_id, dtype, shape, read_only);
   Py_XDECREF(shape);
   call_release(&c);
   return r;
@@ -1066,7 +1212,7 @@ static PyMethodDef module_methods[] = {
     {"cuda_available", mod_cuda_available, METH_NOARGS,
      "cuda_available() -> bool: sals_cuda_available()."},
     {"describe", mod_describe, METH_VARARGS,
-     "describe(x) -> (device_type, device_id, dtype name or None, shape, read_only)."},
+     "describe(x, name='x') -> (device_type, device_id, dtype name or None, shape, read_only)."},
     {"project", KW(mod_project), "project(x, proj, out, stream=None): sals_project."},
     {"rope_apply", KW(mod_rope_apply), "rope_apply(x, pos, rope, out, stream=None)."},
     {"score_select", KW(mod_score_select),
@@ -1099,8 +1245,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* errors = PyImport_ImportModule("sals.errors");
   if (errors == NULL) return NULL;
   g_from_status = PyObject_GetAttrString(errors, "_from_status");
+  g_sals_error = PyObject_GetAttrString(errors, "SalsError");
   Py_DECREF(errors);
-  if (g_from_status == NULL) return NULL;
+  if (g_from_status == NULL || g_sals_error == NULL) return NULL;
 
   PyObject* m = PyModule_Create(&module_def);
   if (m == NULL) return NULL;

@@ -104,18 +104,19 @@ def _random_calibration(model, torch):
     (timing only: which tokens are selected does not change the work)."""
     import numpy as np
 
-    import sals.hf
-    from sals.calibration import Calibration, Layer
+    from .calibration import Calibration, Layer
+    from .hf import _arch
 
-    info = sals.hf._arch.describe(model)
+    info = _arch.describe(model)
+    device = next(model.parameters()).device
     layers = []
     for layer in info.layers:
-        q, _ = torch.linalg.qr(torch.randn(layer.dk, layer.dk, device="cuda"))
+        q, _ = torch.linalg.qr(torch.randn(layer.dk, layer.dk, device=device))
         rank = layer.dk // 4  # the largest rank of the SALS settings timed here
         layers.append(Layer(dk=layer.dk, rank=rank, eigenvalues=np.linspace(1.0, 0.0, layer.dk),
                             eigenvectors=q[:, :rank].cpu().numpy().astype(np.float32),
                             n_tokens=0))
-    return Calibration(layers, sals.hf.fingerprint(model, info), data="random orthonormal")
+    return Calibration(layers, _arch.fingerprint(model, info), data="random orthonormal")
 
 
 class _Clock:
@@ -215,7 +216,8 @@ def _setting(model, setting: str, calib, torch) -> dict:
 def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(B * 100003 + S)
-    ids = torch.randint(100, model.config.vocab_size - 100, (B, S), generator=gen).to(device)
+    vocab = model.config.vocab_size  # ids clear of the special tokens at either end
+    ids = torch.randint(vocab // 16, vocab - vocab // 16, (B, S), generator=gen).to(device)
     kw = _setting(model, setting, calib, torch)
     if setting == "dense-static-compiled":
         _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed

@@ -6,10 +6,14 @@ import sys
 
 import numpy as np
 
-from . import _C
+from . import _C, _args
 from . import _tensors as _t
 from .config import Config, Rope
-from .errors import InvalidArgumentError, UnsupportedError
+from .errors import InvalidArgumentError, SalsError, UnsupportedError
+
+# The library's names for arguments that the Python methods name otherwise.
+_APPEND_NAMES = {"pos": "positions"}
+_ATTEND_NAMES = {"q_pos": "positions"}
 
 _KDLCPU, _KDLCUDA = 1, 2
 
@@ -40,7 +44,11 @@ class LayerCache:
 
     On CUDA, work runs on the current torch stream of the inputs' device (or ``stream=`` where
     a method takes one). Use as a context manager or call ``close()``; any call after
-    ``close()`` raises ValueError.
+    ``close()`` raises InvalidArgumentError (a ValueError).
+
+    One cache is used by one thread at a time: a call (or ``close()``) while another thread is
+    inside a call of the same cache raises InvalidArgumentError instead of racing. Distinct
+    caches may be used from distinct threads.
     """
 
     def __init__(self, config: Config, rope: Rope, projection, device="cpu"):
@@ -72,10 +80,15 @@ class LayerCache:
         position < 0 marks padding (not stored). Raises CapacityError if ``B > max_batch`` or the
         chunk could pass ``max_tokens`` (nothing is changed then).
         """
+        self._check_open("append")
         kt = _t.tensor(k, "k")
         vt = _t.tensor(v, "v")
         pt = _t.index(positions, "positions", kt)
-        self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt))
+        stream = _stream(stream)
+        try:
+            self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt))
+        except SalsError as e:
+            raise _t.renamed(e, _APPEND_NAMES) from None
 
     def attend(self, q, positions, out=None, stream=None):
         """Attention of ``q`` over everything the cache holds (append the step's keys first).
@@ -85,17 +98,26 @@ class LayerCache:
         ``[B, T, n_head_q, head_dim]`` tensor of q's dtype in q's framework. T == 1 on a sparse
         layer is a SALS decode step; T > 1 or a dense layer attends every visible token.
         """
+        self._check_open("attend")
         qt = _t.tensor(q, "q")
         pt = _t.index(positions, "positions", qt)
+        stream = _stream(stream)
         if out is None:
             if len(qt.shape) != 4:
                 raise InvalidArgumentError(f"q: expected 4 dims [B, T, n_head_q, head_dim], "
                                            f"got {len(qt.shape)}")
             out = _t.empty(qt, qt.shape, qt.dtype)
-        self._c.attend(qt.obj, pt.obj, _t.tensor(out, "out").obj,
-                       stream if stream is not None else _t.stream(qt))
+        try:
+            self._c.attend(qt.obj, pt.obj, _t.output(out, "out").obj,
+                           stream if stream is not None else _t.stream(qt))
+        except SalsError as e:
+            raise _t.renamed(e, _ATTEND_NAMES) from None
         self._last_batch = int(qt.shape[0])
         return out
+
+    def _check_open(self, method: str) -> None:
+        if self._c.closed:
+            raise InvalidArgumentError(f"cache: is closed ({method}() after close())")
 
     def reserve(self, batch: int, tokens: int) -> None:
         """Reserve ``tokens`` more slots for each of sequences ``0..batch-1`` without appending:
@@ -121,6 +143,7 @@ class LayerCache:
 
     def lengths(self) -> np.ndarray:
         """Tokens held per sequence: numpy int32 ``[max_batch]``."""
+        self._check_open("lengths")
         buf = self._host_int32((self._config.max_batch,))
         self._c.lengths(buf, self._stream())
         return _t.to_numpy(buf)
@@ -133,6 +156,7 @@ class LayerCache:
         unused entries are -1 and order within a row is unspecified (compare as sets).
         ``count``: numpy int32 ``[B]``, 0 after a dense or multi-token attend.
         """
+        self._check_open("selected")
         cfg = self._config
         heads = cfg.n_head_kv if cfg.select_per_head else 1
         b = max(self._last_batch, 1)
@@ -172,3 +196,8 @@ class LayerCache:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"device={self._device}"
         return f"LayerCache({self._config}, {state})"
+
+
+def _stream(stream):
+    """An explicit stream: an int (a cudaStream_t) or None."""
+    return None if stream is None else _args.integer(stream, "stream", 0, 2**64 - 1)

@@ -12,16 +12,21 @@ File format (``Calibration.save``): an ``.npz`` archive read with ``allow_pickle
     ``_digest``);
   - ``eigenvalues_<i>``: float64 ``[Dk]``, descending;
   - ``eigenvectors_<i>``: float32 ``[Dk, rank]``.
-Loading checks all of it; anything wrong raises CalibrationError.
+Loading checks all of it; anything wrong raises CalibrationError. It reads the JSON header
+and every member's ``.npy`` header first, checks names, shapes and dtypes against the JSON
+header and the total size against the file's, and only then reads the arrays: a crafted file
+can neither make it allocate more than about its own size nor raise anything but
+CalibrationError.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,10 +200,21 @@ class Calibration:
         except TypeError as e:
             raise InvalidArgumentError(f"fingerprint: not JSON-serialisable ({e})") from None
         path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.frombuffer(blob, np.uint8), **arrays)
-        os.replace(tmp, path)
+        # A new file of our own next to path (O_EXCL, random name: a planted file or symlink
+        # cannot redirect the write), then renamed over path.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                                   prefix=os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would have given
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, header=np.frombuffer(blob, np.uint8), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path, fingerprint: dict | None = None) -> "Calibration":
@@ -206,65 +222,44 @@ class Calibration:
         must match the file's fingerprint. Raises CalibrationError on any problem (a missing
         file raises FileNotFoundError)."""
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        # np.load would take any other bytes for a .npy or a pickle and say so confusingly.
-        if not zipfile.is_zipfile(io.BytesIO(raw)):
-            raise CalibrationError(f"{path}: not a calibration file (not an .npz archive, or truncated)")
-        try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                files = {name: z[name] for name in z.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-            raise CalibrationError(f"{path}: not a readable calibration file ({e})") from None
-        if "header" not in files:
-            raise CalibrationError(f"{path}: no header (not a {FORMAT} file)")
-        try:
-            header = json.loads(files.pop("header").tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CalibrationError(f"{path}: corrupt header ({e})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            got = header.get("format") if isinstance(header, dict) else None
-            raise CalibrationError(f"{path}: format is {got!r}, expected {FORMAT!r}")
-        if header.get("version") != VERSION:
-            raise CalibrationError(
-                f"{path}: format version {header.get('version')!r} is not supported "
-                f"(this sals reads version {VERSION})")
-        try:
-            layer_meta = header["layers"]
-            digest = header["sha256"]
-            file_fp = header["fingerprint"]
-            dtype = header["dtype"]
-        except KeyError as e:
-            raise CalibrationError(f"{path}: header lacks {e}") from None
-        if dtype != "float32":
-            raise CalibrationError(f"{path}: eigenvector dtype {dtype!r}, expected 'float32'")
-        if _digest(files) != digest:
-            raise CalibrationError(f"{path}: SHA-256 mismatch: the arrays were modified")
         if fingerprint is not None:
-            # Compare as stored: JSON turns tuples into lists.
-            fingerprint = json.loads(json.dumps(fingerprint))
+            try:  # compare as stored: JSON turns tuples into lists
+                fingerprint = json.loads(json.dumps(fingerprint))
+            except (TypeError, ValueError) as e:
+                raise InvalidArgumentError(f"fingerprint: not JSON-serialisable ({e})") from None
+            if not isinstance(fingerprint, dict):
+                raise InvalidArgumentError("fingerprint: expected a dict")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # np.load would take any other bytes for a .npy or a pickle and say so confusingly.
+            if not zipfile.is_zipfile(f):
+                raise CalibrationError(
+                    f"{path}: not a calibration file (not an .npz archive, or truncated)")
+            f.seek(0)
+            try:
+                with zipfile.ZipFile(f) as z:
+                    header, files = _read_archive(z, size)
+            except CalibrationError as e:
+                raise CalibrationError(f"{path}: {e}") from None
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, OSError,
+                    EOFError, KeyError, TypeError, AttributeError, OverflowError, IndexError,
+                    NotImplementedError, RuntimeError) as e:
+                # RuntimeError covers encrypted members and RecursionError (deep JSON).
+                raise CalibrationError(
+                    f"{path}: not a readable calibration file ({type(e).__name__}: {e})") from None
+        if _digest(files) != header["sha256"]:
+            raise CalibrationError(f"{path}: SHA-256 mismatch: the arrays were modified")
+        file_fp = header["fingerprint"]
+        if fingerprint is not None:
             differ = sorted(k for k in fingerprint if fingerprint[k] != file_fp.get(k))
             if differ:
                 detail = ", ".join(f"{k}: file {file_fp.get(k)!r} != expected "
                                    f"{fingerprint.get(k)!r}" for k in differ)
                 raise CalibrationError(f"{path}: fingerprint mismatch ({detail})")
-        layers = []
-        for i, meta in enumerate(layer_meta):
-            try:
-                w = files[f"eigenvalues_{i}"]
-                u = files[f"eigenvectors_{i}"]
-                dk, r, n = int(meta["dk"]), int(meta["rank"]), int(meta["n_tokens"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CalibrationError(f"{path}: layer {i} is incomplete ({e})") from None
-            if w.shape != (dk,) or u.shape != (dk, r) or u.dtype != np.float32 \
-                    or w.dtype != np.float64:
-                raise CalibrationError(
-                    f"{path}: layer {i}: arrays {w.dtype}{list(w.shape)} / "
-                    f"{u.dtype}{list(u.shape)} do not match dk={dk}, rank={r}")
-            layers.append(Layer(dk, r, w, u, n))
-        if len(files) != 2 * len(layers) or not layers:
-            raise CalibrationError(f"{path}: {len(files)} arrays for {len(layers)} layers")
-        return cls(layers, file_fp, str(header.get("data", "")))
+        layers = [Layer(m["dk"], m["rank"], files[f"eigenvalues_{i}"],
+                        files[f"eigenvectors_{i}"], m["n_tokens"])
+                  for i, m in enumerate(header["layers"])]
+        return cls(layers, file_fp, header["data"])
 
     def __repr__(self) -> str:
         ranks = [lay.rank for lay in self.layers]
@@ -280,3 +275,124 @@ def _digest(arrays: dict) -> str:
         h.update(f"{name}:{a.dtype.str}:{list(a.shape)}\n".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _umask() -> int:
+    """The process's umask, without changing it (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _read_npy_header(f, name: str):
+    """(shape, dtype, fortran_order) from the .npy header at the start of stream f (numpy bounds
+    the header's length); the stream is left at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise CalibrationError(f"{name}: .npy format version {version} not supported")
+    if any(not isinstance(n, int) or n < 0 for n in shape) or dtype.hasobject:
+        raise CalibrationError(f"{name}: a {dtype} array of shape {shape}")
+    return tuple(shape), dtype, fortran
+
+
+def _npy_header(z: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """(shape, dtype, fortran_order) of a member's .npy header, without reading its data."""
+    with z.open(info) as f:
+        return _read_npy_header(f, info.filename)
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, shape, dtype, fortran) -> np.ndarray:
+    """The array of a member whose header was checked: exactly its bytes, nothing after."""
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    with z.open(info) as f:
+        _read_npy_header(f, info.filename)
+        data = f.read(nbytes)
+        if len(data) != nbytes or f.read(1):
+            raise CalibrationError(f"{info.filename}: holds {len(data)} bytes of data, its header "
+                                   f"says {nbytes}")
+    arr = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(arr, dtype=dtype.newbyteorder("="))
+
+
+def _count(value, what: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise CalibrationError(f"{what}: {value!r} is not an int >= {lo}")
+    return value
+
+
+def _read_archive(z: zipfile.ZipFile, size: int):
+    """(checked header dict, {name: array}) of an open archive of `size` bytes."""
+    infos = z.infolist()
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise CalibrationError("an array appears twice in the archive")
+    members = {n[:-4]: i for n, i in zip(names, infos) if n.endswith(".npy")}
+    if len(members) != len(infos):
+        raise CalibrationError(f"members that are not .npy arrays: "
+                               f"{sorted(n for n in names if not n.endswith('.npy'))}")
+    if "header" not in members:
+        raise CalibrationError(f"no header (not a {FORMAT} file)")
+    # Every member's .npy header first; the archive's arrays may not outgrow the file.
+    heads = {name: _npy_header(z, info) for name, info in members.items()}
+    total = sum(int(np.prod(s, dtype=object)) * d.itemsize for s, d, _ in heads.values())
+    if total > size:
+        raise CalibrationError(f"its arrays claim {total} bytes, more than the file's {size}")
+    shape, dtype, _ = heads["header"]
+    if dtype != np.uint8 or len(shape) != 1:
+        raise CalibrationError(f"corrupt header (a {dtype} array of shape {list(shape)})")
+    raw = _read_member(z, members["header"], *heads["header"])
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CalibrationError(f"corrupt header ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        got = header.get("format") if isinstance(header, dict) else None
+        raise CalibrationError(f"format is {got!r}, expected {FORMAT!r}")
+    if header.get("version") != VERSION or isinstance(header.get("version"), bool):
+        raise CalibrationError(f"format version {header.get('version')!r} is not supported "
+                               f"(this sals reads version {VERSION})")
+    for key in ("layers", "sha256", "fingerprint", "dtype"):
+        if key not in header:
+            raise CalibrationError(f"header lacks {key!r}")
+    if header["dtype"] != "float32":
+        raise CalibrationError(f"eigenvector dtype {header['dtype']!r}, expected 'float32'")
+    for key, kind in (("sha256", str), ("fingerprint", dict), ("layers", list)):
+        if not isinstance(header[key], kind):
+            raise CalibrationError(f"header {key!r} is not a {kind.__name__}")
+    header["data"] = str(header.get("data", ""))
+    layers = header["layers"]
+    if not layers or len(members) != 2 * len(layers) + 1:
+        raise CalibrationError(f"{len(members) - 1} arrays for {len(layers)} layers")
+    checked = []
+    for i, meta in enumerate(layers):
+        if not isinstance(meta, dict) or not {"dk", "rank", "n_tokens"} <= set(meta):
+            raise CalibrationError(f"layer {i} is incomplete ({meta!r})")
+        dk = _count(meta["dk"], f"layer {i}: dk", 1)
+        r = _count(meta["rank"], f"layer {i}: rank", 1)
+        n = _count(meta["n_tokens"], f"layer {i}: n_tokens")
+        if r > dk:
+            raise CalibrationError(f"layer {i}: rank {r} > dk {dk}")
+        want = {f"eigenvalues_{i}": ((dk,), np.float64), f"eigenvectors_{i}": ((dk, r), np.float32)}
+        for name, (wshape, wdtype) in want.items():
+            if name not in heads:
+                raise CalibrationError(f"layer {i} is incomplete (no {name})")
+            shape, dtype, _ = heads[name]
+            if tuple(shape) != wshape or dtype.kind != "f" or dtype.itemsize != np.dtype(
+                    wdtype).itemsize:
+                raise CalibrationError(
+                    f"layer {i}: {name} is {dtype}{list(shape)}, expected "
+                    f"{np.dtype(wdtype)}{list(wshape)} (dk={dk}, rank={r})")
+        checked.append({"dk": dk, "rank": r, "n_tokens": n})
+    header["layers"] = checked
+    files = {name: _read_member(z, members[name], *heads[name])
+             for name in members if name != "header"}
+    return header, files

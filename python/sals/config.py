@@ -7,12 +7,16 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
 from .errors import InvalidArgumentError
 
 #: storage dtype names and their ``sals_dtype_t`` values
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 _PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
+_INT_FIELDS = ("n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "n_sink",
+               "n_recent", "budget_tokens", "max_batch", "max_tokens", "n_threads")
+_BOOL_FIELDS = ("select_per_head", "dense", "check_finite")
 
 
 @dataclasses.dataclass
@@ -27,7 +31,15 @@ class Config:
     ``budget_tokens`` > 0 fixes the number of selected candidates, otherwise
     ``ceil(budget_frac * S)``. ``dtype`` is the storage type of latent keys, exact windows and
     16-bit values: "float16", "bfloat16" or "float32". ``scale`` None means ``1/sqrt(head_dim)``.
-    ``n_threads`` 0 uses one CPU thread per online core.
+    ``n_threads`` 0 uses one CPU thread per online core. ``check_finite`` (default True) refuses
+    NaN/inf inputs with NotFiniteError and, on the CPU, appended values the storage cannot hold
+    (beyond float16's 65504 for ``dtype="float16"``, or for the float16 scale and zero of
+    quantised values).
+
+    Fields are checked for their kind at construction and again when a cache is made (values
+    and ranges are checked by the C library): int fields take ``int`` or numpy integers (not
+    ``bool``), bool fields ``bool`` or ``numpy.bool_`` (not 0/1 or strings), ``budget_frac``
+    and ``scale`` real numbers; anything else raises InvalidArgumentError naming the field.
     """
 
     n_head_q: int
@@ -50,19 +62,39 @@ class Config:
     check_finite: bool = True
     n_threads: int = 0
 
+    def __post_init__(self):
+        self._checked()
+
+    def _checked(self) -> dict:
+        """Every field checked for its kind, as plain Python values."""
+        f = {}
+        for name in _INT_FIELDS:
+            f[name] = _args.integer(getattr(self, name), name)
+        for name in ("rank", "score_rank"):
+            f[name] = _args.optional_integer(getattr(self, name), name)
+        for name in _BOOL_FIELDS:
+            f[name] = _args.boolean(getattr(self, name), name)
+        f["budget_frac"] = _args.real(self.budget_frac, "budget_frac")
+        f["scale"] = _args.optional_real(self.scale, "scale")
+        f["dtype"] = _args.choice(self.dtype, "dtype", DTYPES)
+        return f
+
     @property
     def dk(self) -> int:
         """``n_head_kv * head_dim``: the width of all KV heads' keys concatenated."""
-        return int(self.n_head_kv) * int(self.head_dim)
+        return (_args.integer(self.n_head_kv, "n_head_kv")
+                * _args.integer(self.head_dim, "head_dim"))
 
     def resolved_rank(self) -> int:
         """``rank``, or ``Dk`` when it is None."""
-        return self.dk if self.rank is None else int(self.rank)
+        rank = _args.optional_integer(self.rank, "rank")
+        return self.dk if rank is None else rank
 
     def resolved_score_rank(self) -> int:
         """``score_rank``, or its default: ``rank // 2`` (``rank`` at full rank), at least 1."""
-        if self.score_rank is not None:
-            return int(self.score_rank)
+        score_rank = _args.optional_integer(self.score_rank, "score_rank")
+        if score_rank is not None:
+            return score_rank
         rank = self.resolved_rank()
         return rank if rank == self.dk else max(1, rank // 2)
 
@@ -78,7 +110,9 @@ class Config:
 
         ``overrides`` set any other field (``max_tokens``, ``dtype``, ...).
         """
-        dk = int(n_head_kv) * int(head_dim)
+        dk = _args.integer(n_head_kv, "n_head_kv") * _args.integer(head_dim, "head_dim")
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name: expected a preset name (str), got {name!r}")
         if name == "sals-25":
             fields = dict(rank=max(1, dk // 4), value_bits=4)
         elif name == "sals-12.5":
@@ -96,32 +130,14 @@ class Config:
     def _to_c(self, device_type: int, device_id: int) -> dict:
         """The dict sals._C.Cache reads (``sals_config_t`` fields); the C library validates
         values, this only resolves defaults and names."""
-        if self.dtype not in DTYPES:
-            raise InvalidArgumentError(
-                f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
-        return {
-            "n_head_q": int(self.n_head_q),
-            "n_head_kv": int(self.n_head_kv),
-            "head_dim": int(self.head_dim),
-            "rank": self.resolved_rank(),
-            "score_rank": self.resolved_score_rank(),
-            "value_bits": int(self.value_bits),
-            "value_group": int(self.value_group),
-            "n_sink": int(self.n_sink),
-            "n_recent": int(self.n_recent),
-            "budget_frac": float(self.budget_frac),
-            "budget_tokens": int(self.budget_tokens),
-            "select_per_head": int(bool(self.select_per_head)),
-            "dense": int(bool(self.dense)),
-            "max_batch": int(self.max_batch),
-            "max_tokens": int(self.max_tokens),
-            "dtype": DTYPES[self.dtype],
-            "scale": 0.0 if self.scale is None else float(self.scale),
-            "check_finite": int(bool(self.check_finite)),
-            "n_threads": int(self.n_threads),
-            "device_type": device_type,
-            "device_id": device_id,
-        }
+        f = self._checked()
+        c = {name: f[name] for name in _INT_FIELDS}
+        c.update({name: int(f[name]) for name in _BOOL_FIELDS})
+        c.update(rank=self.resolved_rank(), score_rank=self.resolved_score_rank(),
+                 budget_frac=f["budget_frac"], dtype=DTYPES[f["dtype"]],
+                 scale=0.0 if f["scale"] is None else f["scale"], device_type=device_type,
+                 device_id=device_id)
+        return c
 
 
 class Rope:
@@ -132,24 +148,22 @@ class Rope:
     ``attention_scaling`` multiplies cos and sin. ``interleaved`` False pairs channels
     ``(i, i + rotary_dim/2)`` (rotate-half: Llama, Mistral, Qwen, Gemma), True pairs
     ``(2i, 2i+1)``. ``rotary_dim`` None means ``2 * len(inv_freq)``; channels past it are not
-    rotated.
+    rotated. ``inv_freq`` must be 1-D and real (integer or float), ``interleaved`` a bool,
+    ``attention_scaling`` a real number: anything else raises InvalidArgumentError.
     """
 
     def __init__(self, inv_freq, attention_scaling: float = 1.0, interleaved: bool = False,
                  rotary_dim: int | None = None):
-        if hasattr(inv_freq, "detach"):  # torch: leave autograd and the device
-            inv_freq = inv_freq.detach().float().cpu().numpy()
-        freq = np.ascontiguousarray(np.asarray(inv_freq, dtype=np.float32).reshape(-1))
-        if not np.all(np.isfinite(freq)):
-            raise InvalidArgumentError("inv_freq: holds NaN or infinity")
+        freq = _inv_freq(inv_freq)
         self.inv_freq = freq
-        self.rotary_dim = 2 * freq.size if rotary_dim is None else int(rotary_dim)
+        rotary_dim = _args.optional_integer(rotary_dim, "rotary_dim")
+        self.rotary_dim = 2 * freq.size if rotary_dim is None else rotary_dim
         if self.rotary_dim != 2 * freq.size:
             raise InvalidArgumentError(
                 f"rotary_dim: {self.rotary_dim} needs {self.rotary_dim // 2} inv_freq entries, "
                 f"got {freq.size}")
-        self.attention_scaling = float(attention_scaling)
-        self.interleaved = bool(interleaved)
+        self.attention_scaling = _args.real(attention_scaling, "attention_scaling")
+        self.interleaved = _args.boolean(interleaved, "interleaved")
 
     @classmethod
     def none(cls) -> "Rope":
@@ -163,9 +177,36 @@ class Rope:
         return cls((1.0 / theta ** (i / head_dim)).astype(np.float32), **kwargs)
 
     def _to_c(self) -> tuple:
-        return (self.inv_freq.tobytes(), self.rotary_dim, self.attention_scaling,
-                int(self.interleaved))
+        freq = _inv_freq(self.inv_freq)
+        rotary_dim = _args.integer(self.rotary_dim, "rotary_dim")
+        return (freq.tobytes(), rotary_dim, _args.real(self.attention_scaling, "attention_scaling"),
+                int(_args.boolean(self.interleaved, "interleaved")))
 
     def __repr__(self) -> str:
         return (f"Rope(rotary_dim={self.rotary_dim}, attention_scaling={self.attention_scaling}, "
                 f"interleaved={self.interleaved})")
+
+
+def _inv_freq(inv_freq) -> np.ndarray:
+    """inv_freq as a contiguous float32 numpy vector: 1-D, real, finite."""
+    if hasattr(inv_freq, "detach"):  # torch: leave autograd and the device
+        if inv_freq.is_complex():
+            raise InvalidArgumentError(f"inv_freq: expected real values, got {inv_freq.dtype}")
+        inv_freq = inv_freq.detach().cpu()
+        if inv_freq.dtype.is_floating_point:
+            inv_freq = inv_freq.float()
+        inv_freq = inv_freq.numpy()
+    try:
+        arr = np.asarray(inv_freq)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"inv_freq: not an array of numbers ({e})") from None
+    if arr.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"inv_freq: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"inv_freq: expected 1 dim [rotary_dim / 2], got shape "
+                                   f"{list(arr.shape)}")
+    with np.errstate(over="ignore"):
+        freq = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(freq)):
+        raise InvalidArgumentError("inv_freq: holds NaN or infinity (or values beyond float32)")
+    return freq

@@ -180,9 +180,21 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   sals_rope_t rope = make_rope(d, inv);
   int64_t ps[2] = {dk, rank};
   pair_t proj = mk(2, ps, f32);
+  float* U = (float*)proj.h.data;
   for (int64_t i = 0; i < dk; ++i)
-    for (int64_t j = 0; j < rank; ++j)
-      ((float*)proj.h.data)[i * rank + j] = rank == dk ? (i == j ? 1.f : 0.f) : frand() / sqrtf((float)dk);
+    for (int64_t j = 0; j < rank; ++j) U[i * rank + j] = rank == dk ? (i == j ? 1.f : 0.f) : frand();
+  /* Orthonormal columns (cache creation checks them): Gram-Schmidt, twice, in double. */
+  for (int64_t j = 0; rank < dk && j < rank; ++j) {
+    for (int pass = 0; pass < 2; ++pass)
+      for (int64_t p = 0; p < j; ++p) {
+        double dot = 0.0;
+        for (int64_t i = 0; i < dk; ++i) dot += (double)U[i * rank + p] * U[i * rank + j];
+        for (int64_t i = 0; i < dk; ++i) U[i * rank + j] -= (float)(dot * U[i * rank + p]);
+      }
+    double n = 0.0;
+    for (int64_t i = 0; i < dk; ++i) n += (double)U[i * rank + j] * U[i * rank + j];
+    for (int64_t i = 0; i < dk; ++i) U[i * rank + j] = (float)(U[i * rank + j] / sqrt(n));
+  }
   up(&proj);
   sals_cache_t *cc = NULL, *gc = NULL;
   OK(sals_cache_create(&cfg, &rope, &proj.h, &cc));

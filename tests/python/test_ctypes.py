@@ -187,3 +187,15 @@ def test_cache_decode_matches_dense(lib):
         assert lib.sals_last_error() == b"q: expected 4 dims, got 3"
     finally:
         lib.sals_cache_destroy(cache)
+
+
+def test_misaligned_byte_offset_is_refused(lib):
+    lib.sals_project.argtypes = [ctypes.POINTER(DLTensor)] * 3 + [ctypes.c_void_p]
+    x = View(np.zeros((4, 8), np.float32))
+    proj = View(np.eye(8, 3, dtype=np.float32))
+    out = View(np.zeros((4, 3), np.float32))
+    x.t.byte_offset = 2  # half a float32 in
+    assert lib.sals_project(x.ref, proj.ref, out.ref, None) == 1
+    assert lib.sals_last_error().startswith(b"x: data + byte_offset (byte_offset 2) is not aligned")
+    x.t.byte_offset = 0
+    assert lib.sals_project(x.ref, proj.ref, out.ref, None) == 0

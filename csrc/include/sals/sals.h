@@ -18,9 +18,14 @@
  *   - Every fallible function returns a sals_status_t. On failure sals_last_error() gives a
  *     message naming the argument ("k: expected 4 dims, got 3"); nothing is modified.
  *   - Tensors are DLTensor views (strides count elements, NULL strides = compact). The last
- *     dimension must be contiguous (stride 1); other dimensions may have any stride.
+ *     dimension must be contiguous (stride 1); other dimensions may have any stride, with a
+ *     span below 2^48 elements. data + byte_offset must be aligned to the element size. A
+ *     tensor without elements (an extent 0) is accepted whatever its strides and data.
  *     Accepted float dtypes: float32, float16, bfloat16 (arithmetic accumulates in float32).
  *     Index tensors are int32.
+ *   - Outputs: every element must have its own memory (no zero strides or overlapping rows on
+ *     dimensions of extent > 1), and an output may not overlap an input unless a function
+ *     says so. Results are rounded to the output's dtype like a cast (beyond its range: inf).
  *   - A function borrows its tensors for the duration of the call and keeps no pointer to them.
  *   - Device: a cache lives on the device named in its config; every tensor passed to it must
  *     be on that device. Stateless functions run where their tensors are (all on one device).
@@ -29,8 +34,12 @@
  *     allocation happens inside sals_cache_append / sals_cache_attend unless a comment says so.
  *   - Positions are int32 token positions as the model's RoPE sees them. A position < 0 marks
  *     a padding slot (left or right padding): it is not stored and its output row is zero.
- *   - Thread safety: distinct handles may be used from distinct threads; one handle must not be
- *     used by two threads at once.
+ *   - Thread safety: the stateless functions are thread-safe, and distinct caches may be used
+ *     from distinct threads. One cache is used by one thread at a time: a cache call that
+ *     arrives while another call is inside the same cache fails with
+ *     SALS_ERR_INVALID_ARGUMENT ("cache: ... while another call is using the cache") and
+ *     changes nothing, instead of racing. sals_cache_destroy cannot fail, so it must not run
+ *     while another call uses the cache.
  */
 #ifndef SALS_SALS_H_
 #define SALS_SALS_H_
@@ -83,7 +92,8 @@ typedef enum sals_status {
   SALS_ERR_UNSUPPORTED = 2,      /**< valid, but not implemented for this device/dtype/size */
   SALS_ERR_OUT_OF_MEMORY = 3,    /**< host or device allocation failed */
   SALS_ERR_CAPACITY = 4,         /**< max_batch or max_tokens of the cache would be exceeded */
-  SALS_ERR_NOT_FINITE = 5,       /**< an input holds NaN or infinity */
+  SALS_ERR_NOT_FINITE = 5,       /**< an input holds NaN or infinity, or a value that would
+                                      become infinity where the cache stores it */
   SALS_ERR_DEVICE = 6,           /**< a CUDA runtime error */
 } sals_status_t;
 
@@ -135,8 +145,12 @@ typedef struct sals_config {
   float scale;             /**< softmax scale; 0 = 1/sqrt(head_dim) */
   /**
    * 1: report NaN/inf inputs with SALS_ERR_NOT_FINITE, naming the argument. On the CPU the
-   * call is refused before anything changes. On CUDA the check is a kernel on the call's
-   * stream that raises a flag in mapped host memory, with no host synchronisation (graph
+   * call is refused before anything changes, and this includes appended values the storage
+   * cannot hold: a k or v element, or a latent coordinate of U^T k, beyond the largest finite
+   * value of `dtype` (65504 for float16), or a group whose float16 scale or zero would be
+   * infinite (value_bits < 16: |v| must stay within float16's range); with 0, or on CUDA, such
+   * values are stored as infinity. On CUDA the NaN/inf check is a kernel on the call's stream
+   * that raises a flag in mapped host memory, with no host synchronisation (graph
    * capturable): the error is returned by the first later append or attend of the cache
    * (which read the flag without waiting) or by sals_cache_check; the cache then holds the
    * offending token (reset it). Default 1.
@@ -175,7 +189,12 @@ typedef struct sals_cache sals_cache_t;
 /**
  * Create a cache and allocate all of its memory (cache, workspace) on config->device.
  * projection: [Dk, rank] float (U_r, orthonormal columns; an identity gives full rank), on any
- *   device; copied (as float32) into the cache, so the caller may free it afterwards.
+ *   device; copied (as float32) into the cache, so the caller may free it afterwards. Columns
+ *   that are not orthonormal fail with SALS_ERR_INVALID_ARGUMENT: every squared column norm
+ *   must be within tol of 1, and (U^T U - I) x within tol * sqrt(rank) for 4 fixed random
+ *   +-1 vectors x (a check costing 8 Dk rank, where the whole Gram matrix would cost
+ *   Dk rank^2); tol = 1e-3 for float32, 2^-9 for float16 and 2^-6 for bfloat16 projections
+ *   (4 units of their roundoff, which rounding an orthonormal matrix stays within).
  * rope: copied. Creation synchronises the device (it is not on the hot path).
  * On success *out owns the cache: release it with sals_cache_destroy.
  */
@@ -207,7 +226,7 @@ SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k,
  * Attention of new queries over everything the cache holds (append the step's own key first).
  * q:     [B, T, n_head_q, head_dim] pre-RoPE queries (after any q_norm), rotated here at q_pos.
  * q_pos: [B, T] int32; a query row with q_pos < 0 is padding and its output row is 0.
- * out:   [B, T, n_head_q, head_dim], any float dtype; may not alias q.
+ * out:   [B, T, n_head_q, head_dim], any float dtype; may not overlap q or q_pos.
  * A key is visible to a query when its position is <= the query's position (causal).
  * With T == 1 and config.dense == 0 the step is sparse: sinks, recent window and the selected
  * candidates. Otherwise (T > 1 or dense) every visible token is attended, with rebuilt keys and
@@ -321,7 +340,10 @@ SALS_API sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* 
  * lengths: [B] int32 or NULL (= S); out: [B, Hq, d]. scale: softmax scale (0 = 1/sqrt(d)).
  * Any other index outside [0, length_b) is an error (SALS_ERR_INVALID_ARGUMENT); on CUDA the
  * check waits for the stream, except while the stream is being captured into a graph, where
- * such indices are skipped. A sequence with no token to attend gets a zero output row.
+ * such indices are skipped. A token may appear at most once in a row idx[b, h, :] (-1 any
+ * number of times): on the CPU a repeat is an error (SALS_ERR_INVALID_ARGUMENT); on CUDA it
+ * is not checked and the token is attended twice, so the caller must not pass one
+ * (sals_score_select never does). A sequence with no token to attend gets a zero output row.
  */
 SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k,
                                              const DLTensor* v, const DLTensor* idx,
@@ -336,6 +358,8 @@ SALS_API sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* 
  * within each byte (first channel in the low bits).
  * v: [N, D] float, bits in {2, 4, 8}, group divides D and group * bits / 8 is whole,
  * packed: [N, D * bits / 8] uint8, scale, zero: [N, D / group] float16.
+ * On the CPU a group whose scale or zero would be infinite in float16 (a minimum beyond
+ * float16's range, or (max - zero) / (2^bits - 1) beyond 65504) fails with SALS_ERR_NOT_FINITE.
  */
 SALS_API sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
                                             DLTensor* packed, DLTensor* scale, DLTensor* zero,
