@@ -189,6 +189,15 @@ class SalsCache(Cache):
         out["total"] = out.get("total", 0) + window
         return out
 
+    def check(self) -> None:
+        """Raise NotFiniteError if a deferred finite check (CUDA) of any layer found NaN or
+        infinity in an earlier step's input; waits for the current stream. A no-op on the CPU,
+        whose checks raise at once."""
+        for layer in self.layers:
+            if isinstance(layer, SalsLayer):
+                with _device_guard(layer.device):
+                    layer.layer_cache.check(wait=True)
+
     def close(self) -> None:
         """Free every layer's memory now; the cache cannot be used afterwards."""
         self.decode_graphs.clear()  # their kernels point into the memory freed below
