@@ -162,21 +162,28 @@ SALS_HOT void sals_attn_block(int64_t R, int64_t d, int64_t nk, const float* q, 
 
 /* ---- value quantisation -------------------------------------------------------------------- */
 
+/* One group's float16 zero and scale: zero rounded down and scale rounded up, so that
+ * [zero, zero + levels*scale] covers [min, max] and every element is within scale/2 of its
+ * code. */
+static void group_params(const float* x, int32_t group, int32_t levels, uint16_t* zh,
+                         uint16_t* sh) {
+  float lo = x[0], hi = x[0];
+  for (int32_t c = 1; c < group; ++c) {
+    lo = x[c] < lo ? x[c] : lo;
+    hi = x[c] > hi ? x[c] : hi;
+  }
+  *zh = sals_f32_to_f16_directed(lo, -1);
+  *sh = sals_f32_to_f16_directed((hi - sals_f16_to_f32(*zh)) / (float)levels, +1);
+}
+
 void sals_quantize_row(const float* x, int64_t D, int32_t bits, int32_t group, uint8_t* packed,
                        uint16_t* scale, uint16_t* zero) {
   const int32_t levels = (1 << bits) - 1;
   memset(packed, 0, (size_t)(D * bits / 8));
   for (int64_t g0 = 0; g0 < D; g0 += group) {
-    float lo = x[g0], hi = x[g0];
-    for (int32_t c = 1; c < group; ++c) {
-      lo = x[g0 + c] < lo ? x[g0 + c] : lo;
-      hi = x[g0 + c] > hi ? x[g0 + c] : hi;
-    }
-    /* zero rounded down and scale rounded up to float16, so that [zero, zero + levels*scale]
-     * covers [min, max] and every element is within scale/2 of its code. */
-    const uint16_t zh = sals_f32_to_f16_directed(lo, -1);
+    uint16_t zh, sh;
+    group_params(x + g0, group, levels, &zh, &sh);
     const float z = sals_f16_to_f32(zh);
-    const uint16_t sh = sals_f32_to_f16_directed((hi - z) / (float)levels, +1);
     const float sc = sals_f16_to_f32(sh);
     const float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
     scale[g0 / group] = sh;
@@ -194,15 +201,8 @@ void sals_quantize_row(const float* x, int64_t D, int32_t bits, int32_t group, u
 int64_t sals_quantize_row_check(const float* x, int64_t D, int32_t bits, int32_t group) {
   const int32_t levels = (1 << bits) - 1;
   for (int64_t g0 = 0; g0 < D; g0 += group) {
-    float lo = x[g0], hi = x[g0];
-    for (int32_t c = 1; c < group; ++c) {
-      lo = x[g0 + c] < lo ? x[g0 + c] : lo;
-      hi = x[g0 + c] > hi ? x[g0 + c] : hi;
-    }
-    /* The same zero and scale as sals_quantize_row. */
-    const uint16_t zh = sals_f32_to_f16_directed(lo, -1);
-    const float z = sals_f16_to_f32(zh);
-    const uint16_t sh = sals_f32_to_f16_directed((hi - z) / (float)levels, +1);
+    uint16_t zh, sh;
+    group_params(x + g0, group, levels, &zh, &sh);
     if ((zh & 0x7c00u) == 0x7c00u || (sh & 0x7c00u) == 0x7c00u) return g0 / group;
   }
   return -1;

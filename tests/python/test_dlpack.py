@@ -8,23 +8,12 @@ import numpy as np
 import pytest
 
 import sals
+from lying import (DLDataType, DLDevice, DLManagedTensorVersioned, DLPackVersion, DLTensor,
+                   _capsule_new)
 from sals import _C
 
 # ---- a minimal DLPack producer built from the specification with ctypes -------------------
-
-
-class DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+# (the DLPack structs are lying.py's; the legacy DLManagedTensor is only needed here)
 
 
 class DLManagedTensor(ctypes.Structure):
@@ -32,19 +21,6 @@ class DLManagedTensor(ctypes.Structure):
                 ("deleter", ctypes.c_void_p)]
 
 
-class DLPackVersion(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
-
-
-class DLManagedTensorVersioned(ctypes.Structure):
-    _fields_ = [("version", DLPackVersion), ("manager_ctx", ctypes.c_void_p),
-                ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64),
-                ("dl_tensor", DLTensor)]
-
-
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _NAMES = {True: b"dltensor_versioned", False: b"dltensor"}
 _CODES = {np.dtype(np.float32): (2, 32), np.dtype(np.float16): (2, 16),
           np.dtype(np.int32): (0, 32), np.dtype(np.uint8): (1, 8)}
