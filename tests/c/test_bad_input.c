@@ -13,24 +13,6 @@
 
 static float g_inv_freq[4] = {1.0f, 0.1f, 0.01f, 0.001f};
 
-/* Dk = 16 (2 KV heads of 8), 4 query heads, full rank unless changed. */
-static sals_config_t config16(sals_dtype_t dtype, int32_t value_bits) {
-  sals_config_t c = sals_config_default();
-  c.n_head_q = 4;
-  c.n_head_kv = 2;
-  c.head_dim = 8;
-  c.rank = 16;
-  c.score_rank = 8;
-  c.value_bits = value_bits;
-  c.value_group = 8;
-  c.n_sink = 1;
-  c.n_recent = 2;
-  c.max_batch = 2;
-  c.max_tokens = 8;
-  c.dtype = dtype;
-  return c;
-}
-
 /* U [16, 16] = the Sylvester Hadamard matrix / 4: orthonormal, every entry +-1/4. */
 static void hadamard16(float* U) {
   for (int i = 0; i < 16; ++i)

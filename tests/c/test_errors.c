@@ -3,22 +3,7 @@
 
 #define INV SALS_ERR_INVALID_ARGUMENT
 
-static sals_config_t good_config(void) {
-  sals_config_t c = sals_config_default();
-  c.n_head_q = 4;
-  c.n_head_kv = 2;
-  c.head_dim = 8;
-  c.rank = 16;
-  c.score_rank = 8;
-  c.value_bits = 4;
-  c.value_group = 8;
-  c.n_sink = 1;
-  c.n_recent = 2;
-  c.max_batch = 2;
-  c.max_tokens = 8;
-  c.dtype = SALS_DTYPE_FLOAT32;
-  return c;
-}
+static sals_config_t good_config(void) { return config16(SALS_DTYPE_FLOAT32, 4); }
 
 static float g_inv_freq[4] = {1.0f, 0.1f, 0.01f, 0.001f};
 static float g_eye[16 * 16];

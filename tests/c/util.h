@@ -168,4 +168,22 @@ static void make_inv_freq(float* inv_freq, int rot, double base) {
   for (int i = 0; i < rot / 2; ++i) inv_freq[i] = (float)pow(base, -2.0 * i / rot);
 }
 
+/* Dk = 16 (2 KV heads of 8), 4 query heads, full rank unless changed. */
+static inline sals_config_t config16(sals_dtype_t dtype, int32_t value_bits) {
+  sals_config_t c = sals_config_default();
+  c.n_head_q = 4;
+  c.n_head_kv = 2;
+  c.head_dim = 8;
+  c.rank = 16;
+  c.score_rank = 8;
+  c.value_bits = value_bits;
+  c.value_group = 8;
+  c.n_sink = 1;
+  c.n_recent = 2;
+  c.max_batch = 2;
+  c.max_tokens = 8;
+  c.dtype = dtype;
+  return c;
+}
+
 #endif /* SALS_TEST_UTIL_H_ */
