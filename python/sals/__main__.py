@@ -9,6 +9,7 @@ _COMMANDS = {
     "demo": ("sals.demo", "generate with a real model, dense vs SALS, and report memory"),
     "calibrate": ("sals.hf.calibrate_cli", "calibrate a HuggingFace model's projections"),
     "bench": ("sals.bench", "time the attention operator (e.g. `bench attention`)"),
+    "eval": ("sals.eval.cli", "accuracy of SALS settings vs dense and baselines (RULER-style)"),
 }
 
 
