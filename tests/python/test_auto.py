@@ -4,7 +4,6 @@ targets. numpy only (the rule needs no model)."""
 
 import numpy as np
 import pytest
-
 import sals
 from sals.hf import auto
 

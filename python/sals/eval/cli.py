@@ -101,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_contexts(contexts: list[int], window: int, extra: int) -> None:
+    """ValueError naming a context that, with ``extra`` generated tokens, passes the model's
+    window (0: unknown), or that is too short for a haystack."""
+    for c in contexts:
+        if window and c + extra > window:
+            raise ValueError(f"--contexts: {c} tokens (plus {extra} generated) is longer than "
+                             f"the model's window of {window} tokens")
+        if c < 256:
+            raise ValueError(f"--contexts: {c} is too short for a haystack (>= 256 tokens)")
+
+
 def load_model(name: str, gguf_file=None, device=None, dtype=None):
     """(model, tokenizer, label) for 'smollm2', 'gemma3' or a local path; FileNotFoundError
     naming what is missing."""
@@ -188,12 +199,8 @@ def _run(args, argv) -> int:
     contexts = args.contexts or [c for c in (1024, 2048, 4096, 8192, 16384, 32768, 65536,
                                              131072) if c <= window]
     ppl_contexts = args.ppl_contexts or contexts
-    for c in contexts + ppl_contexts:
-        if window and c + max(tasks_mod.ANSWER_TOKENS.values()) + args.ppl_tokens > window:
-            raise ValueError(f"--contexts: {c} tokens (plus generated tokens) is longer than "
-                             f"the model's window of {window} tokens")
-        if c < 256:
-            raise ValueError(f"--contexts: {c} is too short for a haystack (>= 256 tokens)")
+    check_contexts(contexts + ppl_contexts, window,
+                   extra=max(max(tasks_mod.ANSWER_TOKENS.values()), args.ppl_tokens))
 
     source = args.calibration_source
     if source is None:
@@ -202,7 +209,7 @@ def _run(args, argv) -> int:
     calibrations, calib_text = {}, []
     for key in {default_calib} | {s.calib for s in settings if s.calib}:
         t0 = time.perf_counter()
-        calib, path, computed = calibrate.cached_calibration(
+        calib, _path, computed = calibrate.cached_calibration(
             model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
             progress=not args.quiet)
         calibrations[key] = calib
@@ -225,7 +232,7 @@ def _run(args, argv) -> int:
             "window": window, "contexts": contexts, "prompts_per_cell": args.prompts,
             "calibration": "; ".join(calib_text), "default_calibration": list(default_calib),
             "heldout": heldout_what, "ppl_tokens": args.ppl_tokens,
-            "prose": taskset._filler("prose").kind if "prose" in args.fillers else None,
+            "prose": None,
         },
         "settings": [{"name": s.name, "kind": s.kind, "ref": s.ref,
                       "layers": runner.describe.get(s.name)} for s in settings],

@@ -5,6 +5,13 @@ from __future__ import annotations
 from .runner import mean
 
 
+def _by(results: dict, name: str, key: str) -> dict:
+    """Mean score of setting ``name`` per value of the prompts' ``key``."""
+    return {k: mean(p["results"][name]["score"] for p in results["prompts"]
+                    if p[key] == k and name in p["results"])
+            for k in sorted({p[key] for p in results["prompts"]}, key=str)}
+
+
 def summarise(results: dict) -> dict:
     """Per setting: RULER average and per task / filler / context scores, KV-memory fractions,
     dense agreement, perplexity, per-layer means."""
@@ -12,10 +19,6 @@ def summarise(results: dict) -> dict:
     out = {}
     for name in names:
         rows = [p["results"][name] for p in results["prompts"] if name in p["results"]]
-        by = lambda key: {  # noqa: E731
-            k: mean(p["results"][name]["score"] for p in results["prompts"]
-                    if p[key] == k and name in p["results"])
-            for k in sorted({p[key] for p in results["prompts"]}, key=str)}
         ppl = [p["results"][name] for p in results["perplexity"] if name in p["results"]]
         nll = [x for r in ppl for x in r["nll"]]
         layers = {}
@@ -25,9 +28,9 @@ def summarise(results: dict) -> dict:
                     layers.setdefault(int(idx), {}).setdefault(key, []).append(val)
         out[name] = {
             "ruler_avg": mean(r["score"] for r in rows),
-            "by_task": by("task"),
-            "by_filler": by("filler"),
-            "by_context": by("context"),
+            "by_task": _by(results, name, "task"),
+            "by_filler": _by(results, name, "filler"),
+            "by_context": _by(results, name, "context"),
             "kv_fraction": mean(r["kv_fraction"] for r in rows + ppl),
             "kv_fraction_model": mean(r["kv_fraction_model"] for r in rows + ppl),
             "identical_to_dense": mean(float(r.get("identical", False)) for r in rows),
@@ -45,10 +48,10 @@ def markdown(results: dict, summary: dict) -> str:
     lines = [f"# sals eval: {meta['model']}", "",
              f"- command: `{meta['command']}`",
              f"- machine: {meta['machine']}; date: {meta['date']}",
-             f"- prompts: {len(results['prompts'])} ({meta['prompts_per_cell']} per task, "
+             (f"- prompts: {len(results['prompts'])} ({meta['prompts_per_cell']} per task, "
              f"filler and context; tasks {', '.join(tasks)}; contexts {contexts}); "
              f"perplexity: {len(results['perplexity'])} segments of {meta['ppl_tokens']} "
-             f"tokens ({meta['heldout']})",
+             f"tokens ({meta['heldout']})"),
              f"- calibration: {meta['calibration']}", "",
              "| setting | KV fraction | RULER avg | "
              + " | ".join(f"{c}" for c in contexts) + " | "
@@ -60,15 +63,15 @@ def markdown(results: dict, summary: dict) -> str:
         ppl = f"{s['perplexity']:.3f}" if s["perplexity"] else "—"
         lines.append(f"| {name} | {s['kv_fraction']:.3f} | {s['ruler_avg']:.1f} | {ctx} | {tk} "
                      f"| {ppl} | {100 * s['identical_to_dense']:.0f}% |")
-    lines += ["", "KV fraction: bytes held after generation over dense fp16 K+V of the "
+    lines += ["", ("KV fraction: bytes held after generation over dense fp16 K+V of the "
               "full-attention layers, from the caches (SalsCache.memory(); StreamingLLM: its "
               "window; dense and oracle hold the full cache). Context columns and task "
               "columns: mean score (RULER string_match_all, %). = dense: prompts whose "
-              "generated tokens all equal dense's.", ""]
+              "generated tokens all equal dense's."), ""]
     sals_rows = [n for n, s in summary.items() if s["layers"]]
     if sals_rows:
-        lines += ["## Per layer (first decode step): attention mass kept / candidate recall "
-                  "(oracle recall) / key relative error", "",
+        lines += [("## Per layer (first decode step): attention mass kept / candidate recall "
+                  "(oracle recall) / key relative error"), "",
                   "| layer | " + " | ".join(sals_rows) + " |",
                   "|---:|" + "---|" * len(sals_rows)]
         all_layers = sorted({i for n in sals_rows for i in summary[n]["layers"]})

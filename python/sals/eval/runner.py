@@ -191,6 +191,7 @@ class Runner:
     def __init__(self, model, tokenizer, settings: list[Setting], calibrations: dict,
                  default_calib: tuple, threads: int = 0):
         import sals.hf
+
         from ..hf import _arch
         from ..hf.patch import patch_state
 
@@ -388,8 +389,8 @@ class _OverlapHooks:
             p = p.reshape(hq, S)
             cfg = self.configs[index]
             idx, count = self.cache.layers[index].layer_cache.selected()
-            sel = torch.from_numpy(idx[0, 0, :int(count[0])].astype(np.int64))
-            window = torch.zeros(S, dtype=torch.bool)
+            sel = torch.from_numpy(idx[0, 0, :int(count[0])].astype(np.int64)).to(p.device)
+            window = torch.zeros(S, dtype=torch.bool, device=p.device)
             window[:min(S, cfg.n_sink)] = True
             window[max(0, S - cfg.n_recent):] = True
             kept = window.clone()
@@ -402,7 +403,7 @@ class _OverlapHooks:
                 "mass_window": float(p[:, window].sum(-1).mean()),
                 "recall": float(total[sel].sum() / cand) if cand > 0 else 1.0,
                 "oracle_recall": float(top / cand) if cand > 0 else 1.0,
-                "selected": int(len(sel)),
+                "selected": len(sel),
                 "tokens": int(S),
             }
 

@@ -141,16 +141,16 @@ def _content(task: str, rng: random.Random):
         keys = _keys(rng, 4)
         values = [_number(rng) for _ in keys]
         return ([_needle(k, v) for k, v in zip(keys, values)],
-                f"What is the special magic number for {keys[0]} mentioned in the provided "
-                f"text?",
+                (f"What is the special magic number for {keys[0]} mentioned in the provided "
+                f"text?"),
                 f"The special magic number for {keys[0]} mentioned in the provided text is",
                 [values[0]])
     if task == "niah_multivalue":
         key = _keys(rng, 1)[0]
         values = [_number(rng) for _ in range(4)]
         return ([_needle(key, v) for v in values],
-                f"What are all the special magic numbers for {key} mentioned in the provided "
-                f"text?",
+                (f"What are all the special magic numbers for {key} mentioned in the provided "
+                f"text?"),
                 f"The special magic numbers for {key} mentioned in the provided text are",
                 values)
     if task == "niah_multiquery":
@@ -159,8 +159,8 @@ def _content(task: str, rng: random.Random):
         asked = [0, 2]
         names = " and ".join(keys[i] for i in asked)
         return ([_needle(k, v) for k, v in zip(keys, values)],
-                f"What are the special magic numbers for {names} mentioned in the provided "
-                f"text?",
+                (f"What are the special magic numbers for {names} mentioned in the provided "
+                f"text?"),
                 f"The special magic numbers for {names} mentioned in the provided text are",
                 [values[i] for i in asked])
     if task == "vt":
@@ -170,8 +170,8 @@ def _content(task: str, rng: random.Random):
         chain += [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))]
         return (chain,
                 f"Find all variables that are assigned the value {value} in the text above.",
-                f"Answer: According to the chain(s) of variable assignment in the text above, "
-                f"{len(names)} variables are assigned the value {value}, they are:", names)
+                (f"Answer: According to the chain(s) of variable assignment in the text above, "
+                f"{len(names)} variables are assigned the value {value}, they are:"), names)
     raise ValueError(task)
 
 

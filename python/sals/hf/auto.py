@@ -17,12 +17,13 @@ are outside the target), for a sequence of ``S = kv_context`` tokens:
    ``1 - sum(eig[:r]) / sum(eig)`` (the calibration's eigenvalues: the relative squared error
    of rebuilt keys on the calibration text); its value error is the relative squared error of
    uniform ``b``-bit quantisation of ``g`` Gaussian values, ``(2 c_g / (2^b - 1))^2 / 12`` with
-   ``c_g`` the expected maximum of ``g`` standard normals, weighted by ``VALUE_WEIGHT`` = 1/4:
+   ``c_g`` the expected maximum of ``g`` standard normals, weighted by ``VALUE_WEIGHT`` = 1/20:
    quantisation noise is independent per token and averages out over the attended tokens,
    while a missing key direction biases every score (measured on SmolLM2: 2-bit values at rank
    Dk/4 kept SALS-25%'s accuracy, rank Dk/8 with 16-bit values did not).
-3. **Greedy.** Every layer starts at the cheapest setting (rank ``MIN_RANK_FRAC * Dk``, 2-bit
-   values in the largest group that divides ``head_dim``, at most 128); then, while the budget
+3. **Greedy.** Every layer starts at the cheapest setting (rank ``MIN_RANK_FRAC * Dk`` =
+   Dk/16, 2-bit values in the largest group that divides ``head_dim``, at most 128); then,
+   while the budget
    allows, the single step with the largest error reduction per byte is taken: a rank step of
    ``Dk/RANK_STEPS`` directions on one layer, or the next value format on one layer
    (2 -> 4 -> 8 bits at the same group, then 16-bit). Ranks never pass what the calibration
@@ -204,7 +205,7 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> d
     chosen = {"rank", "score_rank", "value_bits", "value_group"} & set(overrides)
     if chosen:
         raise InvalidArgumentError(
-            f"{sorted(chosen)[0]}: chosen per layer by preset 'auto'; drop it or use another "
+            f"{min(chosen)}: chosen per layer by preset 'auto'; drop it or use another "
             f"preset")
     full = [(layer.index, layer.n_head_kv, layer.head_dim) for layer in info.layers
             if not layer.sliding]

@@ -58,7 +58,7 @@ def clean_rst(text: str) -> str:
         if indented and skip_indented:
             continue
         skip_indented = False
-        if stripped.startswith(".. ") or stripped.startswith(">>>") or _UNDERLINE.match(stripped):
+        if stripped.startswith((".. ", ">>>")) or _UNDERLINE.match(stripped):
             skip_indented = stripped.startswith(".. ")
             continue
         if indented and not current:  # a block quote or code block of its own
@@ -95,7 +95,8 @@ def python_docs_text(sections) -> str:
 
 
 class _HtmlText(html.parser.HTMLParser):
-    _BLOCKS = {"p", "div", "li", "dd", "dt", "h1", "h2", "h3", "h4", "td", "tr", "br", "title"}
+    _BLOCKS = frozenset({"p", "div", "li", "dd", "dt", "h1", "h2", "h3", "h4", "td", "tr", "br",
+                         "title"})
 
     def __init__(self):
         super().__init__()
@@ -150,8 +151,8 @@ def calibration_text(source: str) -> tuple[str, str]:
                 "debian-reference-en is installed (apt-get install python3.11-doc "
                 "debian-reference-en)")
         text = _interleave(python.split("\n\n"), debian.split("\n\n"))
-        what = " and ".join(n for n, t in (("Python manual (library, reference, C API, "
-                                            "HOWTOs) from python3-doc", python),
+        what = " and ".join(n for n, t in ((("Python manual (library, reference, C API, "
+                                            "HOWTOs) from python3-doc"), python),
                                            ("Debian Reference (debian-reference-en)", debian))
                             if t)
         return text, what
