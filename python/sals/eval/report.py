@@ -67,7 +67,8 @@ def markdown(results: dict, summary: dict) -> str:
               "full-attention layers, from the caches (SalsCache.memory(); StreamingLLM: its "
               "window; dense and oracle hold the full cache). Context columns and task "
               "columns: mean score (RULER string_match_all, %). = dense: prompts whose "
-              "generated tokens all equal dense's."), ""]
+              "generated tokens equal dense's over their common length (generation stops "
+              "once every expected string is present)."), ""]
     sals_rows = [n for n, s in summary.items() if s["layers"]]
     if sals_rows:
         lines += [("## Per layer (first decode step): attention mass kept / candidate recall "
@@ -122,9 +123,10 @@ def plots(results: dict, summary: dict, out_dir: str) -> list[str]:
         for n in sals_rows:
             layers = summary[n]["layers"]
             sparse = [i for i in layers if "mass_kept" in layers[i]]
-            a.plot(sparse, [layers[i]["mass_kept"] for i in sparse], marker="o", label=n)
+            line, = a.plot(sparse, [layers[i]["mass_kept"] for i in sparse], marker="o",
+                           label=n)
             a.plot(sparse, [layers[i]["recall"] for i in sparse], ls=":", marker=".",
-                   label=f"{n} (candidate recall)")
+                   color=line.get_color(), label=f"{n} (candidate recall)")
             b.plot(sorted(layers), [layers[i]["key_rel_error"] for i in sorted(layers)],
                    marker="o", label=n)
         a.set_xlabel("layer")
