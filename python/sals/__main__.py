@@ -16,7 +16,8 @@ _COMMANDS = {
                            "answers, KV-cache bytes and speed")),
     "calibrate": ("sals.hf.calibrate_cli", ("calibrate a local HuggingFace model and write its "
                                             "projection file")),
-    "bench": ("sals.bench", "benchmarks on a GPU (`bench attention`: the decode operator)"),
+    "bench": ("sals.bench", "benchmarks on a GPU (`bench attention`: the decode operator; `bench e2e`: generate)"),
+    "eval": ("sals.eval.cli", "accuracy of SALS settings vs dense and baselines (RULER-style)"),
 }
 
 

@@ -153,22 +153,38 @@ def cache_dir() -> str:
 
 
 def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 1024,
-                       progress: bool = True) -> tuple[Calibration, str, bool]:
-    """``(calibration, path, computed)``: the stdlib-text calibration (rank Dk/4) of ``model``
-    from :func:`cache_dir`, computed and saved there first when missing or unreadable. The file
-    name carries the model's weight digest and the token count."""
+                       progress: bool = True, source: str = "stdlib",
+                       rank_frac: float = 0.25) -> tuple[Calibration, str, bool]:
+    """``(calibration, path, computed)``: the calibration of ``model`` on ``n_tokens`` tokens of
+    ``source`` (``sals.hf.corpus.calibration_text``: "stdlib", the default, or "debian-docs")
+    keeping ``rank_frac * Dk`` directions (default Dk/4; 1.0 for ``preset="auto"``), from
+    :func:`cache_dir`, computed and saved there first when missing or unreadable. The file
+    name carries the model's weight digest, the source and the token count."""
     fp = _arch.fingerprint(model)
-    name = f"{fp['model_type']}-{fp['weights_sha256'][:16]}-{n_tokens}tok-{seq_len}.salscal"
+    extra = "" if source == "stdlib" else f"-{source}"
+    extra += "" if rank_frac == 0.25 else f"-r{rank_frac:g}"
+    if source not in ("stdlib", "debian-docs"):
+        raise InvalidArgumentError(
+            f"source: expected 'stdlib' or 'debian-docs' for a cached calibration, got {source!r}")
+    name = (f"{fp['model_type']}-{fp['weights_sha256'][:16]}{extra}-{n_tokens}tok-{seq_len}"
+            f".salscal")
     path = os.path.join(cache_dir(), name)
     if os.path.isfile(path):
         try:
             return Calibration.load(path, fingerprint=fp), path, False
         except CalibrationError:
             pass  # stale or damaged: compute it again below
+    text = data = None
+    if source != "stdlib":
+        from .corpus import calibration_text
+
+        text, data = calibration_text(source)
     if progress:
         print(f"calibration: none cached for this model; computing it once from {n_tokens} "
-              f"tokens of {stdlib_description()} (saved to {path})", file=sys.stderr, flush=True)
-    calib = calibrate(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
+              f"tokens of {data or stdlib_description()} (saved to {path})", file=sys.stderr,
+              flush=True)
+    calib = calibrate(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, rank_frac=rank_frac,
+                      text=text, data=data, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     calib.save(path)
     return calib, path, True

@@ -1,7 +1,8 @@
 """``python -m sals calibrate``: calibrate a local HuggingFace model and write the projection file.
 
     python -m sals calibrate --model DIR_OR_ID [--gguf-file NAME] --out FILE
-        [--tokens N] [--seq-len L] [--rank-frac 0.25 | --energy 0.99] [--text FILE]
+        [--tokens N] [--seq-len L] [--rank-frac 0.25 | --energy 0.99]
+        [--text FILE | --source stdlib|debian-docs]
 
 The model is loaded from local files only. The default text is the docstrings of the Python
 standard library (offline, deterministic); ``--text`` takes any UTF-8 text file.
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                            "(e.g. 0.99)")
     p.add_argument("--text", metavar="FILE",
                    help="UTF-8 text file to calibrate on (default: Python stdlib docstrings)")
+    p.add_argument("--source", choices=("stdlib", "debian-docs"),
+                   help="built-in text instead of --text: 'stdlib' docstrings (the default) or "
+                        "'debian-docs' (python3.11-doc and debian-reference-en, when installed)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
         data = f"text file {os.path.basename(args.text)}"
+    elif args.source is not None and args.source != "stdlib":
+        from .corpus import calibration_text
+
+        text, data = calibration_text(args.source)
     start = time.perf_counter()
     def say(message: str) -> None:
         if not args.quiet:

@@ -125,8 +125,11 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     it must have been made for this model (else ``sals.CalibrationError``). None means the
     identity projection at full rank, so only full-rank settings are accepted
     (``preset="dense-equivalent"`` or ``rank=Dk``).
-    ``preset``: "sals-25", "sals-12.5", "dense-equivalent" (see ``sals.Config.preset``) or None
-    (``sals.Config`` defaults, with the calibration's per-layer rank).
+    ``preset``: "sals-25", "sals-12.5", "dense-equivalent" (see ``sals.Config.preset``), None
+    (``sals.Config`` defaults, with the calibration's per-layer rank) or "auto": per layer the
+    rank, score rank and value bits that hold ``kv_fraction`` of dense fp16 K+V at
+    ``kv_context`` tokens (default 4096), chosen from the calibration's eigenvalues by the rule
+    in ``sals.hf.auto``.
     ``dense_layers``: layer indices attended densely over the compressed cache; default the
     paper's ``(0, 1, L-1)``.
     ``max_tokens``: token slots per sequence of the caches created automatically by a plain
@@ -166,11 +169,21 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
             "model: is on CUDA, but this sals build has no usable CUDA backend "
             "(sals.cuda_available() is False)")
     calib = _load_calibration(calibration, _arch.fingerprint(model, info))
+    per_layer = {}
+    if preset == "auto":  # per-layer rank, score rank and value bits for a memory target
+        from . import auto
+
+        config_overrides = dict(config_overrides)
+        per_layer, preset = auto.layer_overrides(info, calib, config_overrides), None
+    elif "kv_fraction" in config_overrides or "kv_context" in config_overrides:
+        raise InvalidArgumentError("kv_fraction, kv_context: only for preset='auto'")
     configs, ropes, projections = {}, {}, {}
     for layer in info.layers:
         if layer.sliding:
             continue
-        cfg, proj = _layer_config(layer, preset, config_overrides, layer.index in dense_layers,
+        cfg, proj = _layer_config(layer, preset,
+                                  {**config_overrides, **per_layer.get(layer.index, {})},
+                                  layer.index in dense_layers,
                                   layer.module.q_proj.weight.dtype, calib)
         configs[layer.index], projections[layer.index] = cfg, proj
         ropes[layer.index] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)

