@@ -88,3 +88,17 @@ def assert_close(out, ref, vmax, dtype, what="output"):
 
 __all__ = ["TOL", "orthonormal", "structured_keys", "rope_for", "cast", "as64", "reference_for",
            "check_selection", "assert_close", "round_to"]
+
+
+def positions(b, t, start=0):
+    """[b, t] int32 positions start..start+t-1 for every sequence."""
+    return np.tile(np.arange(start, start + t, dtype=np.int32), (b, 1))
+
+
+def small_cache(hq, hkv, d, **overrides):
+    """A float32 LayerCache with small windows (2 sinks, 4 recent) and a random orthonormal
+    projection of the config's rank; ``overrides`` are Config fields."""
+    fields = {"dtype": "float32", "max_tokens": 64, "max_batch": 2, "n_sink": 2, "n_recent": 4}
+    cfg = sals.Config(hq, hkv, d, **{**fields, **overrides})
+    proj = orthonormal(np.random.default_rng(1), hkv * d, cfg.resolved_rank())
+    return sals.LayerCache(cfg, rope_for(d), proj)

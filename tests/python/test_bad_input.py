@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sals
 from lying import NULL, Blocking, Lying, NoDevice, Raises, Returns
-from pysuite import orthonormal, rope_for
+from pysuite import orthonormal, positions, rope_for, small_cache
 
 HQ, HKV, D = 4, 2, 16
 DK = HKV * D
@@ -18,16 +18,11 @@ def f32(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def pos(b, t, start=0):
-    return np.tile(np.arange(start, start + t, dtype=np.int32), (b, 1))
+pos = positions
 
 
 def make(**overrides):
-    fields = dict(dtype="float32", max_tokens=64, max_batch=2, n_sink=2, n_recent=4)
-    fields.update(overrides)
-    cfg = sals.Config(HQ, HKV, D, **fields)
-    return sals.LayerCache(cfg, rope_for(D), orthonormal(np.random.default_rng(1), DK,
-                                                          cfg.resolved_rank()))
+    return small_cache(HQ, HKV, D, **overrides)
 
 
 def proj8():

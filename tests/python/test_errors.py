@@ -3,9 +3,8 @@ naming the argument, never a crash, and nothing modified."""
 
 import numpy as np
 import pytest
-
 import sals
-from pysuite import orthonormal, rope_for
+from pysuite import orthonormal, positions, rope_for, small_cache
 
 HQ, HKV, D = 4, 2, 64
 DK = HKV * D
@@ -15,16 +14,11 @@ def f32(*shape):
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def pos(b, t, start=0):
-    return np.tile(np.arange(start, start + t, dtype=np.int32), (b, 1))
+pos = positions
 
 
 def make(**overrides):
-    fields = dict(dtype="float32", max_tokens=64, max_batch=2, n_sink=2, n_recent=4)
-    fields.update(overrides)
-    cfg = sals.Config(HQ, HKV, D, **fields)
-    proj = orthonormal(np.random.default_rng(1), DK, cfg.resolved_rank())
-    return sals.LayerCache(cfg, rope_for(D), proj)
+    return small_cache(HQ, HKV, D, **overrides)
 
 
 # ---- cache creation -----------------------------------------------------------------------
