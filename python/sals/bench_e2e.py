@@ -234,7 +234,7 @@ def _max_batch(model, setting, S, new_tokens, calib, fraction, torch) -> int:
     the bytes one sequence's cache takes (dense fp16 K+V, or a SALS cache of S tokens)."""
     import sals.hf
 
-    free, total = torch.cuda.mem_get_info()
+    total = torch.cuda.mem_get_info()[1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
     dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
@@ -286,7 +286,7 @@ def run(args) -> int:
     bar = tqdm(total=len(models) * len(contexts) * len(batches) * len(settings), unit="row")
     for name in models:
         if on_gpu:
-            model, calib = _random_model(name, torch), None
+            model = _random_model(name, torch)
             calib = _random_calibration(model, torch)
         else:
             from .hf import calibrate, loading
