@@ -13,6 +13,8 @@ sals_config_t sals_config_default(void) {
   memset(&c, 0, sizeof c);
   c.value_bits = 16;
   c.value_group = 32;
+  c.key_bits = 16;
+  c.key_group = 32;
   c.n_sink = 16;
   c.n_recent = 64;
   c.budget_frac = 0.125f;
@@ -99,6 +101,22 @@ static sals_status_t check_config(const sals_config_t* g) {
                             "config.value_group: %d groups of %d-bit codes do not fill whole bytes",
                             (int)g->value_group, (int)g->value_bits);
   }
+  if (g->key_bits != 16 && g->key_bits != 8 && g->key_bits != 4)
+    return sals_set_error(INVALID, "config.key_bits: %d not one of 16, 8, 4", (int)g->key_bits);
+  if (g->key_bits < 16) {
+    TRY(check_min("key_group", g->key_group, 1));
+    if (g->score_rank % g->key_group != 0)
+      return sals_set_error(INVALID, "config.key_group: %d does not divide score_rank %d",
+                            (int)g->key_group, (int)g->score_rank);
+    if ((g->rank - g->score_rank) % g->key_group != 0)
+      return sals_set_error(INVALID,
+                            "config.key_group: %d does not divide rank - score_rank %d",
+                            (int)g->key_group, (int)(g->rank - g->score_rank));
+    if (g->key_group * g->key_bits % 8 != 0)
+      return sals_set_error(INVALID,
+                            "config.key_group: %d groups of %d-bit codes do not fill whole bytes",
+                            (int)g->key_group, (int)g->key_bits);
+  }
   TRY(check_min("n_sink", g->n_sink, 0));
   TRY(check_min("n_recent", g->n_recent, 0));
   if (!(g->budget_frac > 0.0f && g->budget_frac <= 1.0f))
@@ -125,6 +143,10 @@ static sals_status_t check_config(const sals_config_t* g) {
   if (g->device.device_type == kDLCUDA && g->device.device_id < 0)
     return sals_set_error(INVALID, "config.device: invalid CUDA ordinal %d",
                           (int)g->device.device_id);
+  /* Refused here rather than in cuda/, so every build reports it alike. */
+  if (g->device.device_type == kDLCUDA && g->key_bits < 16)
+    return sals_set_error(SALS_ERR_UNSUPPORTED, "config.key_bits: quantised latent keys "
+                          "(key_bits < 16) are CPU-only in this release");
   /* Every buffer must be addressable: bound the largest, B * T * Dk elements. */
   const double cells = (double)g->max_batch * (double)g->max_tokens * (double)dk;
   if (cells > 4.0e15)
@@ -280,8 +302,11 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   c->dk = dk;
   c->n_sel_heads = g->select_per_head ? g->n_head_kv : 1;
   c->n_groups = g->value_bits < 16 ? dk / g->value_group : 0;
-  c->val_row_bytes = g->value_bits < 16 ? (int64_t)dk * g->value_bits / 8
-                                        : (int64_t)dk * (g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2);
+  const int64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  c->val_row_bytes = g->value_bits < 16 ? (int64_t)dk * g->value_bits / 8 : (int64_t)dk * e;
+  const int64_t key_coord_bits = g->key_bits < 16 ? g->key_bits : 8 * e;
+  c->lat_score_bytes = (int64_t)g->score_rank * key_coord_bits / 8;
+  c->lat_rest_bytes = (int64_t)(g->rank - g->score_rank) * key_coord_bits / 8;
   c->scale = g->scale > 0.0f ? g->scale : 1.0f / sqrtf((float)g->head_dim);
   c->rotary_dim = rope->rotary_dim;
   c->attention_scaling = rope->attention_scaling;
@@ -509,13 +534,15 @@ static sals_status_t cache_memory(const sals_cache_t* cache, sals_memory_t* out,
     return st;
   }
   const uint64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2, dk = (uint64_t)cache->dk;
+  /* A float16 scale and zero per group of quantised latent coordinates. */
+  const uint64_t key_params = g->key_bits < 16 ? (uint64_t)(g->rank / g->key_group) * 2 * 2 : 0;
   sals_memory_t m;
   memset(&m, 0, sizeof m);
   for (int32_t b = 0; b < g->max_batch; ++b) {
     const uint64_t S = (uint64_t)len[b];
     const uint64_t sinks = S < (uint64_t)g->n_sink ? S : (uint64_t)g->n_sink;
     const uint64_t recent = S < (uint64_t)g->n_recent ? S : (uint64_t)g->n_recent;
-    m.latent_keys += S * (uint64_t)g->rank * e;
+    m.latent_keys += S * (uint64_t)(cache->lat_score_bytes + cache->lat_rest_bytes + key_params);
     m.values += S * (uint64_t)cache->val_row_bytes;
     m.value_scales += S * (uint64_t)cache->n_groups * 2 * 2;
     m.exact_window += (sinks + recent) * dk * e * 2;

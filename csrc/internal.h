@@ -42,9 +42,18 @@ typedef struct sals_view {
  * The cache. The struct lives in host memory; every pointer below points at memory on
  * cfg.device. Layouts (all compact row-major, `b` = sequence slot, `t` = token slot):
  *   proj        float32 [Dk, rank]
- *   lat_score   dtype   [max_batch, max_tokens, score_rank]   leading latent coordinates, so
- *                                                              the scoring pass streams them
- *   lat_rest    dtype   [max_batch, max_tokens, rank - score_rank] (NULL when equal)
+ *   lat_score   key_bits == 16: dtype [max_batch, max_tokens, score_rank]   leading latent
+ *               else      uint8 [max_batch, max_tokens, score_rank * key_bits / 8]
+ *                                                   coordinates, so the scoring pass streams them
+ *   lat_rest    key_bits == 16: dtype [max_batch, max_tokens, rank - score_rank]
+ *               else      uint8 [max_batch, max_tokens, (rank - score_rank) * key_bits / 8]
+ *                                                   (NULL when rank == score_rank)
+ *   lat_score_scale,
+ *   lat_score_zero  float16 bits [max_batch, max_tokens, score_rank / key_group]
+ *   lat_rest_scale,
+ *   lat_rest_zero   float16 bits [max_batch, max_tokens, (rank - score_rank) / key_group]
+ *                                                   (all NULL at 16 bits; rest ones NULL when
+ *                                                   rank == score_rank)
  *   val         value_bits == 16: dtype [max_batch, max_tokens, Dk]
  *               else      uint8 [max_batch, max_tokens, Dk * value_bits / 8]
  *   val_scale,
@@ -65,6 +74,8 @@ struct sals_cache {
   int32_t n_sel_heads;    /* 1 (shared selection) or n_head_kv */
   int32_t n_groups;       /* Dk / value_group */
   int64_t val_row_bytes;  /* bytes of one token's stored value */
+  int64_t lat_score_bytes; /* bytes of one token's lat_score row */
+  int64_t lat_rest_bytes;  /* bytes of one token's lat_rest row */
   float scale;            /* resolved softmax scale */
   int32_t rotary_dim;
   float attention_scaling;
@@ -75,6 +86,10 @@ struct sals_cache {
   float* proj;
   void* lat_score;
   void* lat_rest;
+  uint16_t* lat_score_scale;
+  uint16_t* lat_score_zero;
+  uint16_t* lat_rest_scale;
+  uint16_t* lat_rest_zero;
   void* val;
   uint16_t* val_scale;
   uint16_t* val_zero;

@@ -65,8 +65,15 @@ sals_status_t sals_cpu_cache_init(sals_cache_t* c) {
 
   c->proj = (float*)track(c, (size_t)(dk * r) * 4, &failed);
   c->inv_freq = (float*)track(c, (size_t)max_i64(half, 1) * 4, &failed);
-  c->lat_score = track(c, (size_t)(B * T * rs) * e, &failed);
-  c->lat_rest = r > rs ? track(c, (size_t)(B * T * (r - rs)) * e, &failed) : NULL;
+  c->lat_score = track(c, (size_t)(B * T * c->lat_score_bytes), &failed);
+  c->lat_rest = r > rs ? track(c, (size_t)(B * T * c->lat_rest_bytes), &failed) : NULL;
+  if (g->key_bits < 16) {
+    const int64_t kg = g->key_group;
+    c->lat_score_scale = (uint16_t*)track(c, (size_t)(B * T * (rs / kg)) * 2, &failed);
+    c->lat_score_zero = (uint16_t*)track(c, (size_t)(B * T * (rs / kg)) * 2, &failed);
+    c->lat_rest_scale = (uint16_t*)track(c, (size_t)(B * T * ((r - rs) / kg)) * 2, &failed);
+    c->lat_rest_zero = (uint16_t*)track(c, (size_t)(B * T * ((r - rs) / kg)) * 2, &failed);
+  }
   c->val = track(c, (size_t)(B * T * c->val_row_bytes), &failed);
   if (g->value_bits < 16) {
     c->val_scale = (uint16_t*)track(c, (size_t)(B * T * c->n_groups) * 2, &failed);
@@ -117,13 +124,16 @@ void sals_cpu_cache_free(sals_cache_t* c) {
     free(s->final_len);
     free(s);
   }
-  void* bufs[] = {c->proj,   c->inv_freq, c->lat_score, c->lat_rest, c->val,     c->val_scale,
-                  c->val_zero, c->sink_k, c->sink_v,    c->recent_k, c->recent_v, c->pos,
-                  c->len,    c->sel_idx,  c->sel_count};
+  void* bufs[] = {c->proj,           c->inv_freq,       c->lat_score,     c->lat_rest,
+                  c->lat_score_scale, c->lat_score_zero, c->lat_rest_scale, c->lat_rest_zero,
+                  c->val,            c->val_scale,      c->val_zero,      c->sink_k,
+                  c->sink_v,         c->recent_k,       c->recent_v,      c->pos,
+                  c->len,            c->sel_idx,        c->sel_count};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) free(bufs[i]);
   c->backend = NULL;
   c->proj = c->inv_freq = NULL;
   c->lat_score = c->lat_rest = c->val = c->sink_k = c->sink_v = c->recent_k = c->recent_v = NULL;
+  c->lat_score_scale = c->lat_score_zero = c->lat_rest_scale = c->lat_rest_zero = NULL;
   c->val_scale = c->val_zero = NULL;
   c->pos = c->len = c->sel_idx = c->sel_count = NULL;
 }
@@ -133,6 +143,50 @@ sals_status_t sals_cpu_cache_reset(sals_cache_t* c, void* stream) {
   memset(c->len, 0, (size_t)c->cfg.max_batch * 4);
   memset(c->sel_count, 0, (size_t)c->cfg.max_batch * 4);
   return SALS_OK;
+}
+
+/* ---- latent keys --------------------------------------------------------------------------- */
+
+/*
+ * The latent cache holds two parts per token, stored apart so that scoring streams only the
+ * first: part 0 is coordinates [0, score_rank), part 1 [score_rank, rank). Each is either
+ * `dtype` (key_bits 16) or the value path's group quantisation (codes, float16 scale and zero).
+ */
+static int64_t lat_width(const sals_cache_t* c, int part) {
+  return part ? c->cfg.rank - c->cfg.score_rank : c->cfg.score_rank;
+}
+
+/* Part `part` of the n consecutive token rows from `row` (b * max_tokens + slot), as float32
+ * into dst [n][width]. */
+static void load_latent(const sals_cache_t* c, int part, int64_t row, int64_t n, float* dst) {
+  const sals_config_t* g = &c->cfg;
+  const int64_t w = lat_width(c, part), bytes = part ? c->lat_rest_bytes : c->lat_score_bytes;
+  const char* src = (const char*)(part ? c->lat_rest : c->lat_score) + row * bytes;
+  if (g->key_bits == 16) {
+    sals_load_f32(dst, src, eel(c), n * w);
+    return;
+  }
+  const int64_t ng = w / g->key_group;
+  const uint16_t* sc = (part ? c->lat_rest_scale : c->lat_score_scale) + row * ng;
+  const uint16_t* zr = (part ? c->lat_rest_zero : c->lat_score_zero) + row * ng;
+  for (int64_t i = 0; i < n; ++i)
+    sals_dequantize_row((const uint8_t*)src + i * bytes, sc + i * ng, zr + i * ng, w,
+                        g->key_bits, g->key_group, dst + i * w);
+}
+
+/* Store part `part` (x [width]) of token row `row`. */
+static void store_latent(sals_cache_t* c, int part, int64_t row, const float* x) {
+  const sals_config_t* g = &c->cfg;
+  const int64_t w = lat_width(c, part), bytes = part ? c->lat_rest_bytes : c->lat_score_bytes;
+  char* dst = (char*)(part ? c->lat_rest : c->lat_score) + row * bytes;
+  if (g->key_bits == 16) {
+    sals_store_f32(dst, eel(c), x, w);
+    return;
+  }
+  const int64_t ng = w / g->key_group;
+  sals_quantize_row(x, w, g->key_bits, g->key_group, (uint8_t*)dst,
+                    (part ? c->lat_rest_scale : c->lat_score_scale) + row * ng,
+                    (part ? c->lat_rest_zero : c->lat_score_zero) + row * ng);
 }
 
 /* ---- finiteness of the rows that will be used ---------------------------------------------- */
@@ -157,10 +211,13 @@ static const char* dtype_name(sals_elem_t e) {
 
 /*
  * What append stores must fit the storage dtype: k and v rows (the exact windows, 16-bit values),
- * the latent coordinates U^T k, and the float16 scale and zero of quantised values. Each token's
- * k row is loaded into kf [Dk] and v into vf [Dk]; the latent (lat [rank]) is only computed when
- * |k| could reach the largest finite value: |U^T k|_j <= |u_j| |k| and the columns u_j have
- * norm within 1% of 1 (checked at creation). Returns SALS_ERR_NOT_FINITE naming the argument.
+ * the latent coordinates U^T k (in `dtype`, or through the float16 scale and zero of quantised
+ * keys), and the float16 scale and zero of quantised values. Each token's k row is loaded into
+ * kf [Dk] and v into vf [Dk]; the latent (lat [rank]) is only computed when |k| could reach the
+ * limit: |U^T k|_j <= |u_j| |k| and the columns u_j have norm within 1% of 1 (checked at
+ * creation). Quantised coordinates below float16's 65504 in magnitude always get a finite zero
+ * (their minimum rounded down) and scale (at most 2 * 65504 / 15). Returns SALS_ERR_NOT_FINITE
+ * naming the argument.
  */
 static sals_status_t check_storable(const sals_cache_t* c, const sals_view_t* k,
                                     const sals_view_t* v, int64_t b, int64_t t, float* kf,
@@ -185,13 +242,22 @@ static sals_status_t check_storable(const sals_cache_t* c, const sals_view_t* k,
                           (double)vf[i], (long long)b, (long long)t, (long long)(i / d), dt);
   double norm = 0.0;
   for (int64_t j = 0; j < dk; ++j) norm += (double)kf[j] * kf[j];
-  if (sqrt(norm) * 1.02 >= limit) {
+  const int quant_keys = g->key_bits < 16;
+  if (sqrt(norm) * 1.02 >= (quant_keys ? 65504.0 : limit)) {
     sals_gemm(1, r, dk, kf, dk, c->proj, r, lat, r, 0);
-    if ((i = sals_first_overflow(lat, el, r)) >= 0)
+    if (!quant_keys && (i = sals_first_overflow(lat, el, r)) >= 0)
       return sals_set_error(SALS_ERR_NOT_FINITE,
                             "k: latent coordinate %lld of (sequence %lld, token %lld) is %g, "
                             "beyond the %s storage", (long long)i, (long long)b, (long long)t,
                             (double)lat[i], dt);
+    /* key_group divides score_rank, so the whole row's groups are those of both parts. */
+    if (quant_keys && (i = sals_quantize_row_check(lat, r, g->key_bits, g->key_group)) >= 0)
+      return sals_set_error(SALS_ERR_NOT_FINITE,
+                            "k: latent coordinates %lld..%lld of (sequence %lld, token %lld) "
+                            "span more than the float16 scale and zero of %d-bit keys hold",
+                            (long long)(i * g->key_group),
+                            (long long)((i + 1) * g->key_group - 1), (long long)b, (long long)t,
+                            (int)g->key_bits);
   }
   if (g->value_bits < 16 && (i = sals_quantize_row_check(vf, dk, g->value_bits,
                                                          g->value_group)) >= 0)
@@ -279,8 +345,8 @@ static void append_task(void* p, int64_t task, int32_t thread) {
   sals_gemm(n, r, dk, kf, dk, c->proj, r, lat, r, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = b * maxT + slots[i];
-    sals_store_f32((char*)c->lat_score + row * rs * e, el, lat + i * r, rs);
-    if (r > rs) sals_store_f32((char*)c->lat_rest + row * (r - rs) * e, el, lat + i * r + rs, r - rs);
+    store_latent(c, 0, row, lat + i * r);
+    if (r > rs) store_latent(c, 1, row, lat + i * r + rs);
   }
 }
 
@@ -341,7 +407,6 @@ static void select_task(void* p, int64_t task, int32_t thread) {
   const int64_t nsh = c->n_sel_heads, b = task / nsh, sh = task % nsh;
   const int64_t d = g->head_dim, G = g->n_head_q / g->n_head_kv, r = g->rank;
   const int64_t rs = g->score_rank, maxT = g->max_tokens, S = c->len[b];
-  const size_t e = esz(c);
   int32_t* sel = c->sel_idx + (b * nsh + sh) * maxT;
   const int32_t qp = *(const int32_t*)sals_view_at(a->q_pos, b, 0, 0, 0);
   int64_t ns, re;
@@ -371,7 +436,7 @@ static void select_task(void* p, int64_t task, int32_t thread) {
   const int32_t* kpos = c->pos + b * maxT;
   for (int64_t j0 = 0; j0 < n; j0 += SCORE_BLOCK) {
     const int64_t nb = n - j0 < SCORE_BLOCK ? n - j0 : SCORE_BLOCK;
-    sals_load_f32(kb, (const char*)c->lat_score + (b * maxT + ns + j0) * rs * e, eel(c), nb * rs);
+    load_latent(c, 0, b * maxT + ns + j0, nb, kb);
     for (int64_t j = 0; j < nb; ++j) {
       float sc = sals_dot(qt, kb + j * rs, rs);
       /* Invisible tokens are not candidates (NaN); a NaN from the data ranks last. */
@@ -459,8 +524,8 @@ static void attend_task(void* p, int64_t task, int32_t thread) {
     const int64_t la = clamp_i64(ns - j0, 0, nk), lb = clamp_i64(lat_hi - j0, la, nk);
     for (int64_t n = la; n < lb; ++n) {
       const int64_t srow = b * maxT + slots[n];
-      sals_load_f32(row, (const char*)c->lat_score + srow * rs * e, el, rs);
-      if (r > rs) sals_load_f32(row + rs, (const char*)c->lat_rest + srow * (r - rs) * e, el, r - rs);
+      load_latent(c, 0, srow, 1, row);
+      if (r > rs) load_latent(c, 1, srow, 1, row + rs);
       for (int64_t i = 0; i < r; ++i) lt[i * SALS_KEY_BLOCK + (n - la)] = row[i];
     }
     for (int64_t hh = 0; hh < a->hg_size; ++hh) {

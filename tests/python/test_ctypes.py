@@ -55,7 +55,7 @@ class DLTensor(ctypes.Structure):
 class Config(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in (
         "n_head_q", "n_head_kv", "head_dim", "rank", "score_rank", "value_bits", "value_group",
-        "n_sink", "n_recent")] + [
+        "key_bits", "key_group", "n_sink", "n_recent")] + [
         ("budget_frac", ctypes.c_float),
         ("budget_tokens", ctypes.c_int32),
         ("select_per_head", ctypes.c_int32),
@@ -130,7 +130,7 @@ def _rope(x, pos, inv_freq):
 
 
 def test_version_and_errors(lib):
-    assert lib.sals_abi_version() == 1
+    assert lib.sals_abi_version() == 2
     assert lib.sals_version().decode().count(".") == 2
     assert lib.sals_status_string(4) == b"SALS_ERR_CAPACITY"
 

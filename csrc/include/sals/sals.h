@@ -6,8 +6,8 @@
  * The method, per attention layer and decode step:
  *   1. every appended pre-RoPE key k (all KV heads concatenated, Dk = n_head_kv * head_dim)
  *      is stored as a latent vector k~ = U^T k of `rank` coordinates (U: [Dk, rank], from
- *      calibration); its value is group-quantised; the first `n_sink` tokens and the last
- *      `n_recent` tokens are also kept exact;
+ *      calibration), optionally group-quantised (key_bits); its value is group-quantised;
+ *      the first `n_sink` tokens and the last `n_recent` tokens are also kept exact;
  *   2. the pre-RoPE query is folded per GQA group, projected (q~ = U^T q), and scored against
  *      the leading `score_rank` latent coordinates of every candidate token (no RoPE);
  *   3. the top `budget` candidates are selected; only their keys are rebuilt (U k~), rotated
@@ -68,13 +68,13 @@ extern "C" {
 /* ------------------------------------------------------------------------------------------ */
 
 #define SALS_VERSION_MAJOR 0
-#define SALS_VERSION_MINOR 1
+#define SALS_VERSION_MINOR 2
 #define SALS_VERSION_PATCH 0
-#define SALS_VERSION_STRING "0.1.0"
+#define SALS_VERSION_STRING "0.2.0"
 /** Bumped whenever a struct layout, enum value or function signature in this header changes. */
-#define SALS_ABI_VERSION 1
+#define SALS_ABI_VERSION 2
 
-/** The library's version string, e.g. "0.1.0". */
+/** The library's version string, e.g. "0.2.0". */
 SALS_API const char* sals_version(void);
 /** The library's ABI version; compare with SALS_ABI_VERSION to detect a header/library mismatch. */
 SALS_API int32_t sals_abi_version(void);
@@ -109,7 +109,7 @@ SALS_API const char* sals_last_error(void);
 /* Configuration                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
-/** Storage type of latent keys, the exact windows and 16-bit values. */
+/** Storage type of 16-bit latent keys, the exact windows and 16-bit values. */
 typedef enum sals_dtype {
   SALS_DTYPE_FLOAT32 = 0,
   SALS_DTYPE_FLOAT16 = 1,
@@ -128,6 +128,20 @@ typedef struct sals_config {
   int32_t score_rank;      /**< r*, 1..rank: leading latent coordinates used for scoring */
   int32_t value_bits;      /**< 16 (stored in `dtype`), 8, 4 or 2 (group-quantised) */
   int32_t value_group;     /**< channels per quantisation group; divides head_dim; default 32 */
+  /**
+   * Latent key storage: 16 (each coordinate in `dtype`), 8 or 4: group-quantised like values
+   * (sals_quantize_values: asymmetric, a float16 scale and zero per group, whatever `dtype`),
+   * the score_rank leading coordinates and the rank - score_rank others quantised apart, so
+   * scoring reads only the former. Scores and rebuilt keys use the dequantised coordinates.
+   * CPU only in this release: a CUDA cache with key_bits < 16 fails with
+   * SALS_ERR_UNSUPPORTED. Default 16.
+   */
+  int32_t key_bits;
+  /**
+   * Latent coordinates per key quantisation group (key_bits < 16): >= 1, divides score_rank
+   * and rank - score_rank, and key_group * key_bits / 8 is whole. Default 32.
+   */
+  int32_t key_group;
   int32_t n_sink;          /**< first tokens always attended and kept exact; default 16 */
   int32_t n_recent;        /**< last tokens always attended and kept exact; default 64 */
   /**
@@ -148,12 +162,13 @@ typedef struct sals_config {
    * call is refused before anything changes, and this includes appended values the storage
    * cannot hold: a k or v element, or a latent coordinate of U^T k, beyond the largest finite
    * value of `dtype` (65504 for float16), or a group whose float16 scale or zero would be
-   * infinite (value_bits < 16: |v| must stay within float16's range); with 0, or on CUDA, such
-   * values are stored as infinity. On CUDA the NaN/inf check is a kernel on the call's stream
-   * that raises a flag in mapped host memory, with no host synchronisation (graph
-   * capturable): the error is returned by the first later append or attend of the cache
-   * (which read the flag without waiting) or by sals_cache_check; the cache then holds the
-   * offending token (reset it). Default 1.
+   * infinite (value_bits < 16: |v| must stay within float16's range; key_bits < 16: the same
+   * for the latent coordinates, refused naming k); with 0, or on CUDA, such values are
+   * stored as infinity. On CUDA the NaN/inf check is a kernel on the call's stream that
+   * raises a flag in mapped host memory, with no host synchronisation (graph capturable):
+   * the error is returned by the first later append or attend of the cache (which read the
+   * flag without waiting) or by sals_cache_check; the cache then holds the offending token
+   * (reset it). Default 1.
    */
   int32_t check_finite;
   int32_t n_threads;       /**< CPU worker threads; 0 = one per online core */
@@ -267,7 +282,7 @@ SALS_API sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* 
 
 /** Bytes held, per component, for the tokens stored now (sum over sequences). */
 typedef struct sals_memory {
-  uint64_t latent_keys;  /**< rank coordinates per token */
+  uint64_t latent_keys;  /**< rank coordinates per token (key_bits < 16: codes, scales, zeros) */
   uint64_t values;       /**< quantised (or 16-bit) values */
   uint64_t value_scales; /**< scales and zeros of the quantisation groups */
   uint64_t exact_window; /**< exact keys and values of the sinks and the recent window */
