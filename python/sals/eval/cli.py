@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 
@@ -248,63 +249,75 @@ def _run(args, argv) -> int:
             for i in range(args.prompts)]
     jobs += [("ppl", None, None, c, i) for c in ppl_contexts for i in range(args.ppl_segments)]
     heldout_ids = None
-    with tqdm(total=len(jobs), desc="eval", unit="prompt", disable=args.quiet) as bar:
-        for kind, task, filler, context, seed in jobs:
-            bar.set_postfix_str(f"{task or 'perplexity'} {filler or ''} {context}")
-            if kind == "task":
-                prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
-                                        seed)
-                pre = prefill(model, runner.info, prompt.input_ids)
-                measured = {}
+    out_dir = args.out or f"sals-eval-{args.model if args.model in ('smollm2', 'gemma3') else 'model'}"
+    os.makedirs(out_dir, exist_ok=True)
+    # A run stopped by Ctrl-C or SIGTERM (a `timeout`, a batch scheduler) keeps and reports what
+    # it measured: results.json is also rewritten after every prompt.
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    done_jobs = 0
+    try:
+        with tqdm(total=len(jobs), desc="eval", unit="prompt", disable=args.quiet) as bar:
+            for kind, task, filler, context, seed in jobs:
+                bar.set_postfix_str(f"{task or 'perplexity'} {filler or ''} {context}")
+                if kind == "task":
+                    prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
+                                            seed)
+                    pre = prefill(model, runner.info, prompt.input_ids)
+                    measured = {}
 
-                def found(tokens, answers=prompt.answers):
-                    text = tokenizer.decode(tokens, skip_special_tokens=True)
-                    return tasks_mod.score(text, answers) == 100.0
+                    def found(tokens, answers=prompt.answers):
+                        text = tokenizer.decode(tokens, skip_special_tokens=True)
+                        return tasks_mod.score(text, answers) == 100.0
 
-                for s in settings:
-                    measured[s.name] = runner.run(
-                        s, pre, measured, max_new=prompt.max_new_tokens,
-                        measure_layers=seed - args.seed < args.layer_prompts,
-                        done=None if args.full_answers else found)
-                dense_tokens = measured.get("dense", {}).get("tokens")
-                for r in measured.values():
-                    text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
-                    r["output"] = text
-                    r["score"] = tasks_mod.score(text, prompt.answers)
-                    if dense_tokens is not None:
-                        r["agree"] = agreement(r["tokens"], dense_tokens)
-                        common = min(len(r["tokens"]), len(dense_tokens))
-                        r["identical"] = r["tokens"][:common] == dense_tokens[:common]
-                results["prompts"].append({
-                    "task": task, "filler": prompt.filler, "context": context, "seed": seed,
-                    "n_tokens": prompt.n_tokens, "answers": prompt.answers,
-                    "results": measured})
-            else:
-                if heldout_ids is None:
-                    heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
-                span = context + args.ppl_tokens + 1
-                offset = (seed * 7919 * span) % max(1, len(heldout_ids) - span)
-                seg = heldout_ids[offset:offset + span]
-                if len(seg) < span:
-                    raise ValueError(f"held-out text: {len(heldout_ids)} tokens, too short for "
-                                     f"a {context}-token segment")
-                pre = prefill(model, runner.info, torch.tensor([seg[:context]]))
-                measured = {}
-                for s in settings:
-                    measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
-                results["perplexity"].append({"context": context, "segment": seed,
-                                              "offset": offset, "results": measured})
-            bar.update(1)
-            del pre
+                    for s in settings:
+                        measured[s.name] = runner.run(
+                            s, pre, measured, max_new=prompt.max_new_tokens,
+                            measure_layers=seed - args.seed < args.layer_prompts,
+                            done=None if args.full_answers else found)
+                    dense_tokens = measured.get("dense", {}).get("tokens")
+                    for r in measured.values():
+                        text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+                        r["output"] = text
+                        r["score"] = tasks_mod.score(text, prompt.answers)
+                        if dense_tokens is not None:
+                            r["agree"] = agreement(r["tokens"], dense_tokens)
+                            common = min(len(r["tokens"]), len(dense_tokens))
+                            r["identical"] = r["tokens"][:common] == dense_tokens[:common]
+                    results["prompts"].append({
+                        "task": task, "filler": prompt.filler, "context": context, "seed": seed,
+                        "n_tokens": prompt.n_tokens, "answers": prompt.answers,
+                        "results": measured})
+                else:
+                    if heldout_ids is None:
+                        heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
+                    span = context + args.ppl_tokens + 1
+                    offset = (seed * 7919 * span) % max(1, len(heldout_ids) - span)
+                    seg = heldout_ids[offset:offset + span]
+                    if len(seg) < span:
+                        raise ValueError(f"held-out text: {len(heldout_ids)} tokens, too short for "
+                                         f"a {context}-token segment")
+                    pre = prefill(model, runner.info, torch.tensor([seg[:context]]))
+                    measured = {}
+                    for s in settings:
+                        measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
+                    results["perplexity"].append({"context": context, "segment": seed,
+                                                  "offset": offset, "results": measured})
+                bar.update(1)
+                done_jobs += 1
+                del pre
+                _write_json(results, out_dir)
+    except KeyboardInterrupt:
+        results["meta"]["interrupted"] = f"after {done_jobs} of {len(jobs)} prompts"
+        print(f"sals eval: interrupted after {done_jobs} of {len(jobs)} prompts; reporting "
+              f"those", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
 
     from . import report
 
     results["summary"] = report.summarise(results)
     results["meta"]["seconds"] = time.perf_counter() - start
-    out_dir = args.out or f"sals-eval-{args.model if args.model in ('smollm2', 'gemma3') else 'model'}"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    _write_json(results, out_dir)
     table = report.markdown(results, results["summary"])
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
@@ -312,4 +325,16 @@ def _run(args, argv) -> int:
     print(table)
     print(f"wrote {out_dir}/results.json, results.md, {', '.join(os.path.basename(p) for p in pngs)}"
           f" in {time.perf_counter() - start:.0f} s")
-    return 0
+    return 130 if "interrupted" in results["meta"] else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _write_json(results: dict, out_dir: str) -> None:
+    """results.json, replaced atomically so that a stop while writing leaves the last one."""
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".part", "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    os.replace(path + ".part", path)
