@@ -386,6 +386,14 @@ static sals_config_t make_config(int fault, float** U, DLTensor* proj, int64_t* 
   static const int32_t vb[] = {16, 8, 4, 2};
   g.value_bits = vb[rnd(4)];
   g.value_group = 8;
+  static const int32_t kb[] = {16, 16, 8, 4};
+  g.key_bits = kb[rnd(4)];
+  g.key_group = 1;
+  if (g.key_bits == 4) { /* 4-bit codes fill bytes in pairs: even parts, groups of 2 */
+    g.rank += g.rank & 1;
+    g.score_rank += g.score_rank & 1;
+    g.key_group = 2;
+  }
   g.n_sink = (int32_t)rnd(3);
   g.n_recent = (int32_t)rnd(4);
   g.budget_frac = 0.25f + 0.25f * (float)rnd(4);
@@ -398,7 +406,7 @@ static sals_config_t make_config(int fault, float** U, DLTensor* proj, int64_t* 
   g.check_finite = !chance(15);
   g.n_threads = (int32_t)rnd(3);
   if (chance(fault / 2)) { /* one bad field */
-    switch ((int)rnd(12)) {
+    switch ((int)rnd(14)) {
       case 0: g.n_head_q = (int32_t)rnd(5) - 1; break;
       case 1: g.n_head_kv = 0; break;
       case 2: g.rank = dk + 1; break;
@@ -410,6 +418,8 @@ static sals_config_t make_config(int fault, float** U, DLTensor* proj, int64_t* 
       case 8: g.dtype = (sals_dtype_t)7; break;
       case 9: g.device.device_type = kDLVulkan; break;
       case 10: g.scale = -1.0f; break;
+      case 11: g.key_bits = 2; break;
+      case 12: g.key_bits = 8, g.key_group = g.score_rank + 1; break;
       default: g.head_dim = INT32_MAX; break;
     }
   }

@@ -237,17 +237,22 @@ static void test_repeated_indices(void) {
 }
 
 /* One append of a single token (sequence 0) with k = kval everywhere but k[0] = k0, v likewise. */
-static sals_status_t append_one(sals_cache_t* cache, float k0, float kval, float v0, float vval) {
-  float k[16], v[16];
-  for (int i = 0; i < 16; ++i) k[i] = kval, v[i] = vval;
-  k[0] = k0;
-  v[0] = v0;
+/* One token at position 0 of sequence 0 (Dk = 16). */
+static sals_status_t append_row(sals_cache_t* cache, float* k, float* v) {
   int32_t pos[1] = {0};
   tensor_t tk, tv, tp;
   tset(&tk, k, F32, 4, 1, 1, 2, 8);
   tset(&tv, v, F32, 4, 1, 1, 2, 8);
   tset(&tp, pos, I32, 2, 1, 1, 0, 0);
   return sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL);
+}
+
+static sals_status_t append_one(sals_cache_t* cache, float k0, float kval, float v0, float vval) {
+  float k[16], v[16];
+  for (int i = 0; i < 16; ++i) k[i] = kval, v[i] = vval;
+  k[0] = k0;
+  v[0] = v0;
+  return append_row(cache, k, v);
 }
 
 static void test_storage_overflow(void) {
@@ -275,6 +280,30 @@ static void test_storage_overflow(void) {
   CHECK_ERR(append_one(cache, 1.0f, 1.0f, 1e5f, 1e5f), NF, "v: channels 0..7");
   CHECK_OK(append_one(cache, 1.0f, 1.0f, 6e4f, -6e4f)); /* scale 4e4 fits */
   CHECK(length0(cache) == 1, "failed appends stored tokens");
+  sals_cache_destroy(cache);
+
+  /* Quantised latent keys: every group's float16 scale and zero must be finite, whatever the
+   * storage. With the Hadamard U, append_one's latent coordinate j is
+   * (k0 - kval + 16 kval [j == 0]) / 4, and k = a e_0 + b e_8 gives (a + b) / 4 for j < 8 and
+   * (a - b) / 4 for j >= 8 (the rest part, past score_rank 8). */
+  c = config16(SALS_DTYPE_FLOAT32, 16);
+  c.key_bits = 4;
+  c.key_group = 4;
+  CHECK_OK(create_with(&c, U, &cache));
+  CHECK_ERR(append_one(cache, -3e5f, 0.0f, 1.0f, 1.0f), NF,
+            "k: latent coordinates 0..3 of (sequence 0, token 0) span more than the float16 "
+            "scale and zero of 4-bit keys hold");                    /* zero -75000 */
+  CHECK_ERR(append_one(cache, 5e6f, 0.0f, 1.0f, 1.0f), NF,
+            "k: latent coordinates 0..3");                            /* scale 78966 */
+  {
+    float k[16] = {0}, v[16] = {0};
+    k[0] = -2e5f;
+    k[8] = 2e5f;
+    CHECK_ERR(append_row(cache, k, v), NF, "k: latent coordinates 8..11 of (sequence 0, token 0)");
+  }
+  CHECK_OK(append_one(cache, 2.4e5f, 0.0f, 1.0f, 1.0f)); /* 60000 is within float16's range */
+  CHECK_OK(append_one(cache, -2.4e5f, 0.0f, 1.0f, 1.0f));
+  CHECK(length0(cache) == 2, "failed appends stored tokens");
   sals_cache_destroy(cache);
 
   /* float32 storage takes any finite float; check_finite = 0 checks nothing (documented). */

@@ -342,14 +342,16 @@ static scen_t base(int B, int Hq, int Hkv, int d, const int* lens) {
 
 /*
  * A ragged batch (right-padded prompts of 130, 33 and 77 tokens) in one cache gives the same
- * decode outputs and the same selections as each sequence alone in its own cache.
+ * decode outputs and the same selections as each sequence alone in its own cache, with latent
+ * keys of key_bits (16, or quantised in groups of 16).
  */
-static void test_batched_equals_single(void) {
+static void test_batched_equals_single(int key_bits) {
   enum { B = 3, HQ = 8, HKV = 2, D = 64, DK = HKV * D, T = 130, R = 64 };
   static const int lens[B] = {130, 33, 77};
   sals_config_t cfg = sals_config_default();
   cfg.n_head_q = HQ; cfg.n_head_kv = HKV; cfg.head_dim = D; cfg.rank = R; cfg.score_rank = R / 2;
   cfg.value_bits = 4; cfg.n_sink = 4; cfg.n_recent = 8; cfg.max_batch = B; cfg.max_tokens = T + 1;
+  cfg.key_bits = key_bits; cfg.key_group = 16;
   float inv_freq[D / 2];
   make_inv_freq(inv_freq, D, 10000.0);
   sals_rope_t rope = {inv_freq, D, 1.0f, 0};
@@ -402,8 +404,8 @@ static void test_batched_equals_single(void) {
     int same = cnt_1 == cnt_b[single];
     for (int n = 0; same && n < cnt_1; ++n) same = idx_1[n] == idx_b[single * (T + 1) + n];
     CHECK(same, "sequence %d: selection alone differs from the batch", single);
-    printf("  batched == alone, sequence %d (%d tokens): max diff %.2e, %d selected\n", single,
-           lens[single] + 1, err, cnt_1);
+    printf("  batched == alone, %d-bit keys, sequence %d (%d tokens): max diff %.2e, %d "
+           "selected\n", key_bits, single, lens[single] + 1, err, cnt_1);
   }
 }
 
@@ -465,6 +467,7 @@ int main(void) {
     p.rank = 128; p.score_rank = 64; p.bits = 4; p.budget_frac = 0.125f; p.dtype = SALS_DTYPE_FLOAT16;
     run_scenario(&p, 3e-5, "SALS-25%-like, float16 storage", NULL);
   }
-  test_batched_equals_single();
+  test_batched_equals_single(16);
+  test_batched_equals_single(4);
   return finish();
 }

@@ -184,6 +184,38 @@ int main(void) {
   BAD_FIELD(value_bits, 3, "config.value_bits");
   BAD_FIELD(value_group, 3, "config.value_group: 3 does not divide head_dim 8");
   BAD_FIELD(value_group, 0, "config.value_group");
+  BAD_FIELD(key_bits, 2, "config.key_bits: 2 not one of 16, 8, 4");
+  BAD_FIELD(key_bits, 0, "config.key_bits");
+  {
+    /* key_group only matters when the latent keys are quantised (score_rank 8, rank 16). */
+    sals_config_t c = good_config();
+    sals_cache_t* h = NULL;
+    c.key_group = 3;
+    CHECK_OK(create(&c, &h));
+    sals_cache_destroy(h);
+    h = NULL;
+    c.key_bits = 8;
+    CHECK_ERR(create(&c, &h), INV, "config.key_group: 3 does not divide score_rank 8");
+    c.key_group = 0;
+    CHECK_ERR(create(&c, &h), INV, "config.key_group: 0 must be >= 1");
+    c.rank = 12;
+    c.key_group = 8;
+    CHECK_ERR(create(&c, &h), INV, "config.key_group: 8 does not divide rank - score_rank 4");
+    c.rank = 16;
+    c.key_bits = 4;
+    c.key_group = 1;
+    CHECK_ERR(create(&c, &h), INV,
+              "config.key_group: 1 groups of 4-bit codes do not fill whole bytes");
+    c.key_group = 2;
+    CHECK_OK(create(&c, &h));
+    sals_cache_destroy(h);
+    h = NULL;
+    c.device.device_type = kDLCUDA;
+    CHECK_ERR(create(&c, &h), SALS_ERR_UNSUPPORTED,
+              "config.key_bits: quantised latent keys (key_bits < 16) are CPU-only in this "
+              "release");
+    CHECK(h == NULL, "handle written on failure");
+  }
   BAD_FIELD(n_sink, -1, "config.n_sink");
   BAD_FIELD(n_recent, -2, "config.n_recent");
   BAD_FIELD(budget_frac, 0.0f, "config.budget_frac");
