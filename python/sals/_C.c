@@ -448,7 +448,9 @@ static int parse_config(PyObject* d, sals_config_t* cfg) {
       dict_int(d, "head_dim", &cfg->head_dim) || dict_int(d, "rank", &cfg->rank) ||
       dict_int(d, "score_rank", &cfg->score_rank) ||
       dict_int(d, "value_bits", &cfg->value_bits) ||
-      dict_int(d, "value_group", &cfg->value_group) || dict_int(d, "n_sink", &cfg->n_sink) ||
+      dict_int(d, "value_group", &cfg->value_group) ||
+      dict_int(d, "key_bits", &cfg->key_bits) || dict_int(d, "key_group", &cfg->key_group) ||
+      dict_int(d, "n_sink", &cfg->n_sink) ||
       dict_int(d, "n_recent", &cfg->n_recent) ||
       dict_float(d, "budget_frac", &cfg->budget_frac) ||
       dict_int(d, "budget_tokens", &cfg->budget_tokens) ||
@@ -467,15 +469,16 @@ static int parse_config(PyObject* d, sals_config_t* cfg) {
 
 static PyObject* config_to_dict(const sals_config_t* c) {
   return Py_BuildValue(
-      "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,s:i}",
+      "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,"
+      "s:i}",
       "n_head_q", c->n_head_q, "n_head_kv", c->n_head_kv, "head_dim", c->head_dim, "rank",
       c->rank, "score_rank", c->score_rank, "value_bits", c->value_bits, "value_group",
-      c->value_group, "n_sink", c->n_sink, "n_recent", c->n_recent, "budget_frac",
-      (double)c->budget_frac, "budget_tokens", c->budget_tokens, "select_per_head",
-      c->select_per_head, "dense", c->dense, "max_batch", c->max_batch, "max_tokens",
-      c->max_tokens, "dtype", (int)c->dtype, "scale", (double)c->scale, "check_finite",
-      c->check_finite, "n_threads", c->n_threads, "device_type", (int)c->device.device_type,
-      "device_id", c->device.device_id);
+      c->value_group, "key_bits", c->key_bits, "key_group", c->key_group, "n_sink", c->n_sink,
+      "n_recent", c->n_recent, "budget_frac", (double)c->budget_frac, "budget_tokens",
+      c->budget_tokens, "select_per_head", c->select_per_head, "dense", c->dense, "max_batch",
+      c->max_batch, "max_tokens", c->max_tokens, "dtype", (int)c->dtype, "scale",
+      (double)c->scale, "check_finite", c->check_finite, "n_threads", c->n_threads,
+      "device_type", (int)c->device.device_type, "device_id", c->device.device_id);
 }
 
 /* ------------------------------------------------------------------------------------------ */

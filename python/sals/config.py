@@ -14,8 +14,9 @@ from .errors import InvalidArgumentError
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 _PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
-_INT_FIELDS = ("n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "n_sink",
-               "n_recent", "budget_tokens", "max_batch", "max_tokens", "n_threads")
+_INT_FIELDS = ("n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "key_bits",
+               "key_group", "n_sink", "n_recent", "budget_tokens", "max_batch", "max_tokens",
+               "n_threads")
 _BOOL_FIELDS = ("select_per_head", "dense", "check_finite")
 
 
@@ -28,13 +29,16 @@ class Config:
 
     ``rank`` None means ``Dk`` (full rank); ``score_rank`` None means ``rank // 2``, or ``rank``
     when ``rank == Dk``. ``value_bits`` is 16 (unquantised, stored in ``dtype``), 8, 4 or 2.
-    ``budget_tokens`` > 0 fixes the number of selected candidates, otherwise
-    ``ceil(budget_frac * S)``. ``dtype`` is the storage type of latent keys, exact windows and
-    16-bit values: "float16", "bfloat16" or "float32". ``scale`` None means ``1/sqrt(head_dim)``.
-    ``n_threads`` 0 uses one CPU thread per online core. ``check_finite`` (default True) refuses
-    NaN/inf inputs with NotFiniteError and, on the CPU, appended values the storage cannot hold
-    (beyond float16's 65504 for ``dtype="float16"``, or for the float16 scale and zero of
-    quantised values).
+    ``key_bits`` is 16 (latent keys stored in ``dtype``), 8 or 4: latent coordinates quantised
+    like values, in groups of ``key_group`` (which must divide ``score_rank`` and
+    ``rank - score_rank``), with a float16 scale and zero per group; CPU only in this release
+    (a CUDA cache raises UnsupportedError). ``budget_tokens`` > 0 fixes the number of selected
+    candidates, otherwise ``ceil(budget_frac * S)``. ``dtype`` is the storage type of 16-bit
+    latent keys, exact windows and 16-bit values: "float16", "bfloat16" or "float32". ``scale``
+    None means ``1/sqrt(head_dim)``. ``n_threads`` 0 uses one CPU thread per online core.
+    ``check_finite`` (default True) refuses NaN/inf inputs with NotFiniteError and, on the CPU,
+    appended values the storage cannot hold (beyond float16's 65504 for ``dtype="float16"``, or
+    for the float16 scale and zero of quantised values or latent keys).
 
     Fields are checked for their kind at construction and again when a cache is made (values
     and ranges are checked by the C library): int fields take ``int`` or numpy integers (not
@@ -49,6 +53,8 @@ class Config:
     score_rank: int | None = None
     value_bits: int = 16
     value_group: int = 32
+    key_bits: int = 16
+    key_group: int = 32
     n_sink: int = 16
     n_recent: int = 64
     budget_frac: float = 0.125
