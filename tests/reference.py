@@ -133,20 +133,22 @@ class ReferenceCache:
     """The SALS cache of one layer for B sequences, in float64 with storage rounding.
 
     Settings mirror sals.Config (rank = projection columns). Per token it keeps what the C
-    cache keeps: the latent key (rounded to `dtype`), the value (rounded to `dtype`, or
-    quantised), and exact pre-RoPE key and value (rounded to `dtype`) used for sinks and the
-    recent window.
+    cache keeps: the latent key (rounded to `dtype`, or with key_bits < 16 its leading
+    score_rank coordinates and the others each quantised in groups of key_group), the value
+    (rounded to `dtype`, or quantised), and exact pre-RoPE key and value (rounded to `dtype`)
+    used for sinks and the recent window.
     """
 
     def __init__(self, n_head_q, n_head_kv, head_dim, proj, inv_freq, *, score_rank, value_bits=16,
-                 value_group=32, n_sink=16, n_recent=64, budget_frac=0.125, budget_tokens=0,
-                 select_per_head=False, dense=False, dtype="float32", scale=None,
-                 attention_scaling=1.0, interleaved=False, batch=1):
+                 value_group=32, key_bits=16, key_group=32, n_sink=16, n_recent=64,
+                 budget_frac=0.125, budget_tokens=0, select_per_head=False, dense=False,
+                 dtype="float32", scale=None, attention_scaling=1.0, interleaved=False, batch=1):
         self.hq, self.hkv, self.d = n_head_q, n_head_kv, head_dim
         self.proj = np.asarray(proj, np.float64)
         self.rank = self.proj.shape[1]
         self.score_rank = score_rank
         self.bits, self.group = value_bits, value_group
+        self.key_bits, self.key_group = key_bits, key_group
         self.n_sink, self.n_recent = n_sink, n_recent
         self.budget_frac, self.budget_tokens = budget_frac, budget_tokens
         self.per_head, self.dense = select_per_head, dense
@@ -173,7 +175,7 @@ class ReferenceCache:
                     continue
                 kf, vf = k[b, t].reshape(dk), v[b, t].reshape(dk)
                 s["pos"].append(int(pos[b, t]))
-                s["lat"].append(round_to(kf @ self.u, self.dtype))
+                s["lat"].append(self.stored_latent(kf @ self.u))
                 if self.bits == 16:
                     s["val"].append(round_to(vf, self.dtype))
                 else:
@@ -181,6 +183,16 @@ class ReferenceCache:
                     s["val"].append(dequantize(codes, sc, zr, self.group)[0])
                 s["k"].append(round_to(kf, self.dtype))
                 s["v"].append(round_to(vf, self.dtype))
+
+    def stored_latent(self, lat):
+        """A latent key [rank] as the cache gives it back: rounded to `dtype`, or each part
+        (coordinates below score_rank, and the others) quantised and dequantised."""
+        if self.key_bits == 16:
+            return round_to(lat, self.dtype)
+        parts = [lat[:self.score_rank], lat[self.score_rank:]]
+        return np.concatenate([
+            dequantize(*quantize(p[None], self.key_bits, self.key_group), self.key_group)[0]
+            if p.size else p for p in parts])
 
     def lengths(self):
         return np.array([len(s["pos"]) for s in self.seqs], np.int32)

@@ -52,7 +52,8 @@ def reference_for(cfg: sals.Config, proj, rope: sals.Rope, batch):
     return ReferenceCache(
         cfg.n_head_q, cfg.n_head_kv, cfg.head_dim, proj, rope.inv_freq,
         score_rank=cfg.resolved_score_rank(), value_bits=cfg.value_bits,
-        value_group=cfg.value_group, n_sink=cfg.n_sink, n_recent=cfg.n_recent,
+        value_group=cfg.value_group, key_bits=cfg.key_bits, key_group=cfg.key_group,
+        n_sink=cfg.n_sink, n_recent=cfg.n_recent,
         budget_frac=cfg.budget_frac, budget_tokens=cfg.budget_tokens,
         select_per_head=cfg.select_per_head, dense=cfg.dense, dtype=cfg.dtype,
         scale=cfg.scale, attention_scaling=rope.attention_scaling,

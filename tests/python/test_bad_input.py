@@ -145,11 +145,59 @@ def test_values_beyond_the_storage_dtype():
     with pytest.raises(sals.NotFiniteError, match="^v: channels 0..15"):
         cache.append(k, np.full_like(v, 1e5), pos(1, 3))
     assert cache.lengths()[0] == 0
+    # Quantised latent keys: a float16 scale and zero per group, whatever the storage. The
+    # identity projection makes latent coordinate j equal k's channel j (of 32: score 0..15).
+    cfg = sals.Config(HQ, HKV, D, score_rank=16, dtype="float32", max_tokens=8, key_bits=4,
+                      key_group=8)
+    cache = sals.LayerCache(cfg, rope_for(D), np.eye(DK, dtype=np.float32))
+    wide = k[:, :1].copy()
+    wide[0, 0, 1, 2] = -7e4  # channel 18: the first group past score_rank
+    with pytest.raises(sals.NotFiniteError, match=r"^k: latent coordinates 16\.\.23 of "
+                                                  r"\(sequence 0, token 0\) span more than the "
+                                                  r"float16 scale and zero of 4-bit keys hold"):
+        cache.append(wide, v[:, :1], pos(1, 1))
+    wide[0, 0, 1, 2] = 1e6  # a group [~0, 1e6] needs a scale of 66667
+    with pytest.raises(sals.NotFiniteError, match=r"^k: latent coordinates 16\.\.23 "):
+        cache.append(wide, v[:, :1], pos(1, 1))
+    assert cache.lengths()[0] == 0
+    wide[0, 0, 1, 2] = -6e4  # within float16's range
+    cache.append(wide, v[:, :1], pos(1, 1))
+    assert cache.lengths()[0] == 1
     cache = make(dtype="float16", check_finite=False)  # the check is what check_finite buys
     cache.append(big, v, pos(1, 3))
     assert cache.lengths()[0] == 3
     with pytest.raises(sals.NotFiniteError, match="^v: row 1, channels 0..31 span more than"):
         sals.quantize_values(np.array([[0.0] * 32, [1e6] + [0.0] * 31], np.float32), 2, 32)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(key_bits=2), "^config.key_bits: 2 not one of 16, 8, 4"),
+    (dict(key_bits=12), "^config.key_bits: 12 not one of 16, 8, 4"),
+    (dict(key_bits=8, key_group=0), "^config.key_group: 0 must be >= 1"),
+    (dict(key_bits=8, key_group=6), "^config.key_group: 6 does not divide score_rank 16"),
+    (dict(key_bits=8, rank=24, key_group=16),
+     "^config.key_group: 16 does not divide rank - score_rank 8"),
+    (dict(key_bits=4, key_group=1),
+     "^config.key_group: 1 groups of 4-bit codes do not fill whole bytes"),
+])
+def test_bad_key_quantisation(fields, match):
+    cfg = sals.Config(HQ, HKV, D, **{"rank": DK, "score_rank": 16, **fields})
+    with pytest.raises(sals.InvalidArgumentError, match=match):
+        sals.LayerCache(cfg, rope_for(D), orthonormal(np.random.default_rng(0), DK,
+                                                      cfg.resolved_rank()))
+    # 16-bit keys ignore key_group
+    cfg.key_bits = 16
+    sals.LayerCache(cfg, rope_for(D), orthonormal(np.random.default_rng(0), DK,
+                                                  cfg.resolved_rank())).close()
+
+
+def test_quantised_keys_are_cpu_only():
+    cfg = sals.Config(HQ, HKV, D, key_bits=4, key_group=16, max_tokens=8)
+    with pytest.raises(sals.UnsupportedError,
+                       match=r"^config.key_bits: quantised latent keys \(key_bits < 16\) are "
+                             r"CPU-only in this release"):
+        sals.LayerCache(cfg, rope_for(D), orthonormal(np.random.default_rng(0), DK, DK),
+                        device="cuda")
 
 
 def attend_until_busy(cache, q, p, want, seconds=20.0):
@@ -309,7 +357,8 @@ def test_empty_batches_work(framework):
     ("rank", 8.9), ("n_head_q", 4.7), ("score_rank", 3.0), ("max_tokens", "64"), ("dense", "false"),
     ("check_finite", "False"), ("select_per_head", 1), ("dense", None), ("n_sink", True),
     ("budget_frac", "0.5"), ("budget_frac", 0.5j), ("scale", "1"), ("dtype", ["float16"]),
-    ("dtype", 1), ("value_bits", 2**40),
+    ("dtype", 1), ("value_bits", 2**40), ("key_bits", 4.0), ("key_bits", True),
+    ("key_group", "32"),
 ])
 def test_config_fields_of_the_wrong_kind(field, value):
     with pytest.raises(sals.InvalidArgumentError, match=rf"^{field}: "):

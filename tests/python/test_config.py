@@ -38,6 +38,10 @@ def test_cache_reports_the_resolved_config():
         c = cache._c.config()
     assert (c["rank"], c["score_rank"], c["value_bits"], c["dtype"]) == (32, 16, 4, 2)
     assert (c["device_type"], c["device_id"], c["max_tokens"]) == (1, 0, 16)
+    assert (c["key_bits"], c["key_group"]) == (16, 32)
+    cfg.key_bits, cfg.key_group = 4, 8
+    with sals.LayerCache(cfg, sals.Rope.default(64), proj.astype(np.float32)) as cache:
+        assert (cache._c.config()["key_bits"], cache._c.config()["key_group"]) == (4, 8)
 
 
 def test_rope_inputs():

@@ -626,8 +626,9 @@ def mixed_values(ints=None):
                      st.integers(2**31, 2**70))
 
 
-INT_FIELDS = ["n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "n_sink",
-              "n_recent", "budget_tokens", "max_batch", "max_tokens", "n_threads"]
+INT_FIELDS = ["n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "key_bits",
+              "key_group", "n_sink", "n_recent", "budget_tokens", "max_batch", "max_tokens",
+              "n_threads"]
 OPT_INT_FIELDS = ["rank", "score_rank"]
 BOOL_FIELDS = ["select_per_head", "dense", "check_finite"]
 REAL_FIELDS = ["budget_frac", "scale"]
