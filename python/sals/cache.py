@@ -168,9 +168,10 @@ class LayerCache:
         return np.ascontiguousarray(idx[:, :, :n]), count
 
     def memory(self) -> dict:
-        """Bytes held, per component (the ``sals_memory_t`` fields): latent_keys, values,
-        value_scales, exact_window, positions, projection, total; dense_fp16 is what dense fp16
-        K and V would need for the same tokens; allocated is everything the cache allocated."""
+        """Bytes held, per component (the ``sals_memory_t`` fields): latent_keys (with
+        ``key_bits`` < 16 their codes plus float16 scales and zeros), values, value_scales,
+        exact_window, positions, projection, total; dense_fp16 is what dense fp16 K and V would
+        need for the same tokens; allocated is everything the cache allocated."""
         return self._c.memory(self._stream())
 
     def reset(self) -> None:
