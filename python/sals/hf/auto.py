@@ -4,37 +4,46 @@ for a memory target instead of a fixed fraction of Dk.
 The rule, per full-attention layer ``l`` (sliding-window layers keep their exact window and
 are outside the target), for a sequence of ``S = kv_context`` tokens:
 
-1. **Bytes.** The cache of a layer with rank ``r``, ``b``-bit values in groups of ``g`` and
-   ``w = n_sink + n_recent`` exact tokens holds, exactly as ``LayerCache.memory()`` counts it,
-   ``S * (e*r + values(b, g) + 4) + w * 2*Dk*e + 4*Dk*r`` bytes (``e`` the storage dtype's
-   size, ``values(b, g) = Dk*b/8 + 4*Dk/g`` for quantised values, ``e*Dk`` for 16-bit; 4 bytes
-   of position per token; the float32 projection). The target is
+1. **Bytes.** The cache of a layer with rank ``r``, latent keys of ``kb`` bits, ``b``-bit
+   values in groups of ``g`` and ``w = n_sink + n_recent`` exact tokens holds, exactly as
+   ``LayerCache.memory()`` counts it,
+   ``S * (keys(kb) + values(b, g) + 4) + w * 2*Dk*e + 4*Dk*r`` bytes (``e`` the storage
+   dtype's size; ``keys(16) = e*r``, ``keys(kb) = r*kb/8 + 4*r/KEY_GROUP`` for quantised
+   latent keys; ``values(b, g) = Dk*b/8 + 4*Dk/g`` for quantised values, ``e*Dk`` for 16-bit;
+   4 bytes of position per token; the float32 projection). The target is
    ``sum_l bytes_l <= kv_fraction * sum_l 4*Dk*S`` (dense fp16 K+V of the same layers).
    ``kv_context=0`` counts one token's bytes only, without the exact windows and the
    projection: the paper's accounting, in which SALS-12.5% holds 0.156 (plus 4 bytes of
    position per token).
 2. **Error.** A layer's key error is the key energy its rank drops,
    ``1 - sum(eig[:r]) / sum(eig)`` (the calibration's eigenvalues: the relative squared error
-   of rebuilt keys on the calibration text); its value error is the relative squared error of
-   uniform ``b``-bit quantisation of ``g`` Gaussian values, ``(2 c_g / (2^b - 1))^2 / 12`` with
-   ``c_g`` the expected maximum of ``g`` standard normals, weighted by ``VALUE_WEIGHT`` = 1/20:
-   quantisation noise is independent per token and averages out over the attended tokens,
-   while a missing key direction biases every score (measured on SmolLM2: 2-bit values at rank
-   Dk/4 kept SALS-25%'s accuracy, rank Dk/8 with 16-bit values did not).
-3. **Greedy.** Every layer starts at the cheapest setting (rank ``MIN_RANK_FRAC * Dk`` =
-   Dk/16, 2-bit values in the largest group that divides ``head_dim``, at most 128); then,
-   while the budget
-   allows, the single step with the largest error reduction per byte is taken: a rank step of
-   ``Dk/RANK_STEPS`` directions on one layer, or the next value format on one layer
-   (2 -> 4 -> 8 bits at the same group, then 16-bit). Ranks never pass what the calibration
-   stores (calibrate with ``rank_frac=1.0`` to give the rule every direction).
+   of rebuilt keys on the calibration text), plus, for quantised latent keys, the noise of
+   each group of ``KEY_GROUP`` latent coordinates: ``KEY_GROUP * eig[first] * q(kb)`` over
+   ``sum(eig)``, where the group's range follows its largest coordinate (the leading
+   coordinate of a key holds most of its energy, so its group pays for it) and
+   ``q(bits) = (2 c_g / (2^bits - 1))^2 / 12`` with ``c_g`` the expected maximum of ``g``
+   standard normals. The value error is ``q(b)`` of groups of ``g`` values, weighted by
+   ``VALUE_WEIGHT`` = 1/20: value noise is independent per token and averages out over the
+   attended tokens, while a missing key direction biases every score (measured on SmolLM2:
+   2-bit values at rank Dk/4 kept SALS-25%'s accuracy, rank Dk/8 with 16-bit values did not).
+3. **Greedy.** Every layer starts at the cheapest setting (4-bit latent keys at rank
+   ``KEY_GROUP``, or, where quantised keys are not available, 16-bit keys at rank
+   ``MIN_RANK_FRAC * Dk`` = Dk/16; 2-bit values in the largest group that divides
+   ``head_dim``, at most 128); then, while the budget allows, the single step with the
+   largest error reduction per byte is taken: a rank step on one layer (``KEY_GROUP``
+   directions for quantised keys, ``Dk/RANK_STEPS`` for 16-bit ones), the next key format
+   (4 -> 8 -> 16 bits) or the next value format (2 -> 4 -> 8 bits at the same group, then
+   16-bit). Ranks never pass what the calibration stores (calibrate with ``rank_frac=1.0``
+   to give the rule every direction).
 4. **Scoring rank.** It costs decode-time reads, not memory: the smallest ``r* >= r/2`` whose
-   leading directions keep ``SCORE_ENERGY`` (99.5%) of the energy the rank keeps.
+   leading directions keep ``SCORE_ENERGY`` (99.5%) of the energy the rank keeps (a multiple
+   of ``KEY_GROUP`` for quantised keys, whose groups never straddle the scoring part).
 
-A target below the cheapest setting's bytes (the exact windows and positions alone cost
-``(w*4*Dk*e/2 + 4*S) / (4*Dk*S)``) raises ``InvalidArgumentError`` naming the floor.
-Everything else (budget, sinks, recent window, dtype) is the ``sals.Config`` default or the
-caller's override, identical on every layer.
+Quantised latent keys exist on the CPU backend only: for a model on CUDA the rule uses 16-bit
+keys (``layer_overrides``). A target below the cheapest setting's bytes (the exact windows and
+positions alone cost ``(w*4*Dk*e/2 + 4*S) / (4*Dk*S)``) raises ``InvalidArgumentError``
+naming the floor. Everything else (budget, sinks, recent window, dtype) is the ``sals.Config``
+default or the caller's override, identical on every layer.
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ MIN_RANK_FRAC = 1 / 16
 RANK_STEPS = 48
 SCORE_ENERGY = 0.995
 DEFAULT_CONTEXT = 4096
+KEY_GROUP = 32
+# latent key formats, cheapest first: (bits, group); 16 is the storage dtype
+QUANTISED_KEY_FORMATS = ((4, KEY_GROUP), (8, KEY_GROUP), (16, KEY_GROUP))
+FLOAT_KEY_FORMATS = ((16, KEY_GROUP),)
 
 # expected maximum of g standard normal samples (half the expected range of a group)
 _EXPECTED_MAX = {8: 1.42, 16: 1.77, 32: 2.04, 64: 2.33, 128: 2.58, 256: 2.80}
@@ -64,18 +77,23 @@ class LayerPlan:
     score_rank: int
     value_bits: int
     value_group: int
+    key_bits: int
+    key_group: int
     bytes: int               # at kv_context tokens, as LayerCache.memory()["total"] counts
     dense_fp16: int          # 4 * Dk * kv_context
     key_energy: float        # fraction of calibration key energy the rank keeps
+    key_error: float         # the rule's predicted relative squared key error (rank + codes)
 
     def overrides(self) -> dict:
         return {"rank": self.rank, "score_rank": self.score_rank,
-                "value_bits": self.value_bits, "value_group": self.value_group}
+                "value_bits": self.value_bits, "value_group": self.value_group,
+                "key_bits": self.key_bits, "key_group": self.key_group}
 
 
 def value_error(bits: int, group: int) -> float:
     """Relative squared error of uniform ``bits``-bit asymmetric quantisation of ``group``
-    Gaussian values (0 for 16-bit values)."""
+    Gaussian values (0 for 16-bit values); also the per-coordinate noise of a quantised
+    latent key group, relative to its largest coordinate's energy."""
     if bits >= 16:
         return 0.0
     c = _EXPECTED_MAX.get(group) or math.sqrt(2 * math.log(group))
@@ -83,15 +101,29 @@ def value_error(bits: int, group: int) -> float:
 
 
 def layer_bytes(dk: int, rank: int, bits: int, group: int, tokens: int, n_sink: int = 16,
-                n_recent: int = 64, elem: int = 2) -> int:
+                n_recent: int = 64, elem: int = 2, key_bits: int = 16,
+                key_group: int = KEY_GROUP) -> int:
     """Bytes of one layer's cache holding ``tokens`` tokens (LayerCache.memory()["total"]);
     ``tokens`` 0: the bytes of one more token (the paper's accounting, no fixed costs)."""
     values = elem * dk if bits >= 16 else dk * bits // 8 + 4 * (dk // group)
+    keys = elem * rank if key_bits >= 16 else rank * key_bits // 8 + 4 * (rank // key_group)
     if tokens == 0:
-        return elem * rank + values + 4
+        return keys + values + 4
     # as LayerCache.memory() counts them: a short sequence's sinks and recent tokens overlap
     exact = (min(tokens, n_sink) + min(tokens, n_recent)) * 2 * dk * elem
-    return tokens * (elem * rank + values + 4) + exact + 4 * dk * rank
+    return tokens * (keys + values + 4) + exact + 4 * dk * rank
+
+
+def key_error(eig, rank: int, bits: int, group: int = KEY_GROUP) -> float:
+    """The rule's relative squared error of rebuilt keys: the energy beyond ``rank`` plus, for
+    quantised latent keys, each group's code noise set by its largest coordinate (module
+    docstring, step 2). ``eig``: the calibration's eigenvalues, largest first."""
+    total = float(sum(eig)) or 1.0
+    err = float(sum(eig[rank:])) / total
+    if bits < 16:
+        noise = value_error(bits, group)
+        err += sum(group * float(eig[first]) * noise for first in range(0, rank, group)) / total
+    return err
 
 
 def _value_formats(head_dim: int) -> list[tuple[int, int]]:
@@ -106,10 +138,10 @@ def _value_formats(head_dim: int) -> list[tuple[int, int]]:
 
 def plan(calibration: Calibration, layers, kv_fraction: float,
          kv_context: int = DEFAULT_CONTEXT, n_sink: int = 16, n_recent: int = 64,
-         dtype: str = "float16") -> list[LayerPlan]:
+         dtype: str = "float16", quantised_keys: bool = True) -> list[LayerPlan]:
     """Per-layer settings for ``layers`` (``[(index, n_head_kv, head_dim)]``, the
     full-attention layers) meeting ``kv_fraction`` of dense fp16 K+V at ``kv_context`` tokens
-    (module docstring)."""
+    (module docstring); ``quantised_keys`` False keeps latent keys 16-bit (CUDA)."""
     kv_fraction = float(kv_fraction)
     if not 0 < kv_fraction <= 1:
         raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
@@ -118,7 +150,8 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
         raise InvalidArgumentError(f"kv_context: expected >= 0, got {kv_context}")
     elem = 4 if dtype == "float32" else 2
     window = int(n_sink) + int(n_recent)
-    state = []
+    per_seq = max(1, kv_context)  # kv_context 0: bytes per token
+    base = []
     for index, n_head_kv, head_dim in layers:
         dk = n_head_kv * head_dim
         if index >= len(calibration.layers):
@@ -126,66 +159,103 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
         cal = calibration.layers[index]
         if cal.dk != dk:
             raise CalibrationError(f"calibration: layer {index} has Dk={cal.dk}, the model {dk}")
-        eig = cal.eigenvalues
-        total = float(eig.sum()) or 1.0
+        eig = [float(x) for x in cal.eigenvalues]
+        total = sum(eig) or 1.0
         cumulative = [0.0]
         for x in eig:
-            cumulative.append(cumulative[-1] + float(x) / total)
-        formats = _value_formats(head_dim)
-        step = max(1, dk // RANK_STEPS)
-        rank = min(cal.rank, max(1, round(dk * MIN_RANK_FRAC)))
-        state.append({"index": index, "dk": dk, "max_rank": cal.rank, "cum": cumulative,
-                      "formats": formats, "fmt": 0, "rank": rank, "step": step})
-
-    def cost(s, rank=None, fmt=None) -> int:
-        bits, group = s["formats"][s["fmt"] if fmt is None else fmt]
-        return layer_bytes(s["dk"], s["rank"] if rank is None else rank, bits, group,
-                           kv_context, n_sink, n_recent, elem)
-
-    per_seq = max(1, kv_context)  # kv_context 0: bytes per token
-    dense = sum(4 * s["dk"] * per_seq for s in state)
+            cumulative.append(cumulative[-1] + x / total)
+        base.append({"index": index, "dk": dk, "max_rank": cal.rank, "cum": cumulative,
+                     "eig": eig, "formats": _value_formats(head_dim)})
+    dense = sum(4 * s["dk"] * per_seq for s in base)
     budget = kv_fraction * dense
-    spent = sum(cost(s) for s in state)
-    if spent > budget:
+
+    def greedy(quantised: bool):
+        """(plans, predicted error), or (None, cheapest bytes) when even that does not fit."""
+        state = []
+        for b in base:
+            # quantised keys need whole groups: layers holding fewer directions stay 16-bit
+            keys = QUANTISED_KEY_FORMATS if quantised and b["max_rank"] >= KEY_GROUP \
+                else FLOAT_KEY_FORMATS
+            rank = KEY_GROUP if keys[0][0] < 16 else \
+                min(b["max_rank"], max(1, round(b["dk"] * MIN_RANK_FRAC)))
+            state.append({**b, "fmt": 0, "keys": keys, "kfmt": 0, "rank": rank})
+
+        def step(s) -> int:
+            return s["keys"][s["kfmt"]][1] if s["keys"][s["kfmt"]][0] < 16 \
+                else max(1, s["dk"] // RANK_STEPS)
+
+        def cost(s, rank=None, fmt=None, kfmt=None) -> int:
+            bits, group = s["formats"][s["fmt"] if fmt is None else fmt]
+            kbits, kgroup = s["keys"][s["kfmt"] if kfmt is None else kfmt]
+            return layer_bytes(s["dk"], s["rank"] if rank is None else rank, bits, group,
+                               kv_context, n_sink, n_recent, elem, kbits, kgroup)
+
+        def kerr(s, rank=None, kfmt=None) -> float:
+            return key_error(s["eig"], s["rank"] if rank is None else rank,
+                             *s["keys"][s["kfmt"] if kfmt is None else kfmt])
+
+        spent = sum(cost(s) for s in state)
+        if spent > budget:
+            return None, spent
+        while True:
+            # the best step may not fit while a cheaper one still does: take the best that fits
+            candidates = []
+            for s in state:
+                here = cost(s)
+                rank_up = min(s["max_rank"], s["rank"] + step(s))
+                if s["keys"][s["kfmt"]][0] < 16:
+                    rank_up -= rank_up % s["keys"][s["kfmt"]][1]  # whole groups only
+                if rank_up > s["rank"]:
+                    extra = cost(s, rank=rank_up) - here
+                    gain = kerr(s) - kerr(s, rank=rank_up)
+                    candidates.append((gain / extra, -s["index"], s, "rank", rank_up, extra))
+                if s["kfmt"] + 1 < len(s["keys"]):
+                    extra = cost(s, kfmt=s["kfmt"] + 1) - here
+                    gain = kerr(s) - kerr(s, kfmt=s["kfmt"] + 1)
+                    candidates.append((gain / extra, -s["index"], s, "kfmt", s["kfmt"] + 1,
+                                       extra))
+                if s["fmt"] + 1 < len(s["formats"]):
+                    extra = cost(s, fmt=s["fmt"] + 1) - here
+                    gain = VALUE_WEIGHT * (value_error(*s["formats"][s["fmt"]])
+                                           - value_error(*s["formats"][s["fmt"] + 1]))
+                    candidates.append((gain / extra, -s["index"], s, "fmt", s["fmt"] + 1, extra))
+            fitting = [c for c in candidates if spent + c[5] <= budget and c[0] > 0]
+            if not fitting:
+                break
+            _, _, s, kind, value, extra = max(fitting, key=lambda c: (c[0], c[1]))
+            s[kind] = value
+            spent += extra
+
+        plans, error = [], 0.0
+        for s in state:
+            rank, cum = s["rank"], s["cum"]
+            kbits, kgroup = s["keys"][s["kfmt"]]
+            unit = kgroup if kbits < 16 else 1  # a quantised scoring part holds whole groups
+            score = max(unit, -(-(rank // 2) // unit) * unit)
+            while score < rank and cum[score] < SCORE_ENERGY * cum[rank]:
+                score += unit
+            bits, group = s["formats"][s["fmt"]]
+            plans.append(LayerPlan(index=s["index"], dk=s["dk"], rank=rank, score_rank=score,
+                                   value_bits=bits, value_group=group, key_bits=kbits,
+                                   key_group=kgroup, bytes=cost(s),
+                                   dense_fp16=4 * s["dk"] * per_seq, key_energy=cum[rank],
+                                   key_error=kerr(s)))
+            error += kerr(s) + VALUE_WEIGHT * value_error(bits, group)
+        return plans, error
+
+    # quantised latent keys start at a whole group, which a small Dk may not afford: the rule
+    # runs with and without them and keeps the plan it predicts to be more accurate
+    runs = [greedy(q) for q in ((True, False) if quantised_keys else (False,))]
+    feasible = [r for r in runs if r[0] is not None]
+    if not feasible:
+        cheapest = min(r[1] for r in runs)
         raise InvalidArgumentError(
             f"kv_fraction: {kv_fraction:g} is below what this model can reach at "
-            f"{kv_context} tokens: {spent / dense:.4f} of dense fp16 K+V (rank "
-            f"{MIN_RANK_FRAC:g}*Dk, 2-bit values, {window} exact tokens and the projection; "
+            f"{kv_context} tokens: {cheapest / dense:.4f} of dense fp16 K+V (the cheapest "
+            f"keys, 2-bit values, {window} exact tokens and the projection; "
             f"the exact windows alone cost "
             f"{min(kv_context, window) * 2 * elem / (4 * per_seq):.4f})")
-    while True:
-        # the best step may not fit while a cheaper one still does: take the best that fits
-        candidates = []
-        for s in state:
-            here = cost(s)
-            rank_up = min(s["max_rank"], s["rank"] + s["step"])
-            if rank_up > s["rank"]:
-                extra = cost(s, rank=rank_up) - here
-                gain = s["cum"][rank_up] - s["cum"][s["rank"]]
-                candidates.append((gain / extra, -s["index"], s, "rank", rank_up, extra))
-            if s["fmt"] + 1 < len(s["formats"]):
-                extra = cost(s, fmt=s["fmt"] + 1) - here
-                gain = VALUE_WEIGHT * (value_error(*s["formats"][s["fmt"]])
-                                       - value_error(*s["formats"][s["fmt"] + 1]))
-                candidates.append((gain / extra, -s["index"], s, "fmt", s["fmt"] + 1, extra))
-        fitting = [c for c in candidates if spent + c[5] <= budget and c[0] > 0]
-        if not fitting:
-            break
-        _, _, s, kind, value, extra = max(fitting, key=lambda c: (c[0], c[1]))
-        s[kind] = value
-        spent += extra
-
-    plans = []
-    for s in state:
-        rank, cum = s["rank"], s["cum"]
-        score = max(1, rank // 2)
-        while score < rank and cum[score] < SCORE_ENERGY * cum[rank]:
-            score += 1
-        bits, group = s["formats"][s["fmt"]]
-        plans.append(LayerPlan(index=s["index"], dk=s["dk"], rank=rank, score_rank=score,
-                               value_bits=bits, value_group=group, bytes=cost(s),
-                               dense_fp16=4 * s["dk"] * per_seq, key_energy=cum[rank]))
-    return plans
+    return min(feasible, key=lambda r: r[1])[0]
 
 
 def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> dict[int, dict]:
@@ -202,14 +272,17 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> d
                                    "(the fraction of dense fp16 K+V to keep, e.g. 0.156)")
     fraction = overrides.pop("kv_fraction")
     context = overrides.pop("kv_context", DEFAULT_CONTEXT)
-    chosen = {"rank", "score_rank", "value_bits", "value_group"} & set(overrides)
+    chosen = {"rank", "score_rank", "value_bits", "value_group", "key_bits",
+              "key_group"} & set(overrides)
     if chosen:
         raise InvalidArgumentError(
             f"{min(chosen)}: chosen per layer by preset 'auto'; drop it or use another "
             f"preset")
-    full = [(layer.index, layer.n_head_kv, layer.head_dim) for layer in info.layers
-            if not layer.sliding]
-    plans = plan(calibration, full, fraction, context, n_sink=overrides.get("n_sink", 16),
+    full = [layer for layer in info.layers if not layer.sliding]
+    # the CUDA backend stores latent keys in 16 bits only
+    on_cpu = all(layer.device.type == "cpu" for layer in full)
+    plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full],
+                 fraction, context, n_sink=overrides.get("n_sink", 16),
                  n_recent=overrides.get("n_recent", 64),
-                 dtype=overrides.get("dtype", "float16"))
+                 dtype=overrides.get("dtype", "float16"), quantised_keys=on_cpu)
     return {p.index: p.overrides() for p in plans}
