@@ -245,8 +245,9 @@ def _run(args, argv) -> int:
         results["meta"]["prose"] = prose_text()[1]
     from tqdm.auto import tqdm
 
-    jobs = [("task", t, f, c, args.seed + i) for c in contexts for (t, f) in cells
-            for i in range(args.prompts)]
+    # seed-major: a run stopped early has covered every task, filler and context evenly
+    jobs = [("task", t, f, c, args.seed + i) for i in range(args.prompts) for c in contexts
+            for (t, f) in cells]
     jobs += [("ppl", None, None, c, i) for c in ppl_contexts for i in range(args.ppl_segments)]
     heldout_ids = None
     out_dir = args.out or f"sals-eval-{args.model if args.model in ('smollm2', 'gemma3') else 'model'}"

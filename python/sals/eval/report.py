@@ -52,11 +52,14 @@ def markdown(results: dict, summary: dict) -> str:
              f"filler and context; tasks {', '.join(tasks)}; contexts {contexts}); "
              f"perplexity: {len(results['perplexity'])} segments of {meta['ppl_tokens']} "
              f"tokens ({meta['heldout']})"),
-             f"- calibration: {meta['calibration']}", "",
-             "| setting | KV fraction | RULER avg | "
-             + " | ".join(f"{c}" for c in contexts) + " | "
-             + " | ".join(tasks) + " | ppl | = dense |",
-             "|---|---:|---:|" + "---:|" * (len(contexts) + len(tasks)) + "---:|---:|"]
+             f"- calibration: {meta['calibration']}"]
+    if meta.get("interrupted"):
+        lines.append(f"- stopped {meta['interrupted']}: the tables cover the prompts measured")
+    lines += ["",
+              "| setting | KV fraction | RULER avg | "
+              + " | ".join(f"{c}" for c in contexts) + " | "
+              + " | ".join(tasks) + " | ppl | = dense |",
+              "|---|---:|---:|" + "---:|" * (len(contexts) + len(tasks)) + "---:|---:|"]
     for name, s in summary.items():
         ctx = " | ".join(f"{s['by_context'].get(c, float('nan')):.1f}" for c in contexts)
         tk = " | ".join(f"{s['by_task'].get(t, float('nan')):.1f}" for t in tasks)
