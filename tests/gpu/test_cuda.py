@@ -315,7 +315,9 @@ def test_stateless_sparse_attention_index_errors():
     k = torch.randn(2, 50, 2, 64, generator=gen)
     v = torch.randn(2, 50, 2, 64, generator=gen)
     lengths = torch.tensor([50, 30], dtype=torch.int32)
-    idx = torch.randint(0, 30, (2, 1, 12), generator=gen, dtype=torch.int32)
+    # distinct tokens per row: the CPU reference refuses a repeated index
+    idx = torch.stack([torch.randperm(30, generator=gen)[:12] for _ in range(2)])[:, None]
+    idx = idx.to(torch.int32)
     idx[0, 0, 3] = -1
     ref = sals.sparse_attention(q, k, v, idx, lengths)
     out = sals.sparse_attention(q.cuda(), k.cuda(), v.cuda(), idx.cuda(), lengths.cuda())
