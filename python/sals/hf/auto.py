@@ -100,13 +100,18 @@ def value_error(bits: int, group: int) -> float:
     return (2 * c / (2 ** bits - 1)) ** 2 / 12
 
 
+def _row_bytes(n: int, bits: int, group: int, elem: int) -> int:
+    """Bytes of one token's ``n`` values or latent coordinates: ``elem`` each at 16 bits, else
+    packed codes plus a float16 scale and zero per group."""
+    return elem * n if bits >= 16 else n * bits // 8 + 4 * (n // group)
+
+
 def layer_bytes(dk: int, rank: int, bits: int, group: int, tokens: int, n_sink: int = 16,
                 n_recent: int = 64, elem: int = 2, key_bits: int = 16,
                 key_group: int = KEY_GROUP) -> int:
     """Bytes of one layer's cache holding ``tokens`` tokens (LayerCache.memory()["total"]);
     ``tokens`` 0: the bytes of one more token (the paper's accounting, no fixed costs)."""
-    values = elem * dk if bits >= 16 else dk * bits // 8 + 4 * (dk // group)
-    keys = elem * rank if key_bits >= 16 else rank * key_bits // 8 + 4 * (rank // key_group)
+    values, keys = _row_bytes(dk, bits, group, elem), _row_bytes(rank, key_bits, key_group, elem)
     if tokens == 0:
         return keys + values + 4
     # as LayerCache.memory() counts them: a short sequence's sinks and recent tokens overlap
