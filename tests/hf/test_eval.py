@@ -168,3 +168,33 @@ def test_prompts_are_seeded_sized_and_hold_their_answers(smollm2, task):
             assert all(answer in text for answer in a.answers)
     assert tasks.score("x " + " ".join(a.answers), a.answers) == 100.0
     assert tasks.score("nothing", a.answers) == 0.0
+
+
+def _results(scores: dict) -> dict:
+    """An eval's results holding only what report.summarise reads: per-prompt scores."""
+    n = len(next(iter(scores.values())))
+    prompts = [{"task": "niah_single", "filler": "repeat", "context": 1024, "seed": i,
+                "results": {name: {"score": s[i], "kv_fraction": 1.0, "kv_fraction_model": 1.0,
+                                   "seconds": 0.0} for name, s in scores.items()}}
+               for i in range(n)]
+    return {"settings": [{"name": name} for name in scores], "prompts": prompts,
+            "perplexity": [], "meta": {"model": "m", "command": "c", "machine": "x",
+                                       "date": "d", "prompts_per_cell": n, "ppl_tokens": 0,
+                                       "heldout": "", "calibration": ""}}
+
+
+def test_paired_difference_from_dense():
+    from sals.eval import report
+
+    # b loses 100 points on 1 prompt of 10; c equals dense everywhere
+    results = _results({"dense": [100.0] * 5 + [0.0] * 5, "b": [0.0] + [100.0] * 4 + [0.0] * 5,
+                        "c": [100.0] * 5 + [0.0] * 5})
+    b = report.paired_difference(results, "b")
+    assert b["mean"] == pytest.approx(-10.0) and b["prompts"] == 10
+    assert -100.0 <= b["low"] < b["mean"] < b["high"] <= 0.0
+    assert b == report.paired_difference(results, "b")  # fixed seed: the same interval
+    c = report.paired_difference(results, "c")
+    assert c["mean"] == c["low"] == c["high"] == 0.0
+    assert report.paired_difference(_results({"b": [1.0]}), "b") is None  # no dense row
+    table = report.markdown(results, report.summarise(results))
+    assert "| b | 1.000 | 40.0 | -10.0 [" in table and "| dense | 1.000 | 50.0 | — |" in table
