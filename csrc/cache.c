@@ -143,10 +143,6 @@ static sals_status_t check_config(const sals_config_t* g) {
   if (g->device.device_type == kDLCUDA && g->device.device_id < 0)
     return sals_set_error(INVALID, "config.device: invalid CUDA ordinal %d",
                           (int)g->device.device_id);
-  /* Refused here rather than in cuda/, so every build reports it alike. */
-  if (g->device.device_type == kDLCUDA && g->key_bits < 16)
-    return sals_set_error(SALS_ERR_UNSUPPORTED, "config.key_bits: quantised latent keys "
-                          "(key_bits < 16) are CPU-only in this release");
   /* Every buffer must be addressable: bound the largest, B * T * Dk elements. */
   const double cells = (double)g->max_batch * (double)g->max_tokens * (double)dk;
   if (cells > 4.0e15)

@@ -15,6 +15,9 @@
  * Rebuild is tensor-core work and P.V streams values: as two kernels each runs at its own
  * occupancy, and the value gathers no longer stall the rebuild pipeline.
  * Dense decode (config.dense, T == 1) runs the same kernels over every token.
+ * Quantised latent keys (key_bits < 16) are dequantised where they are read: in the scoring
+ * loop (score.cu), in the rebuild's staging (registers, then shared memory) and in the general
+ * kernel; those are separate instantiations, the 16-bit kernels are unchanged.
  * Everything else (T > 1, float32 storage, other head dims) runs the general kernel below,
  * which rebuilds keys tile by tile in shared memory on CUDA cores: simpler, exact, slower.
  * No host synchronisation and no allocation unless check_finite is set.
@@ -94,6 +97,13 @@ struct AttnArgs {
   float* part_o;
   float* part_ml;
   int32_t max_parts;
+  /* quantised latent keys (key_bits < 16): scales and zeros of the two parts' groups */
+  const uint16_t* lat_score_scale;
+  const uint16_t* lat_score_zero;
+  const uint16_t* lat_rest_scale;
+  const uint16_t* lat_rest_zero;
+  int32_t key_bits, key_group;
+  int64_t lat_score_bytes, lat_rest_bytes;
 };
 
 /* N consecutive 16-bit elements as floats, one vector load (p is N-element aligned). */
@@ -108,40 +118,6 @@ __device__ __forceinline__ void load_n(const T* p, float* dst) {
     const T* h = reinterpret_cast<const T*>(&u);
 #pragma unroll
     for (int e = 0; e < N; ++e) dst[e] = to_f<T>(h[e]);
-  }
-}
-
-/* Channels [col, col + N) of a quantised value row: codes packed little-endian from p, group
- * g's float16 scale and zero at sc[g], zr[g] (g = channel / group); col is a multiple of N. The
- * same pointers work for a whole cache row in global memory and for one head's slice staged in
- * shared memory. N channels of one group come from one load of their codes. */
-template <int N>
-__device__ __forceinline__ void decode_codes(const uint8_t* p, const uint16_t* sc,
-                                             const uint16_t* zr, int64_t col, int32_t bits,
-                                             int32_t group, float* dst) {
-  const uint32_t mask = (1u << bits) - 1u;
-  if (N > 1 && group % N == 0) {
-    /* N * bits is 4, 8, 16, 32 or 64 bits, aligned to its own size */
-    const int64_t bit0 = col * bits;
-    const uint8_t* q = p + (bit0 >> 3);
-    const int tb = N * bits;
-    uint64_t w;
-    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
-    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
-    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
-    else w = *reinterpret_cast<const uint64_t*>(q);
-    const int64_t g = col / group;
-    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
-#pragma unroll
-    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * bits)) & mask) * s;
-    return;
-  }
-  for (int32_t e = 0; e < N; ++e) {
-    const int64_t ch = col + e;
-    const int64_t bit = ch * bits;
-    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
-    const int64_t g = ch / group;
-    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
   }
 }
 
@@ -164,6 +140,20 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
   }
   decode_codes<N>((const uint8_t*)a.val + row * a.val_row_bytes, a.val_scale + row * a.n_groups,
                   a.val_zero + row * a.n_groups, col, a.bits, a.group, dst);
+}
+
+/* Latent coordinates [c, c + N) of cache row `row` (b * max_tokens + slot) with quantised keys,
+ * as floats: c is a multiple of N and [c, c + N) lies in one part (score or rest). */
+template <int N>
+__device__ __forceinline__ void load_latent_q(const AttnArgs& a, int64_t row, int32_t c,
+                                              float* dst) {
+  const bool score = c < a.rs;
+  const int64_t bytes = score ? a.lat_score_bytes : a.lat_rest_bytes;
+  const int64_t ng = (score ? a.rs : a.rank - a.rs) / a.key_group;
+  decode_codes<N>((const uint8_t*)(score ? a.lat_score : a.lat_rest) + row * bytes,
+                  (score ? a.lat_score_scale : a.lat_rest_scale) + row * ng,
+                  (score ? a.lat_score_zero : a.lat_rest_zero) + row * ng, score ? c : c - a.rs,
+                  a.key_bits, a.key_group, dst);
 }
 
 /* ---- scoring query ------------------------------------------------------------------------ */
@@ -244,7 +234,7 @@ constexpr size_t rebuild_smem_bytes() {
   return mma > wg ? mma : wg;
 }
 
-template <typename T, int D, int GM>
+template <typename T, int D, int GM, bool QK>
 __global__ void __launch_bounds__(kRWarps * 32)
     rebuild_logits_kernel(AttnArgs a) {
   constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
@@ -330,6 +320,7 @@ __global__ void __launch_bounds__(kRWarps * 32)
     /* element offsets of this thread's latent rows (score part and rest part, each already
      * shifted so that adding the stage's first coordinate gives the copy's source) */
     int64_t off_s[kRRowsPerThread], off_r[kRRowsPerThread];
+    int64_t qrow[kRRowsPerThread]; /* quantised keys: the cache rows themselves */
     bool live[kRRowsPerThread];
 #pragma unroll
     for (int j = 0; j < kRRowsPerThread; ++j) {
@@ -338,6 +329,7 @@ __global__ void __launch_bounds__(kRWarps * 32)
       live[j] = t_kind[row] == 0;
       off_s[j] = srow * a.rs + ch;
       off_r[j] = srow * rr + ch - a.rs;
+      if constexpr (QK) qrow[j] = srow;
     }
 
     float logit[GM][2];
@@ -356,15 +348,29 @@ __global__ void __launch_bounds__(kRWarps * 32)
         for (int j = 0; j < kURowsPerThread; ++j)
           off_u[j] = ((int64_t)h * D + dim_of(row0 + j * kRowStep, pass)) * a.rank + ch;
         /* a 16-byte copy lies in one of the two latent arrays (rs % 8 == 0); copies past the
-         * rank are zero-filled, so any rank that is a multiple of 8 works */
+         * rank are zero-filled, so any rank that is a multiple of 8 works. Quantised keys:
+         * the 8 coordinates' codes are dequantised in registers and stored with a plain
+         * shared-memory store to the same place; on sm_90a the fence.proxy.async that every
+         * thread runs before the barrier ahead of the stage's wgmma orders these generic-proxy
+         * stores too, as it does the cp.async data. */
         auto stage = [&](int buf, int32_t kc) {
           const int32_t col = kc + ch;
           const bool in_rank = col < a.rank, in_score = col < a.rs;
 #pragma unroll
           for (int j = 0; j < kRRowsPerThread; ++j) {
             const bool ok = live[j] && in_rank;
-            const T* src = !ok ? lat_s : in_score ? lat_s + off_s[j] + kc : lat_r + off_r[j] + kc;
-            cp_async16(&As(buf)[rebuild_tile_offset(row0 + j * kRowStep, ch)], src, ok ? 16 : 0);
+            if constexpr (QK) {
+              float f[8] = {};
+              if (ok) load_latent_q<8>(a, qrow[j], col, f);
+              uint4 u;
+              T* h8 = reinterpret_cast<T*>(&u);
+#pragma unroll
+              for (int e = 0; e < 8; ++e) h8[e] = from_f<T>(f[e]);
+              *reinterpret_cast<uint4*>(&As(buf)[rebuild_tile_offset(row0 + j * kRowStep, ch)]) = u;
+            } else {
+              const T* src = !ok ? lat_s : in_score ? lat_s + off_s[j] + kc : lat_r + off_r[j] + kc;
+              cp_async16(&As(buf)[rebuild_tile_offset(row0 + j * kRowStep, ch)], src, ok ? 16 : 0);
+            }
           }
 #pragma unroll
           for (int j = 0; j < kURowsPerThread; ++j)
@@ -797,7 +803,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AttnArgs a, int32_
 /* ---- general kernel: any dtype, head dim, T; keys rebuilt in shared memory ------------ */
 constexpr int kGThreads = 256, kGKT = 32, kGRC = 64;
 
-template <typename T>
+template <typename T, bool QK>
 __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t D, int32_t Tq,
                                                             int32_t QT) {
   extern __shared__ float sm[];
@@ -874,7 +880,8 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
         float x = 0.f;
         if (kkind[j] == 0 && c < a.rank) {
           const int64_t row = (int64_t)b * a.max_tokens + kslot[j];
-          x = c < a.rs ? to_f<T>(lat_s[row * a.rs + c]) : to_f<T>(lat_r[row * rr + c - a.rs]);
+          if constexpr (QK) load_latent_q<1>(a, row, c, &x);
+          else x = c < a.rs ? to_f<T>(lat_s[row * a.rs + c]) : to_f<T>(lat_r[row * rr + c - a.rs]);
         }
         Lt[j * (kGRC + 1) + cc] = x;
       }
@@ -1001,6 +1008,14 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   a.group = c->cfg.value_group;
   a.n_groups = c->n_groups;
   a.val_row_bytes = c->val_row_bytes;
+  a.lat_score_scale = c->lat_score_scale;
+  a.lat_score_zero = c->lat_score_zero;
+  a.lat_rest_scale = c->lat_rest_scale;
+  a.lat_rest_zero = c->lat_rest_zero;
+  a.key_bits = c->cfg.key_bits;
+  a.key_group = c->cfg.key_group;
+  a.lat_score_bytes = c->lat_score_bytes;
+  a.lat_rest_bytes = c->lat_rest_bytes;
   a.n_sel_heads = c->n_sel_heads;
   a.rotary_dim = c->rotary_dim;
   a.inter = c->interleaved;
@@ -1058,15 +1073,17 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, int32_t* pv
                             cudaStream_t st) {
   const int64_t pairs = (int64_t)dg.B * a.hkv;
   const size_t smem = rebuild_smem_bytes<T, D>();
-  cudaError_t e = cudaFuncSetAttribute(rebuild_logits_kernel<T, D, GM>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  /* quantised latent keys: a second instantiation, the 16-bit kernel stays as it is */
+  auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, GM, true>
+                                 : rebuild_logits_kernel<T, D, GM, false>;
+  cudaError_t e = cudaFuncSetAttribute(rebuild, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem);
   if (e != cudaSuccess) return e;
   int per_sm = 0;
-  e = blocks_per_sm(rebuild_logits_kernel<T, D, GM>, kRWarps * 32, smem, &per_sm);
+  e = blocks_per_sm(rebuild, kRWarps * 32, smem, &per_sm);
   if (e != cudaSuccess) return e;
   const int32_t ns = pick_splits(pairs, dg.max_tiles, (int64_t)dg.num_sms * per_sm);
-  rebuild_logits_kernel<T, D, GM><<<dim3((unsigned)ns, (unsigned)a.hkv, (unsigned)dg.B),
-                                    kRWarps * 32, smem, st>>>(a);
+  rebuild<<<dim3((unsigned)ns, (unsigned)a.hkv, (unsigned)dg.B), kRWarps * 32, smem, st>>>(a);
   e = cudaPeekAtLastError();
   if (e != cudaSuccess) return e;
   /* softmax + P.V streams the values: enough blocks for several per SM, at most one split per
@@ -1165,15 +1182,23 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
       else if (G <= 8) SALS_CUDA_TRY(fold(QFoldLoad<E, 8>{qv, G, D, ph}));
       else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph}));
     });
-    DView kl;
-    kl.data = c->lat_score;
-    kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
-                        : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16 : SALS_ELEM_BF16);
-    kl.shape[0] = B; kl.shape[1] = cf.max_tokens; kl.shape[2] = cf.score_rank; kl.shape[3] = 1;
-    kl.stride[0] = (int64_t)cf.max_tokens * cf.score_rank; kl.stride[1] = cf.score_rank;
-    kl.stride[2] = 1; kl.stride[3] = 0;
-    SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kl, c->len, 0, cf.n_sink, cf.n_recent,
-                                B, s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
+    if (cf.key_bits < 16) {
+      const QuantRows kq{(const uint8_t*)c->lat_score, c->lat_score_scale, c->lat_score_zero,
+                         cf.max_tokens, c->lat_score_bytes, cf.key_bits, cf.key_group};
+      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kq, c->len, cf.n_sink, cf.n_recent,
+                                  B, s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
+    } else {
+      DView kl;
+      kl.data = c->lat_score;
+      kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
+                          : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16 : SALS_ELEM_BF16);
+      kl.shape[0] = B; kl.shape[1] = cf.max_tokens; kl.shape[2] = cf.score_rank; kl.shape[3] = 1;
+      kl.stride[0] = (int64_t)cf.max_tokens * cf.score_rank; kl.stride[1] = cf.score_rank;
+      kl.stride[2] = 1; kl.stride[3] = 0;
+      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kl, c->len, 0, cf.n_sink,
+                                  cf.n_recent, B, s->scores, (int64_t)H * cf.max_tokens,
+                                  s->num_sms, st));
+    }
     RowSpec spec;
     spec.lengths = c->len;
     spec.fixed_len = 0;
@@ -1219,9 +1244,10 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
                       sizeof(int32_t) * (R + 3 * kGKT);
   dim3 grid((unsigned)cdiv(Tq, QT), (unsigned)cf.n_head_kv, (unsigned)B);
   SALS_DISPATCH_DTYPE(cf.dtype, T, {
-    SALS_CUDA_TRY(cudaFuncSetAttribute(general_kernel<T>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    general_kernel<T><<<grid, kGThreads, smem, st>>>(a, D, Tq, QT);
+    auto general = cf.key_bits < 16 ? general_kernel<T, true> : general_kernel<T, false>;
+    SALS_CUDA_TRY(cudaFuncSetAttribute(general, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem));
+    general<<<grid, kGThreads, smem, st>>>(a, D, Tq, QT);
   });
   SALS_CUDA_LAUNCHED("general attention");
   return SALS_OK;

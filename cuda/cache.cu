@@ -18,6 +18,8 @@ namespace sals_cuda {
 namespace {
 
 constexpr int kScanThreads = 256;
+/* Rows of an append projected at a time with quantised latent keys (float32 workspace). */
+constexpr int64_t kLatChunk = 2048;
 
 /* Finite check over a strided view of up to 4 dims; sets *flag when a NaN/inf is seen (a
  * plain store of 1: any number of writers agree). */
@@ -307,8 +309,67 @@ template <typename T> struct LatentEpi {
   }
 };
 
-constexpr const char* kFiniteArgs[] = {"k", "v", "q"};
-constexpr int kFiniteCount = 3;
+/* Quantised latent keys: the projection's epilogue writes row m of a chunk of the append's rows
+ * to the float32 workspace, quantize_latent_kernel then stores it. */
+struct LatentWsEpi {
+  float* ws;
+  int32_t N;
+  __device__ void operator()(int64_t m, int64_t n, float x) const { ws[m * N + n] = x; }
+};
+/* A row loader seen from row m0 on (the chunks of a quantised-key append). */
+template <typename L> struct RowShift {
+  L l;
+  int64_t m0;
+  __device__ float operator()(int64_t m, int64_t i, int32_t hs = 0) const {
+    return l(m + m0, i, hs);
+  }
+  template <typename D> __device__ void load8(int64_t m, int64_t i, D* dst) const {
+    l.load8(m + m0, i, dst);
+  }
+};
+
+/*
+ * Quantised latent keys of rows [m0, m0 + Mc) of an append (ws: their float32 latent rows,
+ * [Mc][rank]), stored as the CPU's store_latent does: the score part [0, score_rank) and the
+ * rest [score_rank, rank) each as the value path's groups (quantize_group, the same rounding),
+ * one thread per (row, group); key_group divides both parts, so group g of the whole row starts
+ * at coordinate g * key_group. flag (when checking): raised if a group's float16 scale or zero
+ * overflowed, the case the CPU's check_storable refuses.
+ */
+__global__ void quantize_latent_kernel(sals_cache_t c, const float* __restrict__ ws,
+                                       const int32_t* __restrict__ dest, int64_t m0, int64_t Mc,
+                                       int32_t T_, int* flag) {
+  const int32_t kg = c.cfg.key_group, bits = c.cfg.key_bits, r = c.cfg.rank;
+  const int32_t ngs = c.cfg.score_rank / kg, ng = r / kg;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < Mc * ng;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t m = i / ng;
+    const int32_t g = (int32_t)(i % ng);
+    const int32_t slot = __ldg(dest + m0 + m);
+    if (slot < 0) continue;
+    const int64_t row = (m0 + m) / T_ * c.cfg.max_tokens + slot;
+    const bool score = g < ngs;
+    const int32_t lg = score ? g : g - ngs, part_groups = score ? ngs : ng - ngs;
+    uint8_t* packed = (uint8_t*)(score ? c.lat_score : c.lat_rest) +
+                      row * (score ? c.lat_score_bytes : c.lat_rest_bytes) +
+                      (int64_t)lg * kg * bits / 8;
+    uint16_t* sc = (score ? c.lat_score_scale : c.lat_rest_scale) + row * part_groups + lg;
+    uint16_t* zr = (score ? c.lat_score_zero : c.lat_rest_zero) + row * part_groups + lg;
+    const float* x = ws + m * r + (int64_t)g * kg;
+    quantize_group([&](int32_t e) { return x[e]; }, kg, bits, packed, sc, zr);
+    if (flag && ((*sc & 0x7c00u) == 0x7c00u || (*zr & 0x7c00u) == 0x7c00u)) *flag = 1;
+  }
+}
+
+/* What each deferred check reports: the finite checks of k, v and q (check_finite's `first`
+ * indexes them), then the latent range of quantised keys. */
+constexpr const char* kFlagWhat[] = {
+    "k: an earlier call's input held NaN or infinity",
+    "v: an earlier call's input held NaN or infinity",
+    "q: an earlier call's input held NaN or infinity",
+    "k: an earlier call's latent coordinates spanned more than the float16 scale and zero of "
+    "quantised keys hold"};
+constexpr int kFiniteCount = 4, kLatentFlag = 3;
 
 /* Report (and clear) what earlier checks found: NOT_FINITE naming the argument. Reads the
  * mapped flags without synchronising, so it sees the checks whose kernels have completed. */
@@ -318,10 +379,9 @@ sals_status_t report_finite(CacheState* s) {
     if (flags[i]) {
       for (int j = 0; j < kFiniteCount; ++j) flags[j] = 0;
       return sals_set_error(SALS_ERR_NOT_FINITE,
-                            "%s: an earlier call's input held NaN or infinity (CUDA checks run "
-                            "on the device and report at the next call or sals_cache_check; "
-                            "the cache holds that token: reset it)",
-                            kFiniteArgs[i]);
+                            "%s (CUDA checks run on the device and report at the next call or "
+                            "sals_cache_check; the cache holds that token: reset it)",
+                            kFlagWhat[i]);
     }
   }
   return SALS_OK;
@@ -344,6 +404,58 @@ sals_status_t check_finite(sals_cache_t* c, const sals_view_t* a, const sals_vie
     if (blocks > 4096) blocks = 4096;
     finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(vs[i]), n, s->flag + first + i);
     SALS_CUDA_LAUNCHED("finite");
+  }
+  return SALS_OK;
+}
+
+template <typename T> struct Type { typedef T type; };
+
+/*
+ * The append's projection U^T k of rows [m0, m0 + Mc) of k (M = B * T rows in all), by the
+ * product that fits: tensor cores (16-bit storage, M >= 64), the skinny split-K product (a decode
+ * step's few rows) or float32 tiles. kQuant = false: the whole append (m0 = 0, Mc = M), the
+ * epilogue storing the latent rows; kQuant = true: one chunk, written to the float32 workspace
+ * (row m - m0) for quantize_latent_kernel.
+ */
+template <bool kQuant>
+sals_status_t project(sals_cache_t* c, const sals_view_t* k, int64_t m0, int64_t Mc,
+                      cudaStream_t st) {
+  CacheState* s = state(c);
+  const int32_t T = (int32_t)k->shape[1], d = c->cfg.head_dim;
+  const int64_t M = (int64_t)k->shape[0] * T, N = c->cfg.rank, K = c->dk;
+  const sals_cache_t cv = *c;
+  auto epi = [&](auto type) {
+    typedef typename decltype(type)::type T_;
+    if constexpr (kQuant) return LatentWsEpi{s->lat_ws, (int32_t)N};
+    else return LatentEpi<T_>{cv, s->dest, T};
+  };
+  auto rows = [&](auto load) {
+    if constexpr (kQuant) return RowShift<decltype(load)>{load, m0};
+    else return load;
+  };
+  const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
+  const bool k_exact = (k->elem == SALS_ELEM_F16 && c->cfg.dtype == SALS_DTYPE_FLOAT16) ||
+                       (k->elem == SALS_ELEM_BF16 && c->cfg.dtype == SALS_DTYPE_BFLOAT16);
+  const int64_t K3 = (k_exact ? 2 : 3) * K; /* see KRowLoad8 */
+  if (tc && c->cfg.dtype == SALS_DTYPE_FLOAT16) {
+    SALS_CUDA_TRY(hgemm<__half>(Mc, N, K3, rows(KRowLoad8<__half>{dview(k), M, K, T, d}),
+                                (const __half*)s->uh, epi(Type<__half>{}), st));
+  } else if (tc) {
+    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(Mc, N, K3,
+                                       rows(KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d}),
+                                       (const __nv_bfloat16*)s->uh,
+                                       epi(Type<__nv_bfloat16>{}), st));
+  } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
+    const SkinnyWork w = skinny_work(s->proj_part, c->cfg.max_batch, N, 1);
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
+      SALS_CUDA_TRY(skinny((int32_t)Mc, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
+                           rows(KRowLoad<E>{dview(k), T, d}), w, epi(Type<T_>{}), st));
+    }));
+  } else {
+    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
+      SALS_CUDA_TRY(sgemm(Mc, N, K, rows(KRowLoad<E>{dview(k), T, d}), FloatMatLoad{c->proj, N},
+                          epi(Type<T_>{}), st));
+    }));
   }
   return SALS_OK;
 }
@@ -401,19 +513,23 @@ sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t byt
 void sals_cuda_cache_free(sals_cache_t* c) {
   if (!c) return;
   DeviceGuard g(c->cfg.device.device_id);
-  void* ptrs[] = {c->inv_freq, c->proj,     c->lat_score, c->lat_rest, c->val,
-                  c->val_scale, c->val_zero, c->sink_k,    c->sink_v,   c->recent_k,
-                  c->recent_v,  c->pos,      c->len,       c->sel_idx,  c->sel_count};
+  void* ptrs[] = {c->inv_freq,       c->proj,           c->lat_score,      c->lat_rest,
+                  c->lat_score_scale, c->lat_score_zero, c->lat_rest_scale, c->lat_rest_zero,
+                  c->val,             c->val_scale,      c->val_zero,       c->sink_k,
+                  c->sink_v,          c->recent_k,       c->recent_v,       c->pos,
+                  c->len,             c->sel_idx,        c->sel_count};
   for (void* p : ptrs)
     if (p) cudaFree(p);
   c->inv_freq = nullptr; c->proj = nullptr; c->lat_score = nullptr; c->lat_rest = nullptr;
+  c->lat_score_scale = nullptr; c->lat_score_zero = nullptr; c->lat_rest_scale = nullptr;
+  c->lat_rest_zero = nullptr;
   c->val = nullptr; c->val_scale = nullptr; c->val_zero = nullptr; c->sink_k = nullptr;
   c->sink_v = nullptr; c->recent_k = nullptr; c->recent_v = nullptr; c->pos = nullptr;
   c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
   CacheState* s = state(c);
   if (s) {
     void* sp[] = {s->uh,     s->dest,   s->newlen,  s->qlat,      s->scores, s->topk_ws,
-                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart};
+                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->lat_ws};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -460,8 +576,15 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   const int32_t rot = c->rotary_dim;
   alloc((void**)&c->inv_freq, (size_t)(rot / 2 > 0 ? rot / 2 : 1) * 4);
   alloc((void**)&c->proj, (size_t)dk * r * 4);
-  alloc(&c->lat_score, (size_t)B * S * rs * es);
-  if (r > rs) alloc(&c->lat_rest, (size_t)B * S * (r - rs) * es);
+  alloc(&c->lat_score, (size_t)(B * S * c->lat_score_bytes));
+  if (r > rs) alloc(&c->lat_rest, (size_t)(B * S * c->lat_rest_bytes));
+  if (cf.key_bits < 16) {
+    const int64_t kg = cf.key_group;
+    alloc((void**)&c->lat_score_scale, (size_t)(B * S * (rs / kg)) * 2);
+    alloc((void**)&c->lat_score_zero, (size_t)(B * S * (rs / kg)) * 2);
+    alloc((void**)&c->lat_rest_scale, (size_t)(B * S * ((r - rs) / kg)) * 2);
+    alloc((void**)&c->lat_rest_zero, (size_t)(B * S * ((r - rs) / kg)) * 2);
+  }
   alloc(&c->val, (size_t)B * S * c->val_row_bytes);
   if (cf.value_bits != 16) {
     alloc((void**)&c->val_scale, (size_t)B * S * c->n_groups * 2);
@@ -493,6 +616,12 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
   alloc((void**)&s->proj_part, skinny_work_bytes(B, r, dk, 1));
   alloc((void**)&s->qpart, skinny_work_bytes(B, rs, dk, H));
+  if (cf.key_bits < 16) {
+    /* a decode step's rows in one chunk; longer appends in chunks of kLatChunk rows */
+    const int64_t chunk = B > kLatChunk ? B : kLatChunk;
+    s->lat_ws_rows = B * S < chunk ? B * S : chunk;
+    alloc((void**)&s->lat_ws, (size_t)(s->lat_ws_rows * r) * 4);
+  }
   if (!oom && (cudaHostAlloc((void**)&s->flag_host, kFiniteCount * sizeof(int),
                              cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess ||
                cudaHostGetDevicePointer((void**)&s->flag, s->flag_host, 0) != cudaSuccess)) {
@@ -535,8 +664,7 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   if ((int64_t)B * T == 0) return SALS_OK;
   if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, 0, st));
   SALS_STATUS_TRY(ensure_uh(c, st));
-  const int64_t M = (int64_t)B * T, N = c->cfg.rank, K = c->dk;
-  const int32_t d = c->cfg.head_dim;
+  const int64_t M = (int64_t)B * T, N = c->cfg.rank;
   const sals_cache_t cv = *c;
   /* slots first (a decode step, T == 1, assigns them in values_kernel), then values, then the
    * projection, whose epilogue reads the slots */
@@ -551,28 +679,17 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
                                                             s->dest);
   });
   SALS_CUDA_LAUNCHED("values");
-  const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
-  const bool k_exact = (k->elem == SALS_ELEM_F16 && c->cfg.dtype == SALS_DTYPE_FLOAT16) ||
-                       (k->elem == SALS_ELEM_BF16 && c->cfg.dtype == SALS_DTYPE_BFLOAT16);
-  const int64_t K3 = (k_exact ? 2 : 3) * K; /* see KRowLoad8 */
-  if (tc && c->cfg.dtype == SALS_DTYPE_FLOAT16) {
-    SALS_CUDA_TRY(hgemm<__half>(M, N, K3, KRowLoad8<__half>{dview(k), M, K, T, d},
-                                (const __half*)s->uh, LatentEpi<__half>{cv, s->dest, T}, st));
-  } else if (tc) {
-    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(M, N, K3, KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d},
-                                       (const __nv_bfloat16*)s->uh,
-                                       LatentEpi<__nv_bfloat16>{cv, s->dest, T}, st));
-  } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
-    const SkinnyWork w = skinny_work(s->proj_part, c->cfg.max_batch, N, 1);
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-      SALS_CUDA_TRY(skinny((int32_t)M, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
-                           KRowLoad<E>{dview(k), T, d}, w, LatentEpi<T_>{cv, s->dest, T}, st));
-    }));
-  } else {
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-      SALS_CUDA_TRY(sgemm(M, N, K, KRowLoad<E>{dview(k), T, d}, FloatMatLoad{c->proj, N},
-                          LatentEpi<T_>{cv, s->dest, T}, st));
-    }));
+  if (c->cfg.key_bits == 16) return project<false>(c, k, 0, M, st);
+  /* quantised keys: each chunk of rows is projected to float32, then quantised */
+  int* flag = c->cfg.check_finite ? s->flag + kLatentFlag : nullptr;
+  const int64_t groups_per_row = N / c->cfg.key_group;
+  for (int64_t m0 = 0; m0 < M; m0 += s->lat_ws_rows) {
+    const int64_t mc = M - m0 < s->lat_ws_rows ? M - m0 : s->lat_ws_rows;
+    SALS_STATUS_TRY(project<true>(c, k, m0, mc, st));
+    const int64_t blocks = cdiv(mc * groups_per_row, 256);
+    quantize_latent_kernel<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st>>>(
+        cv, s->lat_ws, s->dest, m0, mc, T, flag);
+    SALS_CUDA_LAUNCHED("quantize latent");
   }
   return SALS_OK;
 }

@@ -207,6 +207,41 @@ __device__ __forceinline__ void quantize_group(F x_at, int32_t group, int32_t bi
   }
 }
 
+/* Channels [col, col + N) of a quantised row (values, or one part of a latent key row): codes
+ * packed little-endian from p, group g's float16 scale and zero at sc[g], zr[g] (g = channel /
+ * group); col is a multiple of N. The same pointers work for a whole cache row in global memory
+ * and for one head's slice staged in shared memory. N channels of one group come from one load
+ * of their codes. */
+template <int N>
+__device__ __forceinline__ void decode_codes(const uint8_t* p, const uint16_t* sc,
+                                             const uint16_t* zr, int64_t col, int32_t bits,
+                                             int32_t group, float* dst) {
+  const uint32_t mask = (1u << bits) - 1u;
+  if (N > 1 && group % N == 0) {
+    /* N * bits is 4, 8, 16, 32 or 64 bits, aligned to its own size */
+    const int64_t bit0 = col * bits;
+    const uint8_t* q = p + (bit0 >> 3);
+    const int tb = N * bits;
+    uint64_t w;
+    if (tb <= 8) w = (uint64_t)(*q >> (bit0 & 7));
+    else if (tb == 16) w = *reinterpret_cast<const uint16_t*>(q);
+    else if (tb == 32) w = *reinterpret_cast<const uint32_t*>(q);
+    else w = *reinterpret_cast<const uint64_t*>(q);
+    const int64_t g = col / group;
+    const float z = half_bits_to_f(zr[g]), s = half_bits_to_f(sc[g]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) dst[e] = z + (float)((uint32_t)(w >> (e * bits)) & mask) * s;
+    return;
+  }
+  for (int32_t e = 0; e < N; ++e) {
+    const int64_t ch = col + e;
+    const int64_t bit = ch * bits;
+    const uint32_t code = (p[bit >> 3] >> (bit & 7)) & mask;
+    const int64_t g = ch / group;
+    dst[e] = half_bits_to_f(zr[g]) + (float)code * half_bits_to_f(sc[g]);
+  }
+}
+
 /* Constant-size table of inv_freq for stateless kernels (passed by value, no allocation). */
 struct RopeArgs {
   float inv_freq[256];
@@ -350,9 +385,13 @@ struct CacheState {
   float* proj_part;  /* skinny workspace (gemm.cuh skinny_work) of decode-append projections:
                       * arrival counters, then split-K partials */
   float* qpart;      /* the same for the scoring queries */
+  float* lat_ws;     /* quantised keys only: [lat_ws_rows, rank] float32 latent rows of an
+                      * append, quantised by a second kernel (cache.cu) */
+  int64_t lat_ws_rows;
   int max_parts;
-  /* Non-finite input seen, one int per argument (kFiniteArgs: k, v, q), in mapped pinned host
-   * memory: kernels write it through `flag`, the host reads `flag_host` without a copy. */
+  /* Non-finite input seen, one int per check (cache.cu kFlagWhat: k, v, q, then the latent
+   * scale/zero range of quantised keys), in mapped pinned host memory: kernels write it through
+   * `flag`, the host reads `flag_host` without a copy. */
   int* flag;         /* device alias of flag_host */
   int* flag_host;
   int num_sms;
@@ -421,6 +460,23 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
                           const int32_t* lengths, int32_t fixed_len, int32_t n_sink,
                           int32_t n_recent, int32_t B, float* scores, int64_t score_stride_b,
                           int32_t num_sms, cudaStream_t st);
+
+/* Rows of quantised latent keys (one part of the latent row: scoring reads the score part):
+ * token j of sequence b is row b * seq_rows + j, its codes at codes + row * row_bytes, its
+ * groups' scales and zeros at scale / zero + row * (row_bytes * 8 / bits / group). */
+struct QuantRows {
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* zero;
+  int64_t seq_rows, row_bytes;
+  int32_t bits, group;
+};
+/* The same scores over quantised latent keys (the dequantised coordinates, as the CPU scores
+ * them). */
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRows& k_lat,
+                          const int32_t* lengths, int32_t n_sink, int32_t n_recent, int32_t B,
+                          float* scores, int64_t score_stride_b, int32_t num_sms,
+                          cudaStream_t st);
 
 /* Longest attended list of one decode step for the cache's config (attend.cu): the row length of
  * CacheState::logits. */

@@ -2,6 +2,8 @@
  * Scoring pass: the one pass that touches every candidate token. Memory-bound, so each group
  * of L lanes reads one token's leading R latent coordinates with 16-byte loads (L = R/8
  * rounded up to a power of two, at most 32) and several tokens are in flight per warp.
+ * Quantised latent keys go through the same loops (score_codes_*), each lane dequantising its
+ * 8 coordinates from one code load.
  */
 #include "common.cuh"
 
@@ -93,6 +95,120 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+/*
+ * Quantised latent keys: the same two loops over CodeRows (row(b, j) is token j of sequence b;
+ * load8(c, f) decodes coordinates [c, c + 8) from one code load, at(c) one coordinate, both
+ * with decode_codes, the function P.V decodes values with). The 16-bit kernels above are kept
+ * apart: one template instantiated for both changed their register allocation (a 4-byte spill
+ * in score_vec_kernel).
+ */
+struct CodeRows {
+  QuantRows q;
+  struct Row {
+    const uint8_t* p;
+    const uint16_t *sc, *zr;
+    int32_t bits, group;
+    __device__ void load8(int32_t c, float* f) const {
+      decode_codes<8>(p, sc, zr, c, bits, group, f);
+    }
+    __device__ float at(int32_t c) const {
+      float x;
+      decode_codes<1>(p, sc, zr, c, bits, group, &x);
+      return x;
+    }
+  };
+  __device__ Row row(int32_t b, int64_t j) const {
+    const int64_t r = (int64_t)b * q.seq_rows + j, ng = q.row_bytes * 8 / q.bits / q.group;
+    return Row{q.codes + r * q.row_bytes, q.scale + r * ng, q.zero + r * ng, q.bits, q.group};
+  }
+};
+
+/* Vector path (R % 8 == 0), as score_vec_kernel. */
+__global__ void __launch_bounds__(kThreads)
+    score_codes_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, CodeRows k,
+                           const int32_t* __restrict__ lengths, int32_t n_sink, int32_t n_recent,
+                           int32_t L, float* __restrict__ scores, int64_t ssb) {
+  const int32_t b = blockIdx.y;
+  const int32_t S = lengths[b];
+  const int32_t lo = n_sink, hi = S - n_recent;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane % L;          /* lane within the token's group */
+  const int grp = lane / L;          /* token group within the warp */
+  const int per_warp = 32 / L;
+  const int warp = threadIdx.x >> 5;
+  const int64_t step = (int64_t)gridDim.x * (kThreads / 32) * per_warp * kU;
+  const float* q = qlat + (int64_t)b * H * R;
+  float* s = scores + (int64_t)b * ssb;
+  for (int64_t j0 = lo + ((int64_t)blockIdx.x * (kThreads / 32) + warp) * per_warp * kU; j0 < hi;
+       j0 += step) {
+    CodeRows::Row row[kU];
+    bool ok[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t j = j0 + u * per_warp + grp;
+      ok[u] = j < hi;
+      row[u] = k.row(b, ok[u] ? j : lo);
+    }
+    for (int32_t h = 0; h < H; ++h) {
+      float acc[kU] = {};
+      for (int32_t c = sub * 8; c < R; c += L * 8) {
+        float kv[kU][8];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) row[u].load8(c, kv[u]);
+        const float4 qa = __ldg(reinterpret_cast<const float4*>(q + h * R + c));
+        const float4 qb = __ldg(reinterpret_cast<const float4*>(q + h * R + c + 4));
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          acc[u] += kv[u][0] * qa.x + kv[u][1] * qa.y + kv[u][2] * qa.z + kv[u][3] * qa.w +
+                    kv[u][4] * qb.x + kv[u][5] * qb.y + kv[u][6] * qb.z + kv[u][7] * qb.w;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        float x = acc[u];
+        for (int o = L / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        if (ok[u] && sub == 0) s[(int64_t)h * (ssb / H) + j0 + u * per_warp + grp] = x;
+      }
+    }
+  }
+}
+
+/* Scalar path (R % 8 != 0), as score_any_kernel: one warp per token. */
+__global__ void __launch_bounds__(kThreads)
+    score_codes_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, CodeRows k,
+                           const int32_t* __restrict__ lengths, int32_t n_sink, int32_t n_recent,
+                           float* __restrict__ scores, int64_t ssb) {
+  const int32_t b = blockIdx.y;
+  const int32_t S = lengths[b];
+  const int32_t lo = n_sink, hi = S - n_recent;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t step = (int64_t)gridDim.x * (kThreads / 32);
+  for (int64_t j = lo + (int64_t)blockIdx.x * (kThreads / 32) + warp; j < hi; j += step) {
+    const CodeRows::Row row = k.row(b, j);
+    for (int32_t h = 0; h < H; ++h) {
+      float acc = 0.f;
+      for (int32_t c = lane; c < R; c += 32) acc += row.at(c) * qlat[((int64_t)b * H + h) * R + c];
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) scores[(int64_t)b * ssb + (int64_t)h * (ssb / H) + j] = acc;
+    }
+  }
+}
+
+/* Grid: the sequence's tokens over blocks, at most ~8 blocks per SM over the batch. */
+dim3 score_grid(int64_t S, int32_t B, int per_block, int32_t num_sms) {
+  int64_t gx = cdiv(S, per_block);
+  const int64_t cap = cdiv(8LL * (num_sms > 0 ? num_sms : 132), B);
+  if (gx > cap) gx = cap;
+  if (gx < 1) gx = 1;
+  return dim3((unsigned)gx, (unsigned)B);
+}
+/* Lanes per token on the vector path: R/8 rounded up to a power of two, at most 32. */
+int lanes_for(int32_t R) {
+  int L = 1;
+  while (L < 32 && L * 8 < R) L <<= 1;
+  return L;
+}
+
 }  // namespace
 
 cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
@@ -125,6 +241,25 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
     score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, k_lat, lengths, fixed_len, n_sink,
                                                 n_recent, scores, score_stride_b);
   }
+  return cudaPeekAtLastError();
+}
+
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRows& k_lat,
+                          const int32_t* lengths, int32_t n_sink, int32_t n_recent, int32_t B,
+                          float* scores, int64_t score_stride_b, int32_t num_sms,
+                          cudaStream_t st) {
+  if (B <= 0) return cudaSuccess;
+  /* whole 8-coordinate pieces, with code loads aligned to their size (row_bytes = R bits / 8) */
+  const bool vec = R % 8 == 0;
+  const int L = lanes_for(R);
+  const dim3 grid = score_grid(k_lat.seq_rows, B,
+                               vec ? (kThreads / 32) * (32 / L) * kU : kThreads / 32, num_sms);
+  if (vec)
+    score_codes_vec_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths,
+                                                      n_sink, n_recent, L, scores, score_stride_b);
+  else
+    score_codes_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths,
+                                                      n_sink, n_recent, scores, score_stride_b);
   return cudaPeekAtLastError();
 }
 

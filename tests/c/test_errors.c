@@ -210,11 +210,6 @@ int main(void) {
     CHECK_OK(create(&c, &h));
     sals_cache_destroy(h);
     h = NULL;
-    c.device.device_type = kDLCUDA;
-    CHECK_ERR(create(&c, &h), SALS_ERR_UNSUPPORTED,
-              "config.key_bits: quantised latent keys (key_bits < 16) are CPU-only in this "
-              "release");
-    CHECK(h == NULL, "handle written on failure");
   }
   BAD_FIELD(n_sink, -1, "config.n_sink");
   BAD_FIELD(n_recent, -2, "config.n_recent");

@@ -167,6 +167,55 @@ def test_value_group_layouts(bits, group, d):
     assert err < 5e-2, err
 
 
+@pytest.mark.parametrize("bits,group,dtype", [(8, 32, "float16"), (4, 16, "bfloat16"),
+                                               (4, 8, "float32")])
+def test_quantised_keys_vs_cpu(bits, group, dtype):
+    """Quantised latent keys on CUDA (quantised on append, dequantised when scoring and
+    rebuilding) against the CPU cache: ragged prefill (T > 1), GQA, sparse decode steps."""
+    cfg = sals.Config(
+        8,
+        2,
+        64,
+        rank=64,
+        score_rank=32,
+        key_bits=bits,
+        key_group=group,
+        value_bits=4,
+        n_sink=4,
+        n_recent=16,
+        budget_frac=0.2,
+        max_batch=3,
+        max_tokens=400,
+        dtype=dtype,
+    )
+    err, overlap = run_both(cfg, 3, 301, 3, getattr(torch, dtype), seed=bits * 7 + group)
+    assert overlap >= 0.9, overlap
+    assert err < (1e-3 if dtype == "float32" else 5e-2), err
+
+
+def test_quantised_keys_latent_range_reported():
+    """A latent group beyond the float16 scale and zero of quantised keys: the CPU refuses the
+    append, CUDA stores it and reports it at the next check (check_finite's deferred flags)."""
+    d, hkv = 16, 2
+    cfg = sals.Config(2, hkv, d, score_rank=16, dtype="float32", max_tokens=8, key_bits=4,
+                      key_group=8)
+    eye = torch.eye(hkv * d)
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(1, 1, hkv, d, generator=gen)
+    v = torch.randn(1, 1, hkv, d, generator=gen)
+    k[0, 0, 1, 2] = -7e4  # latent coordinate 18 (identity projection): the rest part's group 0
+    pos = torch.zeros(1, 1, dtype=torch.int32)
+    gpu = sals.LayerCache(cfg, make_rope(d), eye.cuda(), device="cuda")
+    gpu.append(k.cuda(), v.cuda(), pos.cuda())
+    with pytest.raises(sals.NotFiniteError, match="^k: an earlier call's latent coordinates"):
+        gpu.check()
+    gpu.close()
+    cpu = sals.LayerCache(cfg, make_rope(d), eye, device="cpu")
+    with pytest.raises(sals.NotFiniteError, match=r"^k: latent coordinates 16\.\.23 "):
+        cpu.append(k, v, pos)
+    cpu.close()
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_float32_general_path(dense):
     cfg = sals.Config(

@@ -155,8 +155,9 @@ static sals_rope_t make_rope(int32_t d, float* inv) {
 
 /* Run the same cache workload on both backends and compare outputs, selections, lengths. */
 static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int32_t rank,
-                       int32_t rs, int32_t bits, sals_dtype_t dt, int32_t dense, int32_t per_head,
-                       float budget_frac, int32_t B, int32_t T0, int steps, double tol) {
+                       int32_t rs, int32_t bits, int32_t kbits, int32_t kgroup, sals_dtype_t dt,
+                       int32_t dense, int32_t per_head, float budget_frac, int32_t B, int32_t T0,
+                       int steps, double tol) {
   const int32_t dk = hkv * d;
   sals_config_t cfg = sals_config_default();
   cfg.n_head_q = hq;
@@ -166,6 +167,8 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   cfg.score_rank = rs;
   cfg.value_bits = bits;
   cfg.value_group = 32 < d ? 32 : d;
+  cfg.key_bits = kbits;
+  cfg.key_group = kgroup;
   cfg.n_sink = 4;
   cfg.n_recent = 8;
   cfg.budget_frac = budget_frac;
@@ -435,13 +438,28 @@ int main(void) {
     return 77; /* CTest's SKIP_RETURN_CODE: reported as skipped, not passed */
   }
   stateless();
-  /* name, Hq, Hkv, d, rank, r*, bits, dtype, dense, per_head, budget, B, T0, steps, tol */
-  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3);
-  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
-  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
-  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
-  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
-  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  /* name, Hq, Hkv, d, rank, r*, value bits, key bits, key group, dtype, dense, per_head, budget,
+   * B, T0, steps, tol */
+  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3);
+  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
+  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, 16, 32, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
+  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 16, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
+  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
+  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, 16, 32, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  /* Quantised latent keys: tensor-core prefill projection (hgemm) and the decode skinny product
+   * then the quantise kernel, quantised scoring and rebuild, general kernel for T > 1. */
+  cache_case("qk8 sparse fp16 d128 G4", 8, 2, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
+  cache_case("qk4 sparse bf16 d64 G1", 4, 4, 64, 64, 32, 2, 4, 16, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
+  cache_case("qk8 full-budget fp16 r=r*", 8, 2, 64, 128, 128, 16, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 1e-2);
+  cache_case("qk4 per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
+  cache_case("qk8 dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
+  /* groups of 12: the rebuild's 8-coordinate pieces straddle groups */
+  cache_case("qk8 fp16 g12 G2", 6, 3, 64, 48, 24, 4, 8, 12, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2);
+  /* score_rank 12 (not a multiple of 8): scalar scoring, general kernel for decode too */
+  cache_case("qk4 fp16 r40 r*12 g4", 4, 2, 64, 40, 12, 16, 4, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2);
+  cache_case("qk4 fp32 r40 r*12 g4", 4, 2, 64, 40, 12, 4, 4, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  /* 3 x 700 prefill rows: projected and quantised in two chunks of the workspace */
+  cache_case("qk8 chunked prefill fp16", 2, 1, 64, 32, 16, 16, 8, 8, SALS_DTYPE_FLOAT16, 0, 0, 0.1f, 3, 700, 2, 3e-2);
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

@@ -191,15 +191,6 @@ def test_bad_key_quantisation(fields, match):
                                                   cfg.resolved_rank())).close()
 
 
-def test_quantised_keys_are_cpu_only():
-    cfg = sals.Config(HQ, HKV, D, key_bits=4, key_group=16, max_tokens=8)
-    with pytest.raises(sals.UnsupportedError,
-                       match=r"^config.key_bits: quantised latent keys \(key_bits < 16\) are "
-                             r"CPU-only in this release"):
-        sals.LayerCache(cfg, rope_for(D), orthonormal(np.random.default_rng(0), DK, DK),
-                        device="cuda")
-
-
 def attend_until_busy(cache, q, p, want, seconds=20.0):
     """Attend from two threads until one is refused; every call is right or refused."""
     seen, bad, stop = [], [], threading.Event()

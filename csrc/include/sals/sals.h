@@ -133,8 +133,8 @@ typedef struct sals_config {
    * (sals_quantize_values: asymmetric, a float16 scale and zero per group, whatever `dtype`),
    * the score_rank leading coordinates and the rank - score_rank others quantised apart, so
    * scoring reads only the former. Scores and rebuilt keys use the dequantised coordinates.
-   * CPU only in this release: a CUDA cache with key_bits < 16 fails with
-   * SALS_ERR_UNSUPPORTED. Default 16.
+   * Both backends; the CUDA backend's codes, scales and zeros are the CPU's for the same
+   * latent coordinates. Default 16.
    */
   int32_t key_bits;
   /**
@@ -165,7 +165,9 @@ typedef struct sals_config {
    * infinite (value_bits < 16: |v| must stay within float16's range; key_bits < 16: the same
    * for the latent coordinates, refused naming k); with 0, or on CUDA, such values are
    * stored as infinity. On CUDA the NaN/inf check is a kernel on the call's stream that
-   * raises a flag in mapped host memory, with no host synchronisation (graph capturable):
+   * raises a flag in mapped host memory, with no host synchronisation (graph capturable), and
+   * with key_bits < 16 the quantisation of the latent coordinates raises one for an infinite
+   * scale or zero (reported naming k):
    * the error is returned by the first later append or attend of the cache (which read the
    * flag without waiting) or by sals_cache_check; the cache then holds the offending token
    * (reset it). Default 1.
