@@ -31,8 +31,7 @@ class Config:
     when ``rank == Dk``. ``value_bits`` is 16 (unquantised, stored in ``dtype``), 8, 4 or 2.
     ``key_bits`` is 16 (latent keys stored in ``dtype``), 8 or 4: latent coordinates quantised
     like values, in groups of ``key_group`` (which must divide ``score_rank`` and
-    ``rank - score_rank``), with a float16 scale and zero per group; CPU only in this release
-    (a CUDA cache raises UnsupportedError). ``budget_tokens`` > 0 fixes the number of selected
+    ``rank - score_rank``), with a float16 scale and zero per group (CPU and CUDA). ``budget_tokens`` > 0 fixes the number of selected
     candidates, otherwise ``ceil(budget_frac * S)``. ``dtype`` is the storage type of 16-bit
     latent keys, exact windows and 16-bit values: "float16", "bfloat16" or "float32". ``scale``
     None means ``1/sqrt(head_dim)``. ``n_threads`` 0 uses one CPU thread per online core.

@@ -39,8 +39,7 @@ are outside the target), for a sequence of ``S = kv_context`` tokens:
    leading directions keep ``SCORE_ENERGY`` (99.5%) of the energy the rank keeps (a multiple
    of ``KEY_GROUP`` for quantised keys, whose groups never straddle the scoring part).
 
-Quantised latent keys exist on the CPU backend only: for a model on CUDA the rule uses 16-bit
-keys (``layer_overrides``). A target below the cheapest setting's bytes (the exact windows and
+A target below the cheapest setting's bytes (the exact windows and
 positions alone cost ``(w*4*Dk*e/2 + 4*S) / (4*Dk*S)``) raises ``InvalidArgumentError``
 naming the floor. Everything else (budget, sinks, recent window, dtype) is the ``sals.Config``
 default or the caller's override, identical on every layer.
@@ -146,7 +145,7 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
          dtype: str = "float16", quantised_keys: bool = True) -> list[LayerPlan]:
     """Per-layer settings for ``layers`` (``[(index, n_head_kv, head_dim)]``, the
     full-attention layers) meeting ``kv_fraction`` of dense fp16 K+V at ``kv_context`` tokens
-    (module docstring); ``quantised_keys`` False keeps latent keys 16-bit (CUDA)."""
+    (module docstring); ``quantised_keys`` False keeps latent keys 16-bit."""
     kv_fraction = float(kv_fraction)
     if not 0 < kv_fraction <= 1:
         raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
@@ -284,10 +283,8 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> d
             f"{min(chosen)}: chosen per layer by preset 'auto'; drop it or use another "
             f"preset")
     full = [layer for layer in info.layers if not layer.sliding]
-    # the CUDA backend stores latent keys in 16 bits only
-    on_cpu = all(layer.device.type == "cpu" for layer in full)
     plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full],
                  fraction, context, n_sink=overrides.get("n_sink", 16),
                  n_recent=overrides.get("n_recent", 64),
-                 dtype=overrides.get("dtype", "float16"), quantised_keys=on_cpu)
+                 dtype=overrides.get("dtype", "float16"))
     return {p.index: p.overrides() for p in plans}
