@@ -4,6 +4,16 @@ For each layer, ``C = sum K^T K`` over the calibration keys ``K: [n_tokens, Dk]`
 heads concatenated, uncentered second moment, accumulated in float64) is eigendecomposed;
 eigenvalues sort descending and the leading ``rank`` eigenvectors form ``U_r: [Dk, rank]``.
 
+Query weighting (``query_weight`` alpha > 0, given the queries' energy per key dimension):
+what attention needs of a rebuilt key is its dot product with the queries, so a dimension
+that queries barely read may be rebuilt badly at no cost. With ``w_j`` the mean squared query
+component that multiplies key dimension ``j`` (summed over the query heads reading that KV
+head, and equal within each RoPE pair, which the caller arranges), the key scale is
+``s = (w / mean(w)) ** (alpha / 2)`` and the projection is the PCA of the scaled keys,
+``diag(s) C diag(s)``. The cache then stores ``s * k`` and attends with ``q / s``: the logits
+are unchanged (a diagonal scale tied within RoPE pairs commutes with the rotation), while the
+rank-r error is the error of the attention logits instead of the keys.
+
 File format (``Calibration.save``): an ``.npz`` archive read with ``allow_pickle=False``:
   - ``header``: uint8 bytes of a UTF-8 JSON object: ``format`` "sals-calibration",
     ``version`` 1, ``fingerprint`` (dict naming the model it was made for), ``dtype`` (of the
@@ -11,7 +21,10 @@ File format (``Calibration.save``): an ``.npz`` archive read with ``allow_pickle
     (per layer ``dk``, ``rank``, ``n_tokens``) and ``sha256`` (over every array, see
     ``_digest``);
   - ``eigenvalues_<i>``: float64 ``[Dk]``, descending;
-  - ``eigenvectors_<i>``: float32 ``[Dk, rank]``.
+  - ``eigenvectors_<i>``: float32 ``[Dk, rank]``;
+  - ``key_scale_<i>``: float32 ``[Dk]``, positive, for the layers whose header entry has
+    ``"key_scale": true`` (version 2; the header's ``query_weight`` is the alpha used).
+Version 1 files (no key scales, no ``query_weight``) are read as well.
 Loading checks all of it; anything wrong raises CalibrationError. It reads the JSON header
 and every member's ``.npy`` header first, checks names, shapes and dtypes against the JSON
 header and the total size against the file's, and only then reads the arrays: a crafted file
@@ -34,26 +47,30 @@ import numpy as np
 from .errors import CalibrationError, InvalidArgumentError
 
 FORMAT = "sals-calibration"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: Query energies below this fraction of the layer mean are raised to it: a dimension no query
+#: reads would otherwise get a scale of 0 and queries divided by it.
+MIN_QUERY_ENERGY = 1e-4
 
 
-def _as_float64_rows(keys, dk: int) -> np.ndarray:
+def _as_float64_rows(keys, dk: int, name: str) -> np.ndarray:
     if hasattr(keys, "detach"):  # torch, possibly bf16 or on a GPU
         keys = keys.detach().float().cpu().numpy()
     k = np.asarray(keys)
     if k.ndim != 2 or k.shape[1] != dk:
-        raise InvalidArgumentError(f"keys: expected [N, {dk}], got shape {list(k.shape)}")
+        raise InvalidArgumentError(f"{name}: expected [N, {dk}], got shape {list(k.shape)}")
     if not np.issubdtype(k.dtype, np.floating):
-        raise InvalidArgumentError(f"keys: expected a float dtype, got {k.dtype}")
+        raise InvalidArgumentError(f"{name}: expected a float dtype, got {k.dtype}")
     k = k.astype(np.float64, copy=False)
     if not np.all(np.isfinite(k)):
-        raise InvalidArgumentError("keys: hold NaN or infinity")
+        raise InvalidArgumentError(f"{name}: holds NaN or infinity")
     return k
 
 
 class Calibrator:
-    """Accumulates ``K^T K`` per layer. ``dk_per_layer``: Dk (= n_head_kv * head_dim) of each
-    layer, in layer order."""
+    """Accumulates ``K^T K`` per layer, and the queries' energy per key dimension when given.
+    ``dk_per_layer``: Dk (= n_head_kv * head_dim) of each layer, in layer order."""
 
     def __init__(self, dk_per_layer):
         self._dk = [int(d) for d in dk_per_layer]
@@ -62,24 +79,40 @@ class Calibrator:
                 f"dk_per_layer: expected a non-empty list of positive ints, got {self._dk}")
         self._gram = [np.zeros((d, d), np.float64) for d in self._dk]
         self._tokens = [0] * len(self._dk)
+        self._query = [np.zeros(d, np.float64) for d in self._dk]
+        self._query_tokens = [0] * len(self._dk)
 
-    def update(self, layer: int, keys) -> None:
+    def update(self, layer: int, keys, query_energy=None) -> None:
         """Add the keys of one batch. ``keys``: ``[N, Dk]`` pre-RoPE (after any k_norm), all KV
-        heads concatenated; numpy or torch, any float dtype."""
+        heads concatenated; numpy or torch, any float dtype. ``query_energy``: ``[N, Dk]``,
+        per token the squared query components that multiply each key dimension, summed over
+        the query heads reading its KV head and tied within RoPE pairs (see the module
+        docstring); needed for ``finish(query_weight=...)``."""
         if not 0 <= int(layer) < len(self._dk):
             raise InvalidArgumentError(f"layer: expected 0..{len(self._dk) - 1}, got {layer}")
-        k = _as_float64_rows(keys, self._dk[layer])
+        k = _as_float64_rows(keys, self._dk[layer], "keys")
+        if query_energy is not None:
+            e = _as_float64_rows(query_energy, self._dk[layer], "query_energy")
+            if e.shape[0] != k.shape[0]:
+                raise InvalidArgumentError(
+                    f"query_energy: {e.shape[0]} rows for {k.shape[0]} keys")
+            if np.any(e < 0):
+                raise InvalidArgumentError("query_energy: holds negative values")
+            self._query[layer] += e.sum(axis=0)
+            self._query_tokens[layer] += e.shape[0]
         self._gram[layer] += k.T @ k
         self._tokens[layer] += k.shape[0]
 
     def finish(self, rank_frac: float | None = None, energy: float | None = None,
                rank: int | None = None, fingerprint: dict | None = None, data: str = "",
-               ) -> "Calibration":
+               query_weight: float = 0.0) -> "Calibration":
         """Eigendecompose every layer and choose its rank by exactly one rule:
         ``rank_frac`` (rank = round(rank_frac * Dk)), ``energy`` (the smallest rank keeping
         that fraction of the eigenvalue sum) or ``rank`` (the same for all layers).
         ``fingerprint``: JSON-serialisable dict identifying the model (checked on load);
-        ``data``: a description of the calibration text."""
+        ``data``: a description of the calibration text. ``query_weight``: the alpha of
+        query-weighted projections (module docstring; 0, the default, is plain PCA of the
+        keys); above 0 every key given must have come with its ``query_energy``."""
         rules = [x is not None for x in (rank_frac, energy, rank)]
         if sum(rules) != 1:
             raise InvalidArgumentError("finish: give exactly one of rank_frac, energy, rank")
@@ -87,10 +120,21 @@ class Calibrator:
             raise InvalidArgumentError(f"rank_frac: expected (0, 1], got {rank_frac}")
         if energy is not None and not 0 < energy <= 1:
             raise InvalidArgumentError(f"energy: expected (0, 1], got {energy}")
+        query_weight = float(query_weight)
+        if not 0 <= query_weight <= 4:
+            raise InvalidArgumentError(f"query_weight: expected [0, 4], got {query_weight}")
         layers = []
         for i, (dk, gram) in enumerate(zip(self._dk, self._gram)):
             if self._tokens[i] == 0:
                 raise CalibrationError(f"layer {i}: no keys were given (call update first)")
+            scale = None
+            if query_weight > 0:
+                if self._query_tokens[i] != self._tokens[i]:
+                    raise CalibrationError(
+                        f"layer {i}: query_weight needs the query energy of every key; it came "
+                        f"with {self._query_tokens[i]} of {self._tokens[i]}")
+                scale = key_scale(self._query[i] / self._query_tokens[i], query_weight)
+                gram = gram * np.outer(scale, scale)
             w, u = np.linalg.eigh(gram)
             order = np.argsort(w)[::-1]
             w, u = w[order], u[:, order]
@@ -110,8 +154,19 @@ class Calibrator:
                 r = _rank_for_energy(w, energy)
             layers.append(Layer(dk=dk, rank=r, eigenvalues=w,
                                 eigenvectors=u[:, :r].astype(np.float32),
-                                n_tokens=self._tokens[i]))
-        return Calibration(layers, dict(fingerprint or {}), str(data))
+                                n_tokens=self._tokens[i],
+                                key_scale=None if scale is None else scale.astype(np.float32)))
+        return Calibration(layers, dict(fingerprint or {}), str(data), query_weight)
+
+
+def key_scale(query_energy: np.ndarray, query_weight: float) -> np.ndarray:
+    """float64 ``[Dk]``: ``(w / mean(w)) ** (query_weight / 2)`` of the mean query energy per
+    key dimension ``w``, with ``w`` raised to at least ``MIN_QUERY_ENERGY`` of its mean."""
+    w = np.asarray(query_energy, np.float64)
+    m = float(w.mean())
+    if not m > 0:
+        return np.ones_like(w)
+    return np.maximum(w / m, MIN_QUERY_ENERGY) ** (query_weight / 2)
 
 
 def _rank_for_energy(eigenvalues: np.ndarray, energy: float) -> int:
@@ -126,22 +181,27 @@ def _rank_for_energy(eigenvalues: np.ndarray, energy: float) -> int:
 @dataclass
 class Layer:
     """One layer's calibration: ``eigenvalues`` float64 ``[dk]`` descending, ``eigenvectors``
-    float32 ``[dk, rank]`` (orthonormal columns), ``n_tokens`` keys seen."""
+    float32 ``[dk, rank]`` (orthonormal columns), ``n_tokens`` keys seen, ``key_scale``
+    float32 ``[dk]`` (query-weighted projections: the eigen-pairs are those of the scaled
+    keys) or None (plain PCA)."""
 
     dk: int
     rank: int
     eigenvalues: np.ndarray
     eigenvectors: np.ndarray
     n_tokens: int
+    key_scale: np.ndarray | None = None
 
 
 class Calibration:
     """Per-layer projections with their eigenvalues and provenance."""
 
-    def __init__(self, layers: list, fingerprint: dict, data: str = ""):
+    def __init__(self, layers: list, fingerprint: dict, data: str = "",
+                 query_weight: float = 0.0):
         self.layers = list(layers)
         self.fingerprint = dict(fingerprint)
         self.data = data
+        self.query_weight = float(query_weight)
 
     @property
     def n_tokens(self) -> int:
@@ -163,6 +223,11 @@ class Calibration:
                 f"rank: expected 1..{lay.rank} (the stored rank of layer {layer}), got {r}")
         return np.ascontiguousarray(lay.eigenvectors[:, :r])
 
+    def key_scale(self, layer: int) -> np.ndarray | None:
+        """float32 ``[Dk]`` scale of the keys the projection was made for (``s`` of the module
+        docstring), or None for plain PCA."""
+        return self._layer(layer).key_scale
+
     def energy(self, layer: int, rank: int) -> float:
         """Fraction of the key energy (eigenvalue sum) the top ``rank`` directions keep."""
         lay = self._layer(layer)
@@ -178,6 +243,8 @@ class Calibration:
         for i, lay in enumerate(self.layers):
             arrays[f"eigenvalues_{i}"] = np.ascontiguousarray(lay.eigenvalues, np.float64)
             arrays[f"eigenvectors_{i}"] = np.ascontiguousarray(lay.eigenvectors, np.float32)
+            if lay.key_scale is not None:
+                arrays[f"key_scale_{i}"] = np.ascontiguousarray(lay.key_scale, np.float32)
         return arrays
 
     def save(self, path) -> None:
@@ -191,8 +258,9 @@ class Calibration:
             "dtype": "float32",
             "data": self.data,
             "n_tokens": self.n_tokens,
-            "layers": [{"dk": lay.dk, "rank": lay.rank, "n_tokens": lay.n_tokens}
-                       for lay in self.layers],
+            "query_weight": self.query_weight,
+            "layers": [{"dk": lay.dk, "rank": lay.rank, "n_tokens": lay.n_tokens,
+                        "key_scale": lay.key_scale is not None} for lay in self.layers],
             "sha256": _digest(arrays),
         }
         try:
@@ -257,14 +325,15 @@ class Calibration:
                                    f"{fingerprint.get(k)!r}" for k in differ)
                 raise CalibrationError(f"{path}: fingerprint mismatch ({detail})")
         layers = [Layer(m["dk"], m["rank"], files[f"eigenvalues_{i}"],
-                        files[f"eigenvectors_{i}"], m["n_tokens"])
+                        files[f"eigenvectors_{i}"], m["n_tokens"], files.get(f"key_scale_{i}"))
                   for i, m in enumerate(header["layers"])]
-        return cls(layers, file_fp, header["data"])
+        return cls(layers, file_fp, header["data"], header["query_weight"])
 
     def __repr__(self) -> str:
         ranks = [lay.rank for lay in self.layers]
         return (f"Calibration({len(self.layers)} layers, ranks={ranks}, "
-                f"n_tokens={self.n_tokens}, fingerprint={self.fingerprint})")
+                f"n_tokens={self.n_tokens}, query_weight={self.query_weight:g}, "
+                f"fingerprint={self.fingerprint})")
 
 
 def _digest(arrays: dict) -> str:
@@ -357,9 +426,10 @@ def _read_archive(z: zipfile.ZipFile, size: int):
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else None
         raise CalibrationError(f"format is {got!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION or isinstance(header.get("version"), bool):
-        raise CalibrationError(f"format version {header.get('version')!r} is not supported "
-                               f"(this sals reads version {VERSION})")
+    version = header.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CalibrationError(f"format version {version!r} is not supported (this sals reads "
+                               f"versions {', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("layers", "sha256", "fingerprint", "dtype"):
         if key not in header:
             raise CalibrationError(f"header lacks {key!r}")
@@ -369,8 +439,13 @@ def _read_archive(z: zipfile.ZipFile, size: int):
         if not isinstance(header[key], kind):
             raise CalibrationError(f"header {key!r} is not a {kind.__name__}")
     header["data"] = str(header.get("data", ""))
+    weight = header.get("query_weight", 0.0) if version >= 2 else 0.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 4:
+        raise CalibrationError(f"query_weight: {weight!r} is not a number in [0, 4]")
+    header["query_weight"] = float(weight)
     layers = header["layers"]
-    if not layers or len(members) != 2 * len(layers) + 1:
+    scaled = [isinstance(m, dict) and m.get("key_scale") is True for m in layers]
+    if not layers or len(members) != 2 * len(layers) + sum(scaled) + 1:
         raise CalibrationError(f"{len(members) - 1} arrays for {len(layers)} layers")
     checked = []
     for i, meta in enumerate(layers):
@@ -381,7 +456,11 @@ def _read_archive(z: zipfile.ZipFile, size: int):
         n = _count(meta["n_tokens"], f"layer {i}: n_tokens")
         if r > dk:
             raise CalibrationError(f"layer {i}: rank {r} > dk {dk}")
+        if meta.get("key_scale", False) not in (True, False) or (scaled[i] and version < 2):
+            raise CalibrationError(f"layer {i}: key_scale is {meta.get('key_scale')!r}")
         want = {f"eigenvalues_{i}": ((dk,), np.float64), f"eigenvectors_{i}": ((dk, r), np.float32)}
+        if scaled[i]:
+            want[f"key_scale_{i}"] = ((dk,), np.float32)
         for name, (wshape, wdtype) in want.items():
             if name not in heads:
                 raise CalibrationError(f"layer {i} is incomplete (no {name})")
@@ -395,4 +474,9 @@ def _read_archive(z: zipfile.ZipFile, size: int):
     header["layers"] = checked
     files = {name: _read_member(z, members[name], *heads[name])
              for name in members if name != "header"}
+    for i in range(len(layers)):
+        scale = files.get(f"key_scale_{i}")
+        if scale is not None and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            raise CalibrationError(f"layer {i}: key_scale holds values that are not positive "
+                                   f"and finite")
     return header, files

@@ -21,12 +21,13 @@ FULL = {"preset": "dense-equivalent", "dtype": "float32"}
 SPARSE = {"n_sink": 2, "n_recent": 4, "budget_frac": 0.25, "dense_layers": []}
 
 
-def _tiny_calibration(model, seed=7, rank_frac=0.5):
+def _tiny_calibration(model, seed=7, rank_frac=0.5, query_weight=0.0):
     """A calibration of a tiny model on random token sequences (its keys are what matters)."""
     cal = sals.Calibrator([layer.dk for layer in sals.hf._arch.describe(model).layers])
     chunks = [tiny.prompt(64, seed=seed + i) for i in range(4)]
     calibrate.collect_keys(model, chunks, cal, progress=False)
-    return cal.finish(rank_frac=rank_frac, fingerprint=sals.hf.fingerprint(model), data="random")
+    return cal.finish(rank_frac=rank_frac, fingerprint=sals.hf.fingerprint(model), data="random",
+                      query_weight=query_weight)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -210,6 +211,84 @@ def test_sparse_budget_error_vanishes_at_full_budget(family):
     assert errors[1.0, None] < 1e-4 and errors[1.0, 8] < 1e-4
     assert errors[0.125, None] > errors[0.5, None] > 100 * errors[1.0, None]
     assert errors[0.125, 8] > 100 * errors[1.0, None]
+
+
+def test_query_energy_groups_heads_and_ties_rope_pairs():
+    """calibrate.query_energy against a loop over heads: KV head h is read by query heads
+    h*G .. h*G+G-1, and both dimensions of a RoPE pair (i, i + rotary_dim/2) get the pair's sum;
+    dimensions past rotary_dim keep their own."""
+    q = torch.randn(2, 5, 6, 10)  # [B, T, Hq=6, d=10], Hkv=2 (G=3), rotary_dim 8
+    got = calibrate.query_energy(q, 2, 8).reshape(10, 2, 10)
+    flat = q.reshape(10, 6, 10).double()
+    for h in range(2):
+        e = (flat[:, 3 * h:3 * h + 3] ** 2).sum(1)
+        for i in range(4):
+            torch.testing.assert_close(got[:, h, i].double(), e[:, i] + e[:, i + 4])
+            torch.testing.assert_close(got[:, h, i + 4].double(), e[:, i] + e[:, i + 4])
+        torch.testing.assert_close(got[:, h, 8:].double(), e[:, 8:])
+
+
+def _rebuilt_keys_reference(model, calib, rank):
+    """Hooks making an unpatched model attend over the keys a SALS cache rebuilds from a
+    projection of the given rank: k -> ((k * s) U) U^T / s (s = 1 for plain PCA), applied
+    after k_norm where the model has one."""
+    handles = []
+    for layer in sals.hf._arch.describe(model).layers:
+        u = torch.from_numpy(calib.projection(layer.index, rank)).double()
+        scale = calib.key_scale(layer.index)
+        s = torch.ones(layer.dk, dtype=torch.float64) if scale is None else \
+            torch.from_numpy(scale).double()
+        m = (torch.diag(s) @ u @ u.T @ torch.diag(1 / s)).float()
+        attn = layer.module
+        target = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+
+        def hook(module, args, out, m=m):
+            return (out.reshape(*out.shape[:2], -1) @ m).reshape(out.shape)
+        handles.append(target.register_forward_hook(hook))
+    return handles
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_query_weighted_keys_are_rebuilt_exactly_as_calibrated(family):
+    """With a query-weighted calibration (the cache stores s * k, attends with q / s) at rank
+    Dk/4, every layer dense over rebuilt keys and no exact windows, decode logits equal those of
+    the unpatched model attending over ((k * s) U) U^T / s, and differ from those of plain PCA's
+    rebuilt keys by far more than the tolerance. A one-token prompt makes prefill (exact keys
+    in both) independent of the keys."""
+    model = tiny.model(family, initializer_range=0.05)
+    n_layers = len(sals.hf._arch.describe(model).layers)
+    ids = tiny.prompt(24)
+    refs, got = {}, {}
+    for weight in (0.0, 1.0):
+        calib = _tiny_calibration(model, query_weight=weight)
+        handles = _rebuilt_keys_reference(model, calib, 16)
+        try:
+            refs[weight] = tiny.decode_logits(model, ids[:, :1], ids[:, 1:], DynamicCache())
+        finally:
+            for h in handles:
+                h.remove()
+        sals.hf.patch(model, calibration=calib, preset=None, rank=16, score_rank=16,
+                      dtype="float32", n_sink=0, n_recent=0, dense_layers=range(n_layers))
+        got[weight] = tiny.decode_logits(model, ids[:, :1], ids[:, 1:],
+                                         sals.hf.SalsCache(model, 1, 24))
+        sals.hf.unpatch(model)
+    scale = refs[0.0].std().item()
+    for weight in (0.0, 1.0):
+        assert (got[weight] - refs[weight]).abs().max().item() < 1e-4 * scale, weight
+    assert (refs[1.0] - refs[0.0]).abs().max().item() > 1e-2 * scale
+
+
+def test_full_rank_ignores_the_key_scale():
+    """At full rank the projection is the identity and no key scale is applied, so
+    dense-equivalent stays token for token whatever the calibration."""
+    model = tiny.model("llama")
+    calib = _tiny_calibration(model, rank_frac=1.0, query_weight=1.0)
+    assert calib.key_scale(0) is not None
+    sals.hf.patch(model, calibration=calib, **FULL)
+    state = sals.hf.patch.__globals__["patch_state"](model)
+    assert all(s is None for s in state.key_scales.values())
+    cache = sals.hf.SalsCache(model, 1, 8)
+    assert all(layer.k_scale is None for layer in cache.layers)
 
 
 def test_unpatch_restores_the_model():

@@ -109,10 +109,13 @@ def test_projection_drives_a_cache(calib):
 
 
 def _rewrite(src, dst, edit):
-    """Copy the npz at src to dst, letting edit(name, bytes) change member contents."""
+    """Copy the npz at src to dst, letting edit(name, bytes) change member contents (None
+    leaves the member out)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
-            zout.writestr(item, edit(item.filename, zin.read(item.filename)))
+            data = edit(item.filename, zin.read(item.filename))
+            if data is not None:
+                zout.writestr(item, data)
 
 
 def _header_edit(change):
@@ -161,7 +164,7 @@ def test_corrupt_files_are_refused(calib, tmp_path, damage, match):
     elif damage == "format":
         _rewrite(good, bad, _header_edit(lambda h: h.update(format="other")))
     elif damage == "version":
-        _rewrite(good, bad, _header_edit(lambda h: h.update(version=2)))
+        _rewrite(good, bad, _header_edit(lambda h: h.update(version=3)))
     elif damage == "no_header":
         with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
             for item in zin.infolist():
@@ -225,3 +228,144 @@ def test_torch_keys():
     cal = sals.Calibrator([16])
     cal.update(0, k)
     assert cal.finish(rank=4).layers[0].n_tokens == 100
+
+
+# ---- query-weighted projections ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weighted():
+    """Two layers of keys with query energies that are far from uniform, tied in pairs of an
+    8-wide rotate-half RoPE; layer 1's last pair is never read (energy 0)."""
+    rng = np.random.default_rng(3)
+    cal = sals.Calibrator([16, 16])
+    energies = []
+    for layer in range(2):
+        k, _ = keys(rng, 500, 16, 0.85)
+        half = rng.gamma(0.5, size=(500, 2, 4))      # [N, heads, pairs]
+        if layer == 1:
+            half[..., 3] = 0
+        e = np.concatenate([half, half], axis=-1).reshape(500, 16)
+        energies.append(e)
+        cal.update(layer, k[:200], e[:200])
+        cal.update(layer, k[200:], e[200:])
+    return cal, energies, rng
+
+
+def test_query_weighted_projection_is_the_pca_of_scaled_keys(weighted):
+    """key_scale = (w / mean w)^(alpha/2) of the mean query energy (floored at
+    MIN_QUERY_ENERGY of the mean), and the eigen-pairs are those of diag(s) C diag(s)."""
+    cal, energies, _ = weighted
+    plain = cal.finish(rank=4)
+    assert plain.query_weight == 0 and plain.key_scale(0) is None
+    for alpha in (0.5, 1.0):
+        c = cal.finish(rank=4, query_weight=alpha, fingerprint=FP)
+        assert c.query_weight == alpha
+        for i, e in enumerate(energies):
+            w = e.mean(axis=0)
+            s = np.maximum(w / w.mean(), sals.calibration.MIN_QUERY_ENERGY) ** (alpha / 2)
+            np.testing.assert_allclose(c.key_scale(i), s, rtol=1e-6)
+            gram = cal._gram[i] * np.outer(s, s)
+            want = np.sort(np.linalg.eigvalsh(gram))[::-1]
+            np.testing.assert_allclose(c.layers[i].eigenvalues, np.maximum(want, 0), rtol=1e-9,
+                                       atol=1e-9 * want[0])
+            u = c.projection(i).astype(np.float64)
+            np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-6)
+            # the columns span the leading eigenspace of the scaled Gram matrix
+            np.testing.assert_allclose(np.trace(u.T @ gram @ u), want[:4].sum(), rtol=1e-6)
+        # the unread pair gets the floor
+        np.testing.assert_allclose(c.key_scale(1)[[3, 7]],
+                                   sals.calibration.MIN_QUERY_ENERGY ** (alpha / 2), rtol=1e-6)
+
+
+def test_query_weighted_file_round_trip_and_integrity(weighted, tmp_path):
+    cal, _, _ = weighted
+    c = cal.finish(rank_frac=0.5, query_weight=1.0, fingerprint=FP)
+    path = tmp_path / "qw.salscal"
+    c.save(path)
+    back = sals.Calibration.load(path, fingerprint=FP)
+    assert back.query_weight == 1.0 and "query_weight=1" in repr(back)
+    for i in range(2):
+        np.testing.assert_array_equal(back.key_scale(i), c.key_scale(i))
+        np.testing.assert_array_equal(back.projection(i), c.projection(i))
+
+    def tamper(name, data):
+        if name != "key_scale_1.npy":
+            return data
+        b = bytearray(data)
+        b[-2] ^= 0x01
+        return bytes(b)
+
+    bad = tmp_path / "bad.salscal"
+    _rewrite(path, bad, tamper)
+    with pytest.raises(sals.CalibrationError, match="SHA-256"):
+        sals.Calibration.load(bad)
+
+    def negative(name, data):
+        if name != "key_scale_0.npy":
+            return data
+        import io
+        arr = np.load(io.BytesIO(data))
+        arr[0] = -1
+        out = io.BytesIO()
+        np.save(out, arr)
+        return out.getvalue()
+
+    _rewrite(path, bad, negative)
+    with pytest.raises(sals.CalibrationError, match="layer 0: key_scale"):
+        sals.Calibration.load(bad)
+
+    def drop(name, data):
+        return None if name == "key_scale_1.npy" else data
+
+    _rewrite(path, bad, drop)
+    with pytest.raises(sals.CalibrationError, match="arrays for 2 layers"):
+        sals.Calibration.load(bad)
+    for change, match in ((lambda h: h.update(query_weight=-1), "query_weight"),
+                          (lambda h: h.update(query_weight=True), "query_weight"),
+                          (lambda h: h["layers"][0].update(key_scale="yes"), "arrays for|key_scale"),
+                          (lambda h: h.update(version=1), "layer 0: key_scale")):
+        _rewrite(path, bad, _header_edit(change))
+        with pytest.raises(sals.CalibrationError, match=match):
+            sals.Calibration.load(bad)
+
+
+def test_version_1_files_still_load(calib, tmp_path):
+    """A file of format version 1 (plain PCA, no query_weight, no key_scale flags) loads as an
+    unweighted calibration."""
+    good = tmp_path / "v2.salscal"
+    calib.save(good)
+    old = tmp_path / "v1.salscal"
+
+    def to_v1(h):
+        h["version"] = 1
+        del h["query_weight"]
+        for layer in h["layers"]:
+            del layer["key_scale"]
+
+    _rewrite(good, old, _header_edit(to_v1))
+    back = sals.Calibration.load(old, fingerprint=FP)
+    assert back.query_weight == 0 and back.key_scale(0) is None
+    np.testing.assert_array_equal(back.projection(1), calib.projection(1))
+
+
+def test_bad_query_energy_input():
+    rng = np.random.default_rng(0)
+    cal = sals.Calibrator([8])
+    k = rng.standard_normal((10, 8))
+    with pytest.raises(sals.InvalidArgumentError, match="query_energy"):
+        cal.update(0, k, np.ones((10, 9)))
+    with pytest.raises(sals.InvalidArgumentError, match="query_energy: 9 rows"):
+        cal.update(0, k, np.ones((9, 8)))
+    with pytest.raises(sals.InvalidArgumentError, match="query_energy: holds negative"):
+        cal.update(0, k, -np.ones((10, 8)))
+    with pytest.raises(sals.InvalidArgumentError, match="query_energy: holds NaN"):
+        cal.update(0, k, np.full((10, 8), np.nan))
+    cal.update(0, k)  # keys without energies: fine for plain PCA only
+    assert cal.finish(rank=2).key_scale(0) is None
+    with pytest.raises(sals.CalibrationError, match="0 of 10"):
+        cal.finish(rank=2, query_weight=1.0)
+    cal.update(0, k, np.ones((10, 8)))
+    with pytest.raises(sals.CalibrationError, match="10 of 20"):
+        cal.finish(rank=2, query_weight=1.0)
+    with pytest.raises(sals.InvalidArgumentError, match="query_weight"):
+        cal.finish(rank=2, query_weight=-0.5)

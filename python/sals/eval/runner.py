@@ -39,8 +39,9 @@ class Setting:
     - ``dense``;
     - ``PRESET[:FIELD=VALUE...]``: PRESET one of ``PRESETS`` ("none": ``sals.Config``
       defaults), FIELD any ``sals.Config`` field, ``kv_fraction``/``kv_context`` (auto),
-      ``dense_layers`` (``0/1/29`` or ``none``) or ``calib=SOURCE/TOKENS`` (this row's
-      calibration, e.g. ``calib=stdlib/4096``);
+      ``dense_layers`` (``0/1/29`` or ``none``) or ``calib=SOURCE/TOKENS[/QW]`` (this row's
+      calibration, e.g. ``calib=stdlib/4096``, or ``calib=debian-docs/16384/0`` for plain PCA;
+      QW, the query weight, defaults to the eval's);
     - ``streaming=SPEC`` (StreamingLLM holding the bytes SPEC holds), ``oracle=SPEC`` (exact
       top-k at SPEC's budget).
     """
@@ -50,7 +51,7 @@ class Setting:
     preset: str | None = None
     overrides: dict = dataclasses.field(default_factory=dict)
     dense_layers: tuple | None = None
-    calib: tuple | None = None  # (source, tokens)
+    calib: tuple | None = None  # (source, tokens, query weight or None: the eval's)
     ref: str | None = None
 
     @property
@@ -94,10 +95,14 @@ def parse_setting(spec: str) -> Setting:
             raise ValueError(f"setting {spec!r}: {field!r} is not FIELD=VALUE")
         key, val = field.split("=", 1)
         if key == "calib":
-            source, _, tokens = val.partition("/")
-            if not tokens.isdigit():
-                raise ValueError(f"setting {spec!r}: calib= expects SOURCE/TOKENS, got {val!r}")
-            setting.calib = (source, int(tokens))
+            source, _, rest = val.partition("/")
+            tokens, _, weight = rest.partition("/")
+            weight = _value(weight) if weight else None
+            if not tokens.isdigit() or not (weight is None or isinstance(weight, (int, float))
+                                            and not isinstance(weight, bool)):
+                raise ValueError(
+                    f"setting {spec!r}: calib= expects SOURCE/TOKENS[/QUERY_WEIGHT], got {val!r}")
+            setting.calib = (source, int(tokens), None if weight is None else float(weight))
         elif key == "dense_layers":
             setting.dense_layers = () if val == "none" else tuple(int(x) for x in val.split("/"))
         else:
@@ -341,7 +346,12 @@ class Runner:
         for index, proj in state.projections.items():
             k = pre.keys[index][0].reshape(pre.n, -1).float()
             u = torch.from_numpy(proj).to(k.device)
-            err = torch.linalg.norm(k - (k @ u) @ u.T) / torch.linalg.norm(k)
+            scale = state.key_scales[index]
+            s = torch.ones(k.shape[1]) if scale is None else torch.from_numpy(scale)
+            s = s.to(k.device)
+            # the keys the cache rebuilds, in the model's space (query-weighted projections
+            # rebuild s * k)
+            err = torch.linalg.norm(k - ((k * s) @ u) @ u.T / s) / torch.linalg.norm(k)
             layers.setdefault(index, {})["key_rel_error"] = float(err)
 
 

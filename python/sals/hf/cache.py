@@ -24,14 +24,20 @@ def _unsupported(what: str):
 class SalsLayer(CacheLayerMixin):
     """One attention layer of a SalsCache. ``slots`` counts appended token slots (padding
     included): it is the logical length transformers sees (mask sizes, position offsets), while
-    ``LayerCache.lengths()`` counts the tokens actually stored per sequence."""
+    ``LayerCache.lengths()`` counts the tokens actually stored per sequence.
+
+    ``key_scale``: the calibration's ``[Dk]`` scale of query-weighted projections, or None.
+    The layer then stores ``s * k`` and attends with ``q / s`` (per KV head, and per query head
+    from its KV head's scale): the logits are those of ``q`` and ``k``, the projection sees the
+    keys it was made for. ``dtype``: the model's, in which the scales are kept."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_cache: LayerCache, index: int, device: torch.device):
+    def __init__(self, layer_cache: LayerCache, index: int, device: torch.device,
+                 key_scale=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer_cache = layer_cache
         self.index = index
@@ -41,6 +47,14 @@ class SalsLayer(CacheLayerMixin):
         # the torch.ops.sals operators' view of the cache (sals.torch_ops)
         self.handle = torch_ops.handle(layer_cache)
         self.order = torch_ops.order_tensor(device)
+        self.k_scale = self.q_scale = None
+        if key_scale is not None:
+            cfg = layer_cache.config
+            s = torch.as_tensor(key_scale, dtype=torch.float32).reshape(cfg.n_head_kv,
+                                                                        cfg.head_dim)
+            group = cfg.n_head_q // cfg.n_head_kv
+            self.k_scale = s.to(device, dtype)
+            self.q_scale = s.reciprocal().repeat_interleave(group, dim=0).to(device, dtype)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.update(key_states, value_states)
@@ -59,6 +73,8 @@ class SalsLayer(CacheLayerMixin):
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [B, T, Hkv, d] pre-RoPE; positions: [B, T] int32, < 0 for padding."""
         self._check_device(k, "k")
+        if self.k_scale is not None:
+            k = k * self.k_scale.to(k.dtype)
         try:
             # DLPack refuses tensors that require grad (a plain forward outside no_grad)
             torch.ops.sals.cache_append(k.detach(), v.detach(), positions, self.order,
@@ -75,6 +91,8 @@ class SalsLayer(CacheLayerMixin):
     def attend(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q: [B, T, Hq, d] pre-RoPE -> [B, T, Hq, d] in q's dtype."""
         self._check_device(q, "q")
+        if self.q_scale is not None:
+            q = q * self.q_scale.to(q.dtype)
         return torch.ops.sals.cache_attend(q.detach(), positions, self.order, self.handle)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -166,7 +184,8 @@ class SalsCache(Cache):
             with _device_guard(info.device):
                 lc = LayerCache(cfg, state.ropes[info.index], state.projections[info.index],
                                 device=str(info.device))
-            layers.append(SalsLayer(lc, info.index, info.device))
+            layers.append(SalsLayer(lc, info.index, info.device, state.key_scales[info.index],
+                                    info.module.q_proj.weight.dtype))
         super().__init__(layers=layers)
         self.patch_state = state
         self.decode_graphs: dict = {}  # batch size -> captured decode step (sals.hf.graphs)

@@ -2,7 +2,7 @@
 
     python -m sals calibrate --model DIR_OR_ID [--gguf-file NAME] --out FILE
         [--tokens N] [--seq-len L] [--rank-frac 0.25 | --energy 0.99]
-        [--text FILE | --source stdlib|debian-docs]
+        [--text FILE | --source stdlib|debian-docs] [--query-weight 1.0]
 
 The model is loaded from local files only. The default text is the docstrings of the Python
 standard library (offline, deterministic); ``--text`` takes any UTF-8 text file.
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("stdlib", "debian-docs"),
                    help="built-in text instead of --text: 'stdlib' docstrings (the default) or "
                         "'debian-docs' (python3.11-doc and debian-reference-en, when installed)")
+    p.add_argument("--query-weight", type=float, default=None, metavar="ALPHA",
+                   help="weight the projection by the queries' energy per key dimension "
+                        "(default 1; 0 is plain PCA of the keys; see sals.calibration)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -64,6 +67,8 @@ def _check_paths(args) -> None:
     from .loading import check_path
 
     check_path(args.model)
+    if args.query_weight is not None and not 0 <= args.query_weight <= 4:
+        raise ValueError(f"--query-weight: expected 0..4, got {args.query_weight:g}")
     if args.text is not None and not os.path.isfile(args.text):
         raise FileNotFoundError(f"--text: no such file: {args.text!r}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -74,8 +79,8 @@ def _check_paths(args) -> None:
 
 
 def report(calib: Calibration) -> str:
-    """Per-layer table: Dk, kept rank, and the fraction of key energy kept at Dk/4, Dk/8 and
-    at the kept rank."""
+    """Per-layer table: Dk, kept rank, and the fraction of key energy (query-weighted for
+    query-weighted projections) kept at Dk/4, Dk/8 and at the kept rank."""
     lines = [f"{'layer':>5} {'Dk':>6} {'rank':>6} {'E@Dk/4':>8} {'E@Dk/8':>8} {'E@rank':>8}"]
     for i, layer in enumerate(calib.layers):
         lines.append(f"{i:>5} {layer.dk:>6} {layer.rank:>6} "
@@ -111,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     calib = calibrate.calibrate(model, tokenizer, n_tokens=args.tokens, seq_len=args.seq_len,
                                 rank_frac=args.rank_frac, energy=args.energy, text=text,
-                                data=data, progress=not args.quiet)
+                                data=data, progress=not args.quiet,
+                                query_weight=(calibrate.QUERY_WEIGHT if args.query_weight is None
+                                              else args.query_weight))
     calib.save(args.out)
     print(report(calib))
     print(f"wrote {args.out}: {len(calib.layers)} layers, {calib.n_tokens} tokens ({calib.data}), "

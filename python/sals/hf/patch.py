@@ -44,13 +44,15 @@ _STATE_ATTR = "_sals_patch"
 
 @dataclasses.dataclass
 class PatchState:
-    """What ``patch`` attached to a model: per-layer configs, ropes and projections (used by
-    every SalsCache made for it) and what ``unpatch`` restores."""
+    """What ``patch`` attached to a model: per-layer configs, ropes, projections and key scales
+    (None: unscaled; see ``sals.calibration``), used by every SalsCache made for it, and what
+    ``unpatch`` restores."""
 
     info: _arch.ModelInfo
     configs: dict[int, Config]
     ropes: dict[int, Rope]
     projections: dict[int, np.ndarray]
+    key_scales: dict[int, np.ndarray | None]
     max_tokens: int | None
     calibration: Calibration | None
     cuda_graph: bool = False
@@ -86,7 +88,8 @@ def _load_calibration(calibration, fingerprint: dict) -> Calibration | None:
 
 
 def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, dense: bool,
-                  model_dtype: torch.dtype, calib: Calibration | None) -> tuple[Config, np.ndarray]:
+                  model_dtype: torch.dtype, calib: Calibration | None,
+                  ) -> tuple[Config, np.ndarray, np.ndarray | None]:
     fields = dict(overrides)
     fields.setdefault("scale", info.scaling)
     fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
@@ -99,7 +102,7 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
     cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
     rank = cfg.resolved_rank()
     if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
-        return cfg, np.eye(info.dk, dtype=np.float32)
+        return cfg, np.eye(info.dk, dtype=np.float32), None
     if calib is None:
         raise CalibrationError(
             f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
@@ -114,7 +117,7 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
         raise CalibrationError(
             f"calibration: layer {info.index} stores rank {stored.rank}, the settings need "
             f"{rank} (calibrate with a larger --rank-frac)")
-    return cfg, calib.projection(info.index, rank)
+    return cfg, calib.projection(info.index, rank), calib.key_scale(info.index)
 
 
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
@@ -177,17 +180,16 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         per_layer, preset = auto.layer_overrides(info, calib, config_overrides), None
     elif "kv_fraction" in config_overrides or "kv_context" in config_overrides:
         raise InvalidArgumentError("kv_fraction, kv_context: only for preset='auto'")
-    configs, ropes, projections = {}, {}, {}
+    configs, ropes, projections, scales = {}, {}, {}, {}
     for layer in info.layers:
         if layer.sliding:
             continue
-        cfg, proj = _layer_config(layer, preset,
-                                  {**config_overrides, **per_layer.get(layer.index, {})},
-                                  layer.index in dense_layers,
-                                  layer.module.q_proj.weight.dtype, calib)
-        configs[layer.index], projections[layer.index] = cfg, proj
-        ropes[layer.index] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
-    state = PatchState(info, configs, ropes, projections,
+        i = layer.index
+        configs[i], projections[i], scales[i] = _layer_config(
+            layer, preset, {**config_overrides, **per_layer.get(i, {})}, i in dense_layers,
+            layer.module.q_proj.weight.dtype, calib)
+        ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
+    state = PatchState(info, configs, ropes, projections, scales,
                        None if max_tokens is None else int(max_tokens), calib, cuda_graph)
     for layer in info.layers:
         _replace(state, layer.module, "forward",
