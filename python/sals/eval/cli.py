@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=int, default=16384,
                    help="calibration tokens (default 16384); cached under $SALS_CACHE_DIR")
     p.add_argument("--calibration-query-weight", type=float, default=None, metavar="ALPHA",
-                   help="query weight of the projections (default 1: query-weighted; 0: plain "
-                        "PCA of the keys; see sals.calibration)")
+                   help="query weight of the projections (default 0: plain PCA of the keys; 1: "
+                        "query-weighted; see sals.calibration)")
     p.add_argument("--ppl-contexts", type=_ints,
                    help="perplexity prefill lengths (default: the --contexts)")
     p.add_argument("--ppl-segments", type=int, default=2,

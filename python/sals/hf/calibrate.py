@@ -4,7 +4,7 @@ Keys are taken where the model computes them: a forward pre-hook on each attenti
 recomputes ``k_norm(k_proj(hidden))`` from the module's input (extra GEMMs per layer, only
 while calibrating), so the keys are exactly those the patched forward stores. The same hook
 takes the pre-RoPE queries' energy per key dimension for query-weighted projections
-(``sals.calibration``; ``query_weight``, default 1).
+(``sals.calibration``; ``query_weight``, opt-in).
 
 Default text, always offline: the docstrings of Python standard-library modules
 (``inspect.getdoc`` of each module and of its public classes, functions and methods), in a
@@ -97,9 +97,11 @@ def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torc
     return [ids[i:i + seq_len][None] for i in range(0, n_tokens, seq_len)]
 
 
-#: The default alpha of query-weighted projections (``sals.calibration``): on SmolLM2 at rank
-#: Dk/4 it cut the attention-output error of rebuilt keys by about a third against plain PCA.
-QUERY_WEIGHT = 1.0
+#: The default alpha of query-weighted projections (``sals.calibration``): 0, plain PCA. On
+#: SmolLM2 at rank Dk/4, alpha 1 cut the attention-output error of rebuilt keys by about a third
+#: and raised SALS-25%'s eval score (BENCHMARKS.md), but it moved Gemma 3 270M's sals-25 logits
+#: further from dense under transformers 5.24 (test_gemma3), which is not yet understood: opt-in.
+QUERY_WEIGHT = 0.0
 
 
 def query_energy(q: torch.Tensor, n_head_kv: int, rotary_dim: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     python -m sals calibrate --model DIR_OR_ID [--gguf-file NAME] --out FILE
         [--tokens N] [--seq-len L] [--rank-frac 0.25 | --energy 0.99]
-        [--text FILE | --source stdlib|debian-docs] [--query-weight 1.0]
+        [--text FILE | --source stdlib|debian-docs] [--query-weight 0]
 
 The model is loaded from local files only. The default text is the docstrings of the Python
 standard library (offline, deterministic); ``--text`` takes any UTF-8 text file.
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                         "'debian-docs' (python3.11-doc and debian-reference-en, when installed)")
     p.add_argument("--query-weight", type=float, default=None, metavar="ALPHA",
                    help="weight the projection by the queries' energy per key dimension "
-                        "(default 1; 0 is plain PCA of the keys; see sals.calibration)")
+                        "(default 0: plain PCA of the keys; 1 is query-weighted; see sals.calibration)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
