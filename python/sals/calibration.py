@@ -52,6 +52,8 @@ READABLE_VERSIONS = (1, 2)
 #: Query energies below this fraction of the layer mean are raised to it: a dimension no query
 #: reads would otherwise get a scale of 0 and queries divided by it.
 MIN_QUERY_ENERGY = 1e-4
+#: The largest query weight (alpha) accepted.
+MAX_QUERY_WEIGHT = 4.0
 
 
 def _as_float64_rows(keys, dk: int, name: str) -> np.ndarray:
@@ -121,8 +123,9 @@ class Calibrator:
         if energy is not None and not 0 < energy <= 1:
             raise InvalidArgumentError(f"energy: expected (0, 1], got {energy}")
         query_weight = float(query_weight)
-        if not 0 <= query_weight <= 4:
-            raise InvalidArgumentError(f"query_weight: expected [0, 4], got {query_weight}")
+        if not 0 <= query_weight <= MAX_QUERY_WEIGHT:
+            raise InvalidArgumentError(
+                f"query_weight: expected [0, {MAX_QUERY_WEIGHT:g}], got {query_weight}")
         layers = []
         for i, (dk, gram) in enumerate(zip(self._dk, self._gram)):
             if self._tokens[i] == 0:
@@ -440,8 +443,9 @@ def _read_archive(z: zipfile.ZipFile, size: int):
             raise CalibrationError(f"header {key!r} is not a {kind.__name__}")
     header["data"] = str(header.get("data", ""))
     weight = header.get("query_weight", 0.0) if version >= 2 else 0.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 4:
-        raise CalibrationError(f"query_weight: {weight!r} is not a number in [0, 4]")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_QUERY_WEIGHT:
+        raise CalibrationError(
+            f"query_weight: {weight!r} is not a number in [0, {MAX_QUERY_WEIGHT:g}]")
     header["query_weight"] = float(weight)
     layers = header["layers"]
     scaled = [isinstance(m, dict) and m.get("key_scale") is True for m in layers]

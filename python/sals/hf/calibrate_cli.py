@@ -67,8 +67,11 @@ def _check_paths(args) -> None:
     from .loading import check_path
 
     check_path(args.model)
-    if args.query_weight is not None and not 0 <= args.query_weight <= 4:
-        raise ValueError(f"--query-weight: expected 0..4, got {args.query_weight:g}")
+    from ..calibration import MAX_QUERY_WEIGHT
+
+    if args.query_weight is not None and not 0 <= args.query_weight <= MAX_QUERY_WEIGHT:
+        raise ValueError(
+            f"--query-weight: expected 0..{MAX_QUERY_WEIGHT:g}, got {args.query_weight:g}")
     if args.text is not None and not os.path.isfile(args.text):
         raise FileNotFoundError(f"--text: no such file: {args.text!r}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
