@@ -478,8 +478,9 @@ static void test_two_threads(void) {
       calls++;
       if (is_busy_error(st)) busy++;
       else if (st != SALS_OK) other++;
-      w.main_busy = busy;
     }
+    /* after every call: a refusal of the lengths call alone must also end the worker's loop */
+    w.main_busy = busy;
     /* between calls, so that the worker also runs outside this thread's calls */
     sched_yield();
   }
