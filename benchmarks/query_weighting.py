@@ -95,9 +95,9 @@ def main(argv=None) -> int:
         flat = k.reshape(n, -1)
         row = {"layer": layer.index}
         for w, c in calibs.items():
-            u = torch.from_numpy(c.projection(layer.index))
+            u = torch.tensor(c.projection(layer.index))
             scale = c.key_scale(layer.index)
-            s = torch.ones(layer.dk) if scale is None else torch.from_numpy(scale)
+            s = torch.ones(layer.dk) if scale is None else torch.tensor(scale)
             rebuilt = ((flat * s) @ u) @ u.T / s
             out = attend(rebuilt.reshape(k.shape))
             row[f"key_err_{w:g}"] = float((rebuilt - flat).norm() / flat.norm())

@@ -50,8 +50,8 @@ class SalsLayer(CacheLayerMixin):
         self.k_scale = self.q_scale = None
         if key_scale is not None:
             cfg = layer_cache.config
-            s = torch.as_tensor(key_scale, dtype=torch.float32).reshape(cfg.n_head_kv,
-                                                                        cfg.head_dim)
+            # a copy: the calibration's arrays are read-only
+            s = torch.tensor(key_scale, dtype=torch.float32).reshape(cfg.n_head_kv, cfg.head_dim)
             group = cfg.n_head_q // cfg.n_head_kv
             self.k_scale = s.to(device, dtype)
             self.q_scale = s.reciprocal().repeat_interleave(group, dim=0).to(device, dtype)
