@@ -103,6 +103,8 @@ def test_command_writes_json_table_and_plots(smollm2_calibration, tmp_path, caps
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert {s["name"] for s in results["settings"]} == {"dense", "sals-25", "oracle=sals-25"}
+    described = next(s for s in results["settings"] if s["name"] == "sals-25")["layers"]["2"]
+    assert (described["rank"], described["key_bits"], described["value_bits"]) == (48, 16, 4)
     summary = results["summary"]
     assert summary["dense"]["kv_fraction"] == 1.0
     assert 0 < summary["sals-25"]["kv_fraction"] < 1

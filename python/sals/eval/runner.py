@@ -222,6 +222,7 @@ class Runner:
                 state = self.patch_state(model)
                 self.describe[s.name] = {
                     str(i): {"rank": c.resolved_rank(), "score_rank": c.resolved_score_rank(),
+                             "key_bits": c.key_bits, "key_group": c.key_group,
                              "value_bits": c.value_bits, "value_group": c.value_group,
                              "dense": c.dense, "dk": c.dk, "n_sink": c.n_sink,
                              "n_recent": c.n_recent, "budget_frac": c.budget_frac,
