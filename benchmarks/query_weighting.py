@@ -95,10 +95,8 @@ def main(argv=None) -> int:
         flat = k.reshape(n, -1)
         row = {"layer": layer.index}
         for w, c in calibs.items():
-            u = torch.tensor(c.projection(layer.index))
-            scale = c.key_scale(layer.index)
-            s = torch.ones(layer.dk) if scale is None else torch.tensor(scale)
-            rebuilt = ((flat * s) @ u) @ u.T / s
+            rebuilt = calibrate.rebuilt_keys(flat, c.projection(layer.index),
+                                             c.key_scale(layer.index))
             out = attend(rebuilt.reshape(k.shape))
             row[f"key_err_{w:g}"] = float((rebuilt - flat).norm() / flat.norm())
             row[f"out_err_{w:g}"] = float((out - exact).norm() / exact.norm())

@@ -118,3 +118,21 @@ def test_too_little_text_is_a_calibration_error(tmp_path):
     with pytest.raises(sals.CalibrationError, match="holds 4 tokens, fewer than the 64"):
         calibrate_cli.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "x"),
                             "--tokens", "64", "--text", str(text), "--quiet"])
+
+
+def test_rebuilt_keys_follow_the_scaled_projection():
+    """``rebuilt_keys`` is ``((k * s) U) U^T / s`` (float64 numpy reference), plain PCA without
+    a scale, and the identity at full rank whatever the scale; read-only arrays are accepted."""
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((40, 12))
+    u = np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    s = rng.uniform(0.2, 3.0, 12)
+    for a in (u, s):
+        a.flags.writeable = False
+    keys = torch.tensor(k)
+    got = calibrate.rebuilt_keys(keys, u[:, :5], s).numpy()
+    np.testing.assert_allclose(got, ((k * s) @ u[:, :5]) @ u[:, :5].T / s, rtol=1e-12)
+    plain = calibrate.rebuilt_keys(keys, u[:, :5]).numpy()
+    np.testing.assert_allclose(plain, (k @ u[:, :5]) @ u[:, :5].T, rtol=1e-12)
+    assert not np.allclose(got, plain)
+    np.testing.assert_allclose(calibrate.rebuilt_keys(keys, u, s).numpy(), k, atol=1e-12)

@@ -343,16 +343,13 @@ class Runner:
         return _OverlapHooks(self, cache, pre, layers)
 
     def _key_errors(self, pre: Prefill, layers: dict) -> None:
+        from ..hf.calibrate import rebuilt_keys
+
         state = self.patch_state(self.model)
         for index, proj in state.projections.items():
             k = pre.keys[index][0].reshape(pre.n, -1).float()
-            u = torch.from_numpy(proj).to(k.device)
-            scale = state.key_scales[index]
-            s = torch.ones(k.shape[1]) if scale is None else torch.from_numpy(scale)
-            s = s.to(k.device)
-            # the keys the cache rebuilds, in the model's space (query-weighted projections
-            # rebuild s * k)
-            err = torch.linalg.norm(k - ((k * s) @ u) @ u.T / s) / torch.linalg.norm(k)
+            rebuilt = rebuilt_keys(k, proj, state.key_scales[index])
+            err = torch.linalg.norm(k - rebuilt) / torch.linalg.norm(k)
             layers.setdefault(index, {})["key_rel_error"] = float(err)
 
 

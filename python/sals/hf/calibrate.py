@@ -99,9 +99,21 @@ def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torc
 
 #: The default alpha of query-weighted projections (``sals.calibration``): 0, plain PCA. On
 #: SmolLM2 at rank Dk/4, alpha 1 cut the attention-output error of rebuilt keys by about a third
-#: and raised SALS-25%'s eval score (BENCHMARKS.md), but it moved Gemma 3 270M's sals-25 logits
-#: further from dense under transformers 5.24 (test_gemma3), which is not yet understood: opt-in.
+#: and raised SALS-25%'s eval score, but Gemma 3 270M's query energy is so uneven across key
+#: dimensions (its scale spans up to 727x) that the weighted PCA drops dimensions its retrieval
+#: needs, and it lost accuracy there (BENCHMARKS.md): opt-in.
 QUERY_WEIGHT = 0.0
+
+
+def rebuilt_keys(keys: torch.Tensor, projection, key_scale=None) -> torch.Tensor:
+    """``keys: [N, Dk]`` as the cache rebuilds them from their rank-r latents,
+    ``((k * s) U) U^T / s``, for a calibration layer's ``[Dk, r]`` projection ``U`` and key
+    scale ``s`` (None: plain PCA, s = 1); in ``keys``' dtype and on its device."""
+    u = torch.tensor(projection, dtype=keys.dtype, device=keys.device)  # copies: read-only arrays
+    if key_scale is None:
+        return (keys @ u) @ u.T
+    s = torch.tensor(key_scale, dtype=keys.dtype, device=keys.device)
+    return ((keys * s) @ u) @ u.T / s
 
 
 def query_energy(q: torch.Tensor, n_head_kv: int, rotary_dim: int) -> torch.Tensor:
