@@ -5,10 +5,13 @@
 #   STEPS="build ctest sanitize pytest bench e2e profile" bash benchmarks/gpu_session.sh
 # pytest: the GPU suites (and, with NEWEST_TRANSFORMERS=wheel, the HF CUDA tests on that
 # transformers); e2e: `python -m sals bench e2e` with E2E_ARGS, JSON and plot to $OUT
-# profile: Nsight Compute on one kernel of each PROFILE_CASES entry
+# profile: Nsight Compute on the kernels of one decode step for each PROFILE_CASES entry
 # ("shape:context:batch:setting:kernel", see benchmarks/profile_step.py; kernel is a regex on the
-# kernel name, default rebuild_logits; PROFILE_SKIP matching launches are skipped first, default
-# 2); writes the details page and the per-instruction source view (stall samples) of each case.
+# kernel name, default every kernel of the step); writes the details page, the per-instruction
+# source view (stall samples) and a one-line summary per kernel of each case.
+# WHEEL=path: install that prebuilt wheel (built elsewhere with SALS_CUDA=ON) instead of building;
+# BUILD_DIR=path: a CMake build tree with the tests, made on a machine where this checkout has the
+# same path (ctest reads absolute paths), used by ctest and sanitize.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -21,7 +24,12 @@ log() { echo "== $* ($(date +%T))"; }
   nvcc --version | tail -1
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 } 2>&1 | tee "$OUT/env.txt"
-if has build; then
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+if [ -n "${WHEEL:-}" ]; then
+  log "install $WHEEL"
+  python3 -m pip install -q --no-deps --force-reinstall "$WHEEL" > "$OUT/build.log" 2>&1 ||
+    { tail -20 "$OUT/build.log"; exit 1; }
+elif has build; then
   log build
   cmake -S . -B build-gpu -G Ninja -DSALS_CUDA=ON -DSALS_BUILD_TESTS=ON \
     -DSALS_CUDA_ARCHS="${SALS_CUDA_ARCHS:-80-real;90a-real;90-virtual}" > "$OUT/build.log" 2>&1 &&
@@ -35,14 +43,14 @@ python3 -c "import sals; print('sals', sals.__version__, 'cuda_available', sals.
 cd - > /dev/null
 if has ctest; then
   log ctest
-  ctest --test-dir build-gpu --output-on-failure --timeout 300 2>&1 | tee "$OUT/ctest.log" | tail -40
+  ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 300 2>&1 | tee "$OUT/ctest.log" | tail -40
 fi
 if has sanitize; then
   log memcheck
-  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 build-gpu/cuda/test_cuda_vs_cpu \
+  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD_DIR/cuda/test_cuda_vs_cpu" \
     > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -5 "$OUT/memcheck.log"
   log racecheck
-  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool racecheck --error-exitcode 9 build-gpu/cuda/test_cuda_vs_cpu \
+  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD_DIR/cuda/test_cuda_vs_cpu" \
     > "$OUT/racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -5 "$OUT/racecheck.log"
 fi
 if has pytest; then
@@ -68,18 +76,31 @@ if has e2e; then
     --plot "$OUT/e2e.png" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log")
 fi
 if has profile; then
-  for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5:rebuild_logits}; do
+  for case in ${PROFILE_CASES:-llama2-7b:4096:16:sals-12.5}; do
     IFS=: read -r shape ctx batch setting kernel <<< "$case"
-    kernel=${kernel:-rebuild_logits}
-    name=prof_${kernel}_${shape}_${ctx}_${batch}
+    kernel=${kernel:-.}
+    name=prof_${shape}_${ctx}_${batch}_${setting}
     log "profile $case"
-    (cd /tmp && timeout 300 ncu -k "regex:$kernel" -s ${PROFILE_SKIP:-2} -c 1 --set full \
+    (cd /tmp && timeout 300 ncu --profile-from-start off -k "regex:$kernel" --set full \
       --import-source yes -f -o "/tmp/$name" python3 "$OLDPWD/benchmarks/profile_step.py" \
       "$shape" "$ctx" "$batch" "$setting" > "$OUT/$name.log" 2>&1; tail -3 "$OUT/$name.log")
     ncu -i "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
     ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/${name}_sass.csv" 2>&1
-    grep -E "Duration|Registers|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
-      "$OUT/$name.txt" | head -20
+    ncu -i "/tmp/$name.ncu-rep" --page raw --csv --metrics \
+      gpu__time_duration.sum,launch__grid_size,launch__block_size,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__average_warp_latency_per_inst_issued.ratio \
+      > "$OUT/${name}_summary.csv" 2>&1
+    python3 - "$OUT/${name}_summary.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head = rows[0]
+want = ["Kernel Name", "gpu__time_duration.sum", "launch__grid_size", "launch__block_size",
+        "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active",
+        "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+        "dram__throughput.avg.pct_of_peak_sustained_elapsed"]
+cols = [head.index(w) for w in want if w in head]
+for r in rows[2:]:
+    print("  ".join(r[c][:48] for c in cols))
+PY
   done
 fi
 log done

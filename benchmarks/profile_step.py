@@ -1,5 +1,7 @@
 """One SALS decode step (append + attend) on a filled cache, run a few times eagerly: a target
-for Nsight Compute (`ncu -k regex:rebuild_logits ... python3 benchmarks/profile_step.py`).
+for Nsight Compute. The last step runs inside a profiler range, so
+`ncu --profile-from-start off ... python3 benchmarks/profile_step.py ...` sees exactly the kernels
+of one step (add `-k regex:rebuild_logits` for one of them).
 
     python3 benchmarks/profile_step.py SHAPE CONTEXT BATCH SETTING [STEPS]
 e.g. llama2-7b 4096 16 sals-12.5. Shapes and settings are those of `python -m sals bench`.
@@ -28,10 +30,14 @@ def main() -> None:
     k = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)
     pos = torch.full((B, 1), S, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
-    for _ in range(steps):
+    for i in range(steps):
+        if i == steps - 1:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
         cache.append(k, k, pos)
         cache.attend(q, pos, out=out)
     torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
     cache.close()
 
 

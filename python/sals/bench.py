@@ -11,7 +11,9 @@ context and batch:
   FlashAttention backend and with the cuDNN backend;
 - the floors of SALS.md section 7 (bytes over the measured copy bandwidth, rebuild FLOPs over the
   measured bf16 matrix rate) and the fraction of the floor reached;
-- per-kernel times of one SALS step (torch profiler), so a note can say where the time goes.
+- per-kernel times of one SALS step (torch profiler), the kernel launches a step makes, and each
+  kernel's own floor (the bytes it must move and the FLOPs it must do, :func:`kernel_floors`), so a
+  note can say where the time goes and how far each kernel is from its floor.
 
 Writes JSON (``--out``) and prints a table. Needs torch with CUDA and a CUDA build of sals.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -94,8 +97,61 @@ def _fill(cache, B, S, Hkv, d, torch, chunk=2048):
     torch.cuda.synchronize()
 
 
-def _kernel_times(step, torch, reps=5) -> dict:
-    """Per-kernel device time of one step (mean over reps), from the torch profiler."""
+def kernel_floors(cfg, B: int, S: int, ceil: dict) -> dict:
+    """The floor of each stage of one decode step (ms): the bytes the stage must read and write
+    once over the copy bandwidth, or its FLOPs over the matrix rate, whichever is larger.
+    Stages are named as in :data:`STAGE_OF_KERNEL`; float32 workspaces (scores, logits,
+    partials) count as the kernels write and read them today, the projection as its float32
+    copy. A fused kernel's floor is the sum of the stages it runs."""
+    dk, d = cfg.n_head_kv * cfg.head_dim, cfg.head_dim
+    r, rs, bits, hq = cfg.rank, cfg.score_rank, cfg.value_bits, cfg.n_head_q
+    nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
+    kept = nc + cfg.n_sink + cfg.n_recent
+    code_bytes = dk * (bits + 1) / 8  # codes + float16 scale and zero per 32 channels
+    stage_bytes = {
+        # v (and k for the exact window) in, codes and the window's copies out
+        "values": B * (2 * dk * 2 + code_bytes + 2 * dk * 2),
+        "key projection": dk * r * 4 + B * (dk * 2 + r * 2),
+        "query fold": dk * rs * 4 + B * (hq * d * 2 + rs * 4),
+        "score": B * S * (rs * 2 + 4),
+        "top-k": B * (S * 4 + nc * 4),
+        "rebuild": dk * r * 2 + B * (kept * r * 2 + 2 * 80 * dk * 2 + hq * kept * 4),
+        "softmax+P.V": B * (hq * kept * 4 + kept * code_bytes + hq * d * 4),
+        "merge": B * hq * d * 2,
+    }
+    flops = {"rebuild": 2 * B * kept * r * dk}
+    out = {}
+    for stage, nbytes in stage_bytes.items():
+        t = max(nbytes / ceil["copy_bytes_per_s"], flops.get(stage, 0) / ceil["bf16_flop_per_s"])
+        out[stage] = 1e3 * t
+    return out
+
+
+# Kernel name (as _kernel_times reports it) -> the stages of kernel_floors it runs.
+STAGE_OF_KERNEL = (
+    (r"^values_kernel", ("values",)),
+    (r"KRowLoad", ("key projection",)),
+    (r"QFoldLoad", ("query fold",)),
+    (r"^score", ("score",)),
+    (r"^topk", ("top-k",)),
+    (r"^rebuild_logits", ("rebuild",)),
+    (r"^softmax_pv", ("softmax+P.V",)),
+    (r"^merge", ("merge",)),
+)
+
+
+def kernel_floor_ms(name: str, floors: dict) -> float | None:
+    """The floor of kernel `name` from kernel_floors' stages, or None for a kernel no stage
+    describes (e.g. a finite check)."""
+    for pattern, stages in STAGE_OF_KERNEL:
+        if re.search(pattern, name):
+            return sum(floors[s] for s in stages)
+    return None
+
+
+def _kernel_times(step, torch, reps=5) -> tuple[dict, dict]:
+    """Per-kernel device time of one step (mean over reps) and launches of each kernel per step,
+    from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -104,7 +160,8 @@ def _kernel_times(step, torch, reps=5) -> dict:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    out: dict[str, float] = {}
+    times: dict[str, float] = {}
+    launches: dict[str, float] = {}
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None)
         if t is None:
@@ -113,8 +170,9 @@ def _kernel_times(step, torch, reps=5) -> dict:
             # full kernel name with template arguments, without namespaces and parameters
             name = ev.key.replace("(anonymous namespace)::", "").replace("sals_cuda::", "")
             name = name.removeprefix("void ").split("(")[0]
-            out[name] = out.get(name, 0.0) + t / 1e3 / reps
-    return out
+            times[name] = times.get(name, 0.0) + t / 1e3 / reps
+            launches[name] = launches.get(name, 0.0) + ev.count / reps
+    return times, launches
 
 
 def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> dict:
@@ -148,8 +206,15 @@ def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> d
         cache.append(k1, v1, pos1)
         cache.attend(q1, pos1, out=out)
 
-    kernels = _kernel_times(step, torch)
-    res = {"fill_s": fill_s, "kernels_ms": kernels, "graph": False}
+    kernels, launches = _kernel_times(step, torch)
+    stage_floors = kernel_floors(cfg, B, S, ceil)
+    res = {
+        "fill_s": fill_s,
+        "kernels_ms": kernels,
+        "kernel_floor_ms": {k: kernel_floor_ms(k, stage_floors) for k in kernels},
+        "launches_per_step": sum(launches.values()),
+        "graph": False,
+    }
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -363,9 +428,13 @@ def _print_row(row, settings):
         if "ms" not in r:
             print(f"    {s:<10} {r.get('skipped', '-')}", flush=True)
             continue
-        ks = ", ".join(
-            f"{k} {v:.3f}" for k, v in sorted(r["kernels_ms"].items(), key=lambda kv: -kv[1])[:6]
-        )
+        def kernel(name, ms):
+            fl = r.get("kernel_floor_ms", {}).get(name)
+            short = name.split("<")[0]
+            return f"{short} {ms:.3f}" + (f" ({100 * fl / ms:.0f}%)" if fl else "")
+
+        ks = ", ".join(kernel(k, v) for k, v in
+                       sorted(r["kernels_ms"].items(), key=lambda kv: -kv[1])[:8])
         print(
             f"    {s:<10} {r['ms']:.3f} ms  x{_fmt(r.get('speedup_vs_flash'), '.2f')} flash "
             f"x{_fmt(r.get('speedup_vs_cudnn'), '.2f')} cudnn  floor {r['floor_ms']:.3f} ms "
@@ -373,7 +442,8 @@ def _print_row(row, settings):
             f"fill {r['fill_s']:.1f}s",
             flush=True,
         )
-        print(f"        kernels: {ks}", flush=True)
+        print(f"        {r['launches_per_step']:.0f} launches per step; kernels ms "
+              f"(of their floor): {ks}", flush=True)
 
 
 if __name__ == "__main__":
