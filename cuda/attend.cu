@@ -10,8 +10,8 @@
  *           keys on tensor cores (k = U_h k~, never written to memory), add the exact keys of
  *           sink/recent tokens, RoPE in registers, write the logits of the G query heads
  *   pv      per (split, KV head, sequence): online softmax over the logits, dequantise values
- *           and accumulate P.V for the G query heads; one partial per warp
- *   merge   combines the partials of each (sequence, query head) into the output row.
+ *           and accumulate P.V for the G query heads; one partial per warp; the last block of
+ *           each (sequence, KV head) merges the partials into the output rows.
  * Rebuild is tensor-core work and P.V streams values: as two kernels each runs at its own
  * occupancy, and the value gathers no longer stall the rebuild pipeline.
  * Dense decode (config.dense, T == 1) runs the same kernels over every token.
@@ -31,8 +31,9 @@
 
 namespace sals_cuda {
 sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st);
-sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                                 int first, cudaStream_t st);
+sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* x, int which,
+                                 cudaStream_t st);
+sals_status_t cache_report_finite(sals_cache_t* c);
 
 namespace {
 
@@ -96,6 +97,7 @@ struct AttnArgs {
   int64_t lmax;
   float* part_o;
   float* part_ml;
+  uint32_t* pv_done;   /* [max_batch, hkv] softmax arrival counters, zero between launches */
   int32_t max_parts;
   /* quantised latent keys (key_bits < 16): scales and zeros of the two parts' groups */
   const uint16_t* lat_score_scale;
@@ -163,10 +165,14 @@ __device__ __forceinline__ void load_latent_q(const AttnArgs& a, int64_t row, in
  * loop, so that the skinny kernel's staging has all its loads in flight (gemm.cuh); GM = 0
  * loops over any number of heads. The host picks the smallest GM that covers G: the staging
  * inlines the loader 16 times, and a loader carrying every path overflowed the instruction
- * cache (half the kernel's stall samples). */
+ * cache (half the kernel's stall samples).
+ * The loads cover every element of q, so with `flag` (check_finite) a non-finite sum raises it:
+ * a NaN or infinity in any folded element makes the sum NaN or infinite, and finite 16-bit or
+ * float32 inputs cannot overflow a float32 sum of at most a few hundred heads. */
 template <typename E, int GM> struct QFoldLoad {
   DView q;
   int32_t G, D, per_head;
+  int* flag;
   __device__ float operator()(int64_t b, int64_t k, int32_t hs) const {
     const int32_t row = (per_head ? hs * D : 0) + (int32_t)k;
     const int32_t kvh = row / D, e = row % D;
@@ -182,6 +188,7 @@ template <typename E, int GM> struct QFoldLoad {
       for (int g = 0; g < GM; ++g)
         if (g < G) s += x[g];
     }
+    if (flag && !isfinite(s)) *flag = 1;
     return s;
   }
 };
@@ -515,6 +522,57 @@ __global__ void __launch_bounds__(kRWarps * 32)
   }
 }
 
+/* Combines the `parts` (<= kMaxParts) partials of the G (<= kMaxG) query heads hq0 .. hq0 + G - 1
+ * of sequence b into their output rows; run by a whole block of kMergeThreads threads. Warp w
+ * computes the partials' weights exp2(m_p - M) of heads w, w + 4, ... into shared memory; then
+ * every output element (head, dimension) sums its column with independent loads. A partial with
+ * l = 0 saw nothing visible and gets weight 0; a padded query (no partials) gets zeros. Partials
+ * are read past L1 (__ldcg): other blocks of this launch wrote them. */
+constexpr int kMergeThreads = 128, kMaxParts = 256, kMaxG = 8;
+
+__device__ void merge_group(const AttnArgs& a, int32_t b, int32_t hq0, int32_t G, int32_t D,
+                            int32_t parts, bool padded) {
+  __shared__ float w_s[kMaxG][kMaxParts];
+  __shared__ float l_s[kMaxG];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int32_t gq = warp; gq < G; gq += kMergeThreads / 32) {
+    const float* ml = a.part_ml + ((int64_t)b * a.hq + hq0 + gq) * a.max_parts * 2;
+    float mx = -INFINITY;
+    if (!padded)
+      for (int32_t p = lane; p < parts; p += 32)
+        if (__ldcg(&ml[2 * p + 1]) > 0.f) mx = fmaxf(mx, __ldcg(&ml[2 * p]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float ls = 0.f;
+    if (!padded)
+      for (int32_t p = lane; p < parts; p += 32) {
+        const float l = __ldcg(&ml[2 * p + 1]);
+        const float w = l > 0.f ? exp2f(__ldcg(&ml[2 * p]) - mx) : 0.f;
+        w_s[gq][p] = w;
+        ls += l * w;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, o);
+    if (lane == 0) l_s[gq] = ls;
+  }
+  __syncthreads();
+  for (int32_t i = threadIdx.x; i < G * D; i += kMergeThreads) {
+    const int32_t gq = i / D, e = i - gq * D;
+    const float L = l_s[gq];
+    float o = 0.f;
+    if (L > 0.f) {
+      const float* po = a.part_o + ((int64_t)b * a.hq + hq0 + gq) * a.max_parts * D + e;
+#pragma unroll 4
+      for (int32_t p = 0; p < parts; ++p) {
+        const float w = w_s[gq][p];
+        if (w != 0.f) o += w * __ldcg(&po[(int64_t)p * D]);
+      }
+      o /= L;
+    }
+    store_elem((void*)a.out.data, a.out.elem, off4(a.out, b, 0, hq0 + gq, e), o);
+  }
+}
+
 /* ---- sparse decode, part 2: softmax + dequantise + P.V ------------------------------------- */
 /* One block per (split, KV head, sequence); each warp takes 32 list entries at a time: lane j
  * reads entry j's slot and logits, the warp updates its running max and sum (exp2 domain), then
@@ -522,9 +580,11 @@ __global__ void __launch_bounds__(kRWarps * 32)
  * heads. With quantised values the group's codes, scales and zeros (head h's slice of each row)
  * are first copied into the warp's shared memory with cp.async, one group ahead, so the P.V loop
  * reads shared memory instead of waiting on one dependent global gather per entry. Exact window
- * values (16-bit) and 16-bit storage are read from global memory. One partial per warp;
- * merge_kernel combines them. */
+ * values (16-bit) and 16-bit storage are read from global memory. One partial per warp; the
+ * last block of each (sequence, KV head) to finish (an arrival counter, reset by that block)
+ * merges the partials of its G query heads into the output, so no merge launch follows. */
 constexpr int kPWarps = 4;
+static_assert(kPWarps * 32 == kMergeThreads, "the last softmax block runs the merge");
 
 /* Shared bytes of one staged group of 32 entries (codes, then scales and zeros). */
 __host__ __device__ inline int32_t pv_group_bytes(int32_t row_bytes, int32_t ngh) {
@@ -576,7 +636,10 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
   const int32_t b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t G = a.G;
-  if (load_i32(a.qpos, off2(a.qpos, b, 0)) < 0) return; /* padded query: merge writes zeros */
+  if (load_i32(a.qpos, off2(a.qpos, b, 0)) < 0) { /* padded query: zeros, from one block */
+    if (split == 0) merge_group(a, b, h * G, G, D, 0, true);
+    return;
+  }
 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
@@ -730,74 +793,71 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
     kind = nkind;
   }
 
-  const int32_t part = split * kPWarps + warp;
+  /* the warps' partials combine into the block's (weights exp2(m_w - M) over the warps that
+   * saw a visible entry), written as partial `split` of each head */
+  __shared__ float ml_s[kPWarps][GM][2];
+  __shared__ float o_s[GM][D];
+  if (lane == 0)
+#pragma unroll
+    for (int gq = 0; gq < GM; ++gq) {
+      ml_s[warp][gq][0] = m_run[gq];
+      ml_s[warp][gq][1] = l_run[gq];
+    }
+  __syncthreads();
+  float wsc[GM];
 #pragma unroll
   for (int gq = 0; gq < GM; ++gq) {
-    if (gq >= G) continue;
-    const int64_t ph = ((int64_t)b * a.hq + h * G + gq) * a.max_parts + part;
+    float mb = -INFINITY;
 #pragma unroll
-    for (int e = 0; e < DPL; ++e) a.part_o[ph * D + lane * DPL + e] = o_acc[gq][e];
-    if (lane == 0) {
-      a.part_ml[ph * 2] = m_run[gq];
-      a.part_ml[ph * 2 + 1] = l_run[gq];
-    }
+    for (int w = 0; w < kPWarps; ++w)
+      if (ml_s[w][gq][1] > 0.f) mb = fmaxf(mb, ml_s[w][gq][0]);
+    wsc[gq] = l_run[gq] > 0.f ? exp2f(m_run[gq] - mb) : 0.f;
   }
-}
-
-/* Combines the `parts` (<= kMaxParts) partials of each (sequence, query head): one block of
- * kMergeThreads; the partials' weights exp2(m_p - M) are computed once into shared memory and
- * every output dimension then sums its column with independent loads. A partial with l = 0
- * saw nothing visible and gets weight 0. */
-constexpr int kMergeThreads = 128, kMaxParts = 256;
-
-__device__ __forceinline__ float block_reduce(float x, bool take_max, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = take_max ? fmaxf(x, y) : x + y;
-  }
-  __syncthreads(); /* red is reused */
-  if (lane == 0) red[warp] = x;
-  __syncthreads();
-  x = red[0];
-  for (int w = 1; w < kMergeThreads / 32; ++w) x = take_max ? fmaxf(x, red[w]) : x + red[w];
-  return x;
-}
-
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(AttnArgs a, int32_t D, int32_t parts) {
-  __shared__ float w_s[kMaxParts];
-  __shared__ float red[kMergeThreads / 32];
-  const int32_t b = blockIdx.x / a.hq, hq = blockIdx.x % a.hq;
-  const int32_t qp = load_i32(a.qpos, off2(a.qpos, b, 0));
-  const int64_t base = ((int64_t)b * a.hq + hq) * a.max_parts;
-  float L = 0.f;
-  if (qp >= 0) { /* a padded query has no partials: zeros */
-    float mx = -INFINITY;
-    for (int32_t p = threadIdx.x; p < parts; p += kMergeThreads)
-      if (a.part_ml[(base + p) * 2 + 1] > 0.f) mx = fmaxf(mx, a.part_ml[(base + p) * 2]);
-    const float M = block_reduce(mx, true, red);
-    float ls = 0.f;
-    for (int32_t p = threadIdx.x; p < parts; p += kMergeThreads) {
-      const float l = a.part_ml[(base + p) * 2 + 1];
-      const float w = l > 0.f ? exp2f(a.part_ml[(base + p) * 2] - M) : 0.f;
-      w_s[p] = w;
-      ls += l * w;
-    }
-    L = block_reduce(ls, false, red); /* its barriers also publish w_s */
-  }
-  for (int32_t e = threadIdx.x; e < D; e += kMergeThreads) {
-    float o = 0.f;
-    if (L > 0.f) {
-#pragma unroll 4
-      for (int32_t p = 0; p < parts; ++p) {
-        const float w = w_s[p];
-        if (w != 0.f) o += w * a.part_o[(base + p) * D + e];
+  for (int w = 0; w < kPWarps; ++w) {
+    if (warp == w)
+#pragma unroll
+      for (int gq = 0; gq < GM; ++gq) {
+        if (gq >= G) continue;
+#pragma unroll
+        for (int e = 0; e < DPL; ++e) {
+          const float x = wsc[gq] * o_acc[gq][e];
+          o_s[gq][lane * DPL + e] = w == 0 ? x : o_s[gq][lane * DPL + e] + x;
+        }
       }
-      o /= L;
-    }
-    store_elem((void*)a.out.data, a.out.elem, off4(a.out, b, 0, hq, e), o);
+    __syncthreads();
   }
+  for (int32_t i = threadIdx.x; i < G * D; i += kPWarps * 32) {
+    const int32_t gq = i / D, e = i - gq * D;
+    const int64_t ph = ((int64_t)b * a.hq + h * G + gq) * a.max_parts + split;
+    a.part_o[ph * D + e] = o_s[gq][e];
+    if (e == 0) {
+      float m = -INFINITY, lb = 0.f;
+#pragma unroll
+      for (int w = 0; w < kPWarps; ++w)
+        if (ml_s[w][gq][1] > 0.f) m = fmaxf(m, ml_s[w][gq][0]);
+#pragma unroll
+      for (int w = 0; w < kPWarps; ++w)
+        if (ml_s[w][gq][1] > 0.f) lb += ml_s[w][gq][1] * exp2f(ml_s[w][gq][0] - m);
+      a.part_ml[ph * 2] = m;
+      a.part_ml[ph * 2 + 1] = lb;
+    }
+  }
+
+  /* the last block of (b, h) merges: every block's partials are published (fence) before it
+   * arrives, and the last one fences again before reading them */
+  __shared__ bool last_s;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t* done = a.pv_done + (int64_t)b * a.hkv + h;
+    last_s = atomicAdd(done, 1u) == (uint32_t)nsplit - 1;
+    if (last_s) *done = 0; /* every block of the pair has arrived: ready for the next launch */
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  merge_group(a, b, h * G, G, D, nsplit, false);
 }
 
 /* ---- general kernel: any dtype, head dim, T; keys rebuilt in shared memory ------------ */
@@ -1028,6 +1088,7 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   a.lmax = attend_list_max(c->cfg);
   a.part_o = s->part_o;
   a.part_ml = s->part_ml;
+  a.pv_done = s->pv_done;
   a.max_parts = s->max_parts;
   a.sparse = 0;
   return a;
@@ -1067,10 +1128,9 @@ cudaError_t blocks_per_sm(K kernel, int threads, size_t smem, int* n) {
   return e;
 }
 
-/* rebuild_logits_kernel then softmax_pv_kernel; *pv_split gets the softmax split used. */
+/* rebuild_logits_kernel then softmax_pv_kernel (which merges the splits). */
 template <typename T, int D, int GM>
-cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, int32_t* pv_split,
-                            cudaStream_t st) {
+cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_t st) {
   const int64_t pairs = (int64_t)dg.B * a.hkv;
   const size_t smem = rebuild_smem_bytes<T, D>();
   /* quantised latent keys: a second instantiation, the 16-bit kernel stays as it is */
@@ -1103,24 +1163,23 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, int32_t* pv
   int64_t want = cdiv((int64_t)dg.num_sms * per_sm, pairs);
   if (want > dg.max_tiles) want = dg.max_tiles;
   if (want > dg.max_pv_split) want = dg.max_pv_split;
-  *pv_split = want > 1 ? (int32_t)want : 1;
-  softmax_pv_kernel<T, D, GM><<<dim3((unsigned)*pv_split, (unsigned)a.hkv, (unsigned)dg.B),
+  const int32_t pv_split = want > 1 ? (int32_t)want : 1;
+  softmax_pv_kernel<T, D, GM><<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B),
                                 kPWarps * 32, pv_dyn, st>>>(a, staged);
   return cudaPeekAtLastError();
 }
 template <typename T, int D>
-cudaError_t launch_decode_d(const AttnArgs& a, const DecodeGrid& dg, int32_t* ns, cudaStream_t st) {
-  if (a.G <= 1) return launch_decode_g<T, D, 1>(a, dg, ns, st);
-  if (a.G <= 2) return launch_decode_g<T, D, 2>(a, dg, ns, st);
-  if (a.G <= 4) return launch_decode_g<T, D, 4>(a, dg, ns, st);
-  return launch_decode_g<T, D, 8>(a, dg, ns, st);
+cudaError_t launch_decode_d(const AttnArgs& a, const DecodeGrid& dg, cudaStream_t st) {
+  if (a.G <= 1) return launch_decode_g<T, D, 1>(a, dg, st);
+  if (a.G <= 2) return launch_decode_g<T, D, 2>(a, dg, st);
+  if (a.G <= 4) return launch_decode_g<T, D, 4>(a, dg, st);
+  return launch_decode_g<T, D, 8>(a, dg, st);
 }
 template <typename T>
-cudaError_t launch_decode(const AttnArgs& a, int D, const DecodeGrid& dg, int32_t* ns,
-                          cudaStream_t st) {
-  if (D == 64) return launch_decode_d<T, 64>(a, dg, ns, st);
-  if (D == 128) return launch_decode_d<T, 128>(a, dg, ns, st);
-  return launch_decode_d<T, 256>(a, dg, ns, st);
+cudaError_t launch_decode(const AttnArgs& a, int D, const DecodeGrid& dg, cudaStream_t st) {
+  if (D == 64) return launch_decode_d<T, 64>(a, dg, st);
+  if (D == 128) return launch_decode_d<T, 128>(a, dg, st);
+  return launch_decode_d<T, 256>(a, dg, st);
 }
 
 }  // namespace
@@ -1153,11 +1212,14 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   const sals_config_t& cf = c->cfg;
   const int32_t B = (int32_t)q->shape[0], Tq = (int32_t)q->shape[1], D = cf.head_dim;
   if ((int64_t)B * Tq == 0) return SALS_OK;
-  if (cf.check_finite) SALS_STATUS_TRY(cache_check_finite(c, q, nullptr, 2, st));
-  SALS_STATUS_TRY(ensure_uh(c, st));
-  AttnArgs a = make_args(c, q, q_pos, out);
   const bool decode = Tq == 1;
   const bool sparse = decode && !cf.dense;
+  /* a sparse step checks q in the scoring query's fold (flag 2), which reads all of it */
+  int* const q_flag = cf.check_finite && sparse ? s->flag + 2 : nullptr;
+  if (cf.check_finite)
+    SALS_STATUS_TRY(sparse ? cache_report_finite(c) : cache_check_finite(c, q, 2, st));
+  SALS_STATUS_TRY(ensure_uh(c, st));
+  AttnArgs a = make_args(c, q, q_pos, out);
   a.sparse = sparse ? 1 : 0;
   const int32_t G = a.G;
   const int32_t rot = c->rotary_dim;
@@ -1177,10 +1239,10 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     const int32_t ph = H == 1 ? 0 : 1;
     SALS_DISPATCH_FLOAT_ELEM(q->elem, E, {
       const DView qv = dview(q);
-      if (G == 1) SALS_CUDA_TRY(fold(QFoldLoad<E, 1>{qv, G, D, ph}));
-      else if (G <= 4) SALS_CUDA_TRY(fold(QFoldLoad<E, 4>{qv, G, D, ph}));
-      else if (G <= 8) SALS_CUDA_TRY(fold(QFoldLoad<E, 8>{qv, G, D, ph}));
-      else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph}));
+      if (G == 1) SALS_CUDA_TRY(fold(QFoldLoad<E, 1>{qv, G, D, ph, q_flag}));
+      else if (G <= 4) SALS_CUDA_TRY(fold(QFoldLoad<E, 4>{qv, G, D, ph, q_flag}));
+      else if (G <= 8) SALS_CUDA_TRY(fold(QFoldLoad<E, 8>{qv, G, D, ph, q_flag}));
+      else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph, q_flag}));
     });
     if (cf.key_bits < 16) {
       const QuantRows kq{(const uint8_t*)c->lat_score, c->lat_score_scale, c->lat_score_zero,
@@ -1222,16 +1284,13 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     /* tiles per (sequence, head) bounded on the host from max_tokens: graph replays with
      * longer sequences stay covered, because blocks loop over tiles with a stride. */
     const int32_t max_tiles = (int32_t)cdiv(a.lmax, kRTile);
-    const int32_t max_split = s->max_parts / kPWarps;
+    const int32_t max_split = s->max_parts;
     const DecodeGrid dg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
                         s->num_sms};
-    int32_t pv_split = 1;
     if (cf.dtype == SALS_DTYPE_FLOAT16)
-      SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, &pv_split, st));
+      SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, st));
     else
-      SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, &pv_split, st));
-    merge_kernel<<<(unsigned)(B * cf.n_head_q), kMergeThreads, 0, st>>>(a, D, pv_split * kPWarps);
-    SALS_CUDA_LAUNCHED("merge");
+      SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, st));
     return SALS_OK;
   }
 

@@ -151,12 +151,15 @@ constexpr int kVPer = 16, kVChunk = kScanThreads * kVPer;
  * staged copy (one padding float per 32 keeps the group-strided reads free of bank conflicts).
  * A pass covers whole groups; a group longer than a pass is read from global memory instead.
  * Three blocks per SM leave registers for a pass's 32 loads in flight without spills.
+ * With `flags` (check_finite), the block also checks its row's k and v, raising flags[0] / [1]:
+ * the append needs no finite-check launches. Padding rows (no slot) are not checked, as on the
+ * CPU.
  */
 template <typename T>
 __global__ void __launch_bounds__(kScanThreads, 3)
     values_kernel(sals_cache_t c, DView k, DView v, DView pos, int32_t T_,
                   int32_t* __restrict__ len, int32_t* __restrict__ newlen,
-                  int32_t* __restrict__ cpos, int32_t* __restrict__ dest) {
+                  int32_t* __restrict__ cpos, int32_t* __restrict__ dest, int* flags) {
   __shared__ float xs[kVChunk + kVChunk / 32];
   __shared__ int32_t slot_s;
   const int32_t b = blockIdx.x / T_, t = blockIdx.x % T_;
@@ -195,13 +198,15 @@ __global__ void __launch_bounds__(kScanThreads, 3)
     for (int j = 0; j < kVPer; ++j) {
       const int32_t i = threadIdx.x + j * kScanThreads;
       vb[j] = i < cn ? load_bits(v.data, v.elem, voff(c0 + i)) : 0u;
-      kb[j] = i < cn && (sink || recent) ? load_bits(k.data, k.elem, koff(c0 + i)) : 0u;
+      kb[j] = i < cn && (sink || recent || flags) ? load_bits(k.data, k.elem, koff(c0 + i)) : 0u;
     }
 #pragma unroll
     for (int j = 0; j < kVPer; ++j) {
       const int32_t i = threadIdx.x + j * kScanThreads, ch = c0 + i;
       if (i >= cn) break;
       const float vx = bits_value(vb[j], v.elem), kx = bits_value(kb[j], k.elem);
+      if (flags && !isfinite(kx)) flags[0] = 1;
+      if (flags && !isfinite(vx)) flags[1] = 1;
       if (sink) { sk[ch] = from_f<T>(kx); sv[ch] = from_f<T>(vx); }
       if (recent) { rk[ch] = from_f<T>(kx); rv[ch] = from_f<T>(vx); }
       if (full) full[ch] = from_f<T>(vx);
@@ -361,8 +366,8 @@ __global__ void quantize_latent_kernel(sals_cache_t c, const float* __restrict__
   }
 }
 
-/* What each deferred check reports: the finite checks of k, v and q (check_finite's `first`
- * indexes them), then the latent range of quantised keys. */
+/* What each deferred check reports: the finite checks of k, v and q (the flag index), then the
+ * latent range of quantised keys. */
 constexpr const char* kFlagWhat[] = {
     "k: an earlier call's input held NaN or infinity",
     "v: an earlier call's input held NaN or infinity",
@@ -387,24 +392,19 @@ sals_status_t report_finite(CacheState* s) {
   return SALS_OK;
 }
 
-/* Report what earlier checks found, then enqueue the checks of this call's inputs (first and
- * second argument: flags `first` and `first + 1`). No host synchronisation, no copy: graph
- * capturable. */
-sals_status_t check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                           int first, cudaStream_t st) {
+/* Report what earlier checks found, then enqueue the check of input x, raising flag `which`. No
+ * host synchronisation, no copy: graph capturable. (An append's k and v, and a sparse decode
+ * step's q, are checked inside the kernels that read them instead.) */
+sals_status_t check_finite(sals_cache_t* c, const sals_view_t* x, int which, cudaStream_t st) {
   CacheState* s = state(c);
   SALS_STATUS_TRY(report_finite(s));
-  const sals_view_t* vs[2] = {a, b};
-  for (int i = 0; i < 2; ++i) {
-    if (!vs[i]) continue;
-    int64_t n = 1;
-    for (int d = 0; d < vs[i]->ndim; ++d) n *= vs[i]->shape[d];
-    if (n == 0) continue;
-    int64_t blocks = cdiv(n, 256);
-    if (blocks > 4096) blocks = 4096;
-    finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(vs[i]), n, s->flag + first + i);
-    SALS_CUDA_LAUNCHED("finite");
-  }
+  int64_t n = 1;
+  for (int d = 0; d < x->ndim; ++d) n *= x->shape[d];
+  if (n == 0) return SALS_OK;
+  int64_t blocks = cdiv(n, 256);
+  if (blocks > 4096) blocks = 4096;
+  finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(x), n, s->flag + which);
+  SALS_CUDA_LAUNCHED("finite");
   return SALS_OK;
 }
 
@@ -476,9 +476,11 @@ sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st) {
   return SALS_OK;
 }
 
-sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* a, const sals_view_t* b,
-                                 int first, cudaStream_t st) {
-  return check_finite(c, a, b, first, st);
+sals_status_t cache_report_finite(sals_cache_t* c) { return report_finite(state(c)); }
+
+sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* x, int which,
+                                 cudaStream_t st) {
+  return check_finite(c, x, which, st);
 }
 
 }  // namespace sals_cuda
@@ -529,7 +531,8 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   CacheState* s = state(c);
   if (s) {
     void* sp[] = {s->uh,     s->dest,   s->newlen,  s->qlat,      s->scores, s->topk_ws,
-                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->lat_ws};
+                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->lat_ws,
+                  s->pv_done};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -538,12 +541,12 @@ void sals_cuda_cache_free(sals_cache_t* c) {
   }
 }
 
-/* Split partials per (sequence, query head) of the decode softmax: enough to fill the device
- * at batch 1, bounded so the workspace stays small; at least one split's 8 warp partials. */
+/* Splits of the decode softmax per (sequence, KV head), one partial each per query head: enough
+ * to fill the device at batch 1, within [2, 64] so the workspace stays small. */
 static int parts_for(const sals_cache_t* c, int num_sms) {
-  int p = 4 * ((2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv);
-  if (p < 8) p = 8;
-  if (p > 256) p = 256;
+  int p = (2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv;
+  if (p < 2) p = 2;
+  if (p > 64) p = 64;
   return p;
 }
 
@@ -614,6 +617,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   s->max_parts = parts_for(c, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
+  alloc((void**)&s->pv_done, (size_t)B * c->cfg.n_head_kv * 4);
   alloc((void**)&s->proj_part, skinny_work_bytes(B, r, dk, 1));
   alloc((void**)&s->qpart, skinny_work_bytes(B, rs, dk, H));
   if (cf.key_bits < 16) {
@@ -640,6 +644,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   SALS_CUDA_TRY(cudaMemset(c->sel_count, 0, (size_t)B * 4));
   SALS_CUDA_TRY(cudaMemset(c->pos, 0xff, (size_t)B * S * 4));
   SALS_CUDA_TRY(cudaMemset(s->topk_ws, 0, topk_bytes));
+  SALS_CUDA_TRY(cudaMemset(s->pv_done, 0, (size_t)B * c->cfg.n_head_kv * 4));
   /* skinny arrival counters start at zero (the partials need no initial value) */
   SALS_CUDA_TRY(cudaMemset(s->proj_part, 0, skinny_work_bytes(B, r, dk, 1)));
   SALS_CUDA_TRY(cudaMemset(s->qpart, 0, skinny_work_bytes(B, rs, dk, H)));
@@ -662,7 +667,9 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   CacheState* s = state(c);
   const int32_t B = (int32_t)k->shape[0], T = (int32_t)k->shape[1];
   if ((int64_t)B * T == 0) return SALS_OK;
-  if (c->cfg.check_finite) SALS_STATUS_TRY(check_finite(c, k, v, 0, st));
+  /* values_kernel checks k and v (flags 0 and 1) as it reads them */
+  if (c->cfg.check_finite) SALS_STATUS_TRY(report_finite(s));
+  int* const kv_flags = c->cfg.check_finite ? s->flag : nullptr;
   SALS_STATUS_TRY(ensure_uh(c, st));
   const int64_t M = (int64_t)B * T, N = c->cfg.rank;
   const sals_cache_t cv = *c;
@@ -676,7 +683,7 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
     values_kernel<T_><<<(unsigned)M, kScanThreads, 0, st>>>(cv, dview(k), dview(v), dview(pos),
                                                             T, c->len, s->newlen, c->pos,
-                                                            s->dest);
+                                                            s->dest, kv_flags);
   });
   SALS_CUDA_LAUNCHED("values");
   if (c->cfg.key_bits == 16) return project<false>(c, k, 0, M, st);

@@ -380,8 +380,11 @@ struct CacheState {
   void* topk_ws;     /* top-k workspace, topk_workspace_bytes(max_batch * n_sel_heads,
                       * max_tokens), zeroed at creation (launch_topk keeps it so) */
   float* logits;     /* [max_batch, Hq, attend_list_max] decode logits (rebuild -> softmax) */
-  float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials */
+  float* part_o;     /* [max_batch, Hq, max_parts, head_dim] split-attention partials (one per
+                      * split of the decode softmax) */
   float* part_ml;    /* [max_batch, Hq, max_parts, 2] running max and sum of each partial */
+  uint32_t* pv_done; /* [max_batch, Hkv] arrival counters of the decode softmax blocks (the last
+                      * one merges the partials and resets it), zeroed at creation */
   float* proj_part;  /* skinny workspace (gemm.cuh skinny_work) of decode-append projections:
                       * arrival counters, then split-K partials */
   float* qpart;      /* the same for the scoring queries */

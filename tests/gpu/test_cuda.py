@@ -217,6 +217,46 @@ def test_quantised_keys_latent_range_reported():
 
 
 @pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("arg", ["k", "v", "q", "padding"])
+def test_finite_checks_name_the_argument(arg, dense):
+    """check_finite on CUDA: a NaN in k, v or q of a decode step is reported once, naming the
+    argument, by a later call (the checks run inside the kernels that read those inputs), and a
+    NaN in a padding row (position -1) is not looked at, as on the CPU."""
+    hq, hkv, d, B = 8, 2, 64, 2
+    cfg = sals.Config.preset("sals-12.5", hq, hkv, d, max_batch=B, max_tokens=400,
+                             dtype="float16", check_finite=True, dense=dense)
+    gen = torch.Generator().manual_seed(5)
+    cache = sals.LayerCache(cfg, make_rope(d), make_proj(hkv * d, cfg.rank, gen).cuda(),
+                            device="cuda")
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).half().cuda()
+
+    S = 300
+    pos = torch.arange(S, dtype=torch.int32).repeat(B, 1).cuda()
+    cache.append(rnd(B, S, hkv, d), rnd(B, S, hkv, d), pos)
+    k, v, q = rnd(B, 1, hkv, d), rnd(B, 1, hkv, d), rnd(B, 1, hq, d)
+    step = torch.full((B, 1), S, dtype=torch.int32).cuda()
+    if arg == "padding":
+        step[1, 0] = -1
+        k[1, 0, 1, 3] = float("nan")
+        v[1, 0, 0, 7] = float("nan")
+        cache.append(k, v, step)
+        cache.attend(q, step)
+        cache.check()
+    else:
+        {"k": k, "v": v, "q": q}[arg][1, 0, 1, 5] = float("nan")
+        # reported by the first call after the checking kernel completed: the attend (k, v)
+        # or the check that waits for it
+        with pytest.raises(sals.NotFiniteError, match=f"^{arg}: an earlier call's input"):
+            cache.append(k, v, step)
+            cache.attend(q, step)
+            cache.check()
+        cache.check()  # reported once
+    cache.close()
+
+
+@pytest.mark.parametrize("dense", [False, True])
 def test_float32_general_path(dense):
     cfg = sals.Config(
         6,
