@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._files import replace_file
 from .errors import CalibrationError, InvalidArgumentError
 
 FORMAT = "sals-calibration"
@@ -252,7 +252,9 @@ class Calibration:
 
     def save(self, path) -> None:
         """Write the versioned ``.npz`` file (see the module docstring). The file is written
-        next to ``path`` and renamed into place, so a crash never leaves a half file there."""
+        next to ``path`` and renamed into place, so a crash never leaves a half file there; a
+        ``path`` that exists and is not a regular file (a symlink, a device, a directory) is
+        refused with InvalidArgumentError."""
         arrays = self._arrays()
         header = {
             "format": FORMAT,
@@ -270,22 +272,8 @@ class Calibration:
             blob = json.dumps(header, sort_keys=True).encode("utf-8")
         except TypeError as e:
             raise InvalidArgumentError(f"fingerprint: not JSON-serialisable ({e})") from None
-        path = os.fspath(path)
-        # A new file of our own next to path (O_EXCL, random name: a planted file or symlink
-        # cannot redirect the write), then renamed over path.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                                   prefix=os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would have given
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, header=np.frombuffer(blob, np.uint8), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        replace_file(path, lambda f: np.savez(f, header=np.frombuffer(blob, np.uint8), **arrays),
+                     "path")
 
     @classmethod
     def load(cls, path, fingerprint: dict | None = None) -> "Calibration":
@@ -347,18 +335,6 @@ def _digest(arrays: dict) -> str:
         h.update(f"{name}:{a.dtype.str}:{list(a.shape)}\n".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _umask() -> int:
-    """The process's umask, without changing it (os.umask can only be read by setting it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _read_npy_header(f, name: str):

@@ -238,3 +238,32 @@ def test_save_failure_leaves_no_temporary_file(calib, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         calib.save(tmp_path / "cal.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_save_refuses_a_target_that_is_not_a_regular_file(calib, tmp_path, kind):
+    """A symlink, a directory or a pipe (as a device would be) at the path is refused, naming
+    the path, and left as it was; nothing else is written."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "cal.npz"
+    if kind == "symlink":
+        os.symlink(victim, path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    with pytest.raises(sals.InvalidArgumentError, match=r"^path: .*cal\.npz.* exists and is"):
+        calib.save(path)
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "victim"]
+    assert {"symlink": os.path.islink, "directory": os.path.isdir,
+            "fifo": lambda p: stat.S_ISFIFO(os.lstat(p).st_mode)}[kind](path)
+
+
+def test_save_replaces_a_regular_file(calib, tmp_path):
+    path = tmp_path / "cal.npz"
+    path.write_bytes(b"an older calibration")
+    calib.save(path)
+    assert sals.Calibration.load(path).fingerprint == FP
+    assert [p.name for p in tmp_path.iterdir()] == ["cal.npz"]

@@ -236,3 +236,20 @@ def test_version_and_helpers():
     assert isinstance(sals.cuda_available(), bool)
     assert os.path.exists(os.path.join(sals.get_include(), "sals", "sals.h"))
     assert os.path.basename(sals.get_library()).startswith("libsals")
+
+
+def test_eval_results_never_follow_a_planted_symlink(tmp_path):
+    """The eval's results.json is written through a fresh file of its own and renamed; a
+    symlink planted at results.json is refused and its target left as it was."""
+    from sals.eval import cli as eval_cli
+
+    eval_cli._write_json({"rows": [1.5]}, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == {"rows": [1.5]}
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "results.json").symlink_to(victim)
+    with pytest.raises(sals.InvalidArgumentError, match="^--out: .*results.json.*symbolic link"):
+        eval_cli._write_json({"rows": [2.5]}, str(tmp_path))
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "victim"]

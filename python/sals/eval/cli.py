@@ -35,6 +35,8 @@ import signal
 import sys
 import time
 
+from .._files import replace_file
+
 DEFAULT_SETTINGS = ("dense,sals-25,sals-12.5,auto:kv_fraction=0.156:kv_context=0,streaming=sals-25,"
                     "streaming=sals-12.5,oracle=sals-12.5")
 
@@ -343,7 +345,5 @@ def _interrupt(signum, frame):
 
 def _write_json(results: dict, out_dir: str) -> None:
     """results.json, replaced atomically so that a stop while writing leaves the last one."""
-    path = os.path.join(out_dir, "results.json")
-    with open(path + ".part", "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    os.replace(path + ".part", path)
+    blob = json.dumps(results, indent=1, default=float).encode("utf-8")
+    replace_file(os.path.join(out_dir, "results.json"), lambda f: f.write(blob), "--out")
