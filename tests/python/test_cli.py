@@ -253,3 +253,26 @@ def test_eval_results_never_follow_a_planted_symlink(tmp_path):
         eval_cli._write_json({"rows": [2.5]}, str(tmp_path))
     assert victim.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "victim"]
+
+
+@pytest.mark.parametrize("window, expected", [
+    (8192, [1024, 2048, 4096]),            # SmolLM2: 8192 itself leaves no room to generate
+    (32768, [1024, 2048, 4096, 8192, 16384]),  # Gemma 3 270M
+    (9000, [1024, 2048, 4096, 8192]),
+    (0, [1024, 2048, 4096]),               # window unknown
+])
+def test_eval_default_contexts_fit_the_window(window, expected):
+    """Without --contexts the eval runs contexts that the window holds with the generated
+    tokens, so its own check never blames a --contexts the user did not give."""
+    from sals.eval import cli as eval_cli
+
+    contexts = eval_cli.default_contexts(window, extra=64)
+    assert contexts == expected
+    eval_cli.check_contexts(contexts, window, extra=64)
+
+
+def test_eval_default_contexts_on_a_small_window():
+    from sals.eval import cli as eval_cli
+
+    with pytest.raises(ValueError, match="window of 1000 tokens holds no context.*give --contexts"):
+        eval_cli.default_contexts(1000, extra=64)

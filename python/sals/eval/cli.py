@@ -107,6 +107,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_contexts(window: int, extra: int) -> list[int]:
+    """The contexts an eval runs without ``--contexts``: powers of two from 1024 to 131072 that
+    fit the model's window with ``extra`` generated tokens (1024 to 4096 when the window is
+    unknown, 0). ValueError when none fits."""
+    if not window:
+        return [1024, 2048, 4096]
+    contexts = [1 << i for i in range(10, 18) if (1 << i) + extra <= window]
+    if not contexts:
+        raise ValueError(f"the model's window of {window} tokens holds no context of 1024 tokens "
+                         f"or more plus {extra} generated; give --contexts (>= 256 tokens)")
+    return contexts
+
+
 def check_contexts(contexts: list[int], window: int, extra: int) -> None:
     """ValueError naming a context that, with ``extra`` generated tokens, passes the model's
     window (0: unknown), or that is too short for a haystack."""
@@ -202,11 +215,10 @@ def _run(args, argv) -> int:
     start = time.perf_counter()
     model, tokenizer, label = load_model(args.model, args.gguf_file, args.device, args.dtype)
     window = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0)
-    contexts = args.contexts or [c for c in (1024, 2048, 4096, 8192, 16384, 32768, 65536,
-                                             131072) if c <= window]
+    extra = max(max(tasks_mod.ANSWER_TOKENS.values()), args.ppl_tokens)
+    contexts = args.contexts or default_contexts(window, extra)
     ppl_contexts = args.ppl_contexts or contexts
-    check_contexts(contexts + ppl_contexts, window,
-                   extra=max(max(tasks_mod.ANSWER_TOKENS.values()), args.ppl_tokens))
+    check_contexts(contexts + ppl_contexts, window, extra=extra)
 
     source = args.calibration_source
     if source is None:
