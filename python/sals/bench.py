@@ -9,7 +9,8 @@ context and batch:
   timed with CUDA events (median over many replays);
 - dense decode through ``torch.nn.functional.scaled_dot_product_attention`` on fp16 K/V with the
   FlashAttention backend and with the cuDNN backend;
-- the floors of SALS.md section 7 (bytes over the measured copy bandwidth, rebuild FLOPs over the
+- the floors of the step (:func:`floors`: the bytes it must read, scores of every token plus the
+  selected latent rows and values, over the measured copy bandwidth; the rebuild's FLOPs over the
   measured bf16 matrix rate) and the fraction of the floor reached;
 - per-kernel times of one SALS step (torch profiler), the kernel launches a step makes, and each
   kernel's own floor (the bytes it must move and the FLOPs it must do, :func:`kernel_floors`), so a
@@ -67,7 +68,9 @@ def measure_ceilings(torch) -> dict:
 
 
 def floors(cfg, B: int, S: int, ceil: dict) -> dict:
-    """SALS.md section 7 per layer, summed over the batch (S tokens per sequence)."""
+    """The step's floors per layer, summed over the batch (S tokens per sequence): bytes read =
+    S r* 2 (scores) + (selected + 80) (2 r + Dk (bits + 1) / 8) (latent rows and values), FLOPs
+    = 2 (selected + 80) r Dk (the rebuild)."""
     dk = cfg.n_head_kv * cfg.head_dim
     r, rs, bits = cfg.rank, cfg.score_rank, cfg.value_bits
     nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))

@@ -14,9 +14,10 @@ prompt of random token ids of the context's length, ``--new-tokens`` generated):
 Per row: TTFT (prompt to first token), ms per output token (median decode step), decode
 tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the SALS caches'
 own device allocation, which torch does not see) and the floor: bytes read per decode step
-(weights + K/V or compressed cache, SALS.md section 7) over the copy bandwidth measured in the
-same run. ``--max-batch-context`` also finds, for dense and SALS, the largest batch whose caches
-fit at that context (from measured bytes per sequence) and times decode there.
+(weights + K/V, or the SALS cache's scored latent coordinates, selected latent rows and values)
+over the copy bandwidth measured in the same run. ``--max-batch-context`` also finds, for dense
+and SALS, the largest batch whose caches fit at that context (from measured bytes per sequence)
+and times decode there.
 
 GPU models have random weights of the real shapes (``SHAPES``); SALS projections are random
 orthonormal matrices (decode time does not depend on their values). ``--model`` times a real
@@ -158,7 +159,7 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
 
 def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
-    cache's scored latent coordinates and selected tokens (SALS.md section 7), per layer."""
+    cache's scored latent coordinates and selected tokens, per layer."""
     from .hf.patch import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -276,3 +276,10 @@ def test_eval_default_contexts_on_a_small_window():
 
     with pytest.raises(ValueError, match="window of 1000 tokens holds no context.*give --contexts"):
         eval_cli.default_contexts(1000, extra=64)
+
+
+@pytest.mark.parametrize("name", ["demo", "calibrate", "bench", "bench attention", "bench e2e"])
+def test_help_names_no_file_outside_the_package(name):
+    """Help text points to nothing a user of the installed package cannot open (it once cited
+    a SALS.md that ships nowhere)."""
+    assert "SALS.md" not in _parsers()[name].format_help()

@@ -1,5 +1,5 @@
 """sals.hf.patch / unpatch: replace each attention module's forward with one that keeps the
-model's KV cache in SALS form (see SALS.md), so that ``model.generate`` and plain forward loops
+model's KV cache in SALS form (see the README), so that ``model.generate`` and plain forward loops
 work unchanged.
 
 Per attention layer and forward call (hidden states of B sequences, T new tokens):
