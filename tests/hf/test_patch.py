@@ -415,3 +415,24 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         sals.hf.patch(tiny.model("gemma3"), cuda_graph=True, **FULL)
     with pytest.raises(sals.InvalidArgumentError, match="cuda_graph: expected True or False"):
         sals.hf.patch(tiny.model("llama"), cuda_graph="yes", **FULL)
+
+
+@pytest.mark.parametrize("dtype, refused", [(torch.float16, True), (torch.float32, False)])
+def test_key_scale_beyond_the_dtype_is_refused_at_patch_time(dtype, refused):
+    """A query-weighted calibration whose 1/s overflows the model's dtype (float16 past 65504)
+    is refused by patch, naming the layer and the cause, and the model stays unpatched; in
+    float32 the same scale serves."""
+    model = tiny.model("llama").to(dtype)
+    made = _tiny_calibration(tiny.model("llama"), query_weight=1.0)
+    for layer in made.layers:
+        layer.key_scale = np.full(layer.dk, 1e-6, np.float32)  # 1/s = 1e6
+    calib = sals.Calibration(made.layers, sals.hf.fingerprint(model), made.data, 1.0)
+    if refused:
+        with pytest.raises(sals.CalibrationError,
+                           match=r"layer 0's key scale spans 1e-06\.\.1e-06 .*float16"):
+            sals.hf.patch(model, calibration=calib, preset="sals-25", **SPARSE)
+        assert not sals.hf.is_patched(model)
+    else:
+        sals.hf.patch(model, calibration=calib, preset="sals-25", **SPARSE)
+        assert sals.hf.is_patched(model)
+        sals.hf.unpatch(model)

@@ -117,7 +117,26 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
         raise CalibrationError(
             f"calibration: layer {info.index} stores rank {stored.rank}, the settings need "
             f"{rank} (calibrate with a larger --rank-frac)")
-    return cfg, calib.projection(info.index, rank), calib.key_scale(info.index)
+    scale = calib.key_scale(info.index)
+    if scale is not None:
+        _check_key_scale(scale, info.index, calib.query_weight, model_dtype, cfg.dtype)
+    return cfg, calib.projection(info.index, rank), scale
+
+
+def _check_key_scale(scale: np.ndarray, layer: int, query_weight: float,
+                     model_dtype: torch.dtype, storage: str) -> None:
+    """The cache stores s * k and attends with q / s (query-weighted projections): s and 1 / s
+    must be finite in the model's dtype and s in the cache's storage dtype, or every step would
+    fail on an infinity that q and k do not hold."""
+    hi, lo = float(np.max(scale)), float(np.min(scale))
+    for name, dtype in (("the model's", model_dtype), ("the cache's", getattr(torch, storage))):
+        big = float(torch.finfo(dtype).max)
+        if hi > big or (name == "the model's" and 1.0 / lo > big):
+            raise CalibrationError(
+                f"calibration: layer {layer}'s key scale spans {lo:.3g}..{hi:.3g} (query weight "
+                f"{query_weight:g}); s and 1/s must stay below {big:.5g}, the largest finite "
+                f"value of {name} {str(dtype).removeprefix('torch.')}: calibrate with a smaller "
+                f"--query-weight, or run the model in bfloat16 or float32")
 
 
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
