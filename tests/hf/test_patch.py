@@ -436,3 +436,21 @@ def test_key_scale_beyond_the_dtype_is_refused_at_patch_time(dtype, refused):
         sals.hf.patch(model, calibration=calib, preset="sals-25", **SPARSE)
         assert sals.hf.is_patched(model)
         sals.hf.unpatch(model)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"max_tokens": 47.9}, "^max_tokens: expected an int"),
+    ({"max_tokens": True}, "^max_tokens: expected an int"),
+    ({"dense_layers": [0.5]}, "^dense_layers: expected an int"),
+    ({"foo": 1}, "^foo: not a patch option"),
+    ({"preset": "auto", "kv_fraction": "0.3"}, "^kv_fraction: expected a real number"),
+    ({"preset": "auto", "kv_fraction": 0.3, "kv_context": 4096.5}, "^kv_context: expected an int"),
+])
+def test_patch_options_of_the_wrong_type_are_refused(options, match):
+    """Options are never coerced (47.9 tokens, "0.3", True) and an unknown keyword is named;
+    the model stays unpatched."""
+    model = tiny.model("llama")
+    options = {"preset": "sals-25", **options}
+    with pytest.raises(sals.InvalidArgumentError, match=match):
+        sals.hf.patch(model, calibration=_tiny_calibration(model), **options)
+    assert not sals.hf.is_patched(model)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .. import Calibration, CalibrationError, InvalidArgumentError
+from .. import Calibration, CalibrationError, InvalidArgumentError, _args
 
 VALUE_WEIGHT = 0.05
 MIN_RANK_FRAC = 1 / 16
@@ -146,12 +146,10 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     """Per-layer settings for ``layers`` (``[(index, n_head_kv, head_dim)]``, the
     full-attention layers) meeting ``kv_fraction`` of dense fp16 K+V at ``kv_context`` tokens
     (module docstring); ``quantised_keys`` False keeps latent keys 16-bit."""
-    kv_fraction = float(kv_fraction)
+    kv_fraction = _args.real(kv_fraction, "kv_fraction")
     if not 0 < kv_fraction <= 1:
         raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
-    kv_context = int(kv_context)
-    if kv_context < 0:
-        raise InvalidArgumentError(f"kv_context: expected >= 0, got {kv_context}")
+    kv_context = _args.integer(kv_context, "kv_context", 0)
     elem = 4 if dtype == "float32" else 2
     window = int(n_sink) + int(n_recent)
     per_seq = max(1, kv_context)  # kv_context 0: bytes per token

@@ -36,6 +36,7 @@ from .. import (
     UnsupportedError,
     cuda_available,
 )
+from .. import _args
 from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
 
@@ -172,7 +173,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     n_layers = len(info.layers)
     if dense_layers is None:
         dense_layers = sorted({0, 1, n_layers - 1} & set(range(n_layers)))
-    dense_layers = {int(i) for i in dense_layers}
+    dense_layers = {_args.integer(i, "dense_layers") for i in dense_layers}
     bad = sorted(i for i in dense_layers if not 0 <= i < n_layers)
     if bad:
         raise InvalidArgumentError(f"dense_layers: {bad} outside 0..{n_layers - 1}")
@@ -180,12 +181,16 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         raise InvalidArgumentError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
     if cuda_graph:
         graphs.check_model(info)
-    if max_tokens is not None and int(max_tokens) < 1:
-        raise InvalidArgumentError(f"max_tokens: expected >= 1, got {max_tokens}")
+    max_tokens = _args.optional_integer(max_tokens, "max_tokens", 1)
     for bad_key in ("max_batch", "n_head_q", "n_head_kv", "head_dim"):
         if bad_key in config_overrides:
             raise InvalidArgumentError(
                 f"{bad_key}: set by the model or the cache, not a patch option")
+    known = {f.name for f in dataclasses.fields(Config)} | {"kv_fraction", "kv_context"}
+    unknown = sorted(set(config_overrides) - known)
+    if unknown:
+        raise InvalidArgumentError(
+            f"{unknown[0]}: not a patch option (sals.Config fields: {sorted(known)})")
     if any(layer.device.type == "cuda" for layer in info.layers) and not cuda_available():
         raise UnsupportedError(
             "model: is on CUDA, but this sals build has no usable CUDA backend "
