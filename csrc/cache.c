@@ -134,6 +134,9 @@ static sals_status_t check_config(const sals_config_t* g) {
                           (double)g->scale);
   TRY(check_flag("check_finite", g->check_finite));
   TRY(check_min("n_threads", g->n_threads, 0));
+  if (g->n_threads > SALS_MAX_THREADS)
+    return sals_set_error(INVALID, "config.n_threads: %d must be <= %d (0 = one per online core)",
+                          (int)g->n_threads, SALS_MAX_THREADS);
   if (g->device.device_type != kDLCPU && g->device.device_type != kDLCUDA)
     return sals_set_error(SALS_ERR_UNSUPPORTED, "config.device: %s not supported (cpu, cuda)",
                           sals_device_str(g->device, buf));

@@ -34,7 +34,8 @@ class Config:
     ``rank - score_rank``), with a float16 scale and zero per group (CPU and CUDA). ``budget_tokens`` > 0 fixes the number of selected
     candidates, otherwise ``ceil(budget_frac * S)``. ``dtype`` is the storage type of 16-bit
     latent keys, exact windows and 16-bit values: "float16", "bfloat16" or "float32". ``scale``
-    None means ``1/sqrt(head_dim)``. ``n_threads`` 0 uses one CPU thread per online core.
+    None means ``1/sqrt(head_dim)``. ``n_threads`` (at most 1024) 0 uses one CPU thread per
+    online core.
     ``check_finite`` (default True) refuses NaN/inf inputs with NotFiniteError and, on the CPU,
     appended values the storage cannot hold (beyond float16's 65504 for ``dtype="float16"``, or
     for the float16 scale and zero of quantised values or latent keys).

@@ -226,6 +226,8 @@ int main(void) {
   BAD_FIELD(scale, INFINITY, "config.scale");
   BAD_FIELD(check_finite, 5, "config.check_finite");
   BAD_FIELD(n_threads, -1, "config.n_threads");
+  BAD_FIELD(n_threads, SALS_MAX_THREADS + 1, "config.n_threads");
+  BAD_FIELD(n_threads, INT32_MAX, "config.n_threads");
   BAD_FIELD(device.device_id, 1, "config.device");
   {
     sals_config_t c = good_config();

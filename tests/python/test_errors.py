@@ -28,7 +28,8 @@ def make(**overrides):
     ("rank", DK + 1), ("score_rank", 0), ("score_rank", 200), ("value_bits", 3),
     ("value_group", 48), ("value_group", 0), ("n_sink", -1), ("n_recent", -1),
     ("budget_frac", 0.0), ("budget_frac", 1.5), ("budget_tokens", -1), ("max_batch", 0),
-    ("max_tokens", 0), ("scale", -1.0), ("n_threads", -1),
+    ("max_tokens", 0), ("scale", -1.0), ("n_threads", -1), ("n_threads", 1025),
+    ("n_threads", 2**31 - 1),
 ])
 def test_bad_config_field(field, value):
     # 4-bit values: value_group only matters when values are quantised

@@ -74,6 +74,9 @@ extern "C" {
 /** Bumped whenever a struct layout, enum value or function signature in this header changes. */
 #define SALS_ABI_VERSION 2
 
+/** Largest sals_config_t.n_threads: CPU worker threads of one cache. */
+#define SALS_MAX_THREADS 1024
+
 /** The library's version string, e.g. "0.2.0". */
 SALS_API const char* sals_version(void);
 /** The library's ABI version; compare with SALS_ABI_VERSION to detect a header/library mismatch. */
@@ -173,7 +176,7 @@ typedef struct sals_config {
    * (reset it). Default 1.
    */
   int32_t check_finite;
-  int32_t n_threads;       /**< CPU worker threads; 0 = one per online core */
+  int32_t n_threads;       /**< CPU worker threads, 0..SALS_MAX_THREADS; 0 = one per online core */
   DLDevice device;         /**< where the cache lives: {kDLCPU, 0} or {kDLCUDA, ordinal} */
 } sals_config_t;
 
