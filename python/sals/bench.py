@@ -73,8 +73,7 @@ def floors(cfg, B: int, S: int, ceil: dict) -> dict:
     = 2 (selected + 80) r Dk (the rebuild)."""
     dk = cfg.n_head_kv * cfg.head_dim
     r, rs, bits = cfg.rank, cfg.score_rank, cfg.value_bits
-    nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
-    kept = nc + cfg.n_sink + cfg.n_recent
+    _, kept = bench_e2e.attended_tokens(cfg, S)
     score_bytes = S * rs * 2
     gather_bytes = kept * (r * 2 + dk * (bits + 1) / 8)
     flops = 2 * kept * r * dk
@@ -108,8 +107,7 @@ def kernel_floors(cfg, B: int, S: int, ceil: dict) -> dict:
     copy. A fused kernel's floor is the sum of the stages it runs."""
     dk, d = cfg.n_head_kv * cfg.head_dim, cfg.head_dim
     r, rs, bits, hq = cfg.rank, cfg.score_rank, cfg.value_bits, cfg.n_head_q
-    nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
-    kept = nc + cfg.n_sink + cfg.n_recent
+    nc, kept = bench_e2e.attended_tokens(cfg, S)
     code_bytes = dk * (bits + 1) / 8  # codes + float16 scale and zero per 32 channels
     stage_bytes = {
         # v (and k for the exact window) in, codes and the window's copies out
@@ -138,8 +136,7 @@ STAGE_OF_KERNEL = (
     (r"^score", ("score",)),
     (r"^topk", ("top-k",)),
     (r"^rebuild_logits", ("rebuild",)),
-    (r"^softmax_pv", ("softmax+P.V",)),
-    (r"^merge", ("merge",)),
+    (r"^softmax_pv", ("softmax+P.V", "merge")),  # its last block per KV head merges
 )
 
 

@@ -157,6 +157,13 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
             "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
 
 
+def attended_tokens(cfg, S: int) -> tuple[int, int]:
+    """Candidates a sparse decode step selects at S tokens (the budget_frac rule) and the tokens
+    it attends: those plus the sinks and the recent window."""
+    nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
+    return nc, nc + cfg.n_sink + cfg.n_recent
+
+
 def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens, per layer."""
@@ -176,8 +183,8 @@ def step_bytes(model, setting: str, B: int, S: int) -> float:
         if cfg.dense:
             total += B * S * (r * 2 + value_bytes)
             continue
-        nc = min(math.ceil(cfg.budget_frac * S), max(S - cfg.n_sink - cfg.n_recent, 0))
-        total += B * (S * rs * 2 + (nc + cfg.n_sink + cfg.n_recent) * (r * 2 + value_bytes))
+        _, kept = attended_tokens(cfg, S)
+        total += B * (S * rs * 2 + kept * (r * 2 + value_bytes))
     return total
 
 
