@@ -34,9 +34,9 @@ from .. import (
     InvalidArgumentError,
     Rope,
     UnsupportedError,
+    _args,
     cuda_available,
 )
-from .. import _args
 from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
 
@@ -130,13 +130,14 @@ def _check_key_scale(scale: np.ndarray, layer: int, query_weight: float,
     must be finite in the model's dtype and s in the cache's storage dtype, or every step would
     fail on an infinity that q and k do not hold."""
     hi, lo = float(np.max(scale)), float(np.min(scale))
-    for name, dtype in (("the model's", model_dtype), ("the cache's", getattr(torch, storage))):
+    for whose, dtype, largest in (("the model's", model_dtype, max(hi, 1.0 / lo)),
+                                  ("the cache's", getattr(torch, storage), hi)):
         big = float(torch.finfo(dtype).max)
-        if hi > big or (name == "the model's" and 1.0 / lo > big):
+        if largest > big:
             raise CalibrationError(
                 f"calibration: layer {layer}'s key scale spans {lo:.3g}..{hi:.3g} (query weight "
                 f"{query_weight:g}); s and 1/s must stay below {big:.5g}, the largest finite "
-                f"value of {name} {str(dtype).removeprefix('torch.')}: calibrate with a smaller "
+                f"value of {whose} {str(dtype).removeprefix('torch.')}: calibrate with a smaller "
                 f"--query-weight, or run the model in bfloat16 or float32")
 
 
@@ -214,7 +215,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
             layer.module.q_proj.weight.dtype, calib)
         ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
     state = PatchState(info, configs, ropes, projections, scales,
-                       None if max_tokens is None else int(max_tokens), calib, cuda_graph)
+                       max_tokens, calib, cuda_graph)
     for layer in info.layers:
         _replace(state, layer.module, "forward",
                  types.MethodType(_attention_forward(state, layer), layer.module))
