@@ -3,18 +3,23 @@
 Importing this module (it needs torch; ``import sals`` never imports it) registers, in the
 ``sals`` operator namespace::
 
-    sals::cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, int cache) -> ()
-    sals::cache_attend(Tensor q, Tensor positions, Tensor(a!) order, int cache) -> Tensor
+    sals::cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache) -> ()
+    sals::cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache) -> Tensor
 
 with CPU and CUDA kernels (``sals.LayerCache.append`` / ``attend`` on the caller's current
 stream) and fake (meta) implementations, so that ``torch.compile`` traces through them without a
 graph break and a captured CUDA graph replays them.
 
-``cache`` is the handle of a ``sals.LayerCache`` (:func:`handle`). ``order`` is the cache's
-one-element order tensor (:func:`order_tensor`): the cache's state lives inside the library,
-where the compiler cannot see it, so both operators declare that they mutate ``order``; that
-keeps every append before the attend that follows it, and keeps both from being removed as
-dead code. Nothing reads or writes its value.
+``cache`` is the handle of a ``sals.LayerCache`` (:func:`handle`): a one-element int64 tensor on
+the CPU holding the cache's number. Not an int: ``torch.compile`` guards on the value of an int
+argument and would compile again for every cache (with ``fullgraph=True``, the 9th fails at the
+recompile limit), while of a tensor it guards only dtype, shape and device; on the CPU, the
+number is read without a device synchronisation, also while a CUDA graph is captured.
+
+``order`` is the cache's one-element order tensor (:func:`order_tensor`): the cache's state lives
+inside the library, where the compiler cannot see it, so both operators declare that they mutate
+``order``; that keeps every append before the attend that follows it, and keeps both from being
+removed as dead code. Nothing reads or writes its value.
 
 Shapes are those of ``LayerCache.append`` / ``attend``: ``k, v [B, T, n_head_kv, head_dim]``,
 ``q [B, T, n_head_q, head_dim]`` (pre-RoPE), ``positions [B, T] int32`` (< 0 marks padding);
@@ -33,20 +38,22 @@ from .cache import LayerCache
 from .errors import InvalidArgumentError
 
 _caches: "weakref.WeakValueDictionary[int, LayerCache]" = weakref.WeakValueDictionary()
-_handles: "weakref.WeakKeyDictionary[LayerCache, int]" = weakref.WeakKeyDictionary()
+_handles: "weakref.WeakKeyDictionary[LayerCache, torch.Tensor]" = weakref.WeakKeyDictionary()
 _next_handle = itertools.count(1)
 
 
-def handle(cache: LayerCache) -> int:
-    """The operator handle of ``cache`` (stable for the cache's life; the registry holds it
-    weakly, so a handle outliving its cache is refused, never reused)."""
+def handle(cache: LayerCache) -> torch.Tensor:
+    """The operator handle of ``cache`` (see the module docstring; the same tensor for the
+    cache's life; the registry holds the cache weakly, so a handle outliving its cache is
+    refused, its number never reused)."""
     if not isinstance(cache, LayerCache):
         raise InvalidArgumentError(f"cache: expected sals.LayerCache, got {type(cache).__name__}")
     h = _handles.get(cache)
     if h is None:
-        h = next(_next_handle)
+        n = next(_next_handle)
+        h = torch.tensor([n], dtype=torch.int64)
         _handles[cache] = h
-        _caches[h] = cache
+        _caches[n] = cache
     return h
 
 
@@ -55,16 +62,22 @@ def order_tensor(device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def _cache(h: int) -> LayerCache:
-    cache = _caches.get(h)
+def _cache(h: torch.Tensor) -> LayerCache:
+    if h.dtype != torch.int64 or h.numel() != 1 or h.device.type != "cpu":
+        raise InvalidArgumentError(
+            f"cache: expected a handle of sals.torch_ops.handle (one int64 on the cpu), got "
+            f"{h.dtype} {list(h.shape)} on {h.device}")
+    n = int(h)
+    cache = _caches.get(n)
     if cache is None:
-        raise InvalidArgumentError(f"cache: handle {h} names no live sals.LayerCache")
+        raise InvalidArgumentError(f"cache: handle {n} names no live sals.LayerCache")
     return cache
 
 
 _lib = torch.library.Library("sals", "DEF")
-_lib.define("cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, int cache) -> ()")
-_lib.define("cache_attend(Tensor q, Tensor positions, Tensor(a!) order, int cache) -> Tensor")
+_lib.define(
+    "cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache) -> ()")
+_lib.define("cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache) -> Tensor")
 
 
 def _on_device(x: torch.Tensor):

@@ -42,7 +42,7 @@ def test_operators_equal_the_eager_cache(device):
     got = torch.ops.sals.cache_attend(q, pos[:, S:], order, h)
     assert got.device == q.device and got.shape == q.shape
     assert torch.equal(got, want)
-    assert torch_ops.handle(op) == h  # stable
+    assert torch_ops.handle(op) is h  # stable
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,6 +66,38 @@ def test_torch_compile_traces_a_decode_step_without_graph_breaks(device):
     assert eager.lengths().tolist() == op.lengths().tolist() == [S + 1]
 
 
+class _Layer:
+    """What sals.hf.SalsLayer hands the operators: its cache's handle and order tensor."""
+
+    def __init__(self, cache, device):
+        self.handle, self.order = torch_ops.handle(cache), torch_ops.order_tensor(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_compiles_once_for_any_number_of_caches(device):
+    """The handle is a tensor, not an int that dynamo guards on: one compiled step serves more
+    caches than the recompile limit (8) with fullgraph=True, without recompiling, and gives
+    each cache's eager result."""
+    from torch._dynamo.utils import counters
+
+    def step(layer, k1, v1, q1, p1):
+        torch.ops.sals.cache_append(k1, v1, p1, layer.order, layer.handle)
+        return torch.ops.sals.cache_attend(q1, p1[:, -1:], layer.order, layer.handle)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(10):
+            k, v, q, pos = _inputs(device, seed=seed)
+            eager, op = _cache(device, seed=seed), _cache(device, seed=seed)
+            eager.append(k, v, pos)
+            want = eager.attend(q, pos[:, S:])
+            assert torch.equal(compiled(_Layer(op, device), k, v, q, pos), want), seed
+            assert op.lengths().tolist() == [S + 1]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_fake_implementations_give_shapes_without_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -75,9 +107,9 @@ def test_fake_implementations_give_shapes_without_running():
         q = torch.empty(3, 1, HQ, D, dtype=torch.float16)
         k = torch.empty(3, 1, HKV, D)
         pos = torch.empty(3, 1, dtype=torch.int32)
-        o = mode.from_tensor(order)
-        torch.ops.sals.cache_append(k, k, pos, o, h)
-        out = torch.ops.sals.cache_attend(q, pos, o, h)
+        o, fake_h = mode.from_tensor(order), mode.from_tensor(h)
+        torch.ops.sals.cache_append(k, k, pos, o, fake_h)
+        out = torch.ops.sals.cache_attend(q, pos, o, fake_h)
         assert out.shape == q.shape and out.dtype == torch.float16
     assert cache.lengths().tolist() == [0]  # nothing ran
 
@@ -98,15 +130,19 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_a_dead_handle_is_refused():
+def test_a_dead_or_malformed_handle_is_refused():
     cache = _cache("cpu")
     h = torch_ops.handle(cache)
+    _, _, q, pos = _inputs("cpu")
+    order = torch_ops.order_tensor("cpu")
+    for bad in [h.int(), h.float(), torch.cat([h, h])] + [h.to(d) for d in DEVICES[1:]]:
+        with pytest.raises(sals.InvalidArgumentError, match="^cache: expected a handle"):
+            torch.ops.sals.cache_attend(q, pos[:, S:], order, bad)
     del cache
     import gc
 
     gc.collect()
-    _, _, q, pos = _inputs("cpu")
-    with pytest.raises(sals.InvalidArgumentError, match=f"handle {h}"):
-        torch.ops.sals.cache_attend(q, pos[:, S:], torch_ops.order_tensor("cpu"), h)
+    with pytest.raises(sals.InvalidArgumentError, match=f"handle {int(h)} names no live"):
+        torch.ops.sals.cache_attend(q, pos[:, S:], order, h)
     with pytest.raises(sals.InvalidArgumentError, match="cache: expected sals.LayerCache"):
         torch_ops.handle("not a cache")
