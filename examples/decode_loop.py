@@ -37,9 +37,11 @@ def main() -> None:
     ids = prompt["input_ids"].to(device)
     # the cache holds every token of this conversation: prompt + generated
     cache = sals.hf.SalsCache(model, max_batch=1, max_tokens=ids.shape[1] + args.tokens)
+    # passed under this transformers' own keyword (past_key_values in 5.17, cache in 5.24)
+    kv = {sals.hf.CACHE_ARG: cache}
     out = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits[:, -1]   # prefill: exact attention
+        logits = model(ids, **kv).logits[:, -1]                    # prefill: exact attention
         start = time.perf_counter()
         for step in range(args.tokens):
             nxt = logits.argmax(-1, keepdim=True)                  # [1, 1]
@@ -48,7 +50,7 @@ def main() -> None:
                 break
             position = torch.tensor([[ids.shape[1] + step]], device=device)
             # a decode step: append the token's compressed K/V, sparse SALS attention
-            logits = model(nxt, position_ids=position, past_key_values=cache).logits[:, -1]
+            logits = model(nxt, position_ids=position, **kv).logits[:, -1]
         elapsed = time.perf_counter() - start
     cache.check()  # any deferred NaN/inf report of the last steps (CUDA)
     print(tok.decode(out, skip_special_tokens=True))

@@ -1,11 +1,18 @@
-"""``python -m sals bench e2e``: end-to-end ``model.generate`` decode speed, dense vs SALS.
+"""``python -m sals bench e2e``: end-to-end greedy decode speed, dense vs SALS.
 
-For each model shape, context and batch, one run measures with ``model.generate`` (greedy, a
-prompt of random token ids of the context's length, ``--new-tokens`` generated):
+For each model shape, context and batch, one run measures greedy decode of a prompt of random
+token ids of the context's length, ``--new-tokens`` generated; every row but ``dense-graph``
+through ``model.generate``:
 
+- ``dense-graph``: the strong dense baseline, a GPT-Fast-class decode loop
+  (``sals.bench_dense.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
+  copies, static K/V per layer, cuDNN SDPA over the cached tokens, the whole step one CUDA
+  graph (its first two steps are the eager warm-up and the capture); prompts prefilled one
+  sequence at a time. On the CPU (``--model``) the same step runs eagerly; a model it does not
+  implement (not Llama, Mistral or Qwen2) gets a "skipped" row;
 - ``dense-static-compiled``: transformers' static cache + torch.compile ("reduce-overhead",
-  what ``generate`` does by itself with ``cache_implementation="static"``): the GPT-Fast-class
-  baseline; one warm-up generate of the same shapes first, so compilation is not timed;
+  what ``generate`` does by itself with ``cache_implementation="static"``): what ``generate``
+  users get; one warm-up generate of the same shapes first, so compilation is not timed;
 - ``dense-dynamic``: transformers' default dynamic cache, eager;
 - ``sals-25`` / ``sals-12.5``: the model patched with that preset and ``cuda_graph=True``
   (every decode step replayed as one CUDA graph; its first two steps are the eager warm-up and
@@ -13,16 +20,17 @@ prompt of random token ids of the context's length, ``--new-tokens`` generated):
 
 Per row: TTFT (prompt to first token), ms per output token (median decode step), decode
 tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the SALS caches'
-own device allocation, which torch does not see) and the floor: bytes read per decode step
-(weights + K/V, or the SALS cache's scored latent coordinates, selected latent rows and values)
-over the copy bandwidth measured in the same run. ``--max-batch-context`` also finds, for dense
+own device allocation, which torch does not see; for ``dense-graph`` it includes the fused
+weight copies) and the floor: bytes read per decode step (weights + K/V, or the SALS cache's
+scored latent coordinates, selected latent rows and values) over the copy bandwidth measured in
+the same run. ``--max-batch-context`` also finds, for dense
 and SALS, the largest batch whose caches fit at that context (from measured bytes per sequence)
 and times decode there.
 
 GPU models have random weights of the real shapes (``SHAPES``); SALS projections are random
 orthonormal matrices (decode time does not depend on their values). ``--model`` times a real
-model from disk instead (e.g. SmolLM2 on the CPU, where the compiled and graph rows are left out:
-the CPU rows are eager). Writes JSON (``--out``) and a PNG plot of tokens/s against context
+model from disk instead (e.g. SmolLM2 on the CPU, where the compiled row is left out and the
+others run eagerly). Writes JSON (``--out``) and a PNG plot of tokens/s against context
 (``--plot``); prints a table; shows a progress bar.
 """
 
@@ -38,7 +46,7 @@ import time
 
 from . import _cli
 
-SETTINGS = ("dense-static-compiled", "dense-dynamic", "sals-25", "sals-12.5")
+SETTINGS = ("dense-graph", "dense-static-compiled", "dense-dynamic", "sals-25", "sals-12.5")
 
 #: model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, rope_theta)
 SHAPES = {
@@ -50,8 +58,8 @@ SHAPES = {
 def add_parser(subparsers) -> None:
     """Registers ``bench e2e``: its options and ``run``."""
     ap = subparsers.add_parser(
-        "e2e", help="end-to-end generate: dense (static+compile, dynamic) vs SALS with CUDA "
-                    "graphs", description=__doc__.split("\n", 1)[1])
+        "e2e", help="end-to-end decode: dense (graph loop, static+compile, dynamic) vs SALS "
+                    "with CUDA graphs", description=__doc__.split("\n", 1)[1])
     ap.add_argument("--shapes", default="llama2-7b,llama3.1-8b",
                     help=f"comma-separated random-weight model shapes on the GPU, of "
                          f"{', '.join(SHAPES)} (default: both)")
@@ -137,6 +145,8 @@ class _Clock:
 def _generate(model, ids, new_tokens, torch, **kw) -> dict:
     from transformers import LogitsProcessorList
 
+    from .hf import CACHE_ARG
+
     clock = _Clock(torch)
     if ids.is_cuda:
         torch.cuda.synchronize()
@@ -147,7 +157,7 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
                          return_dict_in_generate=True,
                          logits_processor=LogitsProcessorList([clock]), **kw)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARG)
     sals_bytes = cache.memory()["allocated"] if hasattr(cache, "memory") else 0
     peak = (torch.cuda.max_memory_allocated() if ids.is_cuda else 0) + sals_bytes
     step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
@@ -155,6 +165,43 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
     return {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
             "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
             "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+
+
+def _dense_graph(model, ids, new_tokens, torch) -> dict:
+    """The dense-graph row, timed as _generate times its rows: TTFT from the prefill's start to
+    the first token, then one step per further token, each waited for; ms per token is the
+    median step after the first two (the eager warm-up and the capture)."""
+    from .bench_dense import DenseGraphDecoder
+    from .errors import InvalidArgumentError
+
+    batch, S = (int(n) for n in ids.shape)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:  # its K/V and fused weight copies are allocated here, inside the peak
+        dec = DenseGraphDecoder(model, batch, S + new_tokens)
+    except InvalidArgumentError as e:  # a --model of an architecture it does not implement
+        return {"error": f"skipped: {e}"}
+
+    def sync():
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    dec.prefill(ids)
+    sync()
+    times = [time.perf_counter()]
+    for _ in range(new_tokens - 1):
+        dec.step()
+        sync()
+        times.append(time.perf_counter())
+    steps = [b - a for a, b in zip(times, times[1:])]
+    step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
+    peak = torch.cuda.max_memory_allocated() if ids.is_cuda else 0
+    return {"ttft_ms": 1e3 * (times[0] - start), "ms_per_token": step_ms,
+            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+            "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
+            "steps_ms": [1e3 * s for s in steps]}
 
 
 def attended_tokens(cfg, S: int) -> tuple[int, int]:
@@ -214,7 +261,7 @@ def _setting(model, setting: str, calib, torch) -> dict:
         sals.hf.unpatch(model)
     if setting == "dense-static-compiled":
         return {"cache_implementation": "static"}
-    if setting == "dense-dynamic":
+    if setting in ("dense-dynamic", "dense-graph"):
         return {}
     on_cuda = next(model.parameters()).is_cuda
     sals.hf.patch(model, calibration=calib, preset=setting, cuda_graph=on_cuda)
@@ -227,11 +274,14 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
     vocab = model.config.vocab_size  # ids clear of the special tokens at either end
     ids = torch.randint(vocab // 16, vocab - vocab // 16, (B, S), generator=gen).to(device)
     kw = _setting(model, setting, calib, torch)
-    if setting == "dense-static-compiled":
-        _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
-    row = {"setting": setting, "batch": B, "context": S, **_generate(model, ids, new_tokens,
-                                                                    torch, **kw)}
-    if bandwidth:
+    if setting == "dense-graph":
+        result = _dense_graph(model, ids, new_tokens, torch)
+    else:
+        if setting == "dense-static-compiled":
+            _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
+        result = _generate(model, ids, new_tokens, torch, **kw)
+    row = {"setting": setting, "batch": B, "context": S, **result}
+    if bandwidth and "error" not in row:
         row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth
         row["of_floor"] = row["floor_ms"] / row["ms_per_token"]
     return row
@@ -281,7 +331,7 @@ def run(args) -> int:
     bandwidth = _copy_bandwidth(torch) if on_gpu else 0.0
     contexts, batches = _csv(args.contexts, int), _csv(args.batches, int)
     models = _csv(args.shapes) if on_gpu else [args.model]
-    if not on_gpu:  # compiled static-cache decode and CUDA graphs are GPU rows
+    if not on_gpu:  # the compiled static-cache decode is a GPU row; the others run eagerly
         settings = [s for s in settings if s != "dense-static-compiled"]
     rows = []
     meta = _meta(args, torch, on_gpu, bandwidth)

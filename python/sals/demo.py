@@ -84,6 +84,8 @@ def run(model, enc: dict, new_tokens: int, label: str | None = None) -> dict:
     stderr (the prefill, then one step per token)."""
     from transformers import LogitsProcessorList
 
+    from .hf import CACHE_ARG
+
     bar = None
     if label is not None:
         from tqdm.auto import tqdm
@@ -104,7 +106,7 @@ def run(model, enc: dict, new_tokens: int, label: str | None = None) -> dict:
                 bar.set_postfix_str("end of sequence", refresh=False)
             bar.close()
     tokens = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
-    held, dense_fp16 = _kv_bytes(out.past_key_values)
+    held, dense_fp16 = _kv_bytes(getattr(out, CACHE_ARG))
     steps = len(clock.times) - 1
     return {
         "tokens": tokens,

@@ -14,6 +14,7 @@ import sals.hf
 import torch
 from sals.eval import cli, tasks
 from sals.eval.runner import Runner, parse_setting, prefill
+from sals.hf import CACHE_ARG
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +150,7 @@ def test_auto_preset_holds_its_fraction(smollm2, smollm2_calibration, suite):
     try:
         cache = sals.hf.SalsCache(model, 1, prompt.n_tokens)
         with torch.no_grad():
-            model(prompt.input_ids, past_key_values=cache)
+            model(prompt.input_ids, **{CACHE_ARG: cache})
         mem = cache.memory()
     finally:
         sals.hf.unpatch(model)

@@ -8,6 +8,7 @@ import sals
 import sals.hf
 import tiny
 import torch
+from sals.hf import CACHE_ARG
 from test_patch import FULL, SPARSE
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +24,7 @@ def test_cuda_dense_equivalent_generate_is_token_identical(family):
     sals.hf.patch(model, **FULL)
     out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    layers = [x for x in out.past_key_values.layers if isinstance(x, sals.hf.SalsLayer)]
+    layers = [x for x in getattr(out, CACHE_ARG).layers if isinstance(x, sals.hf.SalsLayer)]
     assert all(x.device.type == "cuda" and x.layer_cache.config.check_finite for x in layers)
 
 
@@ -41,11 +42,11 @@ def test_cuda_matches_cpu_with_sparse_selection(family):
         full_mask = torch.cat([mask, torch.ones_like(steps)], 1).to(device)
         with torch.no_grad():
             out = [model(ids.to(device), attention_mask=mask.to(device),
-                         past_key_values=cache).logits[:, -1:]]
+                         **{CACHE_ARG: cache}).logits[:, -1:]]
             for i in range(steps.shape[1]):
                 n = ids.shape[1] + i + 1
                 out.append(model(steps[:, i:i + 1].to(device), attention_mask=full_mask[:, :n],
-                                 past_key_values=cache).logits)
+                                 **{CACHE_ARG: cache}).logits)
         logits[device] = torch.cat(out, 1).cpu()
     assert (logits["cuda"] - logits["cpu"]).abs().max().item() < 1e-3
 
@@ -67,7 +68,7 @@ GRAPH_FAMILIES = [f for f in tiny.FAMILIES if f != "gemma3"]  # gemma3: sliding 
 def _generate(model, ids, **kw):
     out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
                          output_logits=True, **kw)
-    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
+    return out.sequences, torch.stack(out.logits, 1), getattr(out, CACHE_ARG)
 
 
 @pytest.mark.parametrize("family", GRAPH_FAMILIES)
@@ -105,7 +106,7 @@ def test_cuda_graph_left_padded_batch_and_hand_written_loop():
     cache = sals.hf.SalsCache(model, 2, 64)
     steps = tiny.prompt(6, batch=2, seed=9).cuda()
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **{CACHE_ARG: cache})
         full = torch.cat([mask, torch.ones_like(steps)], 1)
         full[1, ids.shape[1] + 3] = 0
         logits = []
@@ -113,7 +114,7 @@ def test_cuda_graph_left_padded_batch_and_hand_written_loop():
             n = ids.shape[1] + i + 1
             pos = (full[:, :n].cumsum(1) - 1)[:, -1:]
             logits.append(model(steps[:, i:i + 1], attention_mask=full[:, :n],
-                                position_ids=pos, past_key_values=cache).logits)
+                                position_ids=pos, **{CACHE_ARG: cache}).logits)
     assert cache.layers[0].slots == ids.shape[1] + steps.shape[1]
     lengths = cache.layers[2].layer_cache.lengths().tolist()
     assert lengths == [40 + 6, 23 + 5]  # the padded step stored nothing for sequence 1
@@ -125,23 +126,23 @@ def test_cuda_graph_errors_are_clear():
     sals.hf.patch(model, cuda_graph=True, **FULL)
     cache = sals.hf.SalsCache(model, 1, 23)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
         for i in range(3):
-            model(ids[:, i:i + 1], past_key_values=cache)
+            model(ids[:, i:i + 1], **{CACHE_ARG: cache})
         with pytest.raises(sals.CapacityError, match="max_tokens 23"):
-            model(ids[:, :1], past_key_values=cache)
+            model(ids[:, :1], **{CACHE_ARG: cache})
         cache = sals.hf.SalsCache(model, 1, 40)
-        model(ids, past_key_values=cache)
+        model(ids, **{CACHE_ARG: cache})
         with pytest.raises(sals.UnsupportedError, match="output_hidden_states"):
-            model(ids[:, :1], past_key_values=cache, output_hidden_states=True)
+            model(ids[:, :1], **{CACHE_ARG: cache}, output_hidden_states=True)
         # NaN input to a replayed step is reported by the next step
-        model(ids[:, :1], past_key_values=cache)
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], **{CACHE_ARG: cache})
+        model(ids[:, :1], **{CACHE_ARG: cache})
         emb = model.get_input_embeddings().weight
         saved = emb[ids[0, 0]].clone()
         emb.data[ids[0, 0]] = float("nan")
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], **{CACHE_ARG: cache})
         emb.data[ids[0, 0]] = saved
         with pytest.raises(sals.NotFiniteError):
             torch.cuda.synchronize()
-            model(ids[:, 1:2], past_key_values=cache)
+            model(ids[:, 1:2], **{CACHE_ARG: cache})

@@ -7,13 +7,16 @@ flip one; the float16 default is checked separately against a logit bound.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import sals
 import sals.hf
 import tiny
 import torch
-from sals.hf import calibrate
+from sals.hf import CACHE_ARG, calibrate
 from transformers import DynamicCache
 
 FULL = {"preset": "dense-equivalent", "dtype": "float32"}
@@ -38,7 +41,7 @@ def test_dense_equivalent_greedy_generate_is_token_identical(family):
     sals.hf.patch(model, **FULL)
     out = model.generate(ids, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARG)
     assert isinstance(cache, sals.hf.SalsCache)
     assert cache.get_seq_length() == 40 + 24 - 1  # the last token is never fed back
     lengths = [layer.layer_cache.lengths()[0] for layer in cache.layers
@@ -69,7 +72,7 @@ def test_num_return_sequences_sizes_the_cache(family):
     out = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3,
                          return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    assert out.past_key_values.max_batch == 3
+    assert getattr(out, CACHE_ARG).max_batch == 3
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -105,7 +108,7 @@ def test_chunked_prefill(family):
     ref = tiny.logits(model, ids)
     sals.hf.patch(model, **FULL)
     cache = sals.hf.SalsCache(model, 1, 64)
-    got = torch.cat([tiny.logits(model, ids[:, a:b], past_key_values=cache)
+    got = torch.cat([tiny.logits(model, ids[:, a:b], **{CACHE_ARG: cache})
                      for a, b in ((0, 17), (17, 18), (18, 45))], 1)
     assert cache.get_seq_length() == 45
     assert (got - ref).abs().max().item() < 1e-4
@@ -126,9 +129,9 @@ def test_left_padded_batch_equals_sequences_alone(family):
     for i, ref in enumerate(alone):
         assert torch.equal(out.sequences[i, ids.shape[1]:], ref)
     # padding is not stored: each sequence holds its own tokens only
-    layer = next(x for x in out.past_key_values.layers if isinstance(x, sals.hf.SalsLayer))
+    layer = next(x for x in getattr(out, CACHE_ARG).layers if isinstance(x, sals.hf.SalsLayer))
     assert layer.layer_cache.lengths()[:3].tolist() == [40 + 11, 23 + 11, 31 + 11]
-    assert out.past_key_values.get_seq_length() == 40 + 11
+    assert getattr(out, CACHE_ARG).get_seq_length() == 40 + 11
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -151,8 +154,8 @@ def test_sparse_step_selects_a_budget():
     cache = sals.hf.SalsCache(model, 1, 64)
     ids = tiny.prompt(41)
     with torch.no_grad():
-        model(ids[:, :40], past_key_values=cache)
-        model(ids[:, 40:], past_key_values=cache)
+        model(ids[:, :40], **{CACHE_ARG: cache})
+        model(ids[:, 40:], **{CACHE_ARG: cache})
     idx, count = cache.layers[2].layer_cache.selected()
     assert count.tolist() == [int(np.ceil(0.25 * 41))]
     assert set(idx[0, 0, :count[0]].tolist()) <= set(range(2, 41 - 4))
@@ -306,7 +309,7 @@ def test_unpatch_restores_the_model():
     assert torch.equal(tiny.logits(model, ids), ref)
     out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref_gen)
-    assert isinstance(out.past_key_values, DynamicCache)
+    assert isinstance(getattr(out, CACHE_ARG), DynamicCache)
     with pytest.raises(sals.InvalidArgumentError, match="not patched"):
         sals.hf.unpatch(model)
 
@@ -318,11 +321,11 @@ def test_plain_forward_creates_a_sals_cache_and_continues():
     sals.hf.patch(model, max_tokens=40, **FULL)
     with torch.no_grad():
         out = model(ids[:, :25])
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_ARG)
         assert isinstance(cache, sals.hf.SalsCache) and cache.max_tokens == 40
-        step = model(ids[:, 25:], past_key_values=cache).logits
+        step = model(ids[:, 25:], **{CACHE_ARG: cache}).logits
         # use_cache=False: the original attention, no cache at all
-        assert model(ids, use_cache=False).past_key_values is None
+        assert getattr(model(ids, use_cache=False), CACHE_ARG) is None
     assert (step - ref[:, 25:]).abs().max().item() < 1e-4
 
 
@@ -331,7 +334,7 @@ def test_sals_cache_holds_no_dense_keys():
     sals.hf.patch(model, preset=None, value_bits=4, **SPARSE)
     out = model.generate(tiny.prompt(40), max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARG)
     for i, layer in enumerate(cache.layers):
         if model.config.layer_types[i] == "full_attention":
             assert isinstance(layer, sals.hf.SalsLayer) and layer.keys is None
@@ -371,17 +374,19 @@ def test_errors_are_clear():
     sals.hf.patch(model, **FULL)
     ids = tiny.prompt(12)
     with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
-        model(ids, past_key_values=DynamicCache())
+        model(ids, **{CACHE_ARG: DynamicCache()})
     with pytest.raises(sals.CapacityError, match="max_tokens"):
-        tiny.logits(model, ids, past_key_values=sals.hf.SalsCache(model, 1, 8))
+        tiny.logits(model, ids, **{CACHE_ARG: sals.hf.SalsCache(model, 1, 8)})
     with pytest.raises(sals.UnsupportedError, match="beam search"):
         model.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
     stale = sals.hf.SalsCache(model, 1, 16)
     sals.hf.patch(model, **FULL)  # a new patch: caches of the old one are refused
     with pytest.raises(sals.InvalidArgumentError, match="another patch"):
-        tiny.logits(model, ids, past_key_values=stale)
+        tiny.logits(model, ids, **{CACHE_ARG: stale})
 
 
+# the old name on purpose: transformers 5.24 warns that it goes in 5.40
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_a_patched_model_never_keeps_dense_kv():
     """Under every cache keyword this transformers knows (``past_key_values``, and ``cache``
     from 5.24 on), a non-SALS cache is refused by forward and generate; generate's own cache
@@ -389,15 +394,14 @@ def test_a_patched_model_never_keeps_dense_kv():
     model = tiny.model("llama")
     sals.hf.patch(model, **FULL)
     ids = tiny.prompt(12)
-    arg = sals.hf._arch.describe(model).cache_arg
-    for name in {"past_key_values", arg}:
+    for name in {"past_key_values", CACHE_ARG}:
         with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
             model(ids, **{name: DynamicCache()})
         with pytest.raises(sals.InvalidArgumentError, match="in a SalsCache, got DynamicCache"):
             model.generate(ids, max_new_tokens=2, do_sample=False, **{name: DynamicCache()})
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, sals.hf.SalsCache)
-    assert out.past_key_values.get_seq_length() == 12 + 2
+    assert isinstance(getattr(out, CACHE_ARG), sals.hf.SalsCache)
+    assert getattr(out, CACHE_ARG).get_seq_length() == 12 + 2
 
     # a cache smuggled in under a keyword the patch does not know is refused, not updated
     attn = model.model.layers[0].self_attn
@@ -454,3 +458,39 @@ def test_patch_options_of_the_wrong_type_are_refused(options, match):
     with pytest.raises(sals.InvalidArgumentError, match=match):
         sals.hf.patch(model, calibration=_tiny_calibration(model), **options)
     assert not sals.hf.is_patched(model)
+
+
+def test_sals_passes_and_reads_the_cache_under_this_transformers_own_name():
+    """transformers 5.24 renamed the KV cache ``past_key_values`` -> ``cache`` and warns on the
+    old name (a FutureWarning from forwards and generate, a logged warning from outputs). What
+    sals runs itself (generate and forwards of a patched model, the demo's generation, the
+    eval's prefill and decode steps, bench e2e's timing) and a loop written as the README says
+    emit neither."""
+    from sals import bench_e2e, demo
+    from sals.eval import runner
+
+    model = tiny.model("llama")
+    ids = tiny.prompt(12)
+    assert sals.hf._arch.describe(model).cache_arg == CACHE_ARG
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("transformers").addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers logs a message once per process
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pre = runner.prefill(model, sals.hf._arch.describe(model), ids)
+            dense = runner.greedy(model, pre, pre.cache, max_new=3, stop=set())
+            bench_e2e._generate(model, ids, 2, torch)
+            sals.hf.patch(model, **FULL)
+            cache = sals.hf.SalsCache(model, 1, 16)
+            tiny.logits(model, ids, **{CACHE_ARG: cache})
+            assert runner.greedy(model, pre, cache, max_new=3, stop=set()) == dense
+            demo.run(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2)
+            out = model.generate(ids, max_new_tokens=3, do_sample=False,
+                                 return_dict_in_generate=True)
+            assert isinstance(getattr(out, CACHE_ARG), sals.hf.SalsCache)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r.getMessage() for r in logged if "deprecated" in r.getMessage()]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import transformers
+from sals.hf import CACHE_ARG
 
 COMMON = {
     "vocab_size": 97, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -77,9 +78,9 @@ def decode_logits(model, prompt, steps, cache) -> torch.Tensor:
     """Logits of a prefill's last token, then of one forward per token of ``steps`` ([B, n]),
     through ``cache``: n + 1 positions."""
     with torch.no_grad():
-        out = [model(prompt, past_key_values=cache).logits[:, -1:]]
+        out = [model(prompt, **{CACHE_ARG: cache}).logits[:, -1:]]
         for i in range(steps.shape[1]):
-            out.append(model(steps[:, i:i + 1], past_key_values=cache).logits)
+            out.append(model(steps[:, i:i + 1], **{CACHE_ARG: cache}).logits)
     return torch.cat(out, 1)
 
 

@@ -131,6 +131,8 @@ class Prefill:
 
 def prefill(model, info, ids: torch.Tensor) -> Prefill:
     """Dense prefill of ``ids`` keeping the pre-RoPE keys and values of every full layer."""
+    from ..hf import CACHE_ARG
+
     keys, values = {}, {}
 
     def hook(index):
@@ -152,16 +154,19 @@ def prefill(model, info, ids: torch.Tensor) -> Prefill:
     finally:
         for h in handles:
             h.remove()
-    return Prefill(ids, out.logits[0, -1].float(), out.past_key_values, keys, values)
+    return Prefill(ids, out.logits[0, -1].float(), getattr(out, CACHE_ARG), keys, values)
 
 
 # ---- decoding ---------------------------------------------------------------------------
 
 
 def _step(model, token: int, position: int, cache):
+    from ..hf import CACHE_ARG
+
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache,
-                    position_ids=torch.tensor([[position]], device=model.device), use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=model.device),
+                    position_ids=torch.tensor([[position]], device=model.device), use_cache=True,
+                    **{CACHE_ARG: cache})
     return out.logits[0, -1].float()
 
 

@@ -21,12 +21,12 @@ import types
 #: public name -> submodule defining it
 _EXPORTS = {
     "SUPPORTED": "_arch", "fingerprint": "_arch", "pre_rope": "_arch",
-    "SalsCache": "cache", "SalsLayer": "cache",
+    "CACHE_ARG": "cache", "SalsCache": "cache", "SalsLayer": "cache",
     "is_patched": "patch", "patch": "patch", "unpatch": "patch",
 }
 
-__all__ = ["SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched", "patch",
-           "pre_rope", "unpatch"]
+__all__ = ["CACHE_ARG", "SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched",
+           "patch", "pre_rope", "unpatch"]
 
 
 def __getattr__(name: str):

@@ -10,9 +10,17 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .. import CapacityError, InvalidArgumentError, LayerCache, UnsupportedError, torch_ops
+from . import _arch
+
+#: the name this transformers gives the KV cache in model forwards and outputs:
+#: "past_key_values" in 5.17, "cache" in 5.24, which warns that the old name goes in 5.40.
+#: Pass a cache as ``model(ids, **{CACHE_ARG: cache})``, read one as ``getattr(out, CACHE_ARG)``.
+CACHE_ARG = _arch.cache_argument(GenerationMixin.prepare_inputs_for_generation,
+                                 "GenerationMixin.prepare_inputs_for_generation")
 
 
 def _unsupported(what: str):
@@ -157,8 +165,8 @@ class SalsCache(Cache):
     given to ``patch``). Every layer's memory is allocated here, on that layer's device.
 
     ``generate`` and a plain ``model(...)`` create one automatically when given none; pass one
-    explicitly (``past_key_values=cache``) to keep it across calls, e.g. chunked prefill or a
-    hand-written decode loop.
+    explicitly (``model(ids, **{sals.hf.CACHE_ARG: cache})``) to keep it across calls, e.g.
+    chunked prefill or a hand-written decode loop.
     """
 
     def __init__(self, model, max_batch: int = 1, max_tokens: int | None = None):
