@@ -23,9 +23,8 @@ tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the S
 own device allocation, which torch does not see; for ``dense-graph`` it includes the fused
 weight copies) and the floor: bytes read per decode step (weights + K/V, or the SALS cache's
 scored latent coordinates, selected latent rows and values) over the copy bandwidth measured in
-the same run. ``--max-batch-context`` also finds, for dense
-and SALS, the largest batch whose caches fit at that context (from measured bytes per sequence)
-and times decode there.
+the same run. ``--max-batch-context`` also finds, for dense and SALS, the largest batch whose
+caches fit at that context (from measured bytes per sequence) and times decode there.
 
 GPU models have random weights of the real shapes (``SHAPES``); SALS projections are random
 orthonormal matrices (decode time does not depend on their values). ``--model`` times a real
@@ -190,15 +189,16 @@ def _dense_graph(model, ids, new_tokens, torch) -> dict:
     start = time.perf_counter()
     dec.prefill(ids)
     sync()
-    times = [time.perf_counter()]
+    ttft = time.perf_counter() - start
+    steps = []
     for _ in range(new_tokens - 1):
+        start = time.perf_counter()
         dec.step()
         sync()
-        times.append(time.perf_counter())
-    steps = [b - a for a, b in zip(times, times[1:])]
+        steps.append(time.perf_counter() - start)
     step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
     peak = torch.cuda.max_memory_allocated() if ids.is_cuda else 0
-    return {"ttft_ms": 1e3 * (times[0] - start), "ms_per_token": step_ms,
+    return {"ttft_ms": 1e3 * ttft, "ms_per_token": step_ms,
             "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
             "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
             "steps_ms": [1e3 * s for s in steps]}
