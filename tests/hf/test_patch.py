@@ -8,6 +8,9 @@ flip one; the float16 default is checked separately against a logit bound.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -421,6 +424,42 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         sals.hf.patch(tiny.model("llama"), cuda_graph="yes", **FULL)
 
 
+# the old name on purpose: transformers 5.24 and 5.25 still take it, with a FutureWarning
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", sorted({"past_key_values", CACHE_ARG}))
+@pytest.mark.parametrize("extra, config_flag, refused", [
+    ({"output_hidden_states": True}, None, "'output_hidden_states'"),
+    ({"output_attentions": True}, None, "'output_attentions'"),
+    ({"return_dict": False}, None, "'return_dict=False'"),
+    ({}, "output_hidden_states", "'config.output_hidden_states'"),
+    ({}, "output_attentions", "'config.output_attentions'"),
+])
+def test_cuda_graph_decode_refuses_extra_outputs_under_every_cache_name(name, extra, config_flag,
+                                                                        refused):
+    """A captured decode step returns logits only: hidden states, attentions or tuples, asked
+    for in the call or in the config, are refused, whichever name this transformers takes the
+    cache under (on 5.24 and 5.25 a cache under past_key_values used to skip the graph path,
+    and with it the refusal: issue 21, item 7). The refusal comes before any CUDA work, so a
+    CPU model with the graph path switched on (patch refuses cuda_graph for it) checks it."""
+    model = tiny.model("llama", attn="eager")  # eager: the config may ask for attentions
+    sals.hf.patch(model, **FULL)
+    sys.modules["sals.hf.patch"].patch_state(model).cuda_graph = True
+    ids = tiny.prompt(8)
+    cache = sals.hf.SalsCache(model, 1, 16)
+    with torch.no_grad():
+        model(ids, **{name: cache})
+        if config_flag is not None:
+            setattr(model.config, config_flag, True)
+        with pytest.raises(sals.UnsupportedError, match=f"cuda_graph: .*got .*{refused}"):
+            model(ids[:, :1], **{name: cache}, **extra)
+        assert cache.get_seq_length() == 8  # refused before anything was stored
+        if config_flag is not None:
+            setattr(model.config, config_flag, False)
+        # a plain step is served: the first decode step of a cache runs eagerly, even on the CPU
+        assert model(ids[:, :1], **{name: cache}).logits.shape == (1, 1, 97)
+    assert cache.get_seq_length() == 9
+
+
 @pytest.mark.parametrize("dtype, refused", [(torch.float16, True), (torch.float32, False)])
 def test_key_scale_beyond_the_dtype_is_refused_at_patch_time(dtype, refused):
     """A query-weighted calibration whose 1/s overflows the model's dtype (float16 past 65504)
@@ -458,6 +497,47 @@ def test_patch_options_of_the_wrong_type_are_refused(options, match):
     with pytest.raises(sals.InvalidArgumentError, match=match):
         sals.hf.patch(model, calibration=_tiny_calibration(model), **options)
     assert not sals.hf.is_patched(model)
+
+
+NEWEST = sals.hf._arch.NEWEST_TESTED_TRANSFORMERS  # "major.minor"
+NEXT = f"{NEWEST.split('.')[0]}.{int(NEWEST.split('.')[1]) + 1}"
+
+
+@pytest.mark.parametrize("version, warns", [
+    ("5.17.0", False),
+    (f"{NEWEST}.0", False),
+    (f"{NEWEST}.3", False),  # a patch release of the newest tested one
+    (f"{NEXT}.0.dev0", True),
+    (f"{NEXT}.0", True),
+    ("6.0.0", True),
+])
+def test_a_transformers_newer_than_tested_is_warned_about(monkeypatch, version, warns):
+    """pyproject.toml sets no upper bound on transformers (pip would downgrade a newer one): a
+    release newer than the newest tested one gets a warning naming both, not a refusal."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sals.hf._arch.warn_if_untested()
+    message = (f"transformers {version} is newer than the newest release sals.hf is tested on "
+               f"({NEWEST}); it may work (tested: transformers 5.17 to {NEWEST})")
+    assert [str(w.message) for w in caught] == ([message] if warns else [])
+
+
+def test_the_untested_transformers_warning_comes_once_on_import():
+    """The check runs when sals.hf's transformers-facing modules are first imported, once."""
+    code = textwrap.dedent("""
+        import warnings
+        import transformers
+        transformers.__version__ = "9.0.0"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sals.hf.cache, sals.hf.patch, sals.hf.calibrate
+        print(sum("transformers 9.0.0 is newer" in str(w.message) for w in caught))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
 
 
 def test_sals_passes_and_reads_the_cache_under_this_transformers_own_name():

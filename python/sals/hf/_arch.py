@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 
 import torch
 
@@ -31,8 +32,12 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: the transformers releases the HF layer is tested on (pyproject.toml states the same range)
-TESTED_TRANSFORMERS = "5.17 to 5.24"
+#: the transformers releases the HF layer is tested on: CI runs the HF tests on the oldest and
+#: the newest (.ci/run pins both). pyproject.toml's [hf] extra states the oldest as its lower
+#: bound and has no upper bound: a newer release gets a warning (warn_if_untested), not a
+#: downgrade, since it usually works.
+NEWEST_TESTED_TRANSFORMERS = "5.25"
+TESTED_TRANSFORMERS = f"5.17 to {NEWEST_TESTED_TRANSFORMERS}"
 
 
 def supported_text() -> str:
@@ -135,6 +140,26 @@ def _check_transformers() -> None:
             f"transformers {transformers.__version__}: sals.hf needs transformers 5.x "
             f"(attention modules, caches and masks changed in 5.0; tested: "
             f"{TESTED_TRANSFORMERS})")
+
+
+def warn_if_untested() -> None:
+    """Warn when the installed transformers is newer than NEWEST_TESTED_TRANSFORMERS. Its patch
+    releases count as tested (transformers fixes bugs in them, it changes APIs in minor ones).
+    Called once, below, when this module is first imported: by sals.hf's patch, SalsCache or
+    calibrate, whichever comes first (importing the sals.hf package itself loads no
+    transformers)."""
+    import transformers
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__).release[:2]
+    if installed > Version(NEWEST_TESTED_TRANSFORMERS).release:
+        warnings.warn(
+            f"transformers {transformers.__version__} is newer than the newest release sals.hf "
+            f"is tested on ({NEWEST_TESTED_TRANSFORMERS}); it may work (tested: transformers "
+            f"{TESTED_TRANSFORMERS})", UserWarning, stacklevel=2)
+
+
+warn_if_untested()
 
 
 def describe(model) -> ModelInfo:

@@ -27,6 +27,7 @@ import dataclasses
 import torch
 
 from .. import CapacityError, InvalidArgumentError, UnsupportedError
+from . import _arch
 from .cache import SalsCache, SalsLayer
 
 #: forward arguments a captured step accepts; their values are checked in _check_kwargs
@@ -69,15 +70,27 @@ def is_decode_step(cache, given: dict) -> bool:
     return x is not None and x.dim() >= 2 and x.shape[1] == 1 and cache.get_seq_length() > 0
 
 
-def _check_kwargs(given: dict, cache_arg: str) -> None:
-    other = sorted(k for k in given if k not in _ACCEPTED and k != cache_arg)
+def _check_kwargs(given: dict, cache: SalsCache, config) -> None:
+    """Refuse what a captured step cannot serve: it returns the logits and the cache only.
+    ``given``: the forward's arguments, ``**kwargs`` flattened; the cache may come under any
+    name transformers takes it under (5.24 and 5.25 still map ``past_key_values`` to
+    ``cache``)."""
+    other = sorted(k for k, v in given.items()
+                   if k not in _ACCEPTED and not (k in _arch.CACHE_ARGS and v is cache))
     if given.get("inputs_embeds") is not None:
         other.append("inputs_embeds")
+    # a flag not passed takes the model config's value, as transformers reads it
+    # (capture_outputs for output_*, can_return_tuple for return_dict)
     for flag in ("output_attentions", "output_hidden_states"):
-        if given.get(flag):
-            other.append(flag)
+        if flag in given:
+            if given[flag]:
+                other.append(flag)
+        elif getattr(config, flag, False):
+            other.append(f"config.{flag}")
     if given.get("return_dict") is False:
         other.append("return_dict=False")
+    elif given.get("return_dict") is None and getattr(config, "return_dict", True) is False:
+        other.append("config.return_dict=False")
     if other:
         raise UnsupportedError(
             f"cuda_graph: a captured decode step takes input_ids, attention_mask, position_ids "
@@ -110,7 +123,7 @@ def decode_step(original, state, cache: SalsCache, given: dict):
     cache_arg = state.info.cache_arg
     given = {**given, **given.get("kwargs", {})}  # the forward's **kwargs, flattened
     given.pop("kwargs", None)
-    _check_kwargs(given, cache_arg)
+    _check_kwargs(given, cache, state.info.config)
     keep = given.get("logits_to_keep")
     keep = 0 if keep is None else keep
     ids = given["input_ids"]

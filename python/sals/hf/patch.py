@@ -361,20 +361,27 @@ def _model_forward(model, state: PatchState):
     original = model.forward
     signature = inspect.signature(original)
     cache_arg = _arch.cache_argument(original, f"{type(model).__name__}.forward")
+    # names this transformers still maps to cache_arg (CACHE_ARGS lists the newest first):
+    # past_key_values in 5.24 and 5.25, none in 5.17
+    old_names = _arch.CACHE_ARGS[_arch.CACHE_ARGS.index(cache_arg) + 1:]
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
         given = bound.arguments
         extra = given.get("kwargs", {})  # **kwargs: where a deprecated cache name lands
+        cache = given.get(cache_arg)
+        if cache_arg not in given:  # transformers uses the old name's cache only then
+            cache = next((extra[name] for name in old_names if extra.get(name) is not None), None)
+        # before handing an old name to transformers: a decode step is captured (or refused
+        # for what a graph cannot serve) whatever name its cache came under
+        if state.cuda_graph and graphs.is_decode_step(cache, given):
+            return graphs.decode_step(original, state, cache, given)
         if any(extra.get(name) is not None for name in _arch.CACHE_ARGS if name != cache_arg):
             return original(*args, **kwargs)  # transformers maps the old name itself
         use_cache = given.get("use_cache")
         if use_cache is None:
             use_cache = getattr(state.info.config, "use_cache", True)
-        cache = given.get(cache_arg)
-        if state.cuda_graph and graphs.is_decode_step(cache, given):
-            return graphs.decode_step(original, state, cache, given)
         if cache is None and use_cache:
             x = given.get("input_ids")
             if x is None:
