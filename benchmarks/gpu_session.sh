@@ -43,7 +43,7 @@ python3 -c "import sals; print('sals', sals.__version__, 'cuda_available', sals.
 cd - > /dev/null
 if has ctest; then
   log ctest
-  ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 300 2>&1 | tee "$OUT/ctest.log" | tail -40
+  ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout ${CTEST_TIMEOUT:-300} 2>&1 | tee "$OUT/ctest.log" | tail -40
 fi
 if has sanitize; then
   log memcheck
@@ -55,7 +55,7 @@ if has sanitize; then
 fi
 if has pytest; then
   log pytest
-  (cd /tmp && timeout 400 python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
+  (cd /tmp && timeout ${PYTEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
     "$OLDPWD/tests/python/test_torch_cuda.py" "$OLDPWD/tests/python/test_torch_ops.py" \
     "$OLDPWD/tests/hf/test_hf_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -30)
   if [ -n "${NEWEST_TRANSFORMERS:-}" ]; then  # a wheel carried in; installed beside the old one
