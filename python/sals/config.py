@@ -13,7 +13,8 @@ from .errors import InvalidArgumentError
 #: storage dtype names and their ``sals_dtype_t`` values
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
-_PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
+#: the names Config.preset accepts
+PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
 _INT_FIELDS = ("n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "key_bits",
                "key_group", "n_sink", "n_recent", "budget_tokens", "max_batch", "max_tokens",
                "n_threads")
@@ -126,7 +127,7 @@ class Config:
         elif name == "dense-equivalent":
             fields = dict(rank=dk, score_rank=dk, value_bits=16, budget_frac=1.0)
         else:
-            raise InvalidArgumentError(f"name: unknown preset {name!r}; expected one of {_PRESETS}")
+            raise InvalidArgumentError(f"name: unknown preset {name!r}; expected one of {PRESETS}")
         if name != "dense-equivalent":
             fields.update(score_rank=max(1, fields["rank"] // 2), budget_frac=0.125, n_sink=16,
                           n_recent=64)

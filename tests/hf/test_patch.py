@@ -420,7 +420,7 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         sals.hf.patch(tiny.model("llama"), cuda_graph=True, **FULL)
     with pytest.raises(sals.UnsupportedError, match="cuda_graph: layers .* sliding-window"):
         sals.hf.patch(tiny.model("gemma3"), cuda_graph=True, **FULL)
-    with pytest.raises(sals.InvalidArgumentError, match="cuda_graph: expected True or False"):
+    with pytest.raises(sals.InvalidArgumentError, match="cuda_graph: expected a bool"):
         sals.hf.patch(tiny.model("llama"), cuda_graph="yes", **FULL)
 
 

@@ -282,7 +282,8 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> d
             f"preset")
     full = [layer for layer in info.layers if not layer.sliding]
     plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full],
-                 fraction, context, n_sink=overrides.get("n_sink", 16),
-                 n_recent=overrides.get("n_recent", 64),
+                 fraction, context,
+                 n_sink=_args.integer(overrides.get("n_sink", 16), "n_sink", 0),
+                 n_recent=_args.integer(overrides.get("n_recent", 64), "n_recent", 0),
                  dtype=overrides.get("dtype", "float16"))
     return {p.index: p.overrides() for p in plans}

@@ -21,6 +21,7 @@ import functools
 import inspect
 import os
 import types
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from .. import (
     _args,
     cuda_available,
 )
+from ..config import PRESETS
 from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
 
@@ -165,21 +167,49 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     ``config_overrides``: any ``sals.Config`` field (``budget_frac``, ``value_bits``,
     ``dtype``, ``n_sink``, ...), applied to every layer.
 
-    Patching a patched model replaces the previous patch. Unsupported architectures raise
+    Patching a patched model replaces the previous patch (which stays if the new options are
+    refused). Unsupported architectures raise
     ``sals.UnsupportedError`` naming the supported ones.
     """
-    if getattr(model, _STATE_ATTR, None) is not None:
+    previous = getattr(model, _STATE_ATTR, None)
+    if previous is not None:
+        # what the previous patch installed, put back if the new options are refused
+        installed = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in previous.saved]
         unpatch(model)
+    try:
+        state = _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_graph,
+                             config_overrides)
+    except BaseException:
+        if previous is not None:
+            for obj, name, value in installed:
+                object.__setattr__(obj, name, value)
+            object.__setattr__(model, _STATE_ATTR, previous)
+        raise
+    for layer in state.info.layers:
+        _replace(state, layer.module, "forward",
+                 types.MethodType(_attention_forward(state, layer), layer.module))
+    _replace(state, model, "forward", _model_forward(model, state))
+    if hasattr(model, "_prepare_cache_for_generation"):
+        _replace(state, model, "_prepare_cache_for_generation", _prepare_cache(model, state))
+    object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_graph,
+                 config_overrides: dict) -> PatchState:
+    """patch's options checked and turned into each layer's settings; changes nothing."""
     info = _arch.describe(model)
     n_layers = len(info.layers)
     if dense_layers is None:
         dense_layers = sorted({0, 1, n_layers - 1} & set(range(n_layers)))
+    if isinstance(dense_layers, (str, bytes)) or not isinstance(dense_layers, Iterable):
+        raise InvalidArgumentError(
+            f"dense_layers: expected layer indices (e.g. [0, 1]), got {dense_layers!r}")
     dense_layers = {_args.integer(i, "dense_layers") for i in dense_layers}
     bad = sorted(i for i in dense_layers if not 0 <= i < n_layers)
     if bad:
         raise InvalidArgumentError(f"dense_layers: {bad} outside 0..{n_layers - 1}")
-    if not isinstance(cuda_graph, bool):
-        raise InvalidArgumentError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
+    cuda_graph = _args.boolean(cuda_graph, "cuda_graph")
     if cuda_graph:
         graphs.check_model(info)
     max_tokens = _args.optional_integer(max_tokens, "max_tokens", 1)
@@ -196,6 +226,9 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         raise UnsupportedError(
             "model: is on CUDA, but this sals build has no usable CUDA backend "
             "(sals.cuda_available() is False)")
+    if preset is not None and preset != "auto" and preset not in PRESETS:
+        raise InvalidArgumentError(
+            f"preset: unknown preset {preset!r}; expected one of {(*PRESETS, 'auto', None)}")
     calib = _load_calibration(calibration, _arch.fingerprint(model, info))
     per_layer = {}
     if preset == "auto":  # per-layer rank, score rank and value bits for a memory target
@@ -214,16 +247,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
             layer, preset, {**config_overrides, **per_layer.get(i, {})}, i in dense_layers,
             layer.module.q_proj.weight.dtype, calib)
         ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
-    state = PatchState(info, configs, ropes, projections, scales,
-                       max_tokens, calib, cuda_graph)
-    for layer in info.layers:
-        _replace(state, layer.module, "forward",
-                 types.MethodType(_attention_forward(state, layer), layer.module))
-    _replace(state, model, "forward", _model_forward(model, state))
-    if hasattr(model, "_prepare_cache_for_generation"):
-        _replace(state, model, "_prepare_cache_for_generation", _prepare_cache(model, state))
-    object.__setattr__(model, _STATE_ATTR, state)
-    return model
+    return PatchState(info, configs, ropes, projections, scales, max_tokens, calib, cuda_graph)
 
 
 def _replace(state: PatchState, obj, name: str, value) -> None:
