@@ -1,5 +1,6 @@
 /* The cache's C ABI: configuration checks, argument validation, capacity, dispatch. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,6 +70,61 @@ static sals_status_t leave(const sals_cache_t* cache, sals_status_t st) {
   return st;
 }
 
+/*
+ * The most bytes a config may ask for. Far beyond any host or GPU, so only a mistaken field
+ * reaches it; and far enough below 2^63 that no size the backends compute from a config that
+ * passes (each within a small factor of the estimates below) can overflow int64.
+ */
+#define MAX_CACHE_BYTES 0x1p52
+
+/*
+ * The parts of a cache that grow with products of config fields, each with an upper estimate
+ * of its bytes on either backend (4 bytes an element, the largest storage type): a config too
+ * large, or an allocation that fails, is reported naming the fields of the largest part.
+ */
+#define N_CACHE_PARTS 5
+typedef struct {
+  const char* fields; /* the config fields it grows with */
+  char what[128];     /* what they count, with their values */
+  double bytes;
+} cache_part_t;
+
+/* Fills parts[N_CACHE_PARTS] and returns the largest. */
+static const cache_part_t* cache_parts(const sals_config_t* g, cache_part_t* p) {
+  const double B = g->max_batch, T = g->max_tokens, hq = g->n_head_q, d = g->head_dim;
+  const double dk = (double)g->n_head_kv * g->head_dim, r = g->rank;
+  const double sel = g->select_per_head ? g->n_head_kv : 1;
+  const double window = (double)g->n_sink + g->n_recent;
+  /* Per token slot: latent key, value, position; selection, scores, top-k state and logits. */
+  p[0].fields = "config.max_batch, config.max_tokens";
+  snprintf(p[0].what, sizeof p[0].what, "max_batch %d * max_tokens %d token slots",
+           (int)g->max_batch, (int)g->max_tokens);
+  p[0].bytes = B * T * 4.0 * (r + dk + hq + 3.0 * sel + 3.0);
+  /* Exact sink and recent keys and values, and their logits. */
+  p[1].fields = "config.max_batch, config.n_sink, config.n_recent";
+  snprintf(p[1].what, sizeof p[1].what, "max_batch %d * (n_sink %d + n_recent %d) exact window "
+           "slots", (int)g->max_batch, (int)g->n_sink, (int)g->n_recent);
+  p[1].bytes = B * window * 4.0 * (2.0 * dk + hq);
+  /* Partial attention states: up to 64 token chunks per query head. */
+  p[2].fields = "config.max_batch, config.n_head_q, config.head_dim";
+  snprintf(p[2].what, sizeof p[2].what, "max_batch %d * n_head_q %d query heads of head_dim %d",
+           (int)g->max_batch, (int)g->n_head_q, (int)g->head_dim);
+  p[2].bytes = B * hq * 64.0 * 4.0 * (d + 2.0);
+  /* The projection and its 16-bit copies. */
+  p[3].fields = "config.rank, config.n_head_kv, config.head_dim";
+  snprintf(p[3].what, sizeof p[3].what, "a projection of Dk %.0f * rank %d", dk, (int)g->rank);
+  p[3].bytes = dk * r * 16.0;
+  /* Split-K partial sums of each step's query and key projections: up to 16 + Dk splits. */
+  p[4].fields = "config.max_batch, config.rank, config.n_head_kv, config.head_dim";
+  snprintf(p[4].what, sizeof p[4].what, "max_batch %d * rank %d * Dk %.0f projection sums",
+           (int)g->max_batch, (int)g->rank, dk);
+  p[4].bytes = B * sel * r * 4.0 * (16.0 + dk);
+  const cache_part_t* big = &p[0];
+  for (int32_t i = 1; i < N_CACHE_PARTS; ++i)
+    if (p[i].bytes > big->bytes) big = &p[i];
+  return big;
+}
+
 static sals_status_t check_config(const sals_config_t* g) {
   char buf[32];
   TRY(check_min("n_head_q", g->n_head_q, 1));
@@ -78,7 +134,9 @@ static sals_status_t check_config(const sals_config_t* g) {
                           (int)g->n_head_q, (int)g->n_head_kv);
   TRY(check_min("head_dim", g->head_dim, 1));
   if ((int64_t)g->n_head_kv * g->head_dim > INT32_MAX / 2)
-    return sals_set_error(INVALID, "config.head_dim: n_head_kv * head_dim too large");
+    return sals_set_error(INVALID, "config.n_head_kv, config.head_dim: Dk = n_head_kv %d * "
+                          "head_dim %d is more than %d", (int)g->n_head_kv, (int)g->head_dim,
+                          INT32_MAX / 2);
   const int32_t dk = g->n_head_kv * g->head_dim;
   TRY(check_min("rank", g->rank, 1));
   if (g->rank > dk)
@@ -96,7 +154,7 @@ static sals_status_t check_config(const sals_config_t* g) {
     if (g->head_dim % g->value_group != 0)
       return sals_set_error(INVALID, "config.value_group: %d does not divide head_dim %d",
                             (int)g->value_group, (int)g->head_dim);
-    if (g->value_group * g->value_bits % 8 != 0)
+    if ((int64_t)g->value_group * g->value_bits % 8 != 0)
       return sals_set_error(INVALID,
                             "config.value_group: %d groups of %d-bit codes do not fill whole bytes",
                             (int)g->value_group, (int)g->value_bits);
@@ -112,13 +170,17 @@ static sals_status_t check_config(const sals_config_t* g) {
       return sals_set_error(INVALID,
                             "config.key_group: %d does not divide rank - score_rank %d",
                             (int)g->key_group, (int)(g->rank - g->score_rank));
-    if (g->key_group * g->key_bits % 8 != 0)
+    if ((int64_t)g->key_group * g->key_bits % 8 != 0)
       return sals_set_error(INVALID,
                             "config.key_group: %d groups of %d-bit codes do not fill whole bytes",
                             (int)g->key_group, (int)g->key_bits);
   }
   TRY(check_min("n_sink", g->n_sink, 0));
   TRY(check_min("n_recent", g->n_recent, 0));
+  /* The backends count candidates as S - n_sink - n_recent in int32. */
+  if ((int64_t)g->n_sink + g->n_recent > INT32_MAX)
+    return sals_set_error(INVALID, "config.n_sink, config.n_recent: n_sink %d + n_recent %d is "
+                          "more than %d", (int)g->n_sink, (int)g->n_recent, INT32_MAX);
   if (!(g->budget_frac > 0.0f && g->budget_frac <= 1.0f))
     return sals_set_error(INVALID, "config.budget_frac: %g not in (0, 1]", (double)g->budget_frac);
   TRY(check_min("budget_tokens", g->budget_tokens, 0));
@@ -146,10 +208,17 @@ static sals_status_t check_config(const sals_config_t* g) {
   if (g->device.device_type == kDLCUDA && g->device.device_id < 0)
     return sals_set_error(INVALID, "config.device: invalid CUDA ordinal %d",
                           (int)g->device.device_id);
-  /* Every buffer must be addressable: bound the largest, B * T * Dk elements. */
-  const double cells = (double)g->max_batch * (double)g->max_tokens * (double)dk;
-  if (cells > 4.0e15)
-    return sals_set_error(INVALID, "config.max_tokens: max_batch * max_tokens * Dk too large");
+  /* The backends index a step's query rows (and the selection rows, fewer) in int32. */
+  if ((int64_t)g->max_batch * g->n_head_q > INT32_MAX)
+    return sals_set_error(INVALID, "config.max_batch, config.n_head_q: max_batch %d * n_head_q "
+                          "%d query rows are more than %d", (int)g->max_batch, (int)g->n_head_q,
+                          INT32_MAX);
+  cache_part_t parts[N_CACHE_PARTS];
+  const cache_part_t* big = cache_parts(g, parts);
+  if (big->bytes > MAX_CACHE_BYTES)
+    return sals_set_error(INVALID, "%s: %s would take about %.3g bytes, more than the 2^52 a "
+                          "cache may take (no device holds that)", big->fields, big->what,
+                          big->bytes);
   return SALS_OK;
 }
 
@@ -267,6 +336,16 @@ static void free_host(sals_cache_t* c) {
   free(c);
 }
 
+/* The backend's out-of-memory error, led by the config fields of the cache's largest part. */
+static sals_status_t name_largest_part(const sals_config_t* g) {
+  char backend[256];
+  snprintf(backend, sizeof backend, "%s", sals_last_error());
+  cache_part_t parts[N_CACHE_PARTS];
+  const cache_part_t* big = cache_parts(g, parts);
+  return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "%s: %s; the largest part is %s (about %.3g "
+                        "bytes)", big->fields, backend, big->what, big->bytes);
+}
+
 sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* rope,
                                 const DLTensor* projection, sals_cache_t** out) {
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
@@ -294,7 +373,8 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   if (!c || !c->inv_freq_host || !c->reserved) {
     if (c) free_host(c);
     free(proj);
-    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (cache)");
+    sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (cache)");
+    return name_largest_part(config);
   }
   const sals_config_t* g = config;
   c->cfg = *g;
@@ -332,6 +412,7 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   free(proj);
   if (st != SALS_OK) {
     free_host(c);
+    if (st == SALS_ERR_OUT_OF_MEMORY) return name_largest_part(g);
     return st;
   }
   *out = c;

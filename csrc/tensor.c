@@ -99,6 +99,13 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
       return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: too many elements", name);
     numel *= t->shape[i];
   }
+  /* Element 0 is at data + byte_offset: bound the offset like the strides, so that it can
+   * neither overflow the address arithmetic below nor point far past any allocation. */
+  const size_t es = sals_elem_size(elem);
+  if (t->byte_offset > (uint64_t)limit * es)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "%s: byte_offset %llu points past the data (more than 2^48 elements "
+                          "beyond data)", name, (unsigned long long)t->byte_offset);
   memset(v, 0, sizeof *v);
   v->elem = elem;
   v->ndim = ndim;
@@ -138,8 +145,20 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
   if (t->data == NULL)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: data is NULL but it has %lld elements",
                           name, (long long)numel);
-  const size_t es = sals_elem_size(elem);
-  const uintptr_t addr = (uintptr_t)t->data + (uintptr_t)t->byte_offset;
+  /* The bytes the view reaches, relative to data: [lo, hi). Both fit int64 (bounded above). */
+  int64_t lo = (int64_t)t->byte_offset, hi = lo + (int64_t)es;
+  for (int32_t i = 0; i < ndim; ++i) {
+    const int64_t reach = (v->shape[i] - 1) * v->stride[i] * (int64_t)es;
+    if (reach < 0) lo += reach;
+    else hi += reach;
+  }
+  const uintptr_t base = (uintptr_t)t->data;
+  if ((lo < 0 && base < (uintptr_t)-lo) || (uintptr_t)hi > UINTPTR_MAX - base)
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
+                          "%s: data %#llx + byte_offset %llu and the strides reach outside "
+                          "the address space", name, (unsigned long long)base,
+                          (unsigned long long)t->byte_offset);
+  const uintptr_t addr = base + (uintptr_t)t->byte_offset;
   if (addr % es != 0)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                           "%s: data + byte_offset (byte_offset %llu) is not aligned to the %zu "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -160,12 +161,32 @@ class LayerCache:
         cfg = self._config
         heads = cfg.n_head_kv if cfg.select_per_head else 1
         b = max(self._last_batch, 1)
-        idx = self._host_int32((b, heads, cfg.max_tokens))
+        idx = self._host_int32((b, heads, self._most_selected(self.lengths()[:b])))
         count = self._host_int32((b,))
         self._c.selected(idx, count, self._stream())
         idx, count = _t.to_numpy(idx), _t.to_numpy(count)
         n = int(count.max()) if count.size else 0
         return np.ascontiguousarray(idx[:, :, :n]), count
+
+    def _most_selected(self, lengths: np.ndarray) -> int:
+        """An upper bound of the candidates the last attend selected for sequences of these
+        ``lengths``, to size ``selected()``'s buffer by the answer instead of by max_tokens.
+
+        A selection was made at a length no greater than today's (lengths only grow until
+        reset(), which also clears the selection) and holds the budget of that length clamped
+        to its candidates (sals.h), both non-decreasing in the length: the rule evaluated at
+        the longest length bounds every sequence's count."""
+        cfg = self._config
+        if cfg.dense:
+            return 0  # a dense layer never selects
+        s = int(lengths.max())
+        candidates = max(s - cfg.n_sink - cfg.n_recent, 0)
+        if cfg.budget_tokens > 0:
+            budget = cfg.budget_tokens
+        else:
+            # As the library computes it: the float32 field times S, in double, rounded up.
+            budget = math.ceil(float(np.float32(cfg.budget_frac)) * s)
+        return min(budget, candidates)
 
     def memory(self) -> dict:
         """Bytes held, per component (the ``sals_memory_t`` fields): latent_keys (with

@@ -37,14 +37,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import _args
 from ._files import replace_file
-from .errors import CalibrationError, InvalidArgumentError
+from .errors import CalibrationError, InvalidArgumentError, OutOfMemoryError
 
 FORMAT = "sals-calibration"
 VERSION = 2
@@ -57,9 +60,15 @@ MAX_QUERY_WEIGHT = 4.0
 
 
 def _as_float64_rows(keys, dk: int, name: str) -> np.ndarray:
-    if hasattr(keys, "detach"):  # torch, possibly bf16 or on a GPU
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(keys, torch.Tensor):  # possibly bf16 or on a GPU
+        if not keys.is_floating_point():
+            raise InvalidArgumentError(f"{name}: expected a float dtype, got {keys.dtype}")
         keys = keys.detach().float().cpu().numpy()
-    k = np.asarray(keys)
+    try:
+        k = np.asarray(keys)
+    except (TypeError, ValueError) as e:  # ragged nested lists, objects refusing conversion
+        raise InvalidArgumentError(f"{name}: not an array ({e})") from None
     if k.ndim != 2 or k.shape[1] != dk:
         raise InvalidArgumentError(f"{name}: expected [N, {dk}], got shape {list(k.shape)}")
     if not np.issubdtype(k.dtype, np.floating):
@@ -70,16 +79,35 @@ def _as_float64_rows(keys, dk: int, name: str) -> np.ndarray:
     return k
 
 
+def _check_sum(total: np.ndarray, name: str, what: str) -> None:
+    """Refuse, naming the argument, a sum that overflowed float64 (its inputs are finite)."""
+    if not np.all(np.isfinite(total)):
+        raise InvalidArgumentError(f"{name}: values too large: the accumulated {what} "
+                                   f"overflows float64")
+
+
 class Calibrator:
     """Accumulates ``K^T K`` per layer, and the queries' energy per key dimension when given.
-    ``dk_per_layer``: Dk (= n_head_kv * head_dim) of each layer, in layer order."""
+    ``dk_per_layer``: Dk (= n_head_kv * head_dim) of each layer, in layer order.
+
+    ``finish`` leaves the sums as they are: it may be called again (another rank rule, another
+    query weight), and ``update`` may add more keys after it. Wrong arguments raise
+    InvalidArgumentError naming the argument and change nothing."""
 
     def __init__(self, dk_per_layer):
-        self._dk = [int(d) for d in dk_per_layer]
-        if not self._dk or min(self._dk) < 1:
+        if isinstance(dk_per_layer, (str, bytes)) or not isinstance(dk_per_layer, Iterable):
             raise InvalidArgumentError(
-                f"dk_per_layer: expected a non-empty list of positive ints, got {self._dk}")
-        self._gram = [np.zeros((d, d), np.float64) for d in self._dk]
+                f"dk_per_layer: expected a list of ints, got {type(dk_per_layer).__name__}")
+        self._dk = [_args.integer(d, f"dk_per_layer[{i}]", 1) for i, d in enumerate(dk_per_layer)]
+        if not self._dk:
+            raise InvalidArgumentError("dk_per_layer: expected a non-empty list of positive ints")
+        self._gram = []
+        for i, d in enumerate(self._dk):
+            try:
+                self._gram.append(np.zeros((d, d), np.float64))
+            except (MemoryError, ValueError):  # ValueError: more bytes than numpy can address
+                raise OutOfMemoryError(f"dk_per_layer[{i}]: no memory for the {d} x {d} float64 "
+                                       f"sums of layer {i}") from None
         self._tokens = [0] * len(self._dk)
         self._query = [np.zeros(d, np.float64) for d in self._dk]
         self._query_tokens = [0] * len(self._dk)
@@ -90,9 +118,14 @@ class Calibrator:
         per token the squared query components that multiply each key dimension, summed over
         the query heads reading its KV head and tied within RoPE pairs (see the module
         docstring); needed for ``finish(query_weight=...)``."""
-        if not 0 <= int(layer) < len(self._dk):
+        layer = _args.integer(layer, "layer")
+        if not 0 <= layer < len(self._dk):
             raise InvalidArgumentError(f"layer: expected 0..{len(self._dk) - 1}, got {layer}")
         k = _as_float64_rows(keys, self._dk[layer], "keys")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+            gram = self._gram[layer] + k.T @ k
+        _check_sum(gram, "keys", "K^T K")
+        query = None
         if query_energy is not None:
             e = _as_float64_rows(query_energy, self._dk[layer], "query_energy")
             if e.shape[0] != k.shape[0]:
@@ -100,10 +133,15 @@ class Calibrator:
                     f"query_energy: {e.shape[0]} rows for {k.shape[0]} keys")
             if np.any(e < 0):
                 raise InvalidArgumentError("query_energy: holds negative values")
-            self._query[layer] += e.sum(axis=0)
-            self._query_tokens[layer] += e.shape[0]
-        self._gram[layer] += k.T @ k
+            with np.errstate(over="ignore", invalid="ignore"):
+                query = self._query[layer] + e.sum(axis=0)
+            _check_sum(query, "query_energy", "query energy")
+        # Every argument checked: only now is anything changed.
+        self._gram[layer] = gram
         self._tokens[layer] += k.shape[0]
+        if query is not None:
+            self._query[layer] = query
+            self._query_tokens[layer] += k.shape[0]
 
     def finish(self, rank_frac: float | None = None, energy: float | None = None,
                rank: int | None = None, fingerprint: dict | None = None, data: str = "",
@@ -118,14 +156,27 @@ class Calibrator:
         rules = [x is not None for x in (rank_frac, energy, rank)]
         if sum(rules) != 1:
             raise InvalidArgumentError("finish: give exactly one of rank_frac, energy, rank")
+        rank_frac = _args.optional_real(rank_frac, "rank_frac")
         if rank_frac is not None and not 0 < rank_frac <= 1:
             raise InvalidArgumentError(f"rank_frac: expected (0, 1], got {rank_frac}")
+        energy = _args.optional_real(energy, "energy")
         if energy is not None and not 0 < energy <= 1:
             raise InvalidArgumentError(f"energy: expected (0, 1], got {energy}")
-        query_weight = float(query_weight)
+        rank = _args.optional_integer(rank, "rank")
+        query_weight = _args.real(query_weight, "query_weight")
         if not 0 <= query_weight <= MAX_QUERY_WEIGHT:
             raise InvalidArgumentError(
                 f"query_weight: expected [0, {MAX_QUERY_WEIGHT:g}], got {query_weight}")
+        fingerprint = {} if fingerprint is None else fingerprint
+        if not isinstance(fingerprint, dict):
+            raise InvalidArgumentError(
+                f"fingerprint: expected a dict, got {type(fingerprint).__name__}")
+        try:  # refused now rather than by save()
+            json.dumps(fingerprint)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"fingerprint: not JSON-serialisable ({e})") from None
+        if not isinstance(data, str):
+            raise InvalidArgumentError(f"data: expected a str, got {type(data).__name__}")
         layers = []
         for i, (dk, gram) in enumerate(zip(self._dk, self._gram)):
             if self._tokens[i] == 0:
@@ -148,7 +199,7 @@ class Calibrator:
             pivot = np.argmax(np.abs(u), axis=0)
             u = u * np.where(u[pivot, np.arange(dk)] < 0, -1.0, 1.0)
             if rank is not None:
-                r = int(rank)
+                r = rank
                 if not 1 <= r <= dk:
                     raise InvalidArgumentError(f"rank: expected 1..{dk} for layer {i}, got {r}")
             elif rank_frac is not None:
@@ -159,7 +210,7 @@ class Calibrator:
                                 eigenvectors=u[:, :r].astype(np.float32),
                                 n_tokens=self._tokens[i],
                                 key_scale=None if scale is None else scale.astype(np.float32)))
-        return Calibration(layers, dict(fingerprint or {}), str(data), query_weight)
+        return Calibration(layers, dict(fingerprint), data, query_weight)
 
 
 def key_scale(query_energy: np.ndarray, query_weight: float) -> np.ndarray:
@@ -212,15 +263,16 @@ class Calibration:
         return min(layer.n_tokens for layer in self.layers)
 
     def _layer(self, layer: int) -> Layer:
-        if not 0 <= int(layer) < len(self.layers):
+        layer = _args.integer(layer, "layer")
+        if not 0 <= layer < len(self.layers):
             raise InvalidArgumentError(f"layer: expected 0..{len(self.layers) - 1}, got {layer}")
-        return self.layers[int(layer)]
+        return self.layers[layer]
 
     def projection(self, layer: int, rank: int | None = None) -> np.ndarray:
         """``U_r``: float32 ``[Dk, r]`` (C-contiguous) with ``r = rank`` or the layer's rank;
         ``rank`` may not exceed the stored rank."""
         lay = self._layer(layer)
-        r = lay.rank if rank is None else int(rank)
+        r = lay.rank if rank is None else _args.integer(rank, "rank")
         if not 1 <= r <= lay.rank:
             raise InvalidArgumentError(
                 f"rank: expected 1..{lay.rank} (the stored rank of layer {layer}), got {r}")
@@ -234,10 +286,11 @@ class Calibration:
     def energy(self, layer: int, rank: int) -> float:
         """Fraction of the key energy (eigenvalue sum) the top ``rank`` directions keep."""
         lay = self._layer(layer)
-        if not 0 <= int(rank) <= lay.dk:
+        rank = _args.integer(rank, "rank")
+        if not 0 <= rank <= lay.dk:
             raise InvalidArgumentError(f"rank: expected 0..{lay.dk}, got {rank}")
         total = float(lay.eigenvalues.sum())
-        return float(lay.eigenvalues[: int(rank)].sum() / total) if total > 0 else 0.0
+        return float(lay.eigenvalues[:rank].sum() / total) if total > 0 else 0.0
 
     # ---- file format ------------------------------------------------------------------------
 
@@ -270,7 +323,7 @@ class Calibration:
         }
         try:
             blob = json.dumps(header, sort_keys=True).encode("utf-8")
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # ValueError: a circular reference
             raise InvalidArgumentError(f"fingerprint: not JSON-serialisable ({e})") from None
         replace_file(path, lambda f: np.savez(f, header=np.frombuffer(blob, np.uint8), **arrays),
                      "path")
@@ -406,7 +459,7 @@ def _read_archive(z: zipfile.ZipFile, size: int):
         got = header.get("format") if isinstance(header, dict) else None
         raise CalibrationError(f"format is {got!r}, expected {FORMAT!r}")
     version = header.get("version")
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not 2.0, not True
         raise CalibrationError(f"format version {version!r} is not supported (this sals reads "
                                f"versions {', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("layers", "sha256", "fingerprint", "dtype"):
@@ -436,8 +489,12 @@ def _read_archive(z: zipfile.ZipFile, size: int):
         n = _count(meta["n_tokens"], f"layer {i}: n_tokens")
         if r > dk:
             raise CalibrationError(f"layer {i}: rank {r} > dk {dk}")
-        if meta.get("key_scale", False) not in (True, False) or (scaled[i] and version < 2):
-            raise CalibrationError(f"layer {i}: key_scale is {meta.get('key_scale')!r}")
+        if not isinstance(meta.get("key_scale", False), bool):  # not 0, 1 or 1.0
+            raise CalibrationError(f"layer {i}: key_scale is {meta.get('key_scale')!r}, "
+                                   f"expected true or false")
+        if scaled[i] and version < 2:
+            raise CalibrationError(f"layer {i}: key_scale in a format version {version} file "
+                                   f"(key scales came with version 2)")
         want = {f"eigenvalues_{i}": ((dk,), np.float64), f"eigenvectors_{i}": ((dk, r), np.float32)}
         if scaled[i]:
             want[f"key_scale_{i}"] = ((dk,), np.float32)

@@ -77,6 +77,43 @@ static void test_alignment_and_spans(void) {
   CHECK_ERR(sals_project(&huge, &tpr.t, &tout.t, NULL), INV, "x: strides span more than 2^48");
 }
 
+/* byte_offset beyond any tensor's reach, or an address range that wraps: refused, never
+ * dereferenced (the data pointers below are fake). */
+static void test_byte_offset_bounds(void) {
+  float x[4 * 16] = {0}, pr[16 * 8] = {0}, out[4 * 8];
+  tensor_t tx, tpr, tout;
+  tset(&tx, x, F32, 2, 4, 16, 0, 0);
+  tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
+  tset(&tout, out, F32, 2, 4, 8, 0, 0);
+  /* 2^48 floats in: the bound, accepted (empty tensors, so nothing is read). */
+  tx.shape[0] = tout.shape[0] = 0;
+  tx.t.byte_offset = ((uint64_t)1 << 48) * 4;
+  CHECK_OK(sals_project(&tx.t, &tpr.t, &tout.t, NULL));
+  tx.t.byte_offset += 4;
+  CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+            "x: byte_offset 1125899906842628 points past the data (more than 2^48 elements "
+            "beyond data)");
+  tx.shape[0] = tout.shape[0] = 4;
+  tx.t.byte_offset = UINT64_MAX - 3; /* data - 4 once the address wraps */
+  CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+            "x: byte_offset 18446744073709551612 points past the data");
+  tout.t.byte_offset = (uint64_t)1 << 62;
+  tx.t.byte_offset = 0;
+  CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+            "out: byte_offset 4611686018427387904 points past the data");
+  tout.t.byte_offset = 0;
+  /* Addresses that wrap: the last element past UINTPTR_MAX, or a negative stride below 0. */
+  tx.t.data = (void*)(UINTPTR_MAX - 255);
+  tx.t.byte_offset = 64;
+  CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+            "the strides reach outside the address space");
+  tx.t.data = (void*)(uintptr_t)64;
+  tx.t.byte_offset = 0;
+  tstride(&tx, -16, 1, 0, 0);
+  CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+            "x: data 0x40 + byte_offset 0 and the strides reach outside the address space");
+}
+
 static void test_empty_tensors_any_strides(void) {
   /* numpy exports empty arrays with zero strides; any strides describe no element. */
   float x[16], pr[16 * 8] = {0}, out[8];
@@ -501,6 +538,7 @@ static void test_two_threads(void) {
 
 int main(void) {
   test_alignment_and_spans();
+  test_byte_offset_bounds();
   test_empty_tensors_any_strides();
   test_outputs_need_distinct_elements();
   test_repeated_indices();

@@ -161,6 +161,76 @@ static void test_stateless_not_finite(void) {
   }
 }
 
+static sals_status_t create_unprojected(const sals_config_t* c, sals_cache_t** out) {
+  sals_rope_t rope = {g_inv_freq, 8, 1.0f, 0};
+  return sals_cache_create(c, &rope, NULL, out);
+}
+
+/* Config fields so large that sizes overflow or no device could hold the cache: refused, or
+ * out of memory, naming the fields responsible. */
+static void test_huge_config(void) {
+  /* No projection: a config the checks let through fails on it, reading no memory. */
+  sals_config_t c = good_config();
+  sals_cache_t* h = NULL;
+  c.max_batch = 1 << 20;
+  c.max_tokens = INT32_MAX;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.max_tokens: max_batch "
+            "1048576 * max_tokens 2147483647 token slots would take about");
+  c = good_config();
+  c.max_batch = 1 << 20;
+  c.n_recent = INT32_MAX - 1;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_sink, config.n_recent: "
+            "max_batch 1048576 * (n_sink 1 + n_recent 2147483646) exact window slots");
+  c.n_sink = 2;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.n_sink, config.n_recent: n_sink 2 + "
+            "n_recent 2147483646 is more than 2147483647");
+  c = good_config();
+  c.n_head_q = 1 << 30;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_head_q: max_batch 2 * "
+            "n_head_q 1073741824 query rows are more than 2147483647");
+  c.max_batch = 1;
+  c.n_head_q = 1 << 30;
+  c.head_dim = 1 << 16;
+  c.rank = c.score_rank = 1;
+  c.value_bits = 16;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_head_q, config.head_dim: "
+            "max_batch 1 * n_head_q 1073741824 query heads of head_dim 65536");
+  c = good_config();
+  c.head_dim = 1 << 24;
+  c.rank = 1 << 25;
+  c.score_rank = 1;
+  c.value_bits = 16;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.rank, config.n_head_kv, config.head_dim: a "
+            "projection of Dk 33554432 * rank 33554432");
+  c = good_config();
+  c.n_head_kv = 1 << 16;
+  c.n_head_q = 1 << 16;
+  c.head_dim = 1 << 8;
+  c.rank = 1 << 24;
+  c.score_rank = 1;
+  c.value_bits = 16;
+  c.max_batch = 1 << 13;
+  c.max_tokens = 1;
+  c.select_per_head = 1;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.rank, config.n_head_kv, "
+            "config.head_dim: max_batch 8192 * rank 16777216 * Dk 16777216 projection sums");
+  c = good_config();
+  c.n_head_kv = INT32_MAX / 2;
+  c.n_head_q = c.n_head_kv;
+  CHECK_ERR(create_unprojected(&c, &h), INV, "config.n_head_kv, config.head_dim: Dk = n_head_kv "
+            "1073741823 * head_dim 8 is more than 1073741823");
+  /* Below the bound, but a buffer of 2^49 bytes (val) exceeds every address space: out of
+   * memory, naming the part that made it so large. */
+  c = good_config();
+  c.max_batch = 1 << 13;
+  c.max_tokens = 1 << 30;
+  CHECK_ERR(create(&c, &h), SALS_ERR_OUT_OF_MEMORY, "config.max_batch, config.max_tokens: out "
+            "of host memory allocating the cache (");
+  CHECK(strstr(sals_last_error(), "the largest part is max_batch 8192 * max_tokens 1073741824 "
+                                  "token slots (about") != NULL, "%s", sals_last_error());
+  CHECK(h == NULL, "handle written on failure");
+}
+
 int main(void) {
   for (int i = 0; i < 16; ++i) g_eye[i * 16 + i] = 1.0f;
   CHECK(strcmp(sals_status_string(SALS_OK), "SALS_OK") == 0, "ok");
@@ -511,5 +581,6 @@ int main(void) {
     CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, NULL, NULL), INV, "out: is NULL");
   }
   test_stateless_not_finite();
+  test_huge_config();
   return finish();
 }

@@ -300,6 +300,27 @@ def test_misaligned_byte_offset():
                                base[2:34].reshape(4, 8) @ proj8(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [2**50 + 4, 2**62, 2**64 - 4])
+def test_byte_offset_past_the_data(offset):
+    """byte_offset was unbounded: 2^64 - 4 wrapped to the float before the array (read
+    silently), larger ones read or wrote far past it. Now refused, naming the argument."""
+    base = f32(40)
+    x = Lying(base, shape=(4, 8), strides=None, byte_offset=offset)
+    with pytest.raises(sals.InvalidArgumentError,
+                       match=rf"^x: byte_offset {offset} points past the data \(more than 2\^48 "
+                             r"elements beyond data\)$"):
+        sals.project(x, proj8())
+    cache = make()
+    k = Lying(f32(1, 3, HKV, D), byte_offset=offset)
+    with pytest.raises(sals.InvalidArgumentError, match=rf"^k: byte_offset {offset} points past"):
+        cache.append(k, f32(1, 3, HKV, D), pos(1, 3))
+    positions = Lying(pos(1, 3), byte_offset=offset)
+    with pytest.raises(sals.InvalidArgumentError,
+                       match=rf"^positions: byte_offset {offset} points past"):
+        cache.append(f32(1, 3, HKV, D), f32(1, 3, HKV, D), positions)
+    np.testing.assert_array_equal(cache.lengths(), [0] * cache.config.max_batch)
+
+
 def test_sparse_attention_refuses_repeated_indices():
     q, k, v = f32(1, 4, 8), f32(1, 5, 2, 8), f32(1, 5, 2, 8)
     with pytest.raises(sals.InvalidArgumentError, match=r"^idx\[0, 0, 2\]: token 3 appears twice"):

@@ -1,5 +1,8 @@
 """sals.LayerCache against plain dense attention and the float64 SALS reference."""
 
+import math
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -212,6 +215,54 @@ def test_ragged_batch_equals_per_sequence():
         idx_s, count_s = single.selected()
         assert count_b[i] == count_s[0]
         assert set(idx_b[i, 0][idx_b[i, 0] >= 0]) == set(idx_s[0, 0][idx_s[0, 0] >= 0])
+
+
+def _selected_as_before(cache):
+    """selected() as it was: a [B, H, max_tokens] buffer, trimmed to the largest count."""
+    cfg = cache.config
+    heads = cfg.n_head_kv if cfg.select_per_head else 1
+    b = max(cache._last_batch, 1)
+    idx, count = np.empty((b, heads, cfg.max_tokens), np.int32), np.empty(b, np.int32)
+    cache._c.selected(idx, count, None)
+    return np.ascontiguousarray(idx[:, :, :int(count.max())]), count
+
+
+@pytest.mark.parametrize("fields", [dict(select_per_head=True), dict(budget_tokens=7),
+                                    dict(budget_frac=0.1), dict(dense=True)])
+def test_selected_allocates_what_the_answer_needs(fields):
+    """selected() sized its buffer by max_tokens (256 MiB per call on a long-context model);
+    it now allocates about the answer, whose values are those of the old buffer."""
+    rng = np.random.default_rng(19)
+    hq, hkv, d, b, max_tokens = 4, 4, 8, 2, 1 << 20
+    cfg = sals.Config(hq, hkv, d, rank=16, dtype="float32", max_batch=b,
+                      max_tokens=max_tokens, n_sink=4, n_recent=8, **fields)
+    cache = sals.LayerCache(cfg, rope_for(d), orthonormal(rng, hkv * d, 16))
+    lens = [300, 41]  # ragged: the second sequence is left-padded
+    pos = np.full((b, 300), -1, np.int32)
+    for i, n in enumerate(lens):
+        pos[i, 300 - n:] = np.arange(n)
+    k = rng.standard_normal((b, 300, hkv, d)).astype(np.float32)
+    cache.append(k, k, pos)
+    cache.attend(rng.standard_normal((b, 1, hq, d)).astype(np.float32),
+                 np.array([[299], [40]], np.int32))
+    # The same answer after more tokens arrive (the selection was made at shorter lengths).
+    for more in (0, 5):
+        cache.append(k[:, :more], k[:, :more], pos[:, -1:] + 1 + np.arange(more, dtype=np.int32))
+        tracemalloc.start()
+        idx, count = cache.selected()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        old_idx, old_count = _selected_as_before(cache)
+        np.testing.assert_array_equal(count, old_count)
+        np.testing.assert_array_equal(idx, old_idx)
+        assert peak < 64 * 1024, f"selected() allocated {peak} bytes"  # before: 32 MiB
+    if not cfg.dense:
+        frac = float(np.float32(cfg.budget_frac))  # the library's float32 field, in double
+        assert count.tolist() == [min(cfg.budget_tokens or math.ceil(frac * n), n - 12)
+                                  for n in lens]
+    cache.reset()
+    idx, count = cache.selected()
+    assert idx.shape == (b, hkv if cfg.select_per_head else 1, 0) and count.tolist() == [0, 0]
 
 
 def test_padding_query_row_is_zero():

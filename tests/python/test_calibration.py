@@ -222,6 +222,104 @@ def test_bad_calibrator_input():
         cal.finish(rank=2, fingerprint={"f": object()}).save("/dev/null/x")
 
 
+def _ragged():
+    return [[1.0] * 8, [1.0] * 7]
+
+
+_CIRCULAR = {}
+_CIRCULAR["self"] = _CIRCULAR
+
+# (call on a Calibrator([8, 8]) holding 20 keys per layer, the argument's name in the error).
+# Each used to raise a bare ValueError or TypeError (or, where noted, to coerce silently).
+_MISUSE = {
+    "update-layer-str": (lambda c: c.update("a", np.ones((2, 8))), "layer"),
+    "update-layer-none": (lambda c: c.update(None, np.ones((2, 8))), "layer"),
+    "update-layer-float": (lambda c: c.update(1.5, np.ones((2, 8))), "layer"),  # was layer 1
+    "update-layer-bool": (lambda c: c.update(True, np.ones((2, 8))), "layer"),  # was layer 1
+    "update-keys-ragged": (lambda c: c.update(0, _ragged()), "keys"),
+    "update-energy-ragged": (lambda c: c.update(0, np.ones((2, 8)), _ragged()), "query_energy"),
+    "update-keys-overflow": (lambda c: c.update(0, np.full((2, 8), 1e200)), "keys"),
+    "update-energy-overflow": (lambda c: c.update(0, np.ones((2, 8)), np.full((2, 8), 1e308)),
+                               "query_energy"),
+    "finish-rank-str": (lambda c: c.finish(rank="2"), "rank"),  # was rank 2
+    "finish-rank-float": (lambda c: c.finish(rank=2.5), "rank"),  # was rank 2
+    "finish-rank-frac-str": (lambda c: c.finish(rank_frac="0.5"), "rank_frac"),
+    "finish-energy-bool": (lambda c: c.finish(energy=True), "energy"),  # was energy 1
+    "finish-query-weight-str": (lambda c: c.finish(rank=2, query_weight="1"), "query_weight"),
+    "finish-query-weight-none": (lambda c: c.finish(rank=2, query_weight=None), "query_weight"),
+    "finish-fingerprint-str": (lambda c: c.finish(rank=2, fingerprint="model"), "fingerprint"),
+    "finish-fingerprint-list": (lambda c: c.finish(rank=2, fingerprint=[1]), "fingerprint"),
+    "finish-fingerprint-circular": (lambda c: c.finish(rank=2, fingerprint=_CIRCULAR),
+                                    "fingerprint"),
+    "finish-data-int": (lambda c: c.finish(rank=2, data=5), "data"),  # was "5"
+    "projection-layer-str": (lambda c: c.finish(rank=2).projection("0"), "layer"),
+    "projection-rank-str": (lambda c: c.finish(rank=2).projection(0, "a"), "rank"),
+    "energy-rank-str": (lambda c: c.finish(rank=2).energy(0, "a"), "rank"),
+}
+
+
+@pytest.mark.parametrize("name", _MISUSE)
+def test_calibrator_misuse_names_the_argument(name):
+    call, arg = _MISUSE[name]
+    rng = np.random.default_rng(0)
+    cal = sals.Calibrator([8, 8])
+    for layer in range(2):
+        cal.update(layer, rng.standard_normal((20, 8)), rng.random((20, 8)))
+    before = cal.finish(rank=3, query_weight=1.0)
+    with pytest.raises(sals.InvalidArgumentError, match=rf"^{arg}: "):
+        call(cal)
+    after = cal.finish(rank=3, query_weight=1.0)  # a refused update changed nothing
+    assert [lay.n_tokens for lay in after.layers] == [20, 20]
+    for i in range(2):
+        np.testing.assert_array_equal(after.projection(i), before.projection(i))
+        np.testing.assert_array_equal(after.key_scale(i), before.key_scale(i))
+
+
+@pytest.mark.parametrize("dk_per_layer,arg", [
+    (8, "dk_per_layer"), ("88", "dk_per_layer"), (None, "dk_per_layer"),
+    (["a"], r"dk_per_layer\[0\]"), ([8, None], r"dk_per_layer\[1\]"),
+    ([8, 8.5], r"dk_per_layer\[1\]"), ([0], r"dk_per_layer\[0\]"),
+])
+def test_calibrator_dk_per_layer(dk_per_layer, arg):
+    with pytest.raises(sals.InvalidArgumentError, match=rf"^{arg}: "):
+        sals.Calibrator(dk_per_layer)
+
+
+@pytest.mark.parametrize("dk", [2**24, 2**31 - 1])  # 2 PiB of sums; more than numpy addresses
+def test_calibrator_too_large_for_memory(dk):
+    with pytest.raises(sals.OutOfMemoryError, match=rf"^dk_per_layer\[1\]: no memory for the "
+                                                    rf"{dk} x {dk} float64 sums of layer 1$"):
+        sals.Calibrator([8, dk])
+
+
+def test_calibrator_integer_torch_keys_are_refused():
+    torch = pytest.importorskip("torch")
+    cal = sals.Calibrator([8])
+    for bad in (torch.ones(3, 8, dtype=torch.int64), torch.ones(3, 8, dtype=torch.complex64)):
+        with pytest.raises(sals.InvalidArgumentError, match="^keys: expected a float dtype"):
+            cal.update(0, bad)  # was converted by .float(): ints accepted, imaginary parts lost
+    with pytest.raises(sals.CalibrationError, match="layer 0: no keys"):
+        cal.finish(rank=2)
+
+
+def test_finish_again_and_update_after_finish():
+    """Not misuse: finish leaves the sums as they are, so it can be called again and more keys
+    can follow it."""
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((60, 8))
+    cal = sals.Calibrator([8])
+    cal.update(0, k[:30])
+    first = cal.finish(rank=3)
+    np.testing.assert_array_equal(cal.finish(rank=3).projection(0), first.projection(0))
+    assert cal.finish(rank_frac=0.5).layers[0].rank == 4
+    cal.update(0, k[30:])
+    whole = sals.Calibrator([8])
+    whole.update(0, k)
+    assert cal.finish(rank=3).layers[0].n_tokens == 60
+    np.testing.assert_allclose(cal.finish(rank=3).layers[0].eigenvalues,
+                               whole.finish(rank=3).layers[0].eigenvalues, rtol=1e-12)
+
+
 def test_torch_keys():
     torch = pytest.importorskip("torch")
     k = torch.randn(100, 16, dtype=torch.bfloat16, requires_grad=False)

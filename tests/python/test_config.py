@@ -44,6 +44,38 @@ def test_cache_reports_the_resolved_config():
         assert (cache._c.config()["key_bits"], cache._c.config()["key_group"]) == (4, 8)
 
 
+_HUGE_IDS = ["tokens", "window-sum", "window", "rows", "oom"]
+
+
+@pytest.mark.parametrize("fields,error,message", ids=_HUGE_IDS, argvalues=[
+    (dict(max_batch=2**20, max_tokens=2**31 - 1), sals.InvalidArgumentError,
+     r"^config\.max_batch, config\.max_tokens: max_batch 1048576 \* max_tokens 2147483647 token "
+     r"slots would take about [\d.]+e\+17 bytes, more than the 2\^52"),
+    (dict(n_sink=2**30, n_recent=2**30), sals.InvalidArgumentError,
+     r"^config\.n_sink, config\.n_recent: n_sink 1073741824 \+ n_recent 1073741824 is more than "
+     r"2147483647$"),
+    (dict(max_batch=2**20, n_sink=2**30), sals.InvalidArgumentError,
+     r"^config\.max_batch, config\.n_sink, config\.n_recent: max_batch 1048576 \* \(n_sink "
+     r"1073741824 \+ n_recent 64\) exact window slots would take about"),
+    (dict(n_head_q=2**30, max_batch=2), sals.InvalidArgumentError,
+     r"^config\.max_batch, config\.n_head_q: max_batch 2 \* n_head_q 1073741824 query rows are "
+     r"more than 2147483647$"),
+    # Within the bound, but its 2^49-byte value store exceeds every address space.
+    (dict(max_batch=2**13, max_tokens=2**30), sals.OutOfMemoryError,
+     r"^config\.max_batch, config\.max_tokens: out of host memory allocating the cache \(\d+ "
+     r"bytes\); the largest part is max_batch 8192 \* max_tokens 1073741824 token slots "
+     r"\(about [\d.]+e\+15 bytes\)$"),
+])
+def test_huge_fields_are_named(fields, error, message):
+    """Sizes that overflow, or that no device could hold, were an out-of-memory error naming no
+    field; now the fields responsible are named."""
+    cfg = sals.Config(**(dict(n_head_q=4, n_head_kv=2, head_dim=8, rank=16, dtype="float32")
+                         | fields))
+    proj = np.eye(16, dtype=np.float32)
+    with pytest.raises(error, match=message):
+        sals.LayerCache(cfg, sals.Rope.default(8), proj)
+
+
 def test_rope_inputs():
     torch = pytest.importorskip("torch")
     r = sals.Rope(torch.tensor([1.0, 0.5], requires_grad=True), attention_scaling=2.0,

@@ -678,6 +678,29 @@ def test_config_and_cache_creation(data):
         assert re.search(r"config\.|projection|rope|" + "|".join(names), str(e)), str(e)
 
 
+@FUZZ
+@given(st.data())
+def test_huge_config_fields(data):
+    """int32 sizes too large to allocate, or whose products overflow: the cache is made, or
+    creation fails (refused or out of memory) naming config fields, one of them a huge one."""
+    fields = {"n_head_q": 4, "n_head_kv": 2, "head_dim": 8, "rank": 16, "max_tokens": 8,
+              "max_batch": 1, "dtype": "float32"}
+    big = st.integers(2**20, 2**31 - 1)
+    # max_batch at most 2^20: a cache that did allocate has its lengths zeroed (4 B each).
+    sizes = {"max_tokens": big, "n_sink": big, "n_recent": big, "n_head_q": big,
+             "max_batch": st.integers(2**10, 2**20)}
+    huge = data.draw(st.lists(st.sampled_from(sorted(sizes)), min_size=1, max_size=3, unique=True))
+    for name in huge:
+        fields[name] = data.draw(sizes[name])
+    cfg = sals.Config(**fields)
+    try:
+        sals.LayerCache(cfg, sals.Rope.default(8), np.eye(16, dtype=np.float32)).close()
+    except (sals.InvalidArgumentError, sals.OutOfMemoryError) as e:
+        named = re.match(r"^(config\.\w+(?:, config\.\w+)*): ", str(e))
+        assert named, str(e)
+        assert set(huge) & {f[len("config."):] for f in named[1].split(", ")}, (huge, str(e))
+
+
 def inv_freq_values():
     return st.one_of(
         st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=4),

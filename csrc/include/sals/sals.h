@@ -19,8 +19,10 @@
  *     message naming the argument ("k: expected 4 dims, got 3"); nothing is modified.
  *   - Tensors are DLTensor views (strides count elements, NULL strides = compact). The last
  *     dimension must be contiguous (stride 1); other dimensions may have any stride, with a
- *     span below 2^48 elements. data + byte_offset must be aligned to the element size. A
- *     tensor without elements (an extent 0) is accepted whatever its strides and data.
+ *     span below 2^48 elements. data + byte_offset must be aligned to the element size;
+ *     byte_offset is at most 2^48 elements, and no element's address may wrap around the
+ *     address space. A tensor without elements (an extent 0) is accepted whatever its strides
+ *     and data.
  *     Accepted float dtypes: float32, float16, bfloat16 (arithmetic accumulates in float32).
  *     Index tensors are int32.
  *   - Outputs: every element must have its own memory (no zero strides or overlapping rows on
@@ -216,6 +218,9 @@ typedef struct sals_cache sals_cache_t;
  *   Dk rank^2); tol = 1e-3 for float32, 2^-9 for float16 and 2^-6 for bfloat16 projections
  *   (4 units of their roundoff, which rounding an orthonormal matrix stays within).
  * rope: copied. Creation synchronises the device (it is not on the hot path).
+ * A config whose sizes would pass 2^52 bytes (or whose counts overflow int32) fails with
+ * SALS_ERR_INVALID_ARGUMENT, and a failed allocation with SALS_ERR_OUT_OF_MEMORY; both messages
+ * name the config fields that make the cache large ("config.max_batch, config.max_tokens: ...").
  * On success *out owns the cache: release it with sals_cache_destroy.
  */
 SALS_API sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* rope,
