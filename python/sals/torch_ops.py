@@ -62,7 +62,16 @@ def order_tensor(device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+def _tensors(**named) -> None:
+    """Every argument a tensor: torch's dispatcher lets None through for a Tensor argument,
+    which would otherwise fail inside an operator with an AttributeError."""
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
 def _cache(h: torch.Tensor) -> LayerCache:
+    _tensors(cache=h)
     if h.dtype != torch.int64 or h.numel() != 1 or h.device.type != "cpu":
         raise InvalidArgumentError(
             f"cache: expected a handle of sals.torch_ops.handle (one int64 on the cpu), got "
@@ -86,11 +95,13 @@ def _on_device(x: torch.Tensor):
 
 
 def _append(k, v, positions, order, cache):
+    _tensors(k=k, v=v, positions=positions, cache=cache)
     with _on_device(k):
         _cache(cache).append(k, v, positions)
 
 
 def _attend(q, positions, order, cache):
+    _tensors(q=q, positions=positions, cache=cache)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     with _on_device(q):
         return _cache(cache).attend(q, positions, out=out)
@@ -103,9 +114,10 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("sals::cache_append")
 def _append_fake(k, v, positions, order, cache):
-    return None
+    _tensors(k=k, v=v, positions=positions, cache=cache)
 
 
 @torch.library.register_fake("sals::cache_attend")
 def _attend_fake(q, positions, order, cache):
+    _tensors(q=q, positions=positions, cache=cache)
     return q.new_empty(q.shape)
