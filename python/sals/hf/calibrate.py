@@ -191,6 +191,24 @@ def cache_dir() -> str:
                                                              "sals")
 
 
+def cached_path(model, n_tokens: int = 4096, seq_len: int = 1024, source: str = "stdlib",
+                rank_frac: float = 0.25, query_weight: float = QUERY_WEIGHT) -> str:
+    """Where :func:`cached_calibration` keeps the calibration of ``model`` with these arguments
+    (whether or not it is there yet): in :func:`cache_dir`, a file name that carries the
+    model's weight digest, the source, the rank fraction, the query weight and the token
+    count."""
+    if source not in ("stdlib", "debian-docs"):
+        raise InvalidArgumentError(
+            f"source: expected 'stdlib' or 'debian-docs' for a cached calibration, got {source!r}")
+    extra = "" if source == "stdlib" else f"-{source}"
+    extra += "" if rank_frac == 0.25 else f"-r{rank_frac:g}"
+    extra += f"-qw{query_weight:g}"
+    fp = _arch.fingerprint(model)
+    name = (f"{fp['model_type']}-{fp['weights_sha256'][:16]}{extra}-{n_tokens}tok-{seq_len}"
+            f".salscal")
+    return os.path.join(cache_dir(), name)
+
+
 def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 1024,
                        progress: bool = True, source: str = "stdlib",
                        rank_frac: float = 0.25, query_weight: float = QUERY_WEIGHT,
@@ -199,18 +217,9 @@ def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 10
     ``source`` (``sals.hf.corpus.calibration_text``: "stdlib", the default, or "debian-docs")
     keeping ``rank_frac * Dk`` directions (default Dk/4; 1.0 for ``preset="auto"``) with
     ``query_weight`` (see :func:`calibrate`), from :func:`cache_dir`, computed and saved there
-    first when missing or unreadable. The file name carries the model's weight digest, the
-    source, the rank fraction, the query weight and the token count."""
+    first when missing or unreadable (:func:`cached_path` says where)."""
     fp = _arch.fingerprint(model)
-    extra = "" if source == "stdlib" else f"-{source}"
-    extra += "" if rank_frac == 0.25 else f"-r{rank_frac:g}"
-    extra += f"-qw{query_weight:g}"
-    if source not in ("stdlib", "debian-docs"):
-        raise InvalidArgumentError(
-            f"source: expected 'stdlib' or 'debian-docs' for a cached calibration, got {source!r}")
-    name = (f"{fp['model_type']}-{fp['weights_sha256'][:16]}{extra}-{n_tokens}tok-{seq_len}"
-            f".salscal")
-    path = os.path.join(cache_dir(), name)
+    path = cached_path(model, n_tokens, seq_len, source, rank_frac, query_weight)
     if os.path.isfile(path):
         try:
             return Calibration.load(path, fingerprint=fp), path, False

@@ -16,6 +16,7 @@ import sys
 import time
 
 from .. import Calibration, _cli
+from ..calibration import MAX_QUERY_WEIGHT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,16 +34,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="GGUF file name inside the --model directory")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="calibration file to write (its directory must exist)")
-    p.add_argument("--tokens", type=int, default=16384, metavar="N",
+    p.add_argument("--tokens", type=_cli.number(int, 1), default=16384, metavar="N",
                    help="calibration tokens")
-    p.add_argument("--seq-len", type=int, default=1024, metavar="L",
+    p.add_argument("--seq-len", type=_cli.number(int, 1), default=1024, metavar="L",
                    help="tokens per calibration sequence, each one a forward pass from "
                         "position 0")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--rank-frac", type=float, metavar="F",
+    rule.add_argument("--rank-frac", type=_cli.number(float, 0, 1, above=True), metavar="F",
                       help="keep rank = F * Dk per layer (default 0.25: serves sals-25 and "
                            "sals-12.5)")
-    rule.add_argument("--energy", type=float, metavar="E",
+    rule.add_argument("--energy", type=_cli.number(float, 0, 1, above=True), metavar="E",
                       help="keep the fewest directions holding this fraction of key energy "
                            "(e.g. 0.99)")
     p.add_argument("--text", metavar="FILE",
@@ -50,10 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("stdlib", "debian-docs"),
                    help="built-in text instead of --text: 'stdlib' docstrings (the default) or "
                         "'debian-docs' (python3.11-doc and debian-reference-en, when installed)")
-    p.add_argument("--query-weight", type=float, default=None, metavar="ALPHA",
+    p.add_argument("--query-weight", type=_cli.number(float, 0, MAX_QUERY_WEIGHT), default=None,
+                   metavar="ALPHA",
                    help="weight the projection by the queries' energy per key dimension "
                         "(default 0: plain PCA of the keys; 1 is query-weighted; see sals.calibration)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_cli.device,
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
