@@ -28,12 +28,10 @@ import pytest
 pytest.importorskip("hypothesis")
 import sals.__main__ as entry
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from fuzz import FUZZ
 
-FUZZ = settings(max_examples=int(os.environ.get("SALS_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 _TMP = tempfile.TemporaryDirectory(prefix="sals-fuzz-cli-")
 MODEL_DIR = os.path.join(_TMP.name, "model")

@@ -39,12 +39,10 @@ import torch
 from sals.hf import calibrate
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
+from fuzz import FUZZ
 
-FUZZ = settings(max_examples=int(os.environ.get("SALS_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 _TMP = tempfile.TemporaryDirectory(prefix="sals-fuzz-patch-")
 

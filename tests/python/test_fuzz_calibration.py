@@ -33,13 +33,11 @@ import pytest
 
 pytest.importorskip("hypothesis")
 import sals
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from fuzz import FUZZ
 from sals.calibration import MAX_QUERY_WEIGHT, Calibration, Layer, _digest
 
-FUZZ = settings(max_examples=int(os.environ.get("SALS_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ---- random valid calibrations --------------------------------------------------------------

@@ -27,8 +27,9 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 import sals
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from fuzz import FUZZ
 from lying import NULL, Lying, Raises, Returns
 from reference import attention, dequantize, rope
 
@@ -37,9 +38,6 @@ try:
 except ImportError:  # torch is optional: its mutations are skipped
     torch = None
 
-FUZZ = settings(max_examples=int(os.environ.get("SALS_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ---- mutations ----------------------------------------------------------------------------

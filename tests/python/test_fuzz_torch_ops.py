@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import re
 
 import numpy as np
@@ -31,14 +30,12 @@ import pytest
 pytest.importorskip("hypothesis")
 torch = pytest.importorskip("torch")
 import sals
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
+from fuzz import FUZZ
 
 torch_ops = pytest.importorskip("sals.torch_ops")
 
-FUZZ = settings(max_examples=int(os.environ.get("SALS_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 HQ, HKV, D = 4, 2, 8
 DK = HKV * D
