@@ -336,6 +336,11 @@ static void free_host(sals_cache_t* c) {
   free(c);
 }
 
+sals_status_t sals_config_check(const sals_config_t* config) {
+  if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
+  return check_config(config);
+}
+
 /* The backend's out-of-memory error, led by the config fields of the cache's largest part. */
 static sals_status_t name_largest_part(const sals_config_t* g) {
   char backend[256];

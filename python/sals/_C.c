@@ -1208,12 +1208,22 @@ static PyObject* mod_cuda_available(PyObject* Py_UNUSED(m), PyObject* Py_UNUSED(
   return PyBool_FromLong(r);
 }
 
+static PyObject* mod_config_check(PyObject* Py_UNUSED(m), PyObject* cfg_obj) {
+  sals_config_t cfg;
+  if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+  const sals_status_t st = sals_config_check(&cfg);
+  if (st != SALS_OK) return raise_status(st);
+  Py_RETURN_NONE;
+}
+
 #define KW(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
 static PyMethodDef module_methods[] = {
     {"version", mod_version, METH_NOARGS, "version() -> str: sals_version()."},
     {"abi_version", mod_abi_version, METH_NOARGS, "abi_version() -> int: sals_abi_version()."},
     {"cuda_available", mod_cuda_available, METH_NOARGS,
      "cuda_available() -> bool: sals_cuda_available()."},
+    {"config_check", mod_config_check, METH_O,
+     "config_check(config: dict): sals_config_check (the checks of Cache() on the config)."},
     {"describe", mod_describe, METH_VARARGS,
      "describe(x, name='x') -> (device_type, device_id, dtype name or None, shape, read_only)."},
     {"project", KW(mod_project), "project(x, proj, out, stream=None): sals_project."},

@@ -17,7 +17,8 @@ import numpy as np
 from . import _C
 from .errors import InvalidArgumentError, OutOfMemoryError, SalsError, UnsupportedError
 
-_KDLCPU, _KDLCUDA = 1, 2
+#: DLPack device types (DLDeviceType) of the devices sals runs on
+KDLCPU, KDLCUDA = 1, 2
 
 
 def _torch_tensor(x) -> bool:
@@ -38,7 +39,7 @@ class Tensor:
 
     @property
     def is_cuda(self) -> bool:
-        return self.device[0] == _KDLCUDA
+        return self.device[0] == KDLCUDA
 
 
 #: the most elements (and the largest extent) a tensor may have, as in libsals
@@ -66,7 +67,7 @@ def _describe(x, name: str) -> Tensor:
             x = x.detach()
         dev = x.device
         if dev.type in ("cuda", "cpu"):
-            device = (_KDLCUDA, dev.index or 0) if dev.type == "cuda" else (_KDLCPU, 0)
+            device = (KDLCUDA, dev.index or 0) if dev.type == "cuda" else (KDLCPU, 0)
         else:
             try:
                 device = tuple(x.__dlpack_device__())
@@ -76,7 +77,7 @@ def _describe(x, name: str) -> Tensor:
         return Tensor(x, "torch", tuple(x.shape), str(x.dtype).replace("torch.", ""), device,
                       name)
     if isinstance(x, np.ndarray):
-        return Tensor(x, "numpy", x.shape, x.dtype.name, (_KDLCPU, 0), name)
+        return Tensor(x, "numpy", x.shape, x.dtype.name, (KDLCPU, 0), name)
     if hasattr(x, "__dlpack__"):
         dev_type, dev_id, dtype, shape, _ = _C.describe(x, name)
         return Tensor(x, "dlpack", shape, dtype or "unknown", (dev_type, dev_id), name)
@@ -84,7 +85,7 @@ def _describe(x, name: str) -> Tensor:
         arr = _array(x, name)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
-        return Tensor(arr, "numpy", arr.shape, arr.dtype.name, (_KDLCPU, 0), name)
+        return Tensor(arr, "numpy", arr.shape, arr.dtype.name, (KDLCPU, 0), name)
     raise InvalidArgumentError(
         f"{name}: expected a tensor (numpy, torch or any DLPack producer), got "
         f"{type(x).__name__}")
@@ -129,7 +130,7 @@ def empty(like: Tensor, shape, dtype: str):
             return torch.empty(shape, dtype=getattr(torch, dtype), device=like.obj.device)
         if like.framework == "numpy" and dtype != "bfloat16":
             return np.empty(shape, dtype=dtype)
-        if like.device[0] != _KDLCPU:
+        if like.device[0] != KDLCPU:
             raise UnsupportedError(
                 f"{like.name}: cannot allocate an output on device {like.device} for a "
                 f"{type(like.obj).__name__} input: pass out=")

@@ -16,23 +16,20 @@ from .errors import InvalidArgumentError, SalsError, UnsupportedError
 _APPEND_NAMES = {"pos": "positions"}
 _ATTEND_NAMES = {"q_pos": "positions"}
 
-_KDLCPU, _KDLCUDA = 1, 2
-
-
 def _parse_device(device) -> tuple[int, int]:
     """"cpu", "cuda", "cuda:N" or a torch.device -> DLPack (device_type, device_id)."""
     text = str(device)
     if text == "cpu":
-        return _KDLCPU, 0
+        return _t.KDLCPU, 0
     if text == "cuda":
         # torch's current device when torch can see one; otherwise the library reports the
         # missing GPU or CUDA build itself.
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
-            return _KDLCUDA, torch.cuda.current_device()
-        return _KDLCUDA, 0
+            return _t.KDLCUDA, torch.cuda.current_device()
+        return _t.KDLCUDA, 0
     if text.startswith("cuda:") and text[5:].isdigit():
-        return _KDLCUDA, int(text[5:])
+        return _t.KDLCUDA, int(text[5:])
     raise InvalidArgumentError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
@@ -135,7 +132,7 @@ class LayerCache:
 
     def _host_int32(self, shape):
         """An int32 buffer the library can write for this cache's device (numpy on the CPU)."""
-        if self._device[0] == _KDLCPU:
+        if self._device[0] == _t.KDLCPU:
             return np.empty(shape, np.int32)
         torch = sys.modules.get("torch")
         if torch is None:
@@ -205,7 +202,7 @@ class LayerCache:
 
     def _stream(self):
         torch = sys.modules.get("torch")
-        if self._device[0] == _KDLCUDA and torch is not None:
+        if self._device[0] == _t.KDLCUDA and torch is not None:
             return torch.cuda.current_stream(self._device[1]).cuda_stream
         return None
 

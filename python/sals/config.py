@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _args
+from . import _C, _args
+from ._tensors import KDLCPU
 from .errors import InvalidArgumentError
 
 #: storage dtype names and their ``sals_dtype_t`` values
@@ -133,6 +134,13 @@ class Config:
                           n_recent=64)
         fields.update(overrides)
         return cls(n_head_q, n_head_kv, head_dim, **fields)
+
+    def check(self) -> None:
+        """Check every value and relation as making a cache does (``sals_config_check``:
+        ranges, ``n_head_q`` a multiple of ``n_head_kv``, ``rank <= Dk``, groups dividing their
+        dimensions, size limits), without making one: InvalidArgumentError naming the field.
+        The device is checked when a cache is made."""
+        _C.config_check(self._to_c(KDLCPU, 0))
 
     def _to_c(self, device_type: int, device_id: int) -> dict:
         """The dict sals._C.Cache reads (``sals_config_t`` fields); the C library validates

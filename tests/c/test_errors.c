@@ -23,6 +23,7 @@ static sals_status_t create(const sals_config_t* c, sals_cache_t** out) {
     sals_cache_t* h_ = NULL;                                    \
     CHECK_ERR(create(&c_, &h_), INV, needle);                   \
     CHECK(h_ == NULL, "handle written on failure");             \
+    CHECK_ERR(sals_config_check(&c_), INV, needle);             \
   } while (0)
 
 
@@ -280,6 +281,11 @@ int main(void) {
     CHECK_OK(create(&c, &h));
     sals_cache_destroy(h);
     h = NULL;
+  }
+  {
+    const sals_config_t good = good_config();
+    CHECK_OK(sals_config_check(&good));
+    CHECK_ERR(sals_config_check(NULL), INV, "config: is NULL");
   }
   BAD_FIELD(n_sink, -1, "config.n_sink");
   BAD_FIELD(n_recent, -2, "config.n_recent");

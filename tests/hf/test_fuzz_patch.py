@@ -14,10 +14,8 @@ another model. The property:
   model is left as it was: unpatched, its logits unchanged bit for bit;
 - nothing else: no TypeError, no crash.
 
-Known gap, outside this suite's files (issue 21, item 8), pinned by a strict xfail below so
-that its fix shows: an out-of-range ``sals.Config`` value (``n_sink=-1``) is accepted by
-``patch`` and refused, naming it, only when the first cache is made (the property checks
-that). The fuzz keeps to the documented behaviour around them.
+An out-of-range ``sals.Config`` value (``n_sink=-1``) is refused by ``patch`` itself, naming
+the field, not when the first cache is made.
 
 Examples: SALS_FUZZ_EXAMPLES (default 100; a few seconds on two cores, with torch on one
 thread for the module: the tiny models gain nothing from a second one), derandomized.
@@ -132,10 +130,9 @@ def _calibration(s, label):
 @st.composite
 def patch_options(draw, s):
     """(kwargs, {option: verdict}): a valid set of options, then up to two of them broken.
-    Verdicts: "ok"; "type" (a wrong kind, or out of range where patch checks the range);
-    "combo" (right alone, wrong with the others: kv_fraction without the auto preset, a preset
-    below full rank without a calibration, ...); "first_use" (out of range, refused when the
-    first cache is made)."""
+    Verdicts: "ok"; "type" (a wrong kind, or out of range); "combo" (right alone, wrong with
+    the others: kv_fraction without the auto preset, a preset below full rank without a
+    calibration, ...)."""
     n_layers = s["n_layers"]
     kw, verdicts = {}, {}
     # ---- a valid set ----
@@ -189,7 +186,6 @@ def patch_options(draw, s):
             if label == "corrupt":
                 verdicts[s["corrupt"]] = "type"
         elif what == "dense_layers":
-            # known: a bare int raises TypeError (xfail below)
             kw["dense_layers"] = draw(st.sampled_from(
                 [[n_layers], [-1], [0.5], [True], ["0"], "01", [np.float64(1)], [0, None]]))
             verdicts["dense_layers"] = "type"
@@ -205,11 +201,9 @@ def patch_options(draw, s):
         elif what == "field":
             name = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
             _, junk, out = CONFIG_FIELDS[name]
-            if preset == "auto" and name in ("n_sink", "n_recent"):
-                junk = None  # known: the auto preset raises TypeError on junk there (xfail)
             options = [junk.map(lambda v: (v, "type"))] if junk is not None else []
             if out is not None:
-                options.append(out.map(lambda v: (v, "first_use")))  # known (xfail below)
+                options.append(out.map(lambda v: (v, "type")))
             kw[name], verdicts[name] = draw(st.one_of(options))
             if preset == "auto" and name in AUTO_CHOSEN:
                 verdicts[name] = "combo"  # chosen per layer by the auto preset
@@ -252,18 +246,13 @@ def test_patch_options(data):
     model = s["model"]
     kw, verdicts = data.draw(patch_options(s))
     bad = [n for n, v in verdicts.items() if v in ("type", "combo")]
-    first_use = [n for n, v in verdicts.items() if v == "first_use"]
-    event("refused" if bad else "refused at the first cache" if first_use else
-          f"patched and generated ({kw.get('preset', 'sals-25')})")
+    event("refused" if bad else f"patched and generated ({kw.get('preset', 'sals-25')})")
     if bad:
         with pytest.raises(sals.SalsError) as e:
             sals.hf.patch(model, **kw)
         msg = str(e.value)
-        # a file is named by its path; known: an unknown preset's error names Config.preset's
-        # parameter `name` (xfail below)
-        patterns = [re.escape(n) if os.path.isabs(n) else
-                    r"\b(preset|name)\b" if n == "preset" else rf"\b{re.escape(n)}\b"
-                    for n in bad]
+        # a file is named by its path
+        patterns = [re.escape(n) if os.path.isabs(n) else rf"\b{re.escape(n)}\b" for n in bad]
         assert any(re.search(p, msg) for p in patterns), \
             f"error does not name any of {bad} ({kw}): {type(e.value).__name__}: {msg}"
         assert not sals.hf.is_patched(model)
@@ -272,15 +261,9 @@ def test_patch_options(data):
     try:
         assert sals.hf.patch(model, **kw) is model
         assert sals.hf.is_patched(model)
-        if first_use:  # refused when the first cache is made, naming the field
-            with pytest.raises(sals.SalsError) as e:
-                model.generate(s["ids"], max_new_tokens=2, do_sample=False)
-            assert any(re.search(rf"\b{n}\b", str(e.value)) for n in first_use), \
-                f"error does not name any of {first_use} ({kw}): {e.value}"
-        else:
-            out = model.generate(s["ids"], max_new_tokens=2, do_sample=False)
-            assert out.shape == (1, s["ids"].shape[1] + 2)
-            assert torch.equal(out[:, :s["ids"].shape[1]], s["ids"])
+        out = model.generate(s["ids"], max_new_tokens=2, do_sample=False)
+        assert out.shape == (1, s["ids"].shape[1] + 2)
+        assert torch.equal(out[:, :s["ids"].shape[1]], s["ids"])
     finally:
         if sals.hf.is_patched(model):
             sals.hf.unpatch(model)
@@ -288,10 +271,6 @@ def test_patch_options(data):
     logits_unchanged(s)
 
 
-# ---- known gaps, outside this suite's files: each fails until fixed -------------------------
-
-@pytest.mark.xfail(strict=True, reason="issue 21 item 8: patch leaves Config ranges to the "
-                                       "first cache (sals/hf/patch.py)")
 @pytest.mark.parametrize("field, value", [("n_sink", -1), ("value_bits", 3),
                                           ("budget_frac", 1.5), ("n_threads", 5000)])
 def test_patch_refuses_out_of_range_config_values(field, value):

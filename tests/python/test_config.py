@@ -85,3 +85,25 @@ def test_rope_inputs():
     d = sals.Rope.default(8, theta=100.0)
     np.testing.assert_allclose(d.inv_freq, 100.0 ** (-np.arange(0, 8, 2) / 8), rtol=1e-6)
     assert sals.Rope.none().rotary_dim == 0
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(n_sink=-1), r"^config\.n_sink: -1 must be >= 0$"),
+    (dict(n_head_q=6), r"^config\.n_head_q: 6 is not a multiple of n_head_kv 4$"),
+    (dict(rank=40), r"^config\.rank: 40 > Dk 32"),
+    (dict(value_bits=3), r"^config\.value_bits: 3 not one of 16, 8, 4, 2$"),
+    (dict(budget_frac=1.5), r"^config\.budget_frac: 1\.5 not in \(0, 1\]$"),
+    (dict(n_threads=5000), r"^config\.n_threads: 5000 must be <= 1024"),
+])
+def test_check_refuses_what_a_cache_would(fields, message):
+    """Config.check makes the C library's checks of a cache's config (sals_config_check)
+    without making one: the same error, naming the field."""
+    cfg = sals.Config(**(dict(n_head_q=8, n_head_kv=4, head_dim=8) | fields))
+    with pytest.raises(sals.InvalidArgumentError, match=message):
+        cfg.check()
+    with pytest.raises(sals.InvalidArgumentError, match=message):
+        sals.LayerCache(cfg, sals.Rope.default(8), np.eye(32, dtype=np.float32)[:, :cfg.resolved_rank()])
+
+
+def test_check_passes_a_valid_config():
+    assert sals.Config.preset("sals-25", 8, 4, 64).check() is None

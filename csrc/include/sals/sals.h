@@ -186,6 +186,16 @@ typedef struct sals_config {
 SALS_API sals_config_t sals_config_default(void);
 
 /**
+ * Check a config as sals_cache_create does, without allocating anything: every field's
+ * range, the relations between fields (n_head_q a multiple of n_head_kv, rank <= Dk, groups
+ * dividing their dimensions, ...) and the size limits, with the same status and message
+ * naming the field ("config.n_sink: -1 must be >= 0"). The projection, the rope and whether
+ * the device's backend is built are not checked: sals_cache_create checks them. For a front
+ * end that validates settings early, before it knows everything a cache needs.
+ */
+SALS_API sals_status_t sals_config_check(const sals_config_t* config);
+
+/**
  * Rotary position embedding, as HF models describe it. Scalings (Llama-3, linear, YaRN, ...)
  * are folded into inv_freq. A key or query x at position p becomes, for i < rotary_dim/2 and
  * theta = p * inv_freq[i], c = attention_scaling * cos(theta), s = attention_scaling * sin(theta):

@@ -103,6 +103,7 @@ def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, de
     else:
         cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
     cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
+    cfg.check()  # out-of-range values are refused now, not when the first cache is made
     rank = cfg.resolved_rank()
     if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
         return cfg, np.eye(info.dk, dtype=np.float32), None
