@@ -34,7 +34,7 @@ elif has build; then
   cmake -S . -B build-gpu -G Ninja -DSALS_CUDA=ON -DSALS_BUILD_TESTS=ON \
     -DSALS_CUDA_ARCHS="${SALS_CUDA_ARCHS:-80-real;90a-real;90-virtual}" > "$OUT/build.log" 2>&1 &&
     cmake --build build-gpu -j16 >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-  SALS_CUDA=ON SALS_BUILD_DIR=$PWD/build-gpu python3 -m pip install -q --no-build-isolation \
+  SALS_CUDA=ON SKBUILD_BUILD_DIR=$PWD/build-gpu python3 -m pip install -q --no-build-isolation \
     --no-deps . >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   tail -2 "$OUT/build.log"
 fi

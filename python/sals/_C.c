@@ -1,5 +1,6 @@
 /*
- * sals._C: the CPython binding of libsals (one abi3 module, Limited API 3.10).
+ * sals._C: the CPython binding of libsals (one abi3 module, Limited API 3.10: CMakeLists.txt
+ * defines Py_LIMITED_API).
  *
  * Thin on purpose: it imports DLPack tensors, calls the C ABI with the GIL released, and turns
  * a failed status into the matching sals exception carrying sals_last_error(). Output
@@ -23,7 +24,6 @@
  * otherwise the first tensor of the call decides: the exchange API's current work stream for
  * its device, or the legacy default stream for CUDA tensors of other producers, NULL on the CPU.
  */
-#define Py_LIMITED_API 0x030A0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 

@@ -39,7 +39,10 @@ from .ops import (
 #: version of the loaded libsals (the package and the library are built together)
 __version__ = _C.version()
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# The build installs libsals and its headers beside the extension (the rpath $ORIGIN/lib): in a
+# wheel that is the package directory; in an editable install, the build's tree, apart from the
+# Python sources.
+_BUILT = os.path.dirname(os.path.abspath(_C.__file__))
 
 
 def cuda_available() -> bool:
@@ -49,24 +52,16 @@ def cuda_available() -> bool:
 
 def get_include() -> str:
     """Directory holding ``sals/sals.h`` and ``sals/dlpack.h`` (pass it as ``-I``)."""
-    installed = os.path.join(_HERE, "include")
-    if os.path.isdir(installed):
-        return installed
-    # A source checkout (python/sals next to csrc/).
-    return os.path.normpath(os.path.join(_HERE, "..", "..", "csrc", "include"))
+    return os.path.join(_BUILT, "include")
 
 
 def get_library() -> str:
     """Path of the libsals shared library this package loads (``libsals.so.<ABI>``): dlopen it,
     or link with ``-L<its dir> -lsals``."""
-    libdir = os.path.join(_HERE, "lib")
-    names = sorted(os.listdir(libdir)) if os.path.isdir(libdir) else []
-    versioned = [n for n in names if n.startswith("libsals.so.")]
-    if versioned:
-        return os.path.join(libdir, versioned[0])
-    if "libsals.so" in names:
-        return os.path.join(libdir, "libsals.so")
-    raise FileNotFoundError(f"libsals not found in {libdir}")
+    path = os.path.join(_BUILT, "lib", f"libsals.so.{_C.abi_version()}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"libsals not found: {path}")
+    return path
 
 
 __all__ = [
