@@ -22,7 +22,6 @@ Writes JSON (``--out``) and prints a table. Needs torch with CUDA and a CUDA bui
 from __future__ import annotations
 
 import json
-import math
 import platform
 import re
 import statistics

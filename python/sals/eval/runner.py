@@ -271,7 +271,7 @@ class Runner:
         kept = min(cache_tokens, window)
         full = sum(4 * layer.dk for layer in self.full)
         sliding = 0
-        for i, layer in enumerate(self.info.layers):
+        for layer in self.info.layers:
             if layer.sliding:
                 sliding += 4 * layer.dk * min(cache_tokens, layer.sliding_window - 1)
         return kept / cache_tokens, (kept * full + sliding) / (cache_tokens * full + sliding)
