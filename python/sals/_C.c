@@ -673,18 +673,6 @@ static PyObject* Cache_memory(CacheObject* self, PyObject* args, PyObject* kwarg
                        (unsigned long long)m.allocated);
 }
 
-/* reset(stream=None) */
-static PyObject* Cache_reset(CacheObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"stream", NULL};
-  PyObject* stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
-  sals_cache_t* cache = cache_enter(self, "reset");
-  if (cache == NULL) return NULL;
-  call_t c;
-  if (cache_call_begin(self, &c, stream_obj, NULL, 0) < 0) return NULL;
-  CACHE_CALL_RETURN_NONE(self, c, sals_cache_reset(cache, c.stream));
-}
-
 /* reset_range(first, batch, stream=None) */
 static PyObject* Cache_reset_range(CacheObject* self, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"first", "batch", "stream", NULL};
@@ -768,8 +756,6 @@ static PyMethodDef Cache_methods[] = {
      "selected(idx, count, stream=None): sals_cache_selected."},
     {"memory", (PyCFunction)(void (*)(void))Cache_memory, METH_VARARGS | METH_KEYWORDS,
      "memory(stream=None) -> dict: sals_cache_memory."},
-    {"reset", (PyCFunction)(void (*)(void))Cache_reset, METH_VARARGS | METH_KEYWORDS,
-     "reset(stream=None): sals_cache_reset."},
     {"reset_range", (PyCFunction)(void (*)(void))Cache_reset_range,
      METH_VARARGS | METH_KEYWORDS, "reset_range(first, batch, stream=None): sals_cache_reset_range."},
     {"reserve", (PyCFunction)Cache_reserve, METH_VARARGS,

@@ -84,8 +84,9 @@ class LayerCache:
         sequences), InvalidArgumentError if ``first < 0``; nothing is changed then.
 
         Filling sequences one (or a few) at a time, each in chunks, in any order, leaves each
-        sequence exactly as one append of the whole batch does: a prefill then needs the
-        activations of one group of sequences only (``sals.hf.prefill``).
+        sequence as one append of the whole batch does (byte for byte on the CPU; on CUDA
+        latent keys within float32 rounding): a prefill then needs the activations of one group
+        of sequences only (``sals.hf.prefill``).
         """
         self._check_open("append")
         first = _first(first)

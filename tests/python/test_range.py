@@ -224,3 +224,41 @@ def test_float16_storage_range_fill_matches_the_reference():
     np.testing.assert_array_equal(out, whole.attend(q, pos[:, T:]))
     selection = check_selection(single, ref, q, 1e-3)
     assert_close(out, ref.attend(as64(q), pos[:, T:], selection), np.abs(v).max(), "float16")
+
+
+def test_cuda_range_fill_equals_the_batch_and_the_cpu():
+    """On CUDA (skipped without one): sequence by sequence in chunks gives the whole-batch
+    fill's decode output and the CPU's within float32 rounding (on CUDA the projection's kernel
+    depends on the rows per append), with the same selections; a range attend gives each
+    sequence its whole-batch output."""
+    torch = pytest.importorskip("torch")
+    if not (torch.cuda.is_available() and sals.cuda_available()):
+        pytest.skip("needs a CUDA device and sals built with CUDA")
+    cfg, proj, rope, k, v, q, pos = _problem(value_bits=4, rank=24, score_rank=12)
+    kt, vt, qt, pt = (torch.from_numpy(x).cuda() for x in (k, v, q, pos))
+    outs, sels = {}, {}
+    for name, device in (("whole", "cuda"), ("single", "cuda"), ("cpu", "cpu")):
+        cache = sals.LayerCache(cfg, rope, proj, device=device)
+        if name == "single":
+            _by_sequence(cache, kt, vt, pt, order=[2, 0, 3, 1], chunks=[11, 1, 30])
+            cache.append(kt[:, T:], vt[:, T:], pt[:, T:])
+        elif name == "whole":
+            cache.append(kt, vt, pt)
+        else:
+            cache.append(k, v, pos)
+        x, p = (q, pos) if device == "cpu" else (qt, pt)
+        out = cache.attend(x, p[:, T:])
+        outs[name] = out.cpu().numpy() if hasattr(out, "cpu") else out
+        sels[name] = cache.selected()
+        if name == "single":
+            for b in range(B):
+                one = cache.attend(qt[b:b + 1], pt[b:b + 1, T:], first=b)
+                np.testing.assert_allclose(one[0].cpu().numpy(), outs["single"][b], rtol=0,
+                                           atol=1e-6)
+    np.testing.assert_allclose(outs["single"], outs["whole"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(outs["single"], outs["cpu"], rtol=0, atol=1e-4)
+    for name in ("single", "cpu"):
+        np.testing.assert_array_equal(sels[name][1], sels["whole"][1])
+        for b in range(B):
+            want = set(sels["whole"][0][b, 0][sels["whole"][0][b, 0] >= 0])
+            assert set(sels[name][0][b, 0][sels[name][0][b, 0] >= 0]) == want, (name, b)

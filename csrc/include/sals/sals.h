@@ -265,9 +265,11 @@ SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k,
 /**
  * sals_cache_append to sequences first..first+B-1: row b of k, v and pos goes to sequence
  * first + b; no other sequence is read or changed. Sequences may so be filled one (or a few)
- * at a time, each in chunks of tokens, in any order: the state each one ends with is the same,
- * byte for byte, as after appending the whole batch at once, and each reserves only its own
- * slots. A prefill then needs the activations of one group of sequences, not of the batch.
+ * at a time, each in chunks of tokens, in any order, each reserving only its own slots, and end
+ * as after appending the whole batch at once: byte for byte on the CPU; on CUDA the values and
+ * windows alike, the latent keys within float32 rounding (the projection's kernel depends on
+ * the rows appended per call). A prefill then needs the activations of one group of
+ * sequences, not of the batch.
  * first < 0 fails with SALS_ERR_INVALID_ARGUMENT, first + B > max_batch with
  * SALS_ERR_CAPACITY; both messages name `first`, and nothing is changed.
  */
