@@ -411,7 +411,7 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
       memcpy(c->proj, proj, proj_bytes);
       if (half > 0) memcpy(c->inv_freq, c->inv_freq_host, (size_t)half * sizeof(float));
     }
-    if (st == SALS_OK) st = SALS_DISPATCH(g->device, cache_reset, c, NULL);
+    if (st == SALS_OK) st = SALS_DISPATCH(g->device, cache_reset, c, g->max_batch, NULL);
     if (st != SALS_OK) SALS_DISPATCH(g->device, cache_free, c);
   }
   free(proj);
@@ -430,15 +430,84 @@ void sals_cache_destroy(sals_cache_t* cache) {
   free_host(cache);
 }
 
-static sals_status_t cache_reset(sals_cache_t* cache, void* stream) {
-  TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, cache, stream));
-  memset(cache->reserved, 0, (size_t)cache->cfg.max_batch * sizeof(int32_t));
+static void* skip(void* p, int64_t bytes) { return p ? (char*)p + bytes : NULL; }
+
+/*
+ * The cache as seen from sequence `first` on: every per-sequence pointer (the host's
+ * reservations included) moved `first` sequences ahead, so that a backend, which indexes
+ * sequences from 0, works on sequences first.. unchanged. A shallow copy sharing the buffers,
+ * cfg and the backend state, whose workspace is sized for max_batch sequences and so holds any
+ * range; the backends write through these pointers, never into the struct itself.
+ */
+static sals_cache_t from_sequence(const sals_cache_t* c, int64_t first) {
+  const sals_config_t* g = &c->cfg;
+  const int64_t T = g->max_tokens, e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  /* float16 scale/zero groups per token of each latent part (quantised keys only) */
+  const int64_t ks = g->key_bits < 16 ? g->score_rank / g->key_group : 0;
+  const int64_t kr = g->key_bits < 16 ? (g->rank - g->score_rank) / g->key_group : 0;
+  sals_cache_t r = *c;
+  r.lat_score = skip(c->lat_score, first * T * c->lat_score_bytes);
+  r.lat_rest = skip(c->lat_rest, first * T * c->lat_rest_bytes);
+  r.lat_score_scale = (uint16_t*)skip(c->lat_score_scale, first * T * ks * 2);
+  r.lat_score_zero = (uint16_t*)skip(c->lat_score_zero, first * T * ks * 2);
+  r.lat_rest_scale = (uint16_t*)skip(c->lat_rest_scale, first * T * kr * 2);
+  r.lat_rest_zero = (uint16_t*)skip(c->lat_rest_zero, first * T * kr * 2);
+  r.val = skip(c->val, first * T * c->val_row_bytes);
+  r.val_scale = (uint16_t*)skip(c->val_scale, first * T * c->n_groups * 2);
+  r.val_zero = (uint16_t*)skip(c->val_zero, first * T * c->n_groups * 2);
+  r.sink_k = skip(c->sink_k, first * g->n_sink * c->dk * e);
+  r.sink_v = skip(c->sink_v, first * g->n_sink * c->dk * e);
+  r.recent_k = skip(c->recent_k, first * g->n_recent * c->dk * e);
+  r.recent_v = skip(c->recent_v, first * g->n_recent * c->dk * e);
+  r.pos = c->pos + first * T;
+  r.len = c->len + first;
+  r.sel_idx = c->sel_idx + first * c->n_sel_heads * T;
+  r.sel_count = c->sel_count + first;
+  r.reserved = c->reserved + first;
+  return r;
+}
+
+/*
+ * Sequences first..first+batch-1 within the cache's, else an error naming `first`; when first
+ * is 0 and the batch alone is too large, the error names the tensor whose dim 0 it is (`tensor`),
+ * or the argument `batch` (tensor NULL).
+ */
+static sals_status_t check_range(const sals_cache_t* c, int64_t first, int64_t batch,
+                                 const char* tensor) {
+  const int32_t max_batch = c->cfg.max_batch;
+  if (first < 0) return sals_set_error(INVALID, "first: %lld must be >= 0", (long long)first);
+  if (first + batch <= max_batch) return SALS_OK;
+  if (first == 0 && tensor)
+    return sals_set_error(SALS_ERR_CAPACITY, "%s: batch %lld > max_batch %d", tensor,
+                          (long long)batch, (int)max_batch);
+  if (first == 0)
+    return sals_set_error(SALS_ERR_CAPACITY, "batch: %lld > max_batch %d", (long long)batch,
+                          (int)max_batch);
+  return sals_set_error(SALS_ERR_CAPACITY, "first: %lld + batch %lld%s%s > max_batch %d",
+                        (long long)first, (long long)batch, tensor ? " of " : "",
+                        tensor ? tensor : "", (int)max_batch);
+}
+
+static sals_status_t cache_reset(sals_cache_t* cache, int64_t first, int64_t batch,
+                                 void* stream) {
+  if (batch < 0) return sals_set_error(INVALID, "batch: %lld must be >= 0", (long long)batch);
+  TRY(check_range(cache, first, batch, NULL));
+  if (batch == 0) return SALS_OK;
+  sals_cache_t r = from_sequence(cache, first);
+  TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, &r, batch, stream));
+  memset(r.reserved, 0, (size_t)batch * sizeof(int32_t));
   return SALS_OK;
 }
 
 sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
   TRY(enter(cache, "sals_cache_reset"));
-  return leave(cache, cache_reset(cache, stream));
+  return leave(cache, cache_reset(cache, 0, cache->cfg.max_batch, stream));
+}
+
+sals_status_t sals_cache_reset_range(sals_cache_t* cache, int64_t first, int64_t batch,
+                                     void* stream) {
+  TRY(enter(cache, "sals_cache_reset_range"));
+  return leave(cache, cache_reset(cache, first, batch, stream));
 }
 
 sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out) {
@@ -467,14 +536,17 @@ static sals_status_t same_dims(const sals_view_t* b, const char* bn, const sals_
 }
 
 /*
- * The token tensors of append (k, v, pos) and attend (q, out, q_pos): x [B, T, n_heads,
- * head_dim] float with B <= max_batch, `like` of x's shape (any float dtype), pos [B, T] int32.
+ * The token tensors of append (k, v, pos) and attend (q, out, q_pos) of sequences first..:
+ * x [B, T, n_heads, head_dim] float with first + B <= max_batch, `like` of x's shape (any float
+ * dtype), pos [B, T] int32.
  */
-static sals_status_t token_views(const sals_cache_t* c, const DLTensor* x, const char* xn,
-                                 int32_t n_heads, const char* heads_what, const DLTensor* like,
-                                 const char* ln, const DLTensor* pos, const char* pn,
-                                 sals_view_t* xv, sals_view_t* lv, sals_view_t* pv) {
+static sals_status_t token_views(const sals_cache_t* c, int64_t first, const DLTensor* x,
+                                 const char* xn, int32_t n_heads, const char* heads_what,
+                                 const DLTensor* like, const char* ln, const DLTensor* pos,
+                                 const char* pn, sals_view_t* xv, sals_view_t* lv,
+                                 sals_view_t* pv) {
   const sals_config_t* g = &c->cfg;
+  TRY(check_range(c, first, 0, xn)); /* a negative first, before the tensors */
   TRY(cache_view(c, x, xn, 4, SALS_ACCEPT_FLOAT, xv));
   TRY(cache_view(c, like, ln, 4, SALS_ACCEPT_FLOAT, lv));
   TRY(cache_view(c, pos, pn, 2, SALS_ACCEPT_I32, pv));
@@ -482,56 +554,68 @@ static sals_status_t token_views(const sals_cache_t* c, const DLTensor* x, const
   TRY(sals_check_dim(xv, xn, 3, g->head_dim, "head_dim"));
   TRY(same_dims(lv, ln, xv, xn, 4));
   TRY(same_dims(pv, pn, xv, xn, 2));
-  if (xv->shape[0] > g->max_batch)
-    return sals_set_error(SALS_ERR_CAPACITY, "%s: batch %lld > max_batch %d", xn,
-                          (long long)xv->shape[0], (int)g->max_batch);
-  return SALS_OK;
+  return check_range(c, first, xv->shape[0], xn);
 }
 
-static sals_status_t cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
-                                  const DLTensor* pos, void* stream) {
+static sals_status_t cache_append(sals_cache_t* cache, int64_t first, const DLTensor* k,
+                                  const DLTensor* v, const DLTensor* pos, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
-  TRY(token_views(cache, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv, &pv));
+  TRY(token_views(cache, first, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv,
+                  &pv));
   const int64_t B = kv.shape[0], T = kv.shape[1];
+  sals_cache_t r = from_sequence(cache, first);
   for (int64_t b = 0; b < B; ++b)
-    if (cache->reserved[b] + T > g->max_tokens)
+    if (r.reserved[b] + T > g->max_tokens)
       return sals_set_error(SALS_ERR_CAPACITY,
                             "k: %lld more tokens for sequence %lld would reserve %lld > "
                             "max_tokens %d (each append reserves T slots until reset)",
-                            (long long)T, (long long)b, (long long)(cache->reserved[b] + T),
+                            (long long)T, (long long)(first + b), (long long)(r.reserved[b] + T),
                             (int)g->max_tokens);
   if (B == 0 || T == 0) return SALS_OK;
-  TRY(SALS_DISPATCH(g->device, cache_append, cache, &kv, &vv, &pv, stream));
-  for (int64_t b = 0; b < B; ++b) cache->reserved[b] += (int32_t)T;
+  TRY(SALS_DISPATCH(g->device, cache_append, &r, &kv, &vv, &pv, stream));
+  for (int64_t b = 0; b < B; ++b) r.reserved[b] += (int32_t)T;
   return SALS_OK;
 }
 
 sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
                                 const DLTensor* pos, void* stream) {
   TRY(enter(cache, "sals_cache_append"));
-  return leave(cache, cache_append(cache, k, v, pos, stream));
+  return leave(cache, cache_append(cache, 0, k, v, pos, stream));
 }
 
-static sals_status_t cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
-                                  DLTensor* out, void* stream) {
+sals_status_t sals_cache_append_range(sals_cache_t* cache, int64_t first, const DLTensor* k,
+                                      const DLTensor* v, const DLTensor* pos, void* stream) {
+  TRY(enter(cache, "sals_cache_append_range"));
+  return leave(cache, cache_append(cache, first, k, v, pos, stream));
+}
+
+static sals_status_t cache_attend(sals_cache_t* cache, int64_t first, const DLTensor* q,
+                                  const DLTensor* q_pos, DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
-  TRY(token_views(cache, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv, &ov,
-                  &pv));
+  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv,
+                  &ov, &pv));
   TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
   if (sals_views_overlap(&ov, &pv))
     return sals_set_error(INVALID, "out: overlaps q_pos (out may not alias an input)");
   if (sals_view_numel(&qv) == 0) return SALS_OK;
-  return SALS_DISPATCH(g->device, cache_attend, cache, &qv, &pv, &ov, stream);
+  sals_cache_t r = from_sequence(cache, first);
+  return SALS_DISPATCH(g->device, cache_attend, &r, &qv, &pv, &ov, stream);
 }
 
 sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
                                 DLTensor* out, void* stream) {
   TRY(enter(cache, "sals_cache_attend"));
-  return leave(cache, cache_attend(cache, q, q_pos, out, stream));
+  return leave(cache, cache_attend(cache, 0, q, q_pos, out, stream));
+}
+
+sals_status_t sals_cache_attend_range(sals_cache_t* cache, int64_t first, const DLTensor* q,
+                                      const DLTensor* q_pos, DLTensor* out, void* stream) {
+  TRY(enter(cache, "sals_cache_attend_range"));
+  return leave(cache, cache_attend(cache, first, q, q_pos, out, stream));
 }
 
 static sals_status_t cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {

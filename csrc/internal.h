@@ -102,7 +102,7 @@ struct sals_cache {
   int32_t* sel_idx;
   int32_t* sel_count;
 
-  int32_t* reserved;      /* host: slots reserved per sequence (capacity check) */
+  int32_t* reserved;      /* host [max_batch]: slots reserved per sequence (capacity check) */
   int32_t busy;           /* host: 1 while a call is inside (atomic; see csrc/cache.c) */
   uint64_t allocated;     /* bytes allocated on cfg.device */
   void* backend;          /* backend-private state (workspace, streams, flags) */
@@ -123,7 +123,7 @@ sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
 #define SALS_BACKEND_DECLARE(prefix)                                                          \
   sals_status_t prefix##_cache_init(sals_cache_t* c);                                        \
   void prefix##_cache_free(sals_cache_t* c);                                                  \
-  sals_status_t prefix##_cache_reset(sals_cache_t* c, void* stream);                          \
+  sals_status_t prefix##_cache_reset(sals_cache_t* c, int64_t batch, void* stream);           \
   sals_status_t prefix##_cache_append(sals_cache_t* c, const sals_view_t* k,                  \
                                       const sals_view_t* v, const sals_view_t* pos,           \
                                       void* stream);                                          \
@@ -168,6 +168,11 @@ sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
  * - cache_init allocates every buffer listed in struct sals_cache (and the workspace) on
  *   cfg.device, copies nothing else; cache_free releases them (NULL-safe). The ABI layer fills
  *   cfg, the derived ints, inv_freq_host and `proj` contents via the backend after init.
+ * - cache_reset, cache_append and cache_attend act on sequences 0..B-1 of the cache they are
+ *   given (B: `batch`, or dim 0 of the tensors), which for the *_range calls is a copy whose
+ *   per-sequence pointers start at sequence `first` (csrc/cache.c from_sequence): they reach
+ *   sequences through those pointers only, index their workspace from sequence 0, and never
+ *   write the struct itself.
  * - In stateless functions, rope inv_freq is host memory (the CUDA backend passes the values
  *   to kernels by copying them into kernel parameters or a workspace: no allocation).
  * - Optional views (lengths, idx) arrive as NULL pointers when absent.

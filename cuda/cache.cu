@@ -652,11 +652,11 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   return SALS_OK;
 }
 
-sals_status_t sals_cuda_cache_reset(sals_cache_t* c, void* stream) {
+sals_status_t sals_cuda_cache_reset(sals_cache_t* c, int64_t batch, void* stream) {
   DeviceGuard g(c->cfg.device.device_id);
   cudaStream_t st = (cudaStream_t)stream;
-  SALS_CUDA_TRY(cudaMemsetAsync(c->len, 0, (size_t)c->cfg.max_batch * 4, st));
-  SALS_CUDA_TRY(cudaMemsetAsync(c->sel_count, 0, (size_t)c->cfg.max_batch * 4, st));
+  SALS_CUDA_TRY(cudaMemsetAsync(c->len, 0, (size_t)batch * 4, st));
+  SALS_CUDA_TRY(cudaMemsetAsync(c->sel_count, 0, (size_t)batch * 4, st));
   return SALS_OK;
 }
 

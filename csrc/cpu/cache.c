@@ -138,10 +138,10 @@ void sals_cpu_cache_free(sals_cache_t* c) {
   c->pos = c->len = c->sel_idx = c->sel_count = NULL;
 }
 
-sals_status_t sals_cpu_cache_reset(sals_cache_t* c, void* stream) {
+sals_status_t sals_cpu_cache_reset(sals_cache_t* c, int64_t batch, void* stream) {
   (void)stream;
-  memset(c->len, 0, (size_t)c->cfg.max_batch * 4);
-  memset(c->sel_count, 0, (size_t)c->cfg.max_batch * 4);
+  memset(c->len, 0, (size_t)batch * 4);
+  memset(c->sel_count, 0, (size_t)batch * 4);
   return SALS_OK;
 }
 

@@ -579,12 +579,13 @@ static void Cache_dealloc(CacheObject* self) {
   Py_DECREF(tp);
 }
 
-/* append(k, v, pos, stream=None) */
+/* append(k, v, pos, stream=None, *, first=0) */
 static PyObject* Cache_append(CacheObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"k", "v", "pos", "stream", NULL};
+  static char* kwlist[] = {"k", "v", "pos", "stream", "first", NULL};
   PyObject *k_obj, *v_obj, *pos_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &k_obj, &v_obj, &pos_obj,
-                                   &stream_obj))
+  long long first = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O$L", kwlist, &k_obj, &v_obj, &pos_obj,
+                                   &stream_obj, &first))
     return NULL;
   sals_cache_t* cache = cache_enter(self, "append");
   if (cache == NULL) return NULL;
@@ -592,15 +593,17 @@ static PyObject* Cache_append(CacheObject* self, PyObject* args, PyObject* kwarg
   DLTensor *k, *v, *pos;
   const arg_t in[] = {{k_obj, "k", 0, &k}, {v_obj, "v", 0, &v}, {pos_obj, "positions", 0, &pos}};
   if (cache_call_begin(self, &c, stream_obj, in, 3) < 0) return NULL;
-  CACHE_CALL_RETURN_NONE(self, c, sals_cache_append(cache, k, v, pos, c.stream));
+  CACHE_CALL_RETURN_NONE(self, c,
+                         sals_cache_append_range(cache, (int64_t)first, k, v, pos, c.stream));
 }
 
-/* attend(q, pos, out, stream=None) */
+/* attend(q, pos, out, stream=None, *, first=0) */
 static PyObject* Cache_attend(CacheObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"q", "pos", "out", "stream", NULL};
+  static char* kwlist[] = {"q", "pos", "out", "stream", "first", NULL};
   PyObject *q_obj, *pos_obj, *out_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &q_obj, &pos_obj, &out_obj,
-                                   &stream_obj))
+  long long first = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O$L", kwlist, &q_obj, &pos_obj, &out_obj,
+                                   &stream_obj, &first))
     return NULL;
   sals_cache_t* cache = cache_enter(self, "attend");
   if (cache == NULL) return NULL;
@@ -609,7 +612,8 @@ static PyObject* Cache_attend(CacheObject* self, PyObject* args, PyObject* kwarg
   const arg_t in[] = {
       {q_obj, "q", 0, &q}, {pos_obj, "positions", 0, &pos}, {out_obj, "out", ARG_WRITE, &out}};
   if (cache_call_begin(self, &c, stream_obj, in, 3) < 0) return NULL;
-  CACHE_CALL_RETURN_NONE(self, c, sals_cache_attend(cache, q, pos, out, c.stream));
+  CACHE_CALL_RETURN_NONE(self, c,
+                         sals_cache_attend_range(cache, (int64_t)first, q, pos, out, c.stream));
 }
 
 /* lengths(out, stream=None) */
@@ -669,16 +673,19 @@ static PyObject* Cache_memory(CacheObject* self, PyObject* args, PyObject* kwarg
                        (unsigned long long)m.allocated);
 }
 
-/* reset(stream=None) */
-static PyObject* Cache_reset(CacheObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"stream", NULL};
+/* reset_range(first, batch, stream=None) */
+static PyObject* Cache_reset_range(CacheObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"first", "batch", "stream", NULL};
+  long long first, batch;
   PyObject* stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &stream_obj)) return NULL;
-  sals_cache_t* cache = cache_enter(self, "reset");
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL|O", kwlist, &first, &batch, &stream_obj))
+    return NULL;
+  sals_cache_t* cache = cache_enter(self, "reset_range");
   if (cache == NULL) return NULL;
   call_t c;
   if (cache_call_begin(self, &c, stream_obj, NULL, 0) < 0) return NULL;
-  CACHE_CALL_RETURN_NONE(self, c, sals_cache_reset(cache, c.stream));
+  CACHE_CALL_RETURN_NONE(self, c,
+                         sals_cache_reset_range(cache, (int64_t)first, (int64_t)batch, c.stream));
 }
 
 /* reserve(batch, tokens) */
@@ -740,17 +747,17 @@ static PyObject* Cache_get_closed(CacheObject* self, void* Py_UNUSED(closure)) {
 
 static PyMethodDef Cache_methods[] = {
     {"append", (PyCFunction)(void (*)(void))Cache_append, METH_VARARGS | METH_KEYWORDS,
-     "append(k, v, pos, stream=None): sals_cache_append."},
+     "append(k, v, pos, stream=None, *, first=0): sals_cache_append_range."},
     {"attend", (PyCFunction)(void (*)(void))Cache_attend, METH_VARARGS | METH_KEYWORDS,
-     "attend(q, pos, out, stream=None): sals_cache_attend into out."},
+     "attend(q, pos, out, stream=None, *, first=0): sals_cache_attend_range into out."},
     {"lengths", (PyCFunction)(void (*)(void))Cache_lengths, METH_VARARGS | METH_KEYWORDS,
      "lengths(out, stream=None): sals_cache_lengths."},
     {"selected", (PyCFunction)(void (*)(void))Cache_selected, METH_VARARGS | METH_KEYWORDS,
      "selected(idx, count, stream=None): sals_cache_selected."},
     {"memory", (PyCFunction)(void (*)(void))Cache_memory, METH_VARARGS | METH_KEYWORDS,
      "memory(stream=None) -> dict: sals_cache_memory."},
-    {"reset", (PyCFunction)(void (*)(void))Cache_reset, METH_VARARGS | METH_KEYWORDS,
-     "reset(stream=None): sals_cache_reset."},
+    {"reset_range", (PyCFunction)(void (*)(void))Cache_reset_range,
+     METH_VARARGS | METH_KEYWORDS, "reset_range(first, batch, stream=None): sals_cache_reset_range."},
     {"reserve", (PyCFunction)Cache_reserve, METH_VARARGS,
      "reserve(batch, tokens): sals_cache_reserve."},
     {"check", (PyCFunction)(void (*)(void))Cache_check, METH_VARARGS | METH_KEYWORDS,

@@ -67,7 +67,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
-def _check_model(model, max_tokens: int):
+def check_model(model, max_tokens: int):
     """The model's decoder, or InvalidArgumentError naming what this decoder cannot run."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -105,6 +105,18 @@ def _check_model(model, max_tokens: int):
     return decoder
 
 
+def fused_weight_bytes(model) -> int:
+    """Bytes of the fused copies a DenseGraphDecoder of ``model`` holds beside the model's own
+    weights: each layer's [q; k; v] and [gate; up] projections, biases included."""
+    total = 0
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for linear in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            for t in (linear.weight, linear.bias):
+                total += 0 if t is None else t.numel() * t.element_size()
+    return total
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name}: expected a positive int, got {value!r}")
@@ -139,7 +151,7 @@ class DenseGraphDecoder:
     def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True):
         self.max_batch = _positive_int(max_batch, "max_batch")
         self.max_tokens = _positive_int(max_tokens, "max_tokens")
-        decoder = _check_model(model, self.max_tokens)
+        decoder = check_model(model, self.max_tokens)
         config = model.config
         attn0 = decoder.layers[0].self_attn
         self.n_heads = int(config.num_attention_heads)
@@ -153,9 +165,7 @@ class DenseGraphDecoder:
         self.lm_head = model.lm_head.weight
         with torch.no_grad():
             self.layers = [self._fuse(layer) for layer in decoder.layers]
-        self.fused_bytes = sum(t.numel() * t.element_size() for layer in self.layers
-                               for t in (layer.qkv, layer.qkv_bias, layer.gate_up,
-                                         layer.gate_up_bias) if t is not None)
+        self.fused_bytes = fused_weight_bytes(model)
 
         shape = (self.max_batch, self.n_kv, self.max_tokens, self.head_dim)
         kw = {"dtype": self.dtype, "device": self.device}

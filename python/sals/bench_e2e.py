@@ -23,8 +23,16 @@ tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the S
 own device allocation, which torch does not see; for ``dense-graph`` it includes the fused
 weight copies) and the floor: bytes read per decode step (weights + K/V, or the SALS cache's
 scored latent coordinates, selected latent rows and values) over the copy bandwidth measured in
-the same run. ``--max-batch-context`` also finds, for dense and SALS, the largest batch whose
-caches fit at that context (from measured bytes per sequence) and times decode there.
+the same run.
+
+``--max-batch-context`` also finds, for the ``dense-graph``, ``sals-25`` and ``sals-12.5``
+settings among ``--settings``, the largest batch that runs at that context, prefill included,
+and times its decode. Every one prefills its prompts one sequence at a time (SALS through
+``sals.hf.prefill``, then ``generate``), so the cache, not the prompts' activations, decides
+what fits. The batch is estimated from the memory budget (``--memory-gib``, or
+``--memory-fraction`` of the device's) less the weights (and the dense decoder's fused copies)
+and one prompt's activations, over the measured bytes of one sequence's cache; a batch that
+runs out of memory is retried smaller until one runs.
 
 GPU models have random weights of the real shapes (``SHAPES``); SALS projections are random
 orthonormal matrices (decode time does not depend on their values). ``--model`` times a real
@@ -35,6 +43,7 @@ others run eagerly). Writes JSON (``--out``) and a PNG plot of tokens/s against 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -73,12 +82,17 @@ def add_parser(subparsers) -> None:
     ap.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
     ap.add_argument("--new-tokens", type=int, default=48,
                     help="tokens generated per run (default 48)")
-    ap.add_argument("--max-batch-context", type=int, default=0,
-                    help="also time dense and SALS-12.5%% at the largest batch that fits at "
-                         "this context (0: skip; the issue's regime is 32768)")
-    ap.add_argument("--memory-fraction", type=float, default=0.9,
-                    help="fraction of GPU memory the largest-batch search may fill "
-                         "(default 0.9)")
+    ap.add_argument("--max-batch-context", type=_cli.number(int, 0), default=0,
+                    help="also time the dense-graph, sals-25 and sals-12.5 settings (those "
+                         "of --settings) at the largest batch that runs at this context, "
+                         "prompts prefilled one sequence at a time (0: skip; the issue's "
+                         "regime is 32768)")
+    ap.add_argument("--memory-fraction", type=_cli.number(float, 0, 1, above=True), default=0.9,
+                    help="fraction of the GPU's memory (the host's for --model on the CPU) the "
+                         "largest-batch search may fill (default 0.9)")
+    ap.add_argument("--memory-gib", type=_cli.number(float, 0), default=0.0,
+                    help="memory in GiB the largest-batch search may fill, weights included "
+                         "(default 0: --memory-fraction of the device's)")
     ap.add_argument("--out", default=None, help="write every row as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
     _cli.add_debug(ap)
@@ -141,8 +155,13 @@ class _Clock:
         return scores
 
 
-def _generate(model, ids, new_tokens, torch, **kw) -> dict:
+def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
+    """One timed generate. ``prefill_rows`` (a SALS-patched model): the prompts are first
+    prefilled that many sequences at a time (``sals.hf.prefill``, inside the time to first
+    token), and generate goes on from that cache."""
     from transformers import LogitsProcessorList
+
+    import sals.hf
 
     from .hf import CACHE_ARG
 
@@ -151,6 +170,9 @@ def _generate(model, ids, new_tokens, torch, **kw) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    if prefill_rows:
+        cache = sals.hf.SalsCache(model, ids.shape[0], ids.shape[1] - 1 + new_tokens)
+        kw[CACHE_ARG] = sals.hf.prefill(model, cache, ids, rows=prefill_rows)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False,
                          return_dict_in_generate=True,
@@ -268,7 +290,10 @@ def _setting(model, setting: str, calib, torch) -> dict:
     return {}
 
 
-def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
+def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
+            prefill_rows=None) -> dict:
+    """One row: ``setting`` at batch B and context S. ``prefill_rows``: SALS prompts prefilled
+    that many sequences at a time (dense-graph always prefills one at a time)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(B * 100003 + S)
     vocab = model.config.vocab_size  # ids clear of the special tokens at either end
@@ -279,7 +304,8 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
     else:
         if setting == "dense-static-compiled":
             _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
-        result = _generate(model, ids, new_tokens, torch, **kw)
+        rows = prefill_rows if setting.startswith("sals") else None
+        result = _generate(model, ids, new_tokens, torch, prefill_rows=rows, **kw)
     row = {"setting": setting, "batch": B, "context": S, **result}
     if bandwidth and "error" not in row:
         row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth
@@ -287,26 +313,81 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch) -> dict:
     return row
 
 
-def _max_batch(model, setting, S, new_tokens, calib, fraction, torch) -> int:
-    """The largest batch whose cache fits beside the weights and a prefill's activations, from
-    the bytes one sequence's cache takes (dense fp16 K+V, or a SALS cache of S tokens)."""
+#: the settings (of --settings) timed at the largest batch that runs (--max-batch-context)
+LARGEST_BATCH_SETTINGS = ("dense-graph", "sals-25", "sals-12.5")
+
+
+def _memory_budget(args, on_gpu: bool, torch) -> float:
+    """Bytes the largest-batch search may fill: --memory-gib, or --memory-fraction of the GPU's
+    memory (of the host's on the CPU)."""
+    if args.memory_gib > 0:
+        return args.memory_gib * 2**30
+    if on_gpu:
+        return args.memory_fraction * torch.cuda.mem_get_info()[1]
+    return args.memory_fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch) -> int:
+    """The largest batch whose caches fit in ``budget`` bytes beside the weights, the dense
+    decoder's fused weight copies and one prompt's prefill activations (prompts are prefilled
+    one at a time): from the bytes one sequence's cache takes (dense K+V in the model's dtype,
+    or what a SALS cache allocates per sequence, workspace included)."""
     import sals.hf
 
-    total = torch.cuda.mem_get_info()[1]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    from .bench_dense import fused_weight_bytes
+
     cfg = model.config
-    dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    element = next(model.parameters()).element_size()
     if setting.startswith("sals"):
         _setting(model, setting, calib, torch)
-        probe = sals.hf.SalsCache(model, 1, S + new_tokens)
-        per_seq = probe.memory()["allocated"]
-        probe.close()
+        # caches of one and two sequences: the difference is a sequence's, the rest is fixed
+        # (the projections, a CPU cache's thread workspace)
+        sizes = []
+        for n in (1, 2):
+            probe = sals.hf.SalsCache(model, n, S + new_tokens)
+            sizes.append(probe.memory()["allocated"])
+            probe.close()
+        per_seq = sizes[1] - sizes[0]
+        fixed = weights + sizes[0] - per_seq
     else:
-        per_seq = cfg.num_hidden_layers * 2 * (S + new_tokens) * dk * 2
-    # prefill activations: about 4 hidden-size fp16 rows per prompt token plus the logits row
-    act = S * (4 * cfg.hidden_size + cfg.vocab_size / 64) * 2
-    budget = fraction * total - weights
-    return max(int(budget // (per_seq + act)), 0)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_seq = cfg.num_hidden_layers * 2 * (S + new_tokens) * cfg.num_key_value_heads * \
+            head_dim * element
+        fixed = weights + fused_weight_bytes(model)
+    # one prompt's activations: a few hidden-size rows and the MLP's two intermediate rows per
+    # token (the LM head runs on the last token only)
+    act = S * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * element
+    return max(int((budget - fixed - act) // per_seq), 0)
+
+
+def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, torch) -> dict:
+    """``setting`` timed at the largest batch that runs: the estimate of _largest_batch, then
+    smaller batches (10% fewer, at least one fewer) while one runs out of memory; ``tried``
+    lists the batches tried."""
+    from .bench_dense import check_model
+    from .errors import InvalidArgumentError
+
+    if setting == "dense-graph":
+        try:  # a --model of an architecture the dense decoder does not implement
+            check_model(model, S + new_tokens)
+        except InvalidArgumentError as e:
+            return {"setting": setting, "batch": 0, "context": S, "error": f"skipped: {e}"}
+    batch = _largest_batch(model, setting, S, new_tokens, calib, budget, torch)
+    tried, error = [], f"no batch fits {budget / 2**30:.2f} GiB"
+    while batch >= 1:
+        tried.append(batch)
+        try:
+            row = run_row(model, setting, batch, S, new_tokens, calib, bandwidth, torch,
+                          prefill_rows=1)
+            return {**row, "tried": tried, "prefill_rows": 1}
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            error = f"out of memory: {str(e).splitlines()[0]}"
+        gc.collect()  # the failed attempt's tensors, held by its traceback until now
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        batch = min(batch - 1, int(batch * 0.9))
+    return {"setting": setting, "batch": 0, "context": S, "error": error, "tried": tried}
 
 
 def run(args) -> int:
@@ -341,7 +422,10 @@ def run(args) -> int:
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
-    bar = tqdm(total=len(models) * len(contexts) * len(batches) * len(settings), unit="row")
+    largest = [s for s in settings if s in LARGEST_BATCH_SETTINGS] if args.max_batch_context \
+        else []
+    per_model = len(contexts) * len(batches) * len(settings) + len(largest)
+    bar = tqdm(total=len(models) * per_model, unit="row")
     for name in models:
         if on_gpu:
             model = _random_model(name, torch)
@@ -366,20 +450,18 @@ def run(args) -> int:
                     save()
                     bar.update()
                     torch.cuda.empty_cache() if on_gpu else None
-        if on_gpu and args.max_batch_context:
-            S = args.max_batch_context
-            for setting in ("dense-static-compiled", "sals-12.5"):
-                B = _max_batch(model, setting, S, args.new_tokens, calib,
-                               args.memory_fraction, torch)
-                try:
-                    row = run_row(model, setting, B, S, args.new_tokens, calib, bandwidth, torch)
-                except torch.cuda.OutOfMemoryError as e:
-                    row = {"setting": setting, "batch": B, "context": S,
-                           "error": f"out of memory: {str(e).splitlines()[0]}"}
-                row.update(model=os.path.basename(name), largest_batch=True)
+        if largest:
+            budget = _memory_budget(args, on_gpu, torch)
+            for setting in largest:
+                bar.set_description(f"{name} {setting} largest batch")
+                row = _largest_batch_row(model, setting, args.max_batch_context, args.new_tokens,
+                                         calib, bandwidth, budget, torch)
+                row.update(model=os.path.basename(name), largest_batch=True,
+                           memory_budget_bytes=int(budget))
                 rows.append(row)
                 save()
-                torch.cuda.empty_cache()
+                bar.update()
+                torch.cuda.empty_cache() if on_gpu else None
         if sals.hf.is_patched(model):
             sals.hf.unpatch(model)
         del model

@@ -58,7 +58,7 @@ class LayerCache:
         proj = _t.tensor(projection, "projection")
         self._config = config
         self._device = (dev_type, dev_id)
-        self._last_batch = 0
+        self._last_rows = (0, 0)  # (first, B) of the last attend: what selected() reports
         self._c = _C.Cache(config._to_c(dev_type, dev_id), rope._to_c(), proj.obj, _t.stream(proj))
 
     @property
@@ -70,33 +70,46 @@ class LayerCache:
     def closed(self) -> bool:
         return self._c.closed
 
-    def append(self, k, v, positions, stream=None) -> None:
-        """Append a chunk of tokens to sequences ``0..B-1``.
+    def append(self, k, v, positions, stream=None, *, first: int = 0) -> None:
+        """Append a chunk of tokens to sequences ``first..first+B-1``.
 
         ``k``, ``v``: ``[B, T, n_head_kv, head_dim]`` pre-RoPE keys and values (float32, float16
-        or bfloat16; last dim contiguous). ``positions``: ``[B, T]`` integer positions; a
-        position < 0 marks padding (not stored). Raises CapacityError if ``B > max_batch`` or the
-        chunk could pass ``max_tokens`` (nothing is changed then).
+        or bfloat16; last dim contiguous); row b goes to sequence ``first + b``, and no other
+        sequence is touched. ``positions``: ``[B, T]`` integer positions; a position < 0 marks
+        padding (not stored). Raises CapacityError if ``first + B > max_batch`` or the chunk
+        could pass ``max_tokens`` of a sequence (each append reserves T slots of each of its
+        sequences), InvalidArgumentError if ``first < 0``; nothing is changed then.
+
+        Filling sequences one (or a few) at a time, each in chunks, in any order, leaves each
+        sequence as one append of the whole batch does (byte for byte on the CPU; on CUDA
+        latent keys within float32 rounding): a prefill then needs the activations of one group
+        of sequences only (``sals.hf.prefill``).
         """
         self._check_open("append")
+        first = _first(first)
         kt = _t.tensor(k, "k")
         vt = _t.tensor(v, "v")
         pt = _t.index(positions, "positions", kt)
         stream = _stream(stream)
         try:
-            self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt))
+            self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt),
+                           first=first)
         except SalsError as e:
             raise _t.renamed(e, _APPEND_NAMES) from None
 
-    def attend(self, q, positions, out=None, stream=None):
-        """Attention of ``q`` over everything the cache holds (append the step's keys first).
+    def attend(self, q, positions, out=None, stream=None, *, first: int = 0):
+        """Attention of ``q`` over everything the cache holds (append the step's keys first),
+        for sequences ``first..first+B-1`` (row b of q is sequence ``first + b``).
 
         ``q``: ``[B, T, n_head_q, head_dim]`` pre-RoPE queries, ``positions``: ``[B, T]``
         (a query at a position < 0 is padding; its output row is 0). Returns ``out``, or a new
         ``[B, T, n_head_q, head_dim]`` tensor of q's dtype in q's framework. T == 1 on a sparse
-        layer is a SALS decode step; T > 1 or a dense layer attends every visible token.
+        layer is a SALS decode step; T > 1 or a dense layer attends every visible token. A
+        sequence gets what an attend of the whole batch gives it, up to float32 rounding.
+        Errors on ``first`` as in :meth:`append`.
         """
         self._check_open("attend")
+        first = _first(first)
         qt = _t.tensor(q, "q")
         pt = _t.index(positions, "positions", qt)
         stream = _stream(stream)
@@ -107,10 +120,10 @@ class LayerCache:
             out = _t.empty(qt, qt.shape, qt.dtype)
         try:
             self._c.attend(qt.obj, pt.obj, _t.output(out, "out").obj,
-                           stream if stream is not None else _t.stream(qt))
+                           stream if stream is not None else _t.stream(qt), first=first)
         except SalsError as e:
             raise _t.renamed(e, _ATTEND_NAMES) from None
-        self._last_batch = int(qt.shape[0])
+        self._last_rows = (first, int(qt.shape[0]))
         return out
 
     def _check_open(self, method: str) -> None:
@@ -147,23 +160,27 @@ class LayerCache:
         return _t.to_numpy(buf)
 
     def selected(self) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates selected by the last sparse attend: ``(idx, count)``.
+        """The candidates selected by the last attend for its sequences: ``(idx, count)``.
 
-        ``idx``: numpy int32 ``[B, H, N]`` token slots (0-based, not positions) with B the batch
-        of the last attend, H = 1 (shared selection) or n_head_kv (per head), N = max(count);
-        unused entries are -1 and order within a row is unspecified (compare as sets).
-        ``count``: numpy int32 ``[B]``, 0 after a dense or multi-token attend.
+        ``idx``: numpy int32 ``[B, H, N]`` token slots (0-based, not positions) of sequences
+        ``first..first+B-1`` of the last attend (its batch; 1 before any), H = 1 (shared
+        selection) or n_head_kv (per head), N = max(count); unused entries are -1 and order
+        within a row is unspecified (compare as sets). ``count``: numpy int32 ``[B]``, 0 after
+        a dense or multi-token attend, or for a sequence reset since.
         """
         self._check_open("selected")
         cfg = self._config
         heads = cfg.n_head_kv if cfg.select_per_head else 1
-        b = max(self._last_batch, 1)
-        idx = self._host_int32((b, heads, self._most_selected(self.lengths()[:b])))
-        count = self._host_int32((b,))
+        first, b = self._last_rows
+        b = max(b, 1)
+        # the library reports sequences 0..end-1; the buffer bounds every one of them
+        end = min(first + b, cfg.max_batch)
+        idx = self._host_int32((end, heads, self._most_selected(self.lengths()[:end])))
+        count = self._host_int32((end,))
         self._c.selected(idx, count, self._stream())
-        idx, count = _t.to_numpy(idx), _t.to_numpy(count)
+        idx, count = _t.to_numpy(idx)[first:end], _t.to_numpy(count)[first:end]
         n = int(count.max()) if count.size else 0
-        return np.ascontiguousarray(idx[:, :, :n]), count
+        return np.ascontiguousarray(idx[:, :, :n]), np.ascontiguousarray(count)
 
     def _most_selected(self, lengths: np.ndarray) -> int:
         """An upper bound of the candidates the last attend selected for sequences of these
@@ -192,9 +209,18 @@ class LayerCache:
         need for the same tokens; allocated is everything the cache allocated."""
         return self._c.memory(self._stream())
 
-    def reset(self) -> None:
-        """Empty every sequence; memory stays allocated."""
-        self._c.reset(self._stream())
+    def reset(self, *, first: int = 0, batch: int | None = None) -> None:
+        """Empty sequences ``first..first+batch-1`` (by default every sequence from ``first``
+        on: all of them); the others are kept and memory stays allocated. A serving engine
+        frees the slot of a finished sequence this way and admits a new one into it with
+        ``append(..., first=slot)``. Raises InvalidArgumentError (``first`` or ``batch`` < 0) or
+        CapacityError (past ``max_batch``), naming the argument and resetting nothing."""
+        self._check_open("reset")
+        first = _first(first)
+        if batch is None:
+            batch = max(self._config.max_batch - first, 0)
+        self._c.reset_range(first, _args.integer(batch, "batch", -(2**63), 2**63 - 1),
+                            self._stream())
 
     def close(self) -> None:
         """Free the cache's memory now. Idempotent."""
@@ -215,6 +241,11 @@ class LayerCache:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"device={self._device}"
         return f"LayerCache({self._config}, {state})"
+
+
+def _first(first) -> int:
+    """``first`` as an int; the library checks its range and names it."""
+    return _args.integer(first, "first", -(2**63), 2**63 - 1)
 
 
 def _stream(stream):

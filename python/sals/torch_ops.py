@@ -3,8 +3,10 @@
 Importing this module (it needs torch; ``import sals`` never imports it) registers, in the
 ``sals`` operator namespace::
 
-    sals::cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache) -> ()
-    sals::cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache) -> Tensor
+    sals::cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache,
+                       SymInt first=0) -> ()
+    sals::cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache,
+                       SymInt first=0) -> Tensor
 
 with CPU and CUDA kernels (``sals.LayerCache.append`` / ``attend`` on the caller's current
 stream) and fake (meta) implementations, so that ``torch.compile`` traces through them without a
@@ -23,7 +25,11 @@ removed as dead code. Nothing reads or writes its value.
 
 Shapes are those of ``LayerCache.append`` / ``attend``: ``k, v [B, T, n_head_kv, head_dim]``,
 ``q [B, T, n_head_q, head_dim]`` (pre-RoPE), ``positions [B, T] int32`` (< 0 marks padding);
-``cache_attend`` returns ``[B, T, n_head_q, head_dim]`` in q's dtype.
+``cache_attend`` returns ``[B, T, n_head_q, head_dim]`` in q's dtype. ``first``: the operators
+act on sequences ``first..first+B-1`` of the cache (``LayerCache.append(..., first=)``). A
+SymInt, not an int: ``torch.compile`` would guard on an int's value and compile again for each
+row range; a SymInt becomes a graph input once it takes a second value. A captured CUDA graph
+replays the range it was captured with.
 """
 
 from __future__ import annotations
@@ -84,9 +90,10 @@ def _cache(h: torch.Tensor) -> LayerCache:
 
 
 _lib = torch.library.Library("sals", "DEF")
-_lib.define(
-    "cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache) -> ()")
-_lib.define("cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache) -> Tensor")
+_lib.define("cache_append(Tensor k, Tensor v, Tensor positions, Tensor(a!) order, Tensor cache, "
+            "SymInt first=0) -> ()")
+_lib.define("cache_attend(Tensor q, Tensor positions, Tensor(a!) order, Tensor cache, "
+            "SymInt first=0) -> Tensor")
 
 
 def _on_device(x: torch.Tensor):
@@ -94,17 +101,17 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _append(k, v, positions, order, cache):
+def _append(k, v, positions, order, cache, first=0):
     _tensors(k=k, v=v, positions=positions, cache=cache)
     with _on_device(k):
-        _cache(cache).append(k, v, positions)
+        _cache(cache).append(k, v, positions, first=first)
 
 
-def _attend(q, positions, order, cache):
+def _attend(q, positions, order, cache, first=0):
     _tensors(q=q, positions=positions, cache=cache)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     with _on_device(q):
-        return _cache(cache).attend(q, positions, out=out)
+        return _cache(cache).attend(q, positions, out=out, first=first)
 
 
 for _key in ("CPU", "CUDA"):
@@ -113,11 +120,11 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("sals::cache_append")
-def _append_fake(k, v, positions, order, cache):
+def _append_fake(k, v, positions, order, cache, first=0):
     _tensors(k=k, v=v, positions=positions, cache=cache)
 
 
 @torch.library.register_fake("sals::cache_attend")
-def _attend_fake(q, positions, order, cache):
+def _attend_fake(q, positions, order, cache, first=0):
     _tensors(q=q, positions=positions, cache=cache)
     return q.new_empty(q.shape)

@@ -476,6 +476,10 @@ static void fuzz_cache(int fault) {
     const int64_t B = rnd(g.max_batch + 1) + (chance(fault / 8) ? g.max_batch : 0);
     const int64_t T = rnd(5);
     sals_cache_t* h = chance(fault / 10) ? NULL : cache;
+    /* half the appends and attends act on a range: first in 0..max_batch - B, or out of it */
+    const int range = chance(50);
+    const int64_t first = chance(fault / 8) ? rnd(2 * g.max_batch + 2) - g.max_batch - 1
+                                            : rnd(g.max_batch - B + 1);
     switch ((int)rnd(7)) {
       case 0:
       case 1: {
@@ -483,7 +487,12 @@ static void fuzz_cache(int fault) {
         ftensor_t* v = arg(&c, 4, B, T, Hkv, d, any_float(), V_FLOAT, 0);
         ftensor_t* p = arg(&c, 2, B, T, 0, 0, I32, V_POS, 40);
         before = sentinel(0);
-        check_status("sals_cache_append", sals_cache_append(h, P(k), P(v), P(p), NULL), before, 0);
+        if (range)
+          check_status("sals_cache_append_range",
+                       sals_cache_append_range(h, first, P(k), P(v), P(p), NULL), before, 0);
+        else
+          check_status("sals_cache_append", sals_cache_append(h, P(k), P(v), P(p), NULL), before,
+                       0);
       } break;
       case 2:
       case 3: {
@@ -492,7 +501,12 @@ static void fuzz_cache(int fault) {
         ftensor_t* p = arg(&c, 2, B, Tq, 0, 0, I32, V_POS, 40);
         ftensor_t* o = chance(5) ? q : arg(&c, 4, B, Tq, Hq, d, any_float(), V_FLOAT, 0);
         before = sentinel(0);
-        check_status("sals_cache_attend", sals_cache_attend(h, P(q), P(p), P(o), NULL), before, 0);
+        if (range)
+          check_status("sals_cache_attend_range",
+                       sals_cache_attend_range(h, first, P(q), P(p), P(o), NULL), before, 0);
+        else
+          check_status("sals_cache_attend", sals_cache_attend(h, P(q), P(p), P(o), NULL), before,
+                       0);
       } break;
       case 4: {
         ftensor_t* o = arg(&c, 1, rnd(g.max_batch + 2), 0, 0, 0, I32, V_BYTES, 0);
@@ -519,6 +533,12 @@ static void fuzz_cache(int fault) {
         if (chance(30)) {
           before = sentinel(0);
           check_status("sals_cache_reset", sals_cache_reset(h, NULL), before, 0);
+        } else if (chance(30)) {
+          before = sentinel(0);
+          check_status("sals_cache_reset_range",
+                       sals_cache_reset_range(h, first, rnd(g.max_batch + 2) - (range ? 0 : 1),
+                                              NULL),
+                       before, 0);
         }
       } break;
     }

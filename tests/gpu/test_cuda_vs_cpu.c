@@ -153,11 +153,40 @@ static sals_rope_t make_rope(int32_t d, float* inv) {
   return r;
 }
 
-/* Run the same cache workload on both backends and compare outputs, selections, lengths. */
+/* A view of sequences b0..b0+nb-1, tokens t0..t0+nt-1 of a compact [B, T, ...] tensor. */
+typedef struct {
+  DLTensor t;
+  int64_t shape[4], strides[4];
+} view_t;
+static void sub(view_t* v, const DLTensor* x, int64_t b0, int64_t nb, int64_t t0, int64_t nt) {
+  v->t = *x;
+  int64_t inner = 1;
+  for (int i = 2; i < x->ndim; ++i) inner *= x->shape[i];
+  v->shape[0] = nb;
+  v->shape[1] = nt;
+  v->strides[0] = x->shape[1] * inner;
+  v->strides[1] = inner;
+  if (x->ndim == 4) {
+    v->shape[2] = x->shape[2];
+    v->shape[3] = x->shape[3];
+    v->strides[2] = x->shape[3];
+    v->strides[3] = 1;
+  }
+  v->t.data = (char*)x->data + (b0 * x->shape[1] + t0) * inner * (x->dtype.bits / 8);
+  v->t.shape = v->shape;
+  v->t.strides = v->strides;
+}
+
+/*
+ * Run the same cache workload on both backends and compare outputs, selections, lengths. With
+ * by_range the CUDA cache is driven through the *_range calls (the CPU one through the whole-
+ * batch calls): the prefill one sequence at a time, last first, in two chunks; its attends and
+ * the decode steps' appends per sequence; the decode attends for sequence 0, then 1..B-1.
+ */
 static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int32_t rank,
                        int32_t rs, int32_t bits, int32_t kbits, int32_t kgroup, sals_dtype_t dt,
                        int32_t dense, int32_t per_head, float budget_frac, int32_t B, int32_t T0,
-                       int steps, double tol) {
+                       int steps, double tol, int by_range) {
   const int32_t dk = hkv * d;
   sals_config_t cfg = sals_config_default();
   cfg.n_head_q = hq;
@@ -216,9 +245,27 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
     for (int t = 0; t < T0; ++t) ((int32_t*)pos.h.data)[b * T0 + t] = t < 3 * b ? -1 : t - 3 * b;
   up(&pos);
   OK(sals_cache_append(cc, &k.h, &v.h, &pos.h, NULL));
-  OK(sals_cache_append(gc, &k.d, &v.d, &pos.d, NULL));
   OK(sals_cache_attend(cc, &q.h, &pos.h, &oc.h, NULL));
-  OK(sals_cache_attend(gc, &q.d, &pos.d, &og.d, NULL));
+  view_t vk, vv, vq, vp, vo;
+  if (by_range) {
+    for (int b = B - 1; b >= 0; --b)
+      for (int c = 0; c < 2; ++c) {
+        const int64_t t0 = c ? T0 / 2 : 0, nt = c ? T0 - T0 / 2 : T0 / 2;
+        sub(&vk, &k.d, b, 1, t0, nt);
+        sub(&vv, &v.d, b, 1, t0, nt);
+        sub(&vp, &pos.d, b, 1, t0, nt);
+        OK(sals_cache_append_range(gc, b, &vk.t, &vv.t, &vp.t, NULL));
+      }
+    for (int b = 0; b < B; ++b) {
+      sub(&vq, &q.d, b, 1, 0, T0);
+      sub(&vp, &pos.d, b, 1, 0, T0);
+      sub(&vo, &og.d, b, 1, 0, T0);
+      OK(sals_cache_attend_range(gc, b, &vq.t, &vp.t, &vo.t, NULL));
+    }
+  } else {
+    OK(sals_cache_append(gc, &k.d, &v.d, &pos.d, NULL));
+    OK(sals_cache_attend(gc, &q.d, &pos.d, &og.d, NULL));
+  }
   const double e_prefill = rel_err(&og, &oc.h);
   CHECK(e_prefill < tol, "%s: prefill attend (T=%d) rel err %.3g", name, T0, e_prefill);
 
@@ -237,9 +284,25 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
       ((int32_t*)pos1.h.data)[b] = (b == B - 1 && s == 1) ? -1 : T0 - 3 * b + s; /* one pad */
     up(&pos1);
     OK(sals_cache_append(cc, &k1.h, &v1.h, &pos1.h, NULL));
-    OK(sals_cache_append(gc, &k1.d, &v1.d, &pos1.d, NULL));
     OK(sals_cache_attend(cc, &q1.h, &pos1.h, &oc1.h, NULL));
-    OK(sals_cache_attend(gc, &q1.d, &pos1.d, &og1.d, NULL));
+    if (by_range) {
+      for (int b = 0; b < B; ++b) {
+        sub(&vk, &k1.d, b, 1, 0, 1);
+        sub(&vv, &v1.d, b, 1, 0, 1);
+        sub(&vp, &pos1.d, b, 1, 0, 1);
+        OK(sals_cache_append_range(gc, b, &vk.t, &vv.t, &vp.t, NULL));
+      }
+      for (int g = 0; g < 2; ++g) {
+        const int64_t b0 = g ? 1 : 0, nb = g ? B - 1 : 1;
+        sub(&vq, &q1.d, b0, nb, 0, 1);
+        sub(&vp, &pos1.d, b0, nb, 0, 1);
+        sub(&vo, &og1.d, b0, nb, 0, 1);
+        OK(sals_cache_attend_range(gc, b0, &vq.t, &vp.t, &vo.t, NULL));
+      }
+    } else {
+      OK(sals_cache_append(gc, &k1.d, &v1.d, &pos1.d, NULL));
+      OK(sals_cache_attend(gc, &q1.d, &pos1.d, &og1.d, NULL));
+    }
     const double e = rel_err(&og1, &oc1.h);
     if (e > worst) worst = e;
     OK(sals_cache_selected(cc, &ic.h, &nc.h, NULL));
@@ -440,26 +503,30 @@ int main(void) {
   stateless();
   /* name, Hq, Hkv, d, rank, r*, value bits, key bits, key group, dtype, dense, per_head, budget,
    * B, T0, steps, tol */
-  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3);
-  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
-  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, 16, 32, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
-  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 16, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
-  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
-  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, 16, 32, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3, 0);
+  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 0);
+  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, 16, 32, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2, 0);
+  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 16, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 0);
+  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 0);
+  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, 16, 32, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3, 0);
   /* Quantised latent keys: tensor-core prefill projection (hgemm) and the decode skinny product
    * then the quantise kernel, quantised scoring and rebuild, general kernel for T > 1. */
-  cache_case("qk8 sparse fp16 d128 G4", 8, 2, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2);
-  cache_case("qk4 sparse bf16 d64 G1", 4, 4, 64, 64, 32, 2, 4, 16, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2);
-  cache_case("qk8 full-budget fp16 r=r*", 8, 2, 64, 128, 128, 16, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 1e-2);
-  cache_case("qk4 per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2);
-  cache_case("qk8 dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2);
+  cache_case("qk8 sparse fp16 d128 G4", 8, 2, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 0);
+  cache_case("qk4 sparse bf16 d64 G1", 4, 4, 64, 64, 32, 2, 4, 16, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2, 0);
+  cache_case("qk8 full-budget fp16 r=r*", 8, 2, 64, 128, 128, 16, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 1e-2, 0);
+  cache_case("qk4 per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 0);
+  cache_case("qk8 dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 0);
   /* groups of 12: the rebuild's 8-coordinate pieces straddle groups */
-  cache_case("qk8 fp16 g12 G2", 6, 3, 64, 48, 24, 4, 8, 12, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2);
+  cache_case("qk8 fp16 g12 G2", 6, 3, 64, 48, 24, 4, 8, 12, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2, 0);
   /* score_rank 12 (not a multiple of 8): scalar scoring, general kernel for decode too */
-  cache_case("qk4 fp16 r40 r*12 g4", 4, 2, 64, 40, 12, 16, 4, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2);
-  cache_case("qk4 fp32 r40 r*12 g4", 4, 2, 64, 40, 12, 4, 4, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3);
+  cache_case("qk4 fp16 r40 r*12 g4", 4, 2, 64, 40, 12, 16, 4, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2, 0);
+  cache_case("qk4 fp32 r40 r*12 g4", 4, 2, 64, 40, 12, 4, 4, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3, 0);
   /* 3 x 700 prefill rows: projected and quantised in two chunks of the workspace */
-  cache_case("qk8 chunked prefill fp16", 2, 1, 64, 32, 16, 16, 8, 8, SALS_DTYPE_FLOAT16, 0, 0, 0.1f, 3, 700, 2, 3e-2);
+  cache_case("qk8 chunked prefill fp16", 2, 1, 64, 32, 16, 16, 8, 8, SALS_DTYPE_FLOAT16, 0, 0, 0.1f, 3, 700, 2, 3e-2, 0);
+  /* the *_range calls on CUDA, each buffer of a sequence reached from its offset pointers */
+  cache_case("range sparse fp16 d128 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 1);
+  cache_case("range qk4 per-head bf16 d256", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 1);
+  cache_case("range dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 1);
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

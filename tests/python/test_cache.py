@@ -221,7 +221,7 @@ def _selected_as_before(cache):
     """selected() as it was: a [B, H, max_tokens] buffer, trimmed to the largest count."""
     cfg = cache.config
     heads = cfg.n_head_kv if cfg.select_per_head else 1
-    b = max(cache._last_batch, 1)
+    b = max(cache._last_rows[1], 1)
     idx, count = np.empty((b, heads, cfg.max_tokens), np.int32), np.empty(b, np.int32)
     cache._c.selected(idx, count, None)
     return np.ascontiguousarray(idx[:, :, :int(count.max())]), count

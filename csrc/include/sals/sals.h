@@ -70,10 +70,14 @@ extern "C" {
 /* ------------------------------------------------------------------------------------------ */
 
 #define SALS_VERSION_MAJOR 0
-#define SALS_VERSION_MINOR 2
+/** The minor version grows when functions are added (0.3: the *_range functions). */
+#define SALS_VERSION_MINOR 3
 #define SALS_VERSION_PATCH 0
-#define SALS_VERSION_STRING "0.2.0"
-/** Bumped whenever a struct layout, enum value or function signature in this header changes. */
+#define SALS_VERSION_STRING "0.3.0"
+/**
+ * Bumped whenever a struct layout, enum value or function signature in this header changes;
+ * added functions leave it as it is (a library without them fails to load, by their name).
+ */
 #define SALS_ABI_VERSION 2
 
 /** Largest sals_config_t.n_threads: CPU worker threads of one cache. */
@@ -242,6 +246,16 @@ SALS_API void sals_cache_destroy(sals_cache_t* cache);
 /** Empty every sequence (lengths to 0); memory stays allocated. */
 SALS_API sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream);
 
+/**
+ * Empty sequences first..first+batch-1 (lengths and reservations to 0, no selection), leaving
+ * the others as they are: a serving engine frees the slot of a finished sequence this way and
+ * admits the next one into it (sals_cache_append_range). Fails with SALS_ERR_INVALID_ARGUMENT
+ * (first < 0 or batch < 0) or SALS_ERR_CAPACITY (first + batch > max_batch), naming the
+ * argument and resetting nothing. Work only on `stream`.
+ */
+SALS_API sals_status_t sals_cache_reset_range(sals_cache_t* cache, int64_t first, int64_t batch,
+                                              void* stream);
+
 /** Copy the cache's configuration to *out. */
 SALS_API sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* out);
 
@@ -251,11 +265,27 @@ SALS_API sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_con
  * pos:  [B, T] int32 positions; a slot with pos < 0 is padding and is skipped, so each
  *       sequence grows by its count of non-negative positions (ragged batches).
  * Capacity is reserved conservatively and checked on the host without reading pos: each call
- * reserves T slots per sequence until sals_cache_reset, and fails with SALS_ERR_CAPACITY
- * (changing nothing) if that would pass max_tokens, or if B > max_batch.
+ * reserves T slots for each sequence it appends to, kept per sequence until that sequence is
+ * reset, and fails with SALS_ERR_CAPACITY (changing nothing) if that would pass max_tokens, or
+ * if B > max_batch. sals_cache_append_range with first = 0.
  */
 SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
                                          const DLTensor* pos, void* stream);
+
+/**
+ * sals_cache_append to sequences first..first+B-1: row b of k, v and pos goes to sequence
+ * first + b; no other sequence is read or changed. Sequences may so be filled one (or a few)
+ * at a time, each in chunks of tokens, in any order, each reserving only its own slots, and end
+ * as after appending the whole batch at once: byte for byte on the CPU; on CUDA the values and
+ * windows alike, the latent keys within float32 rounding (the projection's kernel depends on
+ * the rows appended per call). A prefill then needs the activations of one group of
+ * sequences, not of the batch.
+ * first < 0 fails with SALS_ERR_INVALID_ARGUMENT, first + B > max_batch with
+ * SALS_ERR_CAPACITY; both messages name `first`, and nothing is changed.
+ */
+SALS_API sals_status_t sals_cache_append_range(sals_cache_t* cache, int64_t first,
+                                               const DLTensor* k, const DLTensor* v,
+                                               const DLTensor* pos, void* stream);
 
 /**
  * Attention of new queries over everything the cache holds (append the step's own key first).
@@ -265,16 +295,28 @@ SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k,
  * A key is visible to a query when its position is <= the query's position (causal).
  * With T == 1 and config.dense == 0 the step is sparse: sinks, recent window and the selected
  * candidates. Otherwise (T > 1 or dense) every visible token is attended, with rebuilt keys and
- * dequantised values outside the exact windows.
+ * dequantised values outside the exact windows. sals_cache_attend_range with first = 0.
  */
 SALS_API sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q,
                                          const DLTensor* q_pos, DLTensor* out, void* stream);
 
 /**
+ * sals_cache_attend of sequences first..first+B-1: row b of q, q_pos and out belongs to
+ * sequence first + b. A sequence gets the selection a whole-batch attend makes for it and its
+ * output up to float32 rounding (how a step's work is split depends on B); the selections of
+ * the other sequences are kept (sals_cache_selected). Errors on `first` as in
+ * sals_cache_append_range.
+ */
+SALS_API sals_status_t sals_cache_attend_range(sals_cache_t* cache, int64_t first,
+                                               const DLTensor* q, const DLTensor* q_pos,
+                                               DLTensor* out, void* stream);
+
+/**
  * Reserve `tokens` more slots for each of sequences 0..batch-1 without appending: for appends
  * the host does not see (replays of a captured CUDA graph, which re-run the kernels but not
- * this library's host code). Fails with SALS_ERR_CAPACITY, reserving nothing, if a sequence
- * would pass max_tokens. No device work.
+ * this library's host code; a captured *_range call replays on the same sequences). Fails
+ * with SALS_ERR_CAPACITY, reserving nothing, if a sequence would pass max_tokens. No device
+ * work.
  */
 SALS_API sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens);
 
@@ -291,11 +333,13 @@ SALS_API sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void*
 SALS_API sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream);
 
 /**
- * The candidates selected by the last sparse sals_cache_attend (for inspection and tests).
+ * The candidates selected for sequences 0..B-1 by the last attend of each (for inspection and
+ * tests): the last sals_cache_attend, or sals_cache_attend_range covering the sequence.
  * idx:   [B, H, N] int32 token indices (0-based slots in the sequence, not positions), where
  *        H = 1 for a shared selection or n_head_kv per head, N >= the largest count; unused
  *        entries are -1; order within a row is unspecified (compare as sets).
- * count: [B] int32, tokens selected per sequence (0 after a dense or T > 1 attend).
+ * count: [B] int32, tokens selected per sequence (0 after a dense or T > 1 attend, and for a
+ *        sequence not attended since it was reset).
  */
 SALS_API sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx,
                                            DLTensor* count, void* stream);

@@ -5,6 +5,9 @@
     out = model.generate(input_ids, max_new_tokens=64)      # a SalsCache is created for it
     sals.hf.unpatch(model)
 
+A batch too large to prefill in one forward is filled a group of sequences at a time
+(``sals.hf.prefill(model, cache, input_ids, rows=1)``), then generated from as usual.
+
 Supported model types: see ``SUPPORTED`` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) with
 transformers 5.x. Calibrations come from ``python -m sals calibrate`` (``sals.hf.calibrate``).
 
@@ -22,11 +25,11 @@ import types
 _EXPORTS = {
     "SUPPORTED": "_arch", "fingerprint": "_arch", "pre_rope": "_arch",
     "CACHE_ARG": "cache", "SalsCache": "cache", "SalsLayer": "cache",
-    "is_patched": "patch", "patch": "patch", "unpatch": "patch",
+    "is_patched": "patch", "patch": "patch", "unpatch": "patch", "prefill": "prefill",
 }
 
 __all__ = ["CACHE_ARG", "SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched",
-           "patch", "pre_rope", "unpatch"]
+           "patch", "pre_rope", "prefill", "unpatch"]
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
@@ -30,9 +31,11 @@ def _unsupported(what: str):
 
 
 class SalsLayer(CacheLayerMixin):
-    """One attention layer of a SalsCache. ``slots`` counts appended token slots (padding
-    included): it is the logical length transformers sees (mask sizes, position offsets), while
-    ``LayerCache.lengths()`` counts the tokens actually stored per sequence.
+    """One attention layer of a SalsCache. ``row_slots[r]`` counts the token slots appended to
+    row (sequence) r, padding included: the logical length transformers sees (mask sizes,
+    position offsets), while ``LayerCache.lengths()`` counts the tokens actually stored per
+    sequence. A forward acts on rows ``first..first+B-1`` (``first`` is 0 except while
+    ``sals.hf.prefill`` fills a group of rows), which must hold one logical length: ``slots``.
 
     ``key_scale``: the calibration's ``[Dk]`` scale of query-weighted projections, or None.
     The layer then stores ``s * k`` and attends with ``q / s`` (per KV head, and per query head
@@ -50,7 +53,8 @@ class SalsLayer(CacheLayerMixin):
         self.layer_cache = layer_cache
         self.index = index
         self.device = device
-        self.slots = 0
+        self.row_slots = np.zeros(layer_cache.config.max_batch, np.int64)
+        self.first = 0
         self.is_initialized = True
         # the torch.ops.sals operators' view of the cache (sals.torch_ops)
         self.handle = torch_ops.handle(layer_cache)
@@ -78,30 +82,58 @@ class SalsLayer(CacheLayerMixin):
                 f"{name}: on {x.device}, but SalsCache layer {self.index} lives on {self.device} "
                 f"(create the cache after moving the model)")
 
+    @property
+    def slots(self) -> int:
+        """The logical length of the rows a forward acts on (those from ``first``)."""
+        return int(self.row_slots[self.first])
+
+    def past(self, batch: int) -> int:
+        """The logical length of rows ``first..first+batch-1``, which a forward appends to:
+        one length, or InvalidArgumentError (CapacityError past max_batch)."""
+        if self.first + batch > self.row_slots.size:
+            raise CapacityError(
+                f"input_ids: batch {batch} from row {self.first} passes max_batch "
+                f"{self.row_slots.size} of the SalsCache (SalsCache(model, max_batch, ...))")
+        rows = self.row_slots[self.first:self.first + batch]
+        if (rows != rows[0]).any():
+            raise InvalidArgumentError(
+                f"input_ids: rows {self.first}..{self.first + batch - 1} of the SalsCache hold "
+                f"{sorted(set(rows.tolist()))} token slots; one forward serves rows of one "
+                f"length (fill a batch by groups with sals.hf.prefill)")
+        return int(rows[0])
+
+    def advance(self, batch: int, tokens: int) -> None:
+        """Count ``tokens`` more slots in rows ``first..first+batch-1``."""
+        self.row_slots[self.first:self.first + batch] += tokens
+
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """k, v: [B, T, Hkv, d] pre-RoPE; positions: [B, T] int32, < 0 for padding."""
+        """k, v: [B, T, Hkv, d] pre-RoPE; positions: [B, T] int32, < 0 for padding; into rows
+        ``first..first+B-1``."""
         self._check_device(k, "k")
         if self.k_scale is not None:
             k = k * self.k_scale.to(k.dtype)
+        batch = int(k.shape[0])
         try:
             # DLPack refuses tensors that require grad (a plain forward outside no_grad)
             torch.ops.sals.cache_append(k.detach(), v.detach(), positions, self.order,
-                                        self.handle)
+                                        self.handle, self.first)
         except CapacityError as e:
             cfg = self.layer_cache.config
             raise CapacityError(
                 f"{e} (SalsCache layer {self.index}: {self.slots} of {cfg.max_tokens} token slots "
-                f"used, batch {k.shape[0]} of {cfg.max_batch}; create the cache larger: "
-                f"sals.hf.patch(..., max_tokens=N) or SalsCache(model, max_batch, max_tokens))"
-            ) from e
-        self.slots += int(k.shape[1])
+                f"used, rows {self.first}..{self.first + batch - 1} of {cfg.max_batch}; create "
+                f"the cache larger: sals.hf.patch(..., max_tokens=N) or SalsCache(model, "
+                f"max_batch, max_tokens))") from e
+        self.advance(batch, int(k.shape[1]))
 
     def attend(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """q: [B, T, Hq, d] pre-RoPE -> [B, T, Hq, d] in q's dtype."""
+        """q: [B, T, Hq, d] pre-RoPE of rows ``first..first+B-1`` -> [B, T, Hq, d] in q's
+        dtype."""
         self._check_device(q, "q")
         if self.q_scale is not None:
             q = q * self.q_scale.to(q.dtype)
-        return torch.ops.sals.cache_attend(q.detach(), positions, self.order, self.handle)
+        return torch.ops.sals.cache_attend(q.detach(), positions, self.order, self.handle,
+                                           self.first)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.slots + query_length, 0
@@ -114,7 +146,7 @@ class SalsLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.layer_cache.reset()
-        self.slots = 0
+        self.row_slots[:] = 0
 
     def offload(self):
         _unsupported("offloading")
@@ -199,6 +231,21 @@ class SalsCache(Cache):
         self.decode_graphs: dict = {}  # batch size -> captured decode step (sals.hf.graphs)
         self.max_batch = int(max_batch)
         self.max_tokens = int(max_tokens)
+        self.filling = False  # sals.hf.prefill is filling a group of rows (no decode steps)
+
+    @property
+    def first(self) -> int:
+        """The first row (sequence) that forwards through this cache act on: 0, except while
+        ``sals.hf.prefill`` fills a group of rows."""
+        return next((layer.first for layer in self.layers if isinstance(layer, SalsLayer)), 0)
+
+    def _set_first(self, first: int) -> None:
+        """Make forwards act on rows ``first..``, for ``sals.hf.prefill``: row ranges are
+        consistent only through it, which also gives sliding-window layers (whose windows hold
+        the whole batch) one window per group."""
+        for layer in self.layers:
+            if isinstance(layer, SalsLayer):
+                layer.first = first
 
     def memory(self) -> dict:
         """Bytes held now, summed over layers: the ``sals_memory_t`` fields of the SALS layers

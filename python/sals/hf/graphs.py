@@ -9,7 +9,7 @@ per layer, no host synchronisation, no allocation.
 What the graph bakes in, and how the host keeps it right (FlashInfer's plan/run split):
   - sizes and device pointers: the graph belongs to one SalsCache and one batch size;
   - per-step lengths live on the device (the kernels read them); the host only reserves each
-    replayed token's slot (``LayerCache.reserve``) and advances ``SalsLayer.slots``;
+    replayed token's slot (``LayerCache.reserve``) and advances ``SalsLayer.row_slots``;
   - positions come in through the static ``position_ids``; a decode token that the 2D
     ``attention_mask`` marks as padding is passed at position -1 (not stored, zero output), so
     the model's 4D mask is not needed and is not built;
@@ -61,8 +61,9 @@ def check_model(info) -> None:
 
 def is_decode_step(cache, given: dict) -> bool:
     """A forward that a captured step serves: one new token per sequence, a SalsCache that
-    already holds the prompt."""
-    if not isinstance(cache, SalsCache):
+    already holds the prompt (not a one-token chunk of ``sals.hf.prefill``, which fills a group
+    of rows)."""
+    if not isinstance(cache, SalsCache) or cache.filling:
         return False
     x = given.get("input_ids")
     if x is None:
@@ -167,7 +168,7 @@ def _reserve(layers: list[SalsLayer], batch: int) -> None:
             f"sals.hf.patch(..., max_tokens=N) or SalsCache(model, max_batch, max_tokens)")
     for layer in layers:
         layer.layer_cache.reserve(batch, 1)
-        layer.slots += 1
+        layer.advance(batch, 1)
 
 
 def _capture(entry: _Graph, original, cache: SalsCache, cache_arg: str, logits_to_keep) -> None:

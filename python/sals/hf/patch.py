@@ -359,7 +359,7 @@ def _attention_forward(state: PatchState, info: _arch.LayerInfo):
         layer: SalsLayer = cache.layers[info.index]
         batch, length = hidden_states.shape[:2]
         q, k, v = _arch.pre_rope(self, hidden_states)
-        past = layer.slots
+        past = layer.past(batch)
         padding = _padding(attention_mask, past, batch, length)
         positions = _positions(kwargs.get("position_ids"), padding, past, batch, length,
                                q.device)
