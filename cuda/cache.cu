@@ -147,8 +147,10 @@ constexpr int kVPer = 16, kVChunk = kScanThreads * kVPer;
  * Values and exact windows of one appended row (m = b * T + t) per block of kScanThreads. With
  * T == 1 the block first assigns its sequence's slot (a decode step needs no slot kernel).
  * Channels are read coalesced (thread i takes channels i, i + 256, ...), all of a pass at once,
- * and staged in shared memory; then one thread per quantisation group runs quantize_group on the
- * staged copy (one padding float per 32 keeps the group-strided reads free of bank conflicts).
+ * and staged in shared memory; then a segment of lanes per quantisation group runs
+ * quantize_group_seg on the staged copy (one padding float per 32 keeps the group-strided reads
+ * free of bank conflicts): at a decode step the row is one block, and one thread per group
+ * left most of it idle on a serial min/max and packing loop.
  * A pass covers whole groups; a group longer than a pass is read from global memory instead.
  * Three blocks per SM leave registers for a pass's 32 loads in flight without spills.
  * With `flags` (check_finite), the block also checks its row's k and v, raising flags[0] / [1]:
@@ -161,15 +163,25 @@ __global__ void __launch_bounds__(kScanThreads, 3)
                   int32_t* __restrict__ len, int32_t* __restrict__ newlen,
                   int32_t* __restrict__ cpos, int32_t* __restrict__ dest, int* flags) {
   __shared__ float xs[kVChunk + kVChunk / 32];
-  __shared__ int32_t slot_s;
+  __shared__ int32_t slot_s, len_s;
   const int32_t b = blockIdx.x / T_, t = blockIdx.x % T_;
   int32_t slot, n;
   if (T_ == 1) {
-    const Slots a = assign_slots(pos, b, 1, c.cfg.max_tokens, len, newlen, cpos, dest);
-    n = a.len;
-    if (threadIdx.x == 0) slot_s = a.slot;
+    /* assign_slots for one row, by one thread: no block scan, two barriers fewer */
+    if (threadIdx.x == 0) {
+      const int32_t p = load_i32(pos, off2(pos, b, 0)), l0 = len[b], max_tokens = c.cfg.max_tokens;
+      const int32_t sl = p >= 0 && l0 < max_tokens ? l0 : -1;
+      const int32_t nl = l0 + (p >= 0) < max_tokens ? l0 + (p >= 0) : max_tokens;
+      dest[b] = sl;
+      if (sl >= 0) cpos[(int64_t)b * max_tokens + sl] = p;
+      len[b] = nl;
+      newlen[b] = nl;
+      slot_s = sl;
+      len_s = nl;
+    }
     __syncthreads();
     slot = slot_s;
+    n = len_s;
   } else {
     slot = dest[blockIdx.x];
     n = newlen[b];
@@ -214,17 +226,24 @@ __global__ void __launch_bounds__(kScanThreads, 3)
     }
     if (full) continue;
     __syncthreads();
-    /* groups that start in this pass (all of them lie in it when staged) */
+    /* groups that start in this pass (all of them lie in it when staged), one per segment of
+     * `seg` lanes: the power of two covering the group (at most a warp), halved until the
+     * pass's groups fit the block at once */
     const int32_t g_lo = (c0 + group - 1) / group, g_hi = (c0 + cn - 1) / group + 1;
-    for (int32_t g = g_lo + threadIdx.x; g < g_hi; g += kScanThreads) {
-      const int32_t e0 = g * group;
+    int32_t seg = group >= 32 ? 32 : 1 << (32 - __clz(group - 1));
+    while (seg > 1 && (g_hi - g_lo) * seg > kScanThreads) seg >>= 1;
+    const int32_t per_warp = 32 / seg, lane = threadIdx.x & 31;
+    for (int32_t g0 = g_lo + (int32_t)(threadIdx.x >> 5) * per_warp; g0 < g_hi;
+         g0 += kScanThreads / 32 * per_warp) {
+      const int32_t g = g0 + lane / seg, e0 = g * group;
       auto x_at = [&](int32_t e) {
         const int32_t i = e0 + e - c0;
         return staged ? xs[i + i / 32] : load_elem(v.data, v.elem, voff(e0 + e));
       };
       /* group * bits is a multiple of 8: each group owns whole bytes */
-      quantize_group(x_at, group, bits, packed + (int64_t)e0 * bits / 8,
-                     &c.val_scale[row * c.n_groups + g], &c.val_zero[row * c.n_groups + g]);
+      quantize_group_seg(x_at, g < g_hi, lane % seg, seg, group, bits,
+                         packed + (int64_t)e0 * bits / 8, &c.val_scale[row * c.n_groups + g],
+                         &c.val_zero[row * c.n_groups + g]);
     }
     __syncthreads();
   }

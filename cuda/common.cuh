@@ -171,39 +171,87 @@ __device__ __forceinline__ float rope_elem(X x, int32_t e, int32_t p, const floa
 }
 
 /*
- * Quantise one group of `group` channels (x_at(e) gives channel e as float) exactly as the CPU
- * backend does: zero rounded down and scale rounded up to float16, so [zero, zero + levels *
- * scale] covers [min, max]; codes packed little-endian into the group's whole bytes.
+ * Quantisation of one group of channels exactly as the CPU backend does it: zero rounded down
+ * and scale rounded up to float16, so [zero, zero + levels * scale] covers [min, max]; codes
+ * packed little-endian into the group's whole bytes. GroupQuant holds a group's parameters
+ * from its min and max; code() gives a channel's code.
  */
+struct GroupQuant {
+  float z, inv, levels;
+  uint16_t scale, zero;
+  __device__ __forceinline__ GroupQuant(float lo, float hi, int32_t bits) {
+    levels = (float)((1 << bits) - 1);
+    const __half zh = __float2half_rd(lo);
+    z = __half2float(zh);
+    const __half sh = __float2half_ru((hi - z) / levels);
+    const float sc = __half2float(sh);
+    inv = sc > 0.f ? 1.f / sc : 0.f;
+    scale = __half_as_ushort(sh);
+    zero = __half_as_ushort(zh);
+  }
+  __device__ __forceinline__ uint32_t code(float x) const {
+    float q = (x - z) * inv + 0.5f;
+    q = q < 0.f ? 0.f : (q > levels ? levels : q);
+    return (uint32_t)q;
+  }
+};
+
+/* One group (x_at(e) gives channel e as float) by one thread. */
 template <typename F>
 __device__ __forceinline__ void quantize_group(F x_at, int32_t group, int32_t bits,
                                                uint8_t* packed, uint16_t* scale, uint16_t* zero) {
-  const int32_t levels = (1 << bits) - 1;
   float lo = INFINITY, hi = -INFINITY;
   for (int32_t e = 0; e < group; ++e) {
     const float x = x_at(e);
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  const __half zh = __float2half_rd(lo);
-  const float z = __half2float(zh);
-  const __half sh = __float2half_ru((hi - z) / (float)levels);
-  const float sc = __half2float(sh);
-  const float inv = sc > 0.f ? 1.f / sc : 0.f;
-  *scale = __half_as_ushort(sh);
-  *zero = __half_as_ushort(zh);
+  const GroupQuant gq(lo, hi, bits);
+  *scale = gq.scale;
+  *zero = gq.zero;
   uint32_t acc = 0;
   int nb = 0;
   for (int32_t e = 0; e < group; ++e) {
-    float q = (x_at(e) - z) * inv + 0.5f;
-    q = q < 0.f ? 0.f : (q > (float)levels ? (float)levels : q);
-    acc |= (uint32_t)q << nb;
+    acc |= gq.code(x_at(e)) << nb;
     nb += bits;
     if (nb == 8) {
       *packed++ = (uint8_t)acc;
       acc = 0;
       nb = 0;
     }
+  }
+}
+
+/* One group by an aligned segment of `seg` lanes (a power of two <= 32; lane `r` of it): the
+ * lanes share the min/max scan and write one byte each at a time. Every lane of the warp calls
+ * it together (the reductions are warp shuffles); lanes whose segment has no group pass
+ * live = false. fminf/fmaxf are exact and order-free, so the result equals quantize_group's. */
+template <typename F>
+__device__ __forceinline__ void quantize_group_seg(F x_at, bool live, int32_t r, int32_t seg,
+                                                   int32_t group, int32_t bits, uint8_t* packed,
+                                                   uint16_t* scale, uint16_t* zero) {
+  float lo = INFINITY, hi = -INFINITY;
+  if (live)
+    for (int32_t e = r; e < group; e += seg) {
+      const float x = x_at(e);
+      lo = fminf(lo, x);
+      hi = fmaxf(hi, x);
+    }
+  for (int32_t o = seg / 2; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if (!live) return;
+  const GroupQuant gq(lo, hi, bits);
+  if (r == 0) {
+    *scale = gq.scale;
+    *zero = gq.zero;
+  }
+  const int32_t per_byte = 8 / bits;
+  for (int32_t j = r; j < group / per_byte; j += seg) {
+    uint32_t acc = 0;
+    for (int32_t e = 0; e < per_byte; ++e) acc |= gq.code(x_at(j * per_byte + e)) << (e * bits);
+    packed[j] = (uint8_t)acc;
   }
 }
 

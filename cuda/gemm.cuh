@@ -13,6 +13,7 @@
 #define SALS_CUDA_GEMM_CUH_
 
 #include <cuda/atomic>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -76,11 +77,12 @@ cudaError_t sgemm(int64_t M, int64_t N, int64_t K, ALoad a, BLoad b, Epi epi, cu
 
 /*
  * C[r, n] = sum_k X(m, k, hs) U_hs[k, n] for r = m * H + hs, up to a few hundred rows m, where
- * U_hs = U + hs * u_head_stride (row stride ldu). Grid: (32 columns, split of K, 16 rows m and
- * head hs); each block reads its U tile once for all 16 rows, so U is read once per 16 rows.
+ * U_hs = U + hs * u_head_stride (row stride ldu). Grid: (32 columns, split of K, MR rows m and
+ * head hs), MR = 1, 4 or 16 (kSkM) rows per block as the batch needs; each block reads its U
+ * tile once for all its rows, so U is read once per MR rows.
  * Inside a block each warp takes 4-row groups of the split (one column per lane), and issues all
  * its U loads before the block stages X, so the whole tile is in flight at once; X sits in
- * shared memory as [16][rows] and is read as 4-row float4 broadcasts.
+ * shared memory as [MR][rows] and is read as 4-row float4 broadcasts.
  * Block sums are written to part[((z * M + m) * H + hs) * N + n] for split z. With an
  * epilogue, the last block of each (column tile, row group, head) to finish (an arrival counter)
  * adds the splits in order z = 0, 1, ... and calls epi(m * H + hs, n, sum): a fixed order, so the
@@ -90,7 +92,6 @@ constexpr int kSkCols = 32, kSkM = 16, kSkWarps = 8, kSkThreads = 32 * kSkWarps;
 constexpr int kSkQuads = 8;                              /* 4-row groups per warp, at most */
 constexpr int kSkMaxRows = 4 * kSkWarps * kSkQuads;      /* rows of K per split, at most */
 constexpr int kSkSumBatch = 16;                          /* partials loaded at once when summing */
-static_assert(kSkM * kSkMaxRows >= kSkWarps * kSkM * kSkCols, "shared X also holds warp sums");
 
 /* Rows of K per split: K / 16 rounded up to whole 32-row passes, within [32, kSkMaxRows]. At
  * most 16 splits up to K = 4096 (enough blocks to cover the device at batch 1, few partials per
@@ -135,16 +136,17 @@ static inline SkinnyWork skinny_work(void* base, int64_t max_m, int64_t N, int64
 }
 
 /* Two blocks per SM: a batch-16 LLaMA2-size grid (256 blocks) is resident in one wave. */
-template <typename XLoad, typename Epi>
+template <int MR, typename XLoad, typename Epi>
 __global__ void __launch_bounds__(kSkThreads, 2)
     skinny_kernel(int32_t M, int32_t N, int32_t K, int32_t H, int32_t R,
                   const float* __restrict__ U, int64_t ldu, int64_t u_head_stride, XLoad x,
                   float* __restrict__ part, uint32_t* __restrict__ count, Epi epi) {
-  /* X [kSkM][R] while the products run, then the warps' sums [kSkWarps][kSkM][kSkCols] */
-  __shared__ __align__(16) float sm[kSkM * kSkMaxRows];
+  /* X [MR][R] while the products run, then the warps' sums [kSkWarps][MR][kSkCols] */
+  static_assert(MR * kSkMaxRows >= kSkWarps * MR * kSkCols, "shared X also holds warp sums");
+  __shared__ __align__(16) float sm[MR * kSkMaxRows];
   __shared__ bool last_s;
   const int32_t splits = (int32_t)gridDim.y, z = (int32_t)blockIdx.y;
-  const int32_t hs = (int32_t)blockIdx.z % H, m0 = ((int32_t)blockIdx.z / H) * kSkM;
+  const int32_t hs = (int32_t)blockIdx.z % H, m0 = ((int32_t)blockIdx.z / H) * MR;
   const int32_t k0 = z * R, kn = K - k0 < R ? K - k0 : R;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int32_t n = (int32_t)blockIdx.x * kSkCols + lane;
@@ -160,29 +162,29 @@ __global__ void __launch_bounds__(kSkThreads, 2)
       u[j][r] = (j < nq && kk < kn && n < N) ? __ldg(up + (int64_t)kk * ldu) : 0.f;
     }
 
-  /* X [kSkM][R] (element i = mm * R + kk), spread over all threads. Every thread makes all
-   * kSkM loads, with no branch between them: indices are clamped into range (past the tile,
+  /* X [MR][R] (element i = mm * R + kk), spread over all threads. Every thread makes all
+   * MR loads, with no branch between them: indices are clamped into range (past the tile,
    * onto its last row: cached duplicates), and what lies outside is stored as zeros. */
-  float xv[kSkM];
+  float xv[MR];
 #pragma unroll
-  for (int j = 0; j < kSkM; ++j) {
-    const int i = tid + j * kSkThreads, kk = i % R, mm = i / R < kSkM ? i / R : kSkM - 1;
+  for (int j = 0; j < MR; ++j) {
+    const int i = tid + j * kSkThreads, kk = i % R, mm = i / R < MR ? i / R : MR - 1;
     xv[j] = x(m0 + mm < M ? m0 + mm : M - 1, k0 + kk < K ? k0 + kk : K - 1, hs);
   }
 #pragma unroll
-  for (int j = 0; j < kSkM; ++j) {
+  for (int j = 0; j < MR; ++j) {
     const int i = tid + j * kSkThreads, mm = i / R, kk = i - mm * R;
-    if (i < kSkM * R) sm[i] = m0 + mm < M && k0 + kk < K ? xv[j] : 0.f;
+    if (i < MR * R) sm[i] = m0 + mm < M && k0 + kk < K ? xv[j] : 0.f;
   }
   __syncthreads();
 
-  float acc[kSkM] = {};
+  float acc[MR] = {};
 #pragma unroll
   for (int j = 0; j < kSkQuads; ++j) {
     if (j >= nq) break;
     const int kq = 4 * (warp + kSkWarps * j);
 #pragma unroll
-    for (int mm = 0; mm < kSkM; ++mm) {
+    for (int mm = 0; mm < MR; ++mm) {
       const float4 xq = *reinterpret_cast<const float4*>(&sm[mm * R + kq]);
       acc[mm] += u[j][0] * xq.x;
       acc[mm] += u[j][1] * xq.y;
@@ -192,19 +194,20 @@ __global__ void __launch_bounds__(kSkThreads, 2)
   }
   __syncthreads(); /* X no longer read: the space takes the warps' sums */
 #pragma unroll
-  for (int mm = 0; mm < kSkM; ++mm) sm[(warp * kSkM + mm) * kSkCols + lane] = acc[mm];
+  for (int mm = 0; mm < MR; ++mm) sm[(warp * MR + mm) * kSkCols + lane] = acc[mm];
   __syncthreads();
 
-  /* each thread owns kOut of the block's kSkM x kSkCols outputs */
-  constexpr int kOut = kSkM * kSkCols / kSkThreads;
+  /* each thread owns kOut of the block's MR x kSkCols outputs (fewer rows: some own none) */
+  constexpr int kOutputs = MR * kSkCols, kOut = (kOutputs + kSkThreads - 1) / kSkThreads;
   const int64_t zstride = (int64_t)M * H * N;
 #pragma unroll
   for (int o = 0; o < kOut; ++o) {
     const int i = tid + o * kSkThreads, mm = i / kSkCols, c = i % kSkCols;
+    if (i >= kOutputs) break;
     const int32_t m = m0 + mm, nn = (int32_t)blockIdx.x * kSkCols + c;
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kSkWarps; ++w) s += sm[(w * kSkM + mm) * kSkCols + c];
+    for (int w = 0; w < kSkWarps; ++w) s += sm[(w * MR + mm) * kSkCols + c];
     if (m < M && nn < N) part[z * zstride + ((int64_t)m * H + hs) * N + nn] = s;
   }
   /* Arrive on the tile's counter. The barrier orders the block's partial stores before
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(kSkThreads, 2)
     for (int o = 0; o < kOut; ++o) {
       const int i = tid + o * kSkThreads;
       const int32_t m = m0 + i / kSkCols, nn = (int32_t)blockIdx.x * kSkCols + i % kSkCols;
-      const bool ok = m < M && nn < N;
+      const bool ok = i < kOutputs && m < M && nn < N;
       const float* src = part + ((int64_t)m * H + hs) * N + nn;
 #pragma unroll
       for (int j = 0; j < kSkSumBatch; ++j)
@@ -241,7 +244,7 @@ __global__ void __launch_bounds__(kSkThreads, 2)
   for (int o = 0; o < kOut; ++o) {
     const int i = tid + o * kSkThreads;
     const int32_t m = m0 + i / kSkCols, nn = (int32_t)blockIdx.x * kSkCols + i % kSkCols;
-    if (m < M && nn < N) epi((int64_t)m * H + hs, nn, s[o]);
+    if (i < kOutputs && m < M && nn < N) epi((int64_t)m * H + hs, nn, s[o]);
   }
   if (tid == 0) count[tile] = 0; /* every block of the tile has arrived: ready for the next */
 }
@@ -253,10 +256,18 @@ cudaError_t skinny(int32_t M, int32_t N, int32_t K, int32_t H, const float* U, i
                    int64_t u_head_stride, XLoad x, SkinnyWork w, Epi epi, cudaStream_t st) {
   if (M <= 0 || N <= 0 || K <= 0) return cudaSuccess;
   const int32_t R = skinny_rows(K);
-  dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)cdiv(K, R), (unsigned)(cdiv(M, kSkM) * H));
-  skinny_kernel<<<grid, kSkThreads, 0, st>>>(M, N, K, H, R, U, ldu, u_head_stride, x, w.part,
-                                             w.count, epi);
-  return cudaPeekAtLastError();
+  auto launch = [&](auto rows) {
+    constexpr int MR = decltype(rows)::value;
+    dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)cdiv(K, R), (unsigned)(cdiv(M, MR) * H));
+    skinny_kernel<MR><<<grid, kSkThreads, 0, st>>>(M, N, K, H, R, U, ldu, u_head_stride, x,
+                                                   w.part, w.count, epi);
+    return cudaPeekAtLastError();
+  };
+  /* rows per block: the batch when it is small (a block computing 16 rows for one spent 15/16
+   * of its staging and products on clamped duplicates), 16 beyond */
+  if (M == 1) return launch(std::integral_constant<int, 1>{});
+  if (M <= 4) return launch(std::integral_constant<int, 4>{});
+  return launch(std::integral_constant<int, kSkM>{});
 }
 
 /* ---- tensor-core tiles ------------------------------------------------------------------ */
