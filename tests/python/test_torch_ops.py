@@ -93,7 +93,11 @@ def test_torch_compile_compiles_once_for_any_number_of_caches(device):
             eager, op = _cache(device, seed=seed), _cache(device, seed=seed)
             eager.append(k, v, pos)
             want = eager.attend(q, pos[:, S:])
-            assert torch.equal(compiled(_Layer(op, device), k, v, q, pos), want), seed
+            got = compiled(_Layer(op, device), k, v, q, pos)
+            # CUDA: the selected entries are attended in the order top-k wrote them, which
+            # varies from run to run, so sums differ at rounding level; the CPU is exact
+            torch.testing.assert_close(got, want, rtol=0, atol=0 if device == "cpu" else 1e-6,
+                                       msg=lambda m: f"cache {seed}: {m}")
             assert op.lengths().tolist() == [S + 1]
     assert counters["stats"]["unique_graphs"] == 1
 
