@@ -13,15 +13,15 @@ import sals
 import sals.hf
 import tiny
 import torch
-from sals.hf import calibrate, calibrate_cli
+from sals.hf import calibrate, calibrate_cli, corpus
 
 
 def test_stdlib_text_is_offline_deterministic_prose():
-    text = calibrate.stdlib_text()
+    text = corpus.stdlib_text()
     assert len(text) > 300_000
-    assert text == calibrate.stdlib_text()
+    assert text == corpus.stdlib_text()
     assert json.dumps.__doc__.strip().splitlines()[0] in text
-    assert "standard library" in calibrate.stdlib_description()
+    assert "standard library" in corpus.stdlib_description()
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
@@ -52,7 +52,7 @@ def _save_tiny(path, family="llama", seed=0):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = re.findall(r"\w+", calibrate.stdlib_text()[:200_000].lower())
+    words = re.findall(r"\w+", corpus.stdlib_text()[:200_000].lower())
     vocab = {"[UNK]": 3}
     for i, (w, _) in enumerate(collections.Counter(words).most_common(90)):
         vocab[w] = 4 + i

@@ -7,81 +7,19 @@ takes the pre-RoPE queries' energy per key dimension for query-weighted projecti
 (``sals.calibration``; ``query_weight``, opt-in).
 
 Default text, always offline: the docstrings of Python standard-library modules
-(``inspect.getdoc`` of each module and of its public classes, functions and methods), in a
-fixed order, so the same interpreter gives the same text. ``text=`` takes any other text.
+(``sals.hf.corpus.stdlib_text``). ``text=`` takes any other text.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import sys
-import warnings
 
 import torch
 
 from .. import Calibration, CalibrationError, Calibrator, InvalidArgumentError
 from . import _arch
-
-#: Standard-library modules whose docstrings make the default calibration text: well documented,
-#: and importing them has no side effects (no GUI, no browser, no printing).
-STDLIB_MODULES = (
-    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar",
-    "cmath", "codecs", "collections", "concurrent.futures", "configparser", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email",
-    "email.message", "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools", "gc",
-    "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html",
-    "html.parser", "http", "http.client", "http.cookies", "http.server", "imaplib",
-    "importlib", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "locale",
-    "logging", "logging.handlers", "lzma", "mailbox", "math", "mimetypes", "mmap",
-    "multiprocessing", "numbers", "operator", "optparse", "os", "os.path", "pathlib", "pickle",
-    "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "random", "re", "runpy",
-    "sched", "secrets", "selectors", "shlex", "shutil", "signal", "smtplib", "socket",
-    "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "sysconfig", "tarfile",
-    "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "trace", "traceback",
-    "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings",
-    "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib",
-)
-
-
-def _docstrings(module) -> list[str]:
-    docs = [inspect.getdoc(module) or ""]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isclass(obj):
-            docs.append(inspect.getdoc(obj) or "")
-            for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and inspect.isfunction(member):
-                    docs.append(inspect.getdoc(member) or "")
-        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
-            docs.append(inspect.getdoc(obj) or "")
-    return [d for d in docs if len(d) > 40]
-
-
-def stdlib_text() -> str:
-    """The default calibration text: standard-library docstrings, deduplicated, in module
-    order (about 0.6 MB with Python 3.11); modules that fail to import are skipped."""
-    seen, parts = set(), []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in STDLIB_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            for doc in _docstrings(module):
-                if doc not in seen:
-                    seen.add(doc)
-                    parts.append(doc)
-    return "\n\n".join(parts)
-
-
-def stdlib_description() -> str:
-    v = sys.version_info
-    return f"docstrings of the Python {v.major}.{v.minor}.{v.micro} standard library"
-
+from .corpus import calibration_text, stdlib_description, stdlib_text
 
 def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torch.Tensor]:
     """Tokenise ``text`` and cut the first ``n_tokens`` tokens into ``[1, <= seq_len]``
@@ -227,8 +165,6 @@ def cached_calibration(model, tokenizer, n_tokens: int = 4096, seq_len: int = 10
             pass  # stale or damaged: compute it again below
     text = data = None
     if source != "stdlib":
-        from .corpus import calibration_text
-
         text, data = calibration_text(source)
     if progress:
         print(f"calibration: none cached for this model; computing it once from {n_tokens} "
