@@ -377,6 +377,8 @@ void sals_merge_task(void* p, int64_t task, int32_t thread) {
   const sals_attend_t* a = (const sals_attend_t*)p;
   const int64_t Hq = a->L->cfg->n_head_q, d = a->L->cfg->head_dim;
   const int64_t b = task / Hq, qh = task % Hq;
+  const sals_seq_t* seq = &a->seq[b];
+  if (seq->n_q == 0) return; /* paged storage: a sequence without queries this call */
   float* row = a->ws + thread * a->ws_stride;
   float mx = -INFINITY;
   for (int64_t ch = 0; ch < a->n_ch; ++ch) {
@@ -395,6 +397,5 @@ void sals_merge_task(void* p, int64_t task, int32_t thread) {
     }
   const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
   for (int64_t i = 0; i < d; ++i) row[i] *= inv;
-  const sals_seq_t* seq = &a->seq[b];
   sals_store_f32(seq->out + qh * seq->o_sh * sals_elem_bytes(a->out_elem), a->out_elem, row, d);
 }
