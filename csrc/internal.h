@@ -137,6 +137,7 @@ sals_status_t sals_projection_host(const sals_view_t* pv, DLDevice pdev, float**
 /** Byte offsets of a paged slot's fields (sals.h's slot layout); -1 where a field is absent. */
 typedef struct {
   int64_t slot_bytes;
+  int64_t align; /* the widest element of the slot: pages' address and strides are multiples */
   int64_t lat[2], lat_scale[2], lat_zero[2]; /* latent coordinates [0, score_rank), the rest */
   int64_t val, val_scale, val_zero;
 } sals_paged_layout_t;

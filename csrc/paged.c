@@ -60,6 +60,7 @@ void sals_paged_layout(const sals_config_t* g, sals_paged_layout_t* L) {
     at += dk * g->value_bits / 8;
   }
   L->slot_bytes = (at + align - 1) / align * align;
+  L->align = align;
 }
 
 sals_status_t sals_paged_slot_bytes(const sals_config_t* config, int64_t* out) {
@@ -123,8 +124,17 @@ static sals_status_t cpu_only(DLDevice dev, const char* name) {
                         "runs on the CPU only in this release", name);
 }
 
+/* pages [num_blocks, block_size, slot_bytes]: every slot's fields aligned to their elements. */
 static sals_status_t check_pages(const sals_paged_t* p, const sals_view_t* pv) {
-  return sals_check_dim(pv, "pages", 2, p->layout.slot_bytes, "slot_bytes of the config");
+  TRY(sals_check_dim(pv, "pages", 2, p->layout.slot_bytes, "slot_bytes of the config"));
+  const int64_t a = p->layout.align;
+  if (sals_view_numel(pv) > 0 &&
+      ((uintptr_t)pv->data % (uintptr_t)a != 0 || pv->stride[0] % a != 0 || pv->stride[1] % a != 0))
+    return sals_set_error(INVALID, "pages: data + byte_offset and the strides of dims 0 and 1 "
+                          "(%lld, %lld bytes) must be multiples of %lld, the slot's widest "
+                          "element", (long long)pv->stride[0], (long long)pv->stride[1],
+                          (long long)a);
+  return SALS_OK;
 }
 
 static int cmp_i32(const void* a, const void* b) {

@@ -417,6 +417,8 @@ ATTEND_FAULTS = {
     "pages slot size": (dict(pages=np.zeros((6, 4, 7), np.uint8)),
                         r"^pages: dim 2 is 7, expected \d+ \(slot_bytes"),
     "pages dtype": (dict(pages=np.zeros((6, 4, 1), np.float32)), r"^pages: dtype float32"),
+    "pages misaligned": (dict(pages=np.zeros(7 * 4 * 88 + 1, np.uint8)[1:].reshape(7, 4, 88)),
+                         r"^pages: data \+ byte_offset and the strides .* multiples of 4"),
     "out shape": (dict(out=np.zeros((3, 4, 16), np.float32)), r"^out: dim 0 is 3, expected 4"),
 }
 

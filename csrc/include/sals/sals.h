@@ -423,7 +423,8 @@ SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTe
  *   value_bits < 16:  float16 scales, then zeros, of the value groups           4 * Dk / value_group
  *   key_bits < 16:    codes of [0, score_rank), then of [score_rank, rank)      rank * key_bits / 8
  *   value_bits < 16:  value codes                                               Dk * value_bits / 8
- *   padding to a multiple of the largest element size above.
+ *   padding to a multiple of the largest element size above (the pages' address and their
+ *   strides of dims 0 and 1 must be multiples of it too).
  * Codes, scales and zeros are those of sals_quantize_values over each part.
  *
  * A sals_paged_t holds one layer's settings, rotary embedding and projection, checked once; it
