@@ -162,14 +162,17 @@ struct sals_paged {
 /*
  * The CPU backend of paged storage (csrc/cpu/paged.c), on validated views: slot_mapping entries
  * are below num_blocks * block_size and distinct; query_start, seq_lens and the used block
- * table entries are in range; `selected` (NULL when absent) is large enough.
+ * table entries are in range; window rows are -1 or rows of `window`; `selected`, window_rows
+ * and window are NULL when absent.
  */
 sals_status_t sals_cpu_paged_append(const sals_paged_t* p, const sals_view_t* k,
                                     const sals_view_t* v, const sals_view_t* slots,
-                                    const sals_view_t* pages);
+                                    const sals_view_t* pages, const sals_view_t* window_rows,
+                                    const sals_view_t* window);
 sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
                                     const sals_view_t* query_start, const sals_view_t* seq_lens,
                                     const sals_view_t* block_table, const sals_view_t* pages,
+                                    const sals_view_t* window_rows, const sals_view_t* window,
                                     const sals_view_t* out, const sals_view_t* selected);
 
 /* ---- backends ----------------------------------------------------------------------------- */

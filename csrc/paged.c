@@ -142,18 +142,25 @@ static int cmp_i32(const void* a, const void* b) {
   return (x > y) - (x < y);
 }
 
-/* Every slot_mapping entry is negative or a slot of the pages, and no slot appears twice. */
-static sals_status_t check_slots(const sals_view_t* sv, int64_t n_slots) {
-  const int64_t N = sv->shape[0];
+/*
+ * The entries of `iv` [N] (argument `name`, a `noun` each) below `bound`, the size of `of`, and
+ * none twice. With slot_mapping `sv` (checking window_rows), only the tokens stored count and
+ * their entries may be -1 (no copy); without (checking slot_mapping), negatives skip a token.
+ */
+static sals_status_t check_distinct(const sals_view_t* iv, const char* name, const char* noun,
+                                    const sals_view_t* sv, int64_t bound, const char* of) {
+  const int64_t N = iv->shape[0];
   int32_t* sorted = (int32_t*)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
-  if (!sorted) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (slot check)");
+  if (!sorted) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (%s check)", name);
   int64_t m = 0;
   for (int64_t n = 0; n < N; ++n) {
-    const int32_t s = ((const int32_t*)sv->data)[n * sv->stride[0]];
-    if (s >= n_slots) {
+    if (sv && ((const int32_t*)sv->data)[n * sv->stride[0]] < 0) continue;
+    const int32_t s = ((const int32_t*)iv->data)[n * iv->stride[0]];
+    if (s >= bound || (sv && s < -1)) {
       free(sorted);
-      return sals_set_error(INVALID, "slot_mapping[%lld]: slot %d beyond the pages' %lld slots "
-                            "(num_blocks * block_size)", (long long)n, (int)s, (long long)n_slots);
+      return sals_set_error(INVALID, "%s[%lld]: %s %d beyond the %s %lld %ss%s", name,
+                            (long long)n, noun, (int)s, of, (long long)bound, noun,
+                            sv ? " (-1: no copy)" : " (num_blocks * block_size)");
     }
     if (s >= 0) sorted[m++] = s;
   }
@@ -162,33 +169,57 @@ static sals_status_t check_slots(const sals_view_t* sv, int64_t n_slots) {
     if (sorted[i] == sorted[i - 1]) {
       const int32_t s = sorted[i];
       free(sorted);
-      return sals_set_error(INVALID, "slot_mapping: slot %d appears twice (a slot holds one "
-                            "token)", (int)s);
+      return sals_set_error(INVALID, "%s: %s %d appears twice (a %s holds one token)", name,
+                            noun, (int)s, noun);
     }
   free(sorted);
   return SALS_OK;
 }
 
+/* window [rows, 2, n_head_kv, head_dim]: exact copies of tokens, key then value. */
+static sals_status_t check_window(const sals_paged_t* p, const sals_view_t* wv) {
+  TRY(sals_check_dim(wv, "window", 1, 2, "a key and a value per row"));
+  TRY(sals_check_dim(wv, "window", 2, p->cfg.n_head_kv, "n_head_kv"));
+  return sals_check_dim(wv, "window", 3, p->cfg.head_dim, "head_dim");
+}
+
+/* window_rows and window come together. */
+static sals_status_t both_or_neither(const DLTensor* rows, const DLTensor* window) {
+  if ((rows == NULL) == (window == NULL)) return SALS_OK;
+  return sals_set_error(INVALID, rows ? "window: is NULL but window_rows is given"
+                                      : "window_rows: is NULL but window is given");
+}
+
 sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, const DLTensor* v,
-                                const DLTensor* slot_mapping, DLTensor* pages, void* stream) {
+                                const DLTensor* slot_mapping, DLTensor* pages,
+                                const DLTensor* window_rows, DLTensor* window, void* stream) {
   (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
+  TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
-  sals_view_t kv, vv, sv, pv;
+  sals_view_t kv, vv, sv, rv, pv, wv;
   DLDevice dev;
   const sals_arg_t a[] = {{k, "k", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                           {v, "v", 3, SALS_ACCEPT_FLOAT, &vv, 0, 0},
                           {slot_mapping, "slot_mapping", 1, SALS_ACCEPT_I32, &sv, 0, 0},
-                          {pages, "pages", 3, SALS_ACCEPT_U8, &pv, 0, 1}};
-  TRY(sals_arg_views(a, 4, &dev));
+                          {window_rows, "window_rows", 1, SALS_ACCEPT_I32, &rv, 1, 0},
+                          {pages, "pages", 3, SALS_ACCEPT_U8, &pv, 0, 1},
+                          {window, "window", 4, SALS_ACCEPT_FLOAT, &wv, 1, 1}};
+  TRY(sals_arg_views(a, 6, &dev));
   TRY(cpu_only(dev, "k"));
   TRY(sals_check_dim(&kv, "k", 1, g->n_head_kv, "n_head_kv"));
   TRY(sals_check_dim(&kv, "k", 2, g->head_dim, "head_dim"));
   for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
   TRY(sals_dim_eq(&sv, "slot_mapping", 0, &kv, "k", 0));
   TRY(check_pages(paged, &pv));
-  TRY(sals_arg_apart(a, 3));
-  TRY(check_slots(&sv, pv.shape[0] * pv.shape[1]));
+  TRY(sals_arg_apart(a, 4));
+  if (window) {
+    TRY(sals_dim_eq(&rv, "window_rows", 0, &kv, "k", 0));
+    TRY(check_window(paged, &wv));
+    TRY(sals_arg_apart(a, 5));
+  }
+  TRY(check_distinct(&sv, "slot_mapping", "slot", NULL, pv.shape[0] * pv.shape[1], "pages'"));
+  if (window) TRY(check_distinct(&rv, "window_rows", "row", &sv, wv.shape[0], "window's"));
   if (g->check_finite)
     for (int64_t n = 0; n < kv.shape[0]; ++n) {
       if (((const int32_t*)sv.data)[n * sv.stride[0]] < 0) continue;
@@ -199,7 +230,8 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
       }
     }
   if (sals_view_numel(&kv) == 0) return SALS_OK;
-  return sals_cpu_paged_append(paged, &kv, &vv, &sv, &pv);
+  return sals_cpu_paged_append(paged, &kv, &vv, &sv, &pv, window ? &rv : NULL,
+                               window ? &wv : NULL);
 }
 
 static int32_t i32_at(const sals_view_t* v, int64_t i) {
@@ -259,20 +291,24 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
 sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                                 const DLTensor* query_start, const DLTensor* seq_lens,
                                 const DLTensor* block_table, const DLTensor* pages,
+                                const DLTensor* window_rows, const DLTensor* window,
                                 DLTensor* out, DLTensor* selected, void* stream) {
   (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
+  TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
-  sals_view_t qv, qsv, lv, tv, pv, ov, selv;
+  sals_view_t qv, qsv, lv, tv, pv, rv, wv, ov, selv;
   DLDevice dev;
   const sals_arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
                           {query_start, "query_start", 1, SALS_ACCEPT_I32, &qsv, 0, 0},
                           {seq_lens, "seq_lens", 1, SALS_ACCEPT_I32, &lv, 0, 0},
                           {block_table, "block_table", 2, SALS_ACCEPT_I32, &tv, 0, 0},
                           {pages, "pages", 3, SALS_ACCEPT_U8, &pv, 0, 0},
+                          {window_rows, "window_rows", 2, SALS_ACCEPT_I32, &rv, 1, 0},
+                          {window, "window", 4, SALS_ACCEPT_FLOAT, &wv, 1, 0},
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1},
                           {selected, "selected", 3, SALS_ACCEPT_I32, &selv, 1, 1}};
-  TRY(sals_arg_views(a, 7, &dev));
+  TRY(sals_arg_views(a, 9, &dev));
   TRY(cpu_only(dev, "q"));
   TRY(sals_check_dim(&qv, "q", 1, g->n_head_q, "n_head_q"));
   TRY(sals_check_dim(&qv, "q", 2, g->head_dim, "head_dim"));
@@ -281,15 +317,31 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
   TRY(sals_dim_eq(&tv, "block_table", 0, &lv, "seq_lens", 0));
   TRY(check_pages(paged, &pv));
   for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
+  if (window) {
+    TRY(sals_dim_eq(&rv, "window_rows", 0, &lv, "seq_lens", 0));
+    TRY(sals_check_dim(&rv, "window_rows", 1, (int64_t)g->n_sink + g->n_recent,
+                       "n_sink + n_recent"));
+    TRY(check_window(paged, &wv));
+  }
   if (selected) {
     TRY(sals_dim_eq(&selv, "selected", 0, &lv, "seq_lens", 0));
     TRY(sals_check_dim(&selv, "selected", 1, paged->n_sel_heads,
                        paged->n_sel_heads == 1 ? "1: shared selection"
                                                : "n_head_kv: per-head selection"));
   }
-  TRY(sals_arg_apart(a, 5));
-  if (selected) TRY(sals_arg_apart(a, 6));
+  TRY(sals_arg_apart(a, 7));
+  if (selected) TRY(sals_arg_apart(a, 8));
   if (B == 0) return SALS_OK;
   TRY(check_attend(paged, &qv, &qsv, &lv, &tv, &pv, selected ? &selv : NULL));
-  return sals_cpu_paged_attend(paged, &qv, &qsv, &lv, &tv, &pv, &ov, selected ? &selv : NULL);
+  if (window)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < rv.shape[1]; ++j) {
+        const int32_t row = ((const int32_t*)rv.data)[b * rv.stride[0] + j];
+        if (row < -1 || row >= wv.shape[0])
+          return sals_set_error(INVALID, "window_rows[%lld, %lld]: %d not a row of window "
+                                "(-1..%lld)", (long long)b, (long long)j, (int)row,
+                                (long long)wv.shape[0] - 1);
+      }
+  return sals_cpu_paged_attend(paged, &qv, &qsv, &lv, &tv, &pv, window ? &rv : NULL,
+                               window ? &wv : NULL, &ov, selected ? &selv : NULL);
 }

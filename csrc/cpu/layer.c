@@ -12,7 +12,6 @@
 #define SCORE_BLOCK 64 /* latent rows converted at a time when scoring */
 
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
-static int64_t clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 /* ---- fields -------------------------------------------------------------------------------- */
 
@@ -237,6 +236,31 @@ void sals_select_task(void* p, int64_t task, int32_t thread) {
   if (sh == 0) a->sel_count[b] = (int32_t)cnt;
 }
 
+/* The exact copy of token t of a sequence (a sink [0, ns) or recent [re, S)): head 0 of its key
+ * and value, the elements from one head to the next, their type; 0 when the token has none
+ * and is rebuilt from its slot. */
+static int exact_copy(const sals_config_t* g, const sals_seq_t* s, int64_t t, int64_t ns,
+                      int64_t re, const char** k, const char** v, int64_t* head_stride,
+                      sals_elem_t* el) {
+  if (t >= ns && t < re) return 0;
+  if (s->sink_k) {
+    *el = sals_dtype_elem(g->dtype);
+    *head_stride = g->head_dim;
+    const int64_t row = (t < ns ? t : t % g->n_recent) * g->n_head_kv * g->head_dim;
+    *k = (t < ns ? s->sink_k : s->recent_k) + row * sals_elem_bytes(*el);
+    *v = (t < ns ? s->sink_v : s->recent_v) + row * sals_elem_bytes(*el);
+    return 1;
+  }
+  if (!s->window_rows) return 0;
+  const int32_t row = s->window_rows[t < ns ? t : g->n_sink + g->n_recent - s->len + t];
+  if (row < 0) return 0;
+  *el = s->window_elem;
+  *head_stride = s->window_stride[2];
+  *k = s->window + row * s->window_stride[0] * sals_elem_bytes(*el);
+  *v = *k + s->window_stride[1] * sals_elem_bytes(*el);
+  return 1;
+}
+
 /* Attention of one (work item, head group, token chunk). */
 void sals_attend_task(void* p, int64_t task, int32_t thread) {
   const sals_attend_t* a = (const sals_attend_t*)p;
@@ -249,8 +273,6 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
   const sals_seq_t* seq = &a->seq[b];
   const int64_t d = g->head_dim, G = g->n_head_q / g->n_head_kv, r = g->rank, rs = g->score_rank;
   const int64_t dk = L->dk, half = L->half, S = seq->len;
-  const sals_elem_t el = sals_dtype_elem(g->dtype);
-  const int64_t e = sals_elem_bytes(el);
   const int64_t h0 = hg * a->hg_size, t0 = qb * a->q_block;
   const int64_t tqn = seq->n_q - t0 < a->q_block ? seq->n_q - t0 : a->q_block;
   const int64_t Rh = tqn * G, R = Rh * a->hg_size; /* rows per head, rows in all */
@@ -287,8 +309,8 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
   sals_attn_init(R, d, m, l, acc);
 
   /* The token list: sinks, then the selected candidates (all of them when dense), then the
-   * recent window. With exact copies, list entries [ns, lat_hi) are rebuilt from latents and
-   * the others read exact; without, every entry is rebuilt. */
+   * recent window. Tokens with an exact copy (exact_copy) are read from it, the others are
+   * rebuilt from their latents. */
   int64_t ns, re;
   sals_windows(g, S, &ns, &re);
   const int32_t* sel = NULL;
@@ -298,9 +320,13 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
     lat_hi = ns + a->sel_count[b];
   }
   const int64_t list = lat_hi + (S - re);
-  const int exact = seq->sink_k != NULL;
-  const int64_t lat_lo = exact ? ns : 0, lat_end = exact ? lat_hi : list;
   const int64_t i0 = list * ch / a->n_ch, i1 = list * (ch + 1) / a->n_ch;
+  /* Per block entry: its exact key and value (NULL when rebuilt); the rebuilt entries' columns. */
+  const char* xk[SALS_KEY_BLOCK];
+  const char* xv[SALS_KEY_BLOCK];
+  int64_t xhs[SALS_KEY_BLOCK];
+  sals_elem_t xel[SALS_KEY_BLOCK];
+  int32_t lat_col[SALS_KEY_BLOCK];
 
   for (int64_t j0 = i0; j0 < i1 && qmax >= 0; j0 += SALS_KEY_BLOCK) {
     const int64_t nk = i1 - j0 < SALS_KEY_BLOCK ? i1 - j0 : SALS_KEY_BLOCK;
@@ -314,34 +340,41 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
     if (kmin > qmax) continue; /* causal: nothing here is visible to these queries */
     if (half > 0)
       sals_rope_table(kpos, nk, L->inv_freq, (int32_t)half, L->attention_scaling, ccos, csin);
-    /* Latent keys of this block: gather them once for all heads. */
-    const int64_t la = clamp_i64(lat_lo - j0, 0, nk), lb = clamp_i64(lat_end - j0, la, nk);
-    for (int64_t n = la; n < lb; ++n) {
+    /* Latent keys of this block: gathered once for all heads, into columns [0, nl). */
+    int64_t nl = 0;
+    for (int64_t n = 0; n < nk; ++n) {
+      if (exact_copy(g, seq, slots[n], ns, re, &xk[n], &xv[n], &xhs[n], &xel[n])) continue;
+      xk[n] = NULL;
       int64_t major, minor;
       sals_seq_token(seq, slots[n], &major, &minor);
       sals_layer_load_latent(L, 0, major, minor, 1, row);
       if (r > rs) sals_layer_load_latent(L, 1, major, minor, 1, row + rs);
-      for (int64_t i = 0; i < r; ++i) lt[i * SALS_KEY_BLOCK + (n - la)] = row[i];
+      for (int64_t i = 0; i < r; ++i) lt[i * SALS_KEY_BLOCK + nl] = row[i];
+      lat_col[nl++] = (int32_t)n;
     }
     for (int64_t hh = 0; hh < a->hg_size; ++hh) {
       const int64_t h = h0 + hh;
-      if (lb > la)
-        sals_gemm(d, lb - la, r, L->proj + h * d * r, r, lt, SALS_KEY_BLOCK, kt + la, SALS_KEY_BLOCK, 0);
+      if (nl > 0) {
+        sals_gemm(d, nl, r, L->proj + h * d * r, r, lt, SALS_KEY_BLOCK, kt, SALS_KEY_BLOCK, 0);
+        /* To their entries' columns, last first: column lat_col[c] >= c is never a column
+         * still to be moved. */
+        for (int64_t c = nl - 1; c >= 0; --c)
+          if (lat_col[c] != c)
+            for (int64_t i = 0; i < d; ++i)
+              kt[i * SALS_KEY_BLOCK + lat_col[c]] = kt[i * SALS_KEY_BLOCK + c];
+      }
       for (int64_t n = 0; n < nk; ++n) {
-        const int64_t slot = slots[n];
         float* vr = vb + n * d;
-        if (n >= la && n < lb) {
+        if (xk[n] == NULL) {
           int64_t major, minor;
-          sals_seq_token(seq, slot, &major, &minor);
+          sals_seq_token(seq, slots[n], &major, &minor);
           sals_layer_load_value(L, major, minor, h, vr);
           continue;
         }
-        const int64_t xrow = slot < ns ? slot : slot % g->n_recent;
-        const char* ksrc = slot < ns ? seq->sink_k : seq->recent_k;
-        const char* vsrc = slot < ns ? seq->sink_v : seq->recent_v;
-        sals_load_f32(row, ksrc + (xrow * dk + h * d) * e, el, d);
+        const int64_t off = h * xhs[n] * sals_elem_bytes(xel[n]);
+        sals_load_f32(row, xk[n] + off, xel[n], d);
         for (int64_t i = 0; i < d; ++i) kt[i * SALS_KEY_BLOCK + n] = row[i];
-        sals_load_f32(vr, vsrc + (xrow * dk + h * d) * e, el, d);
+        sals_load_f32(vr, xv[n] + off, xel[n], d);
       }
       if (half > 0) sals_rope_cols(kt, SALS_KEY_BLOCK, nk, (int32_t)half, L->interleaved, ccos, csin);
       sals_attn_block(Rh, d, nk, q + hh * Rh * d, kt, SALS_KEY_BLOCK, vb, kpos, qpos + hh * Rh, sc,

@@ -81,10 +81,23 @@ typedef struct {
   const int32_t* blocks;  /* paged: token t is (blocks[t / block_size], t % block_size) */
   int64_t block_size;
   const int32_t* pos;     /* position of token t; NULL: t */
-  /* Exact pre-RoPE keys and values in `dtype`, [n_sink][Dk] and the ring [n_recent][Dk] (token t
-   * at t % n_recent), read instead of the compressed fields for the sinks and the recent
-   * window; NULL when the storage keeps no exact copies (every token is rebuilt). */
+  /*
+   * Exact pre-RoPE keys and values of the sinks [0, ns) and the recent window [re, S), read
+   * instead of the compressed fields (sals_windows gives ns and re). Two forms:
+   *   the cache's: sink_k/sink_v [n_sink][Dk] and the ring recent_k/recent_v [n_recent][Dk]
+   *     (token t at t % n_recent), in `dtype`;
+   *   paged storage's: window_rows [n_sink + n_recent] name rows of `window` (sink t at
+   *     window_rows[t], recent token t at window_rows[n_sink + n_recent - len + t]; -1: no copy,
+   *     the token is rebuilt), element (row, 0 key / 1 value, head, 0) at
+   *     window + row * window_stride[0] + kv * window_stride[1] + head * window_stride[2]
+   *     elements of window_elem.
+   * Neither (sink_k and window_rows NULL): every token is rebuilt.
+   */
   const char *sink_k, *sink_v, *recent_k, *recent_v;
+  const int32_t* window_rows;
+  const char* window;
+  int64_t window_stride[3];
+  sals_elem_t window_elem;
   /* n_q queries: query t, head h at q + (t * q_st + h * q_sh) elements; out alike. */
   const char* q;
   int64_t q_st, q_sh;

@@ -58,7 +58,7 @@ static sals_pool_t* call_pool(int64_t n_tasks, double flops) {
 typedef struct {
   const sals_paged_t* p;
   const sals_layer_t* L;
-  const sals_view_t *k, *v, *slots;
+  const sals_view_t *k, *v, *slots, *rows, *window; /* rows, window: NULL without a store */
   int64_t block_size;
   float* ws;
   int64_t ws_stride;
@@ -88,6 +88,12 @@ static void append_task(void* ctx, int64_t task, int32_t thread) {
     load_token(a->k, t, g->n_head_kv, d, kf + n * dk);
     load_token(a->v, t, g->n_head_kv, d, vf);
     sals_layer_store_value(a->L, s / a->block_size, s % a->block_size, vf);
+    const int32_t row = a->rows ? ((const int32_t*)a->rows->data)[t * a->rows->stride[0]] : -1;
+    if (row >= 0) /* the exact copy: key then value, each [n_head_kv][head_dim] */
+      for (int64_t h = 0; h < g->n_head_kv; ++h) {
+        sals_store_f32(sals_view_at(a->window, row, 0, h, 0), a->window->elem, kf + n * dk + h * d, d);
+        sals_store_f32(sals_view_at(a->window, row, 1, h, 0), a->window->elem, vf + h * d, d);
+      }
     slots[n++] = s;
   }
   if (n == 0) return;
@@ -115,14 +121,15 @@ static sals_status_t check_storable(const sals_paged_t* p, const sals_view_t* k,
 
 sals_status_t sals_cpu_paged_append(const sals_paged_t* p, const sals_view_t* k,
                                     const sals_view_t* v, const sals_view_t* slots,
-                                    const sals_view_t* pages) {
+                                    const sals_view_t* pages, const sals_view_t* window_rows,
+                                    const sals_view_t* window) {
   const sals_config_t* g = &p->cfg;
   const int64_t N = k->shape[0], dk = p->dk, r = g->rank;
   const int64_t n_tasks = (N + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
   sals_layer_t L;
   describe_layer(p, pages, &L);
   sals_pool_t* pool = call_pool(n_tasks, 2.0 * (double)N * dk * r);
-  append_ctx a = {p, &L, k, v, slots, pages->shape[1], NULL, 0};
+  append_ctx a = {p, &L, k, v, slots, window_rows, window, pages->shape[1], NULL, 0};
   a.ws_stride = (TOKEN_BLOCK * (dk + r) + dk + 15) & ~(int64_t)15;
   a.ws = (float*)malloc((size_t)(a.ws_stride * sals_pool_size(pool)) * sizeof(float));
   sals_status_t st = SALS_OK;
@@ -144,6 +151,7 @@ static int32_t i32_at(const sals_view_t* v, int64_t i) {
 sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
                                     const sals_view_t* query_start, const sals_view_t* seq_lens,
                                     const sals_view_t* block_table, const sals_view_t* pages,
+                                    const sals_view_t* window_rows, const sals_view_t* window,
                                     const sals_view_t* out, const sals_view_t* selected) {
   const sals_config_t* g = &p->cfg;
   const int64_t B = seq_lens->shape[0], G = g->n_head_q / g->n_head_kv, nsh = p->n_sel_heads;
@@ -190,6 +198,12 @@ sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
     s->len = i32_at(seq_lens, b);
     s->blocks = (const int32_t*)block_table->data + b * block_table->stride[0];
     s->block_size = pages->shape[1];
+    if (window) {
+      s->window_rows = (const int32_t*)window_rows->data + b * window_rows->stride[0];
+      s->window = (const char*)window->data;
+      for (int i = 0; i < 3; ++i) s->window_stride[i] = window->stride[i];
+      s->window_elem = window->elem;
+    }
     s->q = (const char*)sals_view_at(q, q0, 0, 0, 0);
     s->q_st = q->stride[0];
     s->q_sh = q->stride[1];

@@ -112,7 +112,7 @@ static PyObject* reraise_as_sals(const char* name, const char* what) {
 /* DLPack import                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
-#define MAX_ARGS 8
+#define MAX_ARGS 12
 /* The most dims an imported tensor may claim (numpy's limit); more is a broken producer. */
 #define MAX_DLPACK_DIMS 64
 
@@ -839,55 +839,65 @@ static sals_paged_t* paged_of(PagedObject* self) {
   return self->paged;
 }
 
-/* append(k, v, slot_mapping, pages, stream=None) */
+/* append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None) */
 static PyObject* Paged_append(PagedObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"k", "v", "slot_mapping", "pages", "stream", NULL};
-  PyObject *k_obj, *v_obj, *s_obj, *p_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O", kwlist, &k_obj, &v_obj, &s_obj, &p_obj,
-                                   &stream_obj))
+  static char* kwlist[] = {"k", "v", "slot_mapping", "pages", "window_rows", "window", "stream",
+                           NULL};
+  PyObject *k_obj, *v_obj, *s_obj, *p_obj, *r_obj = Py_None, *w_obj = Py_None,
+                                           *stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOO", kwlist, &k_obj, &v_obj, &s_obj,
+                                   &p_obj, &r_obj, &w_obj, &stream_obj))
     return NULL;
   sals_paged_t* paged = paged_of(self);
   if (paged == NULL) return NULL;
   call_t c;
-  DLTensor *k, *v, *slots, *pages;
+  DLTensor *k, *v, *slots, *pages, *rows, *window;
   const arg_t in[] = {{k_obj, "k", 0, &k},
                       {v_obj, "v", 0, &v},
                       {s_obj, "slot_mapping", 0, &slots},
-                      {p_obj, "pages", ARG_WRITE, &pages}};
-  if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_paged_append(paged, k, v, slots, pages, c.stream));
+                      {p_obj, "pages", ARG_WRITE, &pages},
+                      {r_obj, "window_rows", ARG_OPTIONAL, &rows},
+                      {w_obj, "window", ARG_WRITE | ARG_OPTIONAL, &window}};
+  if (call_begin(&c, stream_obj, in, 6) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_paged_append(paged, k, v, slots, pages, rows, window, c.stream));
 }
 
-/* attend(q, query_start, seq_lens, block_table, pages, out, selected=None, stream=None) */
+/* attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None,
+ *        selected=None, stream=None) */
 static PyObject* Paged_attend(PagedObject* self, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"q", "query_start", "seq_lens", "block_table", "pages", "out",
-                           "selected", "stream", NULL};
-  PyObject *q_obj, *qs_obj, *l_obj, *t_obj, *p_obj, *o_obj, *sel_obj = Py_None,
+                           "window_rows", "window", "selected", "stream", NULL};
+  PyObject *q_obj, *qs_obj, *l_obj, *t_obj, *p_obj, *o_obj, *r_obj = Py_None, *w_obj = Py_None,
+                                                              *sel_obj = Py_None,
                                                               *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|OO", kwlist, &q_obj, &qs_obj, &l_obj,
-                                   &t_obj, &p_obj, &o_obj, &sel_obj, &stream_obj))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|OOOO", kwlist, &q_obj, &qs_obj, &l_obj,
+                                   &t_obj, &p_obj, &o_obj, &r_obj, &w_obj, &sel_obj, &stream_obj))
     return NULL;
   sals_paged_t* paged = paged_of(self);
   if (paged == NULL) return NULL;
   call_t c;
-  DLTensor *q, *qs, *lens, *table, *pages, *out, *sel;
+  DLTensor *q, *qs, *lens, *table, *pages, *out, *rows, *window, *sel;
   const arg_t in[] = {{q_obj, "q", 0, &q},
                       {qs_obj, "query_start", 0, &qs},
                       {l_obj, "seq_lens", 0, &lens},
                       {t_obj, "block_table", 0, &table},
                       {p_obj, "pages", 0, &pages},
                       {o_obj, "out", ARG_WRITE, &out},
+                      {r_obj, "window_rows", ARG_OPTIONAL, &rows},
+                      {w_obj, "window", ARG_OPTIONAL, &window},
                       {sel_obj, "selected", ARG_WRITE | ARG_OPTIONAL, &sel}};
-  if (call_begin(&c, stream_obj, in, 7) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_paged_attend(paged, q, qs, lens, table, pages, out, sel, c.stream));
+  if (call_begin(&c, stream_obj, in, 9) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_paged_attend(paged, q, qs, lens, table, pages, rows, window, out, sel,
+                                        c.stream));
 }
 
 static PyMethodDef Paged_methods[] = {
     {"append", (PyCFunction)(void (*)(void))Paged_append, METH_VARARGS | METH_KEYWORDS,
-     "append(k, v, slot_mapping, pages, stream=None): sals_paged_append."},
+     "append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None): "
+     "sals_paged_append."},
     {"attend", (PyCFunction)(void (*)(void))Paged_attend, METH_VARARGS | METH_KEYWORDS,
-     "attend(q, query_start, seq_lens, block_table, pages, out, selected=None, stream=None): "
-     "sals_paged_attend."},
+     "attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None, "
+     "selected=None, stream=None): sals_paged_attend."},
     {NULL, NULL, 0, NULL},
 };
 

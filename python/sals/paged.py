@@ -10,7 +10,9 @@ them; it holds only the layer's settings and projection, never tokens.
     layer.append(k, v, slot_mapping, pages)              # k, v: [N, n_head_kv, head_dim]
     out = layer.attend(q, query_start, seq_lens, block_table, pages)
 
-Token ``i`` of a sequence is at RoPE position ``i``; a sequence's queries are its last tokens
+The sinks and the recent window of a sequence are attended from exact copies when the caller
+keeps them in a window store of its own (``window_rows``, ``window``); otherwise they are
+rebuilt from their slots like every other token. Token ``i`` of a sequence is at RoPE position ``i``; a sequence's queries are its last tokens
 (their keys appended first). The slot layout and every rule are those of ``sals.h``'s paged
 storage section. CPU only in this release.
 """
@@ -65,27 +67,34 @@ class PagedLayer:
         """Bytes of one token's slot: pages are ``[num_blocks, block_size, slot_bytes]`` uint8."""
         return self._slot_bytes
 
-    def append(self, k, v, slot_mapping, pages) -> None:
-        """Store tokens into their slots.
+    def append(self, k, v, slot_mapping, pages, window_rows=None, window=None) -> None:
+        """Store tokens into their slots, and exact copies into a window store.
 
         ``k``, ``v``: ``[N, n_head_kv, head_dim]`` pre-RoPE keys and values; ``slot_mapping``:
         ``[N]`` integers ``block * block_size + slot`` (negative: skip the token), each slot at
         most once; ``pages``: ``[num_blocks, block_size, slot_bytes]`` uint8, written at the
-        mapped slots only.
+        mapped slots only. ``window_rows`` ``[N]`` and ``window`` ``[rows, 2, n_head_kv,
+        head_dim]`` (both or neither): token ``n``'s key and value are also copied into row
+        ``window_rows[n]`` (-1: none).
         """
         kt, vt = _t.tensor(k, "k"), _t.tensor(v, "v")
         st = _t.index(slot_mapping, "slot_mapping", kt)
-        self._p.append(kt.obj, vt.obj, st.obj, _t.output(pages, "pages").obj)
+        rows = None if window_rows is None else _t.index(window_rows, "window_rows", kt).obj
+        store = None if window is None else _t.output(window, "window").obj
+        self._p.append(kt.obj, vt.obj, st.obj, _t.output(pages, "pages").obj, rows, store)
 
-    def attend(self, q, query_start, seq_lens, block_table, pages, out=None,
-               return_selected: bool = False):
+    def attend(self, q, query_start, seq_lens, block_table, pages, window_rows=None,
+               window=None, out=None, return_selected: bool = False):
         """Attention of each sequence's new queries over its stored tokens.
 
         ``q``: ``[N, n_head_q, head_dim]`` pre-RoPE queries, sequence ``b``'s being rows
         ``query_start[b] .. query_start[b + 1] - 1``, at positions ``seq_lens[b] - n_b ..
         seq_lens[b] - 1``; ``query_start``: ``[B + 1]``; ``seq_lens``: ``[B]`` tokens stored
         (its queries' own included); ``block_table``: ``[B, max_blocks]``; ``pages`` as for
-        append. Returns ``out`` (a new ``[N, n_head_q, head_dim]`` array of q's dtype when
+        append. ``window_rows`` ``[B, n_sink + n_recent]`` and ``window`` (both or neither):
+        the rows holding exact copies of each sequence's sinks (``[b, t]``) and recent tokens
+        (token ``t`` at ``[b, n_sink + n_recent - seq_lens[b] + t]``), -1 where a token has
+        none and is rebuilt from its slot. Returns ``out`` (a new ``[N, n_head_q, head_dim]`` array of q's dtype when
         None; rows outside the sequences' ranges are left as they are), and with
         ``return_selected`` also the selection: numpy int32 ``[B, H, K]`` token indices (H = 1
         shared, n_head_kv per head; -1 padded; all -1 for a sequence without a sparse step).
@@ -102,11 +111,13 @@ class PagedLayer:
                 raise InvalidArgumentError(
                     f"q: expected 3 dims [N, n_head_q, head_dim], got {len(qt.shape)}")
             out = _t.empty(qt, qt.shape, qt.dtype)
+        rows = None if window_rows is None else _t.index(window_rows, "window_rows", qt).obj
+        store = None if window is None else _t.tensor(window, "window").obj
         selected = None
         if return_selected:
             selected = self._selection_buffer(qs, lens)
         self._p.attend(qt.obj, qs.obj, lens.obj, table.obj, pt.obj, _t.output(out, "out").obj,
-                       selected)
+                       rows, store, selected)
         return (out, selected) if return_selected else out
 
     def _selection_buffer(self, qs: _t.Tensor, lens: _t.Tensor) -> np.ndarray:

@@ -569,14 +569,15 @@ static void fuzz_paged(int fault) {
         (void*)paged);
   if (paged == NULL) {
     before = sentinel(0);
-    check_status("sals_paged_append", sals_paged_append(NULL, NULL, NULL, NULL, NULL, NULL),
-                 before, 0);
+    check_status("sals_paged_append",
+                 sals_paged_append(NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL), before, 0);
     sals_paged_destroy(NULL);
     return;
   }
   sals_paged_slot_bytes(&g, &slot_bytes);
   const int64_t Hq = g.n_head_q, Hkv = g.n_head_kv, d = g.head_dim;
   const int64_t nb = 1 + rnd(6), bs = 1 + rnd(5), sb = slot_bytes + (chance(fault / 8) ? 1 : 0);
+  const int64_t rows = 1 + rnd(8); /* rows of a call's window store */
   call_t pc = {.n = 0, .fault = fault / 4}; /* the pages outlive the steps */
   ftensor_t* pages = arg(&pc, 3, nb, bs, sb, 0, U8, V_BYTES, 0);
   for (int step = 0; step < 6; ++step) {
@@ -587,11 +588,18 @@ static void fuzz_paged(int fault) {
       ftensor_t* k = arg(&c, 3, N, Hkv, d, 0, any_float(), V_FLOAT, 0);
       ftensor_t* v = arg(&c, 3, N, Hkv, d, 0, any_float(), V_FLOAT, 0);
       ftensor_t* sm = arg(&c, 1, N, 0, 0, 0, I32, V_INDEX, nb * bs);
-      if (!chance(fault)) /* distinct slots: most calls reach the kernels */
-        for (int64_t n = 0; n < N; ++n) set_i32(sm, n, 0, (int32_t)((n * 7 + step) % (nb * bs)));
+      const int store = chance(50); /* a window store of `rows` rows, or none */
+      ftensor_t* wr = store ? arg(&c, 1, N, 0, 0, 0, I32, V_INDEX, rows) : NULL;
+      ftensor_t* w = store ? arg(&c, 4, rows, 2, Hkv, d, any_float(), V_FLOAT, 0) : NULL;
+      if (!chance(fault)) /* distinct slots and rows: most calls reach the kernels */
+        for (int64_t n = 0; n < N; ++n) {
+          set_i32(sm, n, 0, (int32_t)((n * 7 + step) % (nb * bs)));
+          if (wr) set_i32(wr, n, 0, n < rows && chance(70) ? (int32_t)n : -1);
+        }
       before = sentinel(0);
-      check_status("sals_paged_append", sals_paged_append(h, P(k), P(v), P(sm), P(pages), NULL),
-                   before, 0);
+      check_status("sals_paged_append",
+                   sals_paged_append(h, P(k), P(v), P(sm), P(pages), wr ? P(wr) : NULL,
+                                     w ? P(w) : NULL, NULL), before, 0);
     } else {
       const int64_t B = rnd(4), M = 1 + rnd(4), N = rnd(6);
       ftensor_t* q = arg(&c, 3, N, Hq, d, 0, any_float(), V_FLOAT, 0);
@@ -602,6 +610,10 @@ static void fuzz_paged(int fault) {
       ftensor_t* sel = chance(50) ? NULL
                                   : arg(&c, 3, B, g.select_per_head ? Hkv : 1, rnd(M * bs + 1),
                                         0, I32, V_BYTES, 0);
+      const int store = chance(50);
+      ftensor_t* wr = store ? arg(&c, 2, B, g.n_sink + g.n_recent, 0, 0, I32, V_INDEX, rows)
+                            : NULL;
+      ftensor_t* w = store ? arg(&c, 4, rows, 2, Hkv, d, any_float(), V_FLOAT, 0) : NULL;
       if (!chance(fault)) { /* a consistent batch: most calls reach the kernels */
         int64_t at = 0;
         set_i32(qs, 0, 0, 0);
@@ -615,7 +627,8 @@ static void fuzz_paged(int fault) {
       }
       before = sentinel(0);
       check_status("sals_paged_attend",
-                   sals_paged_attend(h, P(q), P(qs), P(lens), P(table), P(pages), P(out),
+                   sals_paged_attend(h, P(q), P(qs), P(lens), P(table), P(pages),
+                                     wr ? P(wr) : NULL, w ? P(w) : NULL, P(out),
                                      sel ? P(sel) : NULL, NULL),
                    before, 0);
     }

@@ -267,6 +267,94 @@ def test_chunked_prefill_attends_rebuilt_keys(dense):
         assert_close(out[lo:hi], want, np.abs(v).max(), "float16", f"chunk {lo}..{hi}")
 
 
+# ---- window store: exact sinks and recent tokens ---------------------------------------------
+
+def window_store(cfg, lengths, ks, vs, dtype=np.float32):
+    """A window store holding every sequence's sinks and recent tokens, rows given in reverse
+    order (any rows will do): (window [rows, 2, Hkv, d], per sequence the row of each token or
+    -1, window_rows [B, n_sink + n_recent] for attend)."""
+    w = cfg.n_sink + cfg.n_recent
+    window = np.zeros((w * len(lengths) + 5, 2, cfg.n_head_kv, cfg.head_dim), dtype)
+    token_rows, table = [], np.full((len(lengths), w), -1, np.int32)
+    free = list(range(window.shape[0]))[::-1]
+    for b, s in enumerate(lengths):
+        rows = np.full(s, -1, np.int32)
+        for t in range(s):
+            if t < cfg.n_sink or t >= s - cfg.n_recent:
+                rows[t] = free.pop()
+                table[b, t if t < cfg.n_sink else cfg.n_sink + cfg.n_recent - s + t] = rows[t]
+        token_rows.append(rows)
+    return window, token_rows, table
+
+
+@pytest.mark.parametrize("select_per_head", [False, True], ids=["shared", "per_head"])
+def test_window_store_attends_as_the_cache(select_per_head):
+    """With its sinks and recent tokens in a window store, paged storage gives what LayerCache
+    gives (which keeps them exact itself): decode steps and a prefill chunk, SALS-12.5."""
+    rng = np.random.default_rng(91)
+    hq, hkv, d = 8, 2, 64
+    cfg = sals.Config.preset("sals-12.5", hq, hkv, d, dtype="float32", max_batch=1,
+                             max_tokens=400, select_per_head=select_per_head)
+    proj = orthonormal(rng, hkv * d, cfg.resolved_rank())
+    rope = rope_for(d)
+    layer = sals.PagedLayer(cfg, rope, proj)
+    lengths = [333, 150]
+    ks, vs = problem(rng, lengths, hq, hkv, d, proj)
+    table, nb = place(rng, lengths, 16)
+    window, token_rows, window_rows = window_store(cfg, lengths, ks, vs)
+    pages = np.zeros((nb, 16, layer.slot_bytes), np.uint8)
+    for b in range(2):
+        layer.append(ks[b], vs[b], slot_mapping(table, 16, b, np.arange(lengths[b])), pages,
+                     token_rows[b], window)
+    q, qs = queries(rng, [1, 7], hq, d)
+    out, selected = layer.attend(q, qs, lengths, table, pages, window_rows, window,
+                                 return_selected=True)
+    for b in range(2):
+        n = qs[b + 1] - qs[b]
+        s = lengths[b]
+        with sals.LayerCache(cfg, rope, proj) as cache:
+            pos = np.arange(s, dtype=np.int32)[None]
+            cache.append(ks[b][None], vs[b][None], pos)
+            want = cache.attend(q[None, qs[b]:qs[b + 1]], pos[:, s - n:])[0]
+            if n == 1:
+                idx, _ = cache.selected()
+                assert [set(r[r >= 0]) for r in idx[0]] == [set(r[r >= 0]) for r in selected[b]]
+        np.testing.assert_allclose(out[qs[b]:qs[b + 1]], want, rtol=0, atol=2e-6)
+    # without the store (or with one that keeps nothing) the same tokens are rebuilt
+    bare = layer.attend(q, qs, lengths, table, pages)
+    none = layer.attend(q, qs, lengths, table, pages, np.full_like(window_rows, -1), window)
+    np.testing.assert_array_equal(bare, none)
+    assert np.abs(bare - out).max() > 1e-3
+
+
+WINDOW_FAULTS = {
+    "rows without a store": (dict(window=None), r"^window: is NULL but window_rows is given"),
+    "row beyond the store": (dict(rows=np.array([0, 9], np.int32)),
+                             r"^window_rows\[1\]: row 9 beyond the window's 4 rows"),
+    "row twice": (dict(rows=np.array([2, 2], np.int32)), r"^window_rows: row 2 appears twice"),
+    "store shape": (dict(window=np.zeros((4, 2, 3, 16), np.float32)),
+                    r"^window: dim 2 is 3, expected 2 \(n_head_kv\)"),
+}
+
+
+@pytest.mark.parametrize("fault", list(WINDOW_FAULTS))
+def test_window_store_refuses_bad_input(small, fault):
+    layer, pages, args = small
+    changed, message = WINDOW_FAULTS[fault]
+    a = dict(rows=np.array([0, 1], np.int32), window=np.zeros((4, 2, 2, 16), np.float32))
+    a.update(changed)
+    before = pages.copy()
+    with pytest.raises(sals.InvalidArgumentError, match=message):
+        layer.append(np.ones((2, 2, 16), np.float32), np.ones((2, 2, 16), np.float32),
+                     np.array([3, 6], np.int32), pages, a["rows"], a["window"])
+    np.testing.assert_array_equal(pages, before)
+    rows = np.zeros((2, 3), np.int32)
+    rows[1, 2] = 4
+    with pytest.raises(sals.InvalidArgumentError, match=r"^window_rows\[1, 2\]: 4 not a row"):
+        layer.attend(args["q"], args["query_start"], args["seq_lens"], args["block_table"], pages,
+                     rows, np.zeros((4, 2, 2, 16), np.float32))
+
+
 # ---- placement, batching, threads ----------------------------------------------------------
 
 def test_block_placement_does_not_change_the_result():
@@ -446,7 +534,7 @@ def test_attend_refuses_nan_queries_and_too_small_selection(small):
     lengths = np.array([10, 3], np.int32)
     with pytest.raises(sals.InvalidArgumentError, match=r"^selected: dim 2 is 1, fewer than"):
         layer._p.attend(args["q"], args["query_start"], lengths, args["block_table"], pages, out,
-                        sel)
+                        selected=sel)
 
 
 APPEND_FAULTS = {

@@ -408,11 +408,19 @@ SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTe
  * block * block_size + slot (vLLM's convention). Token i of a sequence is at RoPE position i.
  *
  * What a slot holds is the cache's compressed token (sals_config_t: latent key of `rank`
- * coordinates, `key_bits` and `value_bits` quantisation), and nothing else: no exact copies of
- * the sinks and the recent window (a slot cannot grow for a few tokens, and a position's exact
- * copy would have to move as the sequence grows). The sinks and the recent window are still
- * always attended, rebuilt and dequantised like every other token, so that full rank, a full
- * budget and 16-bit values remain equal to dense attention up to rounding.
+ * coordinates, `key_bits` and `value_bits` quantisation). The exact copies of the sinks and the
+ * recent window, which the cache keeps itself, cannot live in the slots (a slot cannot grow for
+ * a few tokens, and the recent window moves as a sequence grows): the caller may keep them in
+ * a window store of its own, `window` [rows, 2, n_head_kv, head_dim] float (a row holds one
+ * token's pre-RoPE key, then its value), naming rows with `window_rows`:
+ *   - sals_paged_append copies token n into row window_rows[n] (-1: no copy);
+ *   - sals_paged_attend reads sequence b's copies from rows window_rows[b, :]: sink t at
+ *     [b, t], recent token t (t >= seq_lens[b] - n_recent) at
+ *     [b, n_sink + n_recent - seq_lens[b] + t]; -1 (or no window store) means no copy: the
+ *     token is rebuilt from its slot and dequantised, like every token outside the windows.
+ * Which tokens keep copies is the caller's choice (a serving engine: those in the windows of
+ * the sequences it runs); sinks and recent tokens are always attended either way, and full
+ * rank, a full budget and 16-bit values equal dense attention up to rounding with or without.
  *
  * Slot layout, in this order (e = bytes of config.dtype, Dk = n_head_kv * head_dim; a field of
  * a setting not in use is absent):
@@ -454,16 +462,20 @@ SALS_API sals_status_t sals_paged_create(const sals_config_t* config, const sals
 SALS_API void sals_paged_destroy(sals_paged_t* paged);
 
 /**
- * Store tokens into their slots (project, quantise).
+ * Store tokens into their slots (project, quantise), and exact copies into a window store.
  * k, v: [N, n_head_kv, head_dim] pre-RoPE keys (after any k_norm) and values.
  * slot_mapping: [N] int32, token n goes to slot slot_mapping[n] (block * block_size + slot),
  *   each slot at most once per call; a negative entry skips the token (padding).
- * pages: [num_blocks, block_size, slot_bytes] uint8, written only at the mapped slots; may not
- *   overlap k, v or slot_mapping.
+ * pages: [num_blocks, block_size, slot_bytes] uint8, written only at the mapped slots.
+ * window_rows, window: both NULL, or [N] int32 and [rows, 2, n_head_kv, head_dim] float: token
+ *   n's key and value are also copied into row window_rows[n] (-1: none; each row at most
+ *   once; rows of skipped tokens are ignored).
+ * The outputs (pages, window) may not overlap each other or an input.
  */
 SALS_API sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k,
                                          const DLTensor* v, const DLTensor* slot_mapping,
-                                         DLTensor* pages, void* stream);
+                                         DLTensor* pages, const DLTensor* window_rows,
+                                         DLTensor* window, void* stream);
 
 /**
  * Attention of new queries over their sequences' stored tokens (append their own first).
@@ -477,6 +489,8 @@ SALS_API sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTens
  * block_table: [B, max_blocks] int32; the entries of each sequence's first
  *              ceil(seq_lens[b] / block_size) blocks must be blocks of `pages`.
  * pages:       [num_blocks, block_size, slot_bytes] uint8.
+ * window_rows, window: both NULL (no exact copies), or [B, n_sink + n_recent] int32 rows
+ *              (-1 or 0 .. rows - 1) of the window store [rows, 2, n_head_kv, head_dim] float.
  * out:         [N, n_head_q, head_dim], any float dtype; may not overlap an input.
  * selected:    NULL, or [B, H, K] int32 (H = 1 for a shared selection, n_head_kv per head;
  *              K at least the budget rule's count at the longest sparse sequence): the token
@@ -489,6 +503,7 @@ SALS_API sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTens
 SALS_API sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                                          const DLTensor* query_start, const DLTensor* seq_lens,
                                          const DLTensor* block_table, const DLTensor* pages,
+                                         const DLTensor* window_rows, const DLTensor* window,
                                          DLTensor* out, DLTensor* selected, void* stream);
 
 #ifdef __cplusplus

@@ -1,0 +1,42 @@
+"""The CPU platform with the SALS attention backend: vLLM's CpuPlatform, which picks its
+attention backend itself (it ignores attention_backend), routing attention to SALS whenever the
+configuration carries additional_config["sals"], and to vLLM's own CPU attention otherwise."""
+
+from __future__ import annotations
+
+from vllm.platforms.cpu import CpuPlatform
+
+from .. import UnsupportedError
+from . import _plan
+
+BACKEND = "sals.vllm.backend.SalsAttentionBackend"
+
+
+class SalsCpuPlatform(CpuPlatform):
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        # Made here, in the front end, so that a wrong setting, model or calibration is refused
+        # before an engine process starts; the worker makes the same plan again.
+        if vllm_config.model_config is not None and _plan.settings_of(vllm_config) is not None:
+            _plan.make_plan(vllm_config)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        # vllm.config imports this module while it initialises: import it when called
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None or _plan.settings_of(vllm_config) is None:
+            return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        c = attn_selector_config
+        refused = [("MLA attention", c.use_mla), ("sparse attention", c.use_sparse),
+                   ("sliding-window attention layers", c.has_sliding_window),
+                   ("attention sinks", c.has_sink),
+                   (f"{c.attn_type} attention", c.attn_type != "decoder")]
+        for what, present in refused:
+            if present:
+                raise UnsupportedError(f"model: {what} are not supported by the SALS backend "
+                                       f"(it serves full causal attention layers)")
+        _plan.activate(vllm_config)  # customize_spec reads it later in this process
+        return BACKEND
