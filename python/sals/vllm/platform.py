@@ -16,6 +16,13 @@ class SalsCpuPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
+        # vLLM remembers each layer shape's backend for the life of the process, whatever the
+        # configuration: a second engine in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, a
+        # notebook) would keep the first one's choice, with or without SALS. A new
+        # configuration chooses afresh.
+        from vllm.v1.attention import selector
+
+        selector._cached_get_attn_backend.cache_clear()
         # Made here, in the front end, so that a wrong setting, model or calibration is refused
         # before an engine process starts; the worker makes the same plan again.
         if vllm_config.model_config is not None and _plan.settings_of(vllm_config) is not None:
