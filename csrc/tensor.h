@@ -79,7 +79,8 @@ typedef struct {
  */
 sals_status_t sals_arg_views(const sals_arg_t* a, int n, DLDevice* dev);
 
-/** Fail unless v->shape[axis] == ref->shape[ref_axis] ("k: dim 0 is 3, expected 2 (q.shape[0])"). */
+/** Fail unless v->shape[axis] == ref->shape[ref_axis] ("k: dim 0 is 3, expected 2
+ * (q.shape[0])"). */
 sals_status_t sals_dim_eq(const sals_view_t* v, const char* name, int32_t axis,
                           const sals_view_t* ref, const char* ref_name, int32_t ref_axis);
 

@@ -114,7 +114,8 @@ sals_status_t sals_check_storable(const sals_config_t* g, const float* proj, con
                                   const float* vf, float* lat, const char* where) {
   const sals_elem_t el = sals_dtype_elem(g->dtype);
   const int64_t d = g->head_dim, dk = (int64_t)g->n_head_kv * d, r = g->rank;
-  const double limit = el == SALS_ELEM_F16 ? 65504.0 : (el == SALS_ELEM_BF16 ? 0x1.fep127 : 0x1.fffffep127);
+  const double limit =
+      el == SALS_ELEM_F16 ? 65504.0 : (el == SALS_ELEM_BF16 ? 0x1.fep127 : 0x1.fffffep127);
   const char* dt = dtype_name(el);
   int64_t i = sals_first_overflow(kf, el, dk);
   if (i >= 0)
@@ -145,8 +146,8 @@ sals_status_t sals_check_storable(const sals_config_t* g, const float* proj, con
     return sals_set_error(SALS_ERR_NOT_FINITE,
                           "v: channels %lld..%lld of (%s) span more than the float16 scale and "
                           "zero of %d-bit values hold",
-                          (long long)(i * g->value_group), (long long)((i + 1) * g->value_group - 1),
-                          where, (int)g->value_bits);
+                          (long long)(i * g->value_group),
+                          (long long)((i + 1) * g->value_group - 1), where, (int)g->value_bits);
   return SALS_OK;
 }
 
@@ -300,8 +301,8 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
         const int64_t ri = (hh * tqn + t) * G + j;
         float* qr = q + ri * d;
         qpos[ri] = qp;
-        sals_load_f32(qr, elem_at(seq->q, a->q_elem, (t0 + t) * seq->q_st + ((h0 + hh) * G + j) * seq->q_sh),
-                      a->q_elem, d);
+        const int64_t at = (t0 + t) * seq->q_st + ((h0 + hh) * G + j) * seq->q_sh;
+        sals_load_f32(qr, elem_at(seq->q, a->q_elem, at), a->q_elem, d);
         if (qp >= 0) sals_rope_row(qr, (int32_t)half, L->interleaved, qc, qs);
         for (int64_t i = 0; i < d; ++i) qr[i] *= L->scale;
       }
@@ -376,7 +377,8 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
         for (int64_t i = 0; i < d; ++i) kt[i * SALS_KEY_BLOCK + n] = row[i];
         sals_load_f32(vr, xv[n] + off, xel[n], d);
       }
-      if (half > 0) sals_rope_cols(kt, SALS_KEY_BLOCK, nk, (int32_t)half, L->interleaved, ccos, csin);
+      if (half > 0)
+        sals_rope_cols(kt, SALS_KEY_BLOCK, nk, (int32_t)half, L->interleaved, ccos, csin);
       sals_attn_block(Rh, d, nk, q + hh * Rh * d, kt, SALS_KEY_BLOCK, vb, kpos, qpos + hh * Rh, sc,
                       m + hh * Rh, l + hh * Rh, acc + hh * Rh * d);
     }

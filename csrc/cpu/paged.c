@@ -91,7 +91,8 @@ static void append_task(void* ctx, int64_t task, int32_t thread) {
     const int32_t row = a->rows ? ((const int32_t*)a->rows->data)[t * a->rows->stride[0]] : -1;
     if (row >= 0) /* the exact copy: key then value, each [n_head_kv][head_dim] */
       for (int64_t h = 0; h < g->n_head_kv; ++h) {
-        sals_store_f32(sals_view_at(a->window, row, 0, h, 0), a->window->elem, kf + n * dk + h * d, d);
+        sals_store_f32(sals_view_at(a->window, row, 0, h, 0), a->window->elem,
+                       kf + n * dk + h * d, d);
         sals_store_f32(sals_view_at(a->window, row, 1, h, 0), a->window->elem, vf + h * d, d);
       }
     slots[n++] = s;
@@ -164,7 +165,8 @@ sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
   int64_t max_len = 0, n_work = 0, most = 1, n_with_q = 0, n_single = 0;
   double flops = 0.0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n_q = i32_at(query_start, b + 1) - i32_at(query_start, b), S = i32_at(seq_lens, b);
+    const int64_t n_q = i32_at(query_start, b + 1) - i32_at(query_start, b);
+    const int64_t S = i32_at(seq_lens, b);
     max_len = max_i64(max_len, S);
     n_work += (n_q + q_block - 1) / q_block;
     n_with_q += n_q > 0;
@@ -248,7 +250,8 @@ sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
                 ~(int64_t)15;
   ws = (float*)malloc((size_t)(a.ws_stride * threads) * sizeof(float));
   if (a.n_ch > 1)
-    partial = (float*)malloc((size_t)(B * a.n_ch * g->n_head_q * (g->head_dim + 2)) * sizeof(float));
+    partial = (float*)malloc((size_t)(B * a.n_ch * g->n_head_q * (g->head_dim + 2)) *
+                             sizeof(float));
   if (!ws || (a.n_ch > 1 && !partial)) {
     st = sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (attend workspace)");
     goto done;

@@ -12,9 +12,9 @@ them; it holds only the layer's settings and projection, never tokens.
 
 The sinks and the recent window of a sequence are attended from exact copies when the caller
 keeps them in a window store of its own (``window_rows``, ``window``); otherwise they are
-rebuilt from their slots like every other token. Token ``i`` of a sequence is at RoPE position ``i``; a sequence's queries are its last tokens
-(their keys appended first). The slot layout and every rule are those of ``sals.h``'s paged
-storage section. CPU only in this release.
+rebuilt from their slots like every other token. Token ``i`` of a sequence is at RoPE position
+``i``; a sequence's queries are its last tokens (their keys appended first). The slot layout
+and every rule are those of ``sals.h``'s paged storage section. CPU only in this release.
 """
 
 from __future__ import annotations
@@ -94,10 +94,11 @@ class PagedLayer:
         append. ``window_rows`` ``[B, n_sink + n_recent]`` and ``window`` (both or neither):
         the rows holding exact copies of each sequence's sinks (``[b, t]``) and recent tokens
         (token ``t`` at ``[b, n_sink + n_recent - seq_lens[b] + t]``), -1 where a token has
-        none and is rebuilt from its slot. Returns ``out`` (a new ``[N, n_head_q, head_dim]`` array of q's dtype when
-        None; rows outside the sequences' ranges are left as they are), and with
-        ``return_selected`` also the selection: numpy int32 ``[B, H, K]`` token indices (H = 1
-        shared, n_head_kv per head; -1 padded; all -1 for a sequence without a sparse step).
+        none and is rebuilt from its slot. Returns ``out`` (a new ``[N, n_head_q, head_dim]``
+        array of q's dtype when None; rows outside the sequences' ranges are left as they are),
+        and with ``return_selected`` also the selection: numpy int32 ``[B, H, K]`` token indices
+        (H = 1 shared, n_head_kv per head; -1 padded; all -1 for a sequence without a sparse
+        step).
         A sequence with one query on a sparse layer takes a SALS decode step; otherwise its
         queries attend every visible token (causal).
         """

@@ -49,7 +49,8 @@ static void test_slot_bytes(void) {
   g.max_tokens = -1;
   CHECK_OK(sals_paged_slot_bytes(&g, &bytes));
   g.rank = 17;
-  CHECK_ERR(sals_paged_slot_bytes(&g, &bytes), SALS_ERR_INVALID_ARGUMENT, "config.rank: 17 > Dk 16");
+  CHECK_ERR(sals_paged_slot_bytes(&g, &bytes), SALS_ERR_INVALID_ARGUMENT,
+            "config.rank: 17 > Dk 16");
   CHECK_ERR(sals_paged_slot_bytes(NULL, &bytes), SALS_ERR_INVALID_ARGUMENT, "config: is NULL");
 }
 
@@ -287,7 +288,8 @@ static void test_window_store_matches_the_cache(void) {
   tset(&tp, pages, U8, 3, NB, BS, sb, 0);
   tset(&tw, window, F32, 4, 5, 2, HKV, D);
   CHECK_OK(sals_paged_append(paged, &tk.t, &tv.t, &ts.t, &tp.t, &tr.t, &tw.t, NULL));
-  CHECK(memcmp(window[4][1], v[22], sizeof v[22]) == 0 && memcmp(window[3][0], k[0], sizeof k[0]) == 0,
+  CHECK(memcmp(window[4][1], v[22], sizeof v[22]) == 0 &&
+            memcmp(window[3][0], k[0], sizeof k[0]) == 0,
         "the window rows hold the exact key and value");
   int32_t qs[2] = {0, 1}, lens[1] = {S};
   tensor_t tq, tqs, tl, tt, twr, to;

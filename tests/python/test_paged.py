@@ -60,8 +60,8 @@ def problem(rng, lengths, hq, hkv, d, proj=None):
     dk = hkv * d
     basis = orthonormal(rng, dk, dk)
     if proj is not None:
-        basis, _ = np.linalg.qr(np.concatenate([proj, rng.standard_normal((dk, dk - proj.shape[1]))],
-                                               1))
+        extra = rng.standard_normal((dk, dk - proj.shape[1]))
+        basis, _ = np.linalg.qr(np.concatenate([proj, extra], 1))
     ks = [structured_keys(rng, (n, hkv, d), basis) for n in lengths]
     vs = [rng.standard_normal((n, hkv, d)).astype(np.float32) for n in lengths]
     return ks, vs
@@ -269,7 +269,7 @@ def test_chunked_prefill_attends_rebuilt_keys(dense):
 
 # ---- window store: exact sinks and recent tokens ---------------------------------------------
 
-def window_store(cfg, lengths, ks, vs, dtype=np.float32):
+def window_store(cfg, lengths, dtype=np.float32):
     """A window store holding every sequence's sinks and recent tokens, rows given in reverse
     order (any rows will do): (window [rows, 2, Hkv, d], per sequence the row of each token or
     -1, window_rows [B, n_sink + n_recent] for attend)."""
@@ -301,7 +301,7 @@ def test_window_store_attends_as_the_cache(select_per_head):
     lengths = [333, 150]
     ks, vs = problem(rng, lengths, hq, hkv, d, proj)
     table, nb = place(rng, lengths, 16)
-    window, token_rows, window_rows = window_store(cfg, lengths, ks, vs)
+    window, token_rows, window_rows = window_store(cfg, lengths)
     pages = np.zeros((nb, 16, layer.slot_bytes), np.uint8)
     for b in range(2):
         layer.append(ks[b], vs[b], slot_mapping(table, 16, b, np.arange(lengths[b])), pages,

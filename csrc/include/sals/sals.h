@@ -424,13 +424,13 @@ SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTe
  *
  * Slot layout, in this order (e = bytes of config.dtype, Dk = n_head_kv * head_dim; a field of
  * a setting not in use is absent):
- *   key_bits == 16:   latent coordinates [0, rank) in `dtype`                   rank * e
- *   value_bits == 16: the value [Dk] in `dtype`                                 Dk * e
+ *   key_bits == 16:   latent coordinates [0, rank) in `dtype`             rank * e
+ *   value_bits == 16: the value [Dk] in `dtype`                           Dk * e
  *   key_bits < 16:    float16 scales, then zeros, of the key groups of [0, score_rank), then
- *                     scales and zeros of [score_rank, rank)                    4 * rank / key_group
- *   value_bits < 16:  float16 scales, then zeros, of the value groups           4 * Dk / value_group
- *   key_bits < 16:    codes of [0, score_rank), then of [score_rank, rank)      rank * key_bits / 8
- *   value_bits < 16:  value codes                                               Dk * value_bits / 8
+ *                     scales and zeros of [score_rank, rank)              4 * rank / key_group
+ *   value_bits < 16:  float16 scales, then zeros, of the value groups     4 * Dk / value_group
+ *   key_bits < 16:    codes of [0, score_rank), then of [score_rank, rank) rank * key_bits / 8
+ *   value_bits < 16:  value codes                                         Dk * value_bits / 8
  *   padding to a multiple of the largest element size above (the pages' address and their
  *   strides of dims 0 and 1 must be multiples of it too).
  * Codes, scales and zeros are those of sals_quantize_values over each part.

@@ -44,11 +44,6 @@ def settings_of(vllm_config) -> dict | None:
     if SETTINGS_KEY not in extra:
         return None
     settings = extra[SETTINGS_KEY]
-    if isinstance(settings, str):  # the CLI may hand a nested JSON object over as text
-        try:
-            settings = json.loads(settings)
-        except ValueError as e:
-            raise InvalidArgumentError(f"additional_config.sals: not JSON ({e})") from None
     if not isinstance(settings, dict):
         raise InvalidArgumentError(
             f"additional_config.sals: expected an object of settings, got "

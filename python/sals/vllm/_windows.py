@@ -11,10 +11,13 @@ copies, so it stays right whatever vLLM does with blocks:
   - blocks shared by prefix caching hold the same tokens for every sequence, and so do rows;
   - a preempted request is recomputed into the slots vLLM gives it again, rewriting them.
 
-The stores have a fixed number of rows; when they are full the least recently used row not
-needed by the current step is given up, and a token whose copy is gone is rebuilt from its slot
-(as every token outside the windows is). vLLM keeps no request identity in the attention
-metadata, hence the slot keys and the recency rule.
+A token's row is given up when the token leaves its sequence's recent window (sinks keep
+theirs). The stores have a fixed number of rows: ``max_num_seqs * (n_sink + n_recent)`` hold
+the windows of every sequence vLLM runs at once when each is scheduled every step; when they
+are full the least recently used row the current step does not read is taken (those of
+finished sequences, or of sequences the step left out), and a token whose copy is gone is
+rebuilt from its slot, as every token outside the windows is. vLLM keeps no request identity in
+the attention metadata, hence the slot keys and the recency rule.
 """
 
 from __future__ import annotations
@@ -45,15 +48,22 @@ class WindowRows:
         append_rows = np.full(n, -1, np.int32)
         window_rows = np.full((len(seq_lens), width), -1, np.int32)
         needed = []  # (batch row, window column, slot, appended token index or -1)
+        leaving = []  # slots of tokens this step moves out of their sequence's recent window
+
+        def slot_of(b: int, t: int) -> int:
+            return int(block_table[b, t // block_size]) * block_size + t % block_size
+
         for b, s in enumerate(seq_lens.tolist()):
             q0, q1 = int(query_start[b]), int(query_start[b + 1])
             first_new = s - (q1 - q0)
             ns = min(s, self.n_sink)
-            tokens = list(range(ns)) + list(range(max(ns, s - self.n_recent), s))
-            for t in tokens:
+            recent = max(ns, s - self.n_recent)
+            for t in list(range(ns)) + list(range(recent, s)):
                 col = t if t < ns else width - s + t
-                slot = int(block_table[b, t // block_size]) * block_size + t % block_size
-                needed.append((b, col, slot, q0 + t - first_new if t >= first_new else -1))
+                needed.append((b, col, slot_of(b, t),
+                               q0 + t - first_new if t >= first_new else -1))
+            leaving += [slot_of(b, t) for t in range(max(self.n_sink, first_new - self.n_recent),
+                                                      min(recent, first_new))]
         # Appended tokens that need no copy (outside every window at append) drop their slot's
         # row: the slot now holds another token than the one copied there.
         fresh = {slot for _, _, slot, i in needed if i >= 0}
@@ -61,11 +71,17 @@ class WindowRows:
             slot = int(slot_mapping[i])
             if slot >= 0 and slot not in fresh:
                 self._drop(slot)
-        # Rows this step keeps: every copy it reads; then rows for the tokens it appends.
+        # Rows this step keeps: every copy it reads. Tokens that left their window give their
+        # rows up (unless another sequence reads them now: a block shared by prefix caching).
         for b, col, slot, i in needed:
             row = self._row_of.get(slot)
             if row is not None:
                 self._used[row] = self._step
+        for slot in leaving:
+            row = self._row_of.get(slot)
+            if row is not None and self._used[row] != self._step:
+                self._drop(slot)
+        # Then rows for the tokens it appends.
         for b, col, slot, i in needed:
             row = self._row_of.get(slot)
             if row is None and i >= 0:
