@@ -135,14 +135,18 @@ def test_sals25_agrees_within_the_margin_and_holds_more_tokens(runs, smollm2):
     dense, sals = runs["dense"]["tokens"][0], runs["sals-25"]["tokens"][0]
     agree = agreement(dense, sals)
     ratio = runs["sals-25"]["capacity"] / runs["dense"]["capacity"]
-    agree125 = agreement(dense, runs["sals-12.5"]["tokens"][0])
+    sals125 = runs["sals-12.5"]["tokens"][0]
     ratio125 = runs["sals-12.5"]["capacity"] / runs["dense"]["capacity"]
-    print(f"SALS-25: token agreement {agree:.3f}, capacity {runs['sals-25']['capacity']} vs "
-          f"{runs['dense']['capacity']} tokens ({ratio:.2f}x); SALS-12.5: agreement "
-          f"{agree125:.3f}, capacity {ratio125:.2f}x")
+
+    def needles(generations) -> int:
+        return sum(NEEDLE_ANSWER in tokenizer.decode(g) for g in generations[:3])
+
+    print(f"SALS-25: token agreement {agree:.3f}, needle {needles(sals)}/3, capacity "
+          f"{runs['sals-25']['capacity']} vs {runs['dense']['capacity']} tokens ({ratio:.2f}x); "
+          f"SALS-12.5: agreement {agreement(dense, sals125):.3f}, needle {needles(sals125)}/3, "
+          f"capacity {ratio125:.2f}x")
     assert agree >= SALS25_MIN_AGREEMENT
-    for generated in sals[:3]:
-        assert NEEDLE_ANSWER in tokenizer.decode(generated)
+    assert needles(sals) == 3
     assert ratio >= SALS25_MIN_CAPACITY_RATIO
 
 

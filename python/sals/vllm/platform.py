@@ -4,12 +4,16 @@ configuration carries additional_config["sals"], and to vLLM's own CPU attention
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
 from .. import UnsupportedError
 from . import _plan
 
 BACKEND = "sals.vllm.backend.SalsAttentionBackend"
+# under vLLM's logger, whose handlers and level vLLM configures (a logger of its own would not
+# print at INFO)
+logger = init_logger("vllm.plugins.sals")
 
 
 class SalsCpuPlatform(CpuPlatform):
@@ -26,7 +30,16 @@ class SalsCpuPlatform(CpuPlatform):
         # Made here, in the front end, so that a wrong setting, model or calibration is refused
         # before an engine process starts; the worker makes the same plan again.
         if vllm_config.model_config is not None and _plan.settings_of(vllm_config) is not None:
-            _plan.make_plan(vllm_config)
+            plan = _plan.make_plan(vllm_config)
+            cfg = plan.configs[0]
+            dense = 2 * cfg.dk * vllm_config.model_config.dtype.itemsize
+            window = plan.window_capacity * 2 * cfg.dk * (4 if cfg.dtype == "float32" else 2)
+            logger.info(
+                "SALS: %d bytes per token and layer (dense K and V: %d, %.2fx the tokens), rank "
+                "%d, %d-bit values, window stores of %d tokens (%.1f MiB for all %d layers, "
+                "outside vLLM's KV memory)", plan.slot_bytes, dense, dense / plan.slot_bytes,
+                cfg.resolved_rank(), cfg.value_bits, plan.window_capacity,
+                window * plan.n_layers / 2**20, plan.n_layers)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
