@@ -38,7 +38,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.registry import register_backend
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from .. import PagedLayer, Rope, UnsupportedError
+from .. import PagedLayer, Rope, UnsupportedError, rope_apply
 from . import _plan
 from ._windows import WindowRows
 
@@ -162,8 +162,7 @@ class SalsAttentionImpl(AttentionImpl[SalsMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
-        self.kv_cache_dtype = kv_cache_dtype
-        self.sliding_window = None
+        self.kv_cache_dtype = kv_cache_dtype  # read by vLLM (kv_quant_mode)
         self.plan = _plan.activate(get_current_vllm_config())
         self.paged: PagedLayer | None = None
         self.key_scale: torch.Tensor | None = None
@@ -185,8 +184,6 @@ class SalsAttentionImpl(AttentionImpl[SalsMetadata]):
         return self.paged
 
     def _pre_rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        from .. import rope_apply
-
         return rope_apply(x, positions, self.unrope)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
