@@ -177,7 +177,7 @@ class SalsAttentionImpl(AttentionImpl[SalsMetadata]):
             cfg = dataclasses.replace(self.plan.configs[index], scale=self.scale)
             self.paged = PagedLayer(cfg, self.plan.rope, self.plan.projections[index])
             self.key_scale = _plan.key_scale_tensor(self.plan.key_scales[index], self.head_size)
-            if self.plan.window_capacity > 0:
+            if self.plan.window_capacity > 0 and cfg.n_sink + cfg.n_recent > 0:
                 self.window = torch.zeros(
                     (self.plan.window_capacity, 2, self.num_kv_heads, self.head_size),
                     dtype=getattr(torch, cfg.dtype))
