@@ -14,56 +14,6 @@
     if (st_ != SALS_OK) return st_;  \
   } while (0)
 
-/* One tensor of a stateless call; an `optional` one may be NULL (absent); an `output` is
- * written, so its elements may not share memory. */
-typedef struct {
-  const DLTensor* t;
-  const char* name;
-  int32_t ndim;
-  uint32_t accept;
-  sals_view_t* v;
-  int optional;
-  int output;
-} arg_t;
-
-static int absent(const arg_t* a) { return a->optional && a->t == NULL; }
-
-/* Check a call's tensors in order and fill their views: the first decides the device (which
- * needs a backend), every other one must be on it. */
-static sals_status_t views(const arg_t* a, int n, DLDevice* dev) {
-  TRY(sals_view_make(a[0].t, a[0].name, a[0].ndim, a[0].accept, a[0].v, dev));
-  TRY(sals_check_backend(a[0].name, *dev));
-  for (int i = 1; i < n; ++i) {
-    if (absent(&a[i])) continue;
-    DLDevice d;
-    TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
-    TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
-    if (a[i].output) TRY(sals_check_output(a[i].v, a[i].name));
-  }
-  return SALS_OK;
-}
-
-static sals_status_t dim_eq(const sals_view_t* v, const char* name, int32_t axis,
-                            const sals_view_t* ref, const char* ref_name, int32_t ref_axis) {
-  if (v->shape[axis] == ref->shape[ref_axis]) return SALS_OK;
-  return sals_set_error(INVALID, "%s: dim %d is %lld, expected %lld (%s.shape[%d])", name,
-                        (int)axis, (long long)v->shape[axis], (long long)ref->shape[ref_axis],
-                        ref_name, (int)ref_axis);
-}
-
-static sals_status_t no_overlap(const sals_view_t* out, const char* on, const sals_view_t* in,
-                                const char* in_name) {
-  if (!sals_views_overlap(out, in)) return SALS_OK;
-  return sals_set_error(INVALID, "%s: overlaps %s", on, in_name);
-}
-
-/* The output a[i] overlaps none of the tensors listed before it. */
-static sals_status_t apart(const arg_t* a, int i) {
-  for (int j = 0; j < i; ++j)
-    if (!absent(&a[j])) TRY(no_overlap(a[i].v, a[i].name, a[j].v, a[j].name));
-  return SALS_OK;
-}
-
 /* Length of sequence b: lengths[b] from host-readable lengths, S when there are none. */
 static int64_t length_of(const sals_view_t* lv, int64_t b, int64_t S) {
   return lv ? ((const int32_t*)lv->data)[b * lv->stride[0]] : S;
@@ -81,61 +31,21 @@ static sals_status_t check_lengths(const sals_view_t* lv, DLDevice dev, int64_t 
   return SALS_OK;
 }
 
-/*
- * Finiteness of float inputs in host memory: the first `n` elements of the row of `v` at the
- * leading indices ix[0 .. ndim-2] must be finite ("k: holds NaN or infinity at row [0, 3, 1]").
- * Only the elements a function reads are checked, so padding beyond `lengths` may hold anything.
- * CUDA inputs are not checked here (that would need a device pass and a host synchronisation).
- */
-static sals_status_t finite_row(const sals_view_t* v, const char* name, const int64_t* ix,
-                                int64_t n) {
-  int64_t off = 0;
-  for (int32_t i = 0; i + 1 < v->ndim; ++i) off += ix[i] * v->stride[i];
-  if (sals_all_finite((const char*)v->data + off * (int64_t)sals_elem_size(v->elem), v->elem, n))
-    return SALS_OK;
-  if (v->ndim == 2)
-    return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %lld", name,
-                          (long long)ix[0]);
-  char at[96];
-  int len = snprintf(at, sizeof at, "[%lld", (long long)ix[0]);
-  for (int32_t i = 1; i + 1 < v->ndim; ++i)
-    len += snprintf(at + len, sizeof at - (size_t)len, ", %lld", (long long)ix[i]);
-  return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %s]", name, at);
-}
-
-/* The first `n` elements of every row of a host view are finite. */
-static sals_status_t finite_rows(const sals_view_t* v, const char* name, int64_t n) {
-  int64_t rows = 1, ix[SALS_MAX_DIMS] = {0};
-  for (int32_t i = 0; i + 1 < v->ndim; ++i) rows *= v->shape[i];
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = v->ndim - 2, rest = r; i >= 0; --i) {
-      ix[i] = rest % v->shape[i];
-      rest /= v->shape[i];
-    }
-    TRY(finite_row(v, name, ix, n));
-  }
-  return SALS_OK;
-}
-
-static sals_status_t finite_all(const sals_view_t* v, const char* name) {
-  return finite_rows(v, name, v->shape[v->ndim - 1]);
-}
-
 sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  const arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0, 0},
+  const sals_arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0, 0},
                      {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
                      {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(views(a, 3, &dev));
-  TRY(dim_eq(&pv, "proj", 0, &xv, "x", 1));
-  TRY(dim_eq(&ov, "out", 0, &xv, "x", 0));
-  TRY(dim_eq(&ov, "out", 1, &pv, "proj", 1));
-  TRY(apart(a, 2));
+  TRY(sals_arg_views(a, 3, &dev));
+  TRY(sals_dim_eq(&pv, "proj", 0, &xv, "x", 1));
+  TRY(sals_dim_eq(&ov, "out", 0, &xv, "x", 0));
+  TRY(sals_dim_eq(&ov, "out", 1, &pv, "proj", 1));
+  TRY(sals_arg_apart(a, 2));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(finite_all(&xv, "x"));
-    TRY(finite_all(&pv, "proj"));
+    TRY(sals_finite_all(&xv, "x"));
+    TRY(sals_finite_all(&pv, "proj"));
   }
   return SALS_DISPATCH(dev, project, &xv, &pv, &ov, stream);
 }
@@ -144,18 +54,18 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
                               DLTensor* out, void* stream) {
   sals_view_t xv, pv, ov;
   DLDevice dev;
-  const arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0, 0},
+  const sals_arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0, 0},
                      {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0, 0},
                      {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(views(a, 3, &dev));
-  TRY(dim_eq(&pv, "pos", 0, &xv, "x", 0));
-  for (int32_t i = 0; i < 3; ++i) TRY(dim_eq(&ov, "out", i, &xv, "x", i));
+  TRY(sals_arg_views(a, 3, &dev));
+  TRY(sals_dim_eq(&pv, "pos", 0, &xv, "x", 0));
+  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &xv, "x", i));
   TRY(sals_check_rope(rope, xv.shape[2]));
   if (!sals_views_same(&ov, &xv) && sals_views_overlap(&ov, &xv))
     return sals_set_error(INVALID, "out: overlaps x without being the same view");
-  TRY(no_overlap(&ov, "out", &pv, "pos"));
+  TRY(sals_no_overlap(&ov, "out", &pv, "pos"));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
-  if (dev.device_type == kDLCPU) TRY(finite_all(&xv, "x"));
+  if (dev.device_type == kDLCPU) TRY(sals_finite_all(&xv, "x"));
   return SALS_DISPATCH(dev, rope_apply, &xv, &pv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
 }
@@ -165,12 +75,12 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
 static sals_status_t finite_scored(const sals_view_t* qv, const sals_view_t* kv,
                                    const sals_view_t* lv, int32_t score_rank, int32_t n_sink,
                                    int32_t n_recent) {
-  TRY(finite_rows(qv, "q_lat", score_rank));
+  TRY(sals_finite_rows(qv, "q_lat", score_rank));
   for (int64_t b = 0; b < kv->shape[0]; ++b) {
     const int64_t end = length_of(lv, b, kv->shape[1]) - n_recent;
     for (int64_t j = n_sink; j < end; ++j) {
       const int64_t ix[2] = {b, j};
-      TRY(finite_row(kv, "k_lat", ix, score_rank));
+      TRY(sals_finite_row(kv, "k_lat", ix, score_rank));
     }
   }
   return SALS_OK;
@@ -181,13 +91,13 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                                 int32_t n_recent, int32_t budget, DLTensor* idx, void* stream) {
   sals_view_t qv, kv, lv, iv;
   DLDevice dev;
-  const arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
+  const sals_arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
                      {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                      {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
                      {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
-  TRY(views(a, 4, &dev));
-  TRY(dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
-  if (lengths) TRY(dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
+  TRY(sals_arg_views(a, 4, &dev));
+  TRY(sals_dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
+  if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
   const int64_t S = kv.shape[1];
   const int64_t rmax = qv.shape[2] < kv.shape[2] ? qv.shape[2] : kv.shape[2];
   if (score_rank < 1 || score_rank > rmax)
@@ -199,12 +109,12 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
   if (budget < 1 || budget > cand)
     return sals_set_error(INVALID, "budget: %d not in 1..%lld (S - n_sink - n_recent candidates)",
                           (int)budget, (long long)cand);
-  TRY(dim_eq(&iv, "idx", 0, &qv, "q_lat", 0));
-  TRY(dim_eq(&iv, "idx", 1, &qv, "q_lat", 1));
+  TRY(sals_dim_eq(&iv, "idx", 0, &qv, "q_lat", 0));
+  TRY(sals_dim_eq(&iv, "idx", 1, &qv, "q_lat", 1));
   if (iv.shape[2] != budget)
     return sals_set_error(INVALID, "idx: dim 2 is %lld, expected %d (budget)",
                           (long long)iv.shape[2], (int)budget);
-  TRY(apart(a, 3));
+  TRY(sals_arg_apart(a, 3));
   TRY(check_lengths(lengths ? &lv : NULL, dev, S));
   if (sals_view_numel(&iv) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU)
@@ -217,23 +127,23 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
                                 const sals_rope_t* rope, DLTensor* out, void* stream) {
   sals_view_t kv, pv, posv, ov;
   DLDevice dev;
-  const arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+  const sals_arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                      {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
                      {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0, 0},
                      {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(views(a, 4, &dev));
-  TRY(dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
-  TRY(dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
-  TRY(dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
+  TRY(sals_arg_views(a, 4, &dev));
+  TRY(sals_dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
+  TRY(sals_dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
+  TRY(sals_dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
   if (pv.shape[0] != ov.shape[1] * ov.shape[2])
     return sals_set_error(INVALID, "proj: dim 0 is %lld, expected %lld (out.shape[1] * out.shape[2])",
                           (long long)pv.shape[0], (long long)(ov.shape[1] * ov.shape[2]));
   TRY(sals_check_rope(rope, ov.shape[2]));
-  TRY(apart(a, 3));
+  TRY(sals_arg_apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(finite_all(&kv, "k_lat"));
-    TRY(finite_all(&pv, "proj"));
+    TRY(sals_finite_all(&kv, "k_lat"));
+    TRY(sals_finite_all(&pv, "proj"));
   }
   return SALS_DISPATCH(dev, rebuild_rope, &kv, &pv, &posv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
@@ -244,8 +154,8 @@ static sals_status_t finite_token(const sals_view_t* kv, const sals_view_t* vv, 
                                   int64_t t, int64_t h0, int64_t h1) {
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t ix[3] = {b, t, h};
-    TRY(finite_row(kv, "k", ix, kv->shape[3]));
-    TRY(finite_row(vv, "v", ix, vv->shape[3]));
+    TRY(sals_finite_row(kv, "k", ix, kv->shape[3]));
+    TRY(sals_finite_row(vv, "v", ix, vv->shape[3]));
   }
   return SALS_OK;
 }
@@ -290,7 +200,7 @@ static sals_status_t check_attended(const sals_view_t* qv, const sals_view_t* kv
       }
   }
   free(seen);
-  return st != SALS_OK ? st : finite_all(qv, "q");
+  return st != SALS_OK ? st : sals_finite_all(qv, "q");
 }
 
 sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const DLTensor* v,
@@ -298,31 +208,31 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                                     DLTensor* out, void* stream) {
   sals_view_t qv, kv, vv, iv, lv, ov;
   DLDevice dev;
-  const arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
+  const sals_arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
                      {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                      {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0, 0},
                      {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1, 0},
                      {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
                      {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(views(a, 6, &dev));
-  TRY(dim_eq(&kv, "k", 0, &qv, "q", 0));
-  TRY(dim_eq(&kv, "k", 3, &qv, "q", 2));
-  for (int32_t i = 0; i < 4; ++i) TRY(dim_eq(&vv, "v", i, &kv, "k", i));
+  TRY(sals_arg_views(a, 6, &dev));
+  TRY(sals_dim_eq(&kv, "k", 0, &qv, "q", 0));
+  TRY(sals_dim_eq(&kv, "k", 3, &qv, "q", 2));
+  for (int32_t i = 0; i < 4; ++i) TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
   const int64_t Hq = qv.shape[1], Hkv = kv.shape[2], S = kv.shape[1];
   if (Hkv < 1 || Hq % Hkv != 0)
     return sals_set_error(INVALID, "q: dim 1 is %lld, not a multiple of k.shape[2] %lld",
                           (long long)Hq, (long long)Hkv);
-  for (int32_t i = 0; i < 3; ++i) TRY(dim_eq(&ov, "out", i, &qv, "q", i));
+  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
   if (idx) {
-    TRY(dim_eq(&iv, "idx", 0, &qv, "q", 0));
+    TRY(sals_dim_eq(&iv, "idx", 0, &qv, "q", 0));
     if (iv.shape[1] != 1 && iv.shape[1] != Hkv)
       return sals_set_error(INVALID, "idx: dim 1 is %lld, expected 1 (shared) or %lld (k.shape[2])",
                             (long long)iv.shape[1], (long long)Hkv);
   }
-  if (lengths) TRY(dim_eq(&lv, "lengths", 0, &qv, "q", 0));
+  if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q", 0));
   if (!(scale >= 0.0f) || !isfinite(scale))
     return sals_set_error(INVALID, "scale: %g must be finite and >= 0", (double)scale);
-  TRY(apart(a, 5));
+  TRY(sals_arg_apart(a, 5));
   TRY(check_lengths(lengths ? &lv : NULL, dev, S));
   if (dev.device_type == kDLCPU)
     TRY(check_attended(&qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL));
@@ -350,11 +260,11 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
                                   int32_t group) {
   const int64_t D = vv->shape[1];
   TRY(check_quant(bits, group, D, vn));
-  TRY(dim_eq(pv, "packed", 0, vv, vn, 0));
+  TRY(sals_dim_eq(pv, "packed", 0, vv, vn, 0));
   TRY(sals_check_dim(pv, "packed", 1, D * bits / 8, "D * bits / 8"));
-  TRY(dim_eq(sv, "scale", 0, vv, vn, 0));
+  TRY(sals_dim_eq(sv, "scale", 0, vv, vn, 0));
   TRY(sals_check_dim(sv, "scale", 1, D / group, "D / group"));
-  TRY(dim_eq(zv, "zero", 0, vv, vn, 0));
+  TRY(sals_dim_eq(zv, "zero", 0, vv, vn, 0));
   TRY(sals_check_dim(zv, "zero", 1, D / group, "D / group"));
   return SALS_OK;
 }
@@ -384,16 +294,16 @@ sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t grou
                                    void* stream) {
   sals_view_t vv, pv, sv, zv;
   DLDevice dev;
-  const arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0, 0},
+  const sals_arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0, 0},
                      {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 1},
                      {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 1},
                      {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 1}};
-  TRY(views(a, 4, &dev));
+  TRY(sals_arg_views(a, 4, &dev));
   TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
-  for (int i = 1; i < 4; ++i) TRY(apart(a, i)); /* three outputs, all written */
+  for (int i = 1; i < 4; ++i) TRY(sals_arg_apart(a, i)); /* three outputs, all written */
   if (sals_view_numel(&vv) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(finite_all(&vv, "v"));
+    TRY(sals_finite_all(&vv, "v"));
     TRY(quantizable(&vv, bits, group));
   }
   return SALS_DISPATCH(dev, quantize_values, &vv, bits, group, &pv, &sv, &zv, stream);
@@ -404,17 +314,17 @@ sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* sca
                                      DLTensor* out, void* stream) {
   sals_view_t pv, sv, zv, ov;
   DLDevice dev;
-  const arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 0},
+  const sals_arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 0},
                      {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 0},
                      {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 0},
                      {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(views(a, 4, &dev));
+  TRY(sals_arg_views(a, 4, &dev));
   TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
-  TRY(apart(a, 3));
+  TRY(sals_arg_apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(finite_all(&sv, "scale"));
-    TRY(finite_all(&zv, "zero"));
+    TRY(sals_finite_all(&sv, "scale"));
+    TRY(sals_finite_all(&zv, "zero"));
   }
   return SALS_DISPATCH(dev, dequantize_values, &pv, &sv, &zv, bits, group, &ov, stream);
 }

@@ -125,8 +125,7 @@ static const cache_part_t* cache_parts(const sals_config_t* g, cache_part_t* p) 
   return big;
 }
 
-static sals_status_t check_config(const sals_config_t* g) {
-  char buf[32];
+sals_status_t sals_check_method(const sals_config_t* g) {
   TRY(check_min("n_head_q", g->n_head_q, 1));
   TRY(check_min("n_head_kv", g->n_head_kv, 1));
   if (g->n_head_q % g->n_head_kv != 0)
@@ -186,8 +185,6 @@ static sals_status_t check_config(const sals_config_t* g) {
   TRY(check_min("budget_tokens", g->budget_tokens, 0));
   TRY(check_flag("select_per_head", g->select_per_head));
   TRY(check_flag("dense", g->dense));
-  TRY(check_min("max_batch", g->max_batch, 1));
-  TRY(check_min("max_tokens", g->max_tokens, 1));
   if (g->dtype != SALS_DTYPE_FLOAT32 && g->dtype != SALS_DTYPE_FLOAT16 &&
       g->dtype != SALS_DTYPE_BFLOAT16)
     return sals_set_error(INVALID, "config.dtype: %d not a sals_dtype_t", (int)g->dtype);
@@ -195,6 +192,15 @@ static sals_status_t check_config(const sals_config_t* g) {
     return sals_set_error(INVALID, "config.scale: %g must be finite and >= 0 (0 = 1/sqrt(head_dim))",
                           (double)g->scale);
   TRY(check_flag("check_finite", g->check_finite));
+  return SALS_OK;
+}
+
+/* The method's fields, then those of a cache: sizes, threads and device. */
+static sals_status_t check_config(const sals_config_t* g) {
+  char buf[32];
+  TRY(sals_check_method(g));
+  TRY(check_min("max_batch", g->max_batch, 1));
+  TRY(check_min("max_tokens", g->max_tokens, 1));
   TRY(check_min("n_threads", g->n_threads, 0));
   if (g->n_threads > SALS_MAX_THREADS)
     return sals_set_error(INVALID, "config.n_threads: %d must be <= %d (0 = one per online core)",
@@ -277,8 +283,7 @@ static sals_status_t check_orthonormal(const float* U, int64_t R, int64_t C, sal
   return st;
 }
 
-/* A compact float32 host copy of the projection [Dk, rank] (which may live on a GPU). */
-static sals_status_t projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
+sals_status_t sals_projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
   const int64_t R = pv->shape[0], C = pv->shape[1];
   const size_t es = sals_elem_size(pv->elem);
   const void* base = pv->data;
@@ -367,7 +372,7 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   if (pdev.device_type != kDLCPU)
     TRY(sals_check_device("projection", pdev, config->device, "the cache"));
   float* proj = NULL;
-  TRY(projection_host(&pv, pdev, &proj));
+  TRY(sals_projection_host(&pv, pdev, &proj));
 
   sals_cache_t* c = (sals_cache_t*)calloc(1, sizeof *c);
   const int32_t half = rope->rotary_dim / 2;

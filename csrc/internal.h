@@ -117,6 +117,64 @@ sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
 #endif
     ;
 
+/* ---- shared by the cache and paged storage (csrc/cache.c) -------------------------------- */
+
+/**
+ * The config fields of the method (shapes, rank, quantisation, windows, budget, selection,
+ * dtype, scale, check_finite), each refused naming it ("config.rank: 300 > Dk 256"). The cache
+ * also checks its sizes, threads and device.
+ */
+sals_status_t sals_check_method(const sals_config_t* g);
+
+/**
+ * A compact float32 host copy (malloc'd, *out) of the projection view [Dk, rank] on `pdev`
+ * (host or a GPU), refused unless finite with orthonormal columns (sals_cache_create's rule).
+ */
+sals_status_t sals_projection_host(const sals_view_t* pv, DLDevice pdev, float** out);
+
+/* ---- paged storage (csrc/paged.c) ---------------------------------------------------------- */
+
+/** Byte offsets of a paged slot's fields (sals.h's slot layout); -1 where a field is absent. */
+typedef struct {
+  int64_t slot_bytes;
+  int64_t align; /* the widest element of the slot: pages' address and strides are multiples */
+  int64_t lat[2], lat_scale[2], lat_zero[2]; /* latent coordinates [0, score_rank), the rest */
+  int64_t val, val_scale, val_zero;
+} sals_paged_layout_t;
+
+/** The slot layout of a config whose method fields passed sals_check_method. */
+void sals_paged_layout(const sals_config_t* g, sals_paged_layout_t* out);
+
+/** Immutable settings of one layer's paged storage; all pointers are host memory. */
+struct sals_paged {
+  sals_config_t cfg;
+  int32_t dk;
+  int32_t n_sel_heads;    /* 1 (shared selection) or n_head_kv */
+  float scale;            /* resolved softmax scale */
+  int32_t rotary_dim;
+  float attention_scaling;
+  int32_t interleaved;
+  float* inv_freq;        /* [max(rotary_dim / 2, 1)] */
+  float* proj;            /* [Dk, rank] float32 */
+  sals_paged_layout_t layout;
+};
+
+/*
+ * The CPU backend of paged storage (csrc/cpu/paged.c), on validated views: slot_mapping entries
+ * are below num_blocks * block_size and distinct; query_start, seq_lens and the used block
+ * table entries are in range; window rows are -1 or rows of `window`; `selected`, window_rows
+ * and window are NULL when absent.
+ */
+sals_status_t sals_cpu_paged_append(const sals_paged_t* p, const sals_view_t* k,
+                                    const sals_view_t* v, const sals_view_t* slots,
+                                    const sals_view_t* pages, const sals_view_t* window_rows,
+                                    const sals_view_t* window);
+sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
+                                    const sals_view_t* query_start, const sals_view_t* seq_lens,
+                                    const sals_view_t* block_table, const sals_view_t* pages,
+                                    const sals_view_t* window_rows, const sals_view_t* window,
+                                    const sals_view_t* out, const sals_view_t* selected);
+
 /* ---- backends ----------------------------------------------------------------------------- */
 /* Each backend implements the same entry points; `stream` is ignored on the CPU.            */
 

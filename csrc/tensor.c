@@ -1,6 +1,8 @@
 /* DLTensor -> sals_view_t validation; messages name the argument. */
 #include "tensor.h"
 
+#include "cpu/cpu.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -276,4 +278,91 @@ sals_status_t sals_check_backend(const char* name, DLDevice dev) {
   return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on %s but the library was built without CUDA",
                         name, sals_device_str(dev, buf));
 #endif
+}
+
+/* ---- a call's tensor arguments -------------------------------------------------------------- */
+
+#define TRY(expr)                    \
+  do {                               \
+    sals_status_t st_ = (expr);      \
+    if (st_ != SALS_OK) return st_;  \
+  } while (0)
+#define INVALID SALS_ERR_INVALID_ARGUMENT
+
+static int absent(const sals_arg_t* a) { return a->optional && a->t == NULL; }
+
+/* Check a call's tensors in order and fill their views: the first decides the device (which
+ * needs a backend), every other one must be on it. */
+sals_status_t sals_arg_views(const sals_arg_t* a, int n, DLDevice* dev) {
+  TRY(sals_view_make(a[0].t, a[0].name, a[0].ndim, a[0].accept, a[0].v, dev));
+  TRY(sals_check_backend(a[0].name, *dev));
+  for (int i = 1; i < n; ++i) {
+    if (absent(&a[i])) continue;
+    DLDevice d;
+    TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
+    TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
+    if (a[i].output) TRY(sals_check_output(a[i].v, a[i].name));
+  }
+  return SALS_OK;
+}
+
+sals_status_t sals_dim_eq(const sals_view_t* v, const char* name, int32_t axis,
+                          const sals_view_t* ref, const char* ref_name, int32_t ref_axis) {
+  if (v->shape[axis] == ref->shape[ref_axis]) return SALS_OK;
+  return sals_set_error(INVALID, "%s: dim %d is %lld, expected %lld (%s.shape[%d])", name,
+                        (int)axis, (long long)v->shape[axis], (long long)ref->shape[ref_axis],
+                        ref_name, (int)ref_axis);
+}
+
+sals_status_t sals_no_overlap(const sals_view_t* out, const char* on, const sals_view_t* in,
+                              const char* in_name) {
+  if (!sals_views_overlap(out, in)) return SALS_OK;
+  return sals_set_error(INVALID, "%s: overlaps %s", on, in_name);
+}
+
+/* The output a[i] overlaps none of the tensors listed before it. */
+sals_status_t sals_arg_apart(const sals_arg_t* a, int i) {
+  for (int j = 0; j < i; ++j)
+    if (!absent(&a[j])) TRY(sals_no_overlap(a[i].v, a[i].name, a[j].v, a[j].name));
+  return SALS_OK;
+}
+
+/*
+ * Finiteness of float inputs in host memory: the first `n` elements of the row of `v` at the
+ * leading indices ix[0 .. ndim-2] must be finite ("k: holds NaN or infinity at row [0, 3, 1]").
+ * Only the elements a function reads are checked, so padding beyond `lengths` may hold anything.
+ * CUDA inputs are not checked here (that would need a device pass and a host synchronisation).
+ */
+sals_status_t sals_finite_row(const sals_view_t* v, const char* name, const int64_t* ix,
+                              int64_t n) {
+  int64_t off = 0;
+  for (int32_t i = 0; i + 1 < v->ndim; ++i) off += ix[i] * v->stride[i];
+  if (sals_all_finite((const char*)v->data + off * (int64_t)sals_elem_size(v->elem), v->elem, n))
+    return SALS_OK;
+  if (v->ndim == 2)
+    return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %lld", name,
+                          (long long)ix[0]);
+  char at[96];
+  int len = snprintf(at, sizeof at, "[%lld", (long long)ix[0]);
+  for (int32_t i = 1; i + 1 < v->ndim; ++i)
+    len += snprintf(at + len, sizeof at - (size_t)len, ", %lld", (long long)ix[i]);
+  return sals_set_error(SALS_ERR_NOT_FINITE, "%s: holds NaN or infinity at row %s]", name, at);
+}
+
+/* The first `n` elements of every row of a host view are finite. */
+sals_status_t sals_finite_rows(const sals_view_t* v, const char* name, int64_t n) {
+  int64_t rows = 1, ix[SALS_MAX_DIMS] = {0};
+  for (int32_t i = 0; i + 1 < v->ndim; ++i) rows *= v->shape[i];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = v->ndim - 2, rest = r; i >= 0; --i) {
+      ix[i] = rest % v->shape[i];
+      rest /= v->shape[i];
+    }
+    TRY(sals_finite_row(v, name, ix, n));
+  }
+  return SALS_OK;
+}
+
+sals_status_t sals_finite_all(const sals_view_t* v, const char* name) {
+  return sals_finite_rows(v, name, v->shape[v->ndim - 1]);
 }

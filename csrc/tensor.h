@@ -61,6 +61,45 @@ sals_status_t sals_check_rope(const sals_rope_t* rope, int64_t head_dim);
  */
 sals_status_t sals_check_backend(const char* name, DLDevice dev);
 
+/* One tensor of a stateless call; an `optional` one may be NULL (absent); an `output` is
+ * written, so its elements may not share memory. */
+typedef struct {
+  const DLTensor* t;
+  const char* name;
+  int32_t ndim;
+  uint32_t accept;
+  sals_view_t* v;
+  int optional;
+  int output;
+} sals_arg_t;
+
+/**
+ * Check a call's tensors in order and fill their views: the first decides the device (which
+ * needs a backend), every other one must be on it; outputs get sals_check_output.
+ */
+sals_status_t sals_arg_views(const sals_arg_t* a, int n, DLDevice* dev);
+
+/** Fail unless v->shape[axis] == ref->shape[ref_axis] ("k: dim 0 is 3, expected 2
+ * (q.shape[0])"). */
+sals_status_t sals_dim_eq(const sals_view_t* v, const char* name, int32_t axis,
+                          const sals_view_t* ref, const char* ref_name, int32_t ref_axis);
+
+/** Fail if the output `out` overlaps the input `in` ("out: overlaps q"). */
+sals_status_t sals_no_overlap(const sals_view_t* out, const char* on, const sals_view_t* in,
+                              const char* in_name);
+
+/** The output a[i] overlaps none of the tensors listed before it (absent ones skipped). */
+sals_status_t sals_arg_apart(const sals_arg_t* a, int i);
+
+/**
+ * Finiteness of float inputs in host memory: the first `n` elements of the row of `v` at the
+ * leading indices ix[0 .. ndim-2] are finite, else SALS_ERR_NOT_FINITE ("k: holds NaN or
+ * infinity at row [0, 3, 1]"). sals_finite_rows checks every row, sals_finite_all every element.
+ */
+sals_status_t sals_finite_row(const sals_view_t* v, const char* name, const int64_t* ix, int64_t n);
+sals_status_t sals_finite_rows(const sals_view_t* v, const char* name, int64_t n);
+sals_status_t sals_finite_all(const sals_view_t* v, const char* name);
+
 /** Call the backend entry point `fn` of device `dev`. */
 #if defined(SALS_WITH_CUDA)
 #define SALS_DISPATCH(dev, fn, ...) \

@@ -136,13 +136,15 @@ class ReferenceCache:
     cache keeps: the latent key (rounded to `dtype`, or with key_bits < 16 its leading
     score_rank coordinates and the others each quantised in groups of key_group), the value
     (rounded to `dtype`, or quantised), and exact pre-RoPE key and value (rounded to `dtype`)
-    used for sinks and the recent window.
+    used for sinks and the recent window (``exact_windows``; without them, as paged storage
+    keeps tokens, sinks and recent tokens are attended rebuilt and dequantised like the others).
     """
 
     def __init__(self, n_head_q, n_head_kv, head_dim, proj, inv_freq, *, score_rank, value_bits=16,
                  value_group=32, key_bits=16, key_group=32, n_sink=16, n_recent=64,
                  budget_frac=0.125, budget_tokens=0, select_per_head=False, dense=False,
-                 dtype="float32", scale=None, attention_scaling=1.0, interleaved=False, batch=1):
+                 dtype="float32", scale=None, attention_scaling=1.0, interleaved=False, batch=1,
+                 exact_windows=True):
         self.hq, self.hkv, self.d = n_head_q, n_head_kv, head_dim
         self.proj = np.asarray(proj, np.float64)
         self.rank = self.proj.shape[1]
@@ -156,6 +158,8 @@ class ReferenceCache:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.inv_freq = np.asarray(inv_freq, np.float32)
         self.attention_scaling, self.interleaved = attention_scaling, interleaved
+        # paged storage keeps no exact copies: sinks and recent tokens are rebuilt too
+        self.exact_windows = exact_windows
         self.seqs = [dict(pos=[], lat=[], val=[], k=[], v=[]) for _ in range(batch)]
 
     # The projection the cache uses is float32 (sals.h: copied as float32).
@@ -240,10 +244,11 @@ class ReferenceCache:
             pos = np.array(s["pos"])
             slot = np.arange(length)
             exact = (slot < self.n_sink) | (slot >= length - self.n_recent)
+            stored = exact & self.exact_windows
             lat = np.array(s["lat"]).reshape(length, self.rank)
-            keys = np.where(exact[:, None], np.array(s["k"]), lat @ self.u.T).reshape(
+            keys = np.where(stored[:, None], np.array(s["k"]), lat @ self.u.T).reshape(
                 length, self.hkv, self.d)
-            vals = np.where(exact[:, None], np.array(s["v"]), np.array(s["val"])).reshape(
+            vals = np.where(stored[:, None], np.array(s["v"]), np.array(s["val"])).reshape(
                 length, self.hkv, self.d)
             keys = rope(keys, pos, self.inv_freq, self.attention_scaling, self.interleaved)
             for t in range(t_len):

@@ -112,7 +112,7 @@ static PyObject* reraise_as_sals(const char* name, const char* what) {
 /* DLPack import                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
-#define MAX_ARGS 8
+#define MAX_ARGS 12
 /* The most dims an imported tensor may claim (numpy's limit); more is a broken producer. */
 #define MAX_DLPACK_DIMS 64
 
@@ -787,6 +787,141 @@ static PyType_Spec Cache_spec = {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* sals._C.Paged                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One sals_paged_t. Its settings never change and hold no tokens, so calls need no guard: any
+ * number of threads may use one object at once (sals.h). */
+typedef struct {
+  PyObject_HEAD
+  sals_paged_t* paged;
+} PagedObject;
+
+/* Paged(config: dict, rope: tuple, projection, stream=None) */
+static int Paged_init(PagedObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"config", "rope", "projection", "stream", NULL};
+  PyObject *cfg_obj, *rope_obj, *proj_obj, *stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj,
+                                   &proj_obj, &stream_obj))
+    return -1;
+  if (self->paged != NULL) {
+    /* Other threads may be inside calls of the settings this would free. */
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "paged: __init__() called twice");
+    return -1;
+  }
+  sals_config_t cfg;
+  sals_rope_t rope;
+  if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return -1;
+  call_t c;
+  DLTensor* proj;
+  const arg_t in[] = {{proj_obj, "projection", 0, &proj}};
+  if (call_begin(&c, stream_obj, in, 1) < 0) return -1;
+  sals_paged_t* paged = NULL;
+  sals_status_t st;
+  Py_BEGIN_ALLOW_THREADS
+  st = sals_paged_create(&cfg, &rope, proj, &paged);
+  Py_END_ALLOW_THREADS
+  if (call_end(&c, st) < 0) return -1;
+  if (self->paged != NULL) { /* another thread initialised it while the projection was read */
+    sals_paged_destroy(paged);
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "paged: __init__() called twice");
+    return -1;
+  }
+  self->paged = paged;
+  return 0;
+}
+
+static void Paged_dealloc(PagedObject* self) {
+  sals_paged_destroy(self->paged);
+  self->paged = NULL;
+  PyTypeObject* tp = Py_TYPE(self);
+  freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+  f(self);
+  Py_DECREF(tp);
+}
+
+static sals_paged_t* paged_of(PagedObject* self) {
+  if (self->paged == NULL)
+    raise_sals(SALS_ERR_INVALID_ARGUMENT, "paged: not initialised (__init__ failed)");
+  return self->paged;
+}
+
+/* append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None) */
+static PyObject* Paged_append(PagedObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"k", "v", "slot_mapping", "pages", "window_rows", "window", "stream",
+                           NULL};
+  PyObject *k_obj, *v_obj, *s_obj, *p_obj, *r_obj = Py_None, *w_obj = Py_None,
+                                           *stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOO", kwlist, &k_obj, &v_obj, &s_obj,
+                                   &p_obj, &r_obj, &w_obj, &stream_obj))
+    return NULL;
+  sals_paged_t* paged = paged_of(self);
+  if (paged == NULL) return NULL;
+  call_t c;
+  DLTensor *k, *v, *slots, *pages, *rows, *window;
+  const arg_t in[] = {{k_obj, "k", 0, &k},
+                      {v_obj, "v", 0, &v},
+                      {s_obj, "slot_mapping", 0, &slots},
+                      {p_obj, "pages", ARG_WRITE, &pages},
+                      {r_obj, "window_rows", ARG_OPTIONAL, &rows},
+                      {w_obj, "window", ARG_WRITE | ARG_OPTIONAL, &window}};
+  if (call_begin(&c, stream_obj, in, 6) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_paged_append(paged, k, v, slots, pages, rows, window, c.stream));
+}
+
+/* attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None,
+ *        selected=None, stream=None) */
+static PyObject* Paged_attend(PagedObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"q", "query_start", "seq_lens", "block_table", "pages", "out",
+                           "window_rows", "window", "selected", "stream", NULL};
+  PyObject *q_obj, *qs_obj, *l_obj, *t_obj, *p_obj, *o_obj, *r_obj = Py_None, *w_obj = Py_None,
+                                                              *sel_obj = Py_None,
+                                                              *stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|OOOO", kwlist, &q_obj, &qs_obj, &l_obj,
+                                   &t_obj, &p_obj, &o_obj, &r_obj, &w_obj, &sel_obj, &stream_obj))
+    return NULL;
+  sals_paged_t* paged = paged_of(self);
+  if (paged == NULL) return NULL;
+  call_t c;
+  DLTensor *q, *qs, *lens, *table, *pages, *out, *rows, *window, *sel;
+  const arg_t in[] = {{q_obj, "q", 0, &q},
+                      {qs_obj, "query_start", 0, &qs},
+                      {l_obj, "seq_lens", 0, &lens},
+                      {t_obj, "block_table", 0, &table},
+                      {p_obj, "pages", 0, &pages},
+                      {o_obj, "out", ARG_WRITE, &out},
+                      {r_obj, "window_rows", ARG_OPTIONAL, &rows},
+                      {w_obj, "window", ARG_OPTIONAL, &window},
+                      {sel_obj, "selected", ARG_WRITE | ARG_OPTIONAL, &sel}};
+  if (call_begin(&c, stream_obj, in, 9) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_paged_attend(paged, q, qs, lens, table, pages, rows, window, out, sel,
+                                        c.stream));
+}
+
+static PyMethodDef Paged_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))Paged_append, METH_VARARGS | METH_KEYWORDS,
+     "append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None): "
+     "sals_paged_append."},
+    {"attend", (PyCFunction)(void (*)(void))Paged_attend, METH_VARARGS | METH_KEYWORDS,
+     "attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None, "
+     "selected=None, stream=None): sals_paged_attend."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Paged_slots[] = {
+    {Py_tp_doc, "Paged(config: dict, rope: tuple, projection, stream=None): one sals_paged_t."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Paged_init},
+    {Py_tp_dealloc, Paged_dealloc},
+    {Py_tp_methods, Paged_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Paged_spec = {
+    "sals._C.Paged", sizeof(PagedObject), 0, Py_TPFLAGS_DEFAULT, Paged_slots,
+};
+
+/* ------------------------------------------------------------------------------------------ */
 /* sals._C.Array: CPU memory owned by the extension, exported through DLPack                    */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1199,6 +1334,16 @@ static PyObject* mod_dequantize_values(PyObject* Py_UNUSED(m), PyObject* args, P
   CALL_RETURN_NONE(c, sals_dequantize_values(pk, sc, z, bits, group, out, c.stream));
 }
 
+/* paged_slot_bytes(config: dict) -> int */
+static PyObject* mod_paged_slot_bytes(PyObject* Py_UNUSED(m), PyObject* cfg_obj) {
+  sals_config_t cfg;
+  if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+  int64_t bytes = 0;
+  sals_status_t st = sals_paged_slot_bytes(&cfg, &bytes);
+  if (st != SALS_OK) return raise_status(st);
+  return PyLong_FromLongLong((long long)bytes);
+}
+
 static PyObject* mod_version(PyObject* Py_UNUSED(m), PyObject* Py_UNUSED(ignored)) {
   return PyUnicode_FromString(sals_version());
 }
@@ -1233,6 +1378,8 @@ static PyMethodDef module_methods[] = {
      "config_check(config: dict): sals_config_check (the checks of Cache() on the config)."},
     {"describe", mod_describe, METH_VARARGS,
      "describe(x, name='x') -> (device_type, device_id, dtype name or None, shape, read_only)."},
+    {"paged_slot_bytes", mod_paged_slot_bytes, METH_O,
+     "paged_slot_bytes(config: dict) -> int: sals_paged_slot_bytes."},
     {"project", KW(mod_project), "project(x, proj, out, stream=None): sals_project."},
     {"rope_apply", KW(mod_rope_apply), "rope_apply(x, pos, rope, out, stream=None)."},
     {"score_select", KW(mod_score_select),
@@ -1276,6 +1423,12 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (cache_type == NULL || PyModule_AddObjectRef(m, "Cache", cache_type) < 0) goto fail;
   Py_DECREF(cache_type);
   cache_type = NULL;
+  PyObject* paged_type = PyType_FromSpec(&Paged_spec);
+  if (paged_type == NULL || PyModule_AddObjectRef(m, "Paged", paged_type) < 0) {
+    Py_XDECREF(paged_type);
+    goto fail;
+  }
+  Py_DECREF(paged_type);
   array_type = PyType_FromSpec(&Array_spec);
   if (array_type == NULL || PyModule_AddObjectRef(m, "Array", array_type) < 0) goto fail;
   Py_DECREF(array_type);

@@ -2,7 +2,8 @@
 
 A compressed per-layer KV cache (``LayerCache``) that stores pre-RoPE keys as low-rank latents
 and group-quantised values, selects the critical tokens of each decode step in the latent space
-and attends exactly over them; the stateless stages it is made of (``project``, ``rope_apply``,
+and attends exactly over them; the same storage in pages the caller owns (``PagedLayer``,
+for serving engines); the stateless stages it is made of (``project``, ``rope_apply``,
 ``rebuild_rope``, ``score_select``, ``sparse_attention``, ``quantize_values``,
 ``dequantize_values``); and the offline calibration that produces the projections
 (``Calibrator``, ``Calibration``).
@@ -35,6 +36,7 @@ from .ops import (
     score_select,
     sparse_attention,
 )
+from .paged import PagedLayer
 
 #: version of the loaded libsals (the package and the library are built together)
 __version__ = _C.version()
@@ -66,8 +68,8 @@ def get_library() -> str:
 
 __all__ = [
     "Calibration", "CalibrationError", "Calibrator", "CapacityError", "Config", "DeviceError",
-    "InvalidArgumentError", "LayerCache", "NotFiniteError", "OutOfMemoryError", "Rope",
-    "SalsError", "UnsupportedError", "cuda_available", "dequantize_values", "get_include",
+    "InvalidArgumentError", "LayerCache", "NotFiniteError", "OutOfMemoryError", "PagedLayer",
+    "Rope", "SalsError", "UnsupportedError", "cuda_available", "dequantize_values", "get_include",
     "get_library", "project", "quantize_values", "rebuild_rope", "rope_apply", "score_select",
     "sparse_attention", "__version__",
 ]

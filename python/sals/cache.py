@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
@@ -187,20 +186,9 @@ class LayerCache:
         ``lengths``, to size ``selected()``'s buffer by the answer instead of by max_tokens.
 
         A selection was made at a length no greater than today's (lengths only grow until
-        reset(), which also clears the selection) and holds the budget of that length clamped
-        to its candidates (sals.h), both non-decreasing in the length: the rule evaluated at
-        the longest length bounds every sequence's count."""
-        cfg = self._config
-        if cfg.dense:
-            return 0  # a dense layer never selects
-        s = int(lengths.max())
-        candidates = max(s - cfg.n_sink - cfg.n_recent, 0)
-        if cfg.budget_tokens > 0:
-            budget = cfg.budget_tokens
-        else:
-            # As the library computes it: the float32 field times S, in double, rounded up.
-            budget = math.ceil(float(np.float32(cfg.budget_frac)) * s)
-        return min(budget, candidates)
+        reset(), which also clears the selection), and Config.most_selected is non-decreasing
+        in the length: the rule at the longest length bounds every sequence's count."""
+        return self._config.most_selected(int(lengths.max()))
 
     def memory(self) -> dict:
         """Bytes held, per component (the ``sals_memory_t`` fields): latent_keys (with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,20 @@ class Config:
             return score_rank
         rank = self.resolved_rank()
         return rank if rank == self.dk else max(1, rank // 2)
+
+    def most_selected(self, length: int) -> int:
+        """The most candidates a sparse step selects in a sequence of ``length`` tokens: the
+        budget rule (sals.h) clamped to the candidates, 0 on a dense layer. Non-decreasing in
+        ``length``."""
+        if self.dense:
+            return 0  # a dense layer never selects
+        candidates = max(length - self.n_sink - self.n_recent, 0)
+        if self.budget_tokens > 0:
+            budget = self.budget_tokens
+        else:
+            # As the library computes it: the float32 field times S, in double, rounded up.
+            budget = math.ceil(float(np.float32(self.budget_frac)) * length)
+        return min(budget, candidates)
 
     @classmethod
     def preset(cls, name: str, n_head_q: int, n_head_kv: int, head_dim: int, **overrides: Any):

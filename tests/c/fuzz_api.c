@@ -547,6 +547,117 @@ static void fuzz_cache(int fault) {
   sals_cache_destroy(cache);
 }
 
+/* ---- paged storage ------------------------------------------------------------------------ */
+
+/* Element (i, j) of a backed int32 tensor of 1 or 2 dims (through its strides), or NULL. */
+static char* i32_elem(ftensor_t* f, int64_t i, int64_t j) {
+  DLTensor* t = &f->t;
+  if (f->is_null || t->data == NULL || t->dtype.code != kDLInt || t->dtype.bits != 32 ||
+      t->dtype.lanes != 1 || t->shape == NULL || (t->ndim != 1 && t->ndim != 2))
+    return NULL;
+  if (i >= t->shape[0] || (t->ndim == 2 && j >= t->shape[1])) return NULL;
+  const int64_t s0 = t->strides ? t->strides[0] : (t->ndim == 2 ? t->shape[1] : 1);
+  const int64_t s1 = t->ndim == 2 ? (t->strides ? t->strides[1] : 1) : 0;
+  return (char*)t->data + t->byte_offset + (i * s0 + j * s1) * 4;
+}
+
+static void set_i32(ftensor_t* f, int64_t i, int64_t j, int32_t v) {
+  char* at = i32_elem(f, i, j);
+  if (at) memcpy(at, &v, 4); /* the offset may misalign it */
+}
+
+static void fuzz_paged(int fault) {
+  float* U = NULL;
+  DLTensor proj;
+  int64_t pshape[2];
+  DLDataType pdt;
+  sals_config_t g = make_config(fault, &U, &proj, pshape, &pdt);
+  sals_rope_t rope = make_rope(fault, g.head_dim);
+  int64_t slot_bytes = 0;
+  const char* before = sentinel(0);
+  check_status("sals_paged_slot_bytes",
+               sals_paged_slot_bytes(chance(fault / 10) ? NULL : &g,
+                                     chance(fault / 10) ? NULL : &slot_bytes), before, 0);
+  sals_paged_t* paged = NULL;
+  before = sentinel(0);
+  sals_status_t st = sals_paged_create(chance(fault / 10) ? NULL : &g,
+                                       chance(fault / 10) ? NULL : &rope,
+                                       chance(fault / 10) ? NULL : &proj, &paged);
+  check_status("sals_paged_create", st, before, 0);
+  free(U);
+  CHECK((st == SALS_OK) == (paged != NULL), "paged create: status %d with handle %p", (int)st,
+        (void*)paged);
+  if (paged == NULL) {
+    before = sentinel(0);
+    check_status("sals_paged_append",
+                 sals_paged_append(NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL), before, 0);
+    sals_paged_destroy(NULL);
+    return;
+  }
+  sals_paged_slot_bytes(&g, &slot_bytes);
+  const int64_t Hq = g.n_head_q, Hkv = g.n_head_kv, d = g.head_dim;
+  const int64_t nb = 1 + rnd(6), bs = 1 + rnd(5), sb = slot_bytes + (chance(fault / 8) ? 1 : 0);
+  const int64_t rows = 1 + rnd(8); /* rows of a call's window store */
+  call_t pc = {.n = 0, .fault = fault / 4}; /* the pages outlive the steps */
+  ftensor_t* pages = arg(&pc, 3, nb, bs, sb, 0, U8, V_BYTES, 0);
+  for (int step = 0; step < 6; ++step) {
+    call_t c = {.n = 0, .fault = fault};
+    const sals_paged_t* h = chance(fault / 10) ? NULL : paged;
+    if (rnd(2) == 0) {
+      const int64_t N = rnd(5);
+      ftensor_t* k = arg(&c, 3, N, Hkv, d, 0, any_float(), V_FLOAT, 0);
+      ftensor_t* v = arg(&c, 3, N, Hkv, d, 0, any_float(), V_FLOAT, 0);
+      ftensor_t* sm = arg(&c, 1, N, 0, 0, 0, I32, V_INDEX, nb * bs);
+      const int store = chance(50); /* a window store of `rows` rows, or none */
+      ftensor_t* wr = store ? arg(&c, 1, N, 0, 0, 0, I32, V_INDEX, rows) : NULL;
+      ftensor_t* w = store ? arg(&c, 4, rows, 2, Hkv, d, any_float(), V_FLOAT, 0) : NULL;
+      if (!chance(fault)) /* distinct slots and rows: most calls reach the kernels */
+        for (int64_t n = 0; n < N; ++n) {
+          set_i32(sm, n, 0, (int32_t)((n * 7 + step) % (nb * bs)));
+          if (wr) set_i32(wr, n, 0, n < rows && chance(70) ? (int32_t)n : -1);
+        }
+      before = sentinel(0);
+      check_status("sals_paged_append",
+                   sals_paged_append(h, P(k), P(v), P(sm), P(pages), wr ? P(wr) : NULL,
+                                     w ? P(w) : NULL, NULL), before, 0);
+    } else {
+      const int64_t B = rnd(4), M = 1 + rnd(4), N = rnd(6);
+      ftensor_t* q = arg(&c, 3, N, Hq, d, 0, any_float(), V_FLOAT, 0);
+      ftensor_t* qs = arg(&c, 1, B + 1, 0, 0, 0, I32, V_LENGTH, N);
+      ftensor_t* lens = arg(&c, 1, B, 0, 0, 0, I32, V_LENGTH, M * bs);
+      ftensor_t* table = arg(&c, 2, B, M, 0, 0, I32, V_INDEX, nb);
+      ftensor_t* out = chance(5) ? q : arg(&c, 3, N, Hq, d, 0, any_float(), V_FLOAT, 0);
+      ftensor_t* sel = chance(50) ? NULL
+                                  : arg(&c, 3, B, g.select_per_head ? Hkv : 1, rnd(M * bs + 1),
+                                        0, I32, V_BYTES, 0);
+      const int store = chance(50);
+      ftensor_t* wr = store ? arg(&c, 2, B, g.n_sink + g.n_recent, 0, 0, I32, V_INDEX, rows)
+                            : NULL;
+      ftensor_t* w = store ? arg(&c, 4, rows, 2, Hkv, d, any_float(), V_FLOAT, 0) : NULL;
+      if (!chance(fault)) { /* a consistent batch: most calls reach the kernels */
+        int64_t at = 0;
+        set_i32(qs, 0, 0, 0);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n_q = at < N ? rnd(N - at + 1) : 0;
+          at += n_q;
+          set_i32(qs, b + 1, 0, (int32_t)at);
+          set_i32(lens, b, 0, (int32_t)(n_q + rnd(M * bs - n_q + 1)));
+          for (int64_t j = 0; j < M; ++j) set_i32(table, b, j, (int32_t)rnd(nb));
+        }
+      }
+      before = sentinel(0);
+      check_status("sals_paged_attend",
+                   sals_paged_attend(h, P(q), P(qs), P(lens), P(table), P(pages),
+                                     wr ? P(wr) : NULL, w ? P(w) : NULL, P(out),
+                                     sel ? P(sel) : NULL, NULL),
+                   before, 0);
+    }
+    release(&c);
+  }
+  release(&pc);
+  sals_paged_destroy(paged);
+}
+
 int main(int argc, char** argv) {
   const long iters = argc > 1 ? atol(argv[1]) : 3000;
   g_state = argc > 2 ? (uint64_t)atoll(argv[2]) * 0x9e3779b97f4a7c15ull + 1 : 0x2545f4914f6cdd1dull;
@@ -560,6 +671,7 @@ int main(int argc, char** argv) {
     const int fault = i % 4 == 0 ? 0 : (int)(10 + rnd(60)); /* a quarter of calls unharmed */
     fuzz_stateless(fault);
     if (i % 3 == 0) fuzz_cache(fault);
+    if (i % 3 == 1) fuzz_paged(fault);
   }
   printf("%d calls, %d succeeded\n", g_calls, g_ok);
   for (int i = 0; i < g_n_fns; ++i) {

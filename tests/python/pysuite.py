@@ -64,6 +64,11 @@ def check_selection(cache: sals.LayerCache, ref: ReferenceCache, q, rel_tol):
     """Check the cache's last selection against the reference scores (sets, ties within
     rel_tol of the largest score) and return it as ref.attend's `selection` argument."""
     idx, count = cache.selected()
+    return check_selected(idx, count, ref, q, rel_tol)
+
+
+def check_selected(idx, count, ref: ReferenceCache, q, rel_tol):
+    """check_selection for a selection given as idx [B, H, N] (-1 padded) and count [B]."""
     q = as64(q)
     selection = []
     for b in range(q.shape[0]):
@@ -88,7 +93,7 @@ def assert_close(out, ref, vmax, dtype, what="output"):
 
 
 __all__ = ["TOL", "orthonormal", "structured_keys", "rope_for", "cast", "as64", "reference_for",
-           "check_selection", "assert_close", "round_to"]
+           "check_selection", "check_selected", "assert_close", "round_to"]
 
 
 def positions(b, t, start=0):

@@ -69,8 +69,8 @@ extern "C" {
 /* Versions                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
+/** The minor version grows when functions or types are added (the ABI stays); see ABI below. */
 #define SALS_VERSION_MAJOR 0
-/** The minor version grows when functions are added (0.3: the *_range functions). */
 #define SALS_VERSION_MINOR 3
 #define SALS_VERSION_PATCH 0
 #define SALS_VERSION_STRING "0.3.0"
@@ -83,7 +83,7 @@ extern "C" {
 /** Largest sals_config_t.n_threads: CPU worker threads of one cache. */
 #define SALS_MAX_THREADS 1024
 
-/** The library's version string, e.g. "0.2.0". */
+/** The library's version string, e.g. "0.3.0". */
 SALS_API const char* sals_version(void);
 /** The library's ABI version; compare with SALS_ABI_VERSION to detect a header/library mismatch. */
 SALS_API int32_t sals_abi_version(void);
@@ -448,6 +448,116 @@ SALS_API sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int
 SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* scale,
                                               const DLTensor* zero, int32_t bits, int32_t group,
                                               DLTensor* out, void* stream);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Paged storage: one layer's tokens in caller-owned pages (serving engines such as vLLM)      */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * The caller owns the memory and the bookkeeping: a layer's tokens live in pages
+ * [num_blocks, block_size, slot_bytes] uint8 (one slot per token; the last dimension contiguous,
+ * the others any stride), and a sequence is a row of a block table: its token i is in block
+ * block_table[b][i / block_size], slot i % block_size. A slot is addressed in a slot mapping as
+ * block * block_size + slot (vLLM's convention). Token i of a sequence is at RoPE position i.
+ *
+ * What a slot holds is the cache's compressed token (sals_config_t: latent key of `rank`
+ * coordinates, `key_bits` and `value_bits` quantisation). The exact copies of the sinks and the
+ * recent window, which the cache keeps itself, cannot live in the slots (a slot cannot grow for
+ * a few tokens, and the recent window moves as a sequence grows): the caller may keep them in
+ * a window store of its own, `window` [rows, 2, n_head_kv, head_dim] float (a row holds one
+ * token's pre-RoPE key, then its value), naming rows with `window_rows`:
+ *   - sals_paged_append copies token n into row window_rows[n] (-1: no copy);
+ *   - sals_paged_attend reads sequence b's copies from rows window_rows[b, :]: sink t at
+ *     [b, t], recent token t (t >= seq_lens[b] - n_recent) at
+ *     [b, n_sink + n_recent - seq_lens[b] + t]; -1 (or no window store) means no copy: the
+ *     token is rebuilt from its slot and dequantised, like every token outside the windows.
+ * Which tokens keep copies is the caller's choice (a serving engine: those in the windows of
+ * the sequences it runs); sinks and recent tokens are always attended either way, and full
+ * rank, a full budget and 16-bit values equal dense attention up to rounding with or without.
+ *
+ * Slot layout, in this order (e = bytes of config.dtype, Dk = n_head_kv * head_dim; a field of
+ * a setting not in use is absent):
+ *   key_bits == 16:   latent coordinates [0, rank) in `dtype`             rank * e
+ *   value_bits == 16: the value [Dk] in `dtype`                           Dk * e
+ *   key_bits < 16:    float16 scales, then zeros, of the key groups of [0, score_rank), then
+ *                     scales and zeros of [score_rank, rank)              4 * rank / key_group
+ *   value_bits < 16:  float16 scales, then zeros, of the value groups     4 * Dk / value_group
+ *   key_bits < 16:    codes of [0, score_rank), then of [score_rank, rank) rank * key_bits / 8
+ *   value_bits < 16:  value codes                                         Dk * value_bits / 8
+ *   padding to a multiple of the largest element size above (the pages' address and their
+ *   strides of dims 0 and 1 must be multiples of it too).
+ * Codes, scales and zeros are those of sals_quantize_values over each part.
+ *
+ * A sals_paged_t holds one layer's settings, rotary embedding and projection, checked once; it
+ * holds no tokens and is never modified, so any number of threads may use it at once. The
+ * functions run where their tensors are; only the CPU is implemented (CUDA tensors:
+ * SALS_ERR_UNSUPPORTED). Config fields max_batch, max_tokens, n_threads and device are not
+ * used (the calls size their scratch from their arguments, and thread over the online cores).
+ * On the CPU every host-readable index is checked before anything is written, and with
+ * config.check_finite every float a call reads (and what an append stores) as the cache does.
+ */
+
+/** Immutable per-layer settings of paged storage. */
+typedef struct sals_paged sals_paged_t;
+
+/** Bytes of one token's slot (*out) for `config`'s method fields (checked as a cache's). */
+SALS_API sals_status_t sals_paged_slot_bytes(const sals_config_t* config, int64_t* out);
+
+/**
+ * Check and copy one layer's settings. projection: [Dk, rank] float with orthonormal columns
+ * (sals_cache_create's rule), host or device memory, copied as float32; rope: copied.
+ * On success *out owns the settings: release them with sals_paged_destroy.
+ */
+SALS_API sals_status_t sals_paged_create(const sals_config_t* config, const sals_rope_t* rope,
+                                         const DLTensor* projection, sals_paged_t** out);
+
+/** Free the settings. NULL is a no-op. */
+SALS_API void sals_paged_destroy(sals_paged_t* paged);
+
+/**
+ * Store tokens into their slots (project, quantise), and exact copies into a window store.
+ * k, v: [N, n_head_kv, head_dim] pre-RoPE keys (after any k_norm) and values.
+ * slot_mapping: [N] int32, token n goes to slot slot_mapping[n] (block * block_size + slot),
+ *   each slot at most once per call; a negative entry skips the token (padding).
+ * pages: [num_blocks, block_size, slot_bytes] uint8, written only at the mapped slots.
+ * window_rows, window: both NULL, or [N] int32 and [rows, 2, n_head_kv, head_dim] float: token
+ *   n's key and value are also copied into row window_rows[n] (-1: none; each row at most
+ *   once; rows of skipped tokens are ignored).
+ * The outputs (pages, window) may not overlap each other or an input.
+ */
+SALS_API sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k,
+                                         const DLTensor* v, const DLTensor* slot_mapping,
+                                         DLTensor* pages, const DLTensor* window_rows,
+                                         DLTensor* window, void* stream);
+
+/**
+ * Attention of new queries over their sequences' stored tokens (append their own first).
+ * q:           [N, n_head_q, head_dim] pre-RoPE queries (after any q_norm), rotated here.
+ * query_start: [B + 1] int32, non-decreasing within 0..N: sequence b's queries are rows
+ *              query_start[b] .. query_start[b + 1] - 1 of q, and are its last n_b tokens, at
+ *              positions seq_lens[b] - n_b .. seq_lens[b] - 1. Rows outside these ranges are
+ *              neither read nor written.
+ * seq_lens:    [B] int32, tokens stored per sequence, n_b <= seq_lens[b] <= the block table's
+ *              capacity (block_table.shape[1] * block_size).
+ * block_table: [B, max_blocks] int32; the entries of each sequence's first
+ *              ceil(seq_lens[b] / block_size) blocks must be blocks of `pages`.
+ * pages:       [num_blocks, block_size, slot_bytes] uint8.
+ * window_rows, window: both NULL (no exact copies), or [B, n_sink + n_recent] int32 rows
+ *              (-1 or 0 .. rows - 1) of the window store [rows, 2, n_head_kv, head_dim] float.
+ * out:         [N, n_head_q, head_dim], any float dtype; may not overlap an input.
+ * selected:    NULL, or [B, H, K] int32 (H = 1 for a shared selection, n_head_kv per head;
+ *              K at least the budget rule's count at the longest sparse sequence): the token
+ *              indices each sparse step selected among the candidates (any order, -1 padded;
+ *              rows of sequences without a sparse step are all -1).
+ * A key is visible to a query when its position is <= the query's (causal). A sequence with one
+ * query on a layer with config.dense == 0 takes a sparse step (sinks, recent window and the
+ * selected candidates, as sals_cache_attend); otherwise its queries attend every visible token.
+ */
+SALS_API sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
+                                         const DLTensor* query_start, const DLTensor* seq_lens,
+                                         const DLTensor* block_table, const DLTensor* pages,
+                                         const DLTensor* window_rows, const DLTensor* window,
+                                         DLTensor* out, DLTensor* selected, void* stream);
 
 #ifdef __cplusplus
 }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 import types
 from collections.abc import Iterable
 
@@ -30,12 +29,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import (
     Calibration,
-    CalibrationError,
     Config,
     InvalidArgumentError,
     Rope,
     UnsupportedError,
     _args,
+    _layers,
     cuda_available,
 )
 from ..config import PRESETS
@@ -67,81 +66,6 @@ def patch_state(model) -> PatchState:
     if state is None:
         raise InvalidArgumentError("model: not patched; call sals.hf.patch(model) first")
     return state
-
-
-def _check_fingerprint(calib: Calibration, expected: dict) -> None:
-    got = dict(calib.fingerprint or {})
-    diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
-    if diff:
-        detail = "; ".join(f"{k}: calibration {a!r}, model {b!r}" for k, (a, b) in diff.items())
-        raise CalibrationError(f"calibration: made for another model ({detail})")
-
-
-def _load_calibration(calibration, fingerprint: dict) -> Calibration | None:
-    if calibration is None:
-        return None
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = Calibration.load(calibration)
-    if not isinstance(calibration, Calibration):
-        raise InvalidArgumentError(
-            f"calibration: expected None, a path or a sals.Calibration, got "
-            f"{type(calibration).__name__}")
-    _check_fingerprint(calibration, fingerprint)
-    return calibration
-
-
-def _layer_config(info: _arch.LayerInfo, preset: str | None, overrides: dict, dense: bool,
-                  model_dtype: torch.dtype, calib: Calibration | None,
-                  ) -> tuple[Config, np.ndarray, np.ndarray | None]:
-    fields = dict(overrides)
-    fields.setdefault("scale", info.scaling)
-    fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
-    if preset is None and calib is not None and "rank" not in fields:
-        fields["rank"] = calib.layers[info.index].rank
-    if preset is not None:
-        cfg = Config.preset(preset, info.n_head_q, info.n_head_kv, info.head_dim, **fields)
-    else:
-        cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
-    cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
-    cfg.check()  # out-of-range values are refused now, not when the first cache is made
-    rank = cfg.resolved_rank()
-    if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
-        return cfg, np.eye(info.dk, dtype=np.float32), None
-    if calib is None:
-        raise CalibrationError(
-            f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
-            f"{info.index}, which needs a calibration (python -m sals calibrate --model ... "
-            f"--out FILE, then patch(model, calibration=FILE)); without one use "
-            f"preset='dense-equivalent' or rank={info.dk}")
-    stored = calib.layers[info.index]
-    if stored.dk != info.dk:
-        raise CalibrationError(
-            f"calibration: layer {info.index} has Dk={stored.dk}, the model {info.dk}")
-    if rank > stored.rank:
-        raise CalibrationError(
-            f"calibration: layer {info.index} stores rank {stored.rank}, the settings need "
-            f"{rank} (calibrate with a larger --rank-frac)")
-    scale = calib.key_scale(info.index)
-    if scale is not None:
-        _check_key_scale(scale, info.index, calib.query_weight, model_dtype, cfg.dtype)
-    return cfg, calib.projection(info.index, rank), scale
-
-
-def _check_key_scale(scale: np.ndarray, layer: int, query_weight: float,
-                     model_dtype: torch.dtype, storage: str) -> None:
-    """The cache stores s * k and attends with q / s (query-weighted projections): s and 1 / s
-    must be finite in the model's dtype and s in the cache's storage dtype, or every step would
-    fail on an infinity that q and k do not hold."""
-    hi, lo = float(np.max(scale)), float(np.min(scale))
-    for whose, dtype, largest in (("the model's", model_dtype, max(hi, 1.0 / lo)),
-                                  ("the cache's", getattr(torch, storage), hi)):
-        big = float(torch.finfo(dtype).max)
-        if largest > big:
-            raise CalibrationError(
-                f"calibration: layer {layer}'s key scale spans {lo:.3g}..{hi:.3g} (query weight "
-                f"{query_weight:g}); s and 1/s must stay below {big:.5g}, the largest finite "
-                f"value of {whose} {str(dtype).removeprefix('torch.')}: calibrate with a smaller "
-                f"--query-weight, or run the model in bfloat16 or float32")
 
 
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
@@ -230,7 +154,7 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
     if preset is not None and preset != "auto" and preset not in PRESETS:
         raise InvalidArgumentError(
             f"preset: unknown preset {preset!r}; expected one of {(*PRESETS, 'auto', None)}")
-    calib = _load_calibration(calibration, _arch.fingerprint(model, info))
+    calib = _layers.load_calibration(calibration, _arch.fingerprint(model, info))
     per_layer = {}
     if preset == "auto":  # per-layer rank, score rank and value bits for a memory target
         from . import auto
@@ -244,7 +168,7 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
         if layer.sliding:
             continue
         i = layer.index
-        configs[i], projections[i], scales[i] = _layer_config(
+        configs[i], projections[i], scales[i] = _layers.layer_config(
             layer, preset, {**config_overrides, **per_layer.get(i, {})}, i in dense_layers,
             layer.module.q_proj.weight.dtype, calib)
         ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
