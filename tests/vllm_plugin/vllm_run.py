@@ -1,4 +1,4 @@
-"""Runs vLLM for tests/vllm/test_e2e.py in a process of its own and prints one JSON line.
+"""Runs vLLM for tests/vllm_plugin/test_e2e.py in a process of its own and prints one JSON line.
 
     python vllm_run.py SPEC_FILE
 

@@ -3,7 +3,7 @@ attention: the same greedy tokens for the dense-equivalent preset (also under ch
 prefix-cache hits and preemption), SALS-25 within a measured margin, and the larger token
 capacity vLLM reports.
 
-Every engine runs in a subprocess of its own (tests/vllm/vllm_run.py); all but one in-process
+Every engine runs in a subprocess of its own (tests/vllm_plugin/vllm_run.py); all but one in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, seconds to start instead of half a minute on two cores), and
 one with vLLM's engine and worker processes, which find the plugin through its entry point.
 """
