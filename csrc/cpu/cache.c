@@ -24,7 +24,6 @@ typedef struct {
   float* partial;      /* [max_batch][max_chunks][n_head_q][head_dim + 2]: m, l, acc */
   int32_t* blk_base;   /* [max_batch][append blocks]: first slot of each append block */
   int32_t* final_len;  /* [max_batch] lengths after the running append */
-  sals_layer_t layer;  /* the cache's arrays as fields of tokens (sequence, slot) */
   sals_seq_t* seq;     /* [max_batch]: the sequences of the running attend */
 } cpu_state_t;
 
@@ -54,7 +53,8 @@ static sals_field_t rows(const sals_cache_t* c, void* base, int64_t bytes) {
   return f;
 }
 
-/* The cache's arrays as one layer's fields (layer.h), token (sequence, slot). */
+/* The cache's arrays as one layer's fields (layer.h), token (sequence, slot). Described at each
+ * call from the cache it is given: a range call's copy starts its arrays at sequence `first`. */
 static void describe_layer(const sals_cache_t* c, sals_layer_t* L) {
   const sals_config_t* g = &c->cfg;
   memset(L, 0, sizeof *L);
@@ -143,7 +143,6 @@ sals_status_t sals_cpu_cache_init(sals_cache_t* c) {
                           (unsigned long long)c->allocated);
   }
   s->n_threads = sals_pool_size(s->pool);
-  describe_layer(c, &s->layer);
   return SALS_OK;
 }
 
@@ -225,6 +224,7 @@ static sals_status_t check_append(const sals_cache_t* c, const sals_view_t* k,
 
 typedef struct {
   sals_cache_t* c;
+  const sals_layer_t* L;
   const sals_view_t *k, *v, *pos;
   int64_t n_blk;
 } append_ctx;
@@ -254,7 +254,7 @@ static void append_task(void* p, int64_t task, int32_t thread) {
       sals_load_f32(kr + h * d, sals_view_at(a->k, b, t, h, 0), a->k->elem, d);
       sals_load_f32(vf + h * d, sals_view_at(a->v, b, t, h, 0), a->v->elem, d);
     }
-    sals_layer_store_value(&s->layer, b, slot, vf);
+    sals_layer_store_value(a->L, b, slot, vf);
     if (slot < g->n_sink) {
       sals_store_f32((char*)c->sink_k + (b * g->n_sink + slot) * dk * e, el, kr, dk);
       sals_store_f32((char*)c->sink_v + (b * g->n_sink + slot) * dk * e, el, vf, dk);
@@ -271,7 +271,7 @@ static void append_task(void* p, int64_t task, int32_t thread) {
   }
   if (n == 0) return;
   sals_gemm(n, r, dk, kf, dk, c->proj, r, lat, r, 0);
-  for (int64_t i = 0; i < n; ++i) sals_layer_store_latent(&s->layer, b, slots[i], lat + i * r);
+  for (int64_t i = 0; i < n; ++i) sals_layer_store_latent(a->L, b, slots[i], lat + i * r);
 }
 
 sals_status_t sals_cpu_cache_append(sals_cache_t* c, const sals_view_t* k, const sals_view_t* v,
@@ -294,8 +294,9 @@ sals_status_t sals_cpu_cache_append(sals_cache_t* c, const sals_view_t* k, const
     }
     s->final_len[b] = slot;
   }
-  describe_layer(c, &s->layer); /* c's arrays start at the call's first sequence (range calls) */
-  append_ctx a = {c, k, v, pos, n_blk};
+  sals_layer_t L;
+  describe_layer(c, &L);
+  append_ctx a = {c, &L, k, v, pos, n_blk};
   sals_pool_run(s->pool, B * n_blk, append_task, &a);
   for (int64_t b = 0; b < B; ++b) c->len[b] = s->final_len[b];
   return SALS_OK;
@@ -339,10 +340,11 @@ sals_status_t sals_cpu_cache_attend(sals_cache_t* c, const sals_view_t* q,
     sq->q_pos_st = q_pos->stride[1];
     sq->sparse = sparse;
   }
-  describe_layer(c, &s->layer);
+  sals_layer_t L;
+  describe_layer(c, &L);
   sals_attend_t a;
   memset(&a, 0, sizeof a);
-  a.L = &s->layer;
+  a.L = &L;
   a.seq = s->seq;
   a.B = B;
   a.q_elem = q->elem;
