@@ -336,6 +336,20 @@ def test_auto_counts_the_exact_layers():
     assert not sals.hf.is_patched(model)
 
 
+def test_the_bench_byte_floor_counts_the_exact_layers():
+    """bench e2e's bytes per decode step: an exact dense layer reads 2 * Dk model-dtype
+    elements per token (float32 here), a compressed one its latent keys and values (full
+    rank and 16-bit values here: 2 * Dk * 2 bytes)."""
+    from sals import bench_e2e
+
+    model = tiny.model("llama")
+    floors = {}
+    for dense_kv in ("compressed", "exact"):
+        sals.hf.patch(model, dense_kv=dense_kv, **FULL)
+        floors[dense_kv] = bench_e2e.step_bytes(model, "sals-25", 2, 100)
+    assert floors["exact"] - floors["compressed"] == 3 * 2 * 100 * (2 * 64 * 4 - 2 * 64 * 2)
+
+
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_keys_are_rotated_as_the_model_rotates_them(family, dtype):
