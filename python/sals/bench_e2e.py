@@ -198,9 +198,16 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
         if ids.is_cuda else sals_bytes
     step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
     batch = int(ids.shape[0])
-    return {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
-            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
-            "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+    row = {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
+           "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+           "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+    # which attention the exact dense layers ran ("cudnn", or why cuDNN refused), as the
+    # dense-graph row reports its own
+    backends = {layer.attention_backend for layer in getattr(cache, "layers", ())
+                if isinstance(layer, sals.hf.ExactLayer)}
+    if backends:
+        row["exact_attention"] = "; ".join(sorted(backends))
+    return row
 
 
 def _dense_graph(model, ids, new_tokens, torch) -> dict:

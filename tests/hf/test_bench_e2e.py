@@ -98,6 +98,7 @@ def test_sals_rows_with_exact_dense_layers_and_a_compiled_step(session_model, tm
     assert result["meta"]["dense_kv"] == "exact" and result["meta"]["compile"] is True
     (row,) = result["rows"]
     assert row["dense_kv"] == "exact" and row["compile"] is True and "error" not in row
+    assert row["exact_attention"] == "default"  # the CPU: torch's own choice
     assert row["tokens_per_s"] > 0
     # SmolLM2's dense layers 0, 1, 29: K and V of 2 rows x 3 KV heads x (8 + NEW - 1) slots x
     # 64 in float32, and the slot masks
