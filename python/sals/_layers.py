@@ -38,6 +38,23 @@ def load_calibration(calibration, fingerprint: dict) -> Calibration | None:
     return calibration
 
 
+def config(info, preset: str | None, overrides: dict, dense: bool,
+           model_dtype: torch.dtype, calib: Calibration | None) -> Config:
+    """One full-attention layer's checked Config (arguments as for ``layer_config``)."""
+    fields = dict(overrides)
+    fields.setdefault("scale", info.scaling)
+    fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
+    if preset is None and calib is not None and "rank" not in fields:
+        fields["rank"] = calib.layers[info.index].rank
+    if preset is not None:
+        cfg = Config.preset(preset, info.n_head_q, info.n_head_kv, info.head_dim, **fields)
+    else:
+        cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
+    cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
+    cfg.check()  # out-of-range values are refused now, not when the first cache is made
+    return cfg
+
+
 def layer_config(info, preset: str | None, overrides: dict, dense: bool,
                  model_dtype: torch.dtype, calib: Calibration | None,
                  remedy: str = "patch(model, calibration=FILE)",
@@ -52,17 +69,7 @@ def layer_config(info, preset: str | None, overrides: dict, dense: bool,
     identity; otherwise the calibration's leading eigenvectors, refused with CalibrationError
     naming the layer when it lacks them.
     """
-    fields = dict(overrides)
-    fields.setdefault("scale", info.scaling)
-    fields.setdefault("dtype", "bfloat16" if model_dtype == torch.bfloat16 else "float16")
-    if preset is None and calib is not None and "rank" not in fields:
-        fields["rank"] = calib.layers[info.index].rank
-    if preset is not None:
-        cfg = Config.preset(preset, info.n_head_q, info.n_head_kv, info.head_dim, **fields)
-    else:
-        cfg = Config(info.n_head_q, info.n_head_kv, info.head_dim, **fields)
-    cfg = dataclasses.replace(cfg, dense=bool(cfg.dense or dense))
-    cfg.check()  # out-of-range values are refused now, not when the first cache is made
+    cfg = config(info, preset, overrides, dense, model_dtype, calib)
     rank = cfg.resolved_rank()
     if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
         return cfg, np.eye(info.dk, dtype=np.float32), None

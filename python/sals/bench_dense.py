@@ -15,13 +15,12 @@ the decode step is one CUDA graph, replayed every step; on the CPU it runs eager
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from . import static_kv
 from .errors import InvalidArgumentError
 
 #: model_type of the decoder-only families whose layers this decoder reproduces exactly
@@ -59,12 +58,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [B, H, T, D] with cos/sin [T, D] (pairs i and i + D/2)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 def check_model(model, max_tokens: int):
@@ -167,22 +160,16 @@ class DenseGraphDecoder:
             self.layers = [self._fuse(layer) for layer in decoder.layers]
         self.fused_bytes = fused_weight_bytes(model)
 
-        shape = (self.max_batch, self.n_kv, self.max_tokens, self.head_dim)
-        kw = {"dtype": self.dtype, "device": self.device}
-        self.k = [torch.zeros(shape, **kw) for _ in self.layers]
-        self.v = [torch.zeros(shape, **kw) for _ in self.layers]
-        self.cache_bytes = 2 * len(self.layers) * self.k[0].numel() * self.k[0].element_size()
+        self.kv = [static_kv.StaticKV(self.max_batch, self.n_kv, self.max_tokens, self.head_dim,
+                                      self.dtype, self.device) for _ in self.layers]
+        self.cache_bytes = sum(kv.nbytes for kv in self.kv)
 
-        # RoPE for every position, computed as the model's rotary module does (float32
-        # frequencies with any scaling folded into inv_freq, then rounded to the model dtype)
-        rotary = decoder.rotary_emb
-        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
-        freqs = torch.arange(self.max_tokens, device=self.device, dtype=torch.float32)[:, None] \
-            * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), -1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
+        # RoPE for every position, as the model's rotary module computes it
         self.positions = torch.arange(self.max_tokens, device=self.device)
+        rotary = decoder.rotary_emb
+        self.cos, self.sin = static_kv.rope_cos_sin(
+            self.positions, rotary.inv_freq.to(self.device), rotary.attention_scaling,
+            self.dtype)
 
         # the step's static inputs: the token each sequence feeds next and the position it
         # takes (the same for every sequence: prompts have equal lengths); the step writes both
@@ -224,13 +211,13 @@ class DenseGraphDecoder:
         for i, w in enumerate(self.layers):
             x = _rms_norm(h, w.norm1, w.eps1)
             q, k, v = F.linear(x, w.qkv, w.qkv_bias).split((nq, nkv, nkv), -1)
-            q = _rope(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = _rope(k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+            q = static_kv.rotate(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2),
+                                 cos, sin)
+            k = static_kv.rotate(k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
+                                 cos, sin)
             v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            # index_copy_ with a device index: no host value, so the graph replays it at
-            # whatever position _pos holds then
-            self.k[i][rows].index_copy_(2, pos, k)
-            self.v[i][rows].index_copy_(2, pos, v)
+            # slot = position here: the graph replays the write at whatever position _pos holds
+            self.kv[i].write(rows, pos, k, v)
             o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, nq)
             h = h + F.linear(o, w.o, w.o_bias)
             x = _rms_norm(h, w.norm2, w.eps2)
@@ -261,11 +248,10 @@ class DenseGraphDecoder:
         ids = ids.to(device=self.device, dtype=torch.long)
         pos = self.positions[:s]
 
-        def causal(i, q, k, v):  # the prompt attends to itself: no cache read needed
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                  enable_gqa=self.n_heads != self.n_kv)
+        def attend(i, q, k, v):  # the prompt attends to itself: no cache read needed
+            return static_kv.attention(q, k, v, None, self.scaling, causal=True)
 
-        logits = torch.cat([self._forward(ids[r:r + 1], pos, slice(r, r + 1), causal)
+        logits = torch.cat([self._forward(ids[r:r + 1], pos, slice(r, r + 1), attend)
                             for r in range(b)])
         self.batch, self.length = b, s
         self._token[:b].copy_(logits.argmax(-1, keepdim=True))
@@ -278,47 +264,29 @@ class DenseGraphDecoder:
         return (self.positions <= self._pos).view(1, 1, 1, -1)
 
     def _attend_cache(self, i, q, mask):
-        """Decode attention of q [B, H, 1, D] over layer i's cache, [B, Hkv, max_tokens, D].
-        enable_gqa rather than folding each KV head's query heads into query rows: with a mask,
-        cuDNN runs the former at the byte floor on an H100 and the latter at about 55%."""
-        b = q.shape[0]
-        return F.scaled_dot_product_attention(q, self.k[i][:b], self.v[i][:b], attn_mask=mask,
-                                              scale=self.scaling,
-                                              enable_gqa=self.n_heads != self.n_kv)
+        """Decode attention of q [B, H, 1, D] over layer i's cache, [B, Hkv, max_tokens, D]."""
+        return self.kv[i].attend(slice(0, q.shape[0]), q, mask, self.scaling)
 
     def _decode(self) -> torch.Tensor:
         """One decode step on the static inputs: reads _token and _pos, writes the step's K/V,
         the greedy token into _token and _pos + 1 into _pos. Returns the logits [B, V]."""
         b = self.batch
         mask = self._written()
-        with self._sdpa_backend():
+        with static_kv.backend(self.attention_backend):
             logits = self._forward(self._token[:b], self._pos, slice(0, b),
                                    lambda i, q, k, v: self._attend_cache(i, q, mask))
         self._token[:b].copy_(logits.argmax(-1, keepdim=True))
         self._pos.add_(1)
         return logits
 
-    def _sdpa_backend(self):
-        if self.attention_backend == "cudnn":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
-        return contextlib.nullcontext()
-
     def _choose_backend(self) -> None:
         """cuDNN attention if it takes the step's inputs (tried on layer 0's cache, which it
         only reads), else torch's default choice, with cuDNN's reason in attention_backend."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        q = torch.zeros(self.batch, self.n_heads, 1, self.head_dim, dtype=self.dtype,
-                        device=self.device)
-        try:
-            with warnings.catch_warnings(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                warnings.simplefilter("ignore")  # torch's list of why each backend refused
-                self._attend_cache(0, q, self._written())
-            self.attention_backend = "cudnn"
-        except RuntimeError as e:
-            self.attention_backend = f"default (cuDNN refused: {str(e).splitlines()[0]})"
+        b = self.batch
+        q = torch.zeros(b, self.n_heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        kv = self.kv[0]
+        self.attention_backend = static_kv.choose_backend(
+            q, kv.keys[:b], kv.values[:b], self._written(), self.scaling)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:

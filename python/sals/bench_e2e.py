@@ -16,7 +16,11 @@ through ``model.generate``:
 - ``dense-dynamic``: transformers' default dynamic cache, eager;
 - ``sals-25`` / ``sals-12.5``: the model patched with that preset and ``cuda_graph=True``
   (every decode step replayed as one CUDA graph; its first two steps are the eager warm-up and
-  the capture, so ms per token is the median step).
+  the capture, so ms per token is the median step). ``--dense-kv exact`` patches them with
+  ``dense_kv="exact"`` (the dense layers attend over exact keys and values they keep instead
+  of rebuilding every key), ``--compile`` with ``compile=True`` (the decode step's forward
+  compiled by torch.compile, then captured; each row compiles at its first decode step,
+  which is not timed).
 
 Per row: TTFT (prompt to first token), ms per output token (median decode step), decode
 tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the SALS caches'
@@ -93,6 +97,14 @@ def add_parser(subparsers) -> None:
     ap.add_argument("--memory-gib", type=_cli.number(float, 0), default=0.0,
                     help="memory in GiB the largest-batch search may fill, weights included "
                          "(default 0: --memory-fraction of the device's)")
+    ap.add_argument("--dense-kv", choices=("compressed", "exact"), default="compressed",
+                    help="what the SALS rows' dense layers keep (sals.hf.patch's dense_kv): "
+                         "the compressed cache, keys rebuilt every step (default, the paper's), "
+                         "or exact keys and values")
+    ap.add_argument("--compile", action="store_true",
+                    help="SALS rows: compile the decode step's forward with torch.compile "
+                         "(sals.hf.patch's compile=True; on the GPU also captured in its CUDA "
+                         "graph)")
     ap.add_argument("--out", default=None, help="write every row as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
     _cli.add_debug(ap)
@@ -179,13 +191,23 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
                          logits_processor=LogitsProcessorList([clock]), **kw)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     cache = getattr(out, CACHE_ARG)
-    sals_bytes = cache.memory()["allocated"] if hasattr(cache, "memory") else 0
-    peak = (torch.cuda.max_memory_allocated() if ids.is_cuda else 0) + sals_bytes
+    mem = cache.memory() if hasattr(cache, "memory") else {}
+    sals_bytes = mem.get("allocated", 0)
+    # the exact dense layers' K/V are torch tensors, in torch's peak already
+    peak = torch.cuda.max_memory_allocated() + sals_bytes - mem.get("exact_kv_allocated", 0) \
+        if ids.is_cuda else sals_bytes
     step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
     batch = int(ids.shape[0])
-    return {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
-            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
-            "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+    row = {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
+           "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+           "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+    # which attention the exact dense layers ran ("cudnn", or why cuDNN refused), as the
+    # dense-graph row reports its own
+    backends = {layer.attention_backend for layer in getattr(cache, "layers", ())
+                if isinstance(layer, sals.hf.ExactLayer)}
+    if backends:
+        row["exact_attention"] = "; ".join(sorted(backends))
+    return row
 
 
 def _dense_graph(model, ids, new_tokens, torch) -> dict:
@@ -235,7 +257,8 @@ def attended_tokens(cfg, S: int) -> tuple[int, int]:
 
 def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
-    cache's scored latent coordinates and selected tokens, per layer."""
+    cache's scored latent coordinates and selected tokens, per layer (exact K/V in the model's
+    dtype for the dense layers patched with ``dense_kv="exact"``)."""
     from .hf.patch import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -244,7 +267,8 @@ def step_bytes(model, setting: str, B: int, S: int) -> float:
         dk = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
         return weights + cfg.num_hidden_layers * 2 * B * S * dk * 2
     state = patch_state(model)
-    total = weights
+    element = next(model.parameters()).element_size()
+    total = weights + sum(B * S * 2 * state.info.layers[i].dk * element for i in state.exact)
     for cfg in state.configs.values():
         dk = cfg.n_head_kv * cfg.head_dim
         r, rs, bits = cfg.resolved_rank(), cfg.resolved_score_rank(), cfg.value_bits
@@ -275,8 +299,9 @@ def _copy_bandwidth(torch) -> float:
     return 2 * n / (statistics.median(times[3:]) * 1e-3)
 
 
-def _setting(model, setting: str, calib, torch) -> dict:
-    """Patch (or unpatch) ``model`` for ``setting``; the generate kwargs of that row."""
+def _setting(model, setting: str, calib, torch, options: dict) -> dict:
+    """Patch (or unpatch) ``model`` for ``setting`` (a SALS one with ``options``, more
+    ``sals.hf.patch`` arguments); the generate kwargs of that row."""
     import sals.hf
 
     if sals.hf.is_patched(model):
@@ -286,19 +311,22 @@ def _setting(model, setting: str, calib, torch) -> dict:
     if setting in ("dense-dynamic", "dense-graph"):
         return {}
     on_cuda = next(model.parameters()).is_cuda
-    sals.hf.patch(model, calibration=calib, preset=setting, cuda_graph=on_cuda)
+    sals.hf.patch(model, calibration=calib, preset=setting, cuda_graph=on_cuda, **options)
     return {}
 
 
 def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
-            prefill_rows=None) -> dict:
+            prefill_rows=None, options=None) -> dict:
     """One row: ``setting`` at batch B and context S. ``prefill_rows``: SALS prompts prefilled
-    that many sequences at a time (dense-graph always prefills one at a time)."""
+    that many sequences at a time (dense-graph always prefills one at a time). ``options``:
+    the SALS rows' other ``sals.hf.patch`` arguments (``dense_kv``, ``compile``), recorded in
+    the row."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(B * 100003 + S)
     vocab = model.config.vocab_size  # ids clear of the special tokens at either end
     ids = torch.randint(vocab // 16, vocab - vocab // 16, (B, S), generator=gen).to(device)
-    kw = _setting(model, setting, calib, torch)
+    options = options or {}
+    kw = _setting(model, setting, calib, torch, options)
     if setting == "dense-graph":
         result = _dense_graph(model, ids, new_tokens, torch)
     else:
@@ -307,6 +335,8 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
         rows = prefill_rows if setting.startswith("sals") else None
         result = _generate(model, ids, new_tokens, torch, prefill_rows=rows, **kw)
     row = {"setting": setting, "batch": B, "context": S, **result}
+    if setting.startswith("sals"):
+        row.update(options)
     if bandwidth and "error" not in row:
         row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth
         row["of_floor"] = row["floor_ms"] / row["ms_per_token"]
@@ -327,7 +357,8 @@ def _memory_budget(args, on_gpu: bool, torch) -> float:
     return args.memory_fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch) -> int:
+def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch,
+                   options: dict) -> int:
     """The largest batch whose caches fit in ``budget`` bytes beside the weights, the dense
     decoder's fused weight copies and one prompt's prefill activations (prompts are prefilled
     one at a time): from the bytes one sequence's cache takes (dense K+V in the model's dtype,
@@ -340,7 +371,7 @@ def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch) -
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     element = next(model.parameters()).element_size()
     if setting.startswith("sals"):
-        _setting(model, setting, calib, torch)
+        _setting(model, setting, calib, torch, options)
         # caches of one and two sequences: the difference is a sequence's, the rest is fixed
         # (the projections, a CPU cache's thread workspace)
         sizes = []
@@ -361,7 +392,8 @@ def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch) -
     return max(int((budget - fixed - act) // per_seq), 0)
 
 
-def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, torch) -> dict:
+def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, torch,
+                       options: dict) -> dict:
     """``setting`` timed at the largest batch that runs: the estimate of _largest_batch, then
     smaller batches (10% fewer, at least one fewer) while one runs out of memory; ``tried``
     lists the batches tried."""
@@ -373,13 +405,13 @@ def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, 
             check_model(model, S + new_tokens)
         except InvalidArgumentError as e:
             return {"setting": setting, "batch": 0, "context": S, "error": f"skipped: {e}"}
-    batch = _largest_batch(model, setting, S, new_tokens, calib, budget, torch)
+    batch = _largest_batch(model, setting, S, new_tokens, calib, budget, torch, options)
     tried, error = [], f"no batch fits {budget / 2**30:.2f} GiB"
     while batch >= 1:
         tried.append(batch)
         try:
             row = run_row(model, setting, batch, S, new_tokens, calib, bandwidth, torch,
-                          prefill_rows=1)
+                          prefill_rows=1, options=options)
             return {**row, "tried": tried, "prefill_rows": 1}
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             error = f"out of memory: {str(e).splitlines()[0]}"
@@ -416,6 +448,7 @@ def run(args) -> int:
         settings = [s for s in settings if s != "dense-static-compiled"]
     rows = []
     meta = _meta(args, torch, on_gpu, bandwidth)
+    options = {"dense_kv": args.dense_kv, "compile": args.compile}
 
     def save():  # after every row, so that an interrupted run keeps what it measured
         if args.out:
@@ -441,7 +474,7 @@ def run(args) -> int:
                     bar.set_description(f"{name} {setting} B={B} S={S}")
                     try:
                         row = run_row(model, setting, B, S, args.new_tokens, calib, bandwidth,
-                                      torch)
+                                      torch, options=options)
                     except torch.cuda.OutOfMemoryError as e:
                         row = {"setting": setting, "batch": B, "context": S,
                                "error": f"out of memory: {str(e).splitlines()[0]}"}
@@ -455,7 +488,7 @@ def run(args) -> int:
             for setting in largest:
                 bar.set_description(f"{name} {setting} largest batch")
                 row = _largest_batch_row(model, setting, args.max_batch_context, args.new_tokens,
-                                         calib, bandwidth, budget, torch)
+                                         calib, bandwidth, budget, torch, options)
                 row.update(model=os.path.basename(name), largest_batch=True,
                            memory_budget_bytes=int(budget))
                 rows.append(row)
@@ -481,6 +514,7 @@ def _meta(args, torch, on_gpu: bool, bandwidth: float) -> dict:
             "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "copy_bytes_per_s": bandwidth, "new_tokens": args.new_tokens,
+            "dense_kv": args.dense_kv, "compile": args.compile,
             "command": "python -m sals " + " ".join(sys.argv[1:])}
 
 
@@ -493,7 +527,9 @@ def _print(rows) -> None:
                   f"{r['error']}")
             continue
         tag = " (largest batch)" if r.get("largest_batch") else ""
-        print(f"{str(r['model'])[-12:]:<12} {r['setting']:<22} {r['batch']:>3} {r['context']:>6} "
+        setting = r["setting"] + ("+exact" if r.get("dense_kv") == "exact" else "") + \
+            ("+compile" if r.get("compile") else "")
+        print(f"{str(r['model'])[-12:]:<12} {setting:<22} {r['batch']:>3} {r['context']:>6} "
               f"{r['ttft_ms']:9.1f} {r['ms_per_token']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r['peak_memory_bytes'] / 2**30:8.1f} {r.get('floor_ms', float('nan')):8.2f} "
               f"{r.get('of_floor', float('nan')):8.0%}{tag}")

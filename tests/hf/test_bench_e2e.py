@@ -1,7 +1,8 @@
 """``python -m sals bench e2e --max-batch-context`` on the CPU at tiny sizes, through the command
 line (in process, with the session's SmolLM2: ``loading.load`` returns it): each setting is timed
 at the largest batch its cache leaves room for in the memory budget, prompts prefilled one
-sequence at a time; a budget below the weights is reported as no batch fitting."""
+sequence at a time; a budget below the weights is reported as no batch fitting. SALS rows take
+``--dense-kv exact`` and ``--compile``."""
 
 from __future__ import annotations
 
@@ -82,3 +83,26 @@ def test_a_budget_below_the_weights_fits_no_batch(session_model, tmp_path):
         row = _largest(rows, setting)
         assert row["batch"] == 0 and row["tried"] == []
         assert row["error"] == "no batch fits 0.06 GiB", row
+
+
+def test_sals_rows_with_exact_dense_layers_and_a_compiled_step(session_model, tmp_path):
+    """--dense-kv exact --compile: the SALS row is patched with both (recorded in the row and
+    the run's meta), decodes through the compiled step, and its cache bytes count the exact
+    layers' static K/V."""
+    out = tmp_path / "exact.json"
+    code = cli.main(["bench", "e2e", "--model", "smollm2", "--settings", "sals-12.5",
+                     "--contexts", "8", "--batches", "2", "--new-tokens", str(NEW),
+                     "--dense-kv", "exact", "--compile", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["dense_kv"] == "exact" and result["meta"]["compile"] is True
+    (row,) = result["rows"]
+    assert row["dense_kv"] == "exact" and row["compile"] is True and "error" not in row
+    assert row["exact_attention"] == "default"  # the CPU: torch's own choice
+    assert row["tokens_per_s"] > 0
+    # SmolLM2's dense layers 0, 1, 29: K and V of 2 rows x 3 KV heads x (8 + NEW - 1) slots x
+    # 64 in float32, and the slot masks
+    slots = 8 + NEW - 1
+    exact = 3 * (2 * 2 * 3 * slots * 64 * 4 + 2 * slots)
+    assert row["sals_cache_bytes"] > exact
+    assert row["peak_memory_bytes"] == row["sals_cache_bytes"]  # the CPU: the caches only

@@ -76,6 +76,35 @@ def test_eval_path_equals_generate(smollm2, smollm2_calibration, suite):
     assert 0.2 < measured["sals-25"]["kv_fraction"] < 0.6
 
 
+def test_eval_path_with_exact_dense_layers(smollm2, smollm2_calibration, suite):
+    """A setting may pass ``dense_kv=exact``: the eval's path gives generate's tokens for that
+    patch, the per-layer measures (overlap, key error) cover the layers that keep a SALS cache,
+    and the kv fraction counts the exact layers' float32 keys and values: 3 of 30 layers at
+    twice dense fp16's bytes add about 0.2, less what their compressed caches held."""
+    model, tokenizer = smollm2
+    prompt = suite[0]
+    settings = [parse_setting("sals-25"), parse_setting("sals-25:dense_kv=exact")]
+    runner = Runner(model, tokenizer, settings, {("c", 0): smollm2_calibration}, ("c", 0))
+    assert runner.describe["sals-25:dense_kv=exact"]["29"] == {"dense": True,
+                                                                 "dense_kv": "exact"}
+    pre = prefill(model, runner.info, prompt.input_ids)
+    measured = {}
+    for s in settings:
+        measured[s.name] = runner.run(s, pre, measured, max_new=prompt.max_new_tokens,
+                                      measure_layers=True)
+    exact = measured["sals-25:dense_kv=exact"]
+    sals.hf.patch(model, calibration=smollm2_calibration, preset="sals-25", dense_kv="exact")
+    try:
+        expected = _generate(model, prompt)
+    finally:
+        sals.hf.unpatch(model)
+    assert exact["tokens"] == expected[:len(exact["tokens"])]
+    assert set(exact["layers"]) == set(range(2, 29))
+    assert set(measured["sals-25"]["layers"]) == set(range(30))
+    added = exact["kv_fraction"] - measured["sals-25"]["kv_fraction"]
+    assert 0.15 < added < 0.2
+
+
 def test_sals25_stays_within_margin_of_dense(smollm2, smollm2_calibration, suite):
     model, tokenizer = smollm2
     settings = [parse_setting(s) for s in ("dense", "sals-25", "streaming=sals-25")]

@@ -76,7 +76,7 @@ def setup(family: str) -> dict:
             g.write(f.read()[:-20])
         _MODELS[family] = {"model": model, "ids": ids, "ref": tiny.logits(model, ids),
                            "calib": good, "path": path, "other": other, "corrupt": corrupt,
-                           "n_layers": len(info.layers)}
+                           "n_layers": len(info.layers), "family": family}
     return _MODELS[family]
 
 
@@ -153,6 +153,13 @@ def patch_options(draw, s):
         kw["max_tokens"] = draw(st.sampled_from([None, 1, 64, np.int32(16)]))
     if draw(st.integers(0, 3)) == 0:
         kw["cuda_graph"] = False
+    if draw(st.integers(0, 2)) == 0:
+        # exact dense layers of a float32 model cost twice dense fp16 K+V: beyond most of the
+        # auto preset's targets, so drawn with the fixed presets only
+        kw["dense_kv"] = draw(st.sampled_from(["compressed"] + ([] if preset == "auto"
+                                                                 else ["exact"])))
+    if draw(st.integers(0, 3)) == 0:
+        kw["compile"] = False  # True compiles the model (seconds): test_compile.py does that
     fields = [n for n, (right, _, _) in CONFIG_FIELDS.items() if right is not None
               and not (preset == "auto" and n in AUTO_CHOSEN)]
     for name in draw(st.lists(st.sampled_from(fields), max_size=3, unique=True)):
@@ -165,8 +172,8 @@ def patch_options(draw, s):
     verdicts.update({n: "ok" for n in kw})
     # ---- up to two broken ----
     breakable = ["preset", "calibration", "dense_layers", "max_tokens", "cuda_graph", "field",
-                 "kv_fraction", "kv_context", "unknown"] + (["auto_chosen"] if preset == "auto"
-                                                              else [])
+                 "kv_fraction", "kv_context", "unknown", "dense_kv", "compile"] + (
+                     ["auto_chosen"] if preset == "auto" else [])
     count = draw(st.sampled_from([0, 1, 1, 1, 2]))
     for what in draw(st.lists(st.sampled_from(breakable), min_size=count, max_size=count,
                               unique=True)):
@@ -198,6 +205,15 @@ def patch_options(draw, s):
             kw["cuda_graph"] = draw(st.sampled_from([True, 0, 1, "False", None,
                                                      np.bool_(False)]))
             verdicts["cuda_graph"] = "type"
+        elif what == "dense_kv":
+            kw["dense_kv"] = draw(st.sampled_from(["Exact", "dense", "", None, 1, True,
+                                                   b"exact", ["exact"]]))
+            verdicts["dense_kv"] = "type"
+        elif what == "compile":
+            # True: refused for Gemma 3's sliding-window layers (Llama would compile)
+            kw["compile"] = draw(st.sampled_from([0, 1, "yes", "False", None, 1.0]
+                                                 + ([True] if s["family"] == "gemma3" else [])))
+            verdicts["compile"] = "type"
         elif what == "field":
             name = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
             _, junk, out = CONFIG_FIELDS[name]

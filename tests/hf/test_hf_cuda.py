@@ -89,7 +89,8 @@ def test_cuda_graph_decode_equals_eager_decode(family):
     assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), dense)
 
 
-def test_cuda_graph_left_padded_batch_and_hand_written_loop():
+@pytest.mark.parametrize("dense_kv", ["compressed", "exact"])
+def test_cuda_graph_left_padded_batch_and_hand_written_loop(dense_kv):
     prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4))]
     ids, mask = tiny.left_padded(prompts)
     ids, mask = ids.cuda(), mask.cuda()
@@ -97,7 +98,7 @@ def test_cuda_graph_left_padded_batch_and_hand_written_loop():
     out = {}
     for graph in (False, True):
         sals.hf.patch(model, dtype="float32", preset=None, value_bits=4, cuda_graph=graph,
-                      **SPARSE)
+                      dense_kv=dense_kv, **{**SPARSE, "dense_layers": [0, 3]})
         out[graph] = model.generate(ids, attention_mask=mask, max_new_tokens=16,
                                     do_sample=False)
     assert torch.equal(out[True], out[False])
@@ -151,8 +152,9 @@ def test_cuda_graph_errors_are_clear():
             model(ids[:, 1:2], **{CACHE_ARG: cache})
 
 
+@pytest.mark.parametrize("dense_kv", ["compressed", "exact"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_cuda_grouped_prefill_generates_what_the_whole_batch_does(family):
+def test_cuda_grouped_prefill_generates_what_the_whole_batch_does(family, dense_kv):
     """sals.hf.prefill on CUDA, one sequence at a time and two at a time in chunks, then
     generate (every decode step a CUDA graph where the model allows one: not Gemma 3's sliding
     window): the tokens of a whole-batch prefill, logits within float rounding of it. Values
@@ -162,7 +164,8 @@ def test_cuda_grouped_prefill_generates_what_the_whole_batch_does(family):
     ids, mask = (x.cuda() for x in tiny.left_padded(prompts))
     model = tiny.model(family).cuda()
     sals.hf.patch(model, dtype="float32", preset=None, value_bits=16,
-                  cuda_graph=family != "gemma3", **SPARSE)
+                  cuda_graph=family != "gemma3", dense_kv=dense_kv,
+                  **{**SPARSE, "dense_layers": [0, 1]})
 
     def run(rows, chunk_tokens):
         cache = sals.hf.SalsCache(model, 3, ids.shape[1] - 1 + 12)
@@ -177,3 +180,70 @@ def test_cuda_grouped_prefill_generates_what_the_whole_batch_does(family):
         got, scores = run(rows, chunk_tokens)
         assert torch.equal(got, want), (rows, chunk_tokens)
         assert (scores - want_scores).abs().max().item() < 1e-3, (rows, chunk_tokens)
+
+
+# ---- exact dense layers and compiled steps (issue 20, item 2) ---------------------------------
+
+def _exact(cache) -> list:
+    return [layer for layer in cache.layers if isinstance(layer, sals.hf.ExactLayer)]
+
+
+@pytest.mark.parametrize("family", GRAPH_FAMILIES)
+def test_cuda_exact_dense_layers_graph_equals_eager(family):
+    """dense_kv="exact" beside sparse 4-bit layers: graph replays give the eager path's tokens
+    and logits; dense-equivalent with exact dense layers through graphs equals dense."""
+    model = tiny.model(family).cuda()
+    ids = tiny.prompt(40, batch=2).cuda()
+    dense = model.generate(ids, max_new_tokens=24, do_sample=False)
+    options = {"dtype": "float32", "preset": None, "value_bits": 4, "dense_kv": "exact",
+               **SPARSE, "dense_layers": [0, 3]}
+    sals.hf.patch(model, **options)
+    eager, eager_logits, _ = _generate(model, ids)
+    sals.hf.patch(model, cuda_graph=True, **options)
+    graph, graph_logits, cache = _generate(model, ids)
+    assert [layer.index for layer in _exact(cache)] == [0, 3]
+    assert cache.decode_graphs[2].graph is not None
+    assert torch.equal(graph, eager)
+    assert (graph_logits - eager_logits).abs().max().item() < 1e-4
+    sals.hf.patch(model, cuda_graph=True, dense_kv="exact", **FULL)
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), dense)
+
+
+def test_cuda_exact_layer_selects_cudnn_and_stays_within_bfloat16():
+    """A bfloat16 model: the exact layers run cuDNN attention where the GPU has it (sm80+),
+    and dense-equivalent decode stays within bf16 rounding of the unpatched model."""
+    model = tiny.model("llama", dtype=torch.bfloat16).cuda()
+    ids = tiny.prompt(50).cuda()
+    ref = tiny.logits(model, ids)[:, 29:].float()
+    sals.hf.patch(model, preset="dense-equivalent", dense_kv="exact", cuda_graph=True)
+    cache = sals.hf.SalsCache(model, 1, 64)
+    backends = {layer.attention_backend for layer in _exact(cache)}
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert backends == {"cudnn"}, backends
+    got = tiny.decode_logits(model, ids[:, :30], ids[:, 30:], cache)
+    assert (got.float() - ref).abs().max().item() < 0.1 * ref.std().item()
+
+
+@pytest.mark.parametrize("family, dense_kv", [("llama", "compressed"), ("llama", "exact"),
+                                              ("qwen3", "exact")])
+def test_cuda_compiled_step_equals_eager(family, dense_kv):
+    """compile=True, with and without cuda_graph: the eager patch's tokens and logits on a
+    left-padded batch; one compilation per patch serves every step of two caches."""
+    from torch._dynamo.utils import counters
+
+    prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4))]
+    ids, mask = (x.cuda() for x in tiny.left_padded(prompts))
+    model = tiny.model(family).cuda()
+    options = {"dtype": "float32", "preset": None, "value_bits": 4, "dense_kv": dense_kv,
+               **SPARSE, "dense_layers": [0, 3]}
+    sals.hf.patch(model, **options)
+    want, want_logits, _ = _generate(model, ids, attention_mask=mask, pad_token_id=0)
+    for graph in (False, True):
+        sals.hf.patch(model, compile=True, cuda_graph=graph, **options)
+        before = counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            got, logits, cache = _generate(model, ids, attention_mask=mask, pad_token_id=0)
+            assert torch.equal(got, want), graph
+            assert (logits - want_logits).abs().max().item() < 1e-4, graph
+        assert counters["stats"]["unique_graphs"] == before + 1, graph
+        assert (cache.decode_graphs[2].graph is not None) == graph

@@ -103,3 +103,28 @@ def test_value_error_model():
     assert auto.value_error(16, 32) == 0.0
     assert auto.value_error(2, 32) > auto.value_error(4, 32) > auto.value_error(8, 32) > 0
     assert auto.value_error(2, 128) > auto.value_error(2, 32)
+
+
+@pytest.mark.parametrize("fraction,context", [(0.6, 0), (0.7, 2048)])
+def test_exact_dense_layers_take_their_share_of_the_target(fraction, context):
+    """Two layers planned beside one exact float16 layer of Dk 64: the target is a fraction of
+    the three layers' dense fp16 K+V, of which the exact layer holds a third (2 * Dk * 2 bytes
+    per token): the planned ones get what is left, and less than without it."""
+    calib = calibration([0.95, 0.8, 0.9])
+    layers = [(1, 2, 32), (2, 2, 32)]
+    plans = auto.plan(calib, layers, fraction, context, exact=[(64, 2)])
+    per_seq = max(context, 1)
+    dense = 3 * 4 * 64 * per_seq
+    exact = 2 * 64 * 2 * per_seq
+    spent = sum(p.bytes for p in plans) + exact
+    assert spent <= fraction * dense
+    step = max(auto.layer_bytes(64, p.rank + (p.key_group if p.key_bits < 16 else 2),
+                                p.value_bits, p.value_group, context, key_bits=p.key_bits)
+               - p.bytes for p in plans)
+    assert spent > fraction * dense - 3 * step
+    alone = auto.plan(calib, layers, fraction, context)
+    assert sum(p.bytes for p in plans) < sum(p.bytes for p in alone)
+    # four exact layers beside the two: 4/6 of dense already
+    with pytest.raises(sals.InvalidArgumentError,
+                       match=r"kv_fraction: 0.6 is below .*the exact dense layers 0.6667\)"):
+        auto.plan(calib, layers, 0.6, context, exact=[(64, 2)] * 4)

@@ -233,6 +233,9 @@ class Runner:
                              "n_recent": c.n_recent, "budget_frac": c.budget_frac,
                              "budget_tokens": c.budget_tokens}
                     for i, c in state.configs.items()}
+                # dense layers patched with dense_kv=exact: exact keys and values, no settings
+                self.describe[s.name].update({str(i): {"dense": True, "dense_kv": "exact"}
+                                              for i in state.exact})
                 self.sals_hf.unpatch(model)
 
     def _patch(self, s: Setting):
@@ -370,7 +373,7 @@ class _OverlapHooks:
         self.configs = state.configs
         self.handles = []
         for layer in runner.full:
-            if state.configs[layer.index].dense:
+            if layer.index in state.exact or state.configs[layer.index].dense:
                 continue
             self.handles.append(layer.module.register_forward_pre_hook(
                 self._hook(layer.index), with_kwargs=True))

@@ -24,12 +24,12 @@ import types
 #: public name -> submodule defining it
 _EXPORTS = {
     "SUPPORTED": "_arch", "fingerprint": "_arch", "pre_rope": "_arch",
-    "CACHE_ARG": "cache", "SalsCache": "cache", "SalsLayer": "cache",
+    "CACHE_ARG": "cache", "ExactLayer": "cache", "SalsCache": "cache", "SalsLayer": "cache",
     "is_patched": "patch", "patch": "patch", "unpatch": "patch", "prefill": "prefill",
 }
 
-__all__ = ["CACHE_ARG", "SUPPORTED", "SalsCache", "SalsLayer", "fingerprint", "is_patched",
-           "patch", "pre_rope", "prefill", "unpatch"]
+__all__ = ["CACHE_ARG", "SUPPORTED", "ExactLayer", "SalsCache", "SalsLayer", "fingerprint",
+           "is_patched", "patch", "pre_rope", "prefill", "unpatch"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,9 @@ are outside the target), for a sequence of ``S = kv_context`` tokens:
    ``sum_l bytes_l <= kv_fraction * sum_l 4*Dk*S`` (dense fp16 K+V of the same layers).
    ``kv_context=0`` counts one token's bytes only, without the exact windows and the
    projection: the paper's accounting, in which SALS-12.5% holds 0.156 (plus 4 bytes of
-   position per token).
+   position per token). Dense layers patched with ``dense_kv="exact"`` are not planned: they
+   hold ``S * 2*Dk*m`` bytes of exact keys and values (``m`` the model dtype's size), which
+   count in both sums, so the SALS layers share what they leave of the target.
 2. **Error.** A layer's key error is the key energy its rank drops,
    ``1 - sum(eig[:r]) / sum(eig)`` (the calibration's eigenvalues: the relative squared error
    of rebuilt keys on the calibration text), plus, for quantised latent keys, the noise of
@@ -142,10 +144,13 @@ def _value_formats(head_dim: int) -> list[tuple[int, int]]:
 
 def plan(calibration: Calibration, layers, kv_fraction: float,
          kv_context: int = DEFAULT_CONTEXT, n_sink: int = 16, n_recent: int = 64,
-         dtype: str = "float16", quantised_keys: bool = True) -> list[LayerPlan]:
+         dtype: str = "float16", quantised_keys: bool = True, exact=()) -> list[LayerPlan]:
     """Per-layer settings for ``layers`` (``[(index, n_head_kv, head_dim)]``, the
-    full-attention layers) meeting ``kv_fraction`` of dense fp16 K+V at ``kv_context`` tokens
-    (module docstring); ``quantised_keys`` False keeps latent keys 16-bit."""
+    full-attention layers that keep a SALS cache) meeting ``kv_fraction`` of dense fp16 K+V at
+    ``kv_context`` tokens (module docstring); ``quantised_keys`` False keeps latent keys 16-bit.
+    ``exact``: ``[(dk, element size)]`` of the dense layers that keep exact keys and values
+    (``dense_kv="exact"``): part of the target's dense K+V, and ``2 * dk * element size`` bytes
+    per token of it spent before any SALS layer's."""
     kv_fraction = _args.real(kv_fraction, "kv_fraction")
     if not 0 < kv_fraction <= 1:
         raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
@@ -153,6 +158,7 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     elem = 4 if dtype == "float32" else 2
     window = int(n_sink) + int(n_recent)
     per_seq = max(1, kv_context)  # kv_context 0: bytes per token
+    fixed = sum(2 * dk * size * per_seq for dk, size in exact)
     base = []
     for index, n_head_kv, head_dim in layers:
         dk = n_head_kv * head_dim
@@ -168,8 +174,8 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
             cumulative.append(cumulative[-1] + x / total)
         base.append({"index": index, "dk": dk, "max_rank": cal.rank, "cum": cumulative,
                      "eig": eig, "formats": _value_formats(head_dim)})
-    dense = sum(4 * s["dk"] * per_seq for s in base)
-    budget = kv_fraction * dense
+    dense = sum(4 * s["dk"] * per_seq for s in base) + sum(4 * dk * per_seq for dk, _ in exact)
+    budget = kv_fraction * dense - fixed
 
     def greedy(quantised: bool):
         """(plans, predicted error), or (None, cheapest bytes) when even that does not fit."""
@@ -251,19 +257,23 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     feasible = [r for r in runs if r[0] is not None]
     if not feasible:
         cheapest = min(r[1] for r in runs)
+        exact_part = f"; the exact dense layers {fixed / dense:.4f}" if exact else ""
         raise InvalidArgumentError(
             f"kv_fraction: {kv_fraction:g} is below what this model can reach at "
-            f"{kv_context} tokens: {cheapest / dense:.4f} of dense fp16 K+V (the cheapest "
-            f"keys, 2-bit values, {window} exact tokens and the projection; "
+            f"{kv_context} tokens: {(cheapest + fixed) / dense:.4f} of dense fp16 K+V (the "
+            f"cheapest keys, 2-bit values, {window} exact tokens and the projection; "
             f"the exact windows alone cost "
-            f"{min(kv_context, window) * 2 * elem / (4 * per_seq):.4f})")
+            f"{min(kv_context, window) * 2 * elem / (4 * per_seq):.4f}{exact_part})")
     return min(feasible, key=lambda r: r[1])[0]
 
 
-def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> dict[int, dict]:
+def layer_overrides(info, calibration: Calibration | None, overrides: dict,
+                    exact=frozenset()) -> dict[int, dict]:
     """What ``patch(..., preset="auto")`` applies per layer: ``{layer: Config fields}``.
     Pops ``kv_fraction`` and ``kv_context`` from ``overrides`` (the other fields are the
-    caller's ``sals.Config`` overrides, shared by every layer)."""
+    caller's ``sals.Config`` overrides, shared by every layer). ``exact``: the indices of the
+    dense layers that keep exact keys and values in the model's dtype: not planned, but their
+    bytes count against the target."""
     if calibration is None:
         raise CalibrationError(
             "calibration: preset 'auto' chooses ranks from the calibration's eigenvalues; "
@@ -281,9 +291,12 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict) -> d
             f"{min(chosen)}: chosen per layer by preset 'auto'; drop it or use another "
             f"preset")
     full = [layer for layer in info.layers if not layer.sliding]
-    plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full],
+    plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full
+                               if layer.index not in exact],
                  fraction, context,
                  n_sink=_args.integer(overrides.get("n_sink", 16), "n_sink", 0),
                  n_recent=_args.integer(overrides.get("n_recent", 64), "n_recent", 0),
-                 dtype=overrides.get("dtype", "float16"))
+                 dtype=overrides.get("dtype", "float16"),
+                 exact=[(layer.dk, layer.module.q_proj.weight.element_size())
+                        for layer in full if layer.index in exact])
     return {p.index: p.overrides() for p in plans}

@@ -10,8 +10,12 @@ Per attention layer and forward call (hidden states of B sequences, T new tokens
   - on an empty cache (prefill) the model's own attention function runs on exact, rotated keys
     with the model's mask, then the chunk is appended to the SALS cache;
   - otherwise the chunk is appended and ``LayerCache.attend`` answers: a sparse SALS step for
-    one token on a sparse layer, dense attention over rebuilt keys for a chunk or a dense layer.
+    one token on a sparse layer, dense attention over rebuilt keys for a chunk or a dense layer
+    (with ``dense_kv="exact"``, a dense layer's ``ExactLayer`` attends over exact keys instead).
 Sliding-window layers (Gemma 3) run the original forward on an exact window cache.
+
+A decode step run by ``sals.hf.graphs`` (``cuda_graph`` or ``compile``) takes a shorter path:
+the step's host bookkeeping is done there, so the attention forward only stores and attends.
 """
 
 from __future__ import annotations
@@ -43,12 +47,17 @@ from .cache import SalsCache, SalsLayer, _unsupported
 
 _STATE_ATTR = "_sals_patch"
 
+#: what a dense layer keeps (patch's dense_kv): the compressed cache, attended over keys rebuilt
+#: for every token (the paper), or exact keys and values in the model's dtype
+DENSE_KV = ("compressed", "exact")
+
 
 @dataclasses.dataclass
 class PatchState:
     """What ``patch`` attached to a model: per-layer configs, ropes, projections and key scales
-    (None: unscaled; see ``sals.calibration``), used by every SalsCache made for it, and what
-    ``unpatch`` restores."""
+    (None: unscaled; see ``sals.calibration``) of the layers keeping a SALS cache, and the
+    softmax scale of the dense layers keeping exact keys and values (``exact``), used by every
+    SalsCache made for it; the decode-step options; and what ``unpatch`` restores."""
 
     info: _arch.ModelInfo
     configs: dict[int, Config]
@@ -58,6 +67,10 @@ class PatchState:
     max_tokens: int | None
     calibration: Calibration | None
     cuda_graph: bool = False
+    compile: bool = False
+    exact: dict[int, float] = dataclasses.field(default_factory=dict)
+    step_forward: object = None  # the decode step's forward (sals.hf.graphs), compiled or not
+    step: object = None          # the decode step running now (sals.hf.graphs.Step), or None
     saved: list = dataclasses.field(default_factory=list)  # (object, attribute, value or None)
 
 
@@ -68,8 +81,18 @@ def patch_state(model) -> PatchState:
     return state
 
 
+def _exact_scale(info: _arch.LayerInfo, overrides: dict, model_dtype: torch.dtype) -> float:
+    """The softmax scale of a dense layer keeping exact keys and values: the model's, or a
+    ``scale`` override read and checked as every layer's ``sals.Config`` reads it (0 meaning
+    ``1/sqrt(head_dim)``). Its other fields concern the SALS cache it does not keep, but are
+    checked alike, so that a patch whose every layer is exact refuses what another refuses."""
+    cfg = _layers.config(info, None, overrides, True, model_dtype, None)
+    return cfg.scale or info.head_dim ** -0.5
+
+
 def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
-          max_tokens: int | None = None, cuda_graph: bool = False, **config_overrides):
+          max_tokens: int | None = None, cuda_graph: bool = False, dense_kv: str = "compressed",
+          compile: bool = False, **config_overrides):
     """Make ``model`` keep its KV cache in SALS form. Returns ``model`` (patched in place).
 
     ``calibration``: a ``sals.Calibration`` or the path of one (``python -m sals calibrate``);
@@ -81,16 +104,28 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     rank, score rank and value bits that hold ``kv_fraction`` of dense fp16 K+V at
     ``kv_context`` tokens (default 4096), chosen from the calibration's eigenvalues by the rule
     in ``sals.hf.auto``.
-    ``dense_layers``: layer indices attended densely over the compressed cache; default the
-    paper's ``(0, 1, L-1)``.
+    ``dense_layers``: layer indices attended densely over every token; default the paper's
+    ``(0, 1, L-1)``.
+    ``dense_kv``: what a dense layer keeps. "compressed" (the default, the paper's): the SALS
+    cache of the other layers, every key rebuilt from the latent one at each step. "exact":
+    exact keys and values in static tensors of the model's dtype (``sals.hf.ExactLayer``),
+    attended with ``scaled_dot_product_attention``: no rebuild, and the unpatched model's
+    attention in those layers, for ``2 * Dk`` model-dtype elements per token and layer
+    (counted in ``SalsCache.memory()`` and in preset "auto"'s target).
     ``max_tokens``: token slots per sequence of the caches created automatically by a plain
     forward (``generate`` sizes its cache from the prompt and ``max_new_tokens``).
     ``cuda_graph``: run each decode step (one new token per sequence into a non-empty cache)
     of a CUDA model as one captured CUDA graph of the whole forward (``sals.hf.graphs``):
     ``generate`` and hand-written loops then pay no Python per layer. Models with
     sliding-window layers (Gemma 3) and CPU models are refused with UnsupportedError.
+    ``compile``: run each decode step's forward through ``torch.compile`` (inductor, one graph
+    with the ``torch.ops.sals`` operators inside, compiled at the first decode step and shared
+    by every cache of the patch; on CUDA with ``cuda_graph``, captured in the step's graph), so
+    norms, RoPE, activations and residual adds run as fused kernels. CPU or CUDA; models with
+    sliding-window layers, and a torch without a working inductor, are refused with
+    UnsupportedError.
     ``config_overrides``: any ``sals.Config`` field (``budget_frac``, ``value_bits``,
-    ``dtype``, ``n_sink``, ...), applied to every layer.
+    ``dtype``, ``n_sink``, ...), applied to every layer (``scale`` to exact layers too).
 
     Patching a patched model replaces the previous patch (which stays if the new options are
     refused). Unsupported architectures raise
@@ -103,7 +138,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         unpatch(model)
     try:
         state = _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_graph,
-                             config_overrides)
+                             dense_kv, compile, config_overrides)
     except BaseException:
         if previous is not None:
             for obj, name, value in installed:
@@ -120,8 +155,8 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     return model
 
 
-def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_graph,
-                 config_overrides: dict) -> PatchState:
+def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_graph, dense_kv,
+                 compile, config_overrides: dict) -> PatchState:
     """patch's options checked and turned into each layer's settings; changes nothing."""
     info = _arch.describe(model)
     n_layers = len(info.layers)
@@ -137,6 +172,10 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
     cuda_graph = _args.boolean(cuda_graph, "cuda_graph")
     if cuda_graph:
         graphs.check_model(info)
+    dense_kv = _args.choice(dense_kv, "dense_kv", DENSE_KV)
+    compile = _args.boolean(compile, "compile")
+    if compile:
+        graphs.check_compile(info)
     max_tokens = _args.optional_integer(max_tokens, "max_tokens", 1)
     for bad_key in ("max_batch", "n_head_q", "n_head_kv", "head_dim"):
         if bad_key in config_overrides:
@@ -155,12 +194,19 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
         raise InvalidArgumentError(
             f"preset: unknown preset {preset!r}; expected one of {(*PRESETS, 'auto', None)}")
     calib = _layers.load_calibration(calibration, _arch.fingerprint(model, info))
+    exact = {}
+    if dense_kv == "exact":
+        overrides = {k: v for k, v in config_overrides.items()
+                     if k not in ("kv_fraction", "kv_context")}
+        exact = {layer.index: _exact_scale(layer, overrides, layer.module.q_proj.weight.dtype)
+                 for layer in info.layers if layer.index in dense_layers and not layer.sliding}
     per_layer = {}
     if preset == "auto":  # per-layer rank, score rank and value bits for a memory target
         from . import auto
 
         config_overrides = dict(config_overrides)
-        per_layer, preset = auto.layer_overrides(info, calib, config_overrides), None
+        per_layer = auto.layer_overrides(info, calib, config_overrides, frozenset(exact))
+        preset = None
     elif "kv_fraction" in config_overrides or "kv_context" in config_overrides:
         raise InvalidArgumentError("kv_fraction, kv_context: only for preset='auto'")
     configs, ropes, projections, scales = {}, {}, {}, {}
@@ -168,11 +214,16 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
         if layer.sliding:
             continue
         i = layer.index
+        ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
+        if i in exact:
+            continue
         configs[i], projections[i], scales[i] = _layers.layer_config(
             layer, preset, {**config_overrides, **per_layer.get(i, {})}, i in dense_layers,
             layer.module.q_proj.weight.dtype, calib)
-        ropes[i] = Rope(layer.inv_freq, attention_scaling=layer.attention_scaling)
-    return PatchState(info, configs, ropes, projections, scales, max_tokens, calib, cuda_graph)
+    state = PatchState(info, configs, ropes, projections, scales, max_tokens, calib, cuda_graph,
+                       compile, exact)
+    state.step_forward = graphs.step_forward(model.forward, compile)
+    return state
 
 
 def _replace(state: PatchState, obj, name: str, value) -> None:
@@ -274,6 +325,17 @@ def _attention_forward(state: PatchState, info: _arch.LayerInfo):
     cache_arg = state.info.cache_arg
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        step = state.step
+        if step is not None:
+            # a decode step of sals.hf.graphs, compiled or captured: it checked the cache and
+            # the rows, advances them and passes padding at position -1; only store and attend
+            layer: SalsLayer = step.cache.layers[info.index]
+            batch = hidden_states.shape[0]
+            q, k, v = _arch.pre_rope(self, hidden_states)
+            positions = _positions(kwargs["position_ids"], None, 0, batch, 1, q.device)
+            layer.store(k, v, positions, step.slot)
+            out = layer.attend(q, positions)
+            return self.o_proj(out.reshape(batch, 1, -1)), None
         cache = _take_cache(kwargs, cache_arg)
         if cache is not None:
             _check_cache(cache, state)
@@ -322,10 +384,11 @@ def _model_forward(model, state: PatchState):
         cache = given.get(cache_arg)
         if cache_arg not in given:  # transformers uses the old name's cache only then
             cache = next((extra[name] for name in old_names if extra.get(name) is not None), None)
-        # before handing an old name to transformers: a decode step is captured (or refused
-        # for what a graph cannot serve) whatever name its cache came under
-        if state.cuda_graph and graphs.is_decode_step(cache, given):
-            return graphs.decode_step(original, state, cache, given)
+        # before handing an old name to transformers: a decode step is compiled or captured
+        # (or refused for what it cannot serve) whatever name its cache came under
+        if (state.cuda_graph or state.compile) and graphs.is_decode_step(cache, given):
+            _check_cache(cache, state)
+            return graphs.decode_step(state, cache, given)
         if any(extra.get(name) is not None for name in _arch.CACHE_ARGS if name != cache_arg):
             return original(*args, **kwargs)  # transformers maps the old name itself
         use_cache = given.get("use_cache")
