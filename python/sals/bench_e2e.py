@@ -259,7 +259,7 @@ def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens, per layer (exact K/V in the model's
     dtype for the dense layers patched with ``dense_kv="exact"``)."""
-    from .hf.patch import patch_state
+    from .hf.state import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not setting.startswith("sals"):

@@ -203,7 +203,7 @@ class Runner:
         import sals.hf
 
         from ..hf import _arch
-        from ..hf.patch import patch_state
+        from ..hf.state import patch_state
 
         self.sals_hf = sals.hf
         self.patch_state = patch_state

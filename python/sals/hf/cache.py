@@ -27,6 +27,7 @@ from .. import (
     torch_ops,
 )
 from . import _arch
+from .state import patch_state
 
 #: the name this transformers gives the KV cache in model forwards and outputs:
 #: "past_key_values" in 5.17, "cache" in 5.24, which warns that the old name goes in 5.40.
@@ -384,8 +385,6 @@ class SalsCache(Cache):
     """
 
     def __init__(self, model, max_batch: int = 1, max_tokens: int | None = None):
-        from .patch import patch_state  # patch imports this module
-
         state = patch_state(model)
         if max_tokens is None:
             max_tokens = state.max_tokens

@@ -26,13 +26,11 @@ import inspect
 import types
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import (
-    Calibration,
     Config,
     InvalidArgumentError,
     Rope,
@@ -44,41 +42,11 @@ from .. import (
 from ..config import PRESETS
 from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
-
-_STATE_ATTR = "_sals_patch"
+from .state import STATE_ATTR, PatchState, patch_state
 
 #: what a dense layer keeps (patch's dense_kv): the compressed cache, attended over keys rebuilt
 #: for every token (the paper), or exact keys and values in the model's dtype
 DENSE_KV = ("compressed", "exact")
-
-
-@dataclasses.dataclass
-class PatchState:
-    """What ``patch`` attached to a model: per-layer configs, ropes, projections and key scales
-    (None: unscaled; see ``sals.calibration``) of the layers keeping a SALS cache, and the
-    softmax scale of the dense layers keeping exact keys and values (``exact``), used by every
-    SalsCache made for it; the decode-step options; and what ``unpatch`` restores."""
-
-    info: _arch.ModelInfo
-    configs: dict[int, Config]
-    ropes: dict[int, Rope]
-    projections: dict[int, np.ndarray]
-    key_scales: dict[int, np.ndarray | None]
-    max_tokens: int | None
-    calibration: Calibration | None
-    cuda_graph: bool = False
-    compile: bool = False
-    exact: dict[int, float] = dataclasses.field(default_factory=dict)
-    step_forward: object = None  # the decode step's forward (sals.hf.graphs), compiled or not
-    step: object = None          # the decode step running now (sals.hf.graphs.Step), or None
-    saved: list = dataclasses.field(default_factory=list)  # (object, attribute, value or None)
-
-
-def patch_state(model) -> PatchState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise InvalidArgumentError("model: not patched; call sals.hf.patch(model) first")
-    return state
 
 
 def _exact_scale(info: _arch.LayerInfo, overrides: dict, model_dtype: torch.dtype) -> float:
@@ -131,7 +99,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     refused). Unsupported architectures raise
     ``sals.UnsupportedError`` naming the supported ones.
     """
-    previous = getattr(model, _STATE_ATTR, None)
+    previous = getattr(model, STATE_ATTR, None)
     if previous is not None:
         # what the previous patch installed, put back if the new options are refused
         installed = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in previous.saved]
@@ -143,7 +111,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
         if previous is not None:
             for obj, name, value in installed:
                 object.__setattr__(obj, name, value)
-            object.__setattr__(model, _STATE_ATTR, previous)
+            object.__setattr__(model, STATE_ATTR, previous)
         raise
     for layer in state.info.layers:
         _replace(state, layer.module, "forward",
@@ -151,7 +119,7 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     _replace(state, model, "forward", _model_forward(model, state))
     if hasattr(model, "_prepare_cache_for_generation"):
         _replace(state, model, "_prepare_cache_for_generation", _prepare_cache(model, state))
-    object.__setattr__(model, _STATE_ATTR, state)
+    object.__setattr__(model, STATE_ATTR, state)
     return model
 
 
@@ -242,12 +210,12 @@ def unpatch(model):
             obj.__dict__.pop(name, None)
         else:
             object.__setattr__(obj, name, old)
-    model.__dict__.pop(_STATE_ATTR, None)
+    model.__dict__.pop(STATE_ATTR, None)
     return model
 
 
 def is_patched(model) -> bool:
-    return getattr(model, _STATE_ATTR, None) is not None
+    return getattr(model, STATE_ATTR, None) is not None
 
 
 def _padding(mask, past: int, batch: int, length: int) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from .. import CapacityError, InvalidArgumentError, _args
 from .cache import SalsCache, SalsLayer
-from .patch import patch_state
+from .state import patch_state
 
 
 def prefill(model, cache: SalsCache, input_ids: torch.Tensor, attention_mask=None,
