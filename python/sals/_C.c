@@ -535,30 +535,40 @@ static int cache_call_begin(CacheObject* self, call_t* c, PyObject* stream_arg, 
   } while (0)
 
 /* Cache(config: dict, rope: tuple, projection, stream=None) */
-static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
+/* The object made by sals_cache_create or sals_paged_create (`paged`) from __init__'s arguments
+ * (config: dict, rope: tuple, projection, stream=None), the projection imported for the call and
+ * the GIL released while it runs; NULL with the exception set. */
+static void* create_from_args(PyObject* args, PyObject* kwargs, int paged) {
   static char* kwlist[] = {"config", "rope", "projection", "stream", NULL};
   PyObject *cfg_obj, *rope_obj, *proj_obj, *stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj,
                                    &proj_obj, &stream_obj))
-    return -1;
+    return NULL;
+  sals_config_t cfg;
+  sals_rope_t rope;
+  if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return NULL;
+  call_t c;
+  DLTensor* proj;
+  const arg_t in[] = {{proj_obj, "projection", 0, &proj}};
+  if (call_begin(&c, stream_obj, in, 1) < 0) return NULL;
+  sals_cache_t* cache = NULL;
+  sals_paged_t* pg = NULL;
+  sals_status_t st;
+  Py_BEGIN_ALLOW_THREADS
+  st = paged ? sals_paged_create(&cfg, &rope, proj, &pg) : sals_cache_create(&cfg, &rope, proj, &cache);
+  Py_END_ALLOW_THREADS
+  if (call_end(&c, st) < 0) return NULL;
+  return paged ? (void*)pg : (void*)cache;
+}
+
+static int Cache_init(CacheObject* self, PyObject* args, PyObject* kwargs) {
   if (self->active != NULL) {
     raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: __init__() called while %s() is using it",
                self->active);
     return -1;
   }
-  sals_config_t cfg;
-  sals_rope_t rope;
-  if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return -1;
-  call_t c;
-  DLTensor* proj;
-  const arg_t in[] = {{proj_obj, "projection", 0, &proj}};
-  if (call_begin(&c, stream_obj, in, 1) < 0) return -1;
-  sals_cache_t* cache = NULL;
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_cache_create(&cfg, &rope, proj, &cache);
-  Py_END_ALLOW_THREADS
-  if (call_end(&c, st) < 0) return -1;
+  sals_cache_t* cache = create_from_args(args, kwargs, 0);
+  if (cache == NULL) return -1;
   if (self->active != NULL) { /* another thread entered while the projection was imported */
     sals_cache_destroy(cache);
     raise_sals(SALS_ERR_INVALID_ARGUMENT, "cache: __init__() called while %s() is using it",
@@ -799,29 +809,13 @@ typedef struct {
 
 /* Paged(config: dict, rope: tuple, projection, stream=None) */
 static int Paged_init(PagedObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"config", "rope", "projection", "stream", NULL};
-  PyObject *cfg_obj, *rope_obj, *proj_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj,
-                                   &proj_obj, &stream_obj))
-    return -1;
   if (self->paged != NULL) {
     /* Other threads may be inside calls of the settings this would free. */
     raise_sals(SALS_ERR_INVALID_ARGUMENT, "paged: __init__() called twice");
     return -1;
   }
-  sals_config_t cfg;
-  sals_rope_t rope;
-  if (parse_config(cfg_obj, &cfg) < 0 || parse_rope(rope_obj, &rope) < 0) return -1;
-  call_t c;
-  DLTensor* proj;
-  const arg_t in[] = {{proj_obj, "projection", 0, &proj}};
-  if (call_begin(&c, stream_obj, in, 1) < 0) return -1;
-  sals_paged_t* paged = NULL;
-  sals_status_t st;
-  Py_BEGIN_ALLOW_THREADS
-  st = sals_paged_create(&cfg, &rope, proj, &paged);
-  Py_END_ALLOW_THREADS
-  if (call_end(&c, st) < 0) return -1;
+  sals_paged_t* paged = create_from_args(args, kwargs, 1);
+  if (paged == NULL) return -1;
   if (self->paged != NULL) { /* another thread initialised it while the projection was read */
     sals_paged_destroy(paged);
     raise_sals(SALS_ERR_INVALID_ARGUMENT, "paged: __init__() called twice");
