@@ -541,9 +541,10 @@ static sals_status_t same_dims(const sals_view_t* b, const char* bn, const sals_
 }
 
 /*
- * The token tensors of append (k, v, pos) and attend (q, out, q_pos) of sequences first..:
+ * The token tensors of append (k, v, positions) and attend (q, out, positions) of sequences
+ * first..:
  * x [B, T, n_heads, head_dim] float with first + B <= max_batch, `like` of x's shape (any float
- * dtype), pos [B, T] int32.
+ * dtype), positions [B, T] int32.
  */
 static sals_status_t token_views(const sals_cache_t* c, int64_t first, const DLTensor* x,
                                  const char* xn, int32_t n_heads, const char* heads_what,
@@ -563,11 +564,11 @@ static sals_status_t token_views(const sals_cache_t* c, int64_t first, const DLT
 }
 
 static sals_status_t cache_append(sals_cache_t* cache, int64_t first, const DLTensor* k,
-                                  const DLTensor* v, const DLTensor* pos, void* stream) {
+                                  const DLTensor* v, const DLTensor* positions, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
-  TRY(token_views(cache, first, k, "k", g->n_head_kv, "n_head_kv", v, "v", pos, "pos", &kv, &vv,
-                  &pv));
+  TRY(token_views(cache, first, k, "k", g->n_head_kv, "n_head_kv", v, "v", positions, "positions",
+                  &kv, &vv, &pv));
   const int64_t B = kv.shape[0], T = kv.shape[1];
   sals_cache_t r = from_sequence(cache, first);
   for (int64_t b = 0; b < B; ++b)
@@ -584,43 +585,43 @@ static sals_status_t cache_append(sals_cache_t* cache, int64_t first, const DLTe
 }
 
 sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
-                                const DLTensor* pos, void* stream) {
+                                const DLTensor* positions, void* stream) {
   TRY(enter(cache, "sals_cache_append"));
-  return leave(cache, cache_append(cache, 0, k, v, pos, stream));
+  return leave(cache, cache_append(cache, 0, k, v, positions, stream));
 }
 
 sals_status_t sals_cache_append_range(sals_cache_t* cache, int64_t first, const DLTensor* k,
-                                      const DLTensor* v, const DLTensor* pos, void* stream) {
+                                      const DLTensor* v, const DLTensor* positions, void* stream) {
   TRY(enter(cache, "sals_cache_append_range"));
-  return leave(cache, cache_append(cache, first, k, v, pos, stream));
+  return leave(cache, cache_append(cache, first, k, v, positions, stream));
 }
 
 static sals_status_t cache_attend(sals_cache_t* cache, int64_t first, const DLTensor* q,
-                                  const DLTensor* q_pos, DLTensor* out, void* stream) {
+                                  const DLTensor* positions, DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
-  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", q_pos, "q_pos", &qv,
-                  &ov, &pv));
+  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", positions,
+                  "positions", &qv, &ov, &pv));
   TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
   if (sals_views_overlap(&ov, &pv))
-    return sals_set_error(INVALID, "out: overlaps q_pos (out may not alias an input)");
+    return sals_set_error(INVALID, "out: overlaps positions (out may not alias an input)");
   if (sals_view_numel(&qv) == 0) return SALS_OK;
   sals_cache_t r = from_sequence(cache, first);
   return SALS_DISPATCH(g->device, cache_attend, &r, &qv, &pv, &ov, stream);
 }
 
-sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* q_pos,
+sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* positions,
                                 DLTensor* out, void* stream) {
   TRY(enter(cache, "sals_cache_attend"));
-  return leave(cache, cache_attend(cache, 0, q, q_pos, out, stream));
+  return leave(cache, cache_attend(cache, 0, q, positions, out, stream));
 }
 
 sals_status_t sals_cache_attend_range(sals_cache_t* cache, int64_t first, const DLTensor* q,
-                                      const DLTensor* q_pos, DLTensor* out, void* stream) {
+                                      const DLTensor* positions, DLTensor* out, void* stream) {
   TRY(enter(cache, "sals_cache_attend_range"));
-  return leave(cache, cache_attend(cache, first, q, q_pos, out, stream));
+  return leave(cache, cache_attend(cache, first, q, positions, out, stream));
 }
 
 static sals_status_t cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {

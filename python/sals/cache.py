@@ -9,11 +9,8 @@ import numpy as np
 from . import _C, _args
 from . import _tensors as _t
 from .config import Config, Rope
-from .errors import InvalidArgumentError, SalsError, UnsupportedError
+from .errors import InvalidArgumentError, UnsupportedError
 
-# The library's names for arguments that the Python methods name otherwise.
-_APPEND_NAMES = {"pos": "positions"}
-_ATTEND_NAMES = {"q_pos": "positions"}
 
 def _parse_device(device) -> tuple[int, int]:
     """"cpu", "cuda", "cuda:N" or a torch.device -> DLPack (device_type, device_id)."""
@@ -90,11 +87,8 @@ class LayerCache:
         vt = _t.tensor(v, "v")
         pt = _t.index(positions, "positions", kt)
         stream = _stream(stream)
-        try:
-            self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt),
-                           first=first)
-        except SalsError as e:
-            raise _t.renamed(e, _APPEND_NAMES) from None
+        self._c.append(kt.obj, vt.obj, pt.obj, stream if stream is not None else _t.stream(kt),
+                       first=first)
 
     def attend(self, q, positions, out=None, stream=None, *, first: int = 0):
         """Attention of ``q`` over everything the cache holds (append the step's keys first),
@@ -117,11 +111,8 @@ class LayerCache:
                 raise InvalidArgumentError(f"q: expected 4 dims [B, T, n_head_q, head_dim], "
                                            f"got {len(qt.shape)}")
             out = _t.empty(qt, qt.shape, qt.dtype)
-        try:
-            self._c.attend(qt.obj, pt.obj, _t.output(out, "out").obj,
-                           stream if stream is not None else _t.stream(qt), first=first)
-        except SalsError as e:
-            raise _t.renamed(e, _ATTEND_NAMES) from None
+        self._c.attend(qt.obj, pt.obj, _t.output(out, "out").obj,
+                       stream if stream is not None else _t.stream(qt), first=first)
         self._last_rows = (first, int(qt.shape[0]))
         return out
 

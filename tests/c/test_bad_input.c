@@ -65,7 +65,7 @@ static void test_alignment_and_spans(void) {
   tset(&tk, k, F32, 4, 1, 2, 2, 8);
   tset(&tp, pos, I32, 2, 1, 2, 0, 0);
   tp.t.byte_offset = 2;
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL), INV, "pos: data + byte_offset");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL), INV, "positions: data + byte_offset");
   tp.t.byte_offset = 4;
   CHECK_OK(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL));
   sals_cache_destroy(cache);
@@ -227,12 +227,12 @@ static void test_outputs_need_distinct_elements(void) {
   tset(&to, o, F32, 4, 2, 1, 4, 8);
   tstride(&to, 0, 32, 8, 1);
   CHECK_ERR(sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL), INV, "out: elements overlap");
-  /* out over the memory of q_pos (C used to compare out with q only). */
+  /* out over the memory of positions (C used to compare out with q only). */
   int32_t shared[2 * 32 + 8];
   tset(&tqp, shared, I32, 2, 2, 1, 0, 0);
   shared[0] = shared[1] = 2;
   tset(&to, shared, F32, 4, 2, 1, 4, 8);
-  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL), INV, "out: overlaps q_pos");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tqp.t, &to.t, NULL), INV, "out: overlaps positions");
   int32_t lens[2];
   tensor_t tl;
   tset(&tl, lens, I32, 1, 2, 0, 0, 0);

@@ -382,9 +382,9 @@ int main(void) {
   CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "v: dim 1 is 2, expected 3");
   tset(&tv, v, F32, 4, 2, 3, 2, 8);
   tset(&tp, pos, F32, 2, 2, 3, 0, 0);
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "pos: dtype float32 not supported (int32)");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "positions: dtype float32 not supported (int32)");
   tset(&tp, pos, I32, 2, 2, 4, 0, 0);
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "pos: dim 1 is 4, expected 3");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "positions: dim 1 is 4, expected 3");
   tset(&tp, pos, I32, 2, 2, 3, 0, 0);
   tstride(&tp, 8, 1, 0, 0);
   k[3] = NAN;

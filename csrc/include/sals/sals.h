@@ -262,18 +262,18 @@ SALS_API sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_con
 /**
  * Append a chunk of tokens (a prefill chunk, or one decode token: T = 1) to sequences 0..B-1.
  * k, v: [B, T, n_head_kv, head_dim] pre-RoPE keys and values (after any k_norm).
- * pos:  [B, T] int32 positions; a slot with pos < 0 is padding and is skipped, so each
+ * positions: [B, T] int32; a slot at a position < 0 is padding and is skipped, so each
  *       sequence grows by its count of non-negative positions (ragged batches).
- * Capacity is reserved conservatively and checked on the host without reading pos: each call
+ * Capacity is reserved conservatively and checked on the host without reading positions: each call
  * reserves T slots for each sequence it appends to, kept per sequence until that sequence is
  * reset, and fails with SALS_ERR_CAPACITY (changing nothing) if that would pass max_tokens, or
  * if B > max_batch. sals_cache_append_range with first = 0.
  */
 SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
-                                         const DLTensor* pos, void* stream);
+                                         const DLTensor* positions, void* stream);
 
 /**
- * sals_cache_append to sequences first..first+B-1: row b of k, v and pos goes to sequence
+ * sals_cache_append to sequences first..first+B-1: row b of k, v and positions goes to sequence
  * first + b; no other sequence is read or changed. Sequences may so be filled one (or a few)
  * at a time, each in chunks of tokens, in any order, each reserving only its own slots, and end
  * as after appending the whole batch at once: byte for byte on the CPU; on CUDA the values and
@@ -285,30 +285,31 @@ SALS_API sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k,
  */
 SALS_API sals_status_t sals_cache_append_range(sals_cache_t* cache, int64_t first,
                                                const DLTensor* k, const DLTensor* v,
-                                               const DLTensor* pos, void* stream);
+                                               const DLTensor* positions, void* stream);
 
 /**
  * Attention of new queries over everything the cache holds (append the step's own key first).
- * q:     [B, T, n_head_q, head_dim] pre-RoPE queries (after any q_norm), rotated here at q_pos.
- * q_pos: [B, T] int32; a query row with q_pos < 0 is padding and its output row is 0.
- * out:   [B, T, n_head_q, head_dim], any float dtype; may not overlap q or q_pos.
+ * q:         [B, T, n_head_q, head_dim] pre-RoPE queries (after any q_norm), rotated here at
+ *            their positions.
+ * positions: [B, T] int32; a query row at a position < 0 is padding and its output row is 0.
+ * out:       [B, T, n_head_q, head_dim], any float dtype; may not overlap q or positions.
  * A key is visible to a query when its position is <= the query's position (causal).
  * With T == 1 and config.dense == 0 the step is sparse: sinks, recent window and the selected
  * candidates. Otherwise (T > 1 or dense) every visible token is attended, with rebuilt keys and
  * dequantised values outside the exact windows. sals_cache_attend_range with first = 0.
  */
 SALS_API sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q,
-                                         const DLTensor* q_pos, DLTensor* out, void* stream);
+                                         const DLTensor* positions, DLTensor* out, void* stream);
 
 /**
- * sals_cache_attend of sequences first..first+B-1: row b of q, q_pos and out belongs to
+ * sals_cache_attend of sequences first..first+B-1: row b of q, positions and out belongs to
  * sequence first + b. A sequence gets the selection a whole-batch attend makes for it and its
  * output up to float32 rounding (how a step's work is split depends on B); the selections of
  * the other sequences are kept (sals_cache_selected). Errors on `first` as in
  * sals_cache_append_range.
  */
 SALS_API sals_status_t sals_cache_attend_range(sals_cache_t* cache, int64_t first,
-                                               const DLTensor* q, const DLTensor* q_pos,
+                                               const DLTensor* q, const DLTensor* positions,
                                                DLTensor* out, void* stream);
 
 /**
