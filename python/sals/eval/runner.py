@@ -131,19 +131,14 @@ class Prefill:
 
 def prefill(model, info, ids: torch.Tensor) -> Prefill:
     """Dense prefill of ``ids`` keeping the pre-RoPE keys and values of every full layer."""
-    from ..hf import CACHE_ARG
+    from ..hf import CACHE_ARG, pre_rope
 
     keys, values = {}, {}
 
     def hook(index):
         def pre_hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            shape = (*hidden.shape[:-1], -1, module.head_dim)
-            k = module.k_proj(hidden).view(shape)
-            if hasattr(module, "k_norm"):
-                k = module.k_norm(k)
-            keys[index] = k
-            values[index] = module.v_proj(hidden).view(shape)
+            _, keys[index], values[index] = pre_rope(module, hidden, with_query=False)
         return pre_hook
 
     handles = [layer.module.register_forward_pre_hook(hook(layer.index), with_kwargs=True)
@@ -379,11 +374,11 @@ class _OverlapHooks:
                 self._hook(layer.index), with_kwargs=True))
 
     def _hook(self, index):
-        from ..hf import _arch
+        from ..hf import pre_rope
 
         def pre_hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            q, k, _ = _arch.pre_rope(module, hidden)
+            q, k, _ = pre_rope(module, hidden, with_value=False)
             cos, sin = kwargs["position_embeddings"]
             qr, kr = self.runner.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             self.queries[index] = (qr.detach(), kr.detach(), float(module.scaling))

@@ -239,22 +239,25 @@ def modeling_function(module, name: str):
     return getattr(sys.modules[type(module).__module__], name)
 
 
-def pre_rope(module, hidden_states: torch.Tensor, with_query: bool = True):
+def pre_rope(module, hidden_states: torch.Tensor, with_query: bool = True,
+             with_value: bool = True):
     """Pre-RoPE ``(q, k, v)`` of an attention module, each ``[B, T, H, head_dim]``.
 
     q and k are after q_norm/k_norm where the model has them (an RMSNorm over the last dim, so the
-    layout does not matter). With ``with_query`` False, q and v are None (calibration).
+    layout does not matter). q is None without ``with_query`` (calibration without queries, the
+    eval's prefill), v None without ``with_value`` (calibration).
     """
     shape = (*hidden_states.shape[:-1], -1, module.head_dim)
     k = module.k_proj(hidden_states).view(shape)
     if hasattr(module, "k_norm"):
         k = module.k_norm(k)
-    if not with_query:
-        return None, k, None
-    q = module.q_proj(hidden_states).view(shape)
-    if hasattr(module, "q_norm"):
-        q = module.q_norm(q)
-    v = module.v_proj(hidden_states).view(shape)
+    q = v = None
+    if with_query:
+        q = module.q_proj(hidden_states).view(shape)
+        if hasattr(module, "q_norm"):
+            q = module.q_norm(q)
+    if with_value:
+        v = module.v_proj(hidden_states).view(shape)
     return q, k, v
 
 

@@ -79,7 +79,7 @@ def collect_keys(model, chunks, calibrator: Calibrator, progress: bool = True,
     def hook(layer: _arch.LayerInfo):
         def pre_hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            q, k, _ = _arch.pre_rope(module, hidden, with_query=queries)
+            q, k, _ = _arch.pre_rope(module, hidden, with_query=queries, with_value=False)
             energy = None if q is None else query_energy(q, layer.n_head_kv,
                                                          2 * layer.inv_freq.numel())
             calibrator.update(layer.index, k.reshape(-1, layer.dk), energy)
