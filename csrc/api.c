@@ -8,10 +8,10 @@
 
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 
-#define TRY(expr)                    \
-  do {                               \
-    sals_status_t st_ = (expr);      \
-    if (st_ != SALS_OK) return st_;  \
+#define TRY(expr)                   \
+  do {                              \
+    sals_status_t st_ = (expr);     \
+    if (st_ != SALS_OK) return st_; \
   } while (0)
 
 /* Length of sequence b: lengths[b] from host-readable lengths, S when there are none. */
@@ -35,8 +35,8 @@ sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* ou
   sals_view_t xv, pv, ov;
   DLDevice dev;
   const sals_arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0, 0},
-                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
-                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
+                          {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
+                          {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(sals_arg_views(a, 3, &dev));
   TRY(sals_dim_eq(&pv, "proj", 0, &xv, "x", 1));
   TRY(sals_dim_eq(&ov, "out", 0, &xv, "x", 0));
@@ -55,8 +55,8 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
   sals_view_t xv, pv, ov;
   DLDevice dev;
   const sals_arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0, 0},
-                     {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0, 0},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
+                          {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0, 0},
+                          {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(sals_arg_views(a, 3, &dev));
   TRY(sals_dim_eq(&pv, "pos", 0, &xv, "x", 0));
   for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &xv, "x", i));
@@ -92,17 +92,19 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
   sals_view_t qv, kv, lv, iv;
   DLDevice dev;
   const sals_arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
-                     {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
-                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
-                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
+                          {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+                          {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
+                          {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
   TRY(sals_arg_views(a, 4, &dev));
   TRY(sals_dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
   if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
   const int64_t S = kv.shape[1];
   const int64_t rmax = qv.shape[2] < kv.shape[2] ? qv.shape[2] : kv.shape[2];
   if (score_rank < 1 || score_rank > rmax)
-    return sals_set_error(INVALID, "score_rank: %d not in 1..%lld (min of q_lat.shape[2], "
-                          "k_lat.shape[2])", (int)score_rank, (long long)rmax);
+    return sals_set_error(INVALID,
+                          "score_rank: %d not in 1..%lld (min of q_lat.shape[2], "
+                          "k_lat.shape[2])",
+                          (int)score_rank, (long long)rmax);
   if (n_sink < 0) return sals_set_error(INVALID, "n_sink: %d must be >= 0", (int)n_sink);
   if (n_recent < 0) return sals_set_error(INVALID, "n_recent: %d must be >= 0", (int)n_recent);
   const int64_t cand = S - n_sink - n_recent;
@@ -128,15 +130,16 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
   sals_view_t kv, pv, posv, ov;
   DLDevice dev;
   const sals_arg_t a[] = {{k_lat, "k_lat", 2, SALS_ACCEPT_FLOAT, &kv, 0, 0},
-                     {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
-                     {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0, 0},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
+                          {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
+                          {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0, 0},
+                          {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(sals_arg_views(a, 4, &dev));
   TRY(sals_dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
   TRY(sals_dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
   TRY(sals_dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
   if (pv.shape[0] != ov.shape[1] * ov.shape[2])
-    return sals_set_error(INVALID, "proj: dim 0 is %lld, expected %lld (out.shape[1] * out.shape[2])",
+    return sals_set_error(INVALID,
+                          "proj: dim 0 is %lld, expected %lld (out.shape[1] * out.shape[2])",
                           (long long)pv.shape[0], (long long)(ov.shape[1] * ov.shape[2]));
   TRY(sals_check_rope(rope, ov.shape[2]));
   TRY(sals_arg_apart(a, 3));
@@ -186,13 +189,16 @@ static sals_status_t check_attended(const sals_view_t* qv, const sals_view_t* kv
       for (int64_t n = 0; n < iv->shape[2] && st == SALS_OK; ++n) {
         const int32_t t = ((const int32_t*)iv->data)[b * iv->stride[0] + h * iv->stride[1] + n];
         if (t < -1 || t >= len) {
-          st = sals_set_error(INVALID, "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
-                              "(or -1)", (long long)b, (long long)h, (long long)n, (int)t,
-                              (long long)len - 1);
+          st = sals_set_error(INVALID,
+                              "idx[%lld, %lld, %lld]: %d not a token of 0..%lld "
+                              "(or -1)",
+                              (long long)b, (long long)h, (long long)n, (int)t, (long long)len - 1);
         } else if (t >= 0 && seen && seen[t] == b * iv->shape[1] + h) {
-          st = sals_set_error(INVALID, "idx[%lld, %lld, %lld]: token %d appears twice in "
-                              "idx[%lld, %lld] (each token may be attended once)", (long long)b,
-                              (long long)h, (long long)n, (int)t, (long long)b, (long long)h);
+          st = sals_set_error(INVALID,
+                              "idx[%lld, %lld, %lld]: token %d appears twice in "
+                              "idx[%lld, %lld] (each token may be attended once)",
+                              (long long)b, (long long)h, (long long)n, (int)t, (long long)b,
+                              (long long)h);
         } else if (t >= 0) {
           if (seen) seen[t] = b * iv->shape[1] + h;
           st = finite_token(kv, vv, b, t, shared ? 0 : h, shared ? Hkv : h + 1);
@@ -209,11 +215,11 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
   sals_view_t qv, kv, vv, iv, lv, ov;
   DLDevice dev;
   const sals_arg_t a[] = {{q, "q", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
-                     {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0, 0},
-                     {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0, 0},
-                     {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1, 0},
-                     {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
-                     {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
+                          {k, "k", 4, SALS_ACCEPT_FLOAT, &kv, 0, 0},
+                          {v, "v", 4, SALS_ACCEPT_FLOAT, &vv, 0, 0},
+                          {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1, 0},
+                          {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
+                          {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(sals_arg_views(a, 6, &dev));
   TRY(sals_dim_eq(&kv, "k", 0, &qv, "q", 0));
   TRY(sals_dim_eq(&kv, "k", 3, &qv, "q", 2));
@@ -238,8 +244,8 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
     TRY(check_attended(&qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   const float s = scale > 0.0f ? scale : 1.0f / sqrtf((float)qv.shape[2]);
-  return SALS_DISPATCH(dev, sparse_attention, &qv, &kv, &vv, idx ? &iv : NULL,
-                       lengths ? &lv : NULL, s, &ov, stream);
+  return SALS_DISPATCH(dev, sparse_attention, &qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL,
+                       s, &ov, stream);
 }
 
 static sals_status_t check_quant(int32_t bits, int32_t group, int64_t D, const char* vn) {
@@ -276,28 +282,29 @@ static sals_status_t quantizable(const sals_view_t* vv, int32_t bits, int32_t gr
   if (!row) return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (v check)");
   sals_status_t st = SALS_OK;
   for (int64_t n = 0; n < vv->shape[0] && st == SALS_OK; ++n) {
-    sals_load_f32(row, (const char*)vv->data + n * vv->stride[0] * (int64_t)sals_elem_size(vv->elem),
+    sals_load_f32(row,
+                  (const char*)vv->data + n * vv->stride[0] * (int64_t)sals_elem_size(vv->elem),
                   vv->elem, D);
     const int64_t g = sals_quantize_row_check(row, D, bits, group);
     if (g >= 0)
       st = sals_set_error(SALS_ERR_NOT_FINITE,
                           "v: row %lld, channels %lld..%lld span more than the float16 scale and "
-                          "zero of %d-bit codes hold", (long long)n, (long long)(g * group),
-                          (long long)((g + 1) * group - 1), (int)bits);
+                          "zero of %d-bit codes hold",
+                          (long long)n, (long long)(g * group), (long long)((g + 1) * group - 1),
+                          (int)bits);
   }
   free(row);
   return st;
 }
 
-sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group,
-                                   DLTensor* packed, DLTensor* scale, DLTensor* zero,
-                                   void* stream) {
+sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t group, DLTensor* packed,
+                                   DLTensor* scale, DLTensor* zero, void* stream) {
   sals_view_t vv, pv, sv, zv;
   DLDevice dev;
   const sals_arg_t a[] = {{v, "v", 2, SALS_ACCEPT_FLOAT, &vv, 0, 0},
-                     {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 1},
-                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 1},
-                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 1}};
+                          {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 1},
+                          {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 1},
+                          {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 1}};
   TRY(sals_arg_views(a, 4, &dev));
   TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
   for (int i = 1; i < 4; ++i) TRY(sals_arg_apart(a, i)); /* three outputs, all written */
@@ -315,9 +322,9 @@ sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* sca
   sals_view_t pv, sv, zv, ov;
   DLDevice dev;
   const sals_arg_t a[] = {{packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 0},
-                     {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 0},
-                     {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 0},
-                     {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
+                          {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 0},
+                          {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 0},
+                          {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
   TRY(sals_arg_views(a, 4, &dev));
   TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
   TRY(sals_arg_apart(a, 3));

@@ -36,10 +36,10 @@ static sals_status_t check_min(const char* name, int32_t v, int32_t lo) {
   return sals_set_error(INVALID, "config.%s: %d must be >= %d", name, (int)v, (int)lo);
 }
 
-#define TRY(expr)                    \
-  do {                               \
-    sals_status_t st_ = (expr);      \
-    if (st_ != SALS_OK) return st_;  \
+#define TRY(expr)                   \
+  do {                              \
+    sals_status_t st_ = (expr);     \
+    if (st_ != SALS_OK) return st_; \
   } while (0)
 
 /*
@@ -60,8 +60,10 @@ static sals_status_t enter(const sals_cache_t* cache, const char* fn) {
   if (cache == NULL) return sals_set_error(INVALID, "cache: is NULL");
   /* `busy` is the one field a const call may change: the cache is never a const object. */
   if (BUSY_TAKE(&((sals_cache_t*)cache)->busy) != 0)
-    return sals_set_error(INVALID, "cache: %s called while another call is using the cache "
-                          "(one cache may be used by one thread at a time)", fn);
+    return sals_set_error(INVALID,
+                          "cache: %s called while another call is using the cache "
+                          "(one cache may be used by one thread at a time)",
+                          fn);
   return SALS_OK;
 }
 
@@ -102,8 +104,10 @@ static const cache_part_t* cache_parts(const sals_config_t* g, cache_part_t* p) 
   p[0].bytes = B * T * 4.0 * (r + dk + hq + 3.0 * sel + 3.0);
   /* Exact sink and recent keys and values, and their logits. */
   p[1].fields = "config.max_batch, config.n_sink, config.n_recent";
-  snprintf(p[1].what, sizeof p[1].what, "max_batch %d * (n_sink %d + n_recent %d) exact window "
-           "slots", (int)g->max_batch, (int)g->n_sink, (int)g->n_recent);
+  snprintf(p[1].what, sizeof p[1].what,
+           "max_batch %d * (n_sink %d + n_recent %d) exact window "
+           "slots",
+           (int)g->max_batch, (int)g->n_sink, (int)g->n_recent);
   p[1].bytes = B * window * 4.0 * (2.0 * dk + hq);
   /* Partial attention states: up to 64 token chunks per query head. */
   p[2].fields = "config.max_batch, config.n_head_q, config.head_dim";
@@ -133,9 +137,10 @@ sals_status_t sals_check_method(const sals_config_t* g) {
                           (int)g->n_head_q, (int)g->n_head_kv);
   TRY(check_min("head_dim", g->head_dim, 1));
   if ((int64_t)g->n_head_kv * g->head_dim > INT32_MAX / 2)
-    return sals_set_error(INVALID, "config.n_head_kv, config.head_dim: Dk = n_head_kv %d * "
-                          "head_dim %d is more than %d", (int)g->n_head_kv, (int)g->head_dim,
-                          INT32_MAX / 2);
+    return sals_set_error(INVALID,
+                          "config.n_head_kv, config.head_dim: Dk = n_head_kv %d * "
+                          "head_dim %d is more than %d",
+                          (int)g->n_head_kv, (int)g->head_dim, INT32_MAX / 2);
   const int32_t dk = g->n_head_kv * g->head_dim;
   TRY(check_min("rank", g->rank, 1));
   if (g->rank > dk)
@@ -166,8 +171,7 @@ sals_status_t sals_check_method(const sals_config_t* g) {
       return sals_set_error(INVALID, "config.key_group: %d does not divide score_rank %d",
                             (int)g->key_group, (int)g->score_rank);
     if ((g->rank - g->score_rank) % g->key_group != 0)
-      return sals_set_error(INVALID,
-                            "config.key_group: %d does not divide rank - score_rank %d",
+      return sals_set_error(INVALID, "config.key_group: %d does not divide rank - score_rank %d",
                             (int)g->key_group, (int)(g->rank - g->score_rank));
     if ((int64_t)g->key_group * g->key_bits % 8 != 0)
       return sals_set_error(INVALID,
@@ -178,8 +182,10 @@ sals_status_t sals_check_method(const sals_config_t* g) {
   TRY(check_min("n_recent", g->n_recent, 0));
   /* The backends count candidates as S - n_sink - n_recent in int32. */
   if ((int64_t)g->n_sink + g->n_recent > INT32_MAX)
-    return sals_set_error(INVALID, "config.n_sink, config.n_recent: n_sink %d + n_recent %d is "
-                          "more than %d", (int)g->n_sink, (int)g->n_recent, INT32_MAX);
+    return sals_set_error(INVALID,
+                          "config.n_sink, config.n_recent: n_sink %d + n_recent %d is "
+                          "more than %d",
+                          (int)g->n_sink, (int)g->n_recent, INT32_MAX);
   if (!(g->budget_frac > 0.0f && g->budget_frac <= 1.0f))
     return sals_set_error(INVALID, "config.budget_frac: %g not in (0, 1]", (double)g->budget_frac);
   TRY(check_min("budget_tokens", g->budget_tokens, 0));
@@ -189,7 +195,8 @@ sals_status_t sals_check_method(const sals_config_t* g) {
       g->dtype != SALS_DTYPE_BFLOAT16)
     return sals_set_error(INVALID, "config.dtype: %d not a sals_dtype_t", (int)g->dtype);
   if (!(g->scale >= 0.0f) || !isfinite(g->scale))
-    return sals_set_error(INVALID, "config.scale: %g must be finite and >= 0 (0 = 1/sqrt(head_dim))",
+    return sals_set_error(INVALID,
+                          "config.scale: %g must be finite and >= 0 (0 = 1/sqrt(head_dim))",
                           (double)g->scale);
   TRY(check_flag("check_finite", g->check_finite));
   return SALS_OK;
@@ -216,15 +223,17 @@ static sals_status_t check_config(const sals_config_t* g) {
                           (int)g->device.device_id);
   /* The backends index a step's query rows (and the selection rows, fewer) in int32. */
   if ((int64_t)g->max_batch * g->n_head_q > INT32_MAX)
-    return sals_set_error(INVALID, "config.max_batch, config.n_head_q: max_batch %d * n_head_q "
-                          "%d query rows are more than %d", (int)g->max_batch, (int)g->n_head_q,
-                          INT32_MAX);
+    return sals_set_error(INVALID,
+                          "config.max_batch, config.n_head_q: max_batch %d * n_head_q "
+                          "%d query rows are more than %d",
+                          (int)g->max_batch, (int)g->n_head_q, INT32_MAX);
   cache_part_t parts[N_CACHE_PARTS];
   const cache_part_t* big = cache_parts(g, parts);
   if (big->bytes > MAX_CACHE_BYTES)
-    return sals_set_error(INVALID, "%s: %s would take about %.3g bytes, more than the 2^52 a "
-                          "cache may take (no device holds that)", big->fields, big->what,
-                          big->bytes);
+    return sals_set_error(INVALID,
+                          "%s: %s would take about %.3g bytes, more than the 2^52 a "
+                          "cache may take (no device holds that)",
+                          big->fields, big->what, big->bytes);
   return SALS_OK;
 }
 
@@ -265,17 +274,19 @@ static sals_status_t check_orthonormal(const float* U, int64_t R, int64_t C, sal
   const double off_tol = tol * sqrt((double)C);
   for (int64_t k = 0; k < C && st == SALS_OK; ++k) {
     if (fabs(norm[k] - 1.0) > tol) {
-      st = sals_set_error(INVALID, "projection: column %lld has squared norm %.6g, not 1 "
-                          "(U_r needs orthonormal columns, within %.3g)", (long long)k, norm[k],
-                          tol);
+      st = sals_set_error(INVALID,
+                          "projection: column %lld has squared norm %.6g, not 1 "
+                          "(U_r needs orthonormal columns, within %.3g)",
+                          (long long)k, norm[k], tol);
       break;
     }
     for (int32_t p = 0; p < PROBES; ++p)
       if (fabs(z[k * PROBES + p] - x[k * PROBES + p]) > off_tol) {
-        st = sals_set_error(INVALID, "projection: columns are not orthogonal (|(U^T U - I) x| "
+        st = sals_set_error(INVALID,
+                            "projection: columns are not orthogonal (|(U^T U - I) x| "
                             "reaches %.3g at column %lld for a random +-1 vector x, more than "
-                            "%.3g)", fabs(z[k * PROBES + p] - x[k * PROBES + p]), (long long)k,
-                            off_tol);
+                            "%.3g)",
+                            fabs(z[k * PROBES + p] - x[k * PROBES + p]), (long long)k, off_tol);
         break;
       }
   }
@@ -352,8 +363,10 @@ static sals_status_t name_largest_part(const sals_config_t* g) {
   snprintf(backend, sizeof backend, "%s", sals_last_error());
   cache_part_t parts[N_CACHE_PARTS];
   const cache_part_t* big = cache_parts(g, parts);
-  return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "%s: %s; the largest part is %s (about %.3g "
-                        "bytes)", big->fields, backend, big->what, big->bytes);
+  return sals_set_error(SALS_ERR_OUT_OF_MEMORY,
+                        "%s: %s; the largest part is %s (about %.3g "
+                        "bytes)",
+                        big->fields, backend, big->what, big->bytes);
 }
 
 sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* rope,
@@ -493,8 +506,7 @@ static sals_status_t check_range(const sals_cache_t* c, int64_t first, int64_t b
                         tensor ? tensor : "", (int)max_batch);
 }
 
-static sals_status_t cache_reset(sals_cache_t* cache, int64_t first, int64_t batch,
-                                 void* stream) {
+static sals_status_t cache_reset(sals_cache_t* cache, int64_t first, int64_t batch, void* stream) {
   if (batch < 0) return sals_set_error(INVALID, "batch: %lld must be >= 0", (long long)batch);
   TRY(check_range(cache, first, batch, NULL));
   if (batch == 0) return SALS_OK;
@@ -600,8 +612,8 @@ static sals_status_t cache_attend(sals_cache_t* cache, int64_t first, const DLTe
                                   const DLTensor* positions, DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
-  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", positions,
-                  "positions", &qv, &ov, &pv));
+  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", positions, "positions",
+                  &qv, &ov, &pv));
   TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
@@ -632,10 +644,9 @@ static sals_status_t cache_reserve(sals_cache_t* cache, int64_t batch, int32_t t
   if (tokens < 0) return sals_set_error(INVALID, "tokens: %d must be >= 0", (int)tokens);
   for (int64_t b = 0; b < batch; ++b)
     if ((int64_t)cache->reserved[b] + tokens > g->max_tokens)
-      return sals_set_error(SALS_ERR_CAPACITY,
-                            "tokens: %d more for sequence %lld would reserve %lld > max_tokens %d",
-                            (int)tokens, (long long)b, (long long)cache->reserved[b] + tokens,
-                            (int)g->max_tokens);
+      return sals_set_error(
+          SALS_ERR_CAPACITY, "tokens: %d more for sequence %lld would reserve %lld > max_tokens %d",
+          (int)tokens, (long long)b, (long long)cache->reserved[b] + tokens, (int)g->max_tokens);
   for (int64_t b = 0; b < batch; ++b) cache->reserved[b] += tokens;
   return SALS_OK;
 }
@@ -678,16 +689,18 @@ static sals_status_t cache_selected(const sals_cache_t* cache, DLTensor* idx, DL
   if (iv.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "idx: dim 0 is %lld, more than max_batch %d",
                           (long long)iv.shape[0], (int)cache->cfg.max_batch);
-  TRY(sals_check_dim(&iv, "idx", 1, cache->n_sel_heads,
-                     cache->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
+  TRY(sals_check_dim(
+      &iv, "idx", 1, cache->n_sel_heads,
+      cache->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
   TRY(same_dims(&cv, "count", &iv, "idx", 1));
   if (sals_views_overlap(&iv, &cv)) return sals_set_error(INVALID, "count: overlaps idx");
   if (cache->cfg.device.device_type == kDLCPU)
     for (int64_t b = 0; b < iv.shape[0]; ++b)
       if (cache->sel_count[b] > iv.shape[2])
-        return sals_set_error(INVALID, "idx: dim 2 is %lld, fewer than the %d tokens selected "
-                              "for sequence %lld", (long long)iv.shape[2], (int)cache->sel_count[b],
-                              (long long)b);
+        return sals_set_error(INVALID,
+                              "idx: dim 2 is %lld, fewer than the %d tokens selected "
+                              "for sequence %lld",
+                              (long long)iv.shape[2], (int)cache->sel_count[b], (long long)b);
   if (iv.shape[0] == 0) return SALS_OK;
   return SALS_DISPATCH(cache->cfg.device, cache_selected, cache, &iv, &cv, stream);
 }

@@ -178,48 +178,43 @@ sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
 /* ---- backends ----------------------------------------------------------------------------- */
 /* Each backend implements the same entry points; `stream` is ignored on the CPU.            */
 
-#define SALS_BACKEND_DECLARE(prefix)                                                          \
-  sals_status_t prefix##_cache_init(sals_cache_t* c);                                        \
-  void prefix##_cache_free(sals_cache_t* c);                                                  \
-  sals_status_t prefix##_cache_reset(sals_cache_t* c, int64_t batch, void* stream);           \
-  sals_status_t prefix##_cache_append(sals_cache_t* c, const sals_view_t* k,                  \
-                                      const sals_view_t* v, const sals_view_t* pos,           \
-                                      void* stream);                                          \
-  sals_status_t prefix##_cache_attend(sals_cache_t* c, const sals_view_t* q,                  \
-                                      const sals_view_t* q_pos, const sals_view_t* out,       \
-                                      void* stream);                                          \
-  sals_status_t prefix##_cache_lengths(const sals_cache_t* c, const sals_view_t* out,         \
-                                       void* stream);                                         \
-  sals_status_t prefix##_cache_selected(const sals_cache_t* c, const sals_view_t* idx,        \
-                                        const sals_view_t* count, void* stream);              \
-  sals_status_t prefix##_cache_lengths_host(const sals_cache_t* c, int32_t* out,              \
-                                            void* stream);                                    \
-  sals_status_t prefix##_cache_check(sals_cache_t* c, int32_t wait, void* stream);            \
-  sals_status_t prefix##_project(const sals_view_t* x, const sals_view_t* proj,               \
-                                 const sals_view_t* out, void* stream);                       \
-  sals_status_t prefix##_rope_apply(const sals_view_t* x, const sals_view_t* pos,             \
-                                    const float* inv_freq, int32_t rotary_dim,                \
-                                    float attention_scaling, int32_t interleaved,             \
-                                    const sals_view_t* out, void* stream);                    \
-  sals_status_t prefix##_score_select(const sals_view_t* q_lat, const sals_view_t* k_lat,     \
-                                      const sals_view_t* lengths, int32_t score_rank,         \
-                                      int32_t n_sink, int32_t n_recent, int32_t budget,       \
-                                      const sals_view_t* idx, void* stream);                  \
-  sals_status_t prefix##_rebuild_rope(const sals_view_t* k_lat, const sals_view_t* proj,      \
-                                      const sals_view_t* pos, const float* inv_freq,          \
-                                      int32_t rotary_dim, float attention_scaling,            \
-                                      int32_t interleaved, const sals_view_t* out,            \
-                                      void* stream);                                          \
-  sals_status_t prefix##_sparse_attention(                                                    \
-      const sals_view_t* q, const sals_view_t* k, const sals_view_t* v,                       \
-      const sals_view_t* idx, const sals_view_t* lengths, float scale,                        \
-      const sals_view_t* out, void* stream);                                                  \
-  sals_status_t prefix##_quantize_values(const sals_view_t* v, int32_t bits, int32_t group,  \
-                                         const sals_view_t* packed, const sals_view_t* scale, \
-                                         const sals_view_t* zero, void* stream);              \
-  sals_status_t prefix##_dequantize_values(                                                   \
-      const sals_view_t* packed, const sals_view_t* scale, const sals_view_t* zero,           \
-      int32_t bits, int32_t group, const sals_view_t* out, void* stream);
+#define SALS_BACKEND_DECLARE(prefix)                                                               \
+  sals_status_t prefix##_cache_init(sals_cache_t* c);                                              \
+  void prefix##_cache_free(sals_cache_t* c);                                                       \
+  sals_status_t prefix##_cache_reset(sals_cache_t* c, int64_t batch, void* stream);                \
+  sals_status_t prefix##_cache_append(sals_cache_t* c, const sals_view_t* k, const sals_view_t* v, \
+                                      const sals_view_t* pos, void* stream);                       \
+  sals_status_t prefix##_cache_attend(sals_cache_t* c, const sals_view_t* q,                       \
+                                      const sals_view_t* q_pos, const sals_view_t* out,            \
+                                      void* stream);                                               \
+  sals_status_t prefix##_cache_lengths(const sals_cache_t* c, const sals_view_t* out,              \
+                                       void* stream);                                              \
+  sals_status_t prefix##_cache_selected(const sals_cache_t* c, const sals_view_t* idx,             \
+                                        const sals_view_t* count, void* stream);                   \
+  sals_status_t prefix##_cache_lengths_host(const sals_cache_t* c, int32_t* out, void* stream);    \
+  sals_status_t prefix##_cache_check(sals_cache_t* c, int32_t wait, void* stream);                 \
+  sals_status_t prefix##_project(const sals_view_t* x, const sals_view_t* proj,                    \
+                                 const sals_view_t* out, void* stream);                            \
+  sals_status_t prefix##_rope_apply(                                                               \
+      const sals_view_t* x, const sals_view_t* pos, const float* inv_freq, int32_t rotary_dim,     \
+      float attention_scaling, int32_t interleaved, const sals_view_t* out, void* stream);         \
+  sals_status_t prefix##_score_select(const sals_view_t* q_lat, const sals_view_t* k_lat,          \
+                                      const sals_view_t* lengths, int32_t score_rank,              \
+                                      int32_t n_sink, int32_t n_recent, int32_t budget,            \
+                                      const sals_view_t* idx, void* stream);                       \
+  sals_status_t prefix##_rebuild_rope(const sals_view_t* k_lat, const sals_view_t* proj,           \
+                                      const sals_view_t* pos, const float* inv_freq,               \
+                                      int32_t rotary_dim, float attention_scaling,                 \
+                                      int32_t interleaved, const sals_view_t* out, void* stream);  \
+  sals_status_t prefix##_sparse_attention(                                                         \
+      const sals_view_t* q, const sals_view_t* k, const sals_view_t* v, const sals_view_t* idx,    \
+      const sals_view_t* lengths, float scale, const sals_view_t* out, void* stream);              \
+  sals_status_t prefix##_quantize_values(const sals_view_t* v, int32_t bits, int32_t group,        \
+                                         const sals_view_t* packed, const sals_view_t* scale,      \
+                                         const sals_view_t* zero, void* stream);                   \
+  sals_status_t prefix##_dequantize_values(const sals_view_t* packed, const sals_view_t* scale,    \
+                                           const sals_view_t* zero, int32_t bits, int32_t group,   \
+                                           const sals_view_t* out, void* stream);
 
 /*
  * Notes binding on both backends:

@@ -8,10 +8,10 @@
 
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 
-#define TRY(expr)                    \
-  do {                               \
-    sals_status_t st_ = (expr);      \
-    if (st_ != SALS_OK) return st_;  \
+#define TRY(expr)                   \
+  do {                              \
+    sals_status_t st_ = (expr);     \
+    if (st_ != SALS_OK) return st_; \
   } while (0)
 
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -120,8 +120,10 @@ void sals_paged_destroy(sals_paged_t* paged) {
 /* Paged storage runs on the CPU only: a CUDA call is refused naming its first tensor. */
 static sals_status_t cpu_only(DLDevice dev, const char* name) {
   if (dev.device_type == kDLCPU) return SALS_OK;
-  return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on CUDA, but paged storage (sals_paged_*) "
-                        "runs on the CPU only in this release", name);
+  return sals_set_error(SALS_ERR_UNSUPPORTED,
+                        "%s: on CUDA, but paged storage (sals_paged_*) "
+                        "runs on the CPU only in this release",
+                        name);
 }
 
 /* pages [num_blocks, block_size, slot_bytes]: every slot's fields aligned to their elements. */
@@ -130,10 +132,11 @@ static sals_status_t check_pages(const sals_paged_t* p, const sals_view_t* pv) {
   const int64_t a = p->layout.align;
   if (sals_view_numel(pv) > 0 &&
       ((uintptr_t)pv->data % (uintptr_t)a != 0 || pv->stride[0] % a != 0 || pv->stride[1] % a != 0))
-    return sals_set_error(INVALID, "pages: data + byte_offset and the strides of dims 0 and 1 "
+    return sals_set_error(INVALID,
+                          "pages: data + byte_offset and the strides of dims 0 and 1 "
                           "(%lld, %lld bytes) must be multiples of %lld, the slot's widest "
-                          "element", (long long)pv->stride[0], (long long)pv->stride[1],
-                          (long long)a);
+                          "element",
+                          (long long)pv->stride[0], (long long)pv->stride[1], (long long)a);
   return SALS_OK;
 }
 
@@ -158,8 +161,8 @@ static sals_status_t check_distinct(const sals_view_t* iv, const char* name, con
     const int32_t s = ((const int32_t*)iv->data)[n * iv->stride[0]];
     if (s >= bound || (sv && s < -1)) {
       free(sorted);
-      return sals_set_error(INVALID, "%s[%lld]: %s %d beyond the %s %lld %ss%s", name,
-                            (long long)n, noun, (int)s, of, (long long)bound, noun,
+      return sals_set_error(INVALID, "%s[%lld]: %s %d beyond the %s %lld %ss%s", name, (long long)n,
+                            noun, (int)s, of, (long long)bound, noun,
                             sv ? " (-1: no copy)" : " (num_blocks * block_size)");
     }
     if (s >= 0) sorted[m++] = s;
@@ -169,8 +172,8 @@ static sals_status_t check_distinct(const sals_view_t* iv, const char* name, con
     if (sorted[i] == sorted[i - 1]) {
       const int32_t s = sorted[i];
       free(sorted);
-      return sals_set_error(INVALID, "%s: %s %d appears twice (a %s holds one token)", name,
-                            noun, (int)s, noun);
+      return sals_set_error(INVALID, "%s: %s %d appears twice (a %s holds one token)", name, noun,
+                            (int)s, noun);
     }
   free(sorted);
   return SALS_OK;
@@ -230,8 +233,7 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
       }
     }
   if (sals_view_numel(&kv) == 0) return SALS_OK;
-  return sals_cpu_paged_append(paged, &kv, &vv, &sv, &pv, window ? &rv : NULL,
-                               window ? &wv : NULL);
+  return sals_cpu_paged_append(paged, &kv, &vv, &sv, &pv, window ? &rv : NULL, window ? &wv : NULL);
 }
 
 static int32_t i32_at(const sals_view_t* v, int64_t i) {
@@ -250,24 +252,27 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
   for (int64_t b = 0; b <= B; ++b) {
     const int64_t s = i32_at(qsv, b);
     if (s < prev || s > N)
-      return sals_set_error(INVALID, "query_start[%lld]: %lld not in %lld..%lld (non-decreasing, "
-                            "rows of q)", (long long)b, (long long)s, (long long)prev,
-                            (long long)N);
+      return sals_set_error(INVALID,
+                            "query_start[%lld]: %lld not in %lld..%lld (non-decreasing, "
+                            "rows of q)",
+                            (long long)b, (long long)s, (long long)prev, (long long)N);
     prev = s;
   }
   int64_t most = 0; /* the most a sparse step may select, over the sequences */
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n_q = i32_at(qsv, b + 1) - i32_at(qsv, b), S = i32_at(lv, b);
     if (S < n_q || S > cap)
-      return sals_set_error(INVALID, "seq_lens[%lld]: %lld not in %lld..%lld (its queries .. the "
+      return sals_set_error(INVALID,
+                            "seq_lens[%lld]: %lld not in %lld..%lld (its queries .. the "
                             "block table's capacity, block_table.shape[1] * block_size)",
                             (long long)b, (long long)S, (long long)n_q, (long long)cap);
     const int32_t* row = (const int32_t*)tv->data + b * tv->stride[0];
     for (int64_t j = 0; j < (S + bs - 1) / bs; ++j)
       if (row[j] < 0 || row[j] >= nb)
-        return sals_set_error(INVALID, "block_table[%lld, %lld]: %d not a block of pages "
-                              "(0..%lld)", (long long)b, (long long)j, (int)row[j],
-                              (long long)nb - 1);
+        return sals_set_error(INVALID,
+                              "block_table[%lld, %lld]: %d not a block of pages "
+                              "(0..%lld)",
+                              (long long)b, (long long)j, (int)row[j], (long long)nb - 1);
     if (n_q == 1 && !g->dense) {
       int64_t ns, re;
       sals_windows(g, S, &ns, &re);
@@ -282,7 +287,8 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
         }
   }
   if (selv && selv->shape[2] < most)
-    return sals_set_error(INVALID, "selected: dim 2 is %lld, fewer than the %lld tokens a sparse "
+    return sals_set_error(INVALID,
+                          "selected: dim 2 is %lld, fewer than the %lld tokens a sparse "
                           "step may select here (the budget rule at the longest sequence)",
                           (long long)selv->shape[2], (long long)most);
   return SALS_OK;
@@ -291,8 +297,8 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
 sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                                 const DLTensor* query_start, const DLTensor* seq_lens,
                                 const DLTensor* block_table, const DLTensor* pages,
-                                const DLTensor* window_rows, const DLTensor* window,
-                                DLTensor* out, DLTensor* selected, void* stream) {
+                                const DLTensor* window_rows, const DLTensor* window, DLTensor* out,
+                                DLTensor* selected, void* stream) {
   (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
   TRY(both_or_neither(window_rows, window));
@@ -325,9 +331,9 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
   }
   if (selected) {
     TRY(sals_dim_eq(&selv, "selected", 0, &lv, "seq_lens", 0));
-    TRY(sals_check_dim(&selv, "selected", 1, paged->n_sel_heads,
-                       paged->n_sel_heads == 1 ? "1: shared selection"
-                                               : "n_head_kv: per-head selection"));
+    TRY(sals_check_dim(
+        &selv, "selected", 1, paged->n_sel_heads,
+        paged->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
   }
   TRY(sals_arg_apart(a, 7));
   if (selected) TRY(sals_arg_apart(a, 8));
@@ -338,9 +344,10 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
       for (int64_t j = 0; j < rv.shape[1]; ++j) {
         const int32_t row = ((const int32_t*)rv.data)[b * rv.stride[0] + j];
         if (row < -1 || row >= wv.shape[0])
-          return sals_set_error(INVALID, "window_rows[%lld, %lld]: %d not a row of window "
-                                "(-1..%lld)", (long long)b, (long long)j, (int)row,
-                                (long long)wv.shape[0] - 1);
+          return sals_set_error(INVALID,
+                                "window_rows[%lld, %lld]: %d not a row of window "
+                                "(-1..%lld)",
+                                (long long)b, (long long)j, (int)row, (long long)wv.shape[0] - 1);
       }
   return sals_cpu_paged_attend(paged, &qv, &qsv, &lv, &tv, &pv, window ? &rv : NULL,
                                window ? &wv : NULL, &ov, selected ? &selv : NULL);

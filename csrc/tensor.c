@@ -38,11 +38,10 @@ const char* sals_device_str(DLDevice dev, char* buf) {
 }
 
 static const char* dtype_str(DLDataType t, char* buf) {
-  static const char* const kinds[] = {"int", "uint", "float", "handle", "bfloat", "complex", "bool"};
-  if (t.code <= kDLBool)
-    snprintf(buf, 32, "%s%u", kinds[t.code], (unsigned)t.bits);
-  else
-    snprintf(buf, 32, "type code %u (%u bits)", (unsigned)t.code, (unsigned)t.bits);
+  static const char* const kinds[] = {"int",    "uint",    "float", "handle",
+                                      "bfloat", "complex", "bool"};
+  if (t.code <= kDLBool) snprintf(buf, 32, "%s%u", kinds[t.code], (unsigned)t.bits);
+  else snprintf(buf, 32, "type code %u (%u bits)", (unsigned)t.code, (unsigned)t.bits);
   return buf;
 }
 
@@ -95,8 +94,8 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
   int64_t numel = 1;
   for (int32_t i = 0; i < ndim; ++i) {
     if (t->shape[i] < 0)
-      return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: dim %d has negative extent %lld",
-                            name, (int)i, (long long)t->shape[i]);
+      return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: dim %d has negative extent %lld", name,
+                            (int)i, (long long)t->shape[i]);
     if (t->shape[i] > limit || (numel > 0 && t->shape[i] > limit / numel))
       return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: too many elements", name);
     numel *= t->shape[i];
@@ -107,7 +106,8 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
   if (t->byte_offset > (uint64_t)limit * es)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                           "%s: byte_offset %llu points past the data (more than 2^48 elements "
-                          "beyond data)", name, (unsigned long long)t->byte_offset);
+                          "beyond data)",
+                          name, (unsigned long long)t->byte_offset);
   memset(v, 0, sizeof *v);
   v->elem = elem;
   v->ndim = ndim;
@@ -133,8 +133,8 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
                               name, (long long)s, (int)i);
       const int64_t reach = t->shape[i] - 1, mag = s < 0 ? -s : s;
       if (reach > 0 && mag > (limit - span) / reach)
-        return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
-                              "%s: strides span more than 2^48 elements", name);
+        return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "%s: strides span more than 2^48 elements",
+                              name);
       span += reach * mag;
       v->stride[i] = s;
     }
@@ -158,14 +158,14 @@ sals_status_t sals_view_make(const DLTensor* t, const char* name, int32_t ndim, 
   if ((lo < 0 && base < (uintptr_t)-lo) || (uintptr_t)hi > UINTPTR_MAX - base)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                           "%s: data %#llx + byte_offset %llu and the strides reach outside "
-                          "the address space", name, (unsigned long long)base,
-                          (unsigned long long)t->byte_offset);
+                          "the address space",
+                          name, (unsigned long long)base, (unsigned long long)t->byte_offset);
   const uintptr_t addr = base + (uintptr_t)t->byte_offset;
   if (addr % es != 0)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                           "%s: data + byte_offset (byte_offset %llu) is not aligned to the %zu "
-                          "bytes of a %s element", name, (unsigned long long)t->byte_offset, es,
-                          dtype_str(t->dtype, buf));
+                          "bytes of a %s element",
+                          name, (unsigned long long)t->byte_offset, es, dtype_str(t->dtype, buf));
   v->data = (void*)addr;
   if (dev) *dev = d;
   return SALS_OK;
@@ -228,8 +228,8 @@ sals_status_t sals_check_output(const sals_view_t* v, const char* name) {
     if (mag <= reach)
       return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
                             "%s: elements overlap in memory (dim %d has stride %lld): an output "
-                            "needs a distinct element for every index", name, (int)order[i],
-                            (long long)s);
+                            "needs a distinct element for every index",
+                            name, (int)order[i], (long long)s);
     reach += (v->shape[order[i]] - 1) * mag;
   }
   return SALS_OK;
@@ -245,8 +245,8 @@ int sals_views_same(const sals_view_t* a, const sals_view_t* b) {
 sals_status_t sals_check_rope(const sals_rope_t* rope, int64_t head_dim) {
   if (rope == NULL) return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope: is NULL");
   if (rope->rotary_dim < 0 || rope->rotary_dim % 2 != 0)
-    return sals_set_error(SALS_ERR_INVALID_ARGUMENT,
-                          "rope.rotary_dim: %d must be even and >= 0", (int)rope->rotary_dim);
+    return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.rotary_dim: %d must be even and >= 0",
+                          (int)rope->rotary_dim);
   if (rope->rotary_dim > head_dim)
     return sals_set_error(SALS_ERR_INVALID_ARGUMENT, "rope.rotary_dim: %d > head_dim %lld",
                           (int)rope->rotary_dim, (long long)head_dim);
@@ -272,8 +272,9 @@ sals_status_t sals_check_backend(const char* name, DLDevice dev) {
 #if defined(SALS_WITH_CUDA)
   /* A CUDA build runs on machines without a driver or GPU: say so instead of a runtime code. */
   if (sals_cuda_device_usable()) return SALS_OK;
-  return sals_set_error(SALS_ERR_DEVICE, "%s: on %s but no usable CUDA device (driver or GPU missing)",
-                        name, sals_device_str(dev, buf));
+  return sals_set_error(SALS_ERR_DEVICE,
+                        "%s: on %s but no usable CUDA device (driver or GPU missing)", name,
+                        sals_device_str(dev, buf));
 #else
   return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: on %s but the library was built without CUDA",
                         name, sals_device_str(dev, buf));
@@ -282,10 +283,10 @@ sals_status_t sals_check_backend(const char* name, DLDevice dev) {
 
 /* ---- a call's tensor arguments -------------------------------------------------------------- */
 
-#define TRY(expr)                    \
-  do {                               \
-    sals_status_t st_ = (expr);      \
-    if (st_ != SALS_OK) return st_;  \
+#define TRY(expr)                   \
+  do {                              \
+    sals_status_t st_ = (expr);     \
+    if (st_ != SALS_OK) return st_; \
   } while (0)
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 

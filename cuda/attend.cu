@@ -31,8 +31,7 @@
 
 namespace sals_cuda {
 sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st);
-sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* x, int which,
-                                 cudaStream_t st);
+sals_status_t cache_check_finite(sals_cache_t* c, const sals_view_t* x, int which, cudaStream_t st);
 sals_status_t cache_report_finite(sals_cache_t* c);
 
 namespace {
@@ -114,8 +113,9 @@ __device__ __forceinline__ void load_n(const T* p, float* dst) {
   if constexpr (N == 1) {
     dst[0] = to_f<T>(p[0]);
   } else {
-    using V = typename std::conditional<N == 2, uint32_t,
-                                        typename std::conditional<N == 4, uint2, uint4>::type>::type;
+    using V =
+        typename std::conditional<N == 2, uint32_t,
+                                  typename std::conditional<N == 4, uint2, uint4>::type>::type;
     const V u = *reinterpret_cast<const V*>(p);
     const T* h = reinterpret_cast<const T*>(&u);
 #pragma unroll
@@ -130,8 +130,9 @@ __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t
                                            int32_t slot, int32_t kind, int32_t e0, float* dst) {
   const int64_t col = (int64_t)h * D + e0;
   if (kind == 1 || kind == 2) {
-    const T* p = kind == 1 ? (const T*)a.sink_v + ((int64_t)b * a.n_sink + slot) * a.dk
-                           : (const T*)a.recent_v + ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
+    const T* p = kind == 1
+                     ? (const T*)a.sink_v + ((int64_t)b * a.n_sink + slot) * a.dk
+                     : (const T*)a.recent_v + ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
     load_n<T, N>(p + col, dst);
     return;
   }
@@ -205,9 +206,9 @@ struct QLatStore {
  * to memory), add the exact keys of sink/recent tokens, apply RoPE at each token's position and
  * write the logits of the G query heads (log2 domain, -inf where the token is after the query).
  * Latent rows and U_h stream through a cp.async pipeline (4 stages of 32 coordinates for
- * mma.sync, 3 of 64 for wgmma on sm_90a, which reads them from shared memory without ldmatrix). Each thread's gather addresses are computed once
- * per tile (rows) or per pass (U_h), so a pipeline stage costs a handful of instructions per
- * 16-byte copy. */
+ * mma.sync, 3 of 64 for wgmma on sm_90a, which reads them from shared memory without ldmatrix).
+ * Each thread's gather addresses are computed once per tile (rows) or per pass (U_h), so a pipeline
+ * stage costs a handful of instructions per 16-byte copy. */
 constexpr int kRWarps = 8, kRTile = 16 * kRWarps;
 /* Pipeline geometry: K coordinates per stage and stage count of each MMA path. mma.sync reads
  * rows padded by 16 bytes with ldmatrix (conflict-free); wgmma (sm_90a) reads 128-byte rows in
@@ -242,8 +243,7 @@ constexpr size_t rebuild_smem_bytes() {
 }
 
 template <typename T, int D, int GM, bool QK>
-__global__ void __launch_bounds__(kRWarps * 32)
-    rebuild_logits_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a) {
   constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */
@@ -252,7 +252,8 @@ __global__ void __launch_bounds__(kRWarps * 32)
   extern __shared__ __align__(16) unsigned char rebuild_smem[];
 #ifdef SALS_WGMMA
   constexpr int kRowElems = kWgKC;
-  T* const as0 = reinterpret_cast<T*>(rebuild_smem + ((1024 - (smem_u32(rebuild_smem) & 1023)) & 1023));
+  T* const as0 =
+      reinterpret_cast<T*>(rebuild_smem + ((1024 - (smem_u32(rebuild_smem) & 1023)) & 1023));
 #else
   constexpr int kRowElems = kMmaStride;
   T* const as0 = reinterpret_cast<T*>(rebuild_smem);
@@ -283,12 +284,15 @@ __global__ void __launch_bounds__(kRWarps * 32)
     }
     qs[gq][e] = x;
   }
-  for (int i = tid; i < D / 2; i += blockDim.x) s_freq[i] = i < a.rotary_dim / 2 ? a.inv_freq[i] : 0.f;
+  for (int i = tid; i < D / 2; i += blockDim.x)
+    s_freq[i] = i < a.rotary_dim / 2 ? a.inv_freq[i] : 0.f;
 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
-  const int32_t* sel = a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
-  const int32_t n_sel = a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
+  const int32_t* sel =
+      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+  const int32_t n_sel =
+      a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
   const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
   const int32_t n_tiles = (L.total + kRTile - 1) / kRTile;
 
@@ -445,9 +449,9 @@ __global__ void __launch_bounds__(kRWarps * 32)
         const int32_t p = t_pos[row];
         if (kind == 1 || kind == 2) {
           const int32_t slot = t_slot[row];
-          const T* kp = kind == 1
-                            ? (const T*)a.sink_k + ((int64_t)b * a.n_sink + slot) * a.dk
-                            : (const T*)a.recent_k + ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
+          const T* kp = kind == 1 ? (const T*)a.sink_k + ((int64_t)b * a.n_sink + slot) * a.dk
+                                  : (const T*)a.recent_k +
+                                        ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
           kp += (int64_t)h * D;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
@@ -643,8 +647,10 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
-  const int32_t* sel = a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
-  const int32_t n_sel = a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
+  const int32_t* sel =
+      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+  const int32_t n_sel =
+      a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
   const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
   /* this split's entries: whole 32-entry groups */
   const int32_t groups = (L.total + 31) / 32;
@@ -676,7 +682,8 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
       if (kr == 0)
         cp_async16(codes(k) + r * rb + pc * 16,
                    (const uint8_t*)a.val + ((int64_t)b * a.max_tokens + sr) * a.val_row_bytes +
-                       (int64_t)h * rb + pc * 16, 16);
+                       (int64_t)h * rb + pc * 16,
+                   16);
     }
     /* scales and zeros: 4-byte words when ngh is even (then every offset is even) */
     const int32_t per_row = ngh % 2 == 0 ? ngh / 2 : ngh;
@@ -748,7 +755,8 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
       p_s[warp][lane][gq] = pg;
     }
     if (staged) {
-      if (more) cp_async_wait<1>(); else cp_async_wait<0>();
+      if (more) cp_async_wait<1>();
+      else cp_async_wait<0>();
     }
     __syncwarp(); /* every lane's copies and probabilities of this group are visible */
     const int32_t n = i1 - base < 32 ? i1 - base : 32;
@@ -759,13 +767,16 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
       const uint16_t *sc = scales(k), *zr = zeros(k);
       switch (DPL * a.bits) {
         case DPL * 2:
-          pv_staged_rows<DPL, DPL * 2, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+          pv_staged_rows<DPL, DPL * 2, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g,
+                                           pw, G, o_acc);
           break;
         case DPL * 4:
-          pv_staged_rows<DPL, DPL * 4, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+          pv_staged_rows<DPL, DPL * 4, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g,
+                                           pw, G, o_acc);
           break;
         default:
-          pv_staged_rows<DPL, DPL * 8, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g, pw, G, o_acc);
+          pv_staged_rows<DPL, DPL * 8, GM>(cd, sc, zr, rb, ngh, n, lane_byte, lane_shift, lane_g,
+                                           pw, G, o_acc);
       }
     } else {
       /* window entries (exact 16-bit values), 16-bit storage or unstaged layouts */
@@ -773,8 +784,8 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
         const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
         float v[DPL];
         if (staged && kr == 0) {
-          decode_codes<DPL>(codes(k) + r * rb, scales(k) + r * ngh, zeros(k) + r * ngh,
-                            lane * DPL, a.bits, a.group, v);
+          decode_codes<DPL>(codes(k) + r * rb, scales(k) + r * ngh, zeros(k) + r * ngh, lane * DPL,
+                            a.bits, a.group, v);
         } else {
           const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
           load_value<T, DPL>(a, b, h, D, sr, kr, lane * DPL, v);
@@ -864,8 +875,8 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
 constexpr int kGThreads = 256, kGKT = 32, kGRC = 64;
 
 template <typename T, bool QK>
-__global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t D, int32_t Tq,
-                                                            int32_t QT) {
+__global__ void __launch_bounds__(kGThreads)
+    general_kernel(AttnArgs a, int32_t D, int32_t Tq, int32_t QT) {
   extern __shared__ float sm[];
   const int32_t R = QT * a.G;
   float* Q = sm;                  /* [R][D] */
@@ -910,7 +921,8 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
   const bool sparse = a.sparse != 0;
-  const int32_t* sel = sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+  const int32_t* sel =
+      sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
   const int32_t n_cand = S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0;
   const TokList L = tok_list(S, a.n_sink, a.n_recent, sparse ? a.sel_count[b] : n_cand);
   const T* lat_s = (const T*)a.lat_score;
@@ -963,7 +975,8 @@ __global__ void __launch_bounds__(kGThreads) general_kernel(AttnArgs a, int32_t 
       const int kind = kkind[j];
       if (kind == 1 || kind == 2) {
         const T* kp = kind == 1 ? (const T*)a.sink_k + ((int64_t)b * a.n_sink + kslot[j]) * a.dk
-                                : (const T*)a.recent_k + ((int64_t)b * a.n_recent + kslot[j] % a.n_recent) * a.dk;
+                                : (const T*)a.recent_k +
+                                      ((int64_t)b * a.n_recent + kslot[j] % a.n_recent) * a.dk;
         K[i] = to_f<T>(kp[(int64_t)h * D + e]);
       }
       float v = 0.f;
@@ -1136,8 +1149,8 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
   /* quantised latent keys: a second instantiation, the 16-bit kernel stays as it is */
   auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, GM, true>
                                  : rebuild_logits_kernel<T, D, GM, false>;
-  cudaError_t e = cudaFuncSetAttribute(rebuild, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem);
+  cudaError_t e =
+      cudaFuncSetAttribute(rebuild, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
   int per_sm = 0;
   e = blocks_per_sm(rebuild, kRWarps * 32, smem, &per_sm);
@@ -1150,13 +1163,12 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
    * 128-entry tile of the longest list. Staging needs 2 groups per warp of shared memory;
    * configurations needing more than kPStageMax fall back to global reads. */
   constexpr size_t kPStageMax = 96 << 10;
-  const size_t pv_smem = a.bits < 16 ? (size_t)kPWarps * 2 *
-                                           pv_group_bytes(D * a.bits / 8, D / a.group)
-                                     : 0;
+  const size_t pv_smem =
+      a.bits < 16 ? (size_t)kPWarps * 2 * pv_group_bytes(D * a.bits / 8, D / a.group) : 0;
   const int32_t staged = pv_smem > 0 && pv_smem <= kPStageMax;
   const size_t pv_dyn = staged ? pv_smem : 0;
-  e = cudaFuncSetAttribute(softmax_pv_kernel<T, D, GM>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pv_dyn);
+  e = cudaFuncSetAttribute(softmax_pv_kernel<T, D, GM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)pv_dyn);
   if (e != cudaSuccess) return e;
   e = blocks_per_sm(softmax_pv_kernel<T, D, GM>, kPWarps * 32, pv_dyn, &per_sm);
   if (e != cudaSuccess) return e;
@@ -1164,8 +1176,9 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
   if (want > dg.max_tiles) want = dg.max_tiles;
   if (want > dg.max_pv_split) want = dg.max_pv_split;
   const int32_t pv_split = want > 1 ? (int32_t)want : 1;
-  softmax_pv_kernel<T, D, GM><<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B),
-                                kPWarps * 32, pv_dyn, st>>>(a, staged);
+  softmax_pv_kernel<T, D, GM>
+      <<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B), kPWarps * 32, pv_dyn, st>>>(
+          a, staged);
   return cudaPeekAtLastError();
 }
 template <typename T, int D>
@@ -1188,8 +1201,8 @@ cudaError_t launch_decode(const AttnArgs& a, int D, const DecodeGrid& dg, cudaSt
 static int32_t host_budget(const sals_config_t& cf, int32_t S) {
   int32_t n_cand = S - cf.n_sink - cf.n_recent;
   if (n_cand <= 0) return 0;
-  int32_t k = cf.budget_tokens > 0 ? cf.budget_tokens
-                                   : (int32_t)ceil((double)cf.budget_frac * (double)S);
+  int32_t k =
+      cf.budget_tokens > 0 ? cf.budget_tokens : (int32_t)ceil((double)cf.budget_frac * (double)S);
   return k < n_cand ? k : n_cand;
 }
 
@@ -1245,21 +1258,27 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
       else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph, q_flag}));
     });
     if (cf.key_bits < 16) {
-      const QuantRows kq{(const uint8_t*)c->lat_score, c->lat_score_scale, c->lat_score_zero,
-                         cf.max_tokens, c->lat_score_bytes, cf.key_bits, cf.key_group};
-      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kq, c->len, cf.n_sink, cf.n_recent,
-                                  B, s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
+      const QuantRows kq{
+          (const uint8_t*)c->lat_score, c->lat_score_scale, c->lat_score_zero, cf.max_tokens,
+          c->lat_score_bytes,           cf.key_bits,        cf.key_group};
+      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kq, c->len, cf.n_sink, cf.n_recent, B,
+                                  s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
     } else {
       DView kl;
       kl.data = c->lat_score;
-      kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
-                          : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16 : SALS_ELEM_BF16);
-      kl.shape[0] = B; kl.shape[1] = cf.max_tokens; kl.shape[2] = cf.score_rank; kl.shape[3] = 1;
-      kl.stride[0] = (int64_t)cf.max_tokens * cf.score_rank; kl.stride[1] = cf.score_rank;
-      kl.stride[2] = 1; kl.stride[3] = 0;
-      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kl, c->len, 0, cf.n_sink,
-                                  cf.n_recent, B, s->scores, (int64_t)H * cf.max_tokens,
-                                  s->num_sms, st));
+      kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32   ? SALS_ELEM_F32
+                          : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16
+                                                           : SALS_ELEM_BF16);
+      kl.shape[0] = B;
+      kl.shape[1] = cf.max_tokens;
+      kl.shape[2] = cf.score_rank;
+      kl.shape[3] = 1;
+      kl.stride[0] = (int64_t)cf.max_tokens * cf.score_rank;
+      kl.stride[1] = cf.score_rank;
+      kl.stride[2] = 1;
+      kl.stride[3] = 0;
+      SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kl, c->len, 0, cf.n_sink, cf.n_recent,
+                                  B, s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
     }
     RowSpec spec;
     spec.lengths = c->len;
@@ -1287,10 +1306,8 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     const int32_t max_split = s->max_parts;
     const DecodeGrid dg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
                         s->num_sms};
-    if (cf.dtype == SALS_DTYPE_FLOAT16)
-      SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, st));
-    else
-      SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, st));
+    if (cf.dtype == SALS_DTYPE_FLOAT16) SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, st));
+    else SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, st));
     return SALS_OK;
   }
 
@@ -1304,8 +1321,8 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   dim3 grid((unsigned)cdiv(Tq, QT), (unsigned)cf.n_head_kv, (unsigned)B);
   SALS_DISPATCH_DTYPE(cf.dtype, T, {
     auto general = cf.key_bits < 16 ? general_kernel<T, true> : general_kernel<T, false>;
-    SALS_CUDA_TRY(cudaFuncSetAttribute(general, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem));
+    SALS_CUDA_TRY(
+        cudaFuncSetAttribute(general, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     general<<<grid, kGThreads, smem, st>>>(a, D, Tq, QT);
   });
   SALS_CUDA_LAUNCHED("general attention");

@@ -101,14 +101,12 @@ __global__ void __launch_bounds__(kScanThreads)
 
 /* Latent row element (slot j of sequence b, coordinate n) split over the two arrays. */
 template <typename T>
-__device__ __forceinline__ void store_latent(const sals_cache_t& c, int64_t b, int64_t j,
-                                             int64_t n, float x) {
+__device__ __forceinline__ void store_latent(const sals_cache_t& c, int64_t b, int64_t j, int64_t n,
+                                             float x) {
   const int64_t rs = c.cfg.score_rank, rr = c.cfg.rank - c.cfg.score_rank;
   const int64_t row = b * c.cfg.max_tokens + j;
-  if (n < rs)
-    ((T*)c.lat_score)[row * rs + n] = from_f<T>(x);
-  else
-    ((T*)c.lat_rest)[row * rr + (n - rs)] = from_f<T>(x);
+  if (n < rs) ((T*)c.lat_score)[row * rs + n] = from_f<T>(x);
+  else ((T*)c.lat_rest)[row * rr + (n - rs)] = from_f<T>(x);
 }
 
 /* Offsets of the channels i = h * d + e of row (b, t) of a [B, T, Hkv, d] view; rows whose heads
@@ -118,7 +116,10 @@ struct RowOff {
   int32_t d;
   bool flat;
   __device__ RowOff(const DView& x, int64_t b, int64_t t, int32_t d_)
-      : base(off2(x, b, t)), s2(x.stride[2]), s3(x.stride[3]), d(d_),
+      : base(off2(x, b, t)),
+        s2(x.stride[2]),
+        s3(x.stride[3]),
+        d(d_),
         flat(x.stride[3] == 1 && x.stride[2] == d_) {}
   __device__ int64_t operator()(int32_t i) const {
     return flat ? base + i : base + (i / d) * s2 + (i % d) * s3;
@@ -219,8 +220,14 @@ __global__ void __launch_bounds__(kScanThreads, 3)
       const float vx = bits_value(vb[j], v.elem), kx = bits_value(kb[j], k.elem);
       if (flags && !isfinite(kx)) flags[0] = 1;
       if (flags && !isfinite(vx)) flags[1] = 1;
-      if (sink) { sk[ch] = from_f<T>(kx); sv[ch] = from_f<T>(vx); }
-      if (recent) { rk[ch] = from_f<T>(kx); rv[ch] = from_f<T>(vx); }
+      if (sink) {
+        sk[ch] = from_f<T>(kx);
+        sv[ch] = from_f<T>(vx);
+      }
+      if (recent) {
+        rk[ch] = from_f<T>(kx);
+        rv[ch] = from_f<T>(vx);
+      }
       if (full) full[ch] = from_f<T>(vx);
       else xs[i + i / 32] = vx;
     }
@@ -427,7 +434,9 @@ sals_status_t check_finite(sals_cache_t* c, const sals_view_t* x, int which, cud
   return SALS_OK;
 }
 
-template <typename T> struct Type { typedef T type; };
+template <typename T> struct Type {
+  typedef T type;
+};
 
 /*
  * The append's projection U^T k of rows [m0, m0 + Mc) of k (M = B * T rows in all), by the
@@ -460,21 +469,21 @@ sals_status_t project(sals_cache_t* c, const sals_view_t* k, int64_t m0, int64_t
     SALS_CUDA_TRY(hgemm<__half>(Mc, N, K3, rows(KRowLoad8<__half>{dview(k), M, K, T, d}),
                                 (const __half*)s->uh, epi(Type<__half>{}), st));
   } else if (tc) {
-    SALS_CUDA_TRY(hgemm<__nv_bfloat16>(Mc, N, K3,
-                                       rows(KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d}),
-                                       (const __nv_bfloat16*)s->uh,
-                                       epi(Type<__nv_bfloat16>{}), st));
+    SALS_CUDA_TRY(
+        hgemm<__nv_bfloat16>(Mc, N, K3, rows(KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d}),
+                             (const __nv_bfloat16*)s->uh, epi(Type<__nv_bfloat16>{}), st));
   } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
     const SkinnyWork w = skinny_work(s->proj_part, c->cfg.max_batch, N, 1);
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-      SALS_CUDA_TRY(skinny((int32_t)Mc, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
-                           rows(KRowLoad<E>{dview(k), T, d}), w, epi(Type<T_>{}), st));
-    }));
+    SALS_DISPATCH_DTYPE(
+        c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
+          SALS_CUDA_TRY(skinny((int32_t)Mc, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
+                               rows(KRowLoad<E>{dview(k), T, d}), w, epi(Type<T_>{}), st));
+        }));
   } else {
     SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-      SALS_CUDA_TRY(sgemm(Mc, N, K, rows(KRowLoad<E>{dview(k), T, d}), FloatMatLoad{c->proj, N},
-                          epi(Type<T_>{}), st));
-    }));
+                          SALS_CUDA_TRY(sgemm(Mc, N, K, rows(KRowLoad<E>{dview(k), T, d}),
+                                              FloatMatLoad{c->proj, N}, epi(Type<T_>{}), st));
+                        }));
   }
   return SALS_OK;
 }
@@ -487,8 +496,9 @@ sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st) {
   if (s->uh_ready || c->cfg.dtype == SALS_DTYPE_FLOAT32) return SALS_OK;
   const int64_t n = (int64_t)c->dk * c->cfg.rank;
   SALS_DISPATCH_DTYPE(c->cfg.dtype, T, {
-    convert_proj_kernel<T><<<(unsigned)cdiv(n, 256) < 4096 ? (unsigned)cdiv(n, 256) : 4096, 256,
-                             0, st>>>(c->proj, (T*)s->uh, n);
+    convert_proj_kernel<T>
+        <<<(unsigned)cdiv(n, 256) < 4096 ? (unsigned)cdiv(n, 256) : 4096, 256, 0, st>>>(
+            c->proj, (T*)s->uh, n);
   });
   SALS_CUDA_LAUNCHED("convert_proj");
   s->uh_ready = true;
@@ -534,24 +544,50 @@ sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t byt
 void sals_cuda_cache_free(sals_cache_t* c) {
   if (!c) return;
   DeviceGuard g(c->cfg.device.device_id);
-  void* ptrs[] = {c->inv_freq,       c->proj,           c->lat_score,      c->lat_rest,
-                  c->lat_score_scale, c->lat_score_zero, c->lat_rest_scale, c->lat_rest_zero,
-                  c->val,             c->val_scale,      c->val_zero,       c->sink_k,
-                  c->sink_v,          c->recent_k,       c->recent_v,       c->pos,
-                  c->len,             c->sel_idx,        c->sel_count};
+  void* ptrs[] = {c->inv_freq,
+                  c->proj,
+                  c->lat_score,
+                  c->lat_rest,
+                  c->lat_score_scale,
+                  c->lat_score_zero,
+                  c->lat_rest_scale,
+                  c->lat_rest_zero,
+                  c->val,
+                  c->val_scale,
+                  c->val_zero,
+                  c->sink_k,
+                  c->sink_v,
+                  c->recent_k,
+                  c->recent_v,
+                  c->pos,
+                  c->len,
+                  c->sel_idx,
+                  c->sel_count};
   for (void* p : ptrs)
     if (p) cudaFree(p);
-  c->inv_freq = nullptr; c->proj = nullptr; c->lat_score = nullptr; c->lat_rest = nullptr;
-  c->lat_score_scale = nullptr; c->lat_score_zero = nullptr; c->lat_rest_scale = nullptr;
+  c->inv_freq = nullptr;
+  c->proj = nullptr;
+  c->lat_score = nullptr;
+  c->lat_rest = nullptr;
+  c->lat_score_scale = nullptr;
+  c->lat_score_zero = nullptr;
+  c->lat_rest_scale = nullptr;
   c->lat_rest_zero = nullptr;
-  c->val = nullptr; c->val_scale = nullptr; c->val_zero = nullptr; c->sink_k = nullptr;
-  c->sink_v = nullptr; c->recent_k = nullptr; c->recent_v = nullptr; c->pos = nullptr;
-  c->len = nullptr; c->sel_idx = nullptr; c->sel_count = nullptr;
+  c->val = nullptr;
+  c->val_scale = nullptr;
+  c->val_zero = nullptr;
+  c->sink_k = nullptr;
+  c->sink_v = nullptr;
+  c->recent_k = nullptr;
+  c->recent_v = nullptr;
+  c->pos = nullptr;
+  c->len = nullptr;
+  c->sel_idx = nullptr;
+  c->sel_count = nullptr;
   CacheState* s = state(c);
   if (s) {
-    void* sp[] = {s->uh,     s->dest,   s->newlen,  s->qlat,      s->scores, s->topk_ws,
-                  s->logits, s->part_o, s->part_ml, s->proj_part, s->qpart,  s->lat_ws,
-                  s->pv_done};
+    void* sp[] = {s->uh,     s->dest,    s->newlen,    s->qlat,  s->scores, s->topk_ws, s->logits,
+                  s->part_o, s->part_ml, s->proj_part, s->qpart, s->lat_ws, s->pv_done};
     for (void* p : sp)
       if (p) cudaFree(p);
     if (s->flag_host) cudaFreeHost(s->flag_host);
@@ -581,8 +617,8 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   SALS_CUDA_TRY(cudaGetDeviceProperties(&prop, s->device));
   s->num_sms = prop.multiProcessorCount;
   const size_t es = cf.dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
-  const int64_t B = cf.max_batch, S = cf.max_tokens, dk = c->dk, r = cf.rank,
-                rs = cf.score_rank, H = c->n_sel_heads, Hq = cf.n_head_q, d = cf.head_dim;
+  const int64_t B = cf.max_batch, S = cf.max_tokens, dk = c->dk, r = cf.rank, rs = cf.score_rank,
+                H = c->n_sel_heads, Hq = cf.n_head_q, d = cf.head_dim;
   uint64_t total = 0;
   bool oom = false;
   auto alloc = [&](void** p, size_t bytes) {
@@ -695,14 +731,13 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   /* slots first (a decode step, T == 1, assigns them in values_kernel), then values, then the
    * projection, whose epilogue reads the slots */
   if (T > 1) {
-    slot_kernel<<<B, kScanThreads, 0, st>>>(dview(pos), T, c->cfg.max_tokens, c->len,
-                                            s->newlen, c->pos, s->dest);
+    slot_kernel<<<B, kScanThreads, 0, st>>>(dview(pos), T, c->cfg.max_tokens, c->len, s->newlen,
+                                            c->pos, s->dest);
     SALS_CUDA_LAUNCHED("slot");
   }
   SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, {
-    values_kernel<T_><<<(unsigned)M, kScanThreads, 0, st>>>(cv, dview(k), dview(v), dview(pos),
-                                                            T, c->len, s->newlen, c->pos,
-                                                            s->dest, kv_flags);
+    values_kernel<T_><<<(unsigned)M, kScanThreads, 0, st>>>(
+        cv, dview(k), dview(v), dview(pos), T, c->len, s->newlen, c->pos, s->dest, kv_flags);
   });
   SALS_CUDA_LAUNCHED("values");
   if (c->cfg.key_bits == 16) return project<false>(c, k, 0, M, st);
@@ -720,8 +755,7 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   return SALS_OK;
 }
 
-sals_status_t sals_cuda_cache_lengths(const sals_cache_t* c, const sals_view_t* out,
-                                      void* stream) {
+sals_status_t sals_cuda_cache_lengths(const sals_cache_t* c, const sals_view_t* out, void* stream) {
   DeviceGuard g(c->cfg.device.device_id);
   const int32_t B = (int32_t)out->shape[0];
   if (B == 0) return SALS_OK;
@@ -745,8 +779,8 @@ sals_status_t sals_cuda_cache_check(sals_cache_t* c, int32_t wait, void* stream)
 sals_status_t sals_cuda_cache_lengths_host(const sals_cache_t* c, int32_t* out, void* stream) {
   DeviceGuard g(c->cfg.device.device_id);
   cudaStream_t st = (cudaStream_t)stream;
-  SALS_CUDA_TRY(cudaMemcpyAsync(out, c->len, (size_t)c->cfg.max_batch * 4,
-                                cudaMemcpyDeviceToHost, st));
+  SALS_CUDA_TRY(
+      cudaMemcpyAsync(out, c->len, (size_t)c->cfg.max_batch * 4, cudaMemcpyDeviceToHost, st));
   SALS_CUDA_TRY(cudaStreamSynchronize(st));
   return SALS_OK;
 }
@@ -758,9 +792,8 @@ sals_status_t sals_cuda_cache_selected(const sals_cache_t* c, const sals_view_t*
   if (B == 0) return SALS_OK;
   const int64_t N = idx->shape[2];
   dim3 grid((unsigned)(N > 0 ? (cdiv(N, 256) < 64 ? cdiv(N, 256) : 64) : 1), (unsigned)(B * H));
-  selected_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(c->sel_idx, c->sel_count, H,
-                                                          c->cfg.max_tokens, dview(idx),
-                                                          dview(count));
+  selected_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(
+      c->sel_idx, c->sel_count, H, c->cfg.max_tokens, dview(idx), dview(count));
   SALS_CUDA_LAUNCHED("selected");
   return SALS_OK;
 }

@@ -12,21 +12,21 @@
 
 #include "internal.h"
 
-#define SALS_CUDA_TRY(expr)                                                                  \
-  do {                                                                                       \
-    cudaError_t e_ = (expr);                                                                 \
-    if (e_ != cudaSuccess)                                                                   \
+#define SALS_CUDA_TRY(expr)                                                                   \
+  do {                                                                                        \
+    cudaError_t e_ = (expr);                                                                  \
+    if (e_ != cudaSuccess)                                                                    \
       return sals_set_error(SALS_ERR_DEVICE, "%s: %s (%s:%d)", #expr, cudaGetErrorString(e_), \
-                            __FILE__, __LINE__);                                             \
+                            __FILE__, __LINE__);                                              \
   } while (0)
 
 /* After a launch: configuration errors surface here; faults surface at the next sync. */
 #define SALS_CUDA_LAUNCHED(name) SALS_CUDA_TRY(cudaPeekAtLastError())
 
-#define SALS_STATUS_TRY(expr)            \
-  do {                                   \
-    sals_status_t s_ = (expr);           \
-    if (s_ != SALS_OK) return s_;        \
+#define SALS_STATUS_TRY(expr)     \
+  do {                            \
+    sals_status_t s_ = (expr);    \
+    if (s_ != SALS_OK) return s_; \
   } while (0)
 
 namespace sals_cuda {
@@ -104,18 +104,18 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
 }
 
 /* Runs the statements with T = float, __half or __nv_bfloat16, picked by two conditions. */
-#define SALS_DISPATCH_FLOAT(is_f32, is_f16, T, ...)                 \
-  do {                                                              \
-    if (is_f32) {                                                   \
-      typedef float T;                                              \
-      __VA_ARGS__;                                                  \
-    } else if (is_f16) {                                            \
-      typedef __half T;                                             \
-      __VA_ARGS__;                                                  \
-    } else {                                                        \
-      typedef __nv_bfloat16 T;                                      \
-      __VA_ARGS__;                                                  \
-    }                                                               \
+#define SALS_DISPATCH_FLOAT(is_f32, is_f16, T, ...) \
+  do {                                              \
+    if (is_f32) {                                   \
+      typedef float T;                              \
+      __VA_ARGS__;                                  \
+    } else if (is_f16) {                            \
+      typedef __half T;                             \
+      __VA_ARGS__;                                  \
+    } else {                                        \
+      typedef __nv_bfloat16 T;                      \
+      __VA_ARGS__;                                  \
+    }                                               \
   } while (0)
 /* ... on the cache storage type (sals_dtype_t) */
 #define SALS_DISPATCH_DTYPE(dtype, T, ...) \
@@ -198,8 +198,8 @@ struct GroupQuant {
 
 /* One group (x_at(e) gives channel e as float) by one thread. */
 template <typename F>
-__device__ __forceinline__ void quantize_group(F x_at, int32_t group, int32_t bits,
-                                               uint8_t* packed, uint16_t* scale, uint16_t* zero) {
+__device__ __forceinline__ void quantize_group(F x_at, int32_t group, int32_t bits, uint8_t* packed,
+                                               uint16_t* scale, uint16_t* zero) {
   float lo = INFINITY, hi = -INFINITY;
   for (int32_t e = 0; e < group; ++e) {
     const float x = x_at(e);
@@ -301,8 +301,12 @@ struct RopeArgs {
 /* ---- tensor-core fragments (mma.sync m16n8k16, fp32 accumulate) ------------------------ */
 
 template <typename T> struct MmaKind;
-template <> struct MmaKind<__half> { static constexpr bool bf16 = false; };
-template <> struct MmaKind<__nv_bfloat16> { static constexpr bool bf16 = true; };
+template <> struct MmaKind<__half> {
+  static constexpr bool bf16 = false;
+};
+template <> struct MmaKind<__nv_bfloat16> {
+  static constexpr bool bf16 = true;
+};
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
@@ -386,31 +390,30 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N][4]) {
                ".f32" TYPES " {" REGS "}, " DESCS ", p, 1, 1, 0, 0;\n}\n"                    \
                : __VA_ARGS__                                                                 \
                : "l"(da), "l"(db))
-#define SALS_WGMMA_R32 \
+#define SALS_WGMMA_R32                                                   \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
   ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define SALS_WGMMA_R64 SALS_WGMMA_R32 \
+#define SALS_WGMMA_R64                                                               \
+  SALS_WGMMA_R32                                                                     \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47" \
   ", %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define SALS_WGMMA_ACC64                                                                    \
+#define SALS_WGMMA_ACC64                                                                         \
   SALS_WGMMA_ACC(0), SALS_WGMMA_ACC(1), SALS_WGMMA_ACC(2), SALS_WGMMA_ACC(3), SALS_WGMMA_ACC(4), \
       SALS_WGMMA_ACC(5), SALS_WGMMA_ACC(6), SALS_WGMMA_ACC(7)
-#define SALS_WGMMA_ACC128                                                                   \
+#define SALS_WGMMA_ACC128                                                                         \
   SALS_WGMMA_ACC64, SALS_WGMMA_ACC(8), SALS_WGMMA_ACC(9), SALS_WGMMA_ACC(10), SALS_WGMMA_ACC(11), \
       SALS_WGMMA_ACC(12), SALS_WGMMA_ACC(13), SALS_WGMMA_ACC(14), SALS_WGMMA_ACC(15)
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[16][4], uint64_t da, uint64_t db) {
   if constexpr (MmaKind<T>::bf16)
     SALS_WGMMA_ASM("m64n128k16", ".bf16.bf16", SALS_WGMMA_R64, "%64, %65", SALS_WGMMA_ACC128);
-  else
-    SALS_WGMMA_ASM("m64n128k16", ".f16.f16", SALS_WGMMA_R64, "%64, %65", SALS_WGMMA_ACC128);
+  else SALS_WGMMA_ASM("m64n128k16", ".f16.f16", SALS_WGMMA_R64, "%64, %65", SALS_WGMMA_ACC128);
 }
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], uint64_t da, uint64_t db) {
   if constexpr (MmaKind<T>::bf16)
     SALS_WGMMA_ASM("m64n64k16", ".bf16.bf16", SALS_WGMMA_R32, "%32, %33", SALS_WGMMA_ACC64);
-  else
-    SALS_WGMMA_ASM("m64n64k16", ".f16.f16", SALS_WGMMA_R32, "%32, %33", SALS_WGMMA_ACC64);
+  else SALS_WGMMA_ASM("m64n64k16", ".f16.f16", SALS_WGMMA_R32, "%32, %33", SALS_WGMMA_ACC64);
 }
 #endif
 
@@ -526,8 +529,7 @@ struct QuantRows {
  * them). */
 cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRows& k_lat,
                           const int32_t* lengths, int32_t n_sink, int32_t n_recent, int32_t B,
-                          float* scores, int64_t score_stride_b, int32_t num_sms,
-                          cudaStream_t st);
+                          float* scores, int64_t score_stride_b, int32_t num_sms, cudaStream_t st);
 
 /* Longest attended list of one decode step for the cache's config (attend.cu): the row length of
  * CacheState::logits. */

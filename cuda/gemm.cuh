@@ -91,7 +91,7 @@ cudaError_t sgemm(int64_t M, int64_t N, int64_t K, ALoad a, BLoad b, Epi epi, cu
 constexpr int kSkCols = 32, kSkM = 16, kSkWarps = 8, kSkThreads = 32 * kSkWarps;
 constexpr int kSkQuads = 8;                              /* 4-row groups per warp, at most */
 constexpr int kSkMaxRows = 4 * kSkWarps * kSkQuads;      /* rows of K per split, at most */
-constexpr int kSkSumBatch = 16;                          /* partials loaded at once when summing */
+constexpr int kSkSumBatch = 16; /* partials loaded at once when summing */
 
 /* Rows of K per split: K / 16 rounded up to whole 32-row passes, within [32, kSkMaxRows]. At
  * most 16 splits up to K = 4096 (enough blocks to cover the device at batch 1, few partials per
@@ -259,8 +259,8 @@ cudaError_t skinny(int32_t M, int32_t N, int32_t K, int32_t H, const float* U, i
   auto launch = [&](auto rows) {
     constexpr int MR = decltype(rows)::value;
     dim3 grid((unsigned)cdiv(N, kSkCols), (unsigned)cdiv(K, R), (unsigned)(cdiv(M, MR) * H));
-    skinny_kernel<MR><<<grid, kSkThreads, 0, st>>>(M, N, K, H, R, U, ldu, u_head_stride, x,
-                                                   w.part, w.count, epi);
+    skinny_kernel<MR><<<grid, kSkThreads, 0, st>>>(M, N, K, H, R, U, ldu, u_head_stride, x, w.part,
+                                                   w.count, epi);
     return cudaPeekAtLastError();
   };
   /* rows per block: the batch when it is small (a block computing 16 rows for one spent 15/16
@@ -301,10 +301,8 @@ __global__ void __launch_bounds__(kHgThreads)
       a.load8(m0 + mm, k0 + kk, reinterpret_cast<T*>(&ra[i]));
       int kb = c / 8, nn = (c % 8) * 8;
       int64_t k = k0 + kb, n = n0 + nn;
-      if (k < K && n < N)
-        rb[i] = *reinterpret_cast<const uint4*>(B + k * N + n);
-      else
-        rb[i] = make_uint4(0, 0, 0, 0);
+      if (k < K && n < N) rb[i] = *reinterpret_cast<const uint4*>(B + k * N + n);
+      else rb[i] = make_uint4(0, 0, 0, 0);
     }
   };
   auto stash = [&](int buf) {
@@ -331,9 +329,8 @@ __global__ void __launch_bounds__(kHgThreads)
         ldmatrix_x4(af[i], &As[buf][(wm + i * 16 + (lane % 16)) * kHgAS + ks + (lane / 16) * 8]);
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        ldmatrix_x4_trans(
-            bfr[j], &Bs[buf][(ks + (lane % 8) + ((lane / 8) % 2) * 8) * kHgBS + wn + j * 16 +
-                             (lane / 16) * 8]);
+        ldmatrix_x4_trans(bfr[j], &Bs[buf][(ks + (lane % 8) + ((lane / 8) % 2) * 8) * kHgBS + wn +
+                                           j * 16 + (lane / 16) * 8]);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -359,8 +356,7 @@ __global__ void __launch_bounds__(kHgThreads)
 }
 
 template <typename T, typename ALoad, typename Epi>
-cudaError_t hgemm(int64_t M, int64_t N, int64_t K, ALoad a, const T* B, Epi epi,
-                  cudaStream_t st) {
+cudaError_t hgemm(int64_t M, int64_t N, int64_t K, ALoad a, const T* B, Epi epi, cudaStream_t st) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   dim3 grid((unsigned)cdiv(N, kHgBN), (unsigned)cdiv(M, kHgBM));
   hgemm_kernel<T><<<grid, kHgThreads, 0, st>>>(M, N, K, a, B, epi);

@@ -235,8 +235,8 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
           fixed_len, n_sink, n_recent, L, scores, score_stride_b);
     else
       score_vec_kernel<__nv_bfloat16><<<grid, kThreads, 0, st>>>(
-          qlat, H, R, (const __nv_bfloat16*)k_lat.data, k_lat.stride[0], k_lat.stride[1],
-          lengths, fixed_len, n_sink, n_recent, L, scores, score_stride_b);
+          qlat, H, R, (const __nv_bfloat16*)k_lat.data, k_lat.stride[0], k_lat.stride[1], lengths,
+          fixed_len, n_sink, n_recent, L, scores, score_stride_b);
   } else {
     score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, k_lat, lengths, fixed_len, n_sink,
                                                 n_recent, scores, score_stride_b);
@@ -246,20 +246,19 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
 
 cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRows& k_lat,
                           const int32_t* lengths, int32_t n_sink, int32_t n_recent, int32_t B,
-                          float* scores, int64_t score_stride_b, int32_t num_sms,
-                          cudaStream_t st) {
+                          float* scores, int64_t score_stride_b, int32_t num_sms, cudaStream_t st) {
   if (B <= 0) return cudaSuccess;
   /* whole 8-coordinate pieces, with code loads aligned to their size (row_bytes = R bits / 8) */
   const bool vec = R % 8 == 0;
   const int L = lanes_for(R);
-  const dim3 grid = score_grid(k_lat.seq_rows, B,
-                               vec ? (kThreads / 32) * (32 / L) * kU : kThreads / 32, num_sms);
+  const dim3 grid =
+      score_grid(k_lat.seq_rows, B, vec ? (kThreads / 32) * (32 / L) * kU : kThreads / 32, num_sms);
   if (vec)
-    score_codes_vec_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths,
-                                                      n_sink, n_recent, L, scores, score_stride_b);
+    score_codes_vec_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths, n_sink,
+                                                      n_recent, L, scores, score_stride_b);
   else
-    score_codes_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths,
-                                                      n_sink, n_recent, scores, score_stride_b);
+    score_codes_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths, n_sink,
+                                                      n_recent, scores, score_stride_b);
   return cudaPeekAtLastError();
 }
 

@@ -147,12 +147,10 @@ __device__ void list_pass(int32_t n, Value value, int sh, int width, uint32_t* p
   *in_bin = f.count;
 }
 
-__global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict__ scores,
-                                                        int64_t row_stride, RowSpec spec,
-                                                        int32_t* __restrict__ idx,
-                                                        int64_t isb, int64_t ish,
-                                                        int32_t pad_to,
-                                                        int32_t* __restrict__ ws) {
+__global__ void __launch_bounds__(kThreads)
+    topk_kernel(const float* __restrict__ scores, int64_t row_stride, RowSpec spec,
+                int32_t* __restrict__ idx, int64_t isb, int64_t ish, int32_t pad_to,
+                int32_t* __restrict__ ws) {
   extern __shared__ int32_t smem[];
   int32_t* hist = smem;
   uint32_t* s_key = (uint32_t*)(smem + kLeadBins);
@@ -179,8 +177,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     if (spec.count && first_head && tid == 0) spec.count[b] = k;
     for (int32_t i = k + tid; i < pad_to; i += kThreads) out[i] = -1;
   };
-  const int32_t kb = qp < 0 ? 0 : budget_for(S, spec.n_sink, spec.n_recent, spec.budget_tokens,
-                                             spec.budget_frac);
+  const int32_t kb =
+      qp < 0 ? 0 : budget_for(S, spec.n_sink, spec.n_recent, spec.budget_tokens, spec.budget_frac);
   const int32_t nchunks = kb > 0 ? (hi - lo + kChunk - 1) / kChunk : 1;
   if (chunk >= nchunks) return;
   if (kb == 0) {
@@ -315,8 +313,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     return true;
   };
   for (int sh = kLeadShift - kKeyBits; sh >= 0 && in_bin != rem; sh -= kKeyBits)
-    list_pass(n_list, by_key, sh, kKeyBits, &prefix, &mask, &rem, &in_bin, hist, warp_tot,
-              &s_bin);
+    list_pass(n_list, by_key, sh, kKeyBits, &prefix, &mask, &rem, &in_bin, hist, warp_tot, &s_bin);
   /* Still more keys equal to the threshold than places left: the lower indices win, i.e. the
    * larger complemented indices. */
   const uint32_t thr = prefix;
@@ -326,8 +323,11 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     return lkey[i] == thr;
   };
   for (int pass = 0; pass < 3 && in_bin != rem; ++pass)
-    list_pass(n_list, by_index, pass == 0 ? 21 : pass == 1 ? 10 : 0, pass == 2 ? 10 : 11,
-              &iprefix, &imask, &rem, &in_bin, hist, warp_tot, &s_bin);
+    list_pass(n_list, by_index,
+              pass == 0   ? 21
+              : pass == 1 ? 10
+                          : 0,
+              pass == 2 ? 10 : 11, &iprefix, &imask, &rem, &in_bin, hist, warp_tot, &s_bin);
 
   /* Selected: keys above the threshold's prefix, and keys in its bin whose complemented index
    * is in or above the index bin (every one of them when no index pass ran: iprefix = 0). */

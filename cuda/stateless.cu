@@ -81,8 +81,8 @@ __global__ void rebuild_rope_kernel(DView kl, DView proj, DView pos, RopeArgs r,
   for (int32_t i = threadIdx.x; i < dk; i += blockDim.x) {
     const int32_t h = i / d, e = i % d;
     const float* kh = k + h * d;
-    const float y = rope_elem([&](int32_t j) { return kh[j]; }, e, p, r.inv_freq, r.rotary_dim,
-                              r.inter, r.att);
+    const float y =
+        rope_elem([&](int32_t j) { return kh[j]; }, e, p, r.inv_freq, r.rotary_dim, r.inter, r.att);
     store_elem((void*)out.data, out.elem, off3(out, n, h, e), y);
   }
 }
@@ -132,7 +132,8 @@ __global__ void sparse_attention_kernel(DView q, DView k, DView v, DView idx, bo
     l = l * alpha + p;
     m = m_new;
     for (int32_t e = lane; e < d; e += 32)
-      acc[warp * d + e] = acc[warp * d + e] * alpha + p * load_elem(v.data, v.elem, off4(v, b, j, h, e));
+      acc[warp * d + e] =
+          acc[warp * d + e] * alpha + p * load_elem(v.data, v.elem, off4(v, b, j, h, e));
   }
   if (lane == 0) {
     ml[warp * 2] = m;
@@ -165,8 +166,9 @@ __global__ void quantize_kernel(DView x, int32_t bits, int32_t group, DView pack
     const int64_t n = i / ng;
     const int32_t g = (int32_t)(i % ng), c0 = g * group;
     auto x_at = [&](int32_t e) { return load_elem(x.data, x.elem, off2(x, n, c0 + e)); };
-    quantize_group(x_at, group, bits, (uint8_t*)packed.data + off2(packed, n, (int64_t)c0 * bits / 8),
-                   (uint16_t*)scale.data + off2(scale, n, g), (uint16_t*)zero.data + off2(zero, n, g));
+    quantize_group(
+        x_at, group, bits, (uint8_t*)packed.data + off2(packed, n, (int64_t)c0 * bits / 8),
+        (uint16_t*)scale.data + off2(scale, n, g), (uint16_t*)zero.data + off2(zero, n, g));
   }
 }
 
@@ -219,8 +221,8 @@ extern "C" {
 sals_status_t sals_cuda_project(const sals_view_t* x, const sals_view_t* proj,
                                 const sals_view_t* out, void* stream) {
   const int64_t N = x->shape[0], K = x->shape[1], R = proj->shape[1];
-  SALS_CUDA_TRY(sgemm(N, R, K, View2Load{dview(x)}, View2Load{dview(proj)},
-                      View2Store{dview(out)}, (cudaStream_t)stream));
+  SALS_CUDA_TRY(sgemm(N, R, K, View2Load{dview(x)}, View2Load{dview(proj)}, View2Store{dview(out)},
+                      (cudaStream_t)stream));
   return SALS_OK;
 }
 
@@ -242,9 +244,9 @@ sals_status_t sals_cuda_rope_apply(const sals_view_t* x, const sals_view_t* pos,
 }
 
 sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t* k_lat,
-                                     const sals_view_t* lengths, int32_t score_rank,
-                                     int32_t n_sink, int32_t n_recent, int32_t budget,
-                                     const sals_view_t* idx, void* stream) {
+                                     const sals_view_t* lengths, int32_t score_rank, int32_t n_sink,
+                                     int32_t n_recent, int32_t budget, const sals_view_t* idx,
+                                     void* stream) {
   cudaStream_t st = (cudaStream_t)stream;
   const int32_t B = (int32_t)q_lat->shape[0], H = (int32_t)q_lat->shape[1];
   const int32_t S = (int32_t)k_lat->shape[1];
@@ -257,8 +259,8 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
   if (cudaMallocAsync((void**)&sc, sizeof(float) * (size_t)B * H * (S > 0 ? S : 1), st) !=
       cudaSuccess) {
     cudaFreeAsync(qf, st);
-    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "score_select: scratch for %d x %d scores",
-                          B * H, S);
+    return sals_set_error(SALS_ERR_OUT_OF_MEMORY, "score_select: scratch for %d x %d scores", B * H,
+                          S);
   }
   if (cudaMallocAsync(&ws, ws_bytes, st) != cudaSuccess) {
     cudaFreeAsync(qf, st);
@@ -268,8 +270,8 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
   }
   cudaError_t e = cudaMemsetAsync(ws, 0, ws_bytes, st);
   if (e == cudaSuccess) {
-    to_float3_kernel<<<blocks_for((int64_t)B * H * score_rank, 256), 256, 0, st>>>(
-        dview(q_lat), score_rank, qf);
+    to_float3_kernel<<<blocks_for((int64_t)B * H * score_rank, 256), 256, 0, st>>>(dview(q_lat),
+                                                                                   score_rank, qf);
     e = cudaPeekAtLastError();
   }
   const int32_t* len = lengths ? (const int32_t*)lengths->data : nullptr;
@@ -289,8 +291,8 @@ sals_status_t sals_cuda_score_select(const sals_view_t* q_lat, const sals_view_t
     spec.has_qpos = false;
     spec.pos = nullptr;
     spec.pos_stride = 0;
-    e = launch_topk(sc, S, B * H, spec, (int32_t*)idx->data, idx->stride[0], idx->stride[1],
-                    budget, ws, st);
+    e = launch_topk(sc, S, B * H, spec, (int32_t*)idx->data, idx->stride[0], idx->stride[1], budget,
+                    ws, st);
   }
   cudaFreeAsync(qf, st);
   cudaFreeAsync(sc, st);

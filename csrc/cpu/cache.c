@@ -31,10 +31,10 @@ static size_t esz(const sals_cache_t* c) { return sals_dtype_size(c->cfg.dtype);
 static sals_elem_t eel(const sals_cache_t* c) { return sals_dtype_elem(c->cfg.dtype); }
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-#define TRY(expr)                    \
-  do {                               \
-    sals_status_t st_ = (expr);      \
-    if (st_ != SALS_OK) return st_;  \
+#define TRY(expr)                   \
+  do {                              \
+    sals_status_t st_ = (expr);     \
+    if (st_ != SALS_OK) return st_; \
   } while (0)
 
 /* ---- init / free / reset ------------------------------------------------------------------- */
@@ -128,8 +128,8 @@ sals_status_t sals_cpu_cache_init(sals_cache_t* c) {
   s->ws_stride = (max_i64(append_ws, attend_ws) + 15) & ~(int64_t)15;
   s->ws = (float*)track(c, (size_t)(s->ws_stride * s->n_threads) * 4, &failed);
   s->partial = (float*)track(c, (size_t)(B * s->max_chunks * Hq * (d + 2)) * 4, &failed);
-  s->blk_base = (int32_t*)track(c, (size_t)(B * ((T + TOKEN_BLOCK - 1) / TOKEN_BLOCK)) * 4,
-                                &failed);
+  s->blk_base =
+      (int32_t*)track(c, (size_t)(B * ((T + TOKEN_BLOCK - 1) / TOKEN_BLOCK)) * 4, &failed);
   s->final_len = (int32_t*)track(c, (size_t)B * 4, &failed);
   s->seq = (sals_seq_t*)track(c, (size_t)B * sizeof(sals_seq_t), &failed);
   if (!failed) {
@@ -158,11 +158,25 @@ void sals_cpu_cache_free(sals_cache_t* c) {
     free(s->seq);
     free(s);
   }
-  void* bufs[] = {c->proj,           c->inv_freq,       c->lat_score,     c->lat_rest,
-                  c->lat_score_scale, c->lat_score_zero, c->lat_rest_scale, c->lat_rest_zero,
-                  c->val,            c->val_scale,      c->val_zero,      c->sink_k,
-                  c->sink_v,         c->recent_k,       c->recent_v,      c->pos,
-                  c->len,            c->sel_idx,        c->sel_count};
+  void* bufs[] = {c->proj,
+                  c->inv_freq,
+                  c->lat_score,
+                  c->lat_rest,
+                  c->lat_score_scale,
+                  c->lat_score_zero,
+                  c->lat_rest_scale,
+                  c->lat_rest_zero,
+                  c->val,
+                  c->val_scale,
+                  c->val_zero,
+                  c->sink_k,
+                  c->sink_v,
+                  c->recent_k,
+                  c->recent_v,
+                  c->pos,
+                  c->len,
+                  c->sel_idx,
+                  c->sel_count};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) free(bufs[i]);
   c->backend = NULL;
   c->proj = c->inv_freq = NULL;
@@ -196,8 +210,8 @@ static sals_status_t check_rows(const char* name, const sals_view_t* x, const sa
 }
 
 /* Every non-padding token of an append: finite k and v, and storable (sals_check_storable). */
-static sals_status_t check_append(const sals_cache_t* c, const sals_view_t* k,
-                                  const sals_view_t* v, const sals_view_t* pos) {
+static sals_status_t check_append(const sals_cache_t* c, const sals_view_t* k, const sals_view_t* v,
+                                  const sals_view_t* pos) {
   sals_status_t st = check_rows("k", k, pos);
   if (st == SALS_OK) st = check_rows("v", v, pos);
   if (st != SALS_OK) return st;
@@ -304,9 +318,8 @@ sals_status_t sals_cpu_cache_append(sals_cache_t* c, const sals_view_t* k, const
 
 /* ---- attend -------------------------------------------------------------------------------- */
 
-sals_status_t sals_cpu_cache_attend(sals_cache_t* c, const sals_view_t* q,
-                                    const sals_view_t* q_pos, const sals_view_t* out,
-                                    void* stream) {
+sals_status_t sals_cpu_cache_attend(sals_cache_t* c, const sals_view_t* q, const sals_view_t* q_pos,
+                                    const sals_view_t* out, void* stream) {
   (void)stream;
   cpu_state_t* s = (cpu_state_t*)c->backend;
   const sals_config_t* g = &c->cfg;
@@ -357,10 +370,8 @@ sals_status_t sals_cpu_cache_attend(sals_cache_t* c, const sals_view_t* q,
   a.ws = s->ws;
   a.ws_stride = s->ws_stride;
   a.partial = s->partial;
-  if (sparse)
-    sals_pool_run(s->pool, B * c->n_sel_heads, sals_select_task, &a);
-  else
-    memset(c->sel_count, 0, (size_t)B * 4);
+  if (sparse) sals_pool_run(s->pool, B * c->n_sel_heads, sals_select_task, &a);
+  else memset(c->sel_count, 0, (size_t)B * 4);
   /* One query: heads sharing a token list are handled together (shared RoPE tables and
    * latent gathers), and the list is split in chunks to occupy every thread. Several
    * queries: one task per KV head and query block, whole list. */
@@ -385,8 +396,7 @@ sals_status_t sals_cpu_cache_attend(sals_cache_t* c, const sals_view_t* q,
 
 sals_status_t sals_cpu_cache_lengths(const sals_cache_t* c, const sals_view_t* out, void* stream) {
   (void)stream;
-  for (int64_t b = 0; b < out->shape[0]; ++b)
-    *(int32_t*)sals_view_at(out, b, 0, 0, 0) = c->len[b];
+  for (int64_t b = 0; b < out->shape[0]; ++b) *(int32_t*)sals_view_at(out, b, 0, 0, 0) = c->len[b];
   return SALS_OK;
 }
 

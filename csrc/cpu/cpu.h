@@ -118,9 +118,9 @@ static inline float* sals_attn_ws_carve(float* ws, int64_t R, int64_t d, sals_at
  * q [R][d] (scaled, rotated), kt [d][nk] (row stride ldk), v [nk][d], kpos [nk], qpos [R]
  * (a key is visible to row i when kpos <= qpos[i]); s [R][nk] scratch; state m, l [R], acc [R][d].
  */
-void sals_attn_block(int64_t R, int64_t d, int64_t nk, const float* q, const float* kt,
-                     int64_t ldk, const float* v, const int32_t* kpos, const int32_t* qpos,
-                     float* s, float* m, float* l, float* acc);
+void sals_attn_block(int64_t R, int64_t d, int64_t nk, const float* q, const float* kt, int64_t ldk,
+                     const float* v, const int32_t* kpos, const int32_t* qpos, float* s, float* m,
+                     float* l, float* acc);
 /** Reset an online-softmax state of R rows. */
 void sals_attn_init(int64_t R, int64_t d, float* m, float* l, float* acc);
 

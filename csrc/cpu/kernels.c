@@ -130,8 +130,8 @@ void sals_attn_init(int64_t R, int64_t d, float* m, float* l, float* acc) {
 }
 
 SALS_HOT void sals_attn_block(int64_t R, int64_t d, int64_t nk, const float* q, const float* kt,
-                              int64_t ldk, const float* v, const int32_t* kpos,
-                              const int32_t* qpos, float* s, float* m, float* l, float* acc) {
+                              int64_t ldk, const float* v, const int32_t* kpos, const int32_t* qpos,
+                              float* s, float* m, float* l, float* acc) {
   sals_gemm(R, nk, d, q, d, kt, ldk, s, nk, 0);
   for (int64_t i = 0; i < R; ++i) {
     float* si = s + i * nk;
@@ -261,14 +261,30 @@ int64_t sals_topk(const float* score, int64_t n, int64_t k, int32_t* perm, int32
   while (lo < hi) {
     int32_t t;
     if (hi - lo == 1) { /* two left: the median-of-three below needs mid distinct from lo */
-      if (better(score, perm[hi], perm[lo])) { t = perm[lo]; perm[lo] = perm[hi]; perm[hi] = t; }
+      if (better(score, perm[hi], perm[lo])) {
+        t = perm[lo];
+        perm[lo] = perm[hi];
+        perm[hi] = t;
+      }
       break;
     }
     int64_t mid = lo + (hi - lo) / 2;
     int32_t a = perm[lo], b = perm[mid], c = perm[hi];
-    if (better(score, b, a)) { t = a; a = b; b = t; }
-    if (better(score, c, b)) { t = b; b = c; c = t; }
-    if (better(score, b, a)) { t = a; a = b; b = t; }
+    if (better(score, b, a)) {
+      t = a;
+      a = b;
+      b = t;
+    }
+    if (better(score, c, b)) {
+      t = b;
+      b = c;
+      c = t;
+    }
+    if (better(score, b, a)) {
+      t = a;
+      a = b;
+      b = t;
+    }
     perm[lo] = a;
     perm[mid] = b;
     perm[hi] = c;

@@ -156,9 +156,9 @@ static void select_task(void* p, int64_t task, int32_t thread) {
 }
 
 sals_status_t sals_cpu_score_select(const sals_view_t* q_lat, const sals_view_t* k_lat,
-                                    const sals_view_t* lengths, int32_t score_rank,
-                                    int32_t n_sink, int32_t n_recent, int32_t budget,
-                                    const sals_view_t* idx, void* stream) {
+                                    const sals_view_t* lengths, int32_t score_rank, int32_t n_sink,
+                                    int32_t n_recent, int32_t budget, const sals_view_t* idx,
+                                    void* stream) {
   (void)stream;
   select_ctx c = {q_lat, k_lat, lengths, idx, score_rank, n_sink, n_recent, budget, {NULL, 0}};
   const int64_t S = k_lat->shape[1];
@@ -207,8 +207,8 @@ sals_status_t sals_cpu_rebuild_rope(const sals_view_t* k_lat, const sals_view_t*
                                     int32_t interleaved, const sals_view_t* out, void* stream) {
   (void)stream;
   sals_status_t st;
-  rebuild_ctx c = {k_lat, pos, out, NULL, inv_freq, rotary_dim / 2, interleaved,
-                   attention_scaling, {NULL, 0}};
+  rebuild_ctx c = {
+      k_lat, pos, out, NULL, inv_freq, rotary_dim / 2, interleaved, attention_scaling, {NULL, 0}};
   const int64_t R = k_lat->shape[1], dk = proj->shape[0], N = k_lat->shape[0];
   float* pt = dense_f32(proj, 1, &st);
   if (!pt) return st;
@@ -278,8 +278,7 @@ sals_status_t sals_cpu_sparse_attention(const sals_view_t* q, const sals_view_t*
   attn_ctx c = {q, k, v, idx, lengths, out, scale, {NULL, 0}};
   c.s.ws_stride = sals_attn_ws_floats(G, d) + d + SALS_KEY_BLOCK;
   const double n = idx ? (double)idx->shape[2] : (double)k->shape[1];
-  return run_tasks(&c.s, q->shape[0] * Hkv, 4.0 * (double)q->shape[0] * Hq * d * n, attn_task,
-                   &c);
+  return run_tasks(&c.s, q->shape[0] * Hkv, 4.0 * (double)q->shape[0] * Hq * d * n, attn_task, &c);
 }
 
 /* ---- value quantisation -------------------------------------------------------------------- */

@@ -91,8 +91,8 @@ static void append_task(void* ctx, int64_t task, int32_t thread) {
     const int32_t row = a->rows ? ((const int32_t*)a->rows->data)[t * a->rows->stride[0]] : -1;
     if (row >= 0) /* the exact copy: key then value, each [n_head_kv][head_dim] */
       for (int64_t h = 0; h < g->n_head_kv; ++h) {
-        sals_store_f32(sals_view_at(a->window, row, 0, h, 0), a->window->elem,
-                       kf + n * dk + h * d, d);
+        sals_store_f32(sals_view_at(a->window, row, 0, h, 0), a->window->elem, kf + n * dk + h * d,
+                       d);
         sals_store_f32(sals_view_at(a->window, row, 1, h, 0), a->window->elem, vf + h * d, d);
       }
     slots[n++] = s;
@@ -134,8 +134,7 @@ sals_status_t sals_cpu_paged_append(const sals_paged_t* p, const sals_view_t* k,
   a.ws_stride = (TOKEN_BLOCK * (dk + r) + dk + 15) & ~(int64_t)15;
   a.ws = (float*)malloc((size_t)(a.ws_stride * sals_pool_size(pool)) * sizeof(float));
   sals_status_t st = SALS_OK;
-  if (!a.ws)
-    st = sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (append scratch)");
+  if (!a.ws) st = sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (append scratch)");
   if (st == SALS_OK && g->check_finite) st = check_storable(p, k, v, slots, a.ws);
   if (st == SALS_OK) sals_pool_run(pool, n_tasks, append_task, &a);
   free(a.ws);
@@ -246,12 +245,12 @@ sals_status_t sals_cpu_paged_attend(const sals_paged_t* p, const sals_view_t* q,
     if (a.n_ch < 1) a.n_ch = 1;
   }
   a.max_chunks = a.n_ch;
-  a.ws_stride = (sals_attend_ws_floats(g, L.half, sals_attend_rows(g, q_block), max_len) + 15) &
-                ~(int64_t)15;
+  a.ws_stride =
+      (sals_attend_ws_floats(g, L.half, sals_attend_rows(g, q_block), max_len) + 15) & ~(int64_t)15;
   ws = (float*)malloc((size_t)(a.ws_stride * threads) * sizeof(float));
   if (a.n_ch > 1)
-    partial = (float*)malloc((size_t)(B * a.n_ch * g->n_head_q * (g->head_dim + 2)) *
-                             sizeof(float));
+    partial =
+        (float*)malloc((size_t)(B * a.n_ch * g->n_head_q * (g->head_dim + 2)) * sizeof(float));
   if (!ws || (a.n_ch > 1 && !partial)) {
     st = sals_set_error(SALS_ERR_OUT_OF_MEMORY, "out of host memory (attend workspace)");
     goto done;

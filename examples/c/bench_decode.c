@@ -2,7 +2,8 @@
  * Times one SALS decode step (append one token + sparse attend) of a Llama-3.1-8B-shaped layer
  * (32 query / 8 KV heads, head dim 128) on the CPU.
  *   cc -O2 -I csrc/include examples/c/bench_decode.c -L build -lsals -lm -o bench_decode
- *   LD_LIBRARY_PATH=build ./bench_decode [tokens=4096] [steps=20] [threads=0] [which=all|25|12.5|dense]
+ *   LD_LIBRARY_PATH=build ./bench_decode [tokens=4096] [steps=20] [threads=0]
+ * [which=all|25|12.5|dense]
  */
 #include <math.h>
 #include <stdio.h>
@@ -29,16 +30,17 @@ static void tensor(DLTensor* t, int64_t* shape, void* data, DLDataType dt, int n
   t->byte_offset = 0;
 }
 
-#define CK(call)                                                                  \
-  do {                                                                            \
-    sals_status_t st_ = (call);                                                   \
-    if (st_ != SALS_OK) {                                                         \
-      fprintf(stderr, "%s: %s\n", sals_status_string(st_), sals_last_error());    \
-      exit(1);                                                                    \
-    }                                                                             \
+#define CK(call)                                                               \
+  do {                                                                         \
+    sals_status_t st_ = (call);                                                \
+    if (st_ != SALS_OK) {                                                      \
+      fprintf(stderr, "%s: %s\n", sals_status_string(st_), sals_last_error()); \
+      exit(1);                                                                 \
+    }                                                                          \
   } while (0)
 
-static void run(const char* name, int rank, int score_rank, int bits, int S, int steps, int threads) {
+static void run(const char* name, int rank, int score_rank, int bits, int S, int steps,
+                int threads) {
   const int Hq = 32, Hkv = 8, d = 128, dk = Hkv * d;
   const DLDataType f32 = {kDLFloat, 32, 1}, i32 = {kDLInt, 32, 1};
   sals_config_t cfg = sals_config_default();
@@ -112,12 +114,17 @@ static void run(const char* name, int rank, int score_rank, int bits, int S, int
   }
   sals_memory_t m;
   CK(sals_cache_memory(c, &m, NULL));
-  printf("%-10s S=%6d  append %.3f ms  attend %.3f ms (best %.3f)  prefill %.1f tok/ms  "
-         "kv bytes %.3f of dense fp16\n",
-         name, S, 1e3 * t_append / (steps - 1), 1e3 * t_attend / (steps - 1), 1e3 * best,
-         S / (1e3 * t_prefill), (double)m.total / (double)m.dense_fp16);
+  printf(
+      "%-10s S=%6d  append %.3f ms  attend %.3f ms (best %.3f)  prefill %.1f tok/ms  "
+      "kv bytes %.3f of dense fp16\n",
+      name, S, 1e3 * t_append / (steps - 1), 1e3 * t_attend / (steps - 1), 1e3 * best,
+      S / (1e3 * t_prefill), (double)m.total / (double)m.dense_fp16);
   sals_cache_destroy(c);
-  free(q); free(out); free(k); free(v); free(pos);
+  free(q);
+  free(out);
+  free(k);
+  free(v);
+  free(pos);
 }
 
 int main(int argc, char** argv) {

@@ -19,14 +19,13 @@
 #define RANK (DK / 4)
 #define PROMPT 1000
 
-#define CK(call)                                                                  \
-  do {                                                                            \
-    sals_status_t st_ = (call);                                                   \
-    if (st_ != SALS_OK) {                                                         \
-      fprintf(stderr, "%s failed: %s: %s\n", #call, sals_status_string(st_),      \
-              sals_last_error());                                                 \
-      return 1;                                                                   \
-    }                                                                             \
+#define CK(call)                                                                                 \
+  do {                                                                                           \
+    sals_status_t st_ = (call);                                                                  \
+    if (st_ != SALS_OK) {                                                                        \
+      fprintf(stderr, "%s failed: %s: %s\n", #call, sals_status_string(st_), sals_last_error()); \
+      return 1;                                                                                  \
+    }                                                                                            \
   } while (0)
 
 static float frand(void) { return (float)rand() / (float)RAND_MAX * 2.0f - 1.0f; }
@@ -79,12 +78,14 @@ int main(void) {
   for (int i = 0; i < (PROMPT + 1) * DK; ++i) k[i] = frand(), v[i] = frand();
   for (int t = 0; t <= PROMPT; ++t) pos[t] = t;
   int64_t kshape[4] = {1, PROMPT, HKV, D}, pshape[2] = {1, PROMPT};
-  DLTensor tk = view(k, f32, 4, kshape), tv = view(v, f32, 4, kshape), tp = view(pos, i32, 2, pshape);
+  DLTensor tk = view(k, f32, 4, kshape), tv = view(v, f32, 4, kshape),
+           tp = view(pos, i32, 2, pshape);
   CK(sals_cache_append(cache, &tk, &tv, &tp, NULL));
 
   /* Decode: append the new token's key and value, then attend with its query. */
   int64_t kshape1[4] = {1, 1, HKV, D}, qshape[4] = {1, 1, HQ, D}, pshape1[2] = {1, 1};
-  DLTensor tk1 = view(k + PROMPT * DK, f32, 4, kshape1), tv1 = view(v + PROMPT * DK, f32, 4, kshape1);
+  DLTensor tk1 = view(k + PROMPT * DK, f32, 4, kshape1),
+           tv1 = view(v + PROMPT * DK, f32, 4, kshape1);
   DLTensor tp1 = view(pos + PROMPT, i32, 2, pshape1);
   CK(sals_cache_append(cache, &tk1, &tv1, &tp1, NULL));
   float q[HQ * D], out[HQ * D];
@@ -103,13 +104,14 @@ int main(void) {
   CK(sals_cache_memory(cache, &m, NULL));
   printf("sals %s: output norm %.6f, %d of %d candidate tokens selected\n", sals_version(),
          sqrt(norm), count, PROMPT + 1 - cfg.n_sink - cfg.n_recent);
-  printf("memory: latent keys %llu, values %llu, scales %llu, exact windows %llu, positions %llu,\n"
-         "        projection %llu, total %llu bytes = %.3f of dense fp16 (%llu); allocated %llu\n",
-         (unsigned long long)m.latent_keys, (unsigned long long)m.values,
-         (unsigned long long)m.value_scales, (unsigned long long)m.exact_window,
-         (unsigned long long)m.positions, (unsigned long long)m.projection,
-         (unsigned long long)m.total, (double)m.total / (double)m.dense_fp16,
-         (unsigned long long)m.dense_fp16, (unsigned long long)m.allocated);
+  printf(
+      "memory: latent keys %llu, values %llu, scales %llu, exact windows %llu, positions %llu,\n"
+      "        projection %llu, total %llu bytes = %.3f of dense fp16 (%llu); allocated %llu\n",
+      (unsigned long long)m.latent_keys, (unsigned long long)m.values,
+      (unsigned long long)m.value_scales, (unsigned long long)m.exact_window,
+      (unsigned long long)m.positions, (unsigned long long)m.projection,
+      (unsigned long long)m.total, (double)m.total / (double)m.dense_fp16,
+      (unsigned long long)m.dense_fp16, (unsigned long long)m.allocated);
   sals_cache_destroy(cache);
   free(k);
   free(v);

@@ -91,8 +91,7 @@ static PyObject* raise_sals(sals_status_t status, const char* fmt, ...) {
  * SystemExit); a MemoryError becomes OutOfMemoryError. Returns NULL.
  */
 static PyObject* reraise_as_sals(const char* name, const char* what) {
-  if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(g_sals_error))
-    return NULL;
+  if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(g_sals_error)) return NULL;
   PyObject *t, *v, *tb;
   PyErr_Fetch(&t, &v, &tb);
   PyErr_NormalizeException(&t, &v, &tb);
@@ -101,8 +100,8 @@ static PyObject* reraise_as_sals(const char* name, const char* what) {
   const int oom = t != NULL && PyErr_GivenExceptionMatches(t, PyExc_MemoryError);
   PyErr_Clear();
   PyErr_Restore(t, v, tb); /* becomes the cause */
-  raise_sals(oom ? SALS_ERR_OUT_OF_MEMORY : SALS_ERR_INVALID_ARGUMENT, "%s: %s raised %S: %S",
-             name, what, tname != NULL ? tname : Py_None, text != NULL ? text : Py_None);
+  raise_sals(oom ? SALS_ERR_OUT_OF_MEMORY : SALS_ERR_INVALID_ARGUMENT, "%s: %s raised %S: %S", name,
+             what, tname != NULL ? tname : Py_None, text != NULL ? text : Py_None);
   Py_XDECREF(tname);
   Py_XDECREF(text);
   return NULL;
@@ -153,7 +152,7 @@ static const DLPackExchangeAPI* exchange_api_of(PyObject* obj) {
   if (PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
     api = (const DLPackExchangeAPI*)PyCapsule_GetPointer(cap, "dlpack_exchange_api");
   }
-  /* The table is static in the producer (lives for the process), so dropping the capsule is safe. */
+  /* The table is static in the producer (lives for the process): dropping the capsule is safe. */
   Py_DECREF(cap);
   if (api == NULL || api->header.version.major != DLPACK_MAJOR_VERSION ||
       api->managed_tensor_from_py_object_no_sync == NULL || api->current_work_stream == NULL) {
@@ -229,7 +228,8 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
     DLManagedTensorVersioned* mt = NULL;
     if (api->managed_tensor_from_py_object_no_sync((void*)obj, &mt) != 0 || mt == NULL) {
       if (PyErr_Occurred()) return no_tensor(reraise_as_sals(name, "the DLPack exchange API"));
-      return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT, "%s: the producer could not export it", name));
+      return no_tensor(
+          raise_sals(SALS_ERR_INVALID_ARGUMENT, "%s: the producer could not export it", name));
     }
     h->versioned = mt;
     c->n_held++;
@@ -239,7 +239,8 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
         if (api->current_work_stream(mt->dl_tensor.device.device_type,
                                      mt->dl_tensor.device.device_id, &s) != 0) {
           if (PyErr_Occurred()) return no_tensor(reraise_as_sals(name, "current_work_stream"));
-          return no_tensor(raise_sals(SALS_ERR_DEVICE, "%s: no current stream for its device", name));
+          return no_tensor(
+              raise_sals(SALS_ERR_DEVICE, "%s: no current stream for its device", name));
         }
       }
       c->stream = s;
@@ -247,9 +248,10 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
     }
   } else {
     if (!PyObject_HasAttrString(obj, "__dlpack__"))
-      return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
-                        "%s: expected a DLPack tensor (an object with __dlpack__), got %R", name,
-                        (PyObject*)Py_TYPE(obj)));
+      return no_tensor(
+          raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                     "%s: expected a DLPack tensor (an object with __dlpack__), got %R", name,
+                     (PyObject*)Py_TYPE(obj)));
     int dev_type = kDLCPU, dev_id = 0;
     if (dlpack_device_of(obj, name, &dev_type, &dev_id) < 0) return NULL;
     PyObject* stream_value = NULL;
@@ -291,7 +293,8 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
     } else {
       raise_sals(SALS_ERR_INVALID_ARGUMENT,
                  "%s: __dlpack__() returned %R, not a \"dltensor\" or \"dltensor_versioned\" "
-                 "capsule (already consumed?)", name, (PyObject*)Py_TYPE(capsule));
+                 "capsule (already consumed?)",
+                 name, (PyObject*)Py_TYPE(capsule));
       Py_DECREF(capsule);
       return NULL;
     }
@@ -301,15 +304,17 @@ static DLTensor* call_import(call_t* c, PyObject* obj, const char* name, int wri
   }
   if (writable && h->versioned != NULL && (h->versioned->flags & DLPACK_FLAG_BITMASK_READ_ONLY))
     return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
-                      "%s: the tensor is read-only and cannot be written to", name));
+                                "%s: the tensor is read-only and cannot be written to", name));
   DLTensor* t = h->versioned != NULL ? &h->versioned->dl_tensor : &h->legacy->dl_tensor;
   /* What describe() and the Python layer read before libsals checks the rest. */
   if (t->ndim < 0 || t->ndim > MAX_DLPACK_DIMS)
-    return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT, "%s: the DLPack tensor has ndim %d (0..%d)",
-                      name, (int)t->ndim, MAX_DLPACK_DIMS));
+    return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                                "%s: the DLPack tensor has ndim %d (0..%d)", name, (int)t->ndim,
+                                MAX_DLPACK_DIMS));
   if (t->ndim > 0 && t->shape == NULL)
     return no_tensor(raise_sals(SALS_ERR_INVALID_ARGUMENT,
-                      "%s: the DLPack tensor has %d dims but a NULL shape", name, (int)t->ndim));
+                                "%s: the DLPack tensor has %d dims but a NULL shape", name,
+                                (int)t->ndim));
   return t;
 }
 
@@ -336,8 +341,10 @@ static int call_begin(call_t* c, PyObject* stream_arg, const arg_t* args, int n)
     c->stream = PyLong_Check(stream_arg) ? PyLong_AsVoidPtr(stream_arg) : NULL;
     if (!PyLong_Check(stream_arg) || (c->stream == NULL && PyErr_Occurred())) {
       PyErr_Clear();
-      raise_sals(SALS_ERR_INVALID_ARGUMENT, "stream: expected an int (a cudaStream_t) or None, "
-                 "got %R", stream_arg);
+      raise_sals(SALS_ERR_INVALID_ARGUMENT,
+                 "stream: expected an int (a cudaStream_t) or None, "
+                 "got %R",
+                 stream_arg);
       return -1;
     }
     c->stream_known = 1;
@@ -363,13 +370,14 @@ static int call_end(call_t* c, sals_status_t st) {
 }
 
 /* Run the sals call `expr` without the GIL, finish call `c`, and return None (or raise). */
-#define CALL_RETURN_NONE(c, expr)               \
-  do {                                          \
-    sals_status_t st_;                          \
-    Py_BEGIN_ALLOW_THREADS st_ = (expr);        \
-    Py_END_ALLOW_THREADS                        \
-    if (call_end(&(c), st_) < 0) return NULL;   \
-    Py_RETURN_NONE;                             \
+#define CALL_RETURN_NONE(c, expr)             \
+  do {                                        \
+    sals_status_t st_;                        \
+    Py_BEGIN_ALLOW_THREADS                    \
+    st_ = (expr);                             \
+    Py_END_ALLOW_THREADS                      \
+    if (call_end(&(c), st_) < 0) return NULL; \
+    Py_RETURN_NONE;                           \
   } while (0)
 
 /* ------------------------------------------------------------------------------------------ */
@@ -382,8 +390,9 @@ static int parse_rope(PyObject* obj, sals_rope_t* r) {
   PyObject* freq = NULL;
   int rotary_dim = 0, interleaved = 0;
   float scaling = 1.0f;
-  if (!PyTuple_Check(obj) || !PyArg_ParseTuple(obj, "Oifi", &freq, &rotary_dim, &scaling,
-                                                &interleaved) || !PyBytes_Check(freq)) {
+  if (!PyTuple_Check(obj) ||
+      !PyArg_ParseTuple(obj, "Oifi", &freq, &rotary_dim, &scaling, &interleaved) ||
+      !PyBytes_Check(freq)) {
     PyErr_Clear();
     raise_sals(SALS_ERR_INVALID_ARGUMENT,
                "rope: expected (inv_freq bytes, rotary_dim, attention_scaling, interleaved)");
@@ -446,13 +455,10 @@ static int parse_config(PyObject* d, sals_config_t* cfg) {
   int32_t dtype = 0, dev_type = 0, dev_id = 0;
   if (dict_int(d, "n_head_q", &cfg->n_head_q) || dict_int(d, "n_head_kv", &cfg->n_head_kv) ||
       dict_int(d, "head_dim", &cfg->head_dim) || dict_int(d, "rank", &cfg->rank) ||
-      dict_int(d, "score_rank", &cfg->score_rank) ||
-      dict_int(d, "value_bits", &cfg->value_bits) ||
-      dict_int(d, "value_group", &cfg->value_group) ||
-      dict_int(d, "key_bits", &cfg->key_bits) || dict_int(d, "key_group", &cfg->key_group) ||
-      dict_int(d, "n_sink", &cfg->n_sink) ||
-      dict_int(d, "n_recent", &cfg->n_recent) ||
-      dict_float(d, "budget_frac", &cfg->budget_frac) ||
+      dict_int(d, "score_rank", &cfg->score_rank) || dict_int(d, "value_bits", &cfg->value_bits) ||
+      dict_int(d, "value_group", &cfg->value_group) || dict_int(d, "key_bits", &cfg->key_bits) ||
+      dict_int(d, "key_group", &cfg->key_group) || dict_int(d, "n_sink", &cfg->n_sink) ||
+      dict_int(d, "n_recent", &cfg->n_recent) || dict_float(d, "budget_frac", &cfg->budget_frac) ||
       dict_int(d, "budget_tokens", &cfg->budget_tokens) ||
       dict_int(d, "select_per_head", &cfg->select_per_head) || dict_int(d, "dense", &cfg->dense) ||
       dict_int(d, "max_batch", &cfg->max_batch) || dict_int(d, "max_tokens", &cfg->max_tokens) ||
@@ -471,14 +477,14 @@ static PyObject* config_to_dict(const sals_config_t* c) {
   return Py_BuildValue(
       "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:i,s:i,s:i,"
       "s:i}",
-      "n_head_q", c->n_head_q, "n_head_kv", c->n_head_kv, "head_dim", c->head_dim, "rank",
-      c->rank, "score_rank", c->score_rank, "value_bits", c->value_bits, "value_group",
-      c->value_group, "key_bits", c->key_bits, "key_group", c->key_group, "n_sink", c->n_sink,
-      "n_recent", c->n_recent, "budget_frac", (double)c->budget_frac, "budget_tokens",
-      c->budget_tokens, "select_per_head", c->select_per_head, "dense", c->dense, "max_batch",
-      c->max_batch, "max_tokens", c->max_tokens, "dtype", (int)c->dtype, "scale",
-      (double)c->scale, "check_finite", c->check_finite, "n_threads", c->n_threads,
-      "device_type", (int)c->device.device_type, "device_id", c->device.device_id);
+      "n_head_q", c->n_head_q, "n_head_kv", c->n_head_kv, "head_dim", c->head_dim, "rank", c->rank,
+      "score_rank", c->score_rank, "value_bits", c->value_bits, "value_group", c->value_group,
+      "key_bits", c->key_bits, "key_group", c->key_group, "n_sink", c->n_sink, "n_recent",
+      c->n_recent, "budget_frac", (double)c->budget_frac, "budget_tokens", c->budget_tokens,
+      "select_per_head", c->select_per_head, "dense", c->dense, "max_batch", c->max_batch,
+      "max_tokens", c->max_tokens, "dtype", (int)c->dtype, "scale", (double)c->scale,
+      "check_finite", c->check_finite, "n_threads", c->n_threads, "device_type",
+      (int)c->device.device_type, "device_id", c->device.device_id);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -492,8 +498,7 @@ static PyObject* config_to_dict(const sals_config_t* c) {
  * InvalidArgumentError instead of racing.
  */
 typedef struct {
-  PyObject_HEAD
-  sals_cache_t* cache;
+  PyObject_HEAD sals_cache_t* cache;
   const char* active; /* the method inside the cache now, or NULL */
 } CacheObject;
 
@@ -506,7 +511,8 @@ static sals_cache_t* cache_enter(CacheObject* self, const char* method) {
   if (self->active != NULL) {
     raise_sals(SALS_ERR_INVALID_ARGUMENT,
                "cache: %s() called while %s() is using it (one cache may be used by one "
-               "thread at a time)", method, self->active);
+               "thread at a time)",
+               method, self->active);
     return NULL;
   }
   self->active = method;
@@ -524,14 +530,15 @@ static int cache_call_begin(CacheObject* self, call_t* c, PyObject* stream_arg, 
 }
 
 /* Run the cache call `expr` without the GIL, release the cache and return None (or raise). */
-#define CACHE_CALL_RETURN_NONE(self, c, expr)   \
-  do {                                          \
-    sals_status_t st_;                          \
-    Py_BEGIN_ALLOW_THREADS st_ = (expr);        \
-    Py_END_ALLOW_THREADS                        \
-    cache_leave(self);                          \
-    if (call_end(&(c), st_) < 0) return NULL;   \
-    Py_RETURN_NONE;                             \
+#define CACHE_CALL_RETURN_NONE(self, c, expr) \
+  do {                                        \
+    sals_status_t st_;                        \
+    Py_BEGIN_ALLOW_THREADS                    \
+    st_ = (expr);                             \
+    Py_END_ALLOW_THREADS                      \
+    cache_leave(self);                        \
+    if (call_end(&(c), st_) < 0) return NULL; \
+    Py_RETURN_NONE;                           \
   } while (0)
 
 /* Cache(config: dict, rope: tuple, projection, stream=None) */
@@ -541,8 +548,8 @@ static int cache_call_begin(CacheObject* self, call_t* c, PyObject* stream_arg, 
 static void* create_from_args(PyObject* args, PyObject* kwargs, int paged) {
   static char* kwlist[] = {"config", "rope", "projection", "stream", NULL};
   PyObject *cfg_obj, *rope_obj, *proj_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj,
-                                   &proj_obj, &stream_obj))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &cfg_obj, &rope_obj, &proj_obj,
+                                   &stream_obj))
     return NULL;
   sals_config_t cfg;
   sals_rope_t rope;
@@ -555,7 +562,8 @@ static void* create_from_args(PyObject* args, PyObject* kwargs, int paged) {
   sals_paged_t* pg = NULL;
   sals_status_t st;
   Py_BEGIN_ALLOW_THREADS
-  st = paged ? sals_paged_create(&cfg, &rope, proj, &pg) : sals_cache_create(&cfg, &rope, proj, &cache);
+  st = paged ? sals_paged_create(&cfg, &rope, proj, &pg)
+             : sals_cache_create(&cfg, &rope, proj, &cache);
   Py_END_ALLOW_THREADS
   if (call_end(&c, st) < 0) return NULL;
   return paged ? (void*)pg : (void*)cache;
@@ -630,8 +638,7 @@ static PyObject* Cache_attend(CacheObject* self, PyObject* args, PyObject* kwarg
 static PyObject* Cache_lengths(CacheObject* self, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"out", "stream", NULL};
   PyObject *out_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", kwlist, &out_obj, &stream_obj))
-    return NULL;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", kwlist, &out_obj, &stream_obj)) return NULL;
   sals_cache_t* cache = cache_enter(self, "lengths");
   if (cache == NULL) return NULL;
   call_t c;
@@ -645,8 +652,7 @@ static PyObject* Cache_lengths(CacheObject* self, PyObject* args, PyObject* kwar
 static PyObject* Cache_selected(CacheObject* self, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"idx", "count", "stream", NULL};
   PyObject *idx_obj, *count_obj, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", kwlist, &idx_obj, &count_obj,
-                                   &stream_obj))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", kwlist, &idx_obj, &count_obj, &stream_obj))
     return NULL;
   sals_cache_t* cache = cache_enter(self, "selected");
   if (cache == NULL) return NULL;
@@ -673,14 +679,13 @@ static PyObject* Cache_memory(CacheObject* self, PyObject* args, PyObject* kwarg
   Py_END_ALLOW_THREADS
   cache_leave(self);
   if (call_end(&c, st) < 0) return NULL;
-  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "latent_keys",
-                       (unsigned long long)m.latent_keys, "values", (unsigned long long)m.values,
-                       "value_scales", (unsigned long long)m.value_scales, "exact_window",
-                       (unsigned long long)m.exact_window, "positions",
-                       (unsigned long long)m.positions, "projection",
-                       (unsigned long long)m.projection, "total", (unsigned long long)m.total,
-                       "dense_fp16", (unsigned long long)m.dense_fp16, "allocated",
-                       (unsigned long long)m.allocated);
+  return Py_BuildValue(
+      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "latent_keys", (unsigned long long)m.latent_keys,
+      "values", (unsigned long long)m.values, "value_scales", (unsigned long long)m.value_scales,
+      "exact_window", (unsigned long long)m.exact_window, "positions",
+      (unsigned long long)m.positions, "projection", (unsigned long long)m.projection, "total",
+      (unsigned long long)m.total, "dense_fp16", (unsigned long long)m.dense_fp16, "allocated",
+      (unsigned long long)m.allocated);
 }
 
 /* reset_range(first, batch, stream=None) */
@@ -716,8 +721,7 @@ static PyObject* Cache_check(CacheObject* self, PyObject* args, PyObject* kwargs
   static char* kwlist[] = {"wait", "stream", NULL};
   int wait;
   PyObject* stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p|O", kwlist, &wait, &stream_obj))
-    return NULL;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p|O", kwlist, &wait, &stream_obj)) return NULL;
   sals_cache_t* cache = cache_enter(self, "check");
   if (cache == NULL) return NULL;
   call_t c;
@@ -742,7 +746,8 @@ static PyObject* Cache_close(CacheObject* self, PyObject* Py_UNUSED(ignored)) {
   if (self->active != NULL)
     return raise_sals(SALS_ERR_INVALID_ARGUMENT,
                       "cache: close() called while %s() is using it; close it after that call "
-                      "returns (one cache may be used by one thread at a time)", self->active);
+                      "returns (one cache may be used by one thread at a time)",
+                      self->active);
   sals_cache_t* cache = self->cache;
   self->cache = NULL;
   Py_BEGIN_ALLOW_THREADS
@@ -766,14 +771,15 @@ static PyMethodDef Cache_methods[] = {
      "selected(idx, count, stream=None): sals_cache_selected."},
     {"memory", (PyCFunction)(void (*)(void))Cache_memory, METH_VARARGS | METH_KEYWORDS,
      "memory(stream=None) -> dict: sals_cache_memory."},
-    {"reset_range", (PyCFunction)(void (*)(void))Cache_reset_range,
-     METH_VARARGS | METH_KEYWORDS, "reset_range(first, batch, stream=None): sals_cache_reset_range."},
+    {"reset_range", (PyCFunction)(void (*)(void))Cache_reset_range, METH_VARARGS | METH_KEYWORDS,
+     "reset_range(first, batch, stream=None): sals_cache_reset_range."},
     {"reserve", (PyCFunction)Cache_reserve, METH_VARARGS,
      "reserve(batch, tokens): sals_cache_reserve."},
     {"check", (PyCFunction)(void (*)(void))Cache_check, METH_VARARGS | METH_KEYWORDS,
      "check(wait, stream=None): sals_cache_check."},
     {"config", (PyCFunction)Cache_config, METH_NOARGS, "config() -> dict: sals_cache_get_config."},
-    {"close", (PyCFunction)Cache_close, METH_NOARGS, "close(): sals_cache_destroy; idempotent; refused while a call is using the cache."},
+    {"close", (PyCFunction)Cache_close, METH_NOARGS,
+     "close(): sals_cache_destroy; idempotent; refused while a call is using the cache."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -803,8 +809,7 @@ static PyType_Spec Cache_spec = {
 /* One sals_paged_t. Its settings never change and hold no tokens, so calls need no guard: any
  * number of threads may use one object at once (sals.h). */
 typedef struct {
-  PyObject_HEAD
-  sals_paged_t* paged;
+  PyObject_HEAD sals_paged_t* paged;
 } PagedObject;
 
 /* Paged(config: dict, rope: tuple, projection, stream=None) */
@@ -842,12 +847,12 @@ static sals_paged_t* paged_of(PagedObject* self) {
 
 /* append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None) */
 static PyObject* Paged_append(PagedObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"k", "v", "slot_mapping", "pages", "window_rows", "window", "stream",
-                           NULL};
+  static char* kwlist[] = {"k",           "v",      "slot_mapping", "pages",
+                           "window_rows", "window", "stream",       NULL};
   PyObject *k_obj, *v_obj, *s_obj, *p_obj, *r_obj = Py_None, *w_obj = Py_None,
                                            *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOO", kwlist, &k_obj, &v_obj, &s_obj,
-                                   &p_obj, &r_obj, &w_obj, &stream_obj))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOO", kwlist, &k_obj, &v_obj, &s_obj, &p_obj,
+                                   &r_obj, &w_obj, &stream_obj))
     return NULL;
   sals_paged_t* paged = paged_of(self);
   if (paged == NULL) return NULL;
@@ -866,11 +871,10 @@ static PyObject* Paged_append(PagedObject* self, PyObject* args, PyObject* kwarg
 /* attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None,
  *        selected=None, stream=None) */
 static PyObject* Paged_attend(PagedObject* self, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"q", "query_start", "seq_lens", "block_table", "pages", "out",
-                           "window_rows", "window", "selected", "stream", NULL};
-  PyObject *q_obj, *qs_obj, *l_obj, *t_obj, *p_obj, *o_obj, *r_obj = Py_None, *w_obj = Py_None,
-                                                              *sel_obj = Py_None,
-                                                              *stream_obj = Py_None;
+  static char* kwlist[] = {"q",           "query_start", "seq_lens", "block_table", "pages", "out",
+                           "window_rows", "window",      "selected", "stream",      NULL};
+  PyObject *q_obj, *qs_obj, *l_obj, *t_obj, *p_obj, *o_obj,
+      *r_obj = Py_None, *w_obj = Py_None, *sel_obj = Py_None, *stream_obj = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|OOOO", kwlist, &q_obj, &qs_obj, &l_obj,
                                    &t_obj, &p_obj, &o_obj, &r_obj, &w_obj, &sel_obj, &stream_obj))
     return NULL;
@@ -888,8 +892,8 @@ static PyObject* Paged_attend(PagedObject* self, PyObject* args, PyObject* kwarg
                       {w_obj, "window", ARG_OPTIONAL, &window},
                       {sel_obj, "selected", ARG_WRITE | ARG_OPTIONAL, &sel}};
   if (call_begin(&c, stream_obj, in, 9) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_paged_attend(paged, q, qs, lens, table, pages, rows, window, out, sel,
-                                        c.stream));
+  CALL_RETURN_NONE(
+      c, sals_paged_attend(paged, q, qs, lens, table, pages, rows, window, out, sel, c.stream));
 }
 
 static PyMethodDef Paged_methods[] = {
@@ -920,8 +924,7 @@ static PyType_Spec Paged_spec = {
 /* ------------------------------------------------------------------------------------------ */
 
 typedef struct {
-  PyObject_HEAD
-  void* data;
+  PyObject_HEAD void* data;
   int32_t ndim;
   int64_t shape[8];
   DLDataType dtype;
@@ -935,9 +938,9 @@ typedef struct {
 } dtype_entry_t;
 
 static const dtype_entry_t k_dtypes[] = {
-    {"float32", {kDLFloat, 32, 1}}, {"float16", {kDLFloat, 16, 1}},
+    {"float32", {kDLFloat, 32, 1}},   {"float16", {kDLFloat, 16, 1}},
     {"bfloat16", {kDLBfloat, 16, 1}}, {"int32", {kDLInt, 32, 1}},
-    {"int64", {kDLInt, 64, 1}},     {"uint8", {kDLUInt, 8, 1}},
+    {"int64", {kDLInt, 64, 1}},       {"uint8", {kDLUInt, 8, 1}},
     {"float64", {kDLFloat, 64, 1}},
 };
 
@@ -1143,8 +1146,8 @@ static PyObject* Array_get_nbytes(ArrayObject* self, void* Py_UNUSED(closure)) {
 static PyObject* Array_repr(ArrayObject* self) {
   PyObject* shape = Array_get_shape(self, NULL);
   if (shape == NULL) return NULL;
-  PyObject* r = PyUnicode_FromFormat("sals._C.Array(shape=%R, dtype='%s')", shape,
-                                     self->dtype_name);
+  PyObject* r =
+      PyUnicode_FromFormat("sals._C.Array(shape=%R, dtype='%s')", shape, self->dtype_name);
   Py_DECREF(shape);
   return r;
 }
@@ -1213,8 +1216,7 @@ static PyObject* mod_describe(PyObject* Py_UNUSED(m), PyObject* args) {
 static PyObject* mod_project(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"x", "proj", "out", "stream", NULL};
   PyObject *x_o, *p_o, *out_o, *stream_obj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &x_o, &p_o, &out_o,
-                                   &stream_obj))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O", kwlist, &x_o, &p_o, &out_o, &stream_obj))
     return NULL;
   call_t c;
   DLTensor *x, *p, *out;
@@ -1253,8 +1255,8 @@ static PyObject* mod_score_select(PyObject* Py_UNUSED(m), PyObject* args, PyObje
                       {len_o, "lengths", ARG_OPTIONAL, &len},
                       {idx_o, "idx", ARG_WRITE, &idx}};
   if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
-  CALL_RETURN_NONE(c, sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, idx,
-                                        c.stream));
+  CALL_RETURN_NONE(
+      c, sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, idx, c.stream));
 }
 
 static PyObject* mod_rebuild_rope(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1379,7 +1381,8 @@ static PyMethodDef module_methods[] = {
     {"score_select", KW(mod_score_select),
      "score_select(q_lat, k_lat, lengths, score_rank, n_sink, n_recent, budget, idx, "
      "stream=None)."},
-    {"rebuild_rope", KW(mod_rebuild_rope), "rebuild_rope(k_lat, proj, pos, rope, out, stream=None)."},
+    {"rebuild_rope", KW(mod_rebuild_rope),
+     "rebuild_rope(k_lat, proj, pos, rope, out, stream=None)."},
     {"sparse_attention", KW(mod_sparse_attention),
      "sparse_attention(q, k, v, idx, lengths, scale, out, stream=None)."},
     {"quantize_values", KW(mod_quantize_values),
@@ -1390,9 +1393,15 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "sals._C",
-    "CPython binding of libsals (the sals C ABI). Use the `sals` package instead.", -1,
-    module_methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT,
+    "sals._C",
+    "CPython binding of libsals (the sals C ABI). Use the `sals` package instead.",
+    -1,
+    module_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {

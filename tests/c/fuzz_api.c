@@ -44,7 +44,9 @@ typedef struct {
 
 static DLTensor* P(ftensor_t* f) { return f->is_null ? NULL : &f->t; }
 
-static size_t dtype_bytes(DLDataType d) { return (size_t)(d.bits + 7) / 8 * (d.lanes ? d.lanes : 1); }
+static size_t dtype_bytes(DLDataType d) {
+  return (size_t)(d.bits + 7) / 8 * (d.lanes ? d.lanes : 1);
+}
 
 static float rand_float(void) {
   const int64_t r = rnd(1000);
@@ -136,7 +138,9 @@ static void make(call_t* c, ftensor_t* f, int ndim, const int64_t* shape, DLData
         case 3: f->strides[d] = 0; break;                            /* broadcast */
         case 4: f->strides[nd - 1] = 2; break;                       /* not contiguous */
         case 5: f->strides[d] = (int64_t)1 << (40 + rnd(23)); break; /* huge */
-        case 6: if (nd > 1) f->strides[0] = 1; break;                /* overlapping rows */
+        case 6:
+          if (nd > 1) f->strides[0] = 1;
+          break;                /* overlapping rows */
         default: break;
       }
     }
@@ -151,7 +155,8 @@ static void make(call_t* c, ftensor_t* f, int ndim, const int64_t* shape, DLData
     if (t->device.device_type == kDLCUDA && sals_cuda_available()) t->device.device_type = kDLCPU;
   }
   const size_t es = dtype_bytes(t->dtype);
-  uint64_t offset = chance(p / 4) ? (uint64_t)(1 + rnd(3)) : (chance(20) ? es * (uint64_t)rnd(4) : 0);
+  uint64_t offset =
+      chance(p / 4) ? (uint64_t)(1 + rnd(3)) : (chance(20) ? es * (uint64_t)rnd(4) : 0);
   const int shape_null = nd > 0 && chance(p / 8);
 
   /* The span the description reaches, when it is small enough to back. */
@@ -256,8 +261,10 @@ static void check_status(const char* fn, sals_status_t st, const char* before, i
   const char* msg = sals_last_error();
   CHECK(msg != NULL && msg[0] != '\0', "%s failed with %s and no message", fn,
         sals_status_string(st));
-  CHECK(may_repeat || strcmp(msg, before) != 0, "%s failed with %s but left the previous message "
-        "\"%s\"", fn, sals_status_string(st), msg);
+  CHECK(may_repeat || strcmp(msg, before) != 0,
+        "%s failed with %s but left the previous message "
+        "\"%s\"",
+        fn, sals_status_string(st), msg);
 }
 
 static DLDataType any_float(void) {
@@ -309,7 +316,8 @@ static void fuzz_stateless(int fault) {
     } break;
     case 2: {
       const int64_t B = rnd(3), H = 1 + rnd(2), S = rnd(20);
-      const int32_t n_sink = (int32_t)rnd(3) - (chance(fault / 8) ? 3 : 0), n_recent = (int32_t)rnd(3);
+      const int32_t n_sink = (int32_t)rnd(3) - (chance(fault / 8) ? 3 : 0),
+                    n_recent = (int32_t)rnd(3);
       const int32_t budget = (int32_t)(rnd(S + 2)) - (chance(fault / 8) ? 1 : 0);
       const int32_t score_rank = (int32_t)(1 + rnd(R + 1)) - (chance(fault / 8) ? 2 : 0);
       ftensor_t* q = arg(&c, 3, B, H, R, 0, any_float(), V_FLOAT, 0);
@@ -319,7 +327,8 @@ static void fuzz_stateless(int fault) {
       before = sentinel(0);
       check_status("sals_score_select",
                    sals_score_select(P(q), P(k), l ? P(l) : NULL, score_rank, n_sink, n_recent,
-                                     budget, P(i), NULL), before, 0);
+                                     budget, P(i), NULL),
+                   before, 0);
     } break;
     case 3: {
       const int64_t H = 1 + rnd(3), d = 2 * (1 + rnd(4));
@@ -329,9 +338,10 @@ static void fuzz_stateless(int fault) {
       ftensor_t* o = arg(&c, 3, N, H, d, 0, any_float(), V_FLOAT, 0);
       sals_rope_t rope = make_rope(fault, d);
       before = sentinel(0);
-      check_status("sals_rebuild_rope",
-                   sals_rebuild_rope(P(k), P(p), P(ps), chance(fault / 8) ? NULL : &rope, P(o),
-                                     NULL), before, 0);
+      check_status(
+          "sals_rebuild_rope",
+          sals_rebuild_rope(P(k), P(p), P(ps), chance(fault / 8) ? NULL : &rope, P(o), NULL),
+          before, 0);
     } break;
     case 4: {
       const int64_t B = rnd(3), Hkv = 1 + rnd(2), G = 1 + rnd(2), S = rnd(10), d = 1 + rnd(8);
@@ -345,8 +355,9 @@ static void fuzz_stateless(int fault) {
       const float scale = chance(fault / 8) ? (chance(50) ? -1.0f : NAN) : (float)rnd(2) * 0.25f;
       before = sentinel(0);
       check_status("sals_sparse_attention",
-                   sals_sparse_attention(P(q), P(k), P(v), i ? P(i) : NULL, l ? P(l) : NULL,
-                                         scale, P(o), NULL), before, 0);
+                   sals_sparse_attention(P(q), P(k), P(v), i ? P(i) : NULL, l ? P(l) : NULL, scale,
+                                         P(o), NULL),
+                   before, 0);
     } break;
     case 5:
     case 6: {
@@ -365,8 +376,7 @@ static void fuzz_stateless(int fault) {
                    sals_quantize_values(P(v), bits, group, P(pk), P(sc), P(zr), NULL), before, 0);
       before = sentinel(1);
       check_status("sals_dequantize_values",
-                   sals_dequantize_values(P(pk), P(sc), P(zr), bits, group, P(v), NULL), before,
-                   0);
+                   sals_dequantize_values(P(pk), P(sc), P(zr), bits, group, P(v), NULL), before, 0);
     } break;
   }
   release(&c);
@@ -456,9 +466,9 @@ static void fuzz_cache(int fault) {
   sals_rope_t rope = make_rope(fault, g.head_dim);
   sals_cache_t* cache = NULL;
   const char* before = sentinel(0);
-  sals_status_t st = sals_cache_create(chance(fault / 10) ? NULL : &g,
-                                       chance(fault / 10) ? NULL : &rope,
-                                       chance(fault / 10) ? NULL : &proj, &cache);
+  sals_status_t st =
+      sals_cache_create(chance(fault / 10) ? NULL : &g, chance(fault / 10) ? NULL : &rope,
+                        chance(fault / 10) ? NULL : &proj, &cache);
   check_status("sals_cache_create", st, before, 0);
   free(U);
   CHECK((st == SALS_OK) == (cache != NULL), "create: status %d with handle %p", (int)st,
@@ -478,8 +488,8 @@ static void fuzz_cache(int fault) {
     sals_cache_t* h = chance(fault / 10) ? NULL : cache;
     /* half the appends and attends act on a range: first in 0..max_batch - B, or out of it */
     const int range = chance(50);
-    const int64_t first = chance(fault / 8) ? rnd(2 * g.max_batch + 2) - g.max_batch - 1
-                                            : rnd(g.max_batch - B + 1);
+    const int64_t first =
+        chance(fault / 8) ? rnd(2 * g.max_batch + 2) - g.max_batch - 1 : rnd(g.max_batch - B + 1);
     switch ((int)rnd(7)) {
       case 0:
       case 1: {
@@ -535,10 +545,10 @@ static void fuzz_cache(int fault) {
           check_status("sals_cache_reset", sals_cache_reset(h, NULL), before, 0);
         } else if (chance(30)) {
           before = sentinel(0);
-          check_status("sals_cache_reset_range",
-                       sals_cache_reset_range(h, first, rnd(g.max_batch + 2) - (range ? 0 : 1),
-                                              NULL),
-                       before, 0);
+          check_status(
+              "sals_cache_reset_range",
+              sals_cache_reset_range(h, first, rnd(g.max_batch + 2) - (range ? 0 : 1), NULL),
+              before, 0);
         }
       } break;
     }
@@ -577,12 +587,13 @@ static void fuzz_paged(int fault) {
   const char* before = sentinel(0);
   check_status("sals_paged_slot_bytes",
                sals_paged_slot_bytes(chance(fault / 10) ? NULL : &g,
-                                     chance(fault / 10) ? NULL : &slot_bytes), before, 0);
+                                     chance(fault / 10) ? NULL : &slot_bytes),
+               before, 0);
   sals_paged_t* paged = NULL;
   before = sentinel(0);
-  sals_status_t st = sals_paged_create(chance(fault / 10) ? NULL : &g,
-                                       chance(fault / 10) ? NULL : &rope,
-                                       chance(fault / 10) ? NULL : &proj, &paged);
+  sals_status_t st =
+      sals_paged_create(chance(fault / 10) ? NULL : &g, chance(fault / 10) ? NULL : &rope,
+                        chance(fault / 10) ? NULL : &proj, &paged);
   check_status("sals_paged_create", st, before, 0);
   free(U);
   CHECK((st == SALS_OK) == (paged != NULL), "paged create: status %d with handle %p", (int)st,
@@ -619,7 +630,8 @@ static void fuzz_paged(int fault) {
       before = sentinel(0);
       check_status("sals_paged_append",
                    sals_paged_append(h, P(k), P(v), P(sm), P(pages), wr ? P(wr) : NULL,
-                                     w ? P(w) : NULL, NULL), before, 0);
+                                     w ? P(w) : NULL, NULL),
+                   before, 0);
     } else {
       const int64_t B = rnd(4), M = 1 + rnd(4), N = rnd(6);
       ftensor_t* q = arg(&c, 3, N, Hq, d, 0, any_float(), V_FLOAT, 0);
@@ -628,11 +640,10 @@ static void fuzz_paged(int fault) {
       ftensor_t* table = arg(&c, 2, B, M, 0, 0, I32, V_INDEX, nb);
       ftensor_t* out = chance(5) ? q : arg(&c, 3, N, Hq, d, 0, any_float(), V_FLOAT, 0);
       ftensor_t* sel = chance(50) ? NULL
-                                  : arg(&c, 3, B, g.select_per_head ? Hkv : 1, rnd(M * bs + 1),
-                                        0, I32, V_BYTES, 0);
+                                  : arg(&c, 3, B, g.select_per_head ? Hkv : 1, rnd(M * bs + 1), 0,
+                                        I32, V_BYTES, 0);
       const int store = chance(50);
-      ftensor_t* wr = store ? arg(&c, 2, B, g.n_sink + g.n_recent, 0, 0, I32, V_INDEX, rows)
-                            : NULL;
+      ftensor_t* wr = store ? arg(&c, 2, B, g.n_sink + g.n_recent, 0, 0, I32, V_INDEX, rows) : NULL;
       ftensor_t* w = store ? arg(&c, 4, rows, 2, Hkv, d, any_float(), V_FLOAT, 0) : NULL;
       if (!chance(fault)) { /* a consistent batch: most calls reach the kernels */
         int64_t at = 0;
@@ -647,9 +658,8 @@ static void fuzz_paged(int fault) {
       }
       before = sentinel(0);
       check_status("sals_paged_attend",
-                   sals_paged_attend(h, P(q), P(qs), P(lens), P(table), P(pages),
-                                     wr ? P(wr) : NULL, w ? P(w) : NULL, P(out),
-                                     sel ? P(sel) : NULL, NULL),
+                   sals_paged_attend(h, P(q), P(qs), P(lens), P(table), P(pages), wr ? P(wr) : NULL,
+                                     w ? P(w) : NULL, P(out), sel ? P(sel) : NULL, NULL),
                    before, 0);
     }
     release(&c);
@@ -663,7 +673,8 @@ int main(int argc, char** argv) {
   g_state = argc > 2 ? (uint64_t)atoll(argv[2]) * 0x9e3779b97f4a7c15ull + 1 : 0x2545f4914f6cdd1dull;
   for (int i = 0; i < 64; ++i) g_inv_freq[i] = (float)pow(10000.0, -2.0 * i / 128.0);
   /* Versions, status strings and defaults never fail. */
-  for (int s = -3; s < 12; ++s) CHECK(sals_status_string((sals_status_t)s) != NULL, "status string");
+  for (int s = -3; s < 12; ++s)
+    CHECK(sals_status_string((sals_status_t)s) != NULL, "status string");
   CHECK(sals_version() != NULL && sals_abi_version() == SALS_ABI_VERSION, "versions");
   CHECK(sals_cuda_available() == 0 || sals_cuda_available() == 1, "cuda_available");
   CHECK(sals_config_default().check_finite == 1, "defaults");

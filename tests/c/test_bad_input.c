@@ -17,7 +17,8 @@ static float g_inv_freq[4] = {1.0f, 0.1f, 0.01f, 0.001f};
 /* U [16, 16] = the Sylvester Hadamard matrix / 4: orthonormal, every entry +-1/4. */
 static void hadamard16(float* U) {
   for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) U[i * 16 + j] = (__builtin_popcount((unsigned)(i & j)) & 1) ? -0.25f : 0.25f;
+    for (int j = 0; j < 16; ++j)
+      U[i * 16 + j] = (__builtin_popcount((unsigned)(i & j)) & 1) ? -0.25f : 0.25f;
 }
 
 static sals_status_t create_with(const sals_config_t* c, const float* U, sals_cache_t** out) {
@@ -65,7 +66,8 @@ static void test_alignment_and_spans(void) {
   tset(&tk, k, F32, 4, 1, 2, 2, 8);
   tset(&tp, pos, I32, 2, 1, 2, 0, 0);
   tp.t.byte_offset = 2;
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL), INV, "positions: data + byte_offset");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL), INV,
+            "positions: data + byte_offset");
   tp.t.byte_offset = 4;
   CHECK_OK(sals_cache_append(cache, &tk.t, &tk.t, &tp.t, NULL));
   sals_cache_destroy(cache);
@@ -422,7 +424,8 @@ static void test_projection_orthonormal(void) {
   sals_cache_destroy(cache);
   cache = NULL;
   for (int i = 0; i < 16; ++i) b[i * 8 + 3] = b[i * 8 + 1]; /* still refused in bfloat16 */
-  CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &cache), INV, "projection: columns are not orthogonal");
+  CHECK_ERR(sals_cache_create(&c, &rope, &p.t, &cache), INV,
+            "projection: columns are not orthogonal");
   CHECK(cache == NULL, "handle written on failure");
 }
 

@@ -200,8 +200,10 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
         tset(&tsc, qs, F16, 2, 1, dk / cfg.value_group, 0, 0);
         tset(&tz, qs + dk, F16, 2, 1, dk / cfg.value_group, 0, 0);
         tset(&tout, vo, F32, 2, 1, dk, 0, 0);
-        CHECK_OK(sals_quantize_values(&tin.t, s->bits, cfg.value_group, &tpk.t, &tsc.t, &tz.t, NULL));
-        CHECK_OK(sals_dequantize_values(&tpk.t, &tsc.t, &tz.t, s->bits, cfg.value_group, &tout.t, NULL));
+        CHECK_OK(
+            sals_quantize_values(&tin.t, s->bits, cfg.value_group, &tpk.t, &tsc.t, &tz.t, NULL));
+        CHECK_OK(
+            sals_dequantize_values(&tpk.t, &tsc.t, &tz.t, s->bits, cfg.value_group, &tout.t, NULL));
       }
     }
   }
@@ -231,7 +233,8 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
     int budget = s->budget_tokens > 0 ? s->budget_tokens : (int)ceil((double)s->budget_frac * S);
     if (budget > n_cand) budget = n_cand;
     const int sparse = !s->dense;
-    if (sparse) CHECK(cnt[b] == budget, "%s: seq %d selected %d, budget %d", label, b, cnt[b], budget);
+    if (sparse)
+      CHECK(cnt[b] == budget, "%s: seq %d selected %d, budget %d", label, b, cnt[b], budget);
     else CHECK(cnt[b] == 0, "%s: dense attend reports %d selected", label, cnt[b]);
     for (int h = 0; h < Hkv; ++h) {
       for (int j = 0; j < S; ++j) keep[j] = !sparse || j < ns || j >= re;
@@ -267,7 +270,8 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
               h, budget, worst_in, best_out);
         for (int n = 0; n < n_slots; ++n) {
           if (n < cnt[b]) {
-            CHECK(row[n] >= ns && row[n] < re, "%s: selected slot %d outside candidates", label, row[n]);
+            CHECK(row[n] >= ns && row[n] < re, "%s: selected slot %d outside candidates", label,
+                  row[n]);
             if (row[n] >= ns && row[n] < re) keep[row[n]] = 1;
           } else {
             CHECK(row[n] == -1, "%s: unused idx entry %d is %d", label, n, row[n]);
@@ -318,9 +322,27 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
   for (int b = 0; b < B; ++b) CHECK(cnt[b] == 0, "%s: count after T>1 attend is %d", label, cnt[b]);
 
   sals_cache_destroy(cache);
-  free(mpos); free(keep); free(ref); free(cnt); free(idx); free(out); free(latref); free(qs);
-  free(packed); free(kpos); free(vref); free(kref); free(dpos); free(kperm); free(vperm);
-  free(pos); free(q); free(v); free(k); free(U); free(inv_freq);
+  free(mpos);
+  free(keep);
+  free(ref);
+  free(cnt);
+  free(idx);
+  free(out);
+  free(latref);
+  free(qs);
+  free(packed);
+  free(kpos);
+  free(vref);
+  free(kref);
+  free(dpos);
+  free(kperm);
+  free(vperm);
+  free(pos);
+  free(q);
+  free(v);
+  free(k);
+  free(U);
+  free(inv_freq);
   printf("  %-48s decode err %.2e, multi-token err %.2e\n", label, err, err_m);
   return err > err_m ? err : err_m;
 }
@@ -328,7 +350,10 @@ static double run_scenario(const scen_t* s, double tol, const char* label, float
 static scen_t base(int B, int Hq, int Hkv, int d, const int* lens) {
   scen_t s;
   memset(&s, 0, sizeof s);
-  s.B = B; s.Hq = Hq; s.Hkv = Hkv; s.d = d;
+  s.B = B;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.d = d;
   s.rank = s.score_rank = Hkv * d;
   s.bits = 16;
   s.n_sink = 4;
@@ -349,9 +374,18 @@ static void test_batched_equals_single(int key_bits) {
   enum { B = 3, HQ = 8, HKV = 2, D = 64, DK = HKV * D, T = 130, R = 64 };
   static const int lens[B] = {130, 33, 77};
   sals_config_t cfg = sals_config_default();
-  cfg.n_head_q = HQ; cfg.n_head_kv = HKV; cfg.head_dim = D; cfg.rank = R; cfg.score_rank = R / 2;
-  cfg.value_bits = 4; cfg.n_sink = 4; cfg.n_recent = 8; cfg.max_batch = B; cfg.max_tokens = T + 1;
-  cfg.key_bits = key_bits; cfg.key_group = 16;
+  cfg.n_head_q = HQ;
+  cfg.n_head_kv = HKV;
+  cfg.head_dim = D;
+  cfg.rank = R;
+  cfg.score_rank = R / 2;
+  cfg.value_bits = 4;
+  cfg.n_sink = 4;
+  cfg.n_recent = 8;
+  cfg.max_batch = B;
+  cfg.max_tokens = T + 1;
+  cfg.key_bits = key_bits;
+  cfg.key_group = 16;
   float inv_freq[D / 2];
   make_inv_freq(inv_freq, D, 10000.0);
   sals_rope_t rope = {inv_freq, D, 1.0f, 0};
@@ -404,8 +438,10 @@ static void test_batched_equals_single(int key_bits) {
     int same = cnt_1 == cnt_b[single];
     for (int n = 0; same && n < cnt_1; ++n) same = idx_1[n] == idx_b[single * (T + 1) + n];
     CHECK(same, "sequence %d: selection alone differs from the batch", single);
-    printf("  batched == alone, %d-bit keys, sequence %d (%d tokens): max diff %.2e, %d "
-           "selected\n", key_bits, single, lens[single] + 1, err, cnt_1);
+    printf(
+        "  batched == alone, %d-bit keys, sequence %d (%d tokens): max diff %.2e, %d "
+        "selected\n",
+        key_bits, single, lens[single] + 1, err, cnt_1);
   }
 }
 
@@ -464,7 +500,11 @@ int main(void) {
       run_scenario(&q, 1e-5, label, NULL);
     }
     scen_t p = base(3, 12, 4, 64, lens);
-    p.rank = 128; p.score_rank = 64; p.bits = 4; p.budget_frac = 0.125f; p.dtype = SALS_DTYPE_FLOAT16;
+    p.rank = 128;
+    p.score_rank = 64;
+    p.bits = 4;
+    p.budget_frac = 0.125f;
+    p.dtype = SALS_DTYPE_FLOAT16;
     run_scenario(&p, 3e-5, "SALS-25%-like, float16 storage", NULL);
   }
   test_batched_equals_single(16);

@@ -16,16 +16,15 @@ static sals_status_t create(const sals_config_t* c, sals_cache_t** out) {
 }
 
 /* Set one field to a bad value and expect a message naming it. */
-#define BAD_FIELD(field, value, needle)                         \
-  do {                                                          \
-    sals_config_t c_ = good_config();                           \
-    c_.field = value;                                           \
-    sals_cache_t* h_ = NULL;                                    \
-    CHECK_ERR(create(&c_, &h_), INV, needle);                   \
-    CHECK(h_ == NULL, "handle written on failure");             \
-    CHECK_ERR(sals_config_check(&c_), INV, needle);             \
+#define BAD_FIELD(field, value, needle)             \
+  do {                                              \
+    sals_config_t c_ = good_config();               \
+    c_.field = value;                               \
+    sals_cache_t* h_ = NULL;                        \
+    CHECK_ERR(create(&c_, &h_), INV, needle);       \
+    CHECK(h_ == NULL, "handle written on failure"); \
+    CHECK_ERR(sals_config_check(&c_), INV, needle); \
   } while (0)
-
 
 #define NF SALS_ERR_NOT_FINITE
 
@@ -49,10 +48,12 @@ static void test_stateless_not_finite(void) {
       tset(&tout, out, F32, 2, 4, 8, 0, 0);
       for (int i = 0; i < 32; ++i) out[i] = 7.0f;
       x[2 * 16 + 15] = nf;
-      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF, "x: holds NaN or infinity at row 2");
+      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF,
+                "x: holds NaN or infinity at row 2");
       x[2 * 16 + 15] = 0.0f;
       pr[5 * 8] = nf;
-      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF, "proj: holds NaN or infinity at row 5");
+      CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), NF,
+                "proj: holds NaN or infinity at row 5");
       CHECK(untouched(out, 32, 7.0f), "project wrote out before failing");
       pr[5 * 8] = 0.0f;
       CHECK_OK(sals_project(&tx.t, &tpr.t, &tout.t, NULL));
@@ -175,33 +176,39 @@ static void test_huge_config(void) {
   sals_cache_t* h = NULL;
   c.max_batch = 1 << 20;
   c.max_tokens = INT32_MAX;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.max_tokens: max_batch "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.max_batch, config.max_tokens: max_batch "
             "1048576 * max_tokens 2147483647 token slots would take about");
   c = good_config();
   c.max_batch = 1 << 20;
   c.n_recent = INT32_MAX - 1;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_sink, config.n_recent: "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.max_batch, config.n_sink, config.n_recent: "
             "max_batch 1048576 * (n_sink 1 + n_recent 2147483646) exact window slots");
   c.n_sink = 2;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.n_sink, config.n_recent: n_sink 2 + "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.n_sink, config.n_recent: n_sink 2 + "
             "n_recent 2147483646 is more than 2147483647");
   c = good_config();
   c.n_head_q = 1 << 30;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_head_q: max_batch 2 * "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.max_batch, config.n_head_q: max_batch 2 * "
             "n_head_q 1073741824 query rows are more than 2147483647");
   c.max_batch = 1;
   c.n_head_q = 1 << 30;
   c.head_dim = 1 << 16;
   c.rank = c.score_rank = 1;
   c.value_bits = 16;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.n_head_q, config.head_dim: "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.max_batch, config.n_head_q, config.head_dim: "
             "max_batch 1 * n_head_q 1073741824 query heads of head_dim 65536");
   c = good_config();
   c.head_dim = 1 << 24;
   c.rank = 1 << 25;
   c.score_rank = 1;
   c.value_bits = 16;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.rank, config.n_head_kv, config.head_dim: a "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.rank, config.n_head_kv, config.head_dim: a "
             "projection of Dk 33554432 * rank 33554432");
   c = good_config();
   c.n_head_kv = 1 << 16;
@@ -213,22 +220,27 @@ static void test_huge_config(void) {
   c.max_batch = 1 << 13;
   c.max_tokens = 1;
   c.select_per_head = 1;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.max_batch, config.rank, config.n_head_kv, "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.max_batch, config.rank, config.n_head_kv, "
             "config.head_dim: max_batch 8192 * rank 16777216 * Dk 16777216 projection sums");
   c = good_config();
   c.n_head_kv = INT32_MAX / 2;
   c.n_head_q = c.n_head_kv;
-  CHECK_ERR(create_unprojected(&c, &h), INV, "config.n_head_kv, config.head_dim: Dk = n_head_kv "
+  CHECK_ERR(create_unprojected(&c, &h), INV,
+            "config.n_head_kv, config.head_dim: Dk = n_head_kv "
             "1073741823 * head_dim 8 is more than 1073741823");
   /* Below the bound, but a buffer of 2^49 bytes (val) exceeds every address space: out of
    * memory, naming the part that made it so large. */
   c = good_config();
   c.max_batch = 1 << 13;
   c.max_tokens = 1 << 30;
-  CHECK_ERR(create(&c, &h), SALS_ERR_OUT_OF_MEMORY, "config.max_batch, config.max_tokens: out "
+  CHECK_ERR(create(&c, &h), SALS_ERR_OUT_OF_MEMORY,
+            "config.max_batch, config.max_tokens: out "
             "of host memory allocating the cache (");
-  CHECK(strstr(sals_last_error(), "the largest part is max_batch 8192 * max_tokens 1073741824 "
-                                  "token slots (about") != NULL, "%s", sals_last_error());
+  CHECK(strstr(sals_last_error(),
+               "the largest part is max_batch 8192 * max_tokens 1073741824 "
+               "token slots (about") != NULL,
+        "%s", sals_last_error());
   CHECK(h == NULL, "handle written on failure");
 }
 
@@ -312,7 +324,8 @@ int main(void) {
     CHECK_ERR(create(&c, &h), SALS_ERR_UNSUPPORTED, "config.device");
     c = good_config();
     c.device.device_type = kDLCUDA;
-    if (!sals_cuda_available()) CHECK(create(&c, &h) != SALS_OK && h == NULL, "cuda cache without CUDA");
+    if (!sals_cuda_available())
+      CHECK(create(&c, &h) != SALS_OK && h == NULL, "cuda cache without CUDA");
     c = good_config();
     CHECK_ERR(sals_cache_create(NULL, NULL, NULL, &h), INV, "config: is NULL");
     CHECK_ERR(sals_cache_create(&c, NULL, NULL, NULL), INV, "out: is NULL");
@@ -372,9 +385,11 @@ int main(void) {
             "k: last dimension must be contiguous (stride 1), got 2");
   tset(&tk, k, F32, 4, 2, 3, 2, 8);
   tk.t.device.device_type = kDLCUDA;
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: on cuda:0 but the cache is on cpu");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV,
+            "k: on cuda:0 but the cache is on cpu");
   tk.t.device.device_type = kDLVulkan;
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_UNSUPPORTED, "k: on device type 7");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_UNSUPPORTED,
+            "k: on device type 7");
   tset(&tk, NULL, F32, 4, 2, 3, 2, 8);
   CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "k: data is NULL");
   tset(&tk, k, F32, 4, 2, 3, 2, 8);
@@ -382,23 +397,28 @@ int main(void) {
   CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "v: dim 1 is 2, expected 3");
   tset(&tv, v, F32, 4, 2, 3, 2, 8);
   tset(&tp, pos, F32, 2, 2, 3, 0, 0);
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "positions: dtype float32 not supported (int32)");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV,
+            "positions: dtype float32 not supported (int32)");
   tset(&tp, pos, I32, 2, 2, 4, 0, 0);
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV, "positions: dim 1 is 4, expected 3");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), INV,
+            "positions: dim 1 is 4, expected 3");
   tset(&tp, pos, I32, 2, 2, 3, 0, 0);
   tstride(&tp, 8, 1, 0, 0);
   k[3] = NAN;
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE, "k: holds NaN");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE,
+            "k: holds NaN");
   k[3] = 0.0f;
   v[60] = INFINITY; /* sequence 1, token 0, head 1 */
-  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE, "v: holds NaN");
+  CHECK_ERR(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_NOT_FINITE,
+            "v: holds NaN");
   v[60] = 0.0f;
   {
     int32_t lens[2] = {-1, -1};
     tensor_t tl;
     tset(&tl, lens, I32, 1, 2, 0, 0, 0);
     CHECK_OK(sals_cache_lengths(cache, &tl.t, NULL));
-    CHECK(lens[0] == 0 && lens[1] == 0, "nothing stored by failed appends: %d %d", lens[0], lens[1]);
+    CHECK(lens[0] == 0 && lens[1] == 0, "nothing stored by failed appends: %d %d", lens[0],
+          lens[1]);
   }
   {
     float big[3 * 3 * 16] = {0};
@@ -407,7 +427,8 @@ int main(void) {
     tset(&bk, big, F32, 4, 3, 3, 2, 8);
     tset(&bv, big, F32, 4, 3, 3, 2, 8);
     tset(&bpp, bp, I32, 2, 3, 3, 0, 0);
-    CHECK_ERR(sals_cache_append(cache, &bk.t, &bv.t, &bpp.t, NULL), SALS_ERR_CAPACITY, "k: batch 3 > max_batch 2");
+    CHECK_ERR(sals_cache_append(cache, &bk.t, &bv.t, &bpp.t, NULL), SALS_ERR_CAPACITY,
+              "k: batch 3 > max_batch 2");
   }
   CHECK_OK(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL));
   CHECK_OK(sals_cache_append(cache, &tk.t, &tv.t, &tp.t, NULL));
@@ -421,15 +442,18 @@ int main(void) {
   CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, NULL, NULL), INV, "out: is NULL");
   CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &tq.t, NULL), INV, "out: overlaps q");
   tset(&tq, q, F32, 4, 2, 1, 2, 8);
-  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV, "q: dim 2 is 2, expected 4 (n_head_q)");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV,
+            "q: dim 2 is 2, expected 4 (n_head_q)");
   tset(&tq, q, BF16, 4, 2, 1, 4, 8); /* q and out may differ in float dtype */
   CHECK_OK(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL));
   tset(&tq, q, F32, 4, 2, 1, 4, 8);
   tset(&to, o, F32, 4, 2, 2, 4, 8);
-  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV, "out: dim 1 is 2, expected 1");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), INV,
+            "out: dim 1 is 2, expected 1");
   tset(&to, o, F32, 4, 2, 1, 4, 8);
   q[9] = NAN;
-  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), SALS_ERR_NOT_FINITE, "q: holds NaN");
+  CHECK_ERR(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL), SALS_ERR_NOT_FINITE,
+            "q: holds NaN");
   q[9] = 0.0f;
   CHECK_OK(sals_cache_attend(cache, &tq.t, &tp.t, &to.t, NULL));
   {
@@ -450,7 +474,8 @@ int main(void) {
     int32_t lens[3];
     tensor_t tl;
     tset(&tl, lens, I32, 1, 3, 0, 0, 0);
-    CHECK_ERR(sals_cache_lengths(cache, &tl.t, NULL), INV, "out: dim 0 is 3, more than max_batch 2");
+    CHECK_ERR(sals_cache_lengths(cache, &tl.t, NULL), INV,
+              "out: dim 0 is 3, more than max_batch 2");
     CHECK_ERR(sals_cache_lengths(NULL, &tl.t, NULL), INV, "cache: is NULL");
     CHECK_ERR(sals_cache_selected(NULL, &ti.t, &tc.t, NULL), INV, "cache: is NULL");
   }
@@ -463,8 +488,10 @@ int main(void) {
   CHECK(m.values == 12 * 8 && m.value_scales == 12 * 2 * 4, "values %llu %llu",
         (unsigned long long)m.values, (unsigned long long)m.value_scales);
   CHECK(m.positions == 48 && m.dense_fp16 == 2 * 12 * 16 * 2, "positions/dense");
-  CHECK(m.exact_window == 2 * (1 + 2) * 16 * 4 * 2, "exact %llu", (unsigned long long)m.exact_window);
-  CHECK(m.total == m.latent_keys + m.values + m.value_scales + m.exact_window + m.positions + m.projection,
+  CHECK(m.exact_window == 2 * (1 + 2) * 16 * 4 * 2, "exact %llu",
+        (unsigned long long)m.exact_window);
+  CHECK(m.total ==
+            m.latent_keys + m.values + m.value_scales + m.exact_window + m.positions + m.projection,
         "total");
   CHECK(m.allocated >= m.total, "allocated");
   sals_config_t got;
@@ -489,7 +516,8 @@ int main(void) {
     tset(&tout, out, F32, 2, 4, 8, 0, 0);
     CHECK_ERR(sals_project(NULL, &tpr.t, &tout.t, NULL), INV, "x: is NULL");
     tset(&tpr, pr, F32, 2, 12, 8, 0, 0);
-    CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV, "proj: dim 0 is 12, expected 16 (x.shape[1])");
+    CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV,
+              "proj: dim 0 is 12, expected 16 (x.shape[1])");
     tset(&tpr, pr, F32, 2, 16, 8, 0, 0);
     tpr.t.device.device_type = kDLCUDA;
     CHECK_ERR(sals_project(&tx.t, &tpr.t, &tout.t, NULL), INV, "proj: on cuda:0 but x is on cpu");
@@ -517,9 +545,11 @@ int main(void) {
     CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, NULL, &t3.t, NULL), INV, "rope: is NULL");
     tensor_t t3b;
     tset(&t3b, x + 1, F32, 3, 4, 2, 8, 0);
-    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3b.t, NULL), INV, "out: overlaps x without being the same view");
+    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3b.t, NULL), INV,
+              "out: overlaps x without being the same view");
     tset(&tpos, p4, I32, 1, 3, 0, 0, 0);
-    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3.t, NULL), INV, "pos: dim 0 is 3, expected 4");
+    CHECK_ERR(sals_rope_apply(&t3.t, &tpos.t, &rope, &t3.t, NULL), INV,
+              "pos: dim 0 is 3, expected 4");
 
     float ql[2 * 1 * 8] = {0}, kl[2 * 20 * 8] = {0};
     int32_t idx[2 * 1 * 4], lens[2] = {20, 21};
@@ -528,23 +558,27 @@ int main(void) {
     tset(&tkl, kl, F32, 3, 2, 20, 8, 0);
     tset(&ti, idx, I32, 3, 2, 1, 4, 0);
     tset(&tl, lens, I32, 1, 2, 0, 0, 0);
-    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 9, 2, 2, 4, &ti.t, NULL), INV, "score_rank: 9 not in 1..8");
-    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 10, 8, 4, &ti.t, NULL), INV, "budget: 4 not in 1..2");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 9, 2, 2, 4, &ti.t, NULL), INV,
+              "score_rank: 9 not in 1..8");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 10, 8, 4, &ti.t, NULL), INV,
+              "budget: 4 not in 1..2");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, -1, 8, 4, &ti.t, NULL), INV, "n_sink");
-    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 2, 2, 5, &ti.t, NULL), INV, "idx: dim 2 is 4, expected 5 (budget)");
-    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 8, 2, 2, 4, &ti.t, NULL), INV, "lengths[1]: 21 not in 0..20");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 2, 2, 5, &ti.t, NULL), INV,
+              "idx: dim 2 is 4, expected 5 (budget)");
+    CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 8, 2, 2, 4, &ti.t, NULL), INV,
+              "lengths[1]: 21 not in 0..20");
     lens[1] = 12;
     for (int which = 0; which < 2; ++which) { /* NaN, then infinity */
       const float nf = which ? INFINITY : NAN;
       ql[8 + 3] = nf;
-      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL), SALS_ERR_NOT_FINITE,
-                "q_lat: holds NaN or infinity at row [1, 0]");
+      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL),
+                SALS_ERR_NOT_FINITE, "q_lat: holds NaN or infinity at row [1, 0]");
       ql[8 + 3] = 0.0f;
       ql[8 + 4] = nf; /* past score_rank 4: not read */
       CHECK_OK(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL));
       kl[(20 + 5) * 8] = nf; /* sequence 1, candidate 5 */
-      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL), SALS_ERR_NOT_FINITE,
-                "k_lat: holds NaN or infinity at row [1, 5]");
+      CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 4, 2, 2, 4, &ti.t, NULL),
+                SALS_ERR_NOT_FINITE, "k_lat: holds NaN or infinity at row [1, 5]");
       kl[(20 + 5) * 8] = 0.0f;
       /* Not read: a sink, a recent token, a row past the length, coordinates past score_rank. */
       kl[(20 + 1) * 8] = kl[(20 + 10) * 8] = kl[(20 + 15) * 8] = kl[(0 + 7) * 8 + 6] = nf;
@@ -559,15 +593,19 @@ int main(void) {
     tset(&tvv, vv, F32, 4, 1, 4, 2, 8);
     tset(&tsi, sidx, I32, 3, 1, 1, 2, 0);
     tset(&too, oo, F32, 3, 1, 4, 8, 0);
-    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV, "idx[0, 0, 1]: 4 not a token");
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV,
+              "idx[0, 0, 1]: 4 not a token");
     sidx[1] = -2;
-    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV, "idx[0, 0, 1]: -2");
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL), INV,
+              "idx[0, 0, 1]: -2");
     sidx[1] = -1;
     CHECK_OK(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, 0.0f, &too.t, NULL));
-    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, -1.0f, &too.t, NULL), INV, "scale");
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, &tsi.t, NULL, -1.0f, &too.t, NULL), INV,
+              "scale");
     tset(&tqq, qq, F32, 3, 1, 3, 8, 0);
     tset(&too, oo, F32, 3, 1, 3, 8, 0);
-    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, NULL, NULL, 0.0f, &too.t, NULL), INV, "not a multiple of k.shape[2]");
+    CHECK_ERR(sals_sparse_attention(&tqq.t, &tkk.t, &tvv.t, NULL, NULL, 0.0f, &too.t, NULL), INV,
+              "not a multiple of k.shape[2]");
 
     float vq[2 * 8] = {0};
     uint8_t pk[2 * 4];
@@ -578,13 +616,18 @@ int main(void) {
     tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
     tset(&tzr, zr, F16, 2, 2, 1, 0, 0);
     CHECK_ERR(sals_quantize_values(&tvq.t, 3, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "bits: 3");
-    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 3, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "group: 3 does not divide");
-    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 1, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "group: 1 groups of 4-bit");
-    CHECK_ERR(sals_quantize_values(&tvq.t, 2, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "packed: dim 1 is 4, expected 2");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 3, &tpk.t, &tsc.t, &tzr.t, NULL), INV,
+              "group: 3 does not divide");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 1, &tpk.t, &tsc.t, &tzr.t, NULL), INV,
+              "group: 1 groups of 4-bit");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 2, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV,
+              "packed: dim 1 is 4, expected 2");
     tset(&tsc, sc, F32, 2, 2, 1, 0, 0);
-    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV, "scale: dtype float32 not supported (float16)");
+    CHECK_ERR(sals_quantize_values(&tvq.t, 4, 8, &tpk.t, &tsc.t, &tzr.t, NULL), INV,
+              "scale: dtype float32 not supported (float16)");
     tset(&tsc, sc, F16, 2, 2, 1, 0, 0);
-    CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, NULL, NULL), INV, "out: is NULL");
+    CHECK_ERR(sals_dequantize_values(&tpk.t, &tsc.t, &tzr.t, 4, 8, NULL, NULL), INV,
+              "out: is NULL");
   }
   test_stateless_not_finite();
   test_huge_config();

@@ -137,8 +137,8 @@ static void test_dense_equivalence(void) {
     for (int r = qs[b]; r < qs[b + 1]; ++r) {
       const int32_t qpos = p.len[b] - (qs[b + 1] - qs[b]) + (r - qs[b]);
       for (int h = 0; h < HQ; ++h) {
-        attend_ref(q[r][h], qpos, &p.k[b][0][0], &p.v[b][0][0], kpos, p.len[b], HKV,
-                   h / (HQ / HKV), D, p.inv_freq, D, 1.0f, 0, 1.0 / sqrt((double)D), NULL, ref);
+        attend_ref(q[r][h], qpos, &p.k[b][0][0], &p.v[b][0][0], kpos, p.len[b], HKV, h / (HQ / HKV),
+                   D, p.inv_freq, D, 1.0f, 0, 1.0 / sqrt((double)D), NULL, ref);
         for (int i = 0; i < D; ++i) err = fmax(err, fabs(ref[i] - out[r][h][i]));
       }
     }
@@ -147,8 +147,8 @@ static void test_dense_equivalence(void) {
   int chosen = 0, none = 1;
   for (int i = 0; i < 20; ++i) chosen += sel[0][0][i] >= 1 && sel[0][0][i] < 21;
   for (int i = 0; i < 20; ++i) none &= sel[1][0][i] == -1;
-  CHECK(chosen == 20 && none, "selection: %d candidates in sequence 0, sequence 1 empty %d",
-        chosen, none);
+  CHECK(chosen == 20 && none, "selection: %d candidates in sequence 0, sequence 1 empty %d", chosen,
+        none);
   teardown(&p);
 }
 
@@ -166,8 +166,7 @@ static void test_bad_input(void) {
   tset(&tp, p.pages, U8, 3, NB, BS, p.slot_bytes, 0);
   const sals_status_t INV = SALS_ERR_INVALID_ARGUMENT;
   CHECK_ERR(APPEND(NULL, &tk.t, &tk.t, &ts.t, &tp.t), INV, "paged: is NULL");
-  CHECK_ERR(APPEND(p.paged, &tk.t, &tk.t, &ts.t, &tp.t), INV,
-            "slot_mapping: slot 3 appears twice");
+  CHECK_ERR(APPEND(p.paged, &tk.t, &tk.t, &ts.t, &tp.t), INV, "slot_mapping: slot 3 appears twice");
   slots[1] = NB * BS;
   CHECK_ERR(APPEND(p.paged, &tk.t, &tk.t, &ts.t, &tp.t), INV,
             "slot_mapping[1]: slot 48 beyond the pages' 48 slots");
@@ -221,8 +220,8 @@ static void test_bad_input(void) {
   int32_t sel[B][1][3];
   tensor_t tsel;
   tset(&tsel, sel, I32, 3, B, 1, 3, 0);
-  CHECK_ERR(ATTEND(p.paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &to.t, &tsel.t),
-            INV, "selected: dim 2 is 3, fewer than the 20 tokens");
+  CHECK_ERR(ATTEND(p.paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &to.t, &tsel.t), INV,
+            "selected: dim 2 is 3, fewer than the 20 tokens");
   sals_paged_destroy(NULL);
   free(before);
   teardown(&p);
@@ -299,8 +298,8 @@ static void test_window_store_matches_the_cache(void) {
   tset(&tt, table, I32, 2, 1, 6, 0, 0);
   tset(&twr, wrows, I32, 2, 1, 3, 0, 0);
   tset(&to, paged_out, F32, 3, 1, HQ, D, 0);
-  CHECK_OK(sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &twr.t, &tw.t, &to.t,
-                             NULL, NULL));
+  CHECK_OK(sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &twr.t, &tw.t, &to.t, NULL,
+                             NULL));
   double err = 0.0;
   for (int h = 0; h < HQ; ++h)
     for (int i = 0; i < D; ++i) err = fmax(err, fabs(cache_out[h][i] - paged_out[h][i]));
@@ -315,8 +314,9 @@ static void test_window_store_matches_the_cache(void) {
   const sals_status_t INV = SALS_ERR_INVALID_ARGUMENT;
   CHECK_ERR(sals_paged_append(paged, &tk.t, &tv.t, &ts.t, &tp.t, &tr.t, NULL, NULL), INV,
             "window: is NULL but window_rows is given");
-  CHECK_ERR(sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, NULL, &tw.t, &to.t, NULL,
-                              NULL), INV, "window_rows: is NULL but window is given");
+  CHECK_ERR(
+      sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, NULL, &tw.t, &to.t, NULL, NULL),
+      INV, "window_rows: is NULL but window is given");
   rows[5] = 3;
   CHECK_ERR(sals_paged_append(paged, &tk.t, &tv.t, &ts.t, &tp.t, &tr.t, &tw.t, NULL), INV,
             "window_rows: row 3 appears twice");
@@ -325,8 +325,9 @@ static void test_window_store_matches_the_cache(void) {
             "window_rows[5]: row 5 beyond the window's 5 rows");
   rows[5] = -1;
   wrows[0][1] = 7;
-  CHECK_ERR(sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &twr.t, &tw.t, &to.t,
-                              NULL, NULL), INV, "window_rows[0, 1]: 7 not a row of window (-1..4)");
+  CHECK_ERR(sals_paged_attend(paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &twr.t, &tw.t, &to.t, NULL,
+                              NULL),
+            INV, "window_rows[0, 1]: 7 not a row of window (-1..4)");
   tensor_t tw3;
   tset(&tw3, window, F32, 4, 5, 2, HKV + 1, D);
   CHECK_ERR(sals_paged_append(paged, &tk.t, &tv.t, &ts.t, &tp.t, &tr.t, &tw3.t, NULL), INV,

@@ -75,7 +75,7 @@ static sals_status_t append_cols(sals_cache_t* c, int64_t first, int b0, int nb,
   tset(&tp, pos + b0 * T + col0, I32, 2, nb, n, 0, 0);
   tstride(&tp, T, 1, 0, 0);
   return first == PLAIN ? sals_cache_append(c, &tk.t, &tv.t, &tp.t, NULL)
-                   : sals_cache_append_range(c, first, &tk.t, &tv.t, &tp.t, NULL);
+                        : sals_cache_append_range(c, first, &tk.t, &tv.t, &tp.t, NULL);
 }
 
 /* The decode token of sequences b0..b0+nb-1. */
@@ -85,19 +85,18 @@ static sals_status_t append_decode(sals_cache_t* c, int64_t first, int b0, int n
   tset(&tv, vd + (size_t)b0 * DK, F32, 4, nb, 1, HKV, D);
   tset(&tp, dpos + b0, I32, 2, nb, 1, 0, 0);
   return first == PLAIN ? sals_cache_append(c, &tk.t, &tv.t, &tp.t, NULL)
-                   : sals_cache_append_range(c, first, &tk.t, &tv.t, &tp.t, NULL);
+                        : sals_cache_append_range(c, first, &tk.t, &tv.t, &tp.t, NULL);
 }
 
 /* Queries of sequences b0..b0+nb-1 (T = 1 at the decode position, or the 3 of q3) into out. */
-static sals_status_t attend(sals_cache_t* c, int64_t first, int b0, int nb, int three,
-                            float* out) {
+static sals_status_t attend(sals_cache_t* c, int64_t first, int b0, int nb, int three, float* out) {
   const int tq = three ? 3 : 1;
   tensor_t tq_, tp, to;
   tset(&tq_, (three ? q3 : q) + (size_t)b0 * tq * HQ * D, F32, 4, nb, tq, HQ, D);
   tset(&tp, (three ? qpos3 : dpos) + b0 * tq, I32, 2, nb, tq, 0, 0);
   tset(&to, out + (size_t)b0 * tq * HQ * D, F32, 4, nb, tq, HQ, D);
   return first == PLAIN ? sals_cache_attend(c, &tq_.t, &tp.t, &to.t, NULL)
-                   : sals_cache_attend_range(c, first, &tq_.t, &tp.t, &to.t, NULL);
+                        : sals_cache_attend_range(c, first, &tq_.t, &tp.t, &to.t, NULL);
 }
 
 /*
@@ -106,12 +105,12 @@ static sals_status_t attend(sals_cache_t* c, int64_t first, int b0, int nb, int 
  * sinks, the ring entries of its last n_recent slots), which is all that a sequence admitted
  * into a reset slot overwrites.
  */
-static int same_state(const sals_cache_t* a, const sals_cache_t* b, int b0, int nb,
-                      int held_only) {
+static int same_state(const sals_cache_t* a, const sals_cache_t* b, int b0, int nb, int held_only) {
   const sals_config_t* g = &a->cfg;
   const int64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2, S = g->max_tokens;
   const int64_t kg = g->key_bits < 16 ? g->key_group : 0;
-  const int64_t ks = kg ? g->score_rank / kg * 2 : 0, kr = kg ? (g->rank - g->score_rank) / kg * 2 : 0;
+  const int64_t ks = kg ? g->score_rank / kg * 2 : 0,
+                kr = kg ? (g->rank - g->score_rank) / kg * 2 : 0;
   enum { TOKEN, SINK, RING, LEN };
   struct {
     const void *x, *y;
@@ -139,7 +138,10 @@ static int same_state(const sals_cache_t* a, const sals_cache_t* b, int b0, int 
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; ++i) {
       if (parts[i].x == NULL || parts[i].row == 0) continue;
       const int kind = parts[i].kind;
-      const int64_t rows = kind == TOKEN ? S : kind == SINK ? g->n_sink : kind == RING ? g->n_recent : 1;
+      const int64_t rows = kind == TOKEN  ? S
+                           : kind == SINK ? g->n_sink
+                           : kind == RING ? g->n_recent
+                                          : 1;
       for (int64_t r = 0; r < rows; ++r) {
         /* slots and sinks below the length are held; so is ring entry r then, as it holds
          * the slot congruent to r among the last n_recent */
@@ -191,8 +193,8 @@ static void test_fill_orders(const variant_t* x) {
       done += n;
     }
     /* each sequence reserved its own tokens, and only those */
-    CHECK(single->reserved[b] == lens[b], "%s: sequence %d reserved %d for %d tokens", x->label,
-          b, single->reserved[b], lens[b]);
+    CHECK(single->reserved[b] == lens[b], "%s: sequence %d reserved %d for %d tokens", x->label, b,
+          single->reserved[b], lens[b]);
   }
   CHECK_OK(append_cols(pairs, 2, 2, 2, 0, T));
   CHECK_OK(append_cols(pairs, 0, 0, 2, 0, T));
@@ -229,7 +231,8 @@ static void test_fill_orders(const variant_t* x) {
   CHECK_OK(attend(pairs, 2, 2, 1, 1, out_r));
   double err_multi = 0.0;
   for (int i = 0; i < 3 * HQ * D; ++i)
-    err_multi = fmax(err_multi, fabs((double)out_r[2 * 3 * HQ * D + i] - out_w[2 * 3 * HQ * D + i]));
+    err_multi =
+        fmax(err_multi, fabs((double)out_r[2 * 3 * HQ * D + i] - out_w[2 * 3 * HQ * D + i]));
   CHECK(err_multi < 1e-5, "%s: multi-token range attend differs by %g", x->label, err_multi);
   selection(pairs, idx_r, cnt_r);
   for (int b = 0; b < B; ++b)
@@ -260,13 +263,11 @@ static void test_bad_first(void) {
             "first: 4 + batch 1 of k > max_batch 4");
   CHECK_ERR(append_cols(c, 3, 0, 2, 0, 1), SALS_ERR_CAPACITY,
             "first: 3 + batch 2 of k > max_batch 4");
-  CHECK_ERR(sals_cache_append_range(NULL, 0, &tk.t, &tv.t, &tp.t, NULL),
-            SALS_ERR_INVALID_ARGUMENT, "cache: is NULL");
+  CHECK_ERR(sals_cache_append_range(NULL, 0, &tk.t, &tv.t, &tp.t, NULL), SALS_ERR_INVALID_ARGUMENT,
+            "cache: is NULL");
   CHECK_ERR(attend(c, -2, 0, 1, 0, out), SALS_ERR_INVALID_ARGUMENT, "first: -2 must be >= 0");
-  CHECK_ERR(attend(c, 2, 0, 3, 0, out), SALS_ERR_CAPACITY,
-            "first: 2 + batch 3 of q > max_batch 4");
-  CHECK_ERR(attend(c, 5, 0, 0, 0, out), SALS_ERR_CAPACITY,
-            "first: 5 + batch 0 of q > max_batch 4");
+  CHECK_ERR(attend(c, 2, 0, 3, 0, out), SALS_ERR_CAPACITY, "first: 2 + batch 3 of q > max_batch 4");
+  CHECK_ERR(attend(c, 5, 0, 0, 0, out), SALS_ERR_CAPACITY, "first: 5 + batch 0 of q > max_batch 4");
   CHECK_ERR(sals_cache_reset_range(c, -1, 1, NULL), SALS_ERR_INVALID_ARGUMENT,
             "first: -1 must be >= 0");
   CHECK_ERR(sals_cache_reset_range(c, 1, -1, NULL), SALS_ERR_INVALID_ARGUMENT,
@@ -315,8 +316,7 @@ static void test_reserve_and_reset(void) {
   CHECK_OK(sals_cache_lengths(c, &tl.t, NULL));
   CHECK(len[0] == lens[0] && len[1] == 0 && len[2] == 0 && len[3] == lens[3] + MAXT - T,
         "lengths after reset_range: %d %d %d %d", len[0], len[1], len[2], len[3]);
-  CHECK(c->reserved[0] == T && c->reserved[1] == 0 && c->reserved[2] == 0 &&
-            c->reserved[3] == MAXT,
+  CHECK(c->reserved[0] == T && c->reserved[1] == 0 && c->reserved[2] == 0 && c->reserved[3] == MAXT,
         "reservations after reset_range: %d %d %d %d", c->reserved[0], c->reserved[1],
         c->reserved[2], c->reserved[3]);
   selection(c, idx, cnt);
@@ -360,7 +360,8 @@ int main(void) {
       pos[b * T + t] = i >= 0 && i < lens[b] ? i : -1;
     }
     dpos[b] = lens[b];
-    for (int t = 0; t < 3; ++t) qpos3[b * 3 + t] = lens[b] - 2 + t; /* the last two and the decode */
+    for (int t = 0; t < 3; ++t)
+      qpos3[b * 3 + t] = lens[b] - 2 + t; /* the last two and the decode */
   }
   static const variant_t variants[] = {
       {"float16, 4-bit values, shared selection", SALS_DTYPE_FLOAT16, 4, 16, 0, 0, 0, R / 2, 3},

@@ -34,7 +34,10 @@ static void test_project(void) {
       err = fmax(err, fabs(a - from_f16(oh[n * R + r])) / fmax(1.0, fabs(a)));
     }
   CHECK(err < 1e-3, "project f16 error %g", err);
-  free(oh); free(out); free(p); free(x);
+  free(oh);
+  free(out);
+  free(p);
+  free(x);
 }
 
 static void test_rope_and_rebuild(void) {
@@ -83,7 +86,10 @@ static void test_rope_and_rebuild(void) {
       for (int i = 0; i < d; ++i) err = fmax(err, fabs(ref[i] - o[(n * H + h) * d + i]));
     }
   CHECK(err < 5e-5, "rebuild_rope error %g", err);
-  free(pr); free(kl); free(o); free(x);
+  free(pr);
+  free(kl);
+  free(o);
+  free(x);
 }
 
 static int cmp_desc(const void* a, const void* b) {
@@ -116,7 +122,8 @@ static void test_score_select(void) {
       memset(chosen, 0, (size_t)S);
       for (int j = 0; j < n; ++j) {
         double a = 0;
-        for (int c = 0; c < rs; ++c) a += (double)ql[(b * H + h) * R + c] * kl[(b * S + ns + j) * R + c];
+        for (int c = 0; c < rs; ++c)
+          a += (double)ql[(b * H + h) * R + c] * kl[(b * S + ns + j) * R + c];
         sc[j] = sorted[j] = a;
       }
       qsort(sorted, (size_t)n, sizeof(double), cmp_desc);
@@ -144,7 +151,12 @@ static void test_score_select(void) {
         CHECK(lowest, "ties broken by lower index");
       }
     }
-  free(chosen); free(sorted); free(sc); free(idx); free(kl); free(ql);
+  free(chosen);
+  free(sorted);
+  free(sc);
+  free(idx);
+  free(kl);
+  free(ql);
 }
 
 static void test_sparse_attention(void) {
@@ -158,7 +170,8 @@ static void test_sparse_attention(void) {
   int32_t* idx = malloc(sizeof(int32_t) * B * Hkv * N);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hkv; ++h)
-      for (int n = 0; n < N; ++n) idx[(b * Hkv + h) * N + n] = n % 7 == 3 ? -1 : (n * 13 + h * 5) % lens[b];
+      for (int n = 0; n < N; ++n)
+        idx[(b * Hkv + h) * N + n] = n % 7 == 3 ? -1 : (n * 13 + h * 5) % lens[b];
   for (int shared = 0; shared < 3; ++shared) {
     /* shared 0: per-head idx; 1: one idx row for all heads; 2: no idx (all tokens < length). */
     tensor_t tq, tk, tv, ti, tl, to;
@@ -169,7 +182,8 @@ static void test_sparse_attention(void) {
     if (shared) tstride(&ti, Hkv * N, N, 1, 0);
     tset(&tl, lens, I32, 1, B, 0, 0, 0);
     tset(&to, out, F32, 3, B, Hq, d, 0);
-    CHECK_OK(sals_sparse_attention(&tq.t, &tk.t, &tv.t, shared == 2 ? NULL : &ti.t, &tl.t, 0.0f, &to.t, NULL));
+    CHECK_OK(sals_sparse_attention(&tq.t, &tk.t, &tv.t, shared == 2 ? NULL : &ti.t, &tl.t, 0.0f,
+                                   &to.t, NULL));
     double err = 0, ref[64];
     for (int b = 0; b < B; ++b)
       for (int qh = 0; qh < Hq; ++qh) {
@@ -188,7 +202,8 @@ static void test_sparse_attention(void) {
         for (int j = 0; j < S; ++j) {
           if (w[j] == 0) continue;
           double a = 0;
-          for (int i = 0; i < d; ++i) a += (double)q[(b * Hq + qh) * d + i] * k[((b * S + j) * Hkv + h) * d + i];
+          for (int i = 0; i < d; ++i)
+            a += (double)q[(b * Hq + qh) * d + i] * k[((b * S + j) * Hkv + h) * d + i];
           logit[j] = a / sqrt((double)d);
           mx = fmax(mx, logit[j]);
         }
@@ -199,11 +214,16 @@ static void test_sparse_attention(void) {
           sum += p;
           for (int i = 0; i < d; ++i) ref[i] += p * v[((b * S + j) * Hkv + h) * d + i];
         }
-        for (int i = 0; i < d; ++i) err = fmax(err, fabs(ref[i] / sum - out[(b * Hq + qh) * d + i]));
+        for (int i = 0; i < d; ++i)
+          err = fmax(err, fabs(ref[i] / sum - out[(b * Hq + qh) * d + i]));
       }
     CHECK(err < 1e-5, "sparse_attention (mode %d) error %g", shared, err);
   }
-  free(idx); free(out); free(v); free(k); free(q);
+  free(idx);
+  free(out);
+  free(v);
+  free(k);
+  free(q);
 }
 
 static void test_quant(void) {
@@ -236,7 +256,11 @@ static void test_quant(void) {
       CHECK(ok, "bits %d group %d: |err| > scale/2 (worst err/scale %g)", bits, group, worst);
       CHECK(back[5 * D + 7] == 0.25f, "constant row round trip %g", back[5 * D + 7]);
     }
-  free(zr); free(sc); free(pk); free(back); free(v);
+  free(zr);
+  free(sc);
+  free(pk);
+  free(back);
+  free(v);
 }
 
 /* Float16 / bfloat16 outputs round to nearest even, subnormals and overflow included. */
@@ -249,7 +273,10 @@ static void test_conversions(void) {
     const double mag = pow(2.0, -26.0 + 44.0 * (i % 512) / 512.0);
     x[i] = (float)((i & 1 ? -1 : 1) * mag * (1.0 + 0.5 * urand()));
   }
-  x[0] = 65504.0f; x[1] = 65520.0f; x[2] = 1e-8f; x[3] = 2.98023224e-8f; /* 2^-25 ties to 0 */
+  x[0] = 65504.0f;
+  x[1] = 65520.0f;
+  x[2] = 1e-8f;
+  x[3] = 2.98023224e-8f; /* 2^-25 ties to 0 */
   x[4] = 1.0f + 1.0f / 2048.0f; /* halfway between 1 and 1 + 2^-10: ties to even (1) */
   for (int i = 0; i < N; ++i) pr[i] = 1.0f;
   tensor_t tx, tp, to;
@@ -260,7 +287,8 @@ static void test_conversions(void) {
   int bad = 0;
   for (int i = 0; i < N; ++i) bad += h[i] != to_f16(x[i]);
   CHECK(bad == 0, "%d float16 conversions differ from round-to-nearest-even", bad);
-  CHECK(h[1] == 0x7c00 && h[0] == 0x7bff && h[3] == 0 && h[4] == 0x3c00, "edge cases %x %x %x %x", h[0], h[1], h[3], h[4]);
+  CHECK(h[1] == 0x7c00 && h[0] == 0x7bff && h[3] == 0 && h[4] == 0x3c00, "edge cases %x %x %x %x",
+        h[0], h[1], h[3], h[4]);
   /* And back: every finite float16 through an identity projection is exact (infinities, such
    * as the overflows above, are rejected as inputs). */
   tensor_t th, tf;
@@ -280,7 +308,11 @@ static void test_conversions(void) {
   bad = 0;
   for (int i = 0; i < n; ++i) bad += f[i] != from_f16(all[i]);
   CHECK(n == NF && bad == 0, "%d of %d float16 -> float32 conversions inexact", bad, n);
-  free(f); free(all); free(pr); free(h); free(x);
+  free(f);
+  free(all);
+  free(pr);
+  free(h);
+  free(x);
 }
 
 int main(void) {

@@ -12,31 +12,31 @@
 
 static int g_passed, g_failed;
 
-#define CHECK(cond, ...)                                         \
-  do {                                                           \
-    if (cond) {                                                  \
-      ++g_passed;                                                \
-    } else {                                                     \
-      ++g_failed;                                                \
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (cond) {                                                       \
+      ++g_passed;                                                     \
+    } else {                                                          \
+      ++g_failed;                                                     \
       fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                              \
-      fprintf(stderr, "\n");                                     \
-    }                                                            \
+      fprintf(stderr, __VA_ARGS__);                                   \
+      fprintf(stderr, "\n");                                          \
+    }                                                                 \
   } while (0)
 
 /* A call that must fail with `status` and a last-error message containing `needle`. */
-#define CHECK_ERR(call, status, needle)                                                      \
-  do {                                                                                       \
-    sals_status_t st_ = (call);                                                              \
-    CHECK(st_ == (status) && strstr(sals_last_error(), (needle)) != NULL,                    \
-          "got %s \"%s\", wanted %s containing \"%s\"", sals_status_string(st_),             \
-          sals_last_error(), sals_status_string(status), (needle));                          \
+#define CHECK_ERR(call, status, needle)                                          \
+  do {                                                                           \
+    sals_status_t st_ = (call);                                                  \
+    CHECK(st_ == (status) && strstr(sals_last_error(), (needle)) != NULL,        \
+          "got %s \"%s\", wanted %s containing \"%s\"", sals_status_string(st_), \
+          sals_last_error(), sals_status_string(status), (needle));              \
   } while (0)
 
-#define CHECK_OK(call)                                                                        \
-  do {                                                                                        \
-    sals_status_t st_ = (call);                                                               \
-    CHECK(st_ == SALS_OK, "%s: %s", sals_status_string(st_), sals_last_error());              \
+#define CHECK_OK(call)                                                           \
+  do {                                                                           \
+    sals_status_t st_ = (call);                                                  \
+    CHECK(st_ == SALS_OK, "%s: %s", sals_status_string(st_), sals_last_error()); \
   } while (0)
 
 static int finish(void) {
@@ -113,8 +113,8 @@ static float from_f16(uint16_t h) {
 }
 
 /* Reference RoPE in float64 (theta in float32, as the library documents). */
-static void rope_ref(double* x, int d, int32_t pos, const float* inv_freq, int rot,
-                     float scaling, int interleaved) {
+static void rope_ref(double* x, int d, int32_t pos, const float* inv_freq, int rot, float scaling,
+                     int interleaved) {
   for (int i = 0; i < rot / 2; ++i) {
     const float theta = (float)pos * inv_freq[i];
     const double c = scaling * cos((double)theta), s = scaling * sin((double)theta);

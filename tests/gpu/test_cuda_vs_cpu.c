@@ -24,9 +24,9 @@ static int n_pass, n_fail;
       printf("\n");                               \
     }                                             \
   } while (0)
-#define OK(call)                                                                      \
-  do {                                                                                \
-    sals_status_t s_ = (call);                                                        \
+#define OK(call)                                                                            \
+  do {                                                                                      \
+    sals_status_t s_ = (call);                                                              \
     CHECK(s_ == SALS_OK, "%s -> %s: %s", #call, sals_status_string(s_), sals_last_error()); \
   } while (0)
 
@@ -85,7 +85,10 @@ static float h2f(uint16_t h) {
     if (m == 0) u = s;
     else {
       e = 113;
-      while (!(m & 1024u)) { m <<= 1; --e; }
+      while (!(m & 1024u)) {
+        m <<= 1;
+        --e;
+      }
       u = s | (e << 23) | ((m & 1023u) << 13);
     }
   } else if (e == 31) u = s | 0x7f800000u | (m << 13);
@@ -214,7 +217,8 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   pair_t proj = mk(2, ps, f32);
   float* U = (float*)proj.h.data;
   for (int64_t i = 0; i < dk; ++i)
-    for (int64_t j = 0; j < rank; ++j) U[i * rank + j] = rank == dk ? (i == j ? 1.f : 0.f) : frand();
+    for (int64_t j = 0; j < rank; ++j)
+      U[i * rank + j] = rank == dk ? (i == j ? 1.f : 0.f) : frand();
   /* Orthonormal columns (cache creation checks them): Gram-Schmidt, twice, in double. */
   for (int64_t j = 0; rank < dk && j < rank; ++j) {
     for (int pass = 0; pass < 2; ++pass)
@@ -331,8 +335,7 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   }
   CHECK(worst < tol, "%s: decode attend worst rel err %.3g", name, worst);
   CHECK(worst_overlap >= 0.9, "%s: worst selection overlap %.3f", name, worst_overlap);
-  printf("%-28s prefill %.2e  decode %.2e  overlap %.3f\n", name, e_prefill, worst,
-         worst_overlap);
+  printf("%-28s prefill %.2e  decode %.2e  overlap %.3f\n", name, e_prefill, worst, worst_overlap);
   int64_t ls[1] = {B};
   pair_t lc = mk(1, ls, i32), lg = mk(1, ls, i32);
   OK(sals_cache_lengths(cc, &lc.h, NULL));
@@ -344,8 +347,8 @@ static void cache_case(const char* name, int32_t hq, int32_t hkv, int32_t d, int
   OK(sals_cache_memory(gc, &mg, NULL));
   CHECK(mc.total == mg.total, "%s: memory totals differ", name);
 
-  pair_t* all[] = {&proj, &k, &v, &q, &pos, &oc, &og, &k1, &v1, &q1, &pos1, &oc1, &og1, &ic, &ig,
-                   &nc, &ng, &lc, &lg};
+  pair_t* all[] = {&proj, &k,   &v,   &q,  &pos, &oc, &og, &k1, &v1, &q1,
+                   &pos1, &oc1, &og1, &ic, &ig,  &nc, &ng, &lc, &lg};
   for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i) rel(all[i]);
   sals_cache_destroy(cc);
   sals_cache_destroy(gc);
@@ -396,10 +399,13 @@ static void stateless(void) {
     down(&sg);
     down(&zg);
     size_t diff = 0;
-    for (size_t i = 0; i < kc.bytes; ++i) diff += ((uint8_t*)kc.h.data)[i] != ((uint8_t*)kg.h.data)[i];
-    CHECK(diff * 1000 <= kc.bytes, "quantize %d-bit: %zu of %zu bytes differ", bits, diff, kc.bytes);
-    CHECK(memcmp(sc.h.data, sg.h.data, sc.bytes) == 0 && memcmp(zc.h.data, zg.h.data, zc.bytes) == 0,
-          "quantize %d-bit: scales/zeros differ", bits);
+    for (size_t i = 0; i < kc.bytes; ++i)
+      diff += ((uint8_t*)kc.h.data)[i] != ((uint8_t*)kg.h.data)[i];
+    CHECK(diff * 1000 <= kc.bytes, "quantize %d-bit: %zu of %zu bytes differ", bits, diff,
+          kc.bytes);
+    CHECK(
+        memcmp(sc.h.data, sg.h.data, sc.bytes) == 0 && memcmp(zc.h.data, zg.h.data, zc.bytes) == 0,
+        "quantize %d-bit: scales/zeros differ", bits);
     OK(sals_dequantize_values(&kc.h, &sc.h, &zc.h, bits, group, &dc.h, NULL));
     OK(sals_dequantize_values(&kg.d, &sg.d, &zg.d, bits, group, &dg.d, NULL));
     e = rel_err(&dg, &dc.h);
@@ -432,7 +438,8 @@ static void stateless(void) {
         for (int j = lo; j < hi; ++j) {
           double s = 0;
           for (int c = 0; c < Rs; ++c)
-            s += (double)getf(&ql.h, (b * Hs + h) * Rs + c) * getf(&kl.h, ((size_t)b * S + j) * Rs + c);
+            s += (double)getf(&ql.h, (b * Hs + h) * Rs + c) *
+                 getf(&kl.h, ((size_t)b * S + j) * Rs + c);
           sc[j] = s;
         }
         /* k-th largest (float64), then every GPU index must score >= it minus rounding */
@@ -442,8 +449,11 @@ static void stateless(void) {
           memcpy(tmp, sc + lo, sizeof(double) * nc);
           for (int i = 0; i < k; ++i) { /* partial selection sort, small k is fine here */
             int m = i;
-            for (int j = i + 1; j < nc; ++j) if (tmp[j] > tmp[m]) m = j;
-            double t = tmp[i]; tmp[i] = tmp[m]; tmp[m] = t;
+            for (int j = i + 1; j < nc; ++j)
+              if (tmp[j] > tmp[m]) m = j;
+            double t = tmp[i];
+            tmp[i] = tmp[m];
+            tmp[m] = t;
           }
           kth = tmp[k - 1];
           free(tmp);
@@ -503,30 +513,48 @@ int main(void) {
   stateless();
   /* name, Hq, Hkv, d, rank, r*, value bits, key bits, key group, dtype, dense, per_head, budget,
    * B, T0, steps, tol */
-  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 5e-3, 0);
-  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 0);
-  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, 16, 32, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2, 0);
-  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 16, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 0);
-  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 0);
-  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, 16, 32, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3, 0);
+  cache_case("dense-equiv fp16 d64 G4", 8, 2, 64, 128, 128, 16, 16, 32, SALS_DTYPE_FLOAT16, 0, 0,
+             1.0f, 3, 97, 4, 5e-3, 0);
+  cache_case("sparse fp16 d128 G4 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0,
+             0.125f, 3, 300, 4, 3e-2, 0);
+  cache_case("sparse bf16 d64 G1 2bit", 4, 4, 64, 64, 32, 2, 16, 32, SALS_DTYPE_BFLOAT16, 0, 0,
+             0.25f, 2, 200, 3, 3e-2, 0);
+  cache_case("per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 16, 32, SALS_DTYPE_BFLOAT16, 0, 1,
+             0.2f, 2, 150, 3, 3e-2, 0);
+  cache_case("dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 1, 0,
+             0.125f, 2, 120, 3, 1e-2, 0);
+  cache_case("fp32 d64 rank17 G2", 4, 2, 64, 17, 9, 4, 16, 32, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3,
+             97, 3, 1e-3, 0);
   /* Quantised latent keys: tensor-core prefill projection (hgemm) and the decode skinny product
    * then the quantise kernel, quantised scoring and rebuild, general kernel for T > 1. */
-  cache_case("qk8 sparse fp16 d128 G4", 8, 2, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 0);
-  cache_case("qk4 sparse bf16 d64 G1", 4, 4, 64, 64, 32, 2, 4, 16, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f, 2, 200, 3, 3e-2, 0);
-  cache_case("qk8 full-budget fp16 r=r*", 8, 2, 64, 128, 128, 16, 8, 32, SALS_DTYPE_FLOAT16, 0, 0, 1.0f, 3, 97, 4, 1e-2, 0);
-  cache_case("qk4 per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 0);
-  cache_case("qk8 dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 0);
+  cache_case("qk8 sparse fp16 d128 G4", 8, 2, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 0, 0,
+             0.125f, 3, 300, 4, 3e-2, 0);
+  cache_case("qk4 sparse bf16 d64 G1", 4, 4, 64, 64, 32, 2, 4, 16, SALS_DTYPE_BFLOAT16, 0, 0, 0.25f,
+             2, 200, 3, 3e-2, 0);
+  cache_case("qk8 full-budget fp16 r=r*", 8, 2, 64, 128, 128, 16, 8, 32, SALS_DTYPE_FLOAT16, 0, 0,
+             1.0f, 3, 97, 4, 1e-2, 0);
+  cache_case("qk4 per-head bf16 d256 G3", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1,
+             0.2f, 2, 150, 3, 3e-2, 0);
+  cache_case("qk8 dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0,
+             0.125f, 2, 120, 3, 1e-2, 0);
   /* groups of 12: the rebuild's 8-coordinate pieces straddle groups */
-  cache_case("qk8 fp16 g12 G2", 6, 3, 64, 48, 24, 4, 8, 12, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2, 0);
+  cache_case("qk8 fp16 g12 G2", 6, 3, 64, 48, 24, 4, 8, 12, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97,
+             3, 3e-2, 0);
   /* score_rank 12 (not a multiple of 8): scalar scoring, general kernel for decode too */
-  cache_case("qk4 fp16 r40 r*12 g4", 4, 2, 64, 40, 12, 16, 4, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3, 97, 3, 3e-2, 0);
-  cache_case("qk4 fp32 r40 r*12 g4", 4, 2, 64, 40, 12, 4, 4, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3, 97, 3, 1e-3, 0);
+  cache_case("qk4 fp16 r40 r*12 g4", 4, 2, 64, 40, 12, 16, 4, 4, SALS_DTYPE_FLOAT16, 0, 0, 0.3f, 3,
+             97, 3, 3e-2, 0);
+  cache_case("qk4 fp32 r40 r*12 g4", 4, 2, 64, 40, 12, 4, 4, 4, SALS_DTYPE_FLOAT32, 0, 0, 0.3f, 3,
+             97, 3, 1e-3, 0);
   /* 3 x 700 prefill rows: projected and quantised in two chunks of the workspace */
-  cache_case("qk8 chunked prefill fp16", 2, 1, 64, 32, 16, 16, 8, 8, SALS_DTYPE_FLOAT16, 0, 0, 0.1f, 3, 700, 2, 3e-2, 0);
+  cache_case("qk8 chunked prefill fp16", 2, 1, 64, 32, 16, 16, 8, 8, SALS_DTYPE_FLOAT16, 0, 0, 0.1f,
+             3, 700, 2, 3e-2, 0);
   /* the *_range calls on CUDA, each buffer of a sequence reached from its offset pointers */
-  cache_case("range sparse fp16 d128 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0, 0.125f, 3, 300, 4, 3e-2, 1);
-  cache_case("range qk4 per-head bf16 d256", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0, 1, 0.2f, 2, 150, 3, 3e-2, 1);
-  cache_case("range dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0, 0.125f, 2, 120, 3, 1e-2, 1);
+  cache_case("range sparse fp16 d128 4bit", 8, 2, 128, 64, 32, 4, 16, 32, SALS_DTYPE_FLOAT16, 0, 0,
+             0.125f, 3, 300, 4, 3e-2, 1);
+  cache_case("range qk4 per-head bf16 d256", 6, 2, 256, 128, 64, 8, 4, 32, SALS_DTYPE_BFLOAT16, 0,
+             1, 0.2f, 2, 150, 3, 3e-2, 1);
+  cache_case("range dense-mode fp16 d128 G8", 8, 1, 128, 64, 32, 4, 8, 32, SALS_DTYPE_FLOAT16, 1, 0,
+             0.125f, 2, 120, 3, 1e-2, 1);
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

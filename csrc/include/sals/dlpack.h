@@ -123,7 +123,6 @@ typedef struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 } DLManagedTensorVersioned;
 
-
 /* ---- DLPack 1.3 C exchange API (`type(x).__dlpack_c_exchange_api__`) ----------------------- */
 /*
  * A framework publishes one static DLPackExchangeAPI, as a PyCapsule named
@@ -133,10 +132,12 @@ typedef struct DLManagedTensorVersioned {
  * DLPackManagedTensorAllocator, which reports through SetError.
  */
 
-/** Allocate a tensor in the producer framework shaped like `prototype` (dtype, ndim, shape, device). */
-typedef int (*DLPackManagedTensorAllocator)(
-    DLTensor* prototype, DLManagedTensorVersioned** out, void* error_ctx,
-    void (*SetError)(void* error_ctx, const char* kind, const char* message));
+/** Allocate a tensor in the producer framework shaped like `prototype` (dtype, ndim, shape,
+ * device). */
+typedef int (*DLPackManagedTensorAllocator)(DLTensor* prototype, DLManagedTensorVersioned** out,
+                                            void* error_ctx,
+                                            void (*SetError)(void* error_ctx, const char* kind,
+                                                             const char* message));
 
 /** Export `py_object` (a PyObject* of the publishing type) as an owned tensor; no stream sync. */
 typedef int (*DLPackManagedTensorFromPyObjectNoSync)(void* py_object,

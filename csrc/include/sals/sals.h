@@ -161,11 +161,11 @@ typedef struct sals_config {
   float budget_frac;       /**< in (0, 1]; default 0.125 */
   int32_t budget_tokens;   /**< fixed count, >= 0; 0 = use budget_frac; default 0 */
   int32_t select_per_head; /**< 0: one selection shared by all heads (the paper); 1: per KV head */
-  int32_t dense;           /**< 1: attend every token with rebuilt keys (dense layers) */
-  int32_t max_batch;       /**< sequences held, >= 1 */
-  int32_t max_tokens;      /**< tokens held per sequence, >= 1 */
-  sals_dtype_t dtype;      /**< storage type; default SALS_DTYPE_FLOAT16 */
-  float scale;             /**< softmax scale; 0 = 1/sqrt(head_dim) */
+  int32_t dense; /**< 1: attend every token with rebuilt keys (dense layers) */
+  int32_t max_batch; /**< sequences held, >= 1 */
+  int32_t max_tokens; /**< tokens held per sequence, >= 1 */
+  sals_dtype_t dtype; /**< storage type; default SALS_DTYPE_FLOAT16 */
+  float scale; /**< softmax scale; 0 = 1/sqrt(head_dim) */
   /**
    * 1: report NaN/inf inputs with SALS_ERR_NOT_FINITE, naming the argument. On the CPU the
    * call is refused before anything changes, and this includes appended values the storage
@@ -182,8 +182,8 @@ typedef struct sals_config {
    * (reset it). Default 1.
    */
   int32_t check_finite;
-  int32_t n_threads;       /**< CPU worker threads, 0..SALS_MAX_THREADS; 0 = one per online core */
-  DLDevice device;         /**< where the cache lives: {kDLCPU, 0} or {kDLCUDA, ordinal} */
+  int32_t n_threads; /**< CPU worker threads, 0..SALS_MAX_THREADS; 0 = one per online core */
+  DLDevice device; /**< where the cache lives: {kDLCPU, 0} or {kDLCUDA, ordinal} */
 } sals_config_t;
 
 /** Paper defaults with zero shape fields; the caller must set n_head_q .. max_tokens. */
@@ -209,10 +209,10 @@ SALS_API sals_status_t sals_config_check(const sals_config_t* config);
  * theta, cos and sin are computed in float32.
  */
 typedef struct sals_rope {
-  const float* inv_freq;   /**< host memory, rotary_dim/2 entries; borrowed (copied by a cache) */
-  int32_t rotary_dim;      /**< even, <= head_dim; 0 = no rotary embedding (inv_freq unused) */
+  const float* inv_freq; /**< host memory, rotary_dim/2 entries; borrowed (copied by a cache) */
+  int32_t rotary_dim; /**< even, <= head_dim; 0 = no rotary embedding (inv_freq unused) */
   float attention_scaling; /**< multiplies cos and sin; 1 for most models */
-  int32_t interleaved;     /**< 0 rotate-half (Llama, Mistral, Qwen, Gemma), 1 interleaved */
+  int32_t interleaved; /**< 0 rotate-half (Llama, Mistral, Qwen, Gemma), 1 interleaved */
 } sals_rope_t;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -347,15 +347,15 @@ SALS_API sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* 
 
 /** Bytes held, per component, for the tokens stored now (sum over sequences). */
 typedef struct sals_memory {
-  uint64_t latent_keys;  /**< rank coordinates per token (key_bits < 16: codes, scales, zeros) */
-  uint64_t values;       /**< quantised (or 16-bit) values */
+  uint64_t latent_keys; /**< rank coordinates per token (key_bits < 16: codes, scales, zeros) */
+  uint64_t values; /**< quantised (or 16-bit) values */
   uint64_t value_scales; /**< scales and zeros of the quantisation groups */
   uint64_t exact_window; /**< exact keys and values of the sinks and the recent window */
-  uint64_t positions;    /**< one int32 per token */
-  uint64_t projection;   /**< U_r */
-  uint64_t total;        /**< sum of the above */
-  uint64_t dense_fp16;   /**< what dense fp16 K and V would need: 2 * S * Dk * 2 per sequence */
-  uint64_t allocated;    /**< everything the cache allocated, workspace included */
+  uint64_t positions; /**< one int32 per token */
+  uint64_t projection; /**< U_r */
+  uint64_t total; /**< sum of the above */
+  uint64_t dense_fp16; /**< what dense fp16 K and V would need: 2 * S * Dk * 2 per sequence */
+  uint64_t allocated; /**< everything the cache allocated, workspace included */
 } sals_memory_t;
 
 /** Fill *out. For a CUDA cache this reads the lengths back (synchronises `stream`). */
