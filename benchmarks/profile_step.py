@@ -12,7 +12,7 @@ import sys
 import torch
 
 import sals
-from sals.bench import SHAPES, _fill
+from sals.tools.bench import SHAPES, _fill
 
 
 def main() -> None:

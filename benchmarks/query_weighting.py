@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import sals
-    from sals.eval.cli import load_model
+    from sals.tools.eval.cli import load_model
     from sals.hf import _arch, calibrate, corpus
 
     model, tok, label = load_model(args.model, device="cpu", dtype="float32")

@@ -9,15 +9,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-from . import _cli
+from .tools import _cli
 
 _COMMANDS = {
-    "demo": ("sals.demo", ("generate with a real model (SmolLM2), dense vs SALS, and compare "
-                           "answers, KV-cache bytes and speed")),
-    "calibrate": ("sals.hf.calibrate_cli", ("calibrate a local HuggingFace model and write its "
-                                            "projection file")),
-    "bench": ("sals.bench", "benchmarks on a GPU (`bench attention`: the decode operator; `bench e2e`: generate)"),
-    "eval": ("sals.eval.cli", "accuracy of SALS settings vs dense and baselines (RULER-style)"),
+    "demo": ("sals.tools.demo", ("generate with a real model (SmolLM2), dense vs SALS, and "
+                                 "compare answers, KV-cache bytes and speed")),
+    "calibrate": ("sals.tools.calibrate", ("calibrate a local HuggingFace model and write its "
+                                           "projection file")),
+    "bench": ("sals.tools.bench", "benchmarks on a GPU (`bench attention`: the decode operator; `bench e2e`: generate)"),
+    "eval": ("sals.tools.eval.cli", "accuracy of SALS settings vs dense and baselines (RULER-style)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""sals.bench_dense.DenseGraphDecoder (bench e2e's dense-graph baseline) on tiny random models:
+"""sals.tools.bench_dense.DenseGraphDecoder (bench e2e's dense-graph baseline) on tiny random models:
 the same greedy tokens as transformers' generate and the same logits as its forward (CPU,
 float32); bad input refused naming the argument; on CUDA, graph replay equal to the eager step.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from sals.bench_dense import DenseGraphDecoder
+from sals.tools.bench_dense import DenseGraphDecoder
 
 #: the families the decoder reproduces (bench e2e builds Llama shapes; llama3 is Llama-3.1's
 #: RoPE scaling; qwen2 has a qkv bias)

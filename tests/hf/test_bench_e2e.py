@@ -11,7 +11,7 @@ import json
 import pytest
 import sals.hf
 from sals import __main__ as cli
-from sals.bench_dense import DenseGraphDecoder, fused_weight_bytes
+from sals.tools.bench_dense import DenseGraphDecoder, fused_weight_bytes
 
 pytestmark = pytest.mark.slow
 

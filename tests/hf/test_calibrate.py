@@ -13,7 +13,8 @@ import sals
 import sals.hf
 import tiny
 import torch
-from sals.hf import calibrate, calibrate_cli, corpus
+from sals.hf import calibrate, corpus
+from sals.tools import calibrate as calibrate_cli
 
 
 def test_stdlib_text_is_offline_deterministic_prose():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sals.hf
 import tiny
 import torch
-from sals import demo
+from sals.tools import demo
 
 
 def test_ratios_compare_like_with_like():

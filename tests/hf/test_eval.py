@@ -12,8 +12,8 @@ import pytest
 import sals
 import sals.hf
 import torch
-from sals.eval import cli, tasks
-from sals.eval.runner import Runner, parse_setting, prefill
+from sals.tools.eval import cli, tasks
+from sals.tools.eval.runner import Runner, parse_setting, prefill
 from sals.hf import CACHE_ARG
 
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def _results(scores: dict) -> dict:
 
 
 def test_paired_difference_from_dense():
-    from sals.eval import report
+    from sals.tools.eval import report
 
     # b loses 100 points on 1 prompt of 10; c equals dense everywhere
     results = _results({"dense": [100.0] * 5 + [0.0] * 5, "b": [0.0] + [100.0] * 4 + [0.0] * 5,

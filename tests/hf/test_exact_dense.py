@@ -340,7 +340,7 @@ def test_the_bench_byte_floor_counts_the_exact_layers():
     """bench e2e's bytes per decode step: an exact dense layer reads 2 * Dk model-dtype
     elements per token (float32 here), a compressed one its latent keys and values (full
     rank and 16-bit values here: 2 * Dk * 2 bytes)."""
-    from sals import bench_e2e
+    from sals.tools import bench_e2e
 
     model = tiny.model("llama")
     floors = {}

@@ -10,7 +10,7 @@ import sals
 import sals.hf
 import tiny
 import torch
-from sals import demo
+from sals.tools import demo
 
 pytestmark = pytest.mark.slow
 

@@ -546,8 +546,8 @@ def test_sals_passes_and_reads_the_cache_under_this_transformers_own_name():
     sals runs itself (generate and forwards of a patched model, the demo's generation, the
     eval's prefill and decode steps, bench e2e's timing) and a loop written as the README says
     emit neither."""
-    from sals import bench_e2e, demo
-    from sals.eval import runner
+    from sals.tools import bench_e2e, demo
+    from sals.tools.eval import runner
 
     model = tiny.model("llama")
     ids = tiny.prompt(12)

@@ -201,7 +201,7 @@ def test_smollm2_grouped_prefill_generates_what_the_whole_batch_does(smollm2,
     dense-equivalence tolerance of test_smollm2.py. SALS-25% (float16 storage, 4-bit values)
     stays within 1% of the logits' deviation: a rounding difference of the batch's forward
     (measured 1e-5 of it) can move a stored value across a quantisation step."""
-    from sals import demo
+    from sals.tools import demo
 
     model, tokenizer = smollm2
     prompts = [demo.haystack(tokenizer, n, 0.5)["input_ids"] for n in (120, 40, 80)]

@@ -11,7 +11,7 @@ import sals
 import sals.hf
 import tiny
 import torch
-from sals import demo
+from sals.tools import demo
 from sals.hf import CACHE_ARG
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import types
 import pytest
 import sals
 import sals.__main__ as cli
-from sals import _cli, bench, demo
-from sals.eval import cli as eval_cli
-from sals.hf import calibrate_cli
+from sals.tools import _cli, bench, demo
+from sals.tools import calibrate as calibrate_cli
+from sals.tools.eval import cli as eval_cli
 
 
 def _sals(*args, **kwargs):
@@ -260,7 +260,7 @@ def test_version_and_helpers():
 def test_eval_results_never_follow_a_planted_symlink(tmp_path):
     """The eval's results.json is written through a fresh file of its own and renamed; a
     symlink planted at results.json is refused and its target left as it was."""
-    from sals.eval import cli as eval_cli
+    from sals.tools.eval import cli as eval_cli
 
     eval_cli._write_json({"rows": [1.5]}, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text()) == {"rows": [1.5]}
@@ -283,7 +283,7 @@ def test_eval_results_never_follow_a_planted_symlink(tmp_path):
 def test_eval_default_contexts_fit_the_window(window, expected):
     """Without --contexts the eval runs contexts that the window holds with the generated
     tokens, so its own check never blames a --contexts the user did not give."""
-    from sals.eval import cli as eval_cli
+    from sals.tools.eval import cli as eval_cli
 
     contexts = eval_cli.default_contexts(window, extra=64)
     assert contexts == expected
@@ -291,7 +291,7 @@ def test_eval_default_contexts_fit_the_window(window, expected):
 
 
 def test_eval_default_contexts_on_a_small_window():
-    from sals.eval import cli as eval_cli
+    from sals.tools.eval import cli as eval_cli
 
     with pytest.raises(ValueError, match="window of 1000 tokens holds no context.*give --contexts"):
         eval_cli.default_contexts(1000, extra=64)
@@ -386,7 +386,7 @@ def _results(tmp_path):
 
 
 def test_eval_prints_the_table_without_matplotlib(monkeypatch, tmp_path, capsys):
-    pytest.importorskip("torch")  # sals.eval.report imports the runner
+    pytest.importorskip("torch")  # sals.tools.eval.report imports the runner
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     eval_cli.finish(_results(tmp_path), str(tmp_path), plots=False)
     out = capsys.readouterr().out

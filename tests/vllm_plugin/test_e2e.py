@@ -51,7 +51,7 @@ def _run(spec: dict, tmp_path, multiprocessing: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def prompts(smollm2):
-    from sals import demo
+    from sals.tools import demo
 
     _, tokenizer, _ = smollm2
     haystacks = [demo.haystack(tokenizer, 700, depth)["input_ids"][0].tolist()

@@ -20,8 +20,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import static_kv
-from .errors import InvalidArgumentError
+from .. import static_kv
+from ..errors import InvalidArgumentError
 
 #: model_type of the decoder-only families whose layers this decoder reproduces exactly
 SUPPORTED = ("llama", "mistral", "qwen2")

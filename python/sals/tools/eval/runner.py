@@ -10,7 +10,7 @@ setting then starts from that state:
   new ``SalsCache`` into which the prompt's pre-RoPE keys and values are appended, exactly as
   the patched prefill would append them (sliding-window layers get a copy of the dense window);
 - ``streaming=REF`` / ``oracle=REF``: a copy of the dense cache and the attention of
-  ``sals.eval.baselines``, sized from the SALS setting REF measured on the same prompt.
+  ``sals.tools.eval.baselines``, sized from the SALS setting REF measured on the same prompt.
 
 and generates greedily from the prefill's last logits (the first token is the same for all).
 ``tests/hf/test_eval.py`` checks this path against ``model.generate`` on the patched model.
@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from .. import InvalidArgumentError
+from ... import InvalidArgumentError
 from . import baselines
 
 PRESETS = ("sals-25", "sals-12.5", "dense-equivalent", "auto", "none")
@@ -131,7 +131,7 @@ class Prefill:
 
 def prefill(model, info, ids: torch.Tensor) -> Prefill:
     """Dense prefill of ``ids`` keeping the pre-RoPE keys and values of every full layer."""
-    from ..hf import CACHE_ARG, pre_rope
+    from ...hf import CACHE_ARG, pre_rope
 
     keys, values = {}, {}
 
@@ -156,7 +156,7 @@ def prefill(model, info, ids: torch.Tensor) -> Prefill:
 
 
 def _step(model, token: int, position: int, cache):
-    from ..hf import CACHE_ARG
+    from ...hf import CACHE_ARG
 
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[token]], device=model.device),
@@ -197,8 +197,8 @@ class Runner:
                  default_calib: tuple, threads: int = 0):
         import sals.hf
 
-        from ..hf import _arch
-        from ..hf.state import patch_state
+        from ...hf import _arch
+        from ...hf.state import patch_state
 
         self.sals_hf = sals.hf
         self.patch_state = patch_state
@@ -346,7 +346,7 @@ class Runner:
         return _OverlapHooks(self, cache, pre, layers)
 
     def _key_errors(self, pre: Prefill, layers: dict) -> None:
-        from ..hf.calibrate import rebuilt_keys
+        from ...hf.calibrate import rebuilt_keys
 
         state = self.patch_state(self.model)
         for index, proj in state.projections.items():
@@ -374,7 +374,7 @@ class _OverlapHooks:
                 self._hook(layer.index), with_kwargs=True))
 
     def _hook(self, index):
-        from ..hf import pre_rope
+        from ...hf import pre_rope
 
         def pre_hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

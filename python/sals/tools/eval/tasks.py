@@ -227,7 +227,7 @@ class TaskSet:
     def _filler(self, kind: str) -> _Filler:
         if kind not in self._fillers:
             if kind == "prose" and self._prose is None:
-                from ..hf.corpus import prose_text
+                from ...hf.corpus import prose_text
 
                 self._prose = prose_text()[0]
             self._fillers[kind] = _Filler(self.tokenizer, kind, self._prose)

