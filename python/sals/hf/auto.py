@@ -1,5 +1,6 @@
-"""``patch(model, calibration=..., preset="auto", kv_fraction=0.16)``: per-layer settings chosen
-for a memory target instead of a fixed fraction of Dk.
+"""``patch(model, calibration=..., preset="auto", kv_fraction=0.16)`` (or
+``preset=sals.presets.Auto(0.16)``): per-layer settings chosen for a memory target instead of a
+fixed fraction of Dk.
 
 The rule, per full-attention layer ``l`` (sliding-window layers keep their exact window and
 are outside the target), for a sequence of ``S = kv_context`` tokens:
@@ -53,12 +54,12 @@ import dataclasses
 import math
 
 from .. import Calibration, CalibrationError, InvalidArgumentError, _args
+from ..presets import DEFAULT_CONTEXT, Auto
 
 VALUE_WEIGHT = 0.05
 MIN_RANK_FRAC = 1 / 16
 RANK_STEPS = 48
 SCORE_ENERGY = 0.995
-DEFAULT_CONTEXT = 4096
 KEY_GROUP = 32
 # latent key formats, cheapest first: (bits, group); 16 is the storage dtype
 QUANTISED_KEY_FORMATS = ((4, KEY_GROUP), (8, KEY_GROUP), (16, KEY_GROUP))
@@ -151,10 +152,8 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     ``exact``: ``[(dk, element size)]`` of the dense layers that keep exact keys and values
     (``dense_kv="exact"``): part of the target's dense K+V, and ``2 * dk * element size`` bytes
     per token of it spent before any SALS layer's."""
-    kv_fraction = _args.real(kv_fraction, "kv_fraction")
-    if not 0 < kv_fraction <= 1:
-        raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
-    kv_context = _args.integer(kv_context, "kv_context", 0)
+    target = Auto(kv_fraction, kv_context)  # checks both as sals.presets.Auto does
+    kv_fraction, kv_context = target.kv_fraction, target.kv_context
     elem = 4 if dtype == "float32" else 2
     window = int(n_sink) + int(n_recent)
     per_seq = max(1, kv_context)  # kv_context 0: bytes per token
@@ -267,23 +266,17 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     return min(feasible, key=lambda r: r[1])[0]
 
 
-def layer_overrides(info, calibration: Calibration | None, overrides: dict,
+def layer_overrides(info, calibration: Calibration | None, target: Auto, overrides: dict,
                     exact=frozenset()) -> dict[int, dict]:
-    """What ``patch(..., preset="auto")`` applies per layer: ``{layer: Config fields}``.
-    Pops ``kv_fraction`` and ``kv_context`` from ``overrides`` (the other fields are the
-    caller's ``sals.Config`` overrides, shared by every layer). ``exact``: the indices of the
-    dense layers that keep exact keys and values in the model's dtype: not planned, but their
-    bytes count against the target."""
+    """What ``patch(..., preset=target)`` applies per layer: ``{layer: Config fields}``.
+    ``overrides``: the caller's other ``sals.Config`` fields, shared by every layer.
+    ``exact``: the indices of the dense layers that keep exact keys and values in the model's
+    dtype: not planned, but their bytes count against the target."""
     if calibration is None:
         raise CalibrationError(
             "calibration: preset 'auto' chooses ranks from the calibration's eigenvalues; "
             "pass calibration=... (python -m sals calibrate --rank-frac 1.0 keeps every "
             "direction)")
-    if "kv_fraction" not in overrides:
-        raise InvalidArgumentError("kv_fraction: preset 'auto' needs kv_fraction=... "
-                                   "(the fraction of dense fp16 K+V to keep, e.g. 0.156)")
-    fraction = overrides.pop("kv_fraction")
-    context = overrides.pop("kv_context", DEFAULT_CONTEXT)
     chosen = {"rank", "score_rank", "value_bits", "value_group", "key_bits",
               "key_group"} & set(overrides)
     if chosen:
@@ -293,7 +286,7 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict,
     full = [layer for layer in info.layers if not layer.sliding]
     plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full
                                if layer.index not in exact],
-                 fraction, context,
+                 target.kv_fraction, target.kv_context,
                  n_sink=_args.integer(overrides.get("n_sink", 16), "n_sink", 0),
                  n_recent=_args.integer(overrides.get("n_recent", 64), "n_recent", 0),
                  dtype=overrides.get("dtype", "float16"),
