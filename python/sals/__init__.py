@@ -6,14 +6,15 @@ and attends exactly over them; the same storage in pages the caller owns (``Page
 for serving engines); the stateless stages it is made of (``project``, ``rope_apply``,
 ``rebuild_rope``, ``score_select``, ``sparse_attention``, ``quantize_values``,
 ``dequantize_values``); and the offline calibration that produces the projections
-(``Calibrator``, ``Calibration``).
+(``Calibrator``, ``Calibration``). Presets, by name or as ``sals.presets`` objects, set a layer's
+``Config`` (``Config.preset``) or a whole model's (``sals.hf.patch``).
 """
 
 from __future__ import annotations
 
 import os
 
-from . import _C
+from . import _C, presets
 from .cache import LayerCache
 from .calibration import Calibration, Calibrator
 from .config import Config, Rope
@@ -70,6 +71,6 @@ __all__ = [
     "Calibration", "CalibrationError", "Calibrator", "CapacityError", "Config", "DeviceError",
     "InvalidArgumentError", "LayerCache", "NotFiniteError", "OutOfMemoryError", "PagedLayer",
     "Rope", "SalsError", "UnsupportedError", "cuda_available", "dequantize_values", "get_include",
-    "get_library", "project", "quantize_values", "rebuild_rope", "rope_apply", "score_select",
-    "sparse_attention", "__version__",
+    "get_library", "presets", "project", "quantize_values", "rebuild_rope", "rope_apply",
+    "score_select", "sparse_attention", "__version__",
 ]

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from . import presets
 from .calibration import Calibration
 from .config import Config
 from .errors import CalibrationError, InvalidArgumentError
@@ -38,7 +39,7 @@ def load_calibration(calibration, fingerprint: dict) -> Calibration | None:
     return calibration
 
 
-def config(info, preset: str | None, overrides: dict, dense: bool,
+def config(info, preset: str | presets.Preset | None, overrides: dict, dense: bool,
            model_dtype: torch.dtype, calib: Calibration | None) -> Config:
     """One full-attention layer's checked Config (arguments as for ``layer_config``)."""
     fields = dict(overrides)
@@ -55,7 +56,7 @@ def config(info, preset: str | None, overrides: dict, dense: bool,
     return cfg
 
 
-def layer_config(info, preset: str | None, overrides: dict, dense: bool,
+def layer_config(info, preset: str | presets.Preset | None, overrides: dict, dense: bool,
                  model_dtype: torch.dtype, calib: Calibration | None,
                  remedy: str = "patch(model, calibration=FILE)",
                  ) -> tuple[Config, np.ndarray, np.ndarray | None]:
@@ -74,8 +75,9 @@ def layer_config(info, preset: str | None, overrides: dict, dense: bool,
     if rank == info.dk:  # full rank: the identity is exact, whatever the calibration
         return cfg, np.eye(info.dk, dtype=np.float32), None
     if calib is None:
+        name = None if preset is None else presets.parse(preset).name  # a name as given
         raise CalibrationError(
-            f"calibration: preset {preset!r} keeps rank {rank} of Dk={info.dk} at layer "
+            f"calibration: preset {name!r} keeps rank {rank} of Dk={info.dk} at layer "
             f"{info.index}, which needs a calibration (python -m sals calibrate --model ... "
             f"--out FILE, then {remedy}); without one use "
             f"preset='dense-equivalent' or rank={info.dk}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _C, _args
+from . import _C, _args, presets
 from ._tensors import KDLCPU
 from .errors import InvalidArgumentError
 
@@ -16,7 +16,7 @@ from .errors import InvalidArgumentError
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 #: the names Config.preset accepts
-PRESETS = ("sals-25", "sals-12.5", "dense-equivalent")
+PRESETS = tuple(presets.NAMED)
 _INT_FIELDS = ("n_head_q", "n_head_kv", "head_dim", "value_bits", "value_group", "key_bits",
                "key_group", "n_sink", "n_recent", "budget_tokens", "max_batch", "max_tokens",
                "n_threads")
@@ -122,33 +122,26 @@ class Config:
         return min(budget, candidates)
 
     @classmethod
-    def preset(cls, name: str, n_head_q: int, n_head_kv: int, head_dim: int, **overrides: Any):
-        """The paper's settings.
+    def preset(cls, name: str | presets.Preset, n_head_q: int, n_head_kv: int, head_dim: int,
+               **overrides: Any):
+        """The paper's settings, by name or as a ``sals.presets`` object.
 
-        - ``"sals-25"``: rank ``Dk/4``, 4-bit values;
-        - ``"sals-12.5"``: rank ``Dk/8``, 2-bit values;
+        - ``"sals-25"`` (``presets.SALS_25``): rank ``Dk/4``, 4-bit values;
+        - ``"sals-12.5"`` (``presets.SALS_12_5``): rank ``Dk/8``, 2-bit values;
           both with score rank ``rank/2``, budget 1/8, 16 sinks and 64 recent tokens;
-        - ``"dense-equivalent"``: full rank, full budget, 16-bit values (equals dense attention
-          up to rounding).
+        - ``"dense-equivalent"`` (``presets.DENSE_EQUIVALENT``): full rank, full budget, 16-bit
+          values (equals dense attention up to rounding).
 
+        ``presets.Auto`` is refused: its settings are planned per layer by ``sals.hf.patch``.
         ``overrides`` set any other field (``max_tokens``, ``dtype``, ...).
         """
         dk = _args.integer(n_head_kv, "n_head_kv") * _args.integer(head_dim, "head_dim")
-        if not isinstance(name, str):
-            raise InvalidArgumentError(f"name: expected a preset name (str), got {name!r}")
-        if name == "sals-25":
-            fields = dict(rank=max(1, dk // 4), value_bits=4)
-        elif name == "sals-12.5":
-            fields = dict(rank=max(1, dk // 8), value_bits=2)
-        elif name == "dense-equivalent":
-            fields = dict(rank=dk, score_rank=dk, value_bits=16, budget_frac=1.0)
-        else:
-            raise InvalidArgumentError(f"name: unknown preset {name!r}; expected one of {PRESETS}")
-        if name != "dense-equivalent":
-            fields.update(score_rank=max(1, fields["rank"] // 2), budget_frac=0.125, n_sink=16,
-                          n_recent=64)
-        fields.update(overrides)
-        return cls(n_head_q, n_head_kv, head_dim, **fields)
+        preset = presets.parse(name, arg="name")
+        if isinstance(preset, presets.Auto):
+            raise InvalidArgumentError(
+                "name: preset 'auto' plans each layer's settings from a calibration; use "
+                "sals.hf.patch(model, calibration=..., preset=...)")
+        return cls(n_head_q, n_head_kv, head_dim, **{**preset.config_fields(dk), **overrides})
 
     def check(self) -> None:
         """Check every value and relation as making a cache does (``sals_config_check``:

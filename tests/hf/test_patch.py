@@ -499,6 +499,70 @@ def test_patch_options_of_the_wrong_type_are_refused(options, match):
     assert not sals.hf.is_patched(model)
 
 
+def _patched(model, **options):
+    """What patch(model, **options) sets per layer, and the logits of a short decode."""
+    sals.hf.patch(model, **options)
+    try:
+        state = sals.hf.state.patch_state(model)
+        ids = tiny.prompt(24)
+        logits = tiny.decode_logits(model, ids[:, :16], ids[:, 16:], sals.hf.SalsCache(model, 1, 32))
+        return state.configs, state.projections, state.exact, logits
+    finally:
+        sals.hf.unpatch(model)
+
+
+@pytest.mark.parametrize("name, obj, options", [
+    ("sals-25", sals.presets.SALS_25, {}),
+    ("sals-12.5", sals.presets.SALS_12_5, {"dense_kv": "exact", "dense_layers": [0]}),
+    ("dense-equivalent", sals.presets.DENSE_EQUIVALENT, {"dtype": "float32"}),
+    ("auto", sals.presets.Auto(0.3), {}),
+    ("auto", sals.presets.Auto(0.75, 0), {"kv_context": 0, "dense_kv": "exact",
+                                          "dense_layers": [0]}),
+])
+def test_a_preset_name_and_its_object_patch_alike(name, obj, options):
+    """patch(preset=NAME, **options) and patch(preset=OBJECT) set the same configs and
+    projections and decode the same logits; "auto"'s arguments travel as keywords with the
+    name and inside the object."""
+    model = tiny.model("llama")
+    calib = _tiny_calibration(model, rank_frac=1.0)
+    by_object = {**SPARSE, **{k: v for k, v in options.items() if k != "kv_context"}}
+    by_name = {**SPARSE, **options}
+    if name == "auto":
+        by_name["kv_fraction"] = obj.kv_fraction
+    configs, projections, exact, logits = _patched(model, calibration=calib, preset=name,
+                                                    **by_name)
+    configs_o, projections_o, exact_o, logits_o = _patched(model, calibration=calib, preset=obj,
+                                                           **by_object)
+    assert configs == configs_o and exact == exact_o and configs
+    assert bool(exact) == ("dense_kv" in options)
+    assert projections.keys() == projections_o.keys()
+    assert all(np.array_equal(projections[i], projections_o[i]) for i in projections)
+    assert torch.equal(logits, logits_o)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"preset": 3}, r"^preset: unknown preset 3; expected one of \('sals-25', 'sals-12.5', "
+                    r"'dense-equivalent', 'auto', None\) or a sals.presets object"),
+    ({"preset": sals.presets.Auto(0.3), "kv_fraction": 0.3},
+     r"^kv_fraction, kv_context: only for preset='auto'"),
+    ({"preset": sals.presets.SALS_25, "kv_context": 0},
+     r"^kv_fraction, kv_context: only for preset='auto'"),
+    ({"preset": None, "kv_fraction": 0.3}, r"^kv_fraction, kv_context: only for preset='auto'"),
+    ({"preset": "auto"}, r"^kv_fraction: preset 'auto' needs kv_fraction="),
+    ({"preset": sals.presets.Auto(0.3), "rank": 16}, r"^rank: chosen per layer by preset 'auto'"),
+])
+def test_bad_presets_are_refused(options, match):
+    model = tiny.model("llama")
+    with pytest.raises(sals.InvalidArgumentError, match=match):
+        sals.hf.patch(model, calibration=_tiny_calibration(model), **options)
+    assert not sals.hf.is_patched(model)
+
+
+def test_auto_objects_need_a_calibration():
+    with pytest.raises(sals.CalibrationError, match="^calibration: preset 'auto' chooses"):
+        sals.hf.patch(tiny.model("llama"), preset=sals.presets.Auto(0.3))
+
+
 NEWEST = sals.hf._arch.NEWEST_TESTED_TRANSFORMERS  # "major.minor"
 NEXT = f"{NEWEST.split('.')[0]}.{int(NEWEST.split('.')[1]) + 1}"
 

@@ -1,5 +1,6 @@
-"""``patch(model, calibration=..., preset="auto", kv_fraction=0.16)``: per-layer settings chosen
-for a memory target instead of a fixed fraction of Dk.
+"""``patch(model, calibration=..., preset="auto", kv_fraction=0.16)`` (or
+``preset=sals.presets.Auto(0.16)``): per-layer settings chosen for a memory target instead of a
+fixed fraction of Dk.
 
 The rule, per full-attention layer ``l`` (sliding-window layers keep their exact window and
 are outside the target), for a sequence of ``S = kv_context`` tokens:
@@ -53,12 +54,12 @@ import dataclasses
 import math
 
 from .. import Calibration, CalibrationError, InvalidArgumentError, _args
+from ..presets import DEFAULT_CONTEXT, Auto
 
 VALUE_WEIGHT = 0.05
 MIN_RANK_FRAC = 1 / 16
 RANK_STEPS = 48
 SCORE_ENERGY = 0.995
-DEFAULT_CONTEXT = 4096
 KEY_GROUP = 32
 # latent key formats, cheapest first: (bits, group); 16 is the storage dtype
 QUANTISED_KEY_FORMATS = ((4, KEY_GROUP), (8, KEY_GROUP), (16, KEY_GROUP))
@@ -142,6 +143,65 @@ def _value_formats(head_dim: int) -> list[tuple[int, int]]:
     return [(2, group), (4, group), (8, group), (16, group)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A planned layer, as the calibration describes it."""
+
+    index: int
+    dk: int
+    max_rank: int                       # the directions the calibration stores
+    eig: list[float]                    # its eigenvalues, largest first
+    cum: list[float]                    # cum[r]: the energy fraction the leading r directions keep
+    value_formats: list[tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    """A layer's setting while the greedy rule grows it: a rank and indices into its formats."""
+
+    layer: _Layer
+    key_formats: tuple[tuple[int, int], ...]
+    rank: int
+    kfmt: int = 0
+    fmt: int = 0
+
+    @property
+    def key_format(self) -> tuple[int, int]:
+        return self.key_formats[self.kfmt]
+
+    @property
+    def value_format(self) -> tuple[int, int]:
+        return self.layer.value_formats[self.fmt]
+
+    def rank_step(self) -> int:
+        kbits, kgroup = self.key_format
+        return kgroup if kbits < 16 else max(1, self.layer.dk // RANK_STEPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """A candidate step of the greedy rule: ``settings[at]`` becomes ``after``."""
+
+    at: int
+    after: _Setting
+    gain: float  # the predicted error it removes
+    extra: int   # the bytes it adds
+
+    @property
+    def rate(self) -> float:
+        return self.gain / self.extra
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One run of the greedy rule: the bytes of its cheapest setting, and its plans with their
+    predicted error (None and infinity when the cheapest setting did not fit)."""
+
+    cheapest: int
+    plans: list[LayerPlan] | None = None
+    error: float = math.inf
+
+
 def plan(calibration: Calibration, layers, kv_fraction: float,
          kv_context: int = DEFAULT_CONTEXT, n_sink: int = 16, n_recent: int = 64,
          dtype: str = "float16", quantised_keys: bool = True, exact=()) -> list[LayerPlan]:
@@ -151,10 +211,8 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
     ``exact``: ``[(dk, element size)]`` of the dense layers that keep exact keys and values
     (``dense_kv="exact"``): part of the target's dense K+V, and ``2 * dk * element size`` bytes
     per token of it spent before any SALS layer's."""
-    kv_fraction = _args.real(kv_fraction, "kv_fraction")
-    if not 0 < kv_fraction <= 1:
-        raise InvalidArgumentError(f"kv_fraction: expected (0, 1], got {kv_fraction}")
-    kv_context = _args.integer(kv_context, "kv_context", 0)
+    target = Auto(kv_fraction, kv_context)  # checks both as sals.presets.Auto does
+    kv_fraction, kv_context = target.kv_fraction, target.kv_context
     elem = 4 if dtype == "float32" else 2
     window = int(n_sink) + int(n_recent)
     per_seq = max(1, kv_context)  # kv_context 0: bytes per token
@@ -172,91 +230,82 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
         cumulative = [0.0]
         for x in eig:
             cumulative.append(cumulative[-1] + x / total)
-        base.append({"index": index, "dk": dk, "max_rank": cal.rank, "cum": cumulative,
-                     "eig": eig, "formats": _value_formats(head_dim)})
-    dense = sum(4 * s["dk"] * per_seq for s in base) + sum(4 * dk * per_seq for dk, _ in exact)
+        base.append(_Layer(index, dk, cal.rank, eig, cumulative, _value_formats(head_dim)))
+    dense = sum(4 * b.dk * per_seq for b in base) + sum(4 * dk * per_seq for dk, _ in exact)
     budget = kv_fraction * dense - fixed
 
-    def greedy(quantised: bool):
-        """(plans, predicted error), or (None, cheapest bytes) when even that does not fit."""
-        state = []
+    def cost(s: _Setting) -> int:
+        bits, group = s.value_format
+        kbits, kgroup = s.key_format
+        return layer_bytes(s.layer.dk, s.rank, bits, group, kv_context, n_sink, n_recent, elem,
+                           kbits, kgroup)
+
+    def kerr(s: _Setting) -> float:
+        return key_error(s.layer.eig, s.rank, *s.key_format)
+
+    def greedy(quantised: bool) -> _Run:
+        settings = []
         for b in base:
             # quantised keys need whole groups: layers holding fewer directions stay 16-bit
-            keys = QUANTISED_KEY_FORMATS if quantised and b["max_rank"] >= KEY_GROUP \
+            keys = QUANTISED_KEY_FORMATS if quantised and b.max_rank >= KEY_GROUP \
                 else FLOAT_KEY_FORMATS
             rank = KEY_GROUP if keys[0][0] < 16 else \
-                min(b["max_rank"], max(1, round(b["dk"] * MIN_RANK_FRAC)))
-            state.append({**b, "fmt": 0, "keys": keys, "kfmt": 0, "rank": rank})
-
-        def step(s) -> int:
-            return s["keys"][s["kfmt"]][1] if s["keys"][s["kfmt"]][0] < 16 \
-                else max(1, s["dk"] // RANK_STEPS)
-
-        def cost(s, rank=None, fmt=None, kfmt=None) -> int:
-            bits, group = s["formats"][s["fmt"] if fmt is None else fmt]
-            kbits, kgroup = s["keys"][s["kfmt"] if kfmt is None else kfmt]
-            return layer_bytes(s["dk"], s["rank"] if rank is None else rank, bits, group,
-                               kv_context, n_sink, n_recent, elem, kbits, kgroup)
-
-        def kerr(s, rank=None, kfmt=None) -> float:
-            return key_error(s["eig"], s["rank"] if rank is None else rank,
-                             *s["keys"][s["kfmt"] if kfmt is None else kfmt])
-
-        spent = sum(cost(s) for s in state)
+                min(b.max_rank, max(1, round(b.dk * MIN_RANK_FRAC)))
+            settings.append(_Setting(b, keys, rank))
+        spent = sum(cost(s) for s in settings)
         if spent > budget:
-            return None, spent
+            return _Run(spent)
+        cheapest = spent
         while True:
             # the best step may not fit while a cheaper one still does: take the best that fits
-            candidates = []
-            for s in state:
+            steps = []
+            for at, s in enumerate(settings):
                 here = cost(s)
-                rank_up = min(s["max_rank"], s["rank"] + step(s))
-                if s["keys"][s["kfmt"]][0] < 16:
-                    rank_up -= rank_up % s["keys"][s["kfmt"]][1]  # whole groups only
-                if rank_up > s["rank"]:
-                    extra = cost(s, rank=rank_up) - here
-                    gain = kerr(s) - kerr(s, rank=rank_up)
-                    candidates.append((gain / extra, -s["index"], s, "rank", rank_up, extra))
-                if s["kfmt"] + 1 < len(s["keys"]):
-                    extra = cost(s, kfmt=s["kfmt"] + 1) - here
-                    gain = kerr(s) - kerr(s, kfmt=s["kfmt"] + 1)
-                    candidates.append((gain / extra, -s["index"], s, "kfmt", s["kfmt"] + 1,
-                                       extra))
-                if s["fmt"] + 1 < len(s["formats"]):
-                    extra = cost(s, fmt=s["fmt"] + 1) - here
-                    gain = VALUE_WEIGHT * (value_error(*s["formats"][s["fmt"]])
-                                           - value_error(*s["formats"][s["fmt"] + 1]))
-                    candidates.append((gain / extra, -s["index"], s, "fmt", s["fmt"] + 1, extra))
-            fitting = [c for c in candidates if spent + c[5] <= budget and c[0] > 0]
+                rank_up = min(s.layer.max_rank, s.rank + s.rank_step())
+                if s.key_format[0] < 16:
+                    rank_up -= rank_up % s.key_format[1]  # whole groups only
+                if rank_up > s.rank:
+                    up = dataclasses.replace(s, rank=rank_up)
+                    steps.append(_Step(at, up, kerr(s) - kerr(up), cost(up) - here))
+                if s.kfmt + 1 < len(s.key_formats):
+                    up = dataclasses.replace(s, kfmt=s.kfmt + 1)
+                    steps.append(_Step(at, up, kerr(s) - kerr(up), cost(up) - here))
+                if s.fmt + 1 < len(s.layer.value_formats):
+                    up = dataclasses.replace(s, fmt=s.fmt + 1)
+                    gain = VALUE_WEIGHT * (value_error(*s.value_format)
+                                           - value_error(*up.value_format))
+                    steps.append(_Step(at, up, gain, cost(up) - here))
+            fitting = [t for t in steps if spent + t.extra <= budget and t.rate > 0]
             if not fitting:
                 break
-            _, _, s, kind, value, extra = max(fitting, key=lambda c: (c[0], c[1]))
-            s[kind] = value
-            spent += extra
+            # ties go to the lowest layer index, then to the first step listed
+            best = max(fitting, key=lambda t: (t.rate, -settings[t.at].layer.index))
+            settings[best.at] = best.after
+            spent += best.extra
 
         plans, error = [], 0.0
-        for s in state:
-            rank, cum = s["rank"], s["cum"]
-            kbits, kgroup = s["keys"][s["kfmt"]]
+        for s in settings:
+            rank, cum = s.rank, s.layer.cum
+            kbits, kgroup = s.key_format
             unit = kgroup if kbits < 16 else 1  # a quantised scoring part holds whole groups
             score = max(unit, -(-(rank // 2) // unit) * unit)
             while score < rank and cum[score] < SCORE_ENERGY * cum[rank]:
                 score += unit
-            bits, group = s["formats"][s["fmt"]]
-            plans.append(LayerPlan(index=s["index"], dk=s["dk"], rank=rank, score_rank=score,
-                                   value_bits=bits, value_group=group, key_bits=kbits,
-                                   key_group=kgroup, bytes=cost(s),
-                                   dense_fp16=4 * s["dk"] * per_seq, key_energy=cum[rank],
+            bits, group = s.value_format
+            plans.append(LayerPlan(index=s.layer.index, dk=s.layer.dk, rank=rank,
+                                   score_rank=score, value_bits=bits, value_group=group,
+                                   key_bits=kbits, key_group=kgroup, bytes=cost(s),
+                                   dense_fp16=4 * s.layer.dk * per_seq, key_energy=cum[rank],
                                    key_error=kerr(s)))
             error += kerr(s) + VALUE_WEIGHT * value_error(bits, group)
-        return plans, error
+        return _Run(cheapest, plans, error)
 
     # quantised latent keys start at a whole group, which a small Dk may not afford: the rule
     # runs with and without them and keeps the plan it predicts to be more accurate
     runs = [greedy(q) for q in ((True, False) if quantised_keys else (False,))]
-    feasible = [r for r in runs if r[0] is not None]
+    feasible = [r for r in runs if r.plans is not None]
     if not feasible:
-        cheapest = min(r[1] for r in runs)
+        cheapest = min(r.cheapest for r in runs)
         exact_part = f"; the exact dense layers {fixed / dense:.4f}" if exact else ""
         raise InvalidArgumentError(
             f"kv_fraction: {kv_fraction:g} is below what this model can reach at "
@@ -264,26 +313,20 @@ def plan(calibration: Calibration, layers, kv_fraction: float,
             f"cheapest keys, 2-bit values, {window} exact tokens and the projection; "
             f"the exact windows alone cost "
             f"{min(kv_context, window) * 2 * elem / (4 * per_seq):.4f}{exact_part})")
-    return min(feasible, key=lambda r: r[1])[0]
+    return min(feasible, key=lambda r: r.error).plans
 
 
-def layer_overrides(info, calibration: Calibration | None, overrides: dict,
+def layer_overrides(info, calibration: Calibration | None, target: Auto, overrides: dict,
                     exact=frozenset()) -> dict[int, dict]:
-    """What ``patch(..., preset="auto")`` applies per layer: ``{layer: Config fields}``.
-    Pops ``kv_fraction`` and ``kv_context`` from ``overrides`` (the other fields are the
-    caller's ``sals.Config`` overrides, shared by every layer). ``exact``: the indices of the
-    dense layers that keep exact keys and values in the model's dtype: not planned, but their
-    bytes count against the target."""
+    """What ``patch(..., preset=target)`` applies per layer: ``{layer: Config fields}``.
+    ``overrides``: the caller's other ``sals.Config`` fields, shared by every layer.
+    ``exact``: the indices of the dense layers that keep exact keys and values in the model's
+    dtype: not planned, but their bytes count against the target."""
     if calibration is None:
         raise CalibrationError(
             "calibration: preset 'auto' chooses ranks from the calibration's eigenvalues; "
             "pass calibration=... (python -m sals calibrate --rank-frac 1.0 keeps every "
             "direction)")
-    if "kv_fraction" not in overrides:
-        raise InvalidArgumentError("kv_fraction: preset 'auto' needs kv_fraction=... "
-                                   "(the fraction of dense fp16 K+V to keep, e.g. 0.156)")
-    fraction = overrides.pop("kv_fraction")
-    context = overrides.pop("kv_context", DEFAULT_CONTEXT)
     chosen = {"rank", "score_rank", "value_bits", "value_group", "key_bits",
               "key_group"} & set(overrides)
     if chosen:
@@ -293,7 +336,7 @@ def layer_overrides(info, calibration: Calibration | None, overrides: dict,
     full = [layer for layer in info.layers if not layer.sliding]
     plans = plan(calibration, [(layer.index, layer.n_head_kv, layer.head_dim) for layer in full
                                if layer.index not in exact],
-                 fraction, context,
+                 target.kv_fraction, target.kv_context,
                  n_sink=_args.integer(overrides.get("n_sink", 16), "n_sink", 0),
                  n_recent=_args.integer(overrides.get("n_recent", 64), "n_recent", 0),
                  dtype=overrides.get("dtype", "float16"),

@@ -38,8 +38,8 @@ from .. import (
     _args,
     _layers,
     cuda_available,
+    presets,
 )
-from ..config import PRESETS
 from . import _arch, graphs
 from .cache import SalsCache, SalsLayer, _unsupported
 from .state import STATE_ATTR, PatchState, patch_state
@@ -58,7 +58,8 @@ def _exact_scale(info: _arch.LayerInfo, overrides: dict, model_dtype: torch.dtyp
     return cfg.scale or info.head_dim ** -0.5
 
 
-def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=None,
+def patch(model, calibration=None, preset: str | presets.Preset | None = "sals-25",
+          dense_layers=None,
           max_tokens: int | None = None, cuda_graph: bool = False, dense_kv: str = "compressed",
           compile: bool = False, **config_overrides):
     """Make ``model`` keep its KV cache in SALS form. Returns ``model`` (patched in place).
@@ -71,7 +72,8 @@ def patch(model, calibration=None, preset: str | None = "sals-25", dense_layers=
     (``sals.Config`` defaults, with the calibration's per-layer rank) or "auto": per layer the
     rank, score rank and value bits that hold ``kv_fraction`` of dense fp16 K+V at
     ``kv_context`` tokens (default 4096), chosen from the calibration's eigenvalues by the rule
-    in ``sals.hf.auto``.
+    in ``sals.hf.auto``; or the same as a ``sals.presets`` object (``presets.SALS_25``, ...,
+    ``presets.Auto(kv_fraction, kv_context)``, which takes no ``kv_fraction=`` keyword).
     ``dense_layers``: layer indices attended densely over every token; default the paper's
     ``(0, 1, L-1)``.
     ``dense_kv``: what a dense layer keeps. "compressed" (the default, the paper's): the SALS
@@ -145,11 +147,13 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
     if compile:
         graphs.check_compile(info)
     max_tokens = _args.optional_integer(max_tokens, "max_tokens", 1)
+    config_overrides = dict(config_overrides)
+    preset = presets.parse(preset, config_overrides)  # pops "auto"'s kv_fraction and kv_context
     for bad_key in ("max_batch", "n_head_q", "n_head_kv", "head_dim"):
         if bad_key in config_overrides:
             raise InvalidArgumentError(
                 f"{bad_key}: set by the model or the cache, not a patch option")
-    known = {f.name for f in dataclasses.fields(Config)} | {"kv_fraction", "kv_context"}
+    known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(config_overrides) - known)
     if unknown:
         raise InvalidArgumentError(
@@ -158,25 +162,18 @@ def _patch_state(model, calibration, preset, dense_layers, max_tokens, cuda_grap
         raise UnsupportedError(
             "model: is on CUDA, but this sals build has no usable CUDA backend "
             "(sals.cuda_available() is False)")
-    if preset is not None and preset != "auto" and preset not in PRESETS:
-        raise InvalidArgumentError(
-            f"preset: unknown preset {preset!r}; expected one of {(*PRESETS, 'auto', None)}")
     calib = _layers.load_calibration(calibration, _arch.fingerprint(model, info))
     exact = {}
     if dense_kv == "exact":
-        overrides = {k: v for k, v in config_overrides.items()
-                     if k not in ("kv_fraction", "kv_context")}
-        exact = {layer.index: _exact_scale(layer, overrides, layer.module.q_proj.weight.dtype)
+        exact = {layer.index: _exact_scale(layer, config_overrides,
+                                           layer.module.q_proj.weight.dtype)
                  for layer in info.layers if layer.index in dense_layers and not layer.sliding}
     per_layer = {}
-    if preset == "auto":  # per-layer rank, score rank and value bits for a memory target
+    if isinstance(preset, presets.Auto):  # per-layer rank, score rank and value bits
         from . import auto
 
-        config_overrides = dict(config_overrides)
-        per_layer = auto.layer_overrides(info, calib, config_overrides, frozenset(exact))
+        per_layer = auto.layer_overrides(info, calib, preset, config_overrides, frozenset(exact))
         preset = None
-    elif "kv_fraction" in config_overrides or "kv_context" in config_overrides:
-        raise InvalidArgumentError("kv_fraction, kv_context: only for preset='auto'")
     configs, ropes, projections, scales = {}, {}, {}, {}
     for layer in info.layers:
         if layer.sliding:
