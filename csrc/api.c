@@ -88,13 +88,13 @@ static sals_status_t finite_scored(const sals_view_t* qv, const sals_view_t* kv,
 
 sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                                 const DLTensor* lengths, int32_t score_rank, int32_t n_sink,
-                                int32_t n_recent, int32_t budget, DLTensor* idx, void* stream) {
+                                int32_t n_recent, int32_t budget, DLTensor* out, void* stream) {
   sals_view_t qv, kv, lv, iv;
   DLDevice dev;
   const sals_arg_t a[] = {{q_lat, "q_lat", 3, SALS_ACCEPT_FLOAT, &qv, 0, 0},
                           {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                           {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
-                          {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
+                          {out, "out", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
   TRY(sals_arg_views(a, 4, &dev));
   TRY(sals_dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
   if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
@@ -111,10 +111,10 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
   if (budget < 1 || budget > cand)
     return sals_set_error(INVALID, "budget: %d not in 1..%lld (S - n_sink - n_recent candidates)",
                           (int)budget, (long long)cand);
-  TRY(sals_dim_eq(&iv, "idx", 0, &qv, "q_lat", 0));
-  TRY(sals_dim_eq(&iv, "idx", 1, &qv, "q_lat", 1));
+  TRY(sals_dim_eq(&iv, "out", 0, &qv, "q_lat", 0));
+  TRY(sals_dim_eq(&iv, "out", 1, &qv, "q_lat", 1));
   if (iv.shape[2] != budget)
-    return sals_set_error(INVALID, "idx: dim 2 is %lld, expected %d (budget)",
+    return sals_set_error(INVALID, "out: dim 2 is %lld, expected %d (budget)",
                           (long long)iv.shape[2], (int)budget);
   TRY(sals_arg_apart(a, 3));
   TRY(check_lengths(lengths ? &lv : NULL, dev, S));

@@ -1242,21 +1242,21 @@ static PyObject* mod_rope_apply(PyObject* Py_UNUSED(m), PyObject* args, PyObject
 
 static PyObject* mod_score_select(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"q_lat",    "k_lat",  "lengths", "score_rank", "n_sink",
-                           "n_recent", "budget", "idx",     "stream",     NULL};
-  PyObject *q_o, *k_o, *len_o, *idx_o, *stream_obj = Py_None;
+                           "n_recent", "budget", "out",     "stream",     NULL};
+  PyObject *q_o, *k_o, *len_o, *out_o, *stream_obj = Py_None;
   int score_rank, n_sink, n_recent, budget;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiiiiO|O", kwlist, &q_o, &k_o, &len_o,
-                                   &score_rank, &n_sink, &n_recent, &budget, &idx_o, &stream_obj))
+                                   &score_rank, &n_sink, &n_recent, &budget, &out_o, &stream_obj))
     return NULL;
   call_t c;
-  DLTensor *q, *k, *len, *idx;
+  DLTensor *q, *k, *len, *out;
   const arg_t in[] = {{q_o, "q_lat", 0, &q},
                       {k_o, "k_lat", 0, &k},
                       {len_o, "lengths", ARG_OPTIONAL, &len},
-                      {idx_o, "idx", ARG_WRITE, &idx}};
+                      {out_o, "out", ARG_WRITE, &out}};
   if (call_begin(&c, stream_obj, in, 4) < 0) return NULL;
   CALL_RETURN_NONE(
-      c, sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, idx, c.stream));
+      c, sals_score_select(q, k, len, score_rank, n_sink, n_recent, budget, out, c.stream));
 }
 
 static PyObject* mod_rebuild_rope(PyObject* Py_UNUSED(m), PyObject* args, PyObject* kwargs) {
@@ -1379,7 +1379,7 @@ static PyMethodDef module_methods[] = {
     {"project", KW(mod_project), "project(x, proj, out, stream=None): sals_project."},
     {"rope_apply", KW(mod_rope_apply), "rope_apply(x, pos, rope, out, stream=None)."},
     {"score_select", KW(mod_score_select),
-     "score_select(q_lat, k_lat, lengths, score_rank, n_sink, n_recent, budget, idx, "
+     "score_select(q_lat, k_lat, lengths, score_rank, n_sink, n_recent, budget, out, "
      "stream=None)."},
     {"rebuild_rope", KW(mod_rebuild_rope),
      "rebuild_rope(k_lat, proj, pos, rope, out, stream=None)."},

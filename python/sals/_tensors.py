@@ -8,7 +8,6 @@ producer -> ``sals._C.Array`` (host memory owned by sals).
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 
@@ -143,14 +142,6 @@ def empty(like: Tensor, shape, dtype: str):
             raise
         raise InvalidArgumentError(f"{like.name}: cannot allocate an output of shape "
                                    f"{list(shape)} ({dtype}): {e}") from None
-
-
-def renamed(error: SalsError, names: dict) -> SalsError:
-    """``error`` with the C names of arguments in its message replaced by the Python ones
-    (``{"q_pos": "positions"}``), same class and status."""
-    pattern = r"\b(" + "|".join(re.escape(k) for k in names) + r")\b"
-    message = re.sub(pattern, lambda m: names[m.group(1)], str(error))
-    return type(error)(message, error.status)
 
 
 def index(x, name: str, like: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import _C, _args
 from . import _tensors as _t
 from .config import Rope
-from .errors import InvalidArgumentError, SalsError
+from .errors import InvalidArgumentError
 
 
 def _dims(t: _t.Tensor, name: str, n: int, layout: str) -> tuple:
@@ -121,11 +121,8 @@ def score_select(q_lat, k_lat, score_rank: int, budget: int, n_sink: int = 0, n_
             raise InvalidArgumentError(
                 f"budget: {budget} not in 1..{cand} (S - n_sink - n_recent candidates)")
         out = _t.empty(qt, (b, h, budget), "int32")
-    try:
-        _C.score_select(qt.obj, kt.obj, None if lt is None else lt.obj, score_rank, n_sink,
-                        n_recent, budget, _t.output(out, "out").obj, _pick(stream, qt))
-    except SalsError as e:  # the library calls the output idx
-        raise _t.renamed(e, {"idx": "out"}) from None
+    _C.score_select(qt.obj, kt.obj, None if lt is None else lt.obj, score_rank, n_sink, n_recent,
+                    budget, _t.output(out, "out").obj, _pick(stream, qt))
     return out
 
 

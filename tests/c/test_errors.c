@@ -564,7 +564,7 @@ int main(void) {
               "budget: 4 not in 1..2");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, -1, 8, 4, &ti.t, NULL), INV, "n_sink");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, NULL, 8, 2, 2, 5, &ti.t, NULL), INV,
-              "idx: dim 2 is 4, expected 5 (budget)");
+              "out: dim 2 is 4, expected 5 (budget)");
     CHECK_ERR(sals_score_select(&tql.t, &tkl.t, &tl.t, 8, 2, 2, 4, &ti.t, NULL), INV,
               "lengths[1]: 21 not in 0..20");
     lens[1] = 12;

@@ -393,15 +393,15 @@ SALS_API sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos,
  * Score and select. For each sequence b and selection head h, scores
  *   s[j] = q_lat[b, h, :score_rank] . k_lat[b, j, :score_rank]
  * over the candidates j in [n_sink, length_b - n_recent) and writes the indices of the
- * `budget` largest to idx[b, h, :] (any order; -1 where a sequence has fewer candidates).
+ * `budget` largest to out[b, h, :] (any order; -1 where a sequence has fewer candidates).
  * q_lat: [B, H, R], k_lat: [B, S, R'] with score_rank <= min(R, R'),
  * lengths: [B] int32 (length_b <= S) or NULL (every sequence has S tokens),
- * idx: [B, H, budget] int32. budget must be in 1 .. S - n_sink - n_recent.
+ * out: [B, H, budget] int32. budget must be in 1 .. S - n_sink - n_recent.
  */
 SALS_API sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                                          const DLTensor* lengths, int32_t score_rank,
                                          int32_t n_sink, int32_t n_recent, int32_t budget,
-                                         DLTensor* idx, void* stream);
+                                         DLTensor* out, void* stream);
 
 /**
  * Rebuild keys from latent vectors and rotate them at their own positions:
