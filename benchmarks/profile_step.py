@@ -12,7 +12,7 @@ import sys
 import torch
 
 import sals
-from sals.tools.bench import SHAPES, _fill
+from sals.tools.bench import SHAPES, fill_cache
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     cache = sals.LayerCache(cfg, sals.Rope(inv_freq.numpy()), proj[:, : cfg.rank].contiguous(),
                             device="cuda")
-    _fill(cache, B, S, hkv, d, torch)
+    fill_cache(cache, B, S, hkv, d, torch)
     q = torch.randn(B, 1, hq, d, device="cuda", dtype=torch.float16)
     k = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)
     pos = torch.full((B, 1), S, device="cuda", dtype=torch.int32)

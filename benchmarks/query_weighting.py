@@ -41,10 +41,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import sals
     from sals.tools.eval.cli import load_model
-    from sals.hf import _arch, calibrate, corpus
+    from sals.hf import calibrate, corpus, describe, modeling_function, pre_rope
 
     model, tok, label = load_model(args.model, device="cpu", dtype="float32")
-    info = _arch.describe(model)
+    info = describe(model)
     text, data = corpus.calibration_text("debian-docs")
     cal = sals.Calibrator([layer.dk for layer in info.layers])
     calibrate.collect_keys(model, calibrate.token_chunks(tok, text, args.calibration_tokens,
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     def hook(layer):
         def pre_hook(module, hargs, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else hargs[0]
-            q, k, v = _arch.pre_rope(module, hidden)
+            q, k, v = pre_rope(module, hidden)
             captured[layer.index] = (q[0], k[0], v[0], kwargs["position_embeddings"])
         return pre_hook
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     rows = []
     for layer in info.layers:
         q, k, v, (cos, sin) = captured[layer.index]
-        apply_rope = _arch.modeling_function(layer.module, "apply_rotary_pos_emb")
+        apply_rope = modeling_function(layer.module, "apply_rotary_pos_emb")
         g = layer.n_head_q // layer.n_head_kv
 
         def attend(keys):

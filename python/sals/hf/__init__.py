@@ -23,13 +23,15 @@ import types
 
 #: public name -> submodule defining it
 _EXPORTS = {
-    "SUPPORTED": "_arch", "fingerprint": "_arch", "pre_rope": "_arch",
+    "SUPPORTED": "_arch", "describe": "_arch", "fingerprint": "_arch",
+    "modeling_function": "_arch", "pre_rope": "_arch", "patch_state": "state",
     "CACHE_ARG": "cache", "ExactLayer": "cache", "SalsCache": "cache", "SalsLayer": "cache",
     "is_patched": "patch", "patch": "patch", "unpatch": "patch", "prefill": "prefill",
 }
 
-__all__ = ["CACHE_ARG", "SUPPORTED", "ExactLayer", "SalsCache", "SalsLayer", "fingerprint",
-           "is_patched", "patch", "pre_rope", "prefill", "unpatch"]
+__all__ = ["CACHE_ARG", "SUPPORTED", "ExactLayer", "SalsCache", "SalsLayer", "describe",
+           "fingerprint", "is_patched", "modeling_function", "patch", "patch_state", "pre_rope",
+           "prefill", "unpatch"]
 
 
 def __getattr__(name: str):

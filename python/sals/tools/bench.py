@@ -88,7 +88,9 @@ def floors(cfg, B: int, S: int, ceil: dict) -> dict:
     }
 
 
-def _fill(cache, B, S, Hkv, d, torch, chunk=2048):
+def fill_cache(cache, B, S, Hkv, d, torch, chunk=2048):
+    """Appends S random fp16 tokens to each of the B sequences of `cache` (a sals.LayerCache on
+    CUDA), in chunks of `chunk` tokens."""
     for t0 in range(0, S, chunk):
         t = min(chunk, S - t0)
         k = torch.randn(B, t, Hkv, d, device="cuda", dtype=torch.float16)
@@ -193,7 +195,7 @@ def bench_sals(sals, torch, shape, setting, B, S, ceil, iters, graph_steps) -> d
     rope = sals.Rope(inv_freq.numpy())
     cache = sals.LayerCache(cfg, rope, proj, device="cuda")
     t0 = time.time()
-    _fill(cache, B, S, hkv, d, torch)
+    fill_cache(cache, B, S, hkv, d, torch)
     fill_s = time.time() - t0
     k1 = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)
     v1 = torch.randn(B, 1, hkv, d, device="cuda", dtype=torch.float16)

@@ -139,9 +139,9 @@ def _random_calibration(model, torch):
     import numpy as np
 
     from ..calibration import Calibration, Layer
-    from ..hf import _arch
+    from ..hf import describe, fingerprint
 
-    info = _arch.describe(model)
+    info = describe(model)
     device = next(model.parameters()).device
     layers = []
     for layer in info.layers:
@@ -150,7 +150,7 @@ def _random_calibration(model, torch):
         layers.append(Layer(dk=layer.dk, rank=rank, eigenvalues=np.linspace(1.0, 0.0, layer.dk),
                             eigenvectors=q[:, :rank].cpu().numpy().astype(np.float32),
                             n_tokens=0))
-    return Calibration(layers, _arch.fingerprint(model, info), data="random orthonormal")
+    return Calibration(layers, fingerprint(model, info), data="random orthonormal")
 
 
 class _Clock:
@@ -259,7 +259,7 @@ def step_bytes(model, setting: str, B: int, S: int) -> float:
     """Bytes one decode step reads: every weight once, plus K/V (dense, fp16) or the SALS
     cache's scored latent coordinates and selected tokens, per layer (exact K/V in the model's
     dtype for the dense layers patched with ``dense_kv="exact"``)."""
-    from ..hf.state import patch_state
+    from ..hf import patch_state
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not setting.startswith("sals"):

@@ -197,19 +197,18 @@ class Runner:
                  default_calib: tuple, threads: int = 0):
         import sals.hf
 
-        from ...hf import _arch
-        from ...hf.state import patch_state
+        from ...hf import describe, modeling_function, patch_state
 
         self.sals_hf = sals.hf
         self.patch_state = patch_state
         self.model, self.tokenizer = model, tokenizer
-        self.info = _arch.describe(model)
+        self.info = describe(model)
         self.settings = {s.name: s for s in settings}
         self.calibrations = calibrations
         self.default_calib = default_calib
         self.threads = threads
         self.full = [layer for layer in self.info.layers if not layer.sliding]
-        self.apply_rope = _arch.modeling_function(self.full[0].module, "apply_rotary_pos_emb")
+        self.apply_rope = modeling_function(self.full[0].module, "apply_rotary_pos_emb")
         stop = model.generation_config.eos_token_id
         stop = set(stop if isinstance(stop, list) else [stop]) if stop is not None else set()
         if tokenizer.eos_token_id is not None:
