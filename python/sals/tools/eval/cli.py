@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _run(args, argv, plots: bool) -> int:
+def _settings(args) -> tuple[list[str], list]:
+    """The run's tasks and settings from the options, checked before the model is loaded; a
+    baseline's reference setting is added first when not asked for, baselines run last."""
     from . import tasks as tasks_mod
     from .runner import parse_setting
 
@@ -309,11 +311,85 @@ def _run(args, argv, plots: bool) -> int:
         raise ValueError(f"--prompts: expected >= 1, got {args.prompts}")
     settings = [parse_setting(s) for s in args.settings]
     names = [s.name for s in settings]
-    for s in list(settings):  # a baseline's reference runs first, added when not asked for
+    for s in list(settings):
         if s.ref is not None and s.ref not in names:
             settings.insert(0, parse_setting(s.ref))
             names.insert(0, s.ref)
     settings.sort(key=lambda s: s.kind in ("streaming", "oracle"))
+    return task_names, settings
+
+
+def _calibrations(model, tokenizer, keys: list[tuple], quiet: bool) -> tuple[dict, list[str]]:
+    """The calibration of each (source, tokens, query weight) key, computed or read from the
+    cache, and a line describing each."""
+    from ...hf import calibrate
+
+    calibrations, described = {}, []
+    for key in keys:
+        t0 = time.perf_counter()
+        calib, _path, computed = calibrate.cached_calibration(
+            model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
+            progress=not quiet, query_weight=key[2])
+        calibrations[key] = calib
+        how = f"computed in {time.perf_counter() - t0:.0f} s" if computed else "cached"
+        described.append(f"{key[0]}/{key[1]}/qw{key[2]:g}: {calib.data} ({how})")
+    return calibrations, described
+
+
+def _task_prompt(model, tokenizer, runner, settings, prompt, seed, args) -> dict:
+    """One task prompt under every setting: the record results.json keeps for it."""
+    from . import tasks as tasks_mod
+    from .runner import agreement, prefill
+
+    pre = prefill(model, runner.info, prompt.input_ids)
+    measured = {}
+
+    def found(tokens):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return tasks_mod.score(text, prompt.answers) == 100.0
+
+    for s in settings:
+        measured[s.name] = runner.run(
+            s, pre, measured, max_new=prompt.max_new_tokens,
+            measure_layers=seed - args.seed < args.layer_prompts,
+            done=None if args.full_answers else found)
+    dense_tokens = measured.get("dense", {}).get("tokens")
+    for r in measured.values():
+        text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+        r["output"] = text
+        r["score"] = tasks_mod.score(text, prompt.answers)
+        if dense_tokens is not None:
+            r["agree"] = agreement(r["tokens"], dense_tokens)
+            common = min(len(r["tokens"]), len(dense_tokens))
+            r["identical"] = r["tokens"][:common] == dense_tokens[:common]
+    return measured
+
+
+def _ppl_segment(model, runner, settings, heldout_ids: list[int], context: int, segment: int,
+                 ppl_tokens: int) -> dict:
+    """Held-out segment `segment` of `context` tokens, then `ppl_tokens` teacher-forced, under
+    every setting: the record results.json keeps for it."""
+    import torch
+
+    from .runner import prefill
+
+    span = context + ppl_tokens + 1
+    offset = (segment * 7919 * span) % max(1, len(heldout_ids) - span)
+    seg = heldout_ids[offset:offset + span]
+    if len(seg) < span:
+        raise ValueError(f"held-out text: {len(heldout_ids)} tokens, too short for a "
+                         f"{context}-token segment")
+    pre = prefill(model, runner.info, torch.tensor([seg[:context]]))
+    measured = {}
+    for s in settings:
+        measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
+    return {"context": context, "segment": segment, "offset": offset, "results": measured}
+
+
+def _run(args, argv, plots: bool) -> int:
+    from . import tasks as tasks_mod
+
+    task_names, settings = _settings(args)
 
     import torch
 
@@ -345,17 +421,9 @@ def _run(args, argv, plots: bool) -> int:
               for key in calib_keys}
     print(cost([s.name for s in settings], cells, contexts, args.prompts, ppl_contexts,
                args.ppl_segments, args.ppl_tokens, cached), file=sys.stderr, flush=True)
-    calibrations, calib_text = {}, []
-    for key in calib_keys:
-        t0 = time.perf_counter()
-        calib, _path, computed = calibrate.cached_calibration(
-            model, tokenizer, n_tokens=key[1], source=key[0], rank_frac=1.0,
-            progress=not args.quiet, query_weight=key[2])
-        calibrations[key] = calib
-        calib_text.append(f"{key[0]}/{key[1]}/qw{key[2]:g}: {calib.data} ("
-                          f"{'computed in %.0f s' % (time.perf_counter() - t0) if computed else 'cached'})")
+    calibrations, calib_text = _calibrations(model, tokenizer, calib_keys, args.quiet)
 
-    from .runner import Runner, agreement, prefill
+    from .runner import Runner
 
     runner = Runner(model, tokenizer, settings, calibrations, default_calib, args.threads)
     taskset = tasks_mod.TaskSet(tokenizer)
@@ -400,27 +468,8 @@ def _run(args, argv, plots: bool) -> int:
                 if kind == "task":
                     prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
                                             seed)
-                    pre = prefill(model, runner.info, prompt.input_ids)
-                    measured = {}
-
-                    def found(tokens, answers=prompt.answers):
-                        text = tokenizer.decode(tokens, skip_special_tokens=True)
-                        return tasks_mod.score(text, answers) == 100.0
-
-                    for s in settings:
-                        measured[s.name] = runner.run(
-                            s, pre, measured, max_new=prompt.max_new_tokens,
-                            measure_layers=seed - args.seed < args.layer_prompts,
-                            done=None if args.full_answers else found)
-                    dense_tokens = measured.get("dense", {}).get("tokens")
-                    for r in measured.values():
-                        text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
-                        r["output"] = text
-                        r["score"] = tasks_mod.score(text, prompt.answers)
-                        if dense_tokens is not None:
-                            r["agree"] = agreement(r["tokens"], dense_tokens)
-                            common = min(len(r["tokens"]), len(dense_tokens))
-                            r["identical"] = r["tokens"][:common] == dense_tokens[:common]
+                    measured = _task_prompt(model, tokenizer, runner, settings, prompt, seed,
+                                            args)
                     results["prompts"].append({
                         "task": task, "filler": prompt.filler, "context": context, "seed": seed,
                         "n_tokens": prompt.n_tokens, "answers": prompt.answers,
@@ -428,21 +477,11 @@ def _run(args, argv, plots: bool) -> int:
                 else:
                     if heldout_ids is None:
                         heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
-                    span = context + args.ppl_tokens + 1
-                    offset = (seed * 7919 * span) % max(1, len(heldout_ids) - span)
-                    seg = heldout_ids[offset:offset + span]
-                    if len(seg) < span:
-                        raise ValueError(f"held-out text: {len(heldout_ids)} tokens, too short for "
-                                         f"a {context}-token segment")
-                    pre = prefill(model, runner.info, torch.tensor([seg[:context]]))
-                    measured = {}
-                    for s in settings:
-                        measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
-                    results["perplexity"].append({"context": context, "segment": seed,
-                                                  "offset": offset, "results": measured})
+                    results["perplexity"].append(
+                        _ppl_segment(model, runner, settings, heldout_ids, context, seed,
+                                     args.ppl_tokens))
                 bar.update(1)
                 done_jobs += 1
-                del pre
                 _write_json(results, out_dir)
     except KeyboardInterrupt:
         results["meta"]["interrupted"] = f"after {done_jobs} of {len(jobs)} prompts"
