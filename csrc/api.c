@@ -8,12 +8,6 @@
 
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 
-#define TRY(expr)                   \
-  do {                              \
-    sals_status_t st_ = (expr);     \
-    if (st_ != SALS_OK) return st_; \
-  } while (0)
-
 /* Length of sequence b: lengths[b] from host-readable lengths, S when there are none. */
 static int64_t length_of(const sals_view_t* lv, int64_t b, int64_t S) {
   return lv ? ((const int32_t*)lv->data)[b * lv->stride[0]] : S;
@@ -37,15 +31,15 @@ sals_status_t sals_project(const DLTensor* x, const DLTensor* proj, DLTensor* ou
   const sals_arg_t a[] = {{x, "x", 2, SALS_ACCEPT_FLOAT, &xv, 0, 0},
                           {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
                           {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(sals_arg_views(a, 3, &dev));
-  TRY(sals_dim_eq(&pv, "proj", 0, &xv, "x", 1));
-  TRY(sals_dim_eq(&ov, "out", 0, &xv, "x", 0));
-  TRY(sals_dim_eq(&ov, "out", 1, &pv, "proj", 1));
-  TRY(sals_arg_apart(a, 2));
+  SALS_TRY(sals_arg_views(a, 3, &dev));
+  SALS_TRY(sals_dim_eq(&pv, "proj", 0, &xv, "x", 1));
+  SALS_TRY(sals_dim_eq(&ov, "out", 0, &xv, "x", 0));
+  SALS_TRY(sals_dim_eq(&ov, "out", 1, &pv, "proj", 1));
+  SALS_TRY(sals_arg_apart(a, 2));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(sals_finite_all(&xv, "x"));
-    TRY(sals_finite_all(&pv, "proj"));
+    SALS_TRY(sals_finite_all(&xv, "x"));
+    SALS_TRY(sals_finite_all(&pv, "proj"));
   }
   return SALS_DISPATCH(dev, project, &xv, &pv, &ov, stream);
 }
@@ -57,15 +51,15 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
   const sals_arg_t a[] = {{x, "x", 3, SALS_ACCEPT_FLOAT, &xv, 0, 0},
                           {pos, "pos", 1, SALS_ACCEPT_I32, &pv, 0, 0},
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(sals_arg_views(a, 3, &dev));
-  TRY(sals_dim_eq(&pv, "pos", 0, &xv, "x", 0));
-  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &xv, "x", i));
-  TRY(sals_check_rope(rope, xv.shape[2]));
+  SALS_TRY(sals_arg_views(a, 3, &dev));
+  SALS_TRY(sals_dim_eq(&pv, "pos", 0, &xv, "x", 0));
+  for (int32_t i = 0; i < 3; ++i) SALS_TRY(sals_dim_eq(&ov, "out", i, &xv, "x", i));
+  SALS_TRY(sals_check_rope(rope, xv.shape[2]));
   if (!sals_views_same(&ov, &xv) && sals_views_overlap(&ov, &xv))
     return sals_set_error(INVALID, "out: overlaps x without being the same view");
-  TRY(sals_no_overlap(&ov, "out", &pv, "pos"));
+  SALS_TRY(sals_no_overlap(&ov, "out", &pv, "pos"));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
-  if (dev.device_type == kDLCPU) TRY(sals_finite_all(&xv, "x"));
+  if (dev.device_type == kDLCPU) SALS_TRY(sals_finite_all(&xv, "x"));
   return SALS_DISPATCH(dev, rope_apply, &xv, &pv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
 }
@@ -75,12 +69,12 @@ sals_status_t sals_rope_apply(const DLTensor* x, const DLTensor* pos, const sals
 static sals_status_t finite_scored(const sals_view_t* qv, const sals_view_t* kv,
                                    const sals_view_t* lv, int32_t score_rank, int32_t n_sink,
                                    int32_t n_recent) {
-  TRY(sals_finite_rows(qv, "q_lat", score_rank));
+  SALS_TRY(sals_finite_rows(qv, "q_lat", score_rank));
   for (int64_t b = 0; b < kv->shape[0]; ++b) {
     const int64_t end = length_of(lv, b, kv->shape[1]) - n_recent;
     for (int64_t j = n_sink; j < end; ++j) {
       const int64_t ix[2] = {b, j};
-      TRY(sals_finite_row(kv, "k_lat", ix, score_rank));
+      SALS_TRY(sals_finite_row(kv, "k_lat", ix, score_rank));
     }
   }
   return SALS_OK;
@@ -95,9 +89,9 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
                           {k_lat, "k_lat", 3, SALS_ACCEPT_FLOAT, &kv, 0, 0},
                           {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
                           {out, "out", 3, SALS_ACCEPT_I32, &iv, 0, 1}};
-  TRY(sals_arg_views(a, 4, &dev));
-  TRY(sals_dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
-  if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
+  SALS_TRY(sals_arg_views(a, 4, &dev));
+  SALS_TRY(sals_dim_eq(&kv, "k_lat", 0, &qv, "q_lat", 0));
+  if (lengths) SALS_TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q_lat", 0));
   const int64_t S = kv.shape[1];
   const int64_t rmax = qv.shape[2] < kv.shape[2] ? qv.shape[2] : kv.shape[2];
   if (score_rank < 1 || score_rank > rmax)
@@ -111,16 +105,16 @@ sals_status_t sals_score_select(const DLTensor* q_lat, const DLTensor* k_lat,
   if (budget < 1 || budget > cand)
     return sals_set_error(INVALID, "budget: %d not in 1..%lld (S - n_sink - n_recent candidates)",
                           (int)budget, (long long)cand);
-  TRY(sals_dim_eq(&iv, "out", 0, &qv, "q_lat", 0));
-  TRY(sals_dim_eq(&iv, "out", 1, &qv, "q_lat", 1));
+  SALS_TRY(sals_dim_eq(&iv, "out", 0, &qv, "q_lat", 0));
+  SALS_TRY(sals_dim_eq(&iv, "out", 1, &qv, "q_lat", 1));
   if (iv.shape[2] != budget)
     return sals_set_error(INVALID, "out: dim 2 is %lld, expected %d (budget)",
                           (long long)iv.shape[2], (int)budget);
-  TRY(sals_arg_apart(a, 3));
-  TRY(check_lengths(lengths ? &lv : NULL, dev, S));
+  SALS_TRY(sals_arg_apart(a, 3));
+  SALS_TRY(check_lengths(lengths ? &lv : NULL, dev, S));
   if (sals_view_numel(&iv) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU)
-    TRY(finite_scored(&qv, &kv, lengths ? &lv : NULL, score_rank, n_sink, n_recent));
+    SALS_TRY(finite_scored(&qv, &kv, lengths ? &lv : NULL, score_rank, n_sink, n_recent));
   return SALS_DISPATCH(dev, score_select, &qv, &kv, lengths ? &lv : NULL, score_rank, n_sink,
                        n_recent, budget, &iv, stream);
 }
@@ -133,20 +127,20 @@ sals_status_t sals_rebuild_rope(const DLTensor* k_lat, const DLTensor* proj, con
                           {proj, "proj", 2, SALS_ACCEPT_FLOAT, &pv, 0, 0},
                           {pos, "pos", 1, SALS_ACCEPT_I32, &posv, 0, 0},
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(sals_arg_views(a, 4, &dev));
-  TRY(sals_dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
-  TRY(sals_dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
-  TRY(sals_dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
+  SALS_TRY(sals_arg_views(a, 4, &dev));
+  SALS_TRY(sals_dim_eq(&pv, "proj", 1, &kv, "k_lat", 1));
+  SALS_TRY(sals_dim_eq(&posv, "pos", 0, &kv, "k_lat", 0));
+  SALS_TRY(sals_dim_eq(&ov, "out", 0, &kv, "k_lat", 0));
   if (pv.shape[0] != ov.shape[1] * ov.shape[2])
     return sals_set_error(INVALID,
                           "proj: dim 0 is %lld, expected %lld (out.shape[1] * out.shape[2])",
                           (long long)pv.shape[0], (long long)(ov.shape[1] * ov.shape[2]));
-  TRY(sals_check_rope(rope, ov.shape[2]));
-  TRY(sals_arg_apart(a, 3));
+  SALS_TRY(sals_check_rope(rope, ov.shape[2]));
+  SALS_TRY(sals_arg_apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(sals_finite_all(&kv, "k_lat"));
-    TRY(sals_finite_all(&pv, "proj"));
+    SALS_TRY(sals_finite_all(&kv, "k_lat"));
+    SALS_TRY(sals_finite_all(&pv, "proj"));
   }
   return SALS_DISPATCH(dev, rebuild_rope, &kv, &pv, &posv, rope->inv_freq, rope->rotary_dim,
                        rope->attention_scaling, rope->interleaved, &ov, stream);
@@ -157,8 +151,8 @@ static sals_status_t finite_token(const sals_view_t* kv, const sals_view_t* vv, 
                                   int64_t t, int64_t h0, int64_t h1) {
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t ix[3] = {b, t, h};
-    TRY(sals_finite_row(kv, "k", ix, kv->shape[3]));
-    TRY(sals_finite_row(vv, "v", ix, vv->shape[3]));
+    SALS_TRY(sals_finite_row(kv, "k", ix, kv->shape[3]));
+    SALS_TRY(sals_finite_row(vv, "v", ix, vv->shape[3]));
   }
   return SALS_OK;
 }
@@ -220,28 +214,28 @@ sals_status_t sals_sparse_attention(const DLTensor* q, const DLTensor* k, const 
                           {idx, "idx", 3, SALS_ACCEPT_I32, &iv, 1, 0},
                           {lengths, "lengths", 1, SALS_ACCEPT_I32, &lv, 1, 0},
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(sals_arg_views(a, 6, &dev));
-  TRY(sals_dim_eq(&kv, "k", 0, &qv, "q", 0));
-  TRY(sals_dim_eq(&kv, "k", 3, &qv, "q", 2));
-  for (int32_t i = 0; i < 4; ++i) TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
+  SALS_TRY(sals_arg_views(a, 6, &dev));
+  SALS_TRY(sals_dim_eq(&kv, "k", 0, &qv, "q", 0));
+  SALS_TRY(sals_dim_eq(&kv, "k", 3, &qv, "q", 2));
+  for (int32_t i = 0; i < 4; ++i) SALS_TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
   const int64_t Hq = qv.shape[1], Hkv = kv.shape[2], S = kv.shape[1];
   if (Hkv < 1 || Hq % Hkv != 0)
     return sals_set_error(INVALID, "q: dim 1 is %lld, not a multiple of k.shape[2] %lld",
                           (long long)Hq, (long long)Hkv);
-  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
+  for (int32_t i = 0; i < 3; ++i) SALS_TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
   if (idx) {
-    TRY(sals_dim_eq(&iv, "idx", 0, &qv, "q", 0));
+    SALS_TRY(sals_dim_eq(&iv, "idx", 0, &qv, "q", 0));
     if (iv.shape[1] != 1 && iv.shape[1] != Hkv)
       return sals_set_error(INVALID, "idx: dim 1 is %lld, expected 1 (shared) or %lld (k.shape[2])",
                             (long long)iv.shape[1], (long long)Hkv);
   }
-  if (lengths) TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q", 0));
+  if (lengths) SALS_TRY(sals_dim_eq(&lv, "lengths", 0, &qv, "q", 0));
   if (!(scale >= 0.0f) || !isfinite(scale))
     return sals_set_error(INVALID, "scale: %g must be finite and >= 0", (double)scale);
-  TRY(sals_arg_apart(a, 5));
-  TRY(check_lengths(lengths ? &lv : NULL, dev, S));
+  SALS_TRY(sals_arg_apart(a, 5));
+  SALS_TRY(check_lengths(lengths ? &lv : NULL, dev, S));
   if (dev.device_type == kDLCPU)
-    TRY(check_attended(&qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL));
+    SALS_TRY(check_attended(&qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   const float s = scale > 0.0f ? scale : 1.0f / sqrtf((float)qv.shape[2]);
   return SALS_DISPATCH(dev, sparse_attention, &qv, &kv, &vv, idx ? &iv : NULL, lengths ? &lv : NULL,
@@ -265,13 +259,13 @@ static sals_status_t check_packed(const sals_view_t* vv, const char* vn, const s
                                   const sals_view_t* sv, const sals_view_t* zv, int32_t bits,
                                   int32_t group) {
   const int64_t D = vv->shape[1];
-  TRY(check_quant(bits, group, D, vn));
-  TRY(sals_dim_eq(pv, "packed", 0, vv, vn, 0));
-  TRY(sals_check_dim(pv, "packed", 1, D * bits / 8, "D * bits / 8"));
-  TRY(sals_dim_eq(sv, "scale", 0, vv, vn, 0));
-  TRY(sals_check_dim(sv, "scale", 1, D / group, "D / group"));
-  TRY(sals_dim_eq(zv, "zero", 0, vv, vn, 0));
-  TRY(sals_check_dim(zv, "zero", 1, D / group, "D / group"));
+  SALS_TRY(check_quant(bits, group, D, vn));
+  SALS_TRY(sals_dim_eq(pv, "packed", 0, vv, vn, 0));
+  SALS_TRY(sals_check_dim(pv, "packed", 1, D * bits / 8, "D * bits / 8"));
+  SALS_TRY(sals_dim_eq(sv, "scale", 0, vv, vn, 0));
+  SALS_TRY(sals_check_dim(sv, "scale", 1, D / group, "D / group"));
+  SALS_TRY(sals_dim_eq(zv, "zero", 0, vv, vn, 0));
+  SALS_TRY(sals_check_dim(zv, "zero", 1, D / group, "D / group"));
   return SALS_OK;
 }
 
@@ -305,13 +299,13 @@ sals_status_t sals_quantize_values(const DLTensor* v, int32_t bits, int32_t grou
                           {packed, "packed", 2, SALS_ACCEPT_U8, &pv, 0, 1},
                           {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 1},
                           {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 1}};
-  TRY(sals_arg_views(a, 4, &dev));
-  TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
-  for (int i = 1; i < 4; ++i) TRY(sals_arg_apart(a, i)); /* three outputs, all written */
+  SALS_TRY(sals_arg_views(a, 4, &dev));
+  SALS_TRY(check_packed(&vv, "v", &pv, &sv, &zv, bits, group));
+  for (int i = 1; i < 4; ++i) SALS_TRY(sals_arg_apart(a, i)); /* three outputs, all written */
   if (sals_view_numel(&vv) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(sals_finite_all(&vv, "v"));
-    TRY(quantizable(&vv, bits, group));
+    SALS_TRY(sals_finite_all(&vv, "v"));
+    SALS_TRY(quantizable(&vv, bits, group));
   }
   return SALS_DISPATCH(dev, quantize_values, &vv, bits, group, &pv, &sv, &zv, stream);
 }
@@ -325,13 +319,13 @@ sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTensor* sca
                           {scale, "scale", 2, SALS_ACCEPT_F16, &sv, 0, 0},
                           {zero, "zero", 2, SALS_ACCEPT_F16, &zv, 0, 0},
                           {out, "out", 2, SALS_ACCEPT_FLOAT, &ov, 0, 1}};
-  TRY(sals_arg_views(a, 4, &dev));
-  TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
-  TRY(sals_arg_apart(a, 3));
+  SALS_TRY(sals_arg_views(a, 4, &dev));
+  SALS_TRY(check_packed(&ov, "out", &pv, &sv, &zv, bits, group));
+  SALS_TRY(sals_arg_apart(a, 3));
   if (sals_view_numel(&ov) == 0) return SALS_OK;
   if (dev.device_type == kDLCPU) {
-    TRY(sals_finite_all(&sv, "scale"));
-    TRY(sals_finite_all(&zv, "zero"));
+    SALS_TRY(sals_finite_all(&sv, "scale"));
+    SALS_TRY(sals_finite_all(&zv, "zero"));
   }
   return SALS_DISPATCH(dev, dequantize_values, &pv, &sv, &zv, bits, group, &ov, stream);
 }

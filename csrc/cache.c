@@ -36,12 +36,6 @@ static sals_status_t check_min(const char* name, int32_t v, int32_t lo) {
   return sals_set_error(INVALID, "config.%s: %d must be >= %d", name, (int)v, (int)lo);
 }
 
-#define TRY(expr)                   \
-  do {                              \
-    sals_status_t st_ = (expr);     \
-    if (st_ != SALS_OK) return st_; \
-  } while (0)
-
 /*
  * One cache, one thread at a time: every call that reads or writes the cache's state holds
  * `busy` for its duration, and a second call arriving meanwhile fails instead of racing
@@ -130,23 +124,23 @@ static const cache_part_t* cache_parts(const sals_config_t* g, cache_part_t* p) 
 }
 
 sals_status_t sals_check_method(const sals_config_t* g) {
-  TRY(check_min("n_head_q", g->n_head_q, 1));
-  TRY(check_min("n_head_kv", g->n_head_kv, 1));
+  SALS_TRY(check_min("n_head_q", g->n_head_q, 1));
+  SALS_TRY(check_min("n_head_kv", g->n_head_kv, 1));
   if (g->n_head_q % g->n_head_kv != 0)
     return sals_set_error(INVALID, "config.n_head_q: %d is not a multiple of n_head_kv %d",
                           (int)g->n_head_q, (int)g->n_head_kv);
-  TRY(check_min("head_dim", g->head_dim, 1));
+  SALS_TRY(check_min("head_dim", g->head_dim, 1));
   if ((int64_t)g->n_head_kv * g->head_dim > INT32_MAX / 2)
     return sals_set_error(INVALID,
                           "config.n_head_kv, config.head_dim: Dk = n_head_kv %d * "
                           "head_dim %d is more than %d",
                           (int)g->n_head_kv, (int)g->head_dim, INT32_MAX / 2);
   const int32_t dk = g->n_head_kv * g->head_dim;
-  TRY(check_min("rank", g->rank, 1));
+  SALS_TRY(check_min("rank", g->rank, 1));
   if (g->rank > dk)
     return sals_set_error(INVALID, "config.rank: %d > Dk %d (n_head_kv * head_dim)", (int)g->rank,
                           (int)dk);
-  TRY(check_min("score_rank", g->score_rank, 1));
+  SALS_TRY(check_min("score_rank", g->score_rank, 1));
   if (g->score_rank > g->rank)
     return sals_set_error(INVALID, "config.score_rank: %d > rank %d", (int)g->score_rank,
                           (int)g->rank);
@@ -154,7 +148,7 @@ sals_status_t sals_check_method(const sals_config_t* g) {
     return sals_set_error(INVALID, "config.value_bits: %d not one of 16, 8, 4, 2",
                           (int)g->value_bits);
   if (g->value_bits < 16) {
-    TRY(check_min("value_group", g->value_group, 1));
+    SALS_TRY(check_min("value_group", g->value_group, 1));
     if (g->head_dim % g->value_group != 0)
       return sals_set_error(INVALID, "config.value_group: %d does not divide head_dim %d",
                             (int)g->value_group, (int)g->head_dim);
@@ -166,7 +160,7 @@ sals_status_t sals_check_method(const sals_config_t* g) {
   if (g->key_bits != 16 && g->key_bits != 8 && g->key_bits != 4)
     return sals_set_error(INVALID, "config.key_bits: %d not one of 16, 8, 4", (int)g->key_bits);
   if (g->key_bits < 16) {
-    TRY(check_min("key_group", g->key_group, 1));
+    SALS_TRY(check_min("key_group", g->key_group, 1));
     if (g->score_rank % g->key_group != 0)
       return sals_set_error(INVALID, "config.key_group: %d does not divide score_rank %d",
                             (int)g->key_group, (int)g->score_rank);
@@ -178,8 +172,8 @@ sals_status_t sals_check_method(const sals_config_t* g) {
                             "config.key_group: %d groups of %d-bit codes do not fill whole bytes",
                             (int)g->key_group, (int)g->key_bits);
   }
-  TRY(check_min("n_sink", g->n_sink, 0));
-  TRY(check_min("n_recent", g->n_recent, 0));
+  SALS_TRY(check_min("n_sink", g->n_sink, 0));
+  SALS_TRY(check_min("n_recent", g->n_recent, 0));
   /* The backends count candidates as S - n_sink - n_recent in int32. */
   if ((int64_t)g->n_sink + g->n_recent > INT32_MAX)
     return sals_set_error(INVALID,
@@ -188,9 +182,9 @@ sals_status_t sals_check_method(const sals_config_t* g) {
                           (int)g->n_sink, (int)g->n_recent, INT32_MAX);
   if (!(g->budget_frac > 0.0f && g->budget_frac <= 1.0f))
     return sals_set_error(INVALID, "config.budget_frac: %g not in (0, 1]", (double)g->budget_frac);
-  TRY(check_min("budget_tokens", g->budget_tokens, 0));
-  TRY(check_flag("select_per_head", g->select_per_head));
-  TRY(check_flag("dense", g->dense));
+  SALS_TRY(check_min("budget_tokens", g->budget_tokens, 0));
+  SALS_TRY(check_flag("select_per_head", g->select_per_head));
+  SALS_TRY(check_flag("dense", g->dense));
   if (g->dtype != SALS_DTYPE_FLOAT32 && g->dtype != SALS_DTYPE_FLOAT16 &&
       g->dtype != SALS_DTYPE_BFLOAT16)
     return sals_set_error(INVALID, "config.dtype: %d not a sals_dtype_t", (int)g->dtype);
@@ -198,17 +192,17 @@ sals_status_t sals_check_method(const sals_config_t* g) {
     return sals_set_error(INVALID,
                           "config.scale: %g must be finite and >= 0 (0 = 1/sqrt(head_dim))",
                           (double)g->scale);
-  TRY(check_flag("check_finite", g->check_finite));
+  SALS_TRY(check_flag("check_finite", g->check_finite));
   return SALS_OK;
 }
 
 /* The method's fields, then those of a cache: sizes, threads and device. */
 static sals_status_t check_config(const sals_config_t* g) {
   char buf[32];
-  TRY(sals_check_method(g));
-  TRY(check_min("max_batch", g->max_batch, 1));
-  TRY(check_min("max_tokens", g->max_tokens, 1));
-  TRY(check_min("n_threads", g->n_threads, 0));
+  SALS_TRY(sals_check_method(g));
+  SALS_TRY(check_min("max_batch", g->max_batch, 1));
+  SALS_TRY(check_min("max_tokens", g->max_tokens, 1));
+  SALS_TRY(check_min("n_threads", g->n_threads, 0));
   if (g->n_threads > SALS_MAX_THREADS)
     return sals_set_error(INVALID, "config.n_threads: %d must be <= %d (0 = one per online core)",
                           (int)g->n_threads, SALS_MAX_THREADS);
@@ -294,6 +288,35 @@ static sals_status_t check_orthonormal(const float* U, int64_t R, int64_t C, sal
   return st;
 }
 
+void sals_cache_release_buffers(sals_cache_t* c, void (*release)(void* p)) {
+  void* bufs[] = {c->proj,
+                  c->inv_freq,
+                  c->lat_score,
+                  c->lat_rest,
+                  c->lat_score_scale,
+                  c->lat_score_zero,
+                  c->lat_rest_scale,
+                  c->lat_rest_zero,
+                  c->val,
+                  c->val_scale,
+                  c->val_zero,
+                  c->sink_k,
+                  c->sink_v,
+                  c->recent_k,
+                  c->recent_v,
+                  c->pos,
+                  c->len,
+                  c->sel_idx,
+                  c->sel_count};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i)
+    if (bufs[i]) release(bufs[i]);
+  c->proj = c->inv_freq = NULL;
+  c->lat_score = c->lat_rest = c->val = c->sink_k = c->sink_v = c->recent_k = c->recent_v = NULL;
+  c->lat_score_scale = c->lat_score_zero = c->lat_rest_scale = c->lat_rest_zero = NULL;
+  c->val_scale = c->val_zero = NULL;
+  c->pos = c->len = c->sel_idx = c->sel_count = NULL;
+}
+
 sals_status_t sals_projection_host(const sals_view_t* pv, DLDevice pdev, float** out) {
   const int64_t R = pv->shape[0], C = pv->shape[1];
   const size_t es = sals_elem_size(pv->elem);
@@ -373,19 +396,19 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
                                 const DLTensor* projection, sals_cache_t** out) {
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
   if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
-  TRY(check_config(config));
-  TRY(sals_check_rope(rope, config->head_dim));
-  TRY(sals_check_backend("config.device", config->device));
+  SALS_TRY(check_config(config));
+  SALS_TRY(sals_check_rope(rope, config->head_dim));
+  SALS_TRY(sals_check_backend("config.device", config->device));
   const int32_t dk = config->n_head_kv * config->head_dim;
   sals_view_t pv;
   DLDevice pdev;
-  TRY(sals_view_make(projection, "projection", 2, SALS_ACCEPT_FLOAT, &pv, &pdev));
-  TRY(sals_check_dim(&pv, "projection", 0, dk, "Dk = n_head_kv * head_dim"));
-  TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
+  SALS_TRY(sals_view_make(projection, "projection", 2, SALS_ACCEPT_FLOAT, &pv, &pdev));
+  SALS_TRY(sals_check_dim(&pv, "projection", 0, dk, "Dk = n_head_kv * head_dim"));
+  SALS_TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
   if (pdev.device_type != kDLCPU)
-    TRY(sals_check_device("projection", pdev, config->device, "the cache"));
+    SALS_TRY(sals_check_device("projection", pdev, config->device, "the cache"));
   float* proj = NULL;
-  TRY(sals_projection_host(&pv, pdev, &proj));
+  SALS_TRY(sals_projection_host(&pv, pdev, &proj));
 
   sals_cache_t* c = (sals_cache_t*)calloc(1, sizeof *c);
   const int32_t half = rope->rotary_dim / 2;
@@ -508,22 +531,22 @@ static sals_status_t check_range(const sals_cache_t* c, int64_t first, int64_t b
 
 static sals_status_t cache_reset(sals_cache_t* cache, int64_t first, int64_t batch, void* stream) {
   if (batch < 0) return sals_set_error(INVALID, "batch: %lld must be >= 0", (long long)batch);
-  TRY(check_range(cache, first, batch, NULL));
+  SALS_TRY(check_range(cache, first, batch, NULL));
   if (batch == 0) return SALS_OK;
   sals_cache_t r = from_sequence(cache, first);
-  TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, &r, batch, stream));
+  SALS_TRY(SALS_DISPATCH(cache->cfg.device, cache_reset, &r, batch, stream));
   memset(r.reserved, 0, (size_t)batch * sizeof(int32_t));
   return SALS_OK;
 }
 
 sals_status_t sals_cache_reset(sals_cache_t* cache, void* stream) {
-  TRY(enter(cache, "sals_cache_reset"));
+  SALS_TRY(enter(cache, "sals_cache_reset"));
   return leave(cache, cache_reset(cache, 0, cache->cfg.max_batch, stream));
 }
 
 sals_status_t sals_cache_reset_range(sals_cache_t* cache, int64_t first, int64_t batch,
                                      void* stream) {
-  TRY(enter(cache, "sals_cache_reset_range"));
+  SALS_TRY(enter(cache, "sals_cache_reset_range"));
   return leave(cache, cache_reset(cache, first, batch, stream));
 }
 
@@ -538,7 +561,7 @@ sals_status_t sals_cache_get_config(const sals_cache_t* cache, sals_config_t* ou
 static sals_status_t cache_view(const sals_cache_t* c, const DLTensor* t, const char* name,
                                 int32_t ndim, uint32_t accept, sals_view_t* v) {
   DLDevice dev;
-  TRY(sals_view_make(t, name, ndim, accept, v, &dev));
+  SALS_TRY(sals_view_make(t, name, ndim, accept, v, &dev));
   return sals_check_device(name, dev, c->cfg.device, "the cache");
 }
 
@@ -564,14 +587,14 @@ static sals_status_t token_views(const sals_cache_t* c, int64_t first, const DLT
                                  const char* pn, sals_view_t* xv, sals_view_t* lv,
                                  sals_view_t* pv) {
   const sals_config_t* g = &c->cfg;
-  TRY(check_range(c, first, 0, xn)); /* a negative first, before the tensors */
-  TRY(cache_view(c, x, xn, 4, SALS_ACCEPT_FLOAT, xv));
-  TRY(cache_view(c, like, ln, 4, SALS_ACCEPT_FLOAT, lv));
-  TRY(cache_view(c, pos, pn, 2, SALS_ACCEPT_I32, pv));
-  TRY(sals_check_dim(xv, xn, 2, n_heads, heads_what));
-  TRY(sals_check_dim(xv, xn, 3, g->head_dim, "head_dim"));
-  TRY(same_dims(lv, ln, xv, xn, 4));
-  TRY(same_dims(pv, pn, xv, xn, 2));
+  SALS_TRY(check_range(c, first, 0, xn)); /* a negative first, before the tensors */
+  SALS_TRY(cache_view(c, x, xn, 4, SALS_ACCEPT_FLOAT, xv));
+  SALS_TRY(cache_view(c, like, ln, 4, SALS_ACCEPT_FLOAT, lv));
+  SALS_TRY(cache_view(c, pos, pn, 2, SALS_ACCEPT_I32, pv));
+  SALS_TRY(sals_check_dim(xv, xn, 2, n_heads, heads_what));
+  SALS_TRY(sals_check_dim(xv, xn, 3, g->head_dim, "head_dim"));
+  SALS_TRY(same_dims(lv, ln, xv, xn, 4));
+  SALS_TRY(same_dims(pv, pn, xv, xn, 2));
   return check_range(c, first, xv->shape[0], xn);
 }
 
@@ -579,8 +602,8 @@ static sals_status_t cache_append(sals_cache_t* cache, int64_t first, const DLTe
                                   const DLTensor* v, const DLTensor* positions, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t kv, vv, pv;
-  TRY(token_views(cache, first, k, "k", g->n_head_kv, "n_head_kv", v, "v", positions, "positions",
-                  &kv, &vv, &pv));
+  SALS_TRY(token_views(cache, first, k, "k", g->n_head_kv, "n_head_kv", v, "v", positions,
+                       "positions", &kv, &vv, &pv));
   const int64_t B = kv.shape[0], T = kv.shape[1];
   sals_cache_t r = from_sequence(cache, first);
   for (int64_t b = 0; b < B; ++b)
@@ -591,20 +614,20 @@ static sals_status_t cache_append(sals_cache_t* cache, int64_t first, const DLTe
                             (long long)T, (long long)(first + b), (long long)(r.reserved[b] + T),
                             (int)g->max_tokens);
   if (B == 0 || T == 0) return SALS_OK;
-  TRY(SALS_DISPATCH(g->device, cache_append, &r, &kv, &vv, &pv, stream));
+  SALS_TRY(SALS_DISPATCH(g->device, cache_append, &r, &kv, &vv, &pv, stream));
   for (int64_t b = 0; b < B; ++b) r.reserved[b] += (int32_t)T;
   return SALS_OK;
 }
 
 sals_status_t sals_cache_append(sals_cache_t* cache, const DLTensor* k, const DLTensor* v,
                                 const DLTensor* positions, void* stream) {
-  TRY(enter(cache, "sals_cache_append"));
+  SALS_TRY(enter(cache, "sals_cache_append"));
   return leave(cache, cache_append(cache, 0, k, v, positions, stream));
 }
 
 sals_status_t sals_cache_append_range(sals_cache_t* cache, int64_t first, const DLTensor* k,
                                       const DLTensor* v, const DLTensor* positions, void* stream) {
-  TRY(enter(cache, "sals_cache_append_range"));
+  SALS_TRY(enter(cache, "sals_cache_append_range"));
   return leave(cache, cache_append(cache, first, k, v, positions, stream));
 }
 
@@ -612,9 +635,9 @@ static sals_status_t cache_attend(sals_cache_t* cache, int64_t first, const DLTe
                                   const DLTensor* positions, DLTensor* out, void* stream) {
   const sals_config_t* g = &cache->cfg;
   sals_view_t qv, pv, ov;
-  TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", positions, "positions",
-                  &qv, &ov, &pv));
-  TRY(sals_check_output(&ov, "out"));
+  SALS_TRY(token_views(cache, first, q, "q", g->n_head_q, "n_head_q", out, "out", positions,
+                       "positions", &qv, &ov, &pv));
+  SALS_TRY(sals_check_output(&ov, "out"));
   if (sals_views_overlap(&ov, &qv))
     return sals_set_error(INVALID, "out: overlaps q (out may not alias q)");
   if (sals_views_overlap(&ov, &pv))
@@ -626,13 +649,13 @@ static sals_status_t cache_attend(sals_cache_t* cache, int64_t first, const DLTe
 
 sals_status_t sals_cache_attend(sals_cache_t* cache, const DLTensor* q, const DLTensor* positions,
                                 DLTensor* out, void* stream) {
-  TRY(enter(cache, "sals_cache_attend"));
+  SALS_TRY(enter(cache, "sals_cache_attend"));
   return leave(cache, cache_attend(cache, 0, q, positions, out, stream));
 }
 
 sals_status_t sals_cache_attend_range(sals_cache_t* cache, int64_t first, const DLTensor* q,
                                       const DLTensor* positions, DLTensor* out, void* stream) {
-  TRY(enter(cache, "sals_cache_attend_range"));
+  SALS_TRY(enter(cache, "sals_cache_attend_range"));
   return leave(cache, cache_attend(cache, first, q, positions, out, stream));
 }
 
@@ -652,12 +675,12 @@ static sals_status_t cache_reserve(sals_cache_t* cache, int64_t batch, int32_t t
 }
 
 sals_status_t sals_cache_reserve(sals_cache_t* cache, int64_t batch, int32_t tokens) {
-  TRY(enter(cache, "sals_cache_reserve"));
+  SALS_TRY(enter(cache, "sals_cache_reserve"));
   return leave(cache, cache_reserve(cache, batch, tokens));
 }
 
 sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream) {
-  TRY(enter(cache, "sals_cache_check"));
+  SALS_TRY(enter(cache, "sals_cache_check"));
   if (wait != 0 && wait != 1)
     return leave(cache, sals_set_error(INVALID, "wait: %d must be 0 or 1", (int)wait));
   return leave(cache, SALS_DISPATCH(cache->cfg.device, cache_check, cache, wait, stream));
@@ -665,8 +688,8 @@ sals_status_t sals_cache_check(sals_cache_t* cache, int32_t wait, void* stream) 
 
 static sals_status_t cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
   sals_view_t ov;
-  TRY(cache_view(cache, out, "out", 1, SALS_ACCEPT_I32, &ov));
-  TRY(sals_check_output(&ov, "out"));
+  SALS_TRY(cache_view(cache, out, "out", 1, SALS_ACCEPT_I32, &ov));
+  SALS_TRY(sals_check_output(&ov, "out"));
   if (ov.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "out: dim 0 is %lld, more than max_batch %d",
                           (long long)ov.shape[0], (int)cache->cfg.max_batch);
@@ -675,24 +698,24 @@ static sals_status_t cache_lengths(const sals_cache_t* cache, DLTensor* out, voi
 }
 
 sals_status_t sals_cache_lengths(const sals_cache_t* cache, DLTensor* out, void* stream) {
-  TRY(enter(cache, "sals_cache_lengths"));
+  SALS_TRY(enter(cache, "sals_cache_lengths"));
   return leave(cache, cache_lengths(cache, out, stream));
 }
 
 static sals_status_t cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
                                     void* stream) {
   sals_view_t iv, cv;
-  TRY(cache_view(cache, idx, "idx", 3, SALS_ACCEPT_I32, &iv));
-  TRY(cache_view(cache, count, "count", 1, SALS_ACCEPT_I32, &cv));
-  TRY(sals_check_output(&iv, "idx"));
-  TRY(sals_check_output(&cv, "count"));
+  SALS_TRY(cache_view(cache, idx, "idx", 3, SALS_ACCEPT_I32, &iv));
+  SALS_TRY(cache_view(cache, count, "count", 1, SALS_ACCEPT_I32, &cv));
+  SALS_TRY(sals_check_output(&iv, "idx"));
+  SALS_TRY(sals_check_output(&cv, "count"));
   if (iv.shape[0] > cache->cfg.max_batch)
     return sals_set_error(INVALID, "idx: dim 0 is %lld, more than max_batch %d",
                           (long long)iv.shape[0], (int)cache->cfg.max_batch);
-  TRY(sals_check_dim(
+  SALS_TRY(sals_check_dim(
       &iv, "idx", 1, cache->n_sel_heads,
       cache->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
-  TRY(same_dims(&cv, "count", &iv, "idx", 1));
+  SALS_TRY(same_dims(&cv, "count", &iv, "idx", 1));
   if (sals_views_overlap(&iv, &cv)) return sals_set_error(INVALID, "count: overlaps idx");
   if (cache->cfg.device.device_type == kDLCPU)
     for (int64_t b = 0; b < iv.shape[0]; ++b)
@@ -707,7 +730,7 @@ static sals_status_t cache_selected(const sals_cache_t* cache, DLTensor* idx, DL
 
 sals_status_t sals_cache_selected(const sals_cache_t* cache, DLTensor* idx, DLTensor* count,
                                   void* stream) {
-  TRY(enter(cache, "sals_cache_selected"));
+  SALS_TRY(enter(cache, "sals_cache_selected"));
   return leave(cache, cache_selected(cache, idx, count, stream));
 }
 
@@ -746,6 +769,6 @@ static sals_status_t cache_memory(const sals_cache_t* cache, sals_memory_t* out,
 }
 
 sals_status_t sals_cache_memory(const sals_cache_t* cache, sals_memory_t* out, void* stream) {
-  TRY(enter(cache, "sals_cache_memory"));
+  SALS_TRY(enter(cache, "sals_cache_memory"));
   return leave(cache, cache_memory(cache, out, stream));
 }

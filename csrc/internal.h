@@ -110,6 +110,13 @@ struct sals_cache {
 
 /* ---- errors (csrc/error.c) ---------------------------------------------------------------- */
 
+/** Evaluate `expr`, a sals_status_t, and return it from the calling function unless SALS_OK. */
+#define SALS_TRY(expr)                        \
+  do {                                        \
+    sals_status_t sals_st_ = (expr);          \
+    if (sals_st_ != SALS_OK) return sals_st_; \
+  } while (0)
+
 /** Record a printf-style message as this thread's last error and return `status`. */
 sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
 #if defined(__GNUC__)
@@ -131,6 +138,12 @@ sals_status_t sals_check_method(const sals_config_t* g);
  * (host or a GPU), refused unless finite with orthonormal columns (sals_cache_create's rule).
  */
 sals_status_t sals_projection_host(const sals_view_t* pv, DLDevice pdev, float** out);
+
+/**
+ * Release every buffer listed in struct sals_cache that a backend allocates (those not NULL)
+ * with `release` (free, or the CUDA backend's cudaFree), then set them to NULL.
+ */
+void sals_cache_release_buffers(sals_cache_t* c, void (*release)(void* p));
 
 /* ---- paged storage (csrc/paged.c) ---------------------------------------------------------- */
 

@@ -8,12 +8,6 @@
 
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 
-#define TRY(expr)                   \
-  do {                              \
-    sals_status_t st_ = (expr);     \
-    if (st_ != SALS_OK) return st_; \
-  } while (0)
-
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 void sals_paged_layout(const sals_config_t* g, sals_paged_layout_t* L) {
@@ -66,7 +60,7 @@ void sals_paged_layout(const sals_config_t* g, sals_paged_layout_t* L) {
 sals_status_t sals_paged_slot_bytes(const sals_config_t* config, int64_t* out) {
   if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
-  TRY(sals_check_method(config));
+  SALS_TRY(sals_check_method(config));
   sals_paged_layout_t L;
   sals_paged_layout(config, &L);
   *out = L.slot_bytes;
@@ -77,16 +71,16 @@ sals_status_t sals_paged_create(const sals_config_t* config, const sals_rope_t* 
                                 const DLTensor* projection, sals_paged_t** out) {
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
   if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
-  TRY(sals_check_method(config));
-  TRY(sals_check_rope(rope, config->head_dim));
+  SALS_TRY(sals_check_method(config));
+  SALS_TRY(sals_check_rope(rope, config->head_dim));
   const int32_t dk = config->n_head_kv * config->head_dim, half = rope->rotary_dim / 2;
   sals_view_t pv;
   DLDevice pdev;
-  TRY(sals_view_make(projection, "projection", 2, SALS_ACCEPT_FLOAT, &pv, &pdev));
-  TRY(sals_check_dim(&pv, "projection", 0, dk, "Dk = n_head_kv * head_dim"));
-  TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
+  SALS_TRY(sals_view_make(projection, "projection", 2, SALS_ACCEPT_FLOAT, &pv, &pdev));
+  SALS_TRY(sals_check_dim(&pv, "projection", 0, dk, "Dk = n_head_kv * head_dim"));
+  SALS_TRY(sals_check_dim(&pv, "projection", 1, config->rank, "config.rank"));
   float* proj = NULL;
-  TRY(sals_projection_host(&pv, pdev, &proj));
+  SALS_TRY(sals_projection_host(&pv, pdev, &proj));
   sals_paged_t* p = (sals_paged_t*)calloc(1, sizeof *p);
   float* inv_freq = (float*)calloc((size_t)(half > 0 ? half : 1), sizeof(float));
   if (!p || !inv_freq) {
@@ -128,7 +122,7 @@ static sals_status_t cpu_only(DLDevice dev, const char* name) {
 
 /* pages [num_blocks, block_size, slot_bytes]: every slot's fields aligned to their elements. */
 static sals_status_t check_pages(const sals_paged_t* p, const sals_view_t* pv) {
-  TRY(sals_check_dim(pv, "pages", 2, p->layout.slot_bytes, "slot_bytes of the config"));
+  SALS_TRY(sals_check_dim(pv, "pages", 2, p->layout.slot_bytes, "slot_bytes of the config"));
   const int64_t a = p->layout.align;
   if (sals_view_numel(pv) > 0 &&
       ((uintptr_t)pv->data % (uintptr_t)a != 0 || pv->stride[0] % a != 0 || pv->stride[1] % a != 0))
@@ -181,8 +175,8 @@ static sals_status_t check_distinct(const sals_view_t* iv, const char* name, con
 
 /* window [rows, 2, n_head_kv, head_dim]: exact copies of tokens, key then value. */
 static sals_status_t check_window(const sals_paged_t* p, const sals_view_t* wv) {
-  TRY(sals_check_dim(wv, "window", 1, 2, "a key and a value per row"));
-  TRY(sals_check_dim(wv, "window", 2, p->cfg.n_head_kv, "n_head_kv"));
+  SALS_TRY(sals_check_dim(wv, "window", 1, 2, "a key and a value per row"));
+  SALS_TRY(sals_check_dim(wv, "window", 2, p->cfg.n_head_kv, "n_head_kv"));
   return sals_check_dim(wv, "window", 3, p->cfg.head_dim, "head_dim");
 }
 
@@ -198,7 +192,7 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
                                 const DLTensor* window_rows, DLTensor* window, void* stream) {
   (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
-  TRY(both_or_neither(window_rows, window));
+  SALS_TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
   sals_view_t kv, vv, sv, rv, pv, wv;
   DLDevice dev;
@@ -208,28 +202,28 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
                           {window_rows, "window_rows", 1, SALS_ACCEPT_I32, &rv, 1, 0},
                           {pages, "pages", 3, SALS_ACCEPT_U8, &pv, 0, 1},
                           {window, "window", 4, SALS_ACCEPT_FLOAT, &wv, 1, 1}};
-  TRY(sals_arg_views(a, 6, &dev));
-  TRY(cpu_only(dev, "k"));
-  TRY(sals_check_dim(&kv, "k", 1, g->n_head_kv, "n_head_kv"));
-  TRY(sals_check_dim(&kv, "k", 2, g->head_dim, "head_dim"));
-  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
-  TRY(sals_dim_eq(&sv, "slot_mapping", 0, &kv, "k", 0));
-  TRY(check_pages(paged, &pv));
-  TRY(sals_arg_apart(a, 4));
+  SALS_TRY(sals_arg_views(a, 6, &dev));
+  SALS_TRY(cpu_only(dev, "k"));
+  SALS_TRY(sals_check_dim(&kv, "k", 1, g->n_head_kv, "n_head_kv"));
+  SALS_TRY(sals_check_dim(&kv, "k", 2, g->head_dim, "head_dim"));
+  for (int32_t i = 0; i < 3; ++i) SALS_TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
+  SALS_TRY(sals_dim_eq(&sv, "slot_mapping", 0, &kv, "k", 0));
+  SALS_TRY(check_pages(paged, &pv));
+  SALS_TRY(sals_arg_apart(a, 4));
   if (window) {
-    TRY(sals_dim_eq(&rv, "window_rows", 0, &kv, "k", 0));
-    TRY(check_window(paged, &wv));
-    TRY(sals_arg_apart(a, 5));
+    SALS_TRY(sals_dim_eq(&rv, "window_rows", 0, &kv, "k", 0));
+    SALS_TRY(check_window(paged, &wv));
+    SALS_TRY(sals_arg_apart(a, 5));
   }
-  TRY(check_distinct(&sv, "slot_mapping", "slot", NULL, pv.shape[0] * pv.shape[1], "pages'"));
-  if (window) TRY(check_distinct(&rv, "window_rows", "row", &sv, wv.shape[0], "window's"));
+  SALS_TRY(check_distinct(&sv, "slot_mapping", "slot", NULL, pv.shape[0] * pv.shape[1], "pages'"));
+  if (window) SALS_TRY(check_distinct(&rv, "window_rows", "row", &sv, wv.shape[0], "window's"));
   if (g->check_finite)
     for (int64_t n = 0; n < kv.shape[0]; ++n) {
       if (((const int32_t*)sv.data)[n * sv.stride[0]] < 0) continue;
       for (int64_t h = 0; h < g->n_head_kv; ++h) {
         const int64_t ix[2] = {n, h};
-        TRY(sals_finite_row(&kv, "k", ix, g->head_dim));
-        TRY(sals_finite_row(&vv, "v", ix, g->head_dim));
+        SALS_TRY(sals_finite_row(&kv, "k", ix, g->head_dim));
+        SALS_TRY(sals_finite_row(&vv, "v", ix, g->head_dim));
       }
     }
   if (sals_view_numel(&kv) == 0) return SALS_OK;
@@ -283,7 +277,7 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
       for (int64_t t = i32_at(qsv, b); t < i32_at(qsv, b + 1); ++t)
         for (int64_t h = 0; h < g->n_head_q; ++h) {
           const int64_t ix[2] = {t, h};
-          TRY(sals_finite_row(qv, "q", ix, g->head_dim));
+          SALS_TRY(sals_finite_row(qv, "q", ix, g->head_dim));
         }
   }
   if (selv && selv->shape[2] < most)
@@ -301,7 +295,7 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                                 DLTensor* selected, void* stream) {
   (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
-  TRY(both_or_neither(window_rows, window));
+  SALS_TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
   sals_view_t qv, qsv, lv, tv, pv, rv, wv, ov, selv;
   DLDevice dev;
@@ -314,31 +308,31 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                           {window, "window", 4, SALS_ACCEPT_FLOAT, &wv, 1, 0},
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1},
                           {selected, "selected", 3, SALS_ACCEPT_I32, &selv, 1, 1}};
-  TRY(sals_arg_views(a, 9, &dev));
-  TRY(cpu_only(dev, "q"));
-  TRY(sals_check_dim(&qv, "q", 1, g->n_head_q, "n_head_q"));
-  TRY(sals_check_dim(&qv, "q", 2, g->head_dim, "head_dim"));
+  SALS_TRY(sals_arg_views(a, 9, &dev));
+  SALS_TRY(cpu_only(dev, "q"));
+  SALS_TRY(sals_check_dim(&qv, "q", 1, g->n_head_q, "n_head_q"));
+  SALS_TRY(sals_check_dim(&qv, "q", 2, g->head_dim, "head_dim"));
   const int64_t B = lv.shape[0];
-  TRY(sals_check_dim(&qsv, "query_start", 0, B + 1, "seq_lens.shape[0] + 1"));
-  TRY(sals_dim_eq(&tv, "block_table", 0, &lv, "seq_lens", 0));
-  TRY(check_pages(paged, &pv));
-  for (int32_t i = 0; i < 3; ++i) TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
+  SALS_TRY(sals_check_dim(&qsv, "query_start", 0, B + 1, "seq_lens.shape[0] + 1"));
+  SALS_TRY(sals_dim_eq(&tv, "block_table", 0, &lv, "seq_lens", 0));
+  SALS_TRY(check_pages(paged, &pv));
+  for (int32_t i = 0; i < 3; ++i) SALS_TRY(sals_dim_eq(&ov, "out", i, &qv, "q", i));
   if (window) {
-    TRY(sals_dim_eq(&rv, "window_rows", 0, &lv, "seq_lens", 0));
-    TRY(sals_check_dim(&rv, "window_rows", 1, (int64_t)g->n_sink + g->n_recent,
-                       "n_sink + n_recent"));
-    TRY(check_window(paged, &wv));
+    SALS_TRY(sals_dim_eq(&rv, "window_rows", 0, &lv, "seq_lens", 0));
+    SALS_TRY(sals_check_dim(&rv, "window_rows", 1, (int64_t)g->n_sink + g->n_recent,
+                            "n_sink + n_recent"));
+    SALS_TRY(check_window(paged, &wv));
   }
   if (selected) {
-    TRY(sals_dim_eq(&selv, "selected", 0, &lv, "seq_lens", 0));
-    TRY(sals_check_dim(
+    SALS_TRY(sals_dim_eq(&selv, "selected", 0, &lv, "seq_lens", 0));
+    SALS_TRY(sals_check_dim(
         &selv, "selected", 1, paged->n_sel_heads,
         paged->n_sel_heads == 1 ? "1: shared selection" : "n_head_kv: per-head selection"));
   }
-  TRY(sals_arg_apart(a, 7));
-  if (selected) TRY(sals_arg_apart(a, 8));
+  SALS_TRY(sals_arg_apart(a, 7));
+  if (selected) SALS_TRY(sals_arg_apart(a, 8));
   if (B == 0) return SALS_OK;
-  TRY(check_attend(paged, &qv, &qsv, &lv, &tv, &pv, selected ? &selv : NULL));
+  SALS_TRY(check_attend(paged, &qv, &qsv, &lv, &tv, &pv, selected ? &selv : NULL));
   if (window)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < rv.shape[1]; ++j) {

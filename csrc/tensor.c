@@ -283,11 +283,6 @@ sals_status_t sals_check_backend(const char* name, DLDevice dev) {
 
 /* ---- a call's tensor arguments -------------------------------------------------------------- */
 
-#define TRY(expr)                   \
-  do {                              \
-    sals_status_t st_ = (expr);     \
-    if (st_ != SALS_OK) return st_; \
-  } while (0)
 #define INVALID SALS_ERR_INVALID_ARGUMENT
 
 static int absent(const sals_arg_t* a) { return a->optional && a->t == NULL; }
@@ -295,14 +290,14 @@ static int absent(const sals_arg_t* a) { return a->optional && a->t == NULL; }
 /* Check a call's tensors in order and fill their views: the first decides the device (which
  * needs a backend), every other one must be on it. */
 sals_status_t sals_arg_views(const sals_arg_t* a, int n, DLDevice* dev) {
-  TRY(sals_view_make(a[0].t, a[0].name, a[0].ndim, a[0].accept, a[0].v, dev));
-  TRY(sals_check_backend(a[0].name, *dev));
+  SALS_TRY(sals_view_make(a[0].t, a[0].name, a[0].ndim, a[0].accept, a[0].v, dev));
+  SALS_TRY(sals_check_backend(a[0].name, *dev));
   for (int i = 1; i < n; ++i) {
     if (absent(&a[i])) continue;
     DLDevice d;
-    TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
-    TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
-    if (a[i].output) TRY(sals_check_output(a[i].v, a[i].name));
+    SALS_TRY(sals_view_make(a[i].t, a[i].name, a[i].ndim, a[i].accept, a[i].v, &d));
+    SALS_TRY(sals_check_device(a[i].name, d, *dev, a[0].name));
+    if (a[i].output) SALS_TRY(sals_check_output(a[i].v, a[i].name));
   }
   return SALS_OK;
 }
@@ -324,7 +319,7 @@ sals_status_t sals_no_overlap(const sals_view_t* out, const char* on, const sals
 /* The output a[i] overlaps none of the tensors listed before it. */
 sals_status_t sals_arg_apart(const sals_arg_t* a, int i) {
   for (int j = 0; j < i; ++j)
-    if (!absent(&a[j])) TRY(sals_no_overlap(a[i].v, a[i].name, a[j].v, a[j].name));
+    if (!absent(&a[j])) SALS_TRY(sals_no_overlap(a[i].v, a[i].name, a[j].v, a[j].name));
   return SALS_OK;
 }
 
@@ -359,7 +354,7 @@ sals_status_t sals_finite_rows(const sals_view_t* v, const char* name, int64_t n
       ix[i] = rest % v->shape[i];
       rest /= v->shape[i];
     }
-    TRY(sals_finite_row(v, name, ix, n));
+    SALS_TRY(sals_finite_row(v, name, ix, n));
   }
   return SALS_OK;
 }

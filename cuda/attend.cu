@@ -1229,9 +1229,8 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   const bool sparse = decode && !cf.dense;
   /* a sparse step checks q in the scoring query's fold (flag 2), which reads all of it */
   int* const q_flag = cf.check_finite && sparse ? s->flag + 2 : nullptr;
-  if (cf.check_finite)
-    SALS_STATUS_TRY(sparse ? cache_report_finite(c) : cache_check_finite(c, q, 2, st));
-  SALS_STATUS_TRY(ensure_uh(c, st));
+  if (cf.check_finite) SALS_TRY(sparse ? cache_report_finite(c) : cache_check_finite(c, q, 2, st));
+  SALS_TRY(ensure_uh(c, st));
   AttnArgs a = make_args(c, q, q_pos, out);
   a.sparse = sparse ? 1 : 0;
   const int32_t G = a.G;

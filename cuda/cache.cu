@@ -423,7 +423,7 @@ sals_status_t report_finite(CacheState* s) {
  * step's q, are checked inside the kernels that read them instead.) */
 sals_status_t check_finite(sals_cache_t* c, const sals_view_t* x, int which, cudaStream_t st) {
   CacheState* s = state(c);
-  SALS_STATUS_TRY(report_finite(s));
+  SALS_TRY(report_finite(s));
   int64_t n = 1;
   for (int d = 0; d < x->ndim; ++d) n *= x->shape[d];
   if (n == 0) return SALS_OK;
@@ -541,49 +541,12 @@ sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t byt
   return SALS_OK;
 }
 
+static void device_free(void* p) { cudaFree(p); }
+
 void sals_cuda_cache_free(sals_cache_t* c) {
   if (!c) return;
   DeviceGuard g(c->cfg.device.device_id);
-  void* ptrs[] = {c->inv_freq,
-                  c->proj,
-                  c->lat_score,
-                  c->lat_rest,
-                  c->lat_score_scale,
-                  c->lat_score_zero,
-                  c->lat_rest_scale,
-                  c->lat_rest_zero,
-                  c->val,
-                  c->val_scale,
-                  c->val_zero,
-                  c->sink_k,
-                  c->sink_v,
-                  c->recent_k,
-                  c->recent_v,
-                  c->pos,
-                  c->len,
-                  c->sel_idx,
-                  c->sel_count};
-  for (void* p : ptrs)
-    if (p) cudaFree(p);
-  c->inv_freq = nullptr;
-  c->proj = nullptr;
-  c->lat_score = nullptr;
-  c->lat_rest = nullptr;
-  c->lat_score_scale = nullptr;
-  c->lat_score_zero = nullptr;
-  c->lat_rest_scale = nullptr;
-  c->lat_rest_zero = nullptr;
-  c->val = nullptr;
-  c->val_scale = nullptr;
-  c->val_zero = nullptr;
-  c->sink_k = nullptr;
-  c->sink_v = nullptr;
-  c->recent_k = nullptr;
-  c->recent_v = nullptr;
-  c->pos = nullptr;
-  c->len = nullptr;
-  c->sel_idx = nullptr;
-  c->sel_count = nullptr;
+  sals_cache_release_buffers(c, device_free);
   CacheState* s = state(c);
   if (s) {
     void* sp[] = {s->uh,     s->dest,    s->newlen,    s->qlat,  s->scores, s->topk_ws, s->logits,
@@ -723,9 +686,9 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   const int32_t B = (int32_t)k->shape[0], T = (int32_t)k->shape[1];
   if ((int64_t)B * T == 0) return SALS_OK;
   /* values_kernel checks k and v (flags 0 and 1) as it reads them */
-  if (c->cfg.check_finite) SALS_STATUS_TRY(report_finite(s));
+  if (c->cfg.check_finite) SALS_TRY(report_finite(s));
   int* const kv_flags = c->cfg.check_finite ? s->flag : nullptr;
-  SALS_STATUS_TRY(ensure_uh(c, st));
+  SALS_TRY(ensure_uh(c, st));
   const int64_t M = (int64_t)B * T, N = c->cfg.rank;
   const sals_cache_t cv = *c;
   /* slots first (a decode step, T == 1, assigns them in values_kernel), then values, then the
@@ -746,7 +709,7 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   const int64_t groups_per_row = N / c->cfg.key_group;
   for (int64_t m0 = 0; m0 < M; m0 += s->lat_ws_rows) {
     const int64_t mc = M - m0 < s->lat_ws_rows ? M - m0 : s->lat_ws_rows;
-    SALS_STATUS_TRY(project<true>(c, k, m0, mc, st));
+    SALS_TRY(project<true>(c, k, m0, mc, st));
     const int64_t blocks = cdiv(mc * groups_per_row, 256);
     quantize_latent_kernel<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st>>>(
         cv, s->lat_ws, s->dest, m0, mc, T, flag);

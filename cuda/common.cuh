@@ -23,12 +23,6 @@
 /* After a launch: configuration errors surface here; faults surface at the next sync. */
 #define SALS_CUDA_LAUNCHED(name) SALS_CUDA_TRY(cudaPeekAtLastError())
 
-#define SALS_STATUS_TRY(expr)     \
-  do {                            \
-    sals_status_t s_ = (expr);    \
-    if (s_ != SALS_OK) return s_; \
-  } while (0)
-
 namespace sals_cuda {
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -31,12 +31,6 @@ static size_t esz(const sals_cache_t* c) { return sals_dtype_size(c->cfg.dtype);
 static sals_elem_t eel(const sals_cache_t* c) { return sals_dtype_elem(c->cfg.dtype); }
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-#define TRY(expr)                   \
-  do {                              \
-    sals_status_t st_ = (expr);     \
-    if (st_ != SALS_OK) return st_; \
-  } while (0)
-
 /* ---- init / free / reset ------------------------------------------------------------------- */
 
 static void* track(sals_cache_t* c, size_t bytes, int* failed) {
@@ -158,32 +152,8 @@ void sals_cpu_cache_free(sals_cache_t* c) {
     free(s->seq);
     free(s);
   }
-  void* bufs[] = {c->proj,
-                  c->inv_freq,
-                  c->lat_score,
-                  c->lat_rest,
-                  c->lat_score_scale,
-                  c->lat_score_zero,
-                  c->lat_rest_scale,
-                  c->lat_rest_zero,
-                  c->val,
-                  c->val_scale,
-                  c->val_zero,
-                  c->sink_k,
-                  c->sink_v,
-                  c->recent_k,
-                  c->recent_v,
-                  c->pos,
-                  c->len,
-                  c->sel_idx,
-                  c->sel_count};
-  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) free(bufs[i]);
   c->backend = NULL;
-  c->proj = c->inv_freq = NULL;
-  c->lat_score = c->lat_rest = c->val = c->sink_k = c->sink_v = c->recent_k = c->recent_v = NULL;
-  c->lat_score_scale = c->lat_score_zero = c->lat_rest_scale = c->lat_rest_zero = NULL;
-  c->val_scale = c->val_zero = NULL;
-  c->pos = c->len = c->sel_idx = c->sel_count = NULL;
+  sals_cache_release_buffers(c, free);
 }
 
 sals_status_t sals_cpu_cache_reset(sals_cache_t* c, int64_t batch, void* stream) {
@@ -229,7 +199,7 @@ static sals_status_t check_append(const sals_cache_t* c, const sals_view_t* k, c
         sals_load_f32(vf + h * d, sals_view_at(v, b, t, h, 0), v->elem, d);
       }
       snprintf(where, sizeof where, "sequence %lld, token %lld", (long long)b, (long long)t);
-      TRY(sals_check_storable(&c->cfg, c->proj, kf, vf, lat, where));
+      SALS_TRY(sals_check_storable(&c->cfg, c->proj, kf, vf, lat, where));
     }
   return SALS_OK;
 }
