@@ -149,13 +149,24 @@ def test_command_writes_json_table_and_plots(smollm2_calibration, tmp_path, caps
     (["--tasks", "needle_in_a_box"], "unknown task 'needle_in_a_box'"),
     (["--fillers", "lorem"], "unknown filler 'lorem'"),
     (["--settings", "sals-50"], "unknown preset 'sals-50'"),
-    (["--settings", "auto"], "auto needs kv_fraction"),
+    (["--settings", "auto"], "preset 'auto' needs kv_fraction"),
+    (["--settings", "sals-25:kv_fraction=0.3"], "only for preset='auto'"),
+    (["--settings", "auto:kv_fraction=1.5"], "kv_fraction: expected (0, 1]"),
     (["--settings", "streaming=dense"], "needs a SALS setting"),
     (["--model", "no-such-model"], "model 'no-such-model'"),
 ])
 def test_bad_input_names_it(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_setting_presets_are_sals_presets():
+    """A setting's preset is the sals.presets object patch receives: auto's arguments leave the
+    overrides, the other fields stay."""
+    auto = parse_setting("auto:kv_fraction=0.2:kv_context=0:n_threads=2")
+    assert auto.preset == sals.presets.Auto(0.2, 0) and auto.overrides == {"n_threads": 2}
+    assert parse_setting("sals-12.5").preset is sals.presets.SALS_12_5
+    assert parse_setting("none:rank=8").preset is None
 
 
 def test_context_longer_than_the_window(smollm2):

@@ -26,10 +26,11 @@ import time
 import numpy as np
 import torch
 
-from ... import InvalidArgumentError
+from ... import InvalidArgumentError, presets
 from . import baselines
 
-PRESETS = ("sals-25", "sals-12.5", "dense-equivalent", "auto", "none")
+#: the preset names a setting starts with: ``sals.presets``' names, "auto" and "none"
+PRESETS = (*presets.NAMED, "auto", "none")
 
 
 @dataclasses.dataclass
@@ -38,7 +39,8 @@ class Setting:
 
     - ``dense``;
     - ``PRESET[:FIELD=VALUE...]``: PRESET one of ``PRESETS`` ("none": ``sals.Config``
-      defaults), FIELD any ``sals.Config`` field, ``kv_fraction``/``kv_context`` (auto),
+      defaults), FIELD any ``sals.Config`` field, ``kv_fraction``/``kv_context`` (auto's
+      arguments, read by ``sals.presets.parse``),
       ``dense_layers`` (``0/1/29`` or ``none``) or ``calib=SOURCE/TOKENS[/QW]`` (this row's
       calibration, e.g. ``calib=stdlib/4096``, or ``calib=debian-docs/16384/0`` for plain PCA;
       QW, the query weight, defaults to the eval's);
@@ -48,7 +50,7 @@ class Setting:
 
     spec: str
     kind: str                  # dense | sals | streaming | oracle
-    preset: str | None = None
+    preset: presets.Preset | None = None
     overrides: dict = dataclasses.field(default_factory=dict)
     dense_layers: tuple | None = None
     calib: tuple | None = None  # (source, tokens, query weight or None: the eval's)
@@ -89,7 +91,7 @@ def parse_setting(spec: str) -> Setting:
     if head not in PRESETS:
         raise ValueError(f"setting {spec!r}: unknown preset {head!r}; expected dense, one of "
                          f"{PRESETS}, streaming=SPEC or oracle=SPEC")
-    setting = Setting(spec, "sals", preset=None if head == "none" else head)
+    setting = Setting(spec, "sals")
     for field in fields:
         if "=" not in field:
             raise ValueError(f"setting {spec!r}: {field!r} is not FIELD=VALUE")
@@ -107,9 +109,11 @@ def parse_setting(spec: str) -> Setting:
             setting.dense_layers = () if val == "none" else tuple(int(x) for x in val.split("/"))
         else:
             setting.overrides[key] = _value(val)
-    if setting.preset == "auto" and "kv_fraction" not in setting.overrides:
-        raise ValueError(f"setting {spec!r}: auto needs kv_fraction=..., e.g. "
-                         f"auto:kv_fraction=0.156")
+    try:
+        # takes auto's kv_fraction and kv_context out of the overrides, refuses them elsewhere
+        setting.preset = presets.parse(None if head == "none" else head, setting.overrides)
+    except InvalidArgumentError as e:
+        raise ValueError(f"setting {spec!r}: {e}") from None
     return setting
 
 
