@@ -1,6 +1,6 @@
 """Exact keys and values in static tensors, attended with ``scaled_dot_product_attention``: the
 dense layers of ``sals.hf.patch(..., dense_kv="exact")`` (``sals.hf.ExactLayer``) and every
-layer of the dense-graph baseline (``sals.tools.bench_dense.DenseGraphDecoder``). Needs torch.
+layer of the dense-graph baseline (``sals.tools.graph_decoder.DenseGraphDecoder``). Needs torch.
 
 A :class:`StaticKV` holds one attention layer's post-RoPE keys and values,
 ``[max_batch, n_head_kv, max_tokens, head_dim]`` each in the model's dtype, allocated once.

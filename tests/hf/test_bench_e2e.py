@@ -11,7 +11,7 @@ import json
 import pytest
 import sals.hf
 from sals import __main__ as cli
-from sals.tools.bench_dense import DenseGraphDecoder, fused_weight_bytes
+from sals.tools.graph_decoder import DenseGraphDecoder, fused_weight_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +106,19 @@ def test_sals_rows_with_exact_dense_layers_and_a_compiled_step(session_model, tm
     exact = 3 * (2 * 2 * 3 * slots * 64 * 4 + 2 * slots)
     assert row["sals_cache_bytes"] > exact
     assert row["peak_memory_bytes"] == row["sals_cache_bytes"]  # the CPU: the caches only
+
+
+def test_sals_graph_row_runs_the_decode_loop(session_model, tmp_path):
+    """sals-12.5-graph: SalsGraphDecoder over the patched model (its dense layers exact with
+    --dense-kv exact), beside dense-graph in the same loop; --compile is not its option."""
+    out = tmp_path / "graph.json"
+    code = cli.main(["bench", "e2e", "--model", "smollm2", "--settings",
+                     "dense-graph,sals-12.5-graph", "--contexts", "8", "--batches", "2",
+                     "--new-tokens", str(NEW), "--dense-kv", "exact", "--compile",
+                     "--out", str(out)])
+    assert code == 0
+    dense, sparse = json.loads(out.read_text())["rows"]
+    assert dense["attention"] == "default" and sparse["attention"] == "sals"
+    assert sparse["dense_kv"] == "exact" and "compile" not in sparse and "error" not in sparse
+    assert sparse["fused_weight_bytes"] == dense["fused_weight_bytes"] > 0
+    assert sparse["tokens_per_s"] > 0 and sparse["peak_memory_bytes"] == sparse["sals_cache_bytes"]

@@ -1,15 +1,20 @@
 """``python -m sals bench e2e``: end-to-end greedy decode speed, dense vs SALS.
 
 For each model shape, context and batch, one run measures greedy decode of a prompt of random
-token ids of the context's length, ``--new-tokens`` generated; every row but ``dense-graph``
-through ``model.generate``:
+token ids of the context's length, ``--new-tokens`` generated: the ``*-graph`` rows in one
+GPT-Fast-class decode loop (``sals.tools.graph_decoder``), where dense and SALS differ in
+attention only, the others through ``model.generate``:
 
 - ``dense-graph``: the strong dense baseline, a GPT-Fast-class decode loop
-  (``sals.tools.bench_dense.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
+  (``sals.tools.graph_decoder.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
   copies, static K/V per layer, cuDNN SDPA over the cached tokens, the whole step one CUDA
   graph (its first two steps are the eager warm-up and the capture); prompts prefilled one
   sequence at a time. On the CPU (``--model``) the same step runs eagerly; a model it does not
   implement (not Llama, Mistral or Qwen2) gets a "skipped" row;
+- ``sals-25-graph`` / ``sals-12.5-graph``: the same decode loop
+  (``SalsGraphDecoder``), its attention served by a SalsCache of the model patched with that
+  preset (``--dense-kv`` applies; ``--compile`` does not: the loop has its own forward);
+  prompts prefilled one sequence at a time (``sals.hf.prefill``);
 - ``dense-static-compiled``: transformers' static cache + torch.compile ("reduce-overhead",
   what ``generate`` does by itself with ``cache_implementation="static"``): what ``generate``
   users get; one warm-up generate of the same shapes first, so compilation is not timed;
@@ -24,13 +29,13 @@ through ``model.generate``:
 
 Per row: TTFT (prompt to first token), ms per output token (median decode step), decode
 tokens/s (batch / step time), peak GPU memory (torch's allocator peak plus the SALS caches'
-own device allocation, which torch does not see; for ``dense-graph`` it includes the fused
-weight copies) and the floor: bytes read per decode step (weights + K/V, or the SALS cache's
+own device allocation, which torch does not see; for the ``*-graph`` rows it includes the
+fused weight copies) and the floor: bytes read per decode step (weights + K/V, or the SALS cache's
 scored latent coordinates, selected latent rows and values) over the copy bandwidth measured in
 the same run.
 
-``--max-batch-context`` also finds, for the ``dense-graph``, ``sals-25`` and ``sals-12.5``
-settings among ``--settings``, the largest batch that runs at that context, prefill included,
+``--max-batch-context`` also finds, for the ``dense-graph``, ``sals-*-graph``, ``sals-25`` and
+``sals-12.5`` settings among ``--settings``, the largest batch that runs at that context, prefill included,
 and times its decode. Every one prefills its prompts one sequence at a time (SALS through
 ``sals.hf.prefill``, then ``generate``), so the cache, not the prompts' activations, decides
 what fits. The batch is estimated from the memory budget (``--memory-gib``, or
@@ -58,7 +63,11 @@ import time
 
 from . import _cli
 
-SETTINGS = ("dense-graph", "dense-static-compiled", "dense-dynamic", "sals-25", "sals-12.5")
+SETTINGS = ("dense-graph", "sals-25-graph", "sals-12.5-graph", "dense-static-compiled",
+            "dense-dynamic", "sals-25", "sals-12.5")
+
+#: the rows timed in the decode loop of sals.tools.graph_decoder, not through generate
+GRAPH_LOOP = ("dense-graph", "sals-25-graph", "sals-12.5-graph")
 
 #: model shapes: (hidden, layers, heads, kv heads, intermediate, vocab, rope_theta)
 SHAPES = {
@@ -87,8 +96,8 @@ def add_parser(subparsers) -> None:
     ap.add_argument("--new-tokens", type=int, default=48,
                     help="tokens generated per run (default 48)")
     ap.add_argument("--max-batch-context", type=_cli.number(int, 0), default=0,
-                    help="also time the dense-graph, sals-25 and sals-12.5 settings (those "
-                         "of --settings) at the largest batch that runs at this context, "
+                    help="also time the dense-graph, sals-*-graph, sals-25 and sals-12.5 "
+                         "settings (those of --settings) at the largest batch that runs at this context, "
                          "prompts prefilled one sequence at a time (0: skip; the issue's "
                          "regime is 32768)")
     ap.add_argument("--memory-fraction", type=_cli.number(float, 0, 1, above=True), default=0.9,
@@ -102,9 +111,9 @@ def add_parser(subparsers) -> None:
                          "the compressed cache, keys rebuilt every step (default, the paper's), "
                          "or exact keys and values")
     ap.add_argument("--compile", action="store_true",
-                    help="SALS rows: compile the decode step's forward with torch.compile "
-                         "(sals.hf.patch's compile=True; on the GPU also captured in its CUDA "
-                         "graph)")
+                    help="SALS rows through generate: compile the decode step's forward with "
+                         "torch.compile (sals.hf.patch's compile=True; on the GPU also "
+                         "captured in its CUDA graph)")
     ap.add_argument("--out", default=None, help="write every row as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
     _cli.add_debug(ap)
@@ -210,19 +219,21 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
     return row
 
 
-def _dense_graph(model, ids, new_tokens, torch) -> dict:
-    """The dense-graph row, timed as _generate times its rows: TTFT from the prefill's start to
-    the first token, then one step per further token, each waited for; ms per token is the
-    median step after the first two (the eager warm-up and the capture)."""
-    from .bench_dense import DenseGraphDecoder
+def _graph_loop(model, setting, ids, new_tokens, torch) -> dict:
+    """A row of the decode loop (``dense-graph``: DenseGraphDecoder, ``sals-*-graph``:
+    SalsGraphDecoder of the patched model), timed as _generate times its rows: TTFT from the
+    prefill's start to the first token, then one step per further token, each waited for; ms
+    per token is the median step after the first two (the eager warm-up and the capture)."""
+    from .graph_decoder import DenseGraphDecoder, SalsGraphDecoder
     from ..errors import InvalidArgumentError
 
     batch, S = (int(n) for n in ids.shape)
     if ids.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    try:  # its K/V and fused weight copies are allocated here, inside the peak
-        dec = DenseGraphDecoder(model, batch, S + new_tokens)
+    decoder = DenseGraphDecoder if setting == "dense-graph" else SalsGraphDecoder
+    try:  # its cache and fused weight copies are allocated here, inside the peak
+        dec = decoder(model, batch, S + new_tokens)
     except InvalidArgumentError as e:  # a --model of an architecture it does not implement
         return {"error": f"skipped: {e}"}
 
@@ -242,10 +253,20 @@ def _dense_graph(model, ids, new_tokens, torch) -> dict:
         steps.append(time.perf_counter() - start)
     step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
     peak = torch.cuda.max_memory_allocated() if ids.is_cuda else 0
-    return {"ttft_ms": 1e3 * ttft, "ms_per_token": step_ms,
-            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
-            "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
-            "steps_ms": [1e3 * s for s in steps]}
+    row = {"ttft_ms": 1e3 * ttft, "ms_per_token": step_ms,
+           "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+           "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
+           "steps_ms": [1e3 * s for s in steps]}
+    if decoder is SalsGraphDecoder:
+        # the library's device memory, which torch does not see (exact layers' K/V it does)
+        mem = dec.cache.memory()
+        sals_bytes = mem.get("allocated", 0)
+        if ids.is_cuda:  # the exact dense layers' K/V are torch tensors, in its peak already
+            peak += sals_bytes - mem.get("exact_kv_allocated", 0)
+        row.update(sals_cache_bytes=int(sals_bytes),
+                   peak_memory_bytes=int(peak if ids.is_cuda else sals_bytes))
+        dec.cache.close()
+    return row
 
 
 def attended_tokens(cfg, S: int) -> tuple[int, int]:
@@ -310,6 +331,10 @@ def _setting(model, setting: str, calib, torch, options: dict) -> dict:
         return {"cache_implementation": "static"}
     if setting in ("dense-dynamic", "dense-graph"):
         return {}
+    if setting in GRAPH_LOOP:  # the decode loop captures its own step
+        sals.hf.patch(model, calibration=calib, preset=setting.removesuffix("-graph"),
+                      dense_kv=options.get("dense_kv", "compressed"))
+        return {}
     on_cuda = next(model.parameters()).is_cuda
     sals.hf.patch(model, calibration=calib, preset=setting, cuda_graph=on_cuda, **options)
     return {}
@@ -327,15 +352,17 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
     ids = torch.randint(vocab // 16, vocab - vocab // 16, (B, S), generator=gen).to(device)
     options = options or {}
     kw = _setting(model, setting, calib, torch, options)
-    if setting == "dense-graph":
-        result = _dense_graph(model, ids, new_tokens, torch)
+    if setting in GRAPH_LOOP:
+        result = _graph_loop(model, setting, ids, new_tokens, torch)
     else:
         if setting == "dense-static-compiled":
             _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
         rows = prefill_rows if setting.startswith("sals") else None
         result = _generate(model, ids, new_tokens, torch, prefill_rows=rows, **kw)
     row = {"setting": setting, "batch": B, "context": S, **result}
-    if setting.startswith("sals"):
+    if setting in GRAPH_LOOP and setting.startswith("sals"):
+        row["dense_kv"] = options.get("dense_kv", "compressed")
+    elif setting.startswith("sals"):
         row.update(options)
     if bandwidth and "error" not in row:
         row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth
@@ -344,7 +371,8 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
 
 
 #: the settings (of --settings) timed at the largest batch that runs (--max-batch-context)
-LARGEST_BATCH_SETTINGS = ("dense-graph", "sals-25", "sals-12.5")
+LARGEST_BATCH_SETTINGS = ("dense-graph", "sals-25-graph", "sals-12.5-graph", "sals-25",
+                          "sals-12.5")
 
 
 def _memory_budget(args, on_gpu: bool, torch) -> float:
@@ -359,13 +387,13 @@ def _memory_budget(args, on_gpu: bool, torch) -> float:
 
 def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch,
                    options: dict) -> int:
-    """The largest batch whose caches fit in ``budget`` bytes beside the weights, the dense
-    decoder's fused weight copies and one prompt's prefill activations (prompts are prefilled
+    """The largest batch whose caches fit in ``budget`` bytes beside the weights, the decode
+    loop's fused weight copies (``*-graph`` rows) and one prompt's prefill activations (prompts are prefilled
     one at a time): from the bytes one sequence's cache takes (dense K+V in the model's dtype,
     or what a SALS cache allocates per sequence, workspace included)."""
     import sals.hf
 
-    from .bench_dense import fused_weight_bytes
+    from .graph_decoder import fused_weight_bytes
 
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -381,6 +409,8 @@ def _largest_batch(model, setting, S, new_tokens, calib, budget: float, torch,
             probe.close()
         per_seq = sizes[1] - sizes[0]
         fixed = weights + sizes[0] - per_seq
+        if setting in GRAPH_LOOP:
+            fixed += fused_weight_bytes(model)
     else:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         per_seq = cfg.num_hidden_layers * 2 * (S + new_tokens) * cfg.num_key_value_heads * \
@@ -397,11 +427,11 @@ def _largest_batch_row(model, setting, S, new_tokens, calib, bandwidth, budget, 
     """``setting`` timed at the largest batch that runs: the estimate of _largest_batch, then
     smaller batches (10% fewer, at least one fewer) while one runs out of memory; ``tried``
     lists the batches tried."""
-    from .bench_dense import check_model
+    from .graph_decoder import check_model
     from ..errors import InvalidArgumentError
 
-    if setting == "dense-graph":
-        try:  # a --model of an architecture the dense decoder does not implement
+    if setting in GRAPH_LOOP:
+        try:  # a --model of an architecture the decode loop does not implement
             check_model(model, S + new_tokens)
         except InvalidArgumentError as e:
             return {"setting": setting, "batch": 0, "context": S, "error": f"skipped: {e}"}

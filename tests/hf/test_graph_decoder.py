@@ -1,14 +1,19 @@
-"""sals.tools.bench_dense.DenseGraphDecoder (bench e2e's dense-graph baseline) on tiny random models:
-the same greedy tokens as transformers' generate and the same logits as its forward (CPU,
-float32); bad input refused naming the argument; on CUDA, graph replay equal to the eager step.
+"""sals.tools.graph_decoder on tiny random models. DenseGraphDecoder (bench e2e's dense-graph
+baseline): the same greedy tokens as transformers' generate and the same logits as its forward
+(CPU, float32). SalsGraphDecoder (the sals-*-graph rows): the same tokens and logits as the
+patched model's own decode over the same cache settings. Bad input refused naming the argument;
+on CUDA, graph replay equal to the eager step.
 """
 
 from __future__ import annotations
 
 import pytest
+import sals.hf
 import tiny
 import torch
-from sals.tools.bench_dense import DenseGraphDecoder
+from sals.hf import CACHE_ARG
+from sals.tools.graph_decoder import DenseGraphDecoder, SalsGraphDecoder
+from test_patch import FULL, _tiny_calibration
 
 #: the families the decoder reproduces (bench e2e builds Llama shapes; llama3 is Llama-3.1's
 #: RoPE scaling; qwen2 has a qkv bias)
@@ -106,6 +111,26 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dense_kv", ["compressed", "exact"])
+def test_sals_cuda_graph_replay_equals_eager_step(dense_kv):
+    """The SALS decoder's replayed step == its eager step (float16: the CUDA kernels), across a
+    change of batch size."""
+    model = tiny.model("llama3", dtype=torch.float16).cuda()
+    sals.hf.patch(model, calibration=_tiny_calibration(model), dense_kv=dense_kv,
+                  **dict(SPARSE, dtype="float16"))
+    graph = SalsGraphDecoder(model, max_batch=3, max_tokens=64)
+    eager = SalsGraphDecoder(model, max_batch=3, max_tokens=64, cuda_graph=False)
+    for batch, length in ((2, 40), (3, 33)):
+        ids = tiny.prompt(length, batch=batch, seed=length).cuda()
+        got_tokens, got_logits = _decode(graph, ids, 20)
+        ref_tokens, ref_logits = _decode(eager, ids, 20)
+        assert graph._graph is not None
+        assert torch.equal(got_tokens, ref_tokens)
+        assert (got_logits - ref_logits).abs().max().item() <= 1e-3
+    graph.cache.check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_graph_replay_equals_eager_step(family, dtype):
@@ -126,3 +151,61 @@ def test_cuda_graph_replay_equals_eager_step(family, dtype):
             assert torch.equal(got_tokens, hf[:, length:])
     if dtype == torch.float16 and torch.cuda.get_device_capability() >= (8, 0):
         assert graph.attention_backend == "cudnn"
+
+
+# sparse, lossy SALS layers (a quarter of the candidates, 4-bit values) and the paper's dense
+# layers, compressed or exact
+SPARSE = {"preset": None, "dtype": "float32", "n_sink": 2, "n_recent": 4, "budget_frac": 0.25,
+          "value_bits": 4}
+
+
+def _patched_reference(model, ids, n):
+    """(tokens, logits) of the patched model's own greedy decode, prefilled as SalsGraphDecoder
+    prefills (sals.hf.prefill one sequence at a time, the last prompt token a decode step)."""
+    cache = sals.hf.SalsCache(model, ids.shape[0], ids.shape[1] - 1 + n)
+    sals.hf.prefill(model, cache, ids, rows=1)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **{CACHE_ARG: cache})
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, 1)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_sals_dense_equivalent_matches_the_dense_decoder(family):
+    model = tiny.model(family)
+    ids = tiny.prompt(24, batch=3)
+    ref_tokens, ref_logits = _decode(DenseGraphDecoder(model, 3, 40), ids, 12)
+    sals.hf.patch(model, **FULL)
+    dec = SalsGraphDecoder(model, max_batch=4, max_tokens=40)
+    tokens, logits = _decode(dec, ids, 12)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert dec.attention_backend == "sals"
+
+
+@pytest.mark.parametrize("dense_kv", ["compressed", "exact"])
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_sals_lossy_matches_the_patched_model(family, dense_kv):
+    """Selection, 4-bit values and the dense layers (compressed or exact) as the patched model
+    runs them: same tokens, logits equal up to the fused projections' rounding; a second
+    prefill of another batch size starts over."""
+    model = tiny.model(family)
+    sals.hf.patch(model, calibration=_tiny_calibration(model), dense_kv=dense_kv, **SPARSE)
+    dec = SalsGraphDecoder(model, max_batch=3, max_tokens=48)
+    for batch, length, seed in ((3, 40, 2), (2, 30, 3)):
+        ids = tiny.prompt(length, batch=batch, seed=seed)
+        tokens, logits = _decode(dec, ids, 8)
+        ref_tokens, ref_logits = _patched_reference(model, ids, 8)
+        assert torch.equal(tokens, ref_tokens)
+        assert (logits - ref_logits).abs().max().item() < 1e-4
+
+
+def test_sals_decoder_needs_a_plain_patch():
+    model = tiny.model("llama")
+    with pytest.raises(ValueError, match="not patched"):
+        SalsGraphDecoder(model, 1, 16)
+    sals.hf.patch(model, **FULL)
+    dec = SalsGraphDecoder(model, max_batch=1, max_tokens=8)
+    with pytest.raises(ValueError, match="^step: no prompt yet"):
+        dec.step()
+    with pytest.raises(ValueError, match=r"^ids: 8 prompt tokens; need 1\.\.7"):
+        dec.prefill(tiny.prompt(8))

@@ -1,16 +1,21 @@
-"""A GPT-Fast-class dense greedy decode of an HF Llama / Mistral / Qwen2 model: the strong dense
-baseline of ``python -m sals bench e2e`` (setting ``dense-graph``).
+"""GPT-Fast-class greedy decode loops of an HF Llama / Mistral / Qwen2 model, the harness of
+``python -m sals bench e2e``'s ``*-graph`` rows: ``DenseGraphDecoder``, the strong dense
+baseline (``dense-graph``), and ``SalsGraphDecoder``, the same loop over a patched model's
+``SalsCache`` (``sals-25-graph``, ``sals-12.5-graph``).
 
     dec = DenseGraphDecoder(model, max_batch=8, max_tokens=4096 + 48)
     logits = dec.prefill(ids)          # [B, S] prompt ids -> [B, V] logits of the last token
     for _ in range(47):
         logits = dec.step()            # one token per sequence; dec.token is the greedy choice
 
-It runs the model's own weights without transformers' forward: per layer RMSNorm -> one fused
-QKV projection -> RoPE at the step's position -> the step's K/V written into static per-layer
-tensors -> scaled_dot_product_attention over them (cuDNN on CUDA) -> o_proj, residual, RMSNorm,
-one fused gate/up projection, SiLU, down_proj; then the final norm, lm_head and argmax. On CUDA
-the decode step is one CUDA graph, replayed every step; on the CPU it runs eagerly.
+Both run the model's own weights without transformers' forward: per layer RMSNorm -> one fused
+QKV projection -> attention -> o_proj, residual, RMSNorm, one fused gate/up projection, SiLU,
+down_proj; then the final norm, lm_head and argmax. The attention is the only difference: RoPE
+at the step's position, the step's K/V written into static per-layer tensors and
+scaled_dot_product_attention over them (cuDNN on CUDA) for the dense decoder; the pre-RoPE
+query, key and value handed to the SALS layer (which stores, selects, rebuilds, rotates and
+attends) for the SALS one. On CUDA the decode step is one CUDA graph, replayed every step; on
+the CPU it runs eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import static_kv
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedError
 
 #: model_type of the decoder-only families whose layers this decoder reproduces exactly
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -160,9 +165,7 @@ class DenseGraphDecoder:
             self.layers = [self._fuse(layer) for layer in decoder.layers]
         self.fused_bytes = fused_weight_bytes(model)
 
-        self.kv = [static_kv.StaticKV(self.max_batch, self.n_kv, self.max_tokens, self.head_dim,
-                                      self.dtype, self.device) for _ in self.layers]
-        self.cache_bytes = sum(kv.nbytes for kv in self.kv)
+        self.cache_bytes = self._make_cache(model)
 
         # RoPE for every position, as the model's rotary module computes it
         self.positions = torch.arange(self.max_tokens, device=self.device)
@@ -181,6 +184,12 @@ class DenseGraphDecoder:
         self._graph = None      # the captured step of the current batch size
         self._warm = False      # an eager step of this batch size ran (the capture's warm-up)
         self._graph_logits = None
+
+    def _make_cache(self, model) -> int:
+        """Allocate the decoder's cache; returns its bytes."""
+        self.kv = [static_kv.StaticKV(self.max_batch, self.n_kv, self.max_tokens, self.head_dim,
+                                      self.dtype, self.device) for _ in self.layers]
+        return sum(kv.nbytes for kv in self.kv)
 
     def _fuse(self, layer) -> _Layer:
         a, m = layer.self_attn, layer.mlp
@@ -201,35 +210,38 @@ class DenseGraphDecoder:
         on CUDA, overwritten by the next step)."""
         return self._token[:self.batch]
 
-    def _forward(self, ids, pos, rows: slice, attend) -> torch.Tensor:
-        """Logits [b, V] of the last of ``ids`` [b, T] at positions ``pos`` [T] (a device
-        tensor), for cache rows ``rows``. ``attend(i, q, k, v)`` -> [b, H, T, D]."""
+    def _forward(self, ids, attend) -> torch.Tensor:
+        """Logits [b, V] of the last of ``ids`` [b, T]. ``attend(i, q, k, v)``: layer i's
+        attention of the pre-RoPE q [b, T, H, D], k and v [b, T, Hkv, D] -> [b, T, H, D]."""
         b, t = ids.shape
         h = F.embedding(ids, self.embed)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
             x = _rms_norm(h, w.norm1, w.eps1)
             q, k, v = F.linear(x, w.qkv, w.qkv_bias).split((nq, nkv, nkv), -1)
-            q = static_kv.rotate(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2),
-                                 cos, sin)
-            k = static_kv.rotate(k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
-                                 cos, sin)
-            v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            # slot = position here: the graph replays the write at whatever position _pos holds
-            self.kv[i].write(rows, pos, k, v)
-            o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, nq)
-            h = h + F.linear(o, w.o, w.o_bias)
+            o = attend(i, q.view(b, t, self.n_heads, self.head_dim),
+                       k.view(b, t, self.n_kv, self.head_dim), v.view(b, t, self.n_kv,
+                                                                     self.head_dim))
+            h = h + F.linear(o.reshape(b, t, nq), w.o, w.o_bias)
             x = _rms_norm(h, w.norm2, w.eps2)
             gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, -1)
             h = h + F.linear(F.silu(gate) * up, w.down, w.down_bias)
         return F.linear(_rms_norm(h[:, -1], self.norm, self.norm_eps), self.lm_head)
 
-    @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prefill prompts ``ids`` [B, S] (token ids of equal length, B <= max_batch,
-        S < max_tokens), one sequence at a time; returns the logits [B, V] of each prompt's last
-        token. Starts over: whatever an earlier prefill stored is dropped."""
+    def _store(self, i: int, rows: slice, pos, rope, q, k, v):
+        """Rotate q and k [b, T, heads, D] by ``rope`` (the (cos, sin) of positions ``pos``
+        [T], a device tensor) and write k and v into layer i's static K/V, rows ``rows``, slots
+        ``pos`` (slot = position: a graph replays the write at whatever position _pos holds).
+        Returns q, k and v as written, [b, heads, T, D], q and k rotated."""
+        cos, sin = rope
+        q = static_kv.rotate(q.transpose(1, 2), cos, sin)
+        k = static_kv.rotate(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        self.kv[i].write(rows, pos, k, v)
+        return q, k, v
+
+    def _check_prompts(self, ids) -> tuple[int, int]:
+        """(B, S) of prompts ``ids``, or InvalidArgumentError naming them."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (
                 torch.int32, torch.int64):
             raise InvalidArgumentError(
@@ -243,16 +255,31 @@ class DenseGraphDecoder:
             raise InvalidArgumentError(
                 f"ids: {s} prompt tokens; need 1..{self.max_tokens - 1} (max_tokens "
                 f"{self.max_tokens} leaves room for the generated tokens)")
+        return b, s
+
+    def _new_batch(self, b: int) -> None:
         if b != self.batch:  # the graph's shapes and static buffers are those of one batch
             self._graph, self._warm, self._graph_logits = None, False, None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill prompts ``ids`` [B, S] (token ids of equal length, B <= max_batch,
+        S < max_tokens), one sequence at a time; returns the logits [B, V] of each prompt's last
+        token. Starts over: whatever an earlier prefill stored is dropped."""
+        b, s = self._check_prompts(ids)
+        self._new_batch(b)
         ids = ids.to(device=self.device, dtype=torch.long)
         pos = self.positions[:s]
+        rope = self.cos[:s], self.sin[:s]
 
-        def attend(i, q, k, v):  # the prompt attends to itself: no cache read needed
-            return static_kv.attention(q, k, v, None, self.scaling, causal=True)
+        def attend(r):  # the prompt of row r attends to itself: no cache read needed
+            def run(i, q, k, v):
+                q, k, v = self._store(i, slice(r, r + 1), pos, rope, q, k, v)
+                return static_kv.attention(q, k, v, None, self.scaling,
+                                           causal=True).transpose(1, 2)
+            return run
 
-        logits = torch.cat([self._forward(ids[r:r + 1], pos, slice(r, r + 1), attend)
-                            for r in range(b)])
+        logits = torch.cat([self._forward(ids[r:r + 1], attend(r)) for r in range(b)])
         self.batch, self.length = b, s
         self._token[:b].copy_(logits.argmax(-1, keepdim=True))
         self._pos.fill_(s)
@@ -263,18 +290,24 @@ class DenseGraphDecoder:
         rest hold zeros or an earlier prompt's keys and are masked out)."""
         return (self.positions <= self._pos).view(1, 1, 1, -1)
 
-    def _attend_cache(self, i, q, mask):
-        """Decode attention of q [B, H, 1, D] over layer i's cache, [B, Hkv, max_tokens, D]."""
-        return self.kv[i].attend(slice(0, q.shape[0]), q, mask, self.scaling)
+    def _attend(self, b: int):
+        """The attention of a decode step of rows 0..b-1 (for _forward): the step's K/V
+        written at _pos, then the query over every cached position, those not yet written
+        masked out."""
+        rows, mask = slice(0, b), self._written()
+        rope = self.cos.index_select(0, self._pos), self.sin.index_select(0, self._pos)
+
+        def run(i, q, k, v):
+            q = self._store(i, rows, self._pos, rope, q, k, v)[0]
+            return self.kv[i].attend(rows, q, mask, self.scaling).transpose(1, 2)
+        return run
 
     def _decode(self) -> torch.Tensor:
         """One decode step on the static inputs: reads _token and _pos, writes the step's K/V,
         the greedy token into _token and _pos + 1 into _pos. Returns the logits [B, V]."""
         b = self.batch
-        mask = self._written()
         with static_kv.backend(self.attention_backend):
-            logits = self._forward(self._token[:b], self._pos, slice(0, b),
-                                   lambda i, q, k, v: self._attend_cache(i, q, mask))
+            logits = self._forward(self._token[:b], self._attend(b))
         self._token[:b].copy_(logits.argmax(-1, keepdim=True))
         self._pos.add_(1)
         return logits
@@ -306,6 +339,7 @@ class DenseGraphDecoder:
         if self.attention_backend is None:
             self._choose_backend()
         if self._graph is not None:
+            self._before_replay()
             self._graph.replay()
             logits = self._graph_logits
         elif self.cuda_graph and self._warm:
@@ -319,4 +353,90 @@ class DenseGraphDecoder:
             logits = self._decode()
             self._warm = True
         self.length += 1
+        self._after_step()
         return logits
+
+    def _before_replay(self) -> None:
+        """Host bookkeeping a replayed step needs before it runs (none: the dense cache is
+        device tensors only)."""
+
+    def _after_step(self) -> None:
+        """Host bookkeeping after every step (none here)."""
+
+
+class SalsGraphDecoder(DenseGraphDecoder):
+    """``DenseGraphDecoder``'s decode loop with SALS attention: ``model`` patched by
+    ``sals.hf.patch`` (without ``cuda_graph`` or ``compile``: this loop captures its own step),
+    every layer's attention served by a ``sals.hf.SalsCache`` of ``max_batch`` sequences and
+    ``max_tokens`` tokens, the rest of the step (fused projections, norms, MLP, lm_head) the
+    dense decoder's own. So a ``sals-*-graph`` row of ``bench e2e`` and ``dense-graph`` differ
+    in attention only.
+
+    ``prefill`` fills the cache one sequence at a time through the patched model
+    (``sals.hf.prefill``: exact attention over each prompt, then compressed), all but each
+    prompt's last token; that token is the first decode step. ``cache_bytes`` is what the
+    SalsCache allocated; ``attention_backend`` is ``"sals"``.
+    """
+
+    def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True):
+        from ..hf import patch_state
+
+        state = patch_state(model)  # InvalidArgumentError when the model is not patched
+        if state.cuda_graph or state.compile:
+            raise UnsupportedError(
+                "model: patched with cuda_graph=True or compile=True, which run the model's own "
+                "decode step; SalsGraphDecoder captures its own: patch without them")
+        self.model = model
+        super().__init__(model, max_batch, max_tokens, cuda_graph)
+        self.attention_backend = "sals"
+
+    def _make_cache(self, model) -> int:
+        from ..hf import SalsCache
+
+        self.cache = SalsCache(model, self.max_batch, self.max_tokens)
+        return int(self.cache.memory()["allocated"])
+
+    def _sals_layers(self) -> list:
+        from ..hf import SalsLayer
+
+        return [layer for layer in self.cache.layers if isinstance(layer, SalsLayer)]
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """As ``DenseGraphDecoder.prefill``, into the SalsCache (emptied first)."""
+        from ..hf import prefill
+
+        b, s = self._check_prompts(ids)
+        self._new_batch(b)
+        ids = ids.to(device=self.device, dtype=torch.long)
+        self.cache.reset()
+        prefill(self.model, self.cache, ids, rows=1)
+        self.batch, self.length = b, s - 1
+        self._token[:b].copy_(ids[:, -1:])
+        self._pos.fill_(s - 1)
+        return self.step()
+
+    def _attend(self, b: int):
+        """The attention of a decode step of rows 0..b-1: each SALS layer stores the step's
+        pre-RoPE key and value at position _pos and attends (an ExactLayer of
+        ``dense_kv="exact"`` writes its slot _pos too: prompts have equal lengths, so slot =
+        position)."""
+        positions = self._pos.to(torch.int32).view(1, 1).expand(b, 1).contiguous()
+
+        def run(i, q, k, v):
+            layer = self.cache.layers[i]
+            layer.store(k, v, positions, self._pos)
+            return layer.attend(q, positions)
+        return run
+
+    def _choose_backend(self) -> None:
+        pass  # the SALS layers choose their own (an ExactLayer picks cuDNN where it can)
+
+    def _before_replay(self) -> None:
+        # a replayed append runs on the device only: reserve its slot in each layer's library
+        for layer in self._sals_layers():
+            layer.reserve_step(self.batch)
+
+    def _after_step(self) -> None:
+        for layer in self._sals_layers():
+            layer.advance(self.batch, 1)
