@@ -110,15 +110,16 @@ def test_sals_rows_with_exact_dense_layers_and_a_compiled_step(session_model, tm
 
 def test_sals_graph_row_runs_the_decode_loop(session_model, tmp_path):
     """sals-12.5-graph: SalsGraphDecoder over the patched model (its dense layers exact with
-    --dense-kv exact), beside dense-graph in the same loop; --compile is not its option."""
+    --dense-kv exact), beside dense-graph in the same loop (compiled steps:
+    test_graph_decoder.py)."""
     out = tmp_path / "graph.json"
     code = cli.main(["bench", "e2e", "--model", "smollm2", "--settings",
                      "dense-graph,sals-12.5-graph", "--contexts", "8", "--batches", "2",
-                     "--new-tokens", str(NEW), "--dense-kv", "exact", "--compile",
-                     "--out", str(out)])
+                     "--new-tokens", str(NEW), "--dense-kv", "exact", "--out", str(out)])
     assert code == 0
     dense, sparse = json.loads(out.read_text())["rows"]
     assert dense["attention"] == "default" and sparse["attention"] == "sals"
-    assert sparse["dense_kv"] == "exact" and "compile" not in sparse and "error" not in sparse
+    assert sparse["dense_kv"] == "exact" and "error" not in sparse
+    assert dense["compile"] is False and sparse["compile"] is False
     assert sparse["fused_weight_bytes"] == dense["fused_weight_bytes"] > 0
     assert sparse["tokens_per_s"] > 0 and sparse["peak_memory_bytes"] == sparse["sals_cache_bytes"]

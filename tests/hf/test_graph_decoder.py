@@ -199,6 +199,25 @@ def test_sals_lossy_matches_the_patched_model(family, dense_kv):
         assert (logits - ref_logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["dense", "sals"])
+def test_compiled_step_equals_eager(kind):
+    """compile=True: the step's forward through torch.compile (the torch.ops.sals operators
+    opaque inside it) gives the eager step's tokens and, within rounding, its logits, across a
+    new batch size (a recompilation)."""
+    pytest.importorskip("torch._inductor")
+    model = tiny.model("llama3")
+    if kind == "sals":
+        sals.hf.patch(model, calibration=_tiny_calibration(model), dense_kv="exact", **SPARSE)
+    make = DenseGraphDecoder if kind == "dense" else SalsGraphDecoder
+    eager, compiled = make(model, 3, 48), make(model, 3, 48, compile=True)
+    for batch, length in ((3, 40), (2, 30)):
+        ids = tiny.prompt(length, batch=batch, seed=length)
+        want_tokens, want_logits = _decode(eager, ids, 6)
+        tokens, logits = _decode(compiled, ids, 6)
+        assert torch.equal(tokens, want_tokens)
+        assert (logits - want_logits).abs().max().item() < 1e-4
+
+
 def test_sals_decoder_needs_a_plain_patch():
     model = tiny.model("llama")
     with pytest.raises(ValueError, match="not patched"):

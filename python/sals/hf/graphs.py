@@ -121,13 +121,16 @@ def step_forward(forward, compile: bool):
         return forward(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
                        use_cache=False, logits_to_keep=logits_to_keep)
 
-    if not compile:
-        return step
-    # dynamo keeps its compiled graphs, and counts recompilations against a limit of 8, per
-    # code object: one shared by every patch in the process would reach it after a few model
-    # shapes or settings, and fullgraph then fails. A copy of the code gives each patch its own.
-    own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__,
-                             step.__defaults__, step.__closure__)
+    return compiled(step) if compile else step
+
+
+def compiled(fn):
+    """``torch.compile(fn, fullgraph=True)`` of a private copy of ``fn``'s code. Dynamo keeps
+    its compiled graphs, and counts recompilations against a limit of 8, per code object: one
+    shared by every patch (or decoder) in the process would reach it after a few model shapes
+    or settings, and fullgraph then fails. A copy of the code gives each caller its own."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
     return torch.compile(own, fullgraph=True)
 
 

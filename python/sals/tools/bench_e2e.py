@@ -9,12 +9,13 @@ attention only, the others through ``model.generate``:
   (``sals.tools.graph_decoder.DenseGraphDecoder``): the model's weights with fused QKV and gate/up
   copies, static K/V per layer, cuDNN SDPA over the cached tokens, the whole step one CUDA
   graph (its first two steps are the eager warm-up and the capture); prompts prefilled one
-  sequence at a time. On the CPU (``--model``) the same step runs eagerly; a model it does not
+  sequence at a time; with ``--compile`` the step's forward is compiled by torch.compile
+  first, as GPT-Fast does (the first step, not timed, compiles). On the CPU (``--model``) the same step runs eagerly; a model it does not
   implement (not Llama, Mistral or Qwen2) gets a "skipped" row;
 - ``sals-25-graph`` / ``sals-12.5-graph``: the same decode loop
   (``SalsGraphDecoder``), its attention served by a SalsCache of the model patched with that
-  preset (``--dense-kv`` applies; ``--compile`` does not: the loop has its own forward);
-  prompts prefilled one sequence at a time (``sals.hf.prefill``);
+  preset (``--dense-kv`` and ``--compile`` apply as to ``dense-graph``); prompts prefilled
+  one sequence at a time (``sals.hf.prefill``);
 - ``dense-static-compiled``: transformers' static cache + torch.compile ("reduce-overhead",
   what ``generate`` does by itself with ``cache_implementation="static"``): what ``generate``
   users get; one warm-up generate of the same shapes first, so compilation is not timed;
@@ -111,9 +112,9 @@ def add_parser(subparsers) -> None:
                          "the compressed cache, keys rebuilt every step (default, the paper's), "
                          "or exact keys and values")
     ap.add_argument("--compile", action="store_true",
-                    help="SALS rows through generate: compile the decode step's forward with "
-                         "torch.compile (sals.hf.patch's compile=True; on the GPU also "
-                         "captured in its CUDA graph)")
+                    help="compile the decode step's forward with torch.compile: the *-graph "
+                         "rows' loop, and the SALS rows through generate (sals.hf.patch's "
+                         "compile=True); on the GPU then captured in the CUDA graph")
     ap.add_argument("--out", default=None, help="write every row as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against context")
     _cli.add_debug(ap)
@@ -219,11 +220,12 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
     return row
 
 
-def _graph_loop(model, setting, ids, new_tokens, torch) -> dict:
+def _graph_loop(model, setting, ids, new_tokens, torch, compile: bool = False) -> dict:
     """A row of the decode loop (``dense-graph``: DenseGraphDecoder, ``sals-*-graph``:
-    SalsGraphDecoder of the patched model), timed as _generate times its rows: TTFT from the
-    prefill's start to the first token, then one step per further token, each waited for; ms
-    per token is the median step after the first two (the eager warm-up and the capture)."""
+    SalsGraphDecoder of the patched model; ``compile``: its step through torch.compile), timed
+    as _generate times its rows: TTFT from the prefill's start to the first token, then one
+    step per further token, each waited for; ms per token is the median step after the first
+    two (the eager warm-up, which compiles, and the capture)."""
     from .graph_decoder import DenseGraphDecoder, SalsGraphDecoder
     from ..errors import InvalidArgumentError
 
@@ -233,7 +235,7 @@ def _graph_loop(model, setting, ids, new_tokens, torch) -> dict:
         torch.cuda.reset_peak_memory_stats()
     decoder = DenseGraphDecoder if setting == "dense-graph" else SalsGraphDecoder
     try:  # its cache and fused weight copies are allocated here, inside the peak
-        dec = decoder(model, batch, S + new_tokens)
+        dec = decoder(model, batch, S + new_tokens, compile=compile)
     except InvalidArgumentError as e:  # a --model of an architecture it does not implement
         return {"error": f"skipped: {e}"}
 
@@ -256,7 +258,7 @@ def _graph_loop(model, setting, ids, new_tokens, torch) -> dict:
     row = {"ttft_ms": 1e3 * ttft, "ms_per_token": step_ms,
            "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
            "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
-           "steps_ms": [1e3 * s for s in steps]}
+           "compile": compile, "steps_ms": [1e3 * s for s in steps]}
     if decoder is SalsGraphDecoder:
         # the library's device memory, which torch does not see (exact layers' K/V it does)
         mem = dec.cache.memory()
@@ -353,16 +355,15 @@ def run_row(model, setting, B, S, new_tokens, calib, bandwidth, torch,
     options = options or {}
     kw = _setting(model, setting, calib, torch, options)
     if setting in GRAPH_LOOP:
-        result = _graph_loop(model, setting, ids, new_tokens, torch)
+        result = _graph_loop(model, setting, ids, new_tokens, torch,
+                             compile=options.get("compile", False))
     else:
         if setting == "dense-static-compiled":
             _generate(model, ids, new_tokens, torch, **kw)  # compiles; not timed
         rows = prefill_rows if setting.startswith("sals") else None
         result = _generate(model, ids, new_tokens, torch, prefill_rows=rows, **kw)
     row = {"setting": setting, "batch": B, "context": S, **result}
-    if setting in GRAPH_LOOP and setting.startswith("sals"):
-        row["dense_kv"] = options.get("dense_kv", "compressed")
-    elif setting.startswith("sals"):
+    if setting.startswith("sals"):
         row.update(options)
     if bandwidth and "error" not in row:
         row["floor_ms"] = 1e3 * step_bytes(model, setting, B, S + new_tokens // 2) / bandwidth

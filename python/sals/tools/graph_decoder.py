@@ -21,6 +21,7 @@ the CPU it runs eagerly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -144,9 +145,13 @@ class DenseGraphDecoder:
     where cuDNN refuses the inputs (float32, unsupported head size) torch's default choice runs
     instead; ``attention_backend`` says which. ``cuda_graph=False`` runs every step eagerly
     (the reference a graph replay is tested against); on the CPU steps are always eager.
+    ``compile=True`` runs the decode step's forward through ``torch.compile`` (inductor, one
+    graph, as GPT-Fast does: the norms, RoPE, SiLU and residual adds fused), compiled at the
+    first step of each batch size (the eager warm-up on CUDA) and captured like the eager one.
     """
 
-    def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True):
+    def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True,
+                 compile: bool = False):
         self.max_batch = _positive_int(max_batch, "max_batch")
         self.max_tokens = _positive_int(max_tokens, "max_tokens")
         decoder = check_model(model, self.max_tokens)
@@ -184,6 +189,11 @@ class DenseGraphDecoder:
         self._graph = None      # the captured step of the current batch size
         self._warm = False      # an eager step of this batch size ran (the capture's warm-up)
         self._graph_logits = None
+        self.compile = bool(compile)
+        if self.compile:
+            from ..hf.graphs import compiled
+
+            self._step_logits = functools.partial(compiled(type(self)._step_logits), self)
 
     def _make_cache(self, model) -> int:
         """Allocate the decoder's cache; returns its bytes."""
@@ -302,12 +312,16 @@ class DenseGraphDecoder:
             return self.kv[i].attend(rows, q, mask, self.scaling).transpose(1, 2)
         return run
 
+    def _step_logits(self, b: int) -> torch.Tensor:
+        """The logits [b, V] of a decode step of rows 0..b-1 (what ``compile`` compiles)."""
+        with static_kv.backend(self.attention_backend):
+            return self._forward(self._token[:b], self._attend(b))
+
     def _decode(self) -> torch.Tensor:
         """One decode step on the static inputs: reads _token and _pos, writes the step's K/V,
         the greedy token into _token and _pos + 1 into _pos. Returns the logits [B, V]."""
         b = self.batch
-        with static_kv.backend(self.attention_backend):
-            logits = self._forward(self._token[:b], self._attend(b))
+        logits = self._step_logits(b)
         self._token[:b].copy_(logits.argmax(-1, keepdim=True))
         self._pos.add_(1)
         return logits
@@ -378,7 +392,8 @@ class SalsGraphDecoder(DenseGraphDecoder):
     SalsCache allocated; ``attention_backend`` is ``"sals"``.
     """
 
-    def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True):
+    def __init__(self, model, max_batch: int, max_tokens: int, cuda_graph: bool = True,
+                 compile: bool = False):
         from ..hf import patch_state
 
         state = patch_state(model)  # InvalidArgumentError when the model is not patched
@@ -387,7 +402,7 @@ class SalsGraphDecoder(DenseGraphDecoder):
                 "model: patched with cuda_graph=True or compile=True, which run the model's own "
                 "decode step; SalsGraphDecoder captures its own: patch without them")
         self.model = model
-        super().__init__(model, max_batch, max_tokens, cuda_graph)
+        super().__init__(model, max_batch, max_tokens, cuda_graph, compile)
         self.attention_backend = "sals"
 
     def _make_cache(self, model) -> int:
