@@ -5,6 +5,7 @@ SALS-25% must stay within MARGIN points of dense on the suite."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -27,6 +28,10 @@ PROMPTS = [("niah_single", "repeat", 1024, 0), ("niah_multikey", "repeat", 1024,
 #: four. Measured (4096-token stdlib calibration, CPU): dense 87.5, SALS-25% 87.5,
 #: StreamingLLM at SALS-25%'s memory 50.
 MARGIN = 25.0
+
+#: results.json of test_command_writes_json_table_and_plots's command, as the eval wrote it at
+#: commit 879a855, from records that were string-keyed dicts: the file format to keep
+BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_results.json.gz")
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +128,30 @@ def test_sals25_stays_within_margin_of_dense(smollm2, smollm2_calibration, suite
     assert avg["sals-25"] >= avg["dense"] - MARGIN, scores
 
 
+def _before() -> dict:
+    with gzip.open(BEFORE, "rt") as f:
+        return json.load(f)
+
+
+def _shape(value):
+    """A JSON value's structure: objects' keys in order, the distinct shapes of arrays' items,
+    the type names of the rest (values differ from run to run and machine to machine)."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        shapes = []
+        for item in value:
+            if _shape(item) not in shapes:
+                shapes.append(_shape(item))
+        return shapes
+    return type(value).__name__
+
+
+def _ordered(value) -> str:
+    """JSON text, which (unlike ==) tells objects with their keys in other orders apart."""
+    return json.dumps(value, indent=1)
+
+
 def test_command_writes_json_table_and_plots(smollm2_calibration, tmp_path, capsys):
     """The command end to end, tiny: one prompt, three settings, one perplexity segment."""
     out = tmp_path / "eval"
@@ -140,6 +169,8 @@ def test_command_writes_json_table_and_plots(smollm2_calibration, tmp_path, caps
     assert 0 < summary["sals-25"]["kv_fraction"] < 1
     assert summary["sals-25"]["layers"]["2"]["mass_kept"] <= 1.0
     assert 0 <= summary["sals-25"]["layers"]["0"]["key_rel_error"] < 1
+    # the keys, their order and the types of the values, as at commit 879a855
+    assert _ordered(_shape(results)) == _ordered(_shape(_before()))
     for name in ("results.md", "accuracy.png", "overlap.png"):
         assert os.path.getsize(out / name) > 0
     assert "| sals-25 |" in capsys.readouterr().out
