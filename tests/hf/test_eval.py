@@ -14,6 +14,7 @@ import sals
 import sals.hf
 import torch
 from sals.tools.eval import cli, tasks
+from sals.tools.eval.records import Measurement, PromptRecord, SegmentRecord
 from sals.tools.eval.runner import Runner, parse_setting, prefill
 from sals.hf import CACHE_ARG
 
@@ -70,15 +71,14 @@ def test_eval_path_equals_generate(smollm2, smollm2_calibration, suite):
     measured = {}
     for s in settings:
         measured[s.name] = runner.run(s, pre, measured, max_new=prompt.max_new_tokens)
-    assert measured["dense"]["tokens"] == _generate(model, prompt)[:len(
-        measured["dense"]["tokens"])]
+    assert measured["dense"].tokens == _generate(model, prompt)[:len(measured["dense"].tokens)]
     sals.hf.patch(model, calibration=smollm2_calibration, preset="sals-25")
     try:
         expected = _generate(model, prompt)
     finally:
         sals.hf.unpatch(model)
-    assert measured["sals-25"]["tokens"] == expected[:len(measured["sals-25"]["tokens"])]
-    assert 0.2 < measured["sals-25"]["kv_fraction"] < 0.6
+    assert measured["sals-25"].tokens == expected[:len(measured["sals-25"].tokens)]
+    assert 0.2 < measured["sals-25"].kv_fraction < 0.6
 
 
 def test_eval_path_with_exact_dense_layers(smollm2, smollm2_calibration, suite):
@@ -103,10 +103,10 @@ def test_eval_path_with_exact_dense_layers(smollm2, smollm2_calibration, suite):
         expected = _generate(model, prompt)
     finally:
         sals.hf.unpatch(model)
-    assert exact["tokens"] == expected[:len(exact["tokens"])]
-    assert set(exact["layers"]) == set(range(2, 29))
-    assert set(measured["sals-25"]["layers"]) == set(range(30))
-    added = exact["kv_fraction"] - measured["sals-25"]["kv_fraction"]
+    assert exact.tokens == expected[:len(exact.tokens)]
+    assert set(exact.layers) == set(range(2, 29))
+    assert set(measured["sals-25"].layers) == set(range(30))
+    added = exact.kv_fraction - measured["sals-25"].kv_fraction
     assert 0.15 < added < 0.2
 
 
@@ -120,7 +120,7 @@ def test_sals25_stays_within_margin_of_dense(smollm2, smollm2_calibration, suite
         measured = {}
         for s in settings:
             measured[s.name] = runner.run(s, pre, measured, max_new=prompt.max_new_tokens)
-            text = tokenizer.decode(measured[s.name]["tokens"], skip_special_tokens=True)
+            text = tokenizer.decode(measured[s.name].tokens, skip_special_tokens=True)
             scores[s.name].append(tasks.score(text, prompt.answers))
     avg = {k: sum(v) / len(v) for k, v in scores.items()}
     print(avg)
@@ -174,6 +174,21 @@ def test_command_writes_json_table_and_plots(smollm2_calibration, tmp_path, caps
     for name in ("results.md", "accuracy.png", "overlap.png"):
         assert os.path.getsize(out / name) > 0
     assert "| sals-25 |" in capsys.readouterr().out
+
+
+def test_records_read_results_written_before():
+    """A results.json written before the records (dense, SALS with per-layer measures, the
+    oracle, perplexity): each row and record reads back into one that writes the same JSON,
+    key order included, and the report's summary of it is the one written then."""
+    from sals.tools.eval import report
+
+    before = _before()
+    for part, record in (("prompts", PromptRecord), ("perplexity", SegmentRecord)):
+        for entry in before[part]:
+            rows = {name: Measurement.from_json(row) for name, row in entry["results"].items()}
+            written = record(**{**entry, "results": rows}).to_json()
+            assert _ordered(written) == _ordered(entry)
+    assert _ordered(report.summarise(before)) == _ordered(before["summary"])
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -42,6 +42,7 @@ import time
 from .. import _cli
 from ..._files import replace_file
 from ...calibration import MAX_QUERY_WEIGHT
+from .records import PromptRecord, SegmentRecord
 
 DEFAULT_SETTINGS = ("dense,sals-25,sals-12.5,auto:kv_fraction=0.156:kv_context=0,streaming=sals-25,"
                     "streaming=sals-12.5,oracle=sals-12.5")
@@ -336,7 +337,7 @@ def _calibrations(model, tokenizer, keys: list[tuple], quiet: bool) -> tuple[dic
     return calibrations, described
 
 
-def _task_prompt(model, tokenizer, runner, settings, prompt, seed, args) -> dict:
+def _task_prompt(model, tokenizer, runner, settings, prompt, seed, args) -> PromptRecord:
     """One task prompt under every setting: the record results.json keeps for it."""
     from . import tasks as tasks_mod
     from .runner import agreement, prefill
@@ -353,20 +354,20 @@ def _task_prompt(model, tokenizer, runner, settings, prompt, seed, args) -> dict
             s, pre, measured, max_new=prompt.max_new_tokens,
             measure_layers=seed - args.seed < args.layer_prompts,
             done=None if args.full_answers else found)
-    dense_tokens = measured.get("dense", {}).get("tokens")
+    dense = measured.get("dense")
     for r in measured.values():
-        text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
-        r["output"] = text
-        r["score"] = tasks_mod.score(text, prompt.answers)
-        if dense_tokens is not None:
-            r["agree"] = agreement(r["tokens"], dense_tokens)
-            common = min(len(r["tokens"]), len(dense_tokens))
-            r["identical"] = r["tokens"][:common] == dense_tokens[:common]
-    return measured
+        r.output = tokenizer.decode(r.tokens, skip_special_tokens=True)
+        r.score = tasks_mod.score(r.output, prompt.answers)
+        if dense is not None:
+            r.agree = agreement(r.tokens, dense.tokens)
+            common = min(len(r.tokens), len(dense.tokens))
+            r.identical = r.tokens[:common] == dense.tokens[:common]
+    return PromptRecord(prompt.task, prompt.filler, prompt.context, prompt.seed,
+                        prompt.n_tokens, prompt.answers, measured)
 
 
 def _ppl_segment(model, runner, settings, heldout_ids: list[int], context: int, segment: int,
-                 ppl_tokens: int) -> dict:
+                 ppl_tokens: int) -> SegmentRecord:
     """Held-out segment `segment` of `context` tokens, then `ppl_tokens` teacher-forced, under
     every setting: the record results.json keeps for it."""
     import torch
@@ -383,7 +384,7 @@ def _ppl_segment(model, runner, settings, heldout_ids: list[int], context: int, 
     measured = {}
     for s in settings:
         measured[s.name] = runner.run(s, pre, measured, continuation=seg[context:])
-    return {"context": context, "segment": segment, "offset": offset, "results": measured}
+    return SegmentRecord(context, segment, offset, measured)
 
 
 def _run(args, argv, plots: bool) -> int:
@@ -428,6 +429,8 @@ def _run(args, argv, plots: bool) -> int:
     runner = Runner(model, tokenizer, settings, calibrations, default_calib, args.threads)
     taskset = tasks_mod.TaskSet(tokenizer)
     heldout, heldout_what = corpus.heldout_text() if args.ppl_segments > 0 else ("", "")
+    # results.json's object: records join it as JSON (to_json), since it is written after every
+    # prompt and the report reads that form, from this run or from a file written earlier
     results = {
         "meta": {
             "command": "python -m sals eval " + " ".join(shlex.quote(a) for a in argv),
@@ -468,18 +471,14 @@ def _run(args, argv, plots: bool) -> int:
                 if kind == "task":
                     prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
                                             seed)
-                    measured = _task_prompt(model, tokenizer, runner, settings, prompt, seed,
-                                            args)
-                    results["prompts"].append({
-                        "task": task, "filler": prompt.filler, "context": context, "seed": seed,
-                        "n_tokens": prompt.n_tokens, "answers": prompt.answers,
-                        "results": measured})
+                    results["prompts"].append(_task_prompt(
+                        model, tokenizer, runner, settings, prompt, seed, args).to_json())
                 else:
                     if heldout_ids is None:
                         heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
                     results["perplexity"].append(
                         _ppl_segment(model, runner, settings, heldout_ids, context, seed,
-                                     args.ppl_tokens))
+                                     args.ppl_tokens).to_json())
                 bar.update(1)
                 done_jobs += 1
                 _write_json(results, out_dir)

@@ -28,6 +28,7 @@ import torch
 
 from ... import InvalidArgumentError, presets
 from . import baselines
+from .records import LayerStats, Measurement
 
 #: the preset names a setting starts with: ``sals.presets``' names, "auto" and "none"
 PRESETS = (*presets.NAMED, "auto", "none")
@@ -277,35 +278,36 @@ class Runner:
                 sliding += 4 * layer.dk * min(cache_tokens, layer.sliding_window - 1)
         return kept / cache_tokens, (kept * full + sliding) / (cache_tokens * full + sliding)
 
-    def run(self, s: Setting, pre: Prefill, measured: dict, continuation=None,
-            max_new: int = 16, measure_layers: bool = False, done=None) -> dict:
+    def run(self, s: Setting, pre: Prefill, measured: dict[str, Measurement],
+            continuation=None, max_new: int = 16, measure_layers: bool = False,
+            done=None) -> Measurement:
         """One setting on one prefill: generated tokens (or NLLs of ``continuation``),
         memory fractions, and for SALS settings with ``measure_layers`` the per-layer
-        overlap and key error. ``measured``: results of the settings already run on it;
-        ``done(tokens)``: stop generating early (all answers found: the score cannot change)."""
+        overlap and key error. ``measured``: measurements of the settings already run on it,
+        by name; ``done(tokens)``: stop generating early (all answers found: the score cannot
+        change)."""
         self.done = done
         model = self.model
         n_new = len(continuation) if continuation is not None else max_new
         start = time.perf_counter()
-        result: dict = {}
+        prefill_fraction = layers = window = None
         if s.kind == "dense":
             cache = copy.deepcopy(pre.cache)
             out = self._decode(pre, cache, continuation, max_new)
-            result.update(kv_fraction=1.0, kv_fraction_model=1.0)
+            fractions = (1.0, 1.0)
         elif s.kind == "sals":
             self._patch(s)
             try:
                 cache = self._fill(pre, pre.n + n_new + 1)
-                result["kv_fraction_prefill"] = self.memory_fraction(cache)[0]
-                layers = {}
+                prefill_fraction = self.memory_fraction(cache)[0]
+                layers = {} if measure_layers else None
                 hook = self._overlap_hooks(cache, pre, layers) if measure_layers else None
                 out = self._decode(pre, cache, continuation, max_new,
                                    first_step=hook and hook.finish)
                 if hook is not None:
                     hook.remove()
                     self._key_errors(pre, layers)
-                    result["layers"] = layers
-                result["kv_fraction"], result["kv_fraction_model"] = self.memory_fraction(cache)
+                fractions = self.memory_fraction(cache)
                 cache.close()
             finally:
                 self.sals_hf.unpatch(model)
@@ -314,11 +316,10 @@ class Runner:
                 raise InvalidArgumentError(f"setting {s.name!r}: {s.ref!r} must run first")
             cache = copy.deepcopy(pre.cache)
             if s.kind == "streaming":
-                window = max(1, round(measured[s.ref]["kv_fraction_prefill"] * pre.n))
+                window = max(1, round(measured[s.ref].kv_fraction_prefill * pre.n))
                 sink = min(4, window)
                 policy = baselines.Policy("streaming", frozenset(lay.index for lay in self.full),
                                           sink, window - sink)
-                result["window"] = window
             else:
                 cfg = self.describe[s.ref]
                 sparse = frozenset(int(i) for i, c in cfg.items() if not c["dense"])
@@ -329,26 +330,25 @@ class Runner:
                 out = self._decode(pre, cache, continuation, max_new)
             if s.kind == "streaming":
                 fed = len(out) - 1 if continuation is None else len(continuation) - 1
-                result["kv_fraction"], result["kv_fraction_model"] = self._window_fraction(
-                    pre.n + fed, window, pre)
+                fractions = self._window_fraction(pre.n + fed, window, pre)
             else:
-                result.update(kv_fraction=1.0, kv_fraction_model=1.0)
-        result["seconds"] = time.perf_counter() - start
-        if continuation is not None:
-            result["nll"] = out
-        else:
-            result["tokens"] = out
-        return result
+                fractions = (1.0, 1.0)
+        return Measurement(
+            kv_fraction_prefill=prefill_fraction, layers=layers, window=window,
+            kv_fraction=fractions[0], kv_fraction_model=fractions[1],
+            seconds=time.perf_counter() - start,
+            tokens=out if continuation is None else None,
+            nll=out if continuation is not None else None)
 
     def _decode(self, pre, cache, continuation, max_new, first_step=None):
         if continuation is not None:
             return teacher_forced(self.model, pre, cache, continuation)
         return greedy(self.model, pre, cache, max_new, self.stop, first_step, self.done)
 
-    def _overlap_hooks(self, cache, pre: Prefill, layers: dict):
+    def _overlap_hooks(self, cache, pre: Prefill, layers: dict[int, LayerStats]):
         return _OverlapHooks(self, cache, pre, layers)
 
-    def _key_errors(self, pre: Prefill, layers: dict) -> None:
+    def _key_errors(self, pre: Prefill, layers: dict[int, LayerStats]) -> None:
         from ...hf.calibrate import rebuilt_keys
 
         state = self.patch_state(self.model)
@@ -356,7 +356,8 @@ class Runner:
             k = pre.keys[index][0].reshape(pre.n, -1).float()
             rebuilt = rebuilt_keys(k, proj, state.key_scales[index])
             err = torch.linalg.norm(k - rebuilt) / torch.linalg.norm(k)
-            layers.setdefault(index, {})["key_rel_error"] = float(err)
+            # overlap stats exist only for layers that select tokens, after a decode step
+            layers.setdefault(index, LayerStats()).key_rel_error = float(err)
 
 
 class _OverlapHooks:
@@ -364,7 +365,7 @@ class _OverlapHooks:
     compare the tokens SALS kept against exact attention over exact keys (the paper's overlap
     score: attention mass kept)."""
 
-    def __init__(self, runner: Runner, cache, pre: Prefill, layers: dict):
+    def __init__(self, runner: Runner, cache, pre: Prefill, layers: dict[int, LayerStats]):
         self.runner, self.cache, self.pre, self.layers = runner, cache, pre, layers
         self.queries = {}
         state = runner.patch_state(runner.model)
@@ -412,14 +413,14 @@ class _OverlapHooks:
             total = p.sum(0)                              # summed over heads, [S]
             cand = total[~window].sum()
             top = total[~window].topk(len(sel)).values.sum() if len(sel) else total.new_zeros(())
-            self.layers[index] = {
-                "mass_kept": float(p[:, kept].sum(-1).mean()),
-                "mass_window": float(p[:, window].sum(-1).mean()),
-                "recall": float(total[sel].sum() / cand) if cand > 0 else 1.0,
-                "oracle_recall": float(top / cand) if cand > 0 else 1.0,
-                "selected": len(sel),
-                "tokens": int(S),
-            }
+            self.layers[index] = LayerStats(
+                mass_kept=float(p[:, kept].sum(-1).mean()),
+                mass_window=float(p[:, window].sum(-1).mean()),
+                recall=float(total[sel].sum() / cand) if cand > 0 else 1.0,
+                oracle_recall=float(top / cand) if cand > 0 else 1.0,
+                selected=len(sel),
+                tokens=int(S),
+            )
 
 
 def agreement(tokens: list[int], dense: list[int]) -> int:
