@@ -1,12 +1,23 @@
-"""Summaries of an eval's results: the per-setting table (markdown) and PNG plots."""
+"""Summaries of an eval's results: the per-setting table (markdown) and PNG plots.
+
+``results`` is the object results.json holds, from the run that wrote it (``cli.finish``) or
+``json.load`` of a file written earlier; each setting's row is read as a
+``records.Measurement``.
+"""
 
 from __future__ import annotations
 
 import random
 
+from .records import Measurement
 from .runner import mean
 
 BOOTSTRAP_SAMPLES = 2000
+
+
+def _measurement(entry: dict, name: str) -> Measurement:
+    """Setting ``name``'s row of a ``prompts`` or ``perplexity`` entry."""
+    return Measurement.from_json(entry["results"][name])
 
 
 def paired_difference(results: dict, name: str, ref: str = "dense") -> dict | None:
@@ -14,7 +25,7 @@ def paired_difference(results: dict, name: str, ref: str = "dense") -> dict | No
     with a 95% interval from a paired bootstrap over prompts (``BOOTSTRAP_SAMPLES`` resamples,
     a fixed seed, so the report is reproducible). Prompts are the unit: the tasks' scores are
     far from normal (mostly 0 or 100), and pairing removes the prompts' own difficulty."""
-    diffs = [p["results"][name]["score"] - p["results"][ref]["score"]
+    diffs = [_measurement(p, name).score - _measurement(p, ref).score
              for p in results["prompts"] if name in p["results"] and ref in p["results"]]
     if not diffs:
         return None
@@ -28,7 +39,7 @@ def paired_difference(results: dict, name: str, ref: str = "dense") -> dict | No
 
 def _by(results: dict, name: str, key: str) -> dict:
     """Mean score of setting ``name`` per value of the prompts' ``key``."""
-    return {k: mean(p["results"][name]["score"] for p in results["prompts"]
+    return {k: mean(_measurement(p, name).score for p in results["prompts"]
                     if p[key] == k and name in p["results"])
             for k in sorted({p[key] for p in results["prompts"]}, key=str)}
 
@@ -39,25 +50,26 @@ def summarise(results: dict) -> dict:
     names = [s["name"] for s in results["settings"]]
     out = {}
     for name in names:
-        rows = [p["results"][name] for p in results["prompts"] if name in p["results"]]
-        ppl = [p["results"][name] for p in results["perplexity"] if name in p["results"]]
-        nll = [x for r in ppl for x in r["nll"]]
+        rows = [_measurement(p, name) for p in results["prompts"] if name in p["results"]]
+        ppl = [_measurement(p, name) for p in results["perplexity"] if name in p["results"]]
+        nll = [x for r in ppl for x in r.nll]
         layers = {}
-        for p in results["prompts"]:
-            for idx, m in p["results"].get(name, {}).get("layers", {}).items():
-                for key, val in m.items():
-                    layers.setdefault(int(idx), {}).setdefault(key, []).append(val)
+        for r in rows:
+            for idx, stats in (r.layers or {}).items():
+                for key, val in stats.to_json().items():  # a dense layer has only key_rel_error
+                    layers.setdefault(idx, {}).setdefault(key, []).append(val)
         out[name] = {
-            "ruler_avg": mean(r["score"] for r in rows),
+            "ruler_avg": mean(r.score for r in rows),
             "vs_dense": paired_difference(results, name) if name != "dense" else None,
             "by_task": _by(results, name, "task"),
             "by_filler": _by(results, name, "filler"),
             "by_context": _by(results, name, "context"),
-            "kv_fraction": mean(r["kv_fraction"] for r in rows + ppl),
-            "kv_fraction_model": mean(r["kv_fraction_model"] for r in rows + ppl),
-            "identical_to_dense": mean(float(r.get("identical", False)) for r in rows),
+            "kv_fraction": mean(r.kv_fraction for r in rows + ppl),
+            "kv_fraction_model": mean(r.kv_fraction_model for r in rows + ppl),
+            # without a dense row no prompt is counted identical
+            "identical_to_dense": mean(float(bool(r.identical)) for r in rows),
             "perplexity": float(2.718281828459045 ** mean(nll)) if nll else None,
-            "seconds": sum(r["seconds"] for r in rows + ppl),
+            "seconds": sum(r.seconds for r in rows + ppl),
             "layers": {i: {k: mean(v) for k, v in m.items()} for i, m in sorted(layers.items())},
         }
     return out
