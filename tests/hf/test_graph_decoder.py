@@ -110,24 +110,18 @@ def test_bad_input_names_the_argument():
         dec.step()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dense_kv", ["compressed", "exact"])
-def test_sals_cuda_graph_replay_equals_eager_step(dense_kv):
-    """The SALS decoder's replayed step == its eager step (float16: the CUDA kernels), across a
-    change of batch size."""
-    model = tiny.model("llama3", dtype=torch.float16).cuda()
-    sals.hf.patch(model, calibration=_tiny_calibration(model), dense_kv=dense_kv,
-                  **dict(SPARSE, dtype="float16"))
-    graph = SalsGraphDecoder(model, max_batch=3, max_tokens=64)
-    eager = SalsGraphDecoder(model, max_batch=3, max_tokens=64, cuda_graph=False)
-    for batch, length in ((2, 40), (3, 33)):
+def _replay_equals_eager(graph, eager, cases, tol):
+    """For each (batch, length) of ``cases`` (a new batch size: a new capture), 20 tokens of a
+    random prompt from both decoders: the same tokens, logits within ``tol``. Yields each
+    prompt and its tokens."""
+    for batch, length in cases:
         ids = tiny.prompt(length, batch=batch, seed=length).cuda()
         got_tokens, got_logits = _decode(graph, ids, 20)
         ref_tokens, ref_logits = _decode(eager, ids, 20)
         assert graph._graph is not None
         assert torch.equal(got_tokens, ref_tokens)
-        assert (got_logits - ref_logits).abs().max().item() <= 1e-3
-    graph.cache.check()
+        assert (got_logits - ref_logits).abs().max().item() <= tol
+        yield ids, got_tokens
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -139,16 +133,10 @@ def test_cuda_graph_replay_equals_eager_step(family, dtype):
     model = tiny.model(family, dtype=dtype).cuda()
     graph = DenseGraphDecoder(model, max_batch=3, max_tokens=64)
     eager = DenseGraphDecoder(model, max_batch=3, max_tokens=64, cuda_graph=False)
-    for batch, length in ((2, 30), (3, 17)):
-        ids = tiny.prompt(length, batch=batch, seed=length).cuda()
-        got_tokens, got_logits = _decode(graph, ids, 20)
-        ref_tokens, ref_logits = _decode(eager, ids, 20)
-        assert graph._graph is not None
-        assert torch.equal(got_tokens, ref_tokens)
-        assert (got_logits - ref_logits).abs().max().item() <= 1e-5
+    for ids, tokens in _replay_equals_eager(graph, eager, ((2, 30), (3, 17)), 1e-5):
         if dtype == torch.float32:
             hf = model.generate(ids, max_new_tokens=20, do_sample=False)
-            assert torch.equal(got_tokens, hf[:, length:])
+            assert torch.equal(tokens, hf[:, ids.shape[1]:])
     if dtype == torch.float16 and torch.cuda.get_device_capability() >= (8, 0):
         assert graph.attention_backend == "cudnn"
 
@@ -228,3 +216,21 @@ def test_sals_decoder_needs_a_plain_patch():
         dec.step()
     with pytest.raises(ValueError, match=r"^ids: 8 prompt tokens; need 1\.\.7"):
         dec.prefill(tiny.prompt(8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dense_kv, compile", [("compressed", False), ("exact", False),
+                                               ("exact", True)])
+def test_sals_cuda_graph_replay_equals_eager_step(dense_kv, compile):
+    """The SALS decoder's replayed step (compiled or not) == its eager step (float16: the CUDA
+    kernels), across a change of batch size."""
+    if compile:
+        pytest.importorskip("triton")
+    model = tiny.model("llama3", dtype=torch.float16).cuda()
+    sals.hf.patch(model, calibration=_tiny_calibration(model), dense_kv=dense_kv,
+                  **dict(SPARSE, dtype="float16"))
+    graph = SalsGraphDecoder(model, max_batch=3, max_tokens=64, compile=compile)
+    eager = SalsGraphDecoder(model, max_batch=3, max_tokens=64, cuda_graph=False)
+    for _ in _replay_equals_eager(graph, eager, ((2, 40), (3, 33)), 1e-3):
+        pass
+    graph.cache.check()
