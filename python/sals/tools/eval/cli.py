@@ -406,16 +406,7 @@ def _run(args, argv, plots: bool) -> int:
     ppl_contexts = args.ppl_contexts or contexts
     check_contexts(contexts + ppl_contexts, window, extra=extra)
 
-    source = args.calibration_source
-    if source is None:
-        source = "debian-docs" if corpus.python_docs_dir() else "stdlib"
-    weight = (calibrate.QUERY_WEIGHT if args.calibration_query_weight is None
-              else args.calibration_query_weight)
-    default_calib = (source, args.calibration_tokens, weight)
-    for s in settings:
-        if s.calib and s.calib[2] is None:
-            s.calib = (*s.calib[:2], weight)
-    calib_keys = [default_calib] + sorted({s.calib for s in settings if s.calib} - {default_calib})
+    default_calib, calib_keys = _calibration_keys(args, settings)
     cells = [(t, f) for t in task_names for f in (args.fillers if t != "fwe" else ["none"])]
     cached = {key: os.path.isfile(calibrate.cached_path(model, n_tokens=key[1], source=key[0],
                                                         rank_frac=1.0, query_weight=key[2]))
@@ -451,47 +442,72 @@ def _run(args, argv, plots: bool) -> int:
 
     if "prose" in args.fillers:
         results["meta"]["prose"] = prose_text()[1]
-    from tqdm.auto import tqdm
-
     # seed-major: a run stopped early has covered every task, filler and context evenly
     jobs = [("task", t, f, c, args.seed + i) for i in range(args.prompts) for c in contexts
             for (t, f) in cells]
     jobs += [("ppl", None, None, c, i) for c in ppl_contexts for i in range(args.ppl_segments)]
-    heldout_ids = None
+    heldout_ids = []
+
+    def measure(kind, task, filler, context, seed) -> tuple[str, dict]:
+        if kind == "task":
+            prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context, seed)
+            return "prompts", _task_prompt(model, tokenizer, runner, settings, prompt, seed,
+                                           args).to_json()
+        if not heldout_ids:  # tokenized once, at the first segment
+            heldout_ids.extend(tokenizer(heldout, add_special_tokens=False)["input_ids"])
+        return "perplexity", _ppl_segment(model, runner, settings, heldout_ids, context, seed,
+                                          args.ppl_tokens).to_json()
+
     out_dir = args.out or f"sals-eval-{args.model if args.model in ('smollm2', 'gemma3') else 'model'}"
     os.makedirs(out_dir, exist_ok=True)
-    # A run stopped by Ctrl-C or SIGTERM (a `timeout`, a batch scheduler) keeps and reports what
-    # it measured: results.json is also rewritten after every prompt.
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
-    done_jobs = 0
-    try:
-        with tqdm(total=len(jobs), desc="eval", unit="prompt", disable=args.quiet) as bar:
-            for kind, task, filler, context, seed in jobs:
-                bar.set_postfix_str(f"{task or 'perplexity'} {filler or ''} {context}")
-                if kind == "task":
-                    prompt = taskset.prompt(task, filler if task != "fwe" else "repeat", context,
-                                            seed)
-                    results["prompts"].append(_task_prompt(
-                        model, tokenizer, runner, settings, prompt, seed, args).to_json())
-                else:
-                    if heldout_ids is None:
-                        heldout_ids = tokenizer(heldout, add_special_tokens=False)["input_ids"]
-                    results["perplexity"].append(
-                        _ppl_segment(model, runner, settings, heldout_ids, context, seed,
-                                     args.ppl_tokens).to_json())
-                bar.update(1)
-                done_jobs += 1
-                _write_json(results, out_dir)
-    except KeyboardInterrupt:
-        results["meta"]["interrupted"] = f"after {done_jobs} of {len(jobs)} prompts"
-        print(f"sals eval: interrupted after {done_jobs} of {len(jobs)} prompts; reporting "
-              f"those", file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-
+    _measure(results, jobs, measure, out_dir, args.quiet)
     results["meta"]["seconds"] = time.perf_counter() - start
     finish(results, out_dir, plots)
     return 130 if "interrupted" in results["meta"] else 0
+
+
+def _calibration_keys(args, settings) -> tuple[tuple, list[tuple]]:
+    """The run's calibration (source, tokens, query weight) and every calibration the run needs,
+    that one first; a setting's ``calib=`` without a query weight gets the run's."""
+    from ...hf import calibrate, corpus
+
+    source = args.calibration_source
+    if source is None:
+        source = "debian-docs" if corpus.python_docs_dir() else "stdlib"
+    weight = (calibrate.QUERY_WEIGHT if args.calibration_query_weight is None
+              else args.calibration_query_weight)
+    default = (source, args.calibration_tokens, weight)
+    for s in settings:
+        if s.calib and s.calib[2] is None:
+            s.calib = (*s.calib[:2], weight)
+    return default, [default] + sorted({s.calib for s in settings if s.calib} - {default})
+
+
+def _measure(results: dict, jobs: list, measure, out_dir: str, quiet: bool) -> None:
+    """Run ``measure(*job)`` -> (list name, record JSON) for every job, appending each record to
+    its list of ``results`` and rewriting results.json after each. A run stopped by Ctrl-C or
+    SIGTERM (a ``timeout``, a batch scheduler) keeps what it measured, marked ``interrupted``
+    in its meta."""
+    from tqdm.auto import tqdm
+
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    done = 0
+    try:
+        with tqdm(total=len(jobs), desc="eval", unit="prompt", disable=quiet) as bar:
+            for job in jobs:
+                _, task, filler, context, _ = job
+                bar.set_postfix_str(f"{task or 'perplexity'} {filler or ''} {context}")
+                name, record = measure(*job)
+                results[name].append(record)
+                bar.update(1)
+                done += 1
+                _write_json(results, out_dir)
+    except KeyboardInterrupt:
+        results["meta"]["interrupted"] = f"after {done} of {len(jobs)} prompts"
+        print(f"sals eval: interrupted after {done} of {len(jobs)} prompts; reporting those",
+              file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def finish(results: dict, out_dir: str, plots: bool) -> None:
