@@ -287,3 +287,22 @@ def test_paired_difference_from_dense():
     assert report.paired_difference(_results({"b": [1.0]}), "b") is None  # no dense row
     table = report.markdown(results, report.summarise(results))
     assert "| b | 1.000 | 40.0 | -10.0 [" in table and "| dense | 1.000 | 50.0 | — |" in table
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path):
+    """Ctrl-C (or SIGTERM) during the third prompt: the two measured are in results.json, and
+    the run says where it stopped."""
+    results = {"meta": {}, "prompts": [], "perplexity": []}
+
+    def measure(kind, task, filler, context, seed):
+        if seed == 2:
+            raise KeyboardInterrupt
+        return ("prompts" if kind == "task" else "perplexity"), {"seed": seed}
+
+    jobs = [("task", "vt", "repeat", 64, 0), ("ppl", None, None, 64, 1),
+            ("task", "vt", "repeat", 64, 2), ("task", "vt", "repeat", 64, 3)]
+    cli._measure(results, jobs, measure, str(tmp_path), quiet=True)
+    assert results["prompts"] == [{"seed": 0}] and results["perplexity"] == [{"seed": 1}]
+    assert results["meta"]["interrupted"] == "after 2 of 4 prompts"
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["prompts"] == [{"seed": 0}] and written["perplexity"] == [{"seed": 1}]
