@@ -57,7 +57,8 @@ if has pytest; then
   log pytest
   (cd /tmp && timeout ${PYTEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda.py" \
     "$OLDPWD/tests/python/test_torch_cuda.py" "$OLDPWD/tests/python/test_torch_ops.py" \
-    "$OLDPWD/tests/hf/test_hf_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -30)
+    "$OLDPWD/tests/python/test_range.py" "$OLDPWD/tests/hf/test_hf_cuda.py" \
+    "$OLDPWD/tests/hf/test_graph_decoder.py" 2>&1 | tee "$OUT/pytest.log" | tail -30)
   if [ -n "${NEWEST_TRANSFORMERS:-}" ]; then  # a wheel carried in; installed beside the old one
     log "pytest hf on $(basename "$NEWEST_TRANSFORMERS")"
     python3 -m pip install -q --no-deps --target /tmp/tf-newest "$NEWEST_TRANSFORMERS" &&
