@@ -174,8 +174,17 @@ def _check_kwargs(given: dict, cache: SalsCache, config, option: str) -> None:
             f"{option}=True for these)")
 
 
-def _sals_layers(cache: SalsCache) -> list[SalsLayer]:
+def sals_layers(cache: SalsCache) -> list[SalsLayer]:
+    """The cache's SALS layers (ExactLayers included): those a replayed step must account for
+    with :func:`reserve` before and :func:`advance` after."""
     return [layer for layer in cache.layers if isinstance(layer, SalsLayer)]
+
+
+def reserve(layers: list[SalsLayer], batch: int) -> None:
+    """Before a replayed step of rows 0..batch-1: its appends run on the device only, so each
+    layer reserves the step's slot in its library (and reports earlier deferred checks)."""
+    for layer in layers:
+        layer.reserve_step(batch)
 
 
 def _step_positions(given: dict, cache: SalsCache, batch: int, device,
@@ -207,7 +216,7 @@ def decode_step(state, cache: SalsCache, given: dict):
     ids = given["input_ids"]
     batch = int(ids.shape[0])
     device = ids.device
-    layers = _sals_layers(cache)
+    layers = sals_layers(cache)
     pos = _step_positions(given, cache, batch, device, option)
     past = _check_room(layers, batch)
     if not state.cuda_graph:
@@ -217,7 +226,7 @@ def decode_step(state, cache: SalsCache, given: dict):
         ids, pos = (x.to(torch.long).clone(memory_format=torch.contiguous_format)
                     for x in (ids, pos))
         out = _run(state, cache, ids, pos, slot, keep)
-        _advance(layers, batch)
+        advance(layers, batch)
         return _result(out, cache_arg, cache, copy=False)
     graphs = cache.decode_graphs
     entry = graphs.get(batch)
@@ -237,15 +246,14 @@ def decode_step(state, cache: SalsCache, given: dict):
     entry.slot.fill_(past)
     if warm_up:
         out = _run(state, cache, entry.input_ids, entry.position_ids, entry.slot, keep)
-        _advance(layers, batch)
+        advance(layers, batch)
         return _result(out, cache_arg, cache, copy=False)
     if entry.graph is None:
         _capture(entry, state, cache, keep)
     else:
-        for layer in layers:
-            layer.reserve_step(batch)
+        reserve(layers, batch)
         entry.graph.replay()
-    _advance(layers, batch)
+    advance(layers, batch)
     return _result(entry.output, cache_arg, cache, copy=True)
 
 
@@ -264,7 +272,9 @@ def _check_room(layers: list[SalsLayer], batch: int) -> int:
     return past
 
 
-def _advance(layers: list[SalsLayer], batch: int) -> None:
+def advance(layers: list[SalsLayer], batch: int) -> None:
+    """After a step of rows 0..batch-1 (replayed or not): one more slot in each layer's
+    ``row_slots``."""
     for layer in layers:
         layer.advance(batch, 1)
 

@@ -202,15 +202,9 @@ def _generate(model, ids, new_tokens, torch, prefill_rows=None, **kw) -> dict:
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     cache = getattr(out, CACHE_ARG)
     mem = cache.memory() if hasattr(cache, "memory") else {}
-    sals_bytes = mem.get("allocated", 0)
-    # the exact dense layers' K/V are torch tensors, in torch's peak already
-    peak = torch.cuda.max_memory_allocated() + sals_bytes - mem.get("exact_kv_allocated", 0) \
-        if ids.is_cuda else sals_bytes
-    step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
-    batch = int(ids.shape[0])
-    row = {"ttft_ms": 1e3 * (clock.times[0] - start), "ms_per_token": step_ms,
-           "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
-           "sals_cache_bytes": int(sals_bytes), "steps_ms": [1e3 * s for s in steps]}
+    row = {**_timing(int(ids.shape[0]), clock.times[0] - start, steps),
+           "peak_memory_bytes": _peak_memory(mem, ids.is_cuda, torch),
+           "sals_cache_bytes": int(mem.get("allocated", 0))}
     # which attention the exact dense layers ran ("cudnn", or why cuDNN refused), as the
     # dense-graph row reports its own
     backends = {layer.attention_backend for layer in getattr(cache, "layers", ())
@@ -253,22 +247,33 @@ def _graph_loop(model, setting, ids, new_tokens, torch, compile: bool = False) -
         dec.step()
         sync()
         steps.append(time.perf_counter() - start)
-    step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
-    peak = torch.cuda.max_memory_allocated() if ids.is_cuda else 0
-    row = {"ttft_ms": 1e3 * ttft, "ms_per_token": step_ms,
-           "tokens_per_s": batch * 1e3 / step_ms, "peak_memory_bytes": int(peak),
+    mem = dec.cache.memory() if decoder is SalsGraphDecoder else {}
+    row = {**_timing(batch, ttft, steps),
+           "peak_memory_bytes": _peak_memory(mem, ids.is_cuda, torch),
            "fused_weight_bytes": dec.fused_bytes, "attention": dec.attention_backend,
-           "compile": compile, "steps_ms": [1e3 * s for s in steps]}
+           "compile": compile}
     if decoder is SalsGraphDecoder:
-        # the library's device memory, which torch does not see (exact layers' K/V it does)
-        mem = dec.cache.memory()
-        sals_bytes = mem.get("allocated", 0)
-        if ids.is_cuda:  # the exact dense layers' K/V are torch tensors, in its peak already
-            peak += sals_bytes - mem.get("exact_kv_allocated", 0)
-        row.update(sals_cache_bytes=int(sals_bytes),
-                   peak_memory_bytes=int(peak if ids.is_cuda else sals_bytes))
+        row["sals_cache_bytes"] = int(mem.get("allocated", 0))
         dec.cache.close()
     return row
+
+
+def _timing(batch: int, ttft_s: float, steps: list[float]) -> dict:
+    """A row's times from the time to first token and the decode steps (seconds): ms per token
+    is the median step after the first two (the eager warm-up and the capture)."""
+    step_ms = 1e3 * statistics.median(steps[2:] if len(steps) > 4 else steps)
+    return {"ttft_ms": 1e3 * ttft_s, "ms_per_token": step_ms,
+            "tokens_per_s": batch * 1e3 / step_ms, "steps_ms": [1e3 * s for s in steps]}
+
+
+def _peak_memory(mem: dict, cuda: bool, torch) -> int:
+    """Peak bytes of a row: on CUDA torch's allocator peak plus the SALS caches' own device
+    allocation (``mem``, a SalsCache's ``memory()``, or {}), which torch does not see, less
+    the exact dense layers' K/V, which are torch tensors; on the CPU the caches' bytes."""
+    sals_bytes = mem.get("allocated", 0)
+    if not cuda:
+        return int(sals_bytes)
+    return int(torch.cuda.max_memory_allocated() + sals_bytes - mem.get("exact_kv_allocated", 0))
 
 
 def attended_tokens(cfg, S: int) -> tuple[int, int]:

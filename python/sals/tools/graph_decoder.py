@@ -406,15 +406,11 @@ class SalsGraphDecoder(DenseGraphDecoder):
         self.attention_backend = "sals"
 
     def _make_cache(self, model) -> int:
-        from ..hf import SalsCache
+        from ..hf import SalsCache, graphs
 
         self.cache = SalsCache(model, self.max_batch, self.max_tokens)
+        self._sals = graphs.sals_layers(self.cache)  # the layers a step's bookkeeping touches
         return int(self.cache.memory()["allocated"])
-
-    def _sals_layers(self) -> list:
-        from ..hf import SalsLayer
-
-        return [layer for layer in self.cache.layers if isinstance(layer, SalsLayer)]
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -448,10 +444,11 @@ class SalsGraphDecoder(DenseGraphDecoder):
         pass  # the SALS layers choose their own (an ExactLayer picks cuDNN where it can)
 
     def _before_replay(self) -> None:
-        # a replayed append runs on the device only: reserve its slot in each layer's library
-        for layer in self._sals_layers():
-            layer.reserve_step(self.batch)
+        from ..hf import graphs
+
+        graphs.reserve(self._sals, self.batch)
 
     def _after_step(self) -> None:
-        for layer in self._sals_layers():
-            layer.advance(self.batch, 1)
+        from ..hf import graphs
+
+        graphs.advance(self._sals, self.batch)
