@@ -82,7 +82,7 @@ if has profile; then
     kernel=${kernel:-.}
     name=prof_${shape}_${ctx}_${batch}_${setting}
     log "profile $case"
-    (cd /tmp && timeout 300 ncu --profile-from-start off -k "regex:$kernel" --set full \
+    (cd /tmp && timeout 300 ncu --clock-control none --profile-from-start off -k "regex:$kernel" --set full \
       --import-source yes -f -o "/tmp/$name" python3 "$OLDPWD/benchmarks/profile_step.py" \
       "$shape" "$ctx" "$batch" "$setting" > "$OUT/$name.log" 2>&1; tail -3 "$OUT/$name.log")
     ncu -i "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
