@@ -21,6 +21,10 @@
  * Everything else (T > 1, float32 storage, other head dims) runs the general kernel below,
  * which rebuilds keys tile by tile in shared memory on CUDA cores: simpler, exact, slower.
  * No host synchronisation and no allocation unless check_finite is set.
+ *
+ * Paged storage (paged.cu) runs the same kernels, instantiated with PG = true: a token's fields
+ * are read from its slot through the block table, its exact copy (if any) from the caller's
+ * window store, and the sequences of a call come from the plan kernel's arrays (AttnArgs).
  */
 #include <math.h>
 
@@ -68,44 +72,52 @@ __device__ __forceinline__ int32_t tok_slot(const TokList& L, int32_t i, const i
   return sel ? sel[i - L.n_exact] : n_sink + (i - L.n_exact);
 }
 
-struct AttnArgs {
-  /* cache */
-  const void* lat_score;
-  const void* lat_rest;
-  const void* val;
-  const uint16_t* val_scale;
-  const uint16_t* val_zero;
-  const void* sink_k;
-  const void* sink_v;
-  const void* recent_k;
-  const void* recent_v;
-  const int32_t* pos;
-  const int32_t* len;
-  const int32_t* sel_idx;
-  const int32_t* sel_count;
-  const void* uh;      /* storage-type projection (tensor-core rebuild) */
-  const float* proj;   /* float32 projection (general kernel) */
-  const float* inv_freq;
-  int32_t n_sink, n_recent, max_tokens, rank, rs, dk, hkv, hq, G, bits, group, n_groups;
-  int64_t val_row_bytes;
-  int32_t n_sel_heads, sparse, rotary_dim, inter;
-  float att, scale;
-  /* call */
-  DView q, qpos, out;
-  float* logits;       /* [B, hq, lmax] sparse decode logits (log2 domain) */
-  int64_t lmax;
-  float* part_o;
-  float* part_ml;
-  uint32_t* pv_done;   /* [max_batch, hkv] softmax arrival counters, zero between launches */
-  int32_t max_parts;
-  /* quantised latent keys (key_bits < 16): scales and zeros of the two parts' groups */
-  const uint16_t* lat_score_scale;
-  const uint16_t* lat_score_zero;
-  const uint16_t* lat_rest_scale;
-  const uint16_t* lat_rest_zero;
-  int32_t key_bits, key_group;
-  int64_t lat_score_bytes, lat_rest_bytes;
+/* List entry i of sequence b: token t, read from `src` as `kind` says: 1 a sink and 2 a recent
+ * token in the cache's exact arrays (src = t), 3 a row src of paged storage's window store, 0
+ * rebuilt from the token's latent row (src = t). Paged sinks and recent tokens without a copy
+ * (window_rows -1, out of range, or no store) are rebuilt. */
+struct Tok {
+  int32_t t, kind, src;
 };
+template <bool PG>
+__device__ __forceinline__ Tok tok_entry(const AttnArgs& a, int32_t b, const TokList& L, int32_t i,
+                                         const int32_t* sel) {
+  int32_t kind;
+  const int32_t t = tok_slot(L, i, sel, a.n_sink, &kind);
+  if constexpr (PG) {
+    int32_t row = -1;
+    if (kind != 0 && a.wrows)
+      row = a.wrows[(int64_t)b * a.wrows_s0 + (kind == 1 ? t : a.n_sink + a.n_recent - L.S + t)];
+    return row >= 0 && row < a.w_rows ? Tok{t, 3, row} : Tok{t, 0, t};
+  }
+  return Tok{t, kind, t};
+}
+
+/* The position of token t of sequence b: paged storage's tokens are at their index. */
+template <bool PG>
+__device__ __forceinline__ int32_t tok_pos(const AttnArgs& a, int32_t b, int32_t t) {
+  if constexpr (PG) return t;
+  return a.pos[(int64_t)b * a.max_tokens + t];
+}
+
+/* Where token t of sequence b keeps its value: codes or 16-bit elements, and the float16 scales
+ * and zeros of its groups (value_bits < 16). */
+template <bool PG>
+__device__ __forceinline__ void value_row(const AttnArgs& a, int32_t b, int32_t t,
+                                          const uint8_t** codes, const uint16_t** sc,
+                                          const uint16_t** zr) {
+  if constexpr (PG) {
+    const uint8_t* p = a.pg.slot(b, t);
+    *codes = p + a.pg.lay.val;
+    *sc = (const uint16_t*)(p + a.pg.lay.val_scale);
+    *zr = (const uint16_t*)(p + a.pg.lay.val_zero);
+  } else {
+    const int64_t row = (int64_t)b * a.max_tokens + t;
+    *codes = (const uint8_t*)a.val + row * a.val_row_bytes;
+    *sc = a.val_scale + row * a.n_groups;
+    *zr = a.val_zero + row * a.n_groups;
+  }
+}
 
 /* N consecutive 16-bit elements as floats, one vector load (p is N-element aligned). */
 template <typename T, int N>
@@ -123,34 +135,51 @@ __device__ __forceinline__ void load_n(const T* p, float* dst) {
   }
 }
 
-/* Value of token `slot` (kind as above) at dims [e0, e0 + N) of KV head h, as floats; e0 is a
- * multiple of N. */
-template <typename T, int N>
+/* Value of entry `src` (kind and src as tok_entry gives them) at dims [e0, e0 + N) of KV head h,
+ * as floats; e0 is a multiple of N. */
+template <typename T, int N, bool PG>
 __device__ __forceinline__ void load_value(const AttnArgs& a, int32_t b, int32_t h, int32_t D,
-                                           int32_t slot, int32_t kind, int32_t e0, float* dst) {
+                                           int32_t src, int32_t kind, int32_t e0, float* dst) {
   const int64_t col = (int64_t)h * D + e0;
-  if (kind == 1 || kind == 2) {
+  if constexpr (PG) {
+    if (kind == 3) { /* the window store row: key, then value */
+      const int64_t o = (int64_t)src * a.w_s0 + a.w_s1 + (int64_t)h * a.w_s2 + e0;
+#pragma unroll
+      for (int e = 0; e < N; ++e) dst[e] = load_elem(a.window, a.w_elem, o + e);
+      return;
+    }
+  } else if (kind == 1 || kind == 2) {
     const T* p = kind == 1
-                     ? (const T*)a.sink_v + ((int64_t)b * a.n_sink + slot) * a.dk
-                     : (const T*)a.recent_v + ((int64_t)b * a.n_recent + slot % a.n_recent) * a.dk;
+                     ? (const T*)a.sink_v + ((int64_t)b * a.n_sink + src) * a.dk
+                     : (const T*)a.recent_v + ((int64_t)b * a.n_recent + src % a.n_recent) * a.dk;
     load_n<T, N>(p + col, dst);
     return;
   }
-  const int64_t row = (int64_t)b * a.max_tokens + slot;
+  const uint8_t* codes;
+  const uint16_t *sc, *zr;
+  value_row<PG>(a, b, src, &codes, &sc, &zr);
   if (a.bits == 16) {
-    load_n<T, N>((const T*)a.val + row * a.dk + col, dst);
+    load_n<T, N>((const T*)codes + col, dst);
     return;
   }
-  decode_codes<N>((const uint8_t*)a.val + row * a.val_row_bytes, a.val_scale + row * a.n_groups,
-                  a.val_zero + row * a.n_groups, col, a.bits, a.group, dst);
+  decode_codes<N>(codes, sc, zr, col, a.bits, a.group, dst);
 }
 
-/* Latent coordinates [c, c + N) of cache row `row` (b * max_tokens + slot) with quantised keys,
- * as floats: c is a multiple of N and [c, c + N) lies in one part (score or rest). */
-template <int N>
+/* Latent coordinates [c, c + N) of a token with quantised keys, as floats: c is a multiple of N
+ * and [c, c + N) lies in one part (score or rest). `row`: the cache's row b * max_tokens + t, or
+ * paged storage's slot offset from the pages (PagedSlots::offset). */
+template <int N, bool PG>
 __device__ __forceinline__ void load_latent_q(const AttnArgs& a, int64_t row, int32_t c,
                                               float* dst) {
   const bool score = c < a.rs;
+  if constexpr (PG) {
+    const uint8_t* p = a.pg.pages + row;
+    const int part = score ? 0 : 1;
+    decode_codes<N>(p + a.pg.lay.lat[part], (const uint16_t*)(p + a.pg.lay.lat_scale[part]),
+                    (const uint16_t*)(p + a.pg.lay.lat_zero[part]), score ? c : c - a.rs,
+                    a.key_bits, a.key_group, dst);
+    return;
+  }
   const int64_t bytes = score ? a.lat_score_bytes : a.lat_rest_bytes;
   const int64_t ng = (score ? a.rs : a.rank - a.rs) / a.key_group;
   decode_codes<N>((const uint8_t*)(score ? a.lat_score : a.lat_rest) + row * bytes,
@@ -166,18 +195,22 @@ __device__ __forceinline__ void load_latent_q(const AttnArgs& a, int64_t row, in
  * loop, so that the skinny kernel's staging has all its loads in flight (gemm.cuh); GM = 0
  * loops over any number of heads. The host picks the smallest GM that covers G: the staging
  * inlines the loader 16 times, and a loader carrying every path overflowed the instruction
- * cache (half the kernel's stall samples).
+ * cache (half the kernel's stall samples). RM: sequence b's query is row row_of[b] of q (paged
+ * storage; a valid row for every b), else row b.
  * The loads cover every element of q, so with `flag` (check_finite) a non-finite sum raises it:
  * a NaN or infinity in any folded element makes the sum NaN or infinite, and finite 16-bit or
  * float32 inputs cannot overflow a float32 sum of at most a few hundred heads. */
-template <typename E, int GM> struct QFoldLoad {
+template <typename E, int GM, bool RM> struct QFoldLoad {
   DView q;
+  const int32_t* row_of;
   int32_t G, D, per_head;
   int* flag;
   __device__ float operator()(int64_t b, int64_t k, int32_t hs) const {
     const int32_t row = (per_head ? hs * D : 0) + (int32_t)k;
     const int32_t kvh = row / D, e = row % D;
-    const int64_t o = off4(q, b, 0, (int64_t)kvh * G, e);
+    int64_t qb = b;
+    if constexpr (RM) qb = __ldg(row_of + b);
+    const int64_t o = off4(q, qb, 0, (int64_t)kvh * G, e);
     float s = 0.f;
     if constexpr (GM == 0) {
       for (int32_t g = 0; g < G; ++g) s += load_as<E>(q.data, o + g * q.stride[2]);
@@ -192,6 +225,9 @@ template <typename E, int GM> struct QFoldLoad {
     if (flag && !isfinite(s)) *flag = 1;
     return s;
   }
+};
+template <typename E> struct ElemType {
+  typedef E type;
 };
 /* Row r = b * H + hs of the scoring queries (skinny epilogue). */
 struct QLatStore {
@@ -242,7 +278,7 @@ constexpr size_t rebuild_smem_bytes() {
   return mma > wg ? mma : wg;
 }
 
-template <typename T, int D, int GM, bool QK>
+template <typename T, int D, int GM, bool QK, bool PG>
 __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a) {
   constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
   constexpr int NPASS = D / W;
@@ -264,21 +300,29 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
   __shared__ float qs[GM][D];
   __shared__ float s_freq[D / 2];
   __shared__ int32_t t_slot[kRTile], t_kind[kRTile], t_pos[kRTile];
+  __shared__ int64_t t_base[PG ? kRTile : 1]; /* paged: slot offsets of rebuilt tokens */
   __shared__ int32_t s_any_rebuild;
 
   const int32_t b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int32_t G = a.G;
-  const int32_t qp = load_i32(a.qpos, off2(a.qpos, b, 0));
-  if (qp < 0) return; /* padded query: merge writes zeros */
+  int32_t qb = b, qp;
+  if constexpr (PG) {
+    qb = a.q_row[b];
+    if (qb < 0) return; /* not a single-query sequence of this launch: nothing to write */
+    qp = a.len[b] - 1;
+  } else {
+    qp = load_i32(a.qpos, off2(a.qpos, b, 0));
+    if (qp < 0) return; /* padded query: merge writes zeros */
+  }
 
   /* rotated, scaled queries (log2 domain for exp2) */
   for (int i = tid; i < GM * D; i += blockDim.x) {
     const int gq = i / D, e = i % D;
     float x = 0.f;
     if (gq < G) {
-      const int64_t o = off4(a.q, b, 0, h * G + gq, 0);
+      const int64_t o = off4(a.q, qb, 0, h * G + gq, 0);
       auto qe = [&](int32_t j) { return load_elem(a.q.data, a.q.elem, o + j); };
       x = rope_elem(qe, e, qp, a.inv_freq, a.rotary_dim, a.inter, a.att) * (a.scale * kLog2e);
     }
@@ -290,14 +334,15 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
   const int32_t* sel =
-      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.sel_stride : nullptr;
   const int32_t n_sel =
       a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
   const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
   const int32_t n_tiles = (L.total + kRTile - 1) / kRTile;
 
-  const T* lat_s = (const T*)a.lat_score;
-  const T* lat_r = (const T*)a.lat_rest;
+  /* paged: both parts' element offsets count from the pages (slots are 16-byte aligned) */
+  const T* lat_s = PG ? (const T*)(a.pg.pages + a.pg.lay.lat[0]) : (const T*)a.lat_score;
+  const T* lat_r = PG ? (const T*)(a.pg.pages + a.pg.lay.lat[1]) : (const T*)a.lat_rest;
   const T* uh = (const T*)a.uh;
   const int32_t rr = a.rank - a.rs;
   /* this thread's 16-byte copies: rows tid / kRPieces + j * (threads / kRPieces), column ch */
@@ -317,30 +362,42 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
     if (tid < kRTile) {
       const int32_t i = tile * kRTile + tid;
       int32_t kind = -1, slot = 0, p = 0;
+      int64_t base = 0;
       if (i < L.total) {
-        slot = tok_slot(L, i, sel, a.n_sink, &kind);
-        p = a.pos[(int64_t)b * a.max_tokens + slot];
+        const Tok tk = tok_entry<PG>(a, b, L, i, sel);
+        kind = tk.kind;
+        slot = tk.src;
+        p = tok_pos<PG>(a, b, tk.t);
         if (kind == 0) s_any_rebuild = 1;
+        if constexpr (PG) base = kind == 0 ? a.pg.offset(b, tk.t) : 0;
       }
       t_slot[tid] = slot;
       t_kind[tid] = kind;
       t_pos[tid] = p;
+      if constexpr (PG) t_base[tid] = base;
     }
     __syncthreads();
     const bool any_rebuild = s_any_rebuild != 0;
     /* element offsets of this thread's latent rows (score part and rest part, each already
      * shifted so that adding the stage's first coordinate gives the copy's source) */
     int64_t off_s[kRRowsPerThread], off_r[kRRowsPerThread];
-    int64_t qrow[kRRowsPerThread]; /* quantised keys: the cache rows themselves */
+    int64_t qrow[kRRowsPerThread]; /* quantised keys: the cache rows (paged: slot offsets) */
     bool live[kRRowsPerThread];
 #pragma unroll
     for (int j = 0; j < kRRowsPerThread; ++j) {
       const int row = row0 + j * kRowStep;
-      const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
       live[j] = t_kind[row] == 0;
-      off_s[j] = srow * a.rs + ch;
-      off_r[j] = srow * rr + ch - a.rs;
-      if constexpr (QK) qrow[j] = srow;
+      if constexpr (PG) {
+        const int64_t e0 = t_base[row] / (int64_t)sizeof(T);
+        off_s[j] = e0 + ch;
+        off_r[j] = e0 + ch - a.rs;
+        if constexpr (QK) qrow[j] = t_base[row];
+      } else {
+        const int64_t srow = (int64_t)b * a.max_tokens + t_slot[row];
+        off_s[j] = srow * a.rs + ch;
+        off_r[j] = srow * rr + ch - a.rs;
+        if constexpr (QK) qrow[j] = srow;
+      }
     }
 
     float logit[GM][2];
@@ -372,7 +429,7 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
             const bool ok = live[j] && in_rank;
             if constexpr (QK) {
               float f[8] = {};
-              if (ok) load_latent_q<8>(a, qrow[j], col, f);
+              if (ok) load_latent_q<8, PG>(a, qrow[j], col, f);
               uint4 u;
               T* h8 = reinterpret_cast<T*>(&u);
 #pragma unroll
@@ -447,7 +504,15 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
         const int row = warp * 16 + g + hr * 8;
         const int kind = t_kind[row];
         const int32_t p = t_pos[row];
-        if (kind == 1 || kind == 2) {
+        if (PG && kind == 3) {
+          const int64_t o = (int64_t)t_slot[row] * a.w_s0 + (int64_t)h * a.w_s2;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int c = nt * 8 + 2 * t4;
+            acc[nt][hr * 2] += load_elem(a.window, a.w_elem, o + dim_of(c, pass));
+            acc[nt][hr * 2 + 1] += load_elem(a.window, a.w_elem, o + dim_of(c + 1, pass));
+          }
+        } else if (!PG && (kind == 1 || kind == 2)) {
           const int32_t slot = t_slot[row];
           const T* kp = kind == 1 ? (const T*)a.sink_k + ((int64_t)b * a.n_sink + slot) * a.dk
                                   : (const T*)a.recent_k +
@@ -527,15 +592,16 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
 }
 
 /* Combines the `parts` (<= kMaxParts) partials of the G (<= kMaxG) query heads hq0 .. hq0 + G - 1
- * of sequence b into their output rows; run by a whole block of kMergeThreads threads. Warp w
- * computes the partials' weights exp2(m_p - M) of heads w, w + 4, ... into shared memory; then
- * every output element (head, dimension) sums its column with independent loads. A partial with
- * l = 0 saw nothing visible and gets weight 0; a padded query (no partials) gets zeros. Partials
- * are read past L1 (__ldcg): other blocks of this launch wrote them. */
+ * of sequence b into their output rows (row ob of out); run by a whole block of kMergeThreads
+ * threads. Warp w computes the partials' weights exp2(m_p - M) of heads w, w + 4, ... into
+ * shared memory; then every output element (head, dimension) sums its column with independent
+ * loads. A partial with l = 0 saw nothing visible and gets weight 0; a padded query (no
+ * partials) gets zeros. Partials are read past L1 (__ldcg): other blocks of this launch wrote
+ * them. */
 constexpr int kMergeThreads = 128, kMaxParts = 256, kMaxG = 8;
 
-__device__ void merge_group(const AttnArgs& a, int32_t b, int32_t hq0, int32_t G, int32_t D,
-                            int32_t parts, bool padded) {
+__device__ void merge_group(const AttnArgs& a, int32_t b, int64_t ob, int32_t hq0, int32_t G,
+                            int32_t D, int32_t parts, bool padded) {
   __shared__ float w_s[kMaxG][kMaxParts];
   __shared__ float l_s[kMaxG];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -573,7 +639,7 @@ __device__ void merge_group(const AttnArgs& a, int32_t b, int32_t hq0, int32_t G
       }
       o /= L;
     }
-    store_elem((void*)a.out.data, a.out.elem, off4(a.out, b, 0, hq0 + gq, e), o);
+    store_elem((void*)a.out.data, a.out.elem, off4(a.out, ob, 0, hq0 + gq, e), o);
   }
 }
 
@@ -633,22 +699,26 @@ __device__ __forceinline__ void pv_staged_rows(const uint8_t* codes, const uint1
   }
 }
 
-template <typename T, int D, int GM>
+template <typename T, int D, int GM, bool PG>
 __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, int32_t staged) {
   constexpr int DPL = D / 32; /* value dims per lane */
   extern __shared__ __align__(16) unsigned char pv_smem[];
   const int32_t b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t G = a.G;
-  if (load_i32(a.qpos, off2(a.qpos, b, 0)) < 0) { /* padded query: zeros, from one block */
-    if (split == 0) merge_group(a, b, h * G, G, D, 0, true);
+  int64_t ob = b; /* the output row */
+  if constexpr (PG) {
+    ob = a.q_row[b];
+    if (ob < 0) return; /* not a single-query sequence of this launch: nothing to write */
+  } else if (load_i32(a.qpos, off2(a.qpos, b, 0)) < 0) { /* padded query: zeros, from one block */
+    if (split == 0) merge_group(a, b, ob, h * G, G, D, 0, true);
     return;
   }
 
   const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
   const int32_t* sel =
-      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+      a.sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.sel_stride : nullptr;
   const int32_t n_sel =
       a.sparse ? a.sel_count[b] : (S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0);
   const TokList L = tok_list(S, a.n_sink, a.n_recent, n_sel);
@@ -679,11 +749,12 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
       const int r = c / pieces, pc = c % pieces;
       const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
       const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
-      if (kr == 0)
-        cp_async16(codes(k) + r * rb + pc * 16,
-                   (const uint8_t*)a.val + ((int64_t)b * a.max_tokens + sr) * a.val_row_bytes +
-                       (int64_t)h * rb + pc * 16,
-                   16);
+      if (kr == 0) {
+        const uint8_t* vc;
+        const uint16_t *vs, *vz;
+        value_row<PG>(a, b, sr, &vc, &vs, &vz);
+        cp_async16(codes(k) + r * rb + pc * 16, vc + (int64_t)h * rb + pc * 16, 16);
+      }
     }
     /* scales and zeros: 4-byte words when ngh is even (then every offset is even) */
     const int32_t per_row = ngh % 2 == 0 ? ngh / 2 : ngh;
@@ -692,13 +763,17 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
       const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
       const int32_t kr = __shfl_sync(0xffffffffu, kind, r);
       if (kr != 0) continue;
-      const int64_t o = ((int64_t)b * a.max_tokens + sr) * a.n_groups + (int64_t)h * ngh;
+      const uint8_t* vc;
+      const uint16_t *vs, *vz;
+      value_row<PG>(a, b, sr, &vc, &vs, &vz);
+      vs += (int64_t)h * ngh;
+      vz += (int64_t)h * ngh;
       if (ngh % 2 == 0) {
-        cp_async4(scales(k) + r * ngh + 2 * w, a.val_scale + o + 2 * w);
-        cp_async4(zeros(k) + r * ngh + 2 * w, a.val_zero + o + 2 * w);
+        cp_async4(scales(k) + r * ngh + 2 * w, vs + 2 * w);
+        cp_async4(zeros(k) + r * ngh + 2 * w, vz + 2 * w);
       } else {
-        scales(k)[r * ngh + w] = a.val_scale[o + w];
-        zeros(k)[r * ngh + w] = a.val_zero[o + w];
+        scales(k)[r * ngh + w] = vs[w];
+        zeros(k)[r * ngh + w] = vz[w];
       }
     }
     cp_async_commit();
@@ -706,7 +781,11 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
   auto entry = [&](int32_t i, int32_t* slot, int32_t* kind) {
     *kind = -1;
     *slot = 0;
-    if (i < i1) *slot = tok_slot(L, i, sel, a.n_sink, kind);
+    if (i < i1) {
+      const Tok tk = tok_entry<PG>(a, b, L, i, sel);
+      *slot = tk.src;
+      *kind = tk.kind;
+    }
   };
 
   float m_run[GM], l_run[GM], o_acc[GM][DPL];
@@ -788,7 +867,7 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
                             a.bits, a.group, v);
         } else {
           const int32_t sr = __shfl_sync(0xffffffffu, slot, r);
-          load_value<T, DPL>(a, b, h, D, sr, kr, lane * DPL, v);
+          load_value<T, DPL, PG>(a, b, h, D, sr, kr, lane * DPL, v);
         }
 #pragma unroll
         for (int gq = 0; gq < GM; ++gq) {
@@ -868,13 +947,13 @@ __global__ void __launch_bounds__(kPWarps * 32) softmax_pv_kernel(AttnArgs a, in
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  merge_group(a, b, h * G, G, D, nsplit, false);
+  merge_group(a, b, ob, h * G, G, D, nsplit, false);
 }
 
 /* ---- general kernel: any dtype, head dim, T; keys rebuilt in shared memory ------------ */
 constexpr int kGThreads = 256, kGKT = 32, kGRC = 64;
 
-template <typename T, bool QK>
+template <typename T, bool QK, bool PG>
 __global__ void __launch_bounds__(kGThreads)
     general_kernel(AttnArgs a, int32_t D, int32_t Tq, int32_t QT) {
   extern __shared__ float sm[];
@@ -892,15 +971,37 @@ __global__ void __launch_bounds__(kGThreads)
   int32_t* kslot = qpos + R;              /* [KT] */
   int32_t* kkind = kslot + kGKT;          /* [KT] */
   int32_t* kpos = kkind + kGKT;           /* [KT] */
+  __shared__ int64_t kbase[PG ? kGKT : 1]; /* paged: slot offsets of rebuilt tokens */
 
-  const int32_t b = blockIdx.z, h = blockIdx.y, t0 = blockIdx.x * QT;
+  /* the cache: queries [t0, t0 + QT) of sequence blockIdx.z, as rows b of q and out, tokens
+   * t0.. of dim 1; paged storage: those of the work item blockIdx.x, rows qr0 + t0.. */
+  const int h = blockIdx.y;
+  int32_t b, t0, nq;
+  int64_t qr0 = 0;
+  if constexpr (PG) {
+    if ((int32_t)blockIdx.x >= *a.n_tiles) return;
+    b = a.tiles[2 * blockIdx.x];
+    t0 = a.tiles[2 * blockIdx.x + 1];
+    nq = a.q_count[b];
+    qr0 = a.q_first[b];
+  } else {
+    b = blockIdx.z;
+    t0 = blockIdx.x * QT;
+    nq = Tq;
+  }
+  auto q_at = [&](const DView& x, int32_t tq, int32_t hq, int32_t e) {
+    return PG ? off4(x, qr0 + t0 + tq, 0, hq, e) : off4(x, b, t0 + tq, hq, e);
+  };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int32_t G = a.G;
   const int32_t half = a.rotary_dim / 2;
+  const int32_t S = a.len[b];
 
   for (int i = tid; i < R; i += blockDim.x) {
     const int32_t tq = i / G;
-    qpos[i] = t0 + tq < Tq ? load_i32(a.qpos, off2(a.qpos, b, t0 + tq)) : -1;
+    int32_t p = -1;
+    if (t0 + tq < nq) p = PG ? S - nq + t0 + tq : load_i32(a.qpos, off2(a.qpos, b, t0 + tq));
+    qpos[i] = p;
     mrow[i] = -INFINITY;
     lrow[i] = 0.f;
   }
@@ -909,7 +1010,7 @@ __global__ void __launch_bounds__(kGThreads)
     const int32_t row = i / D, e = i % D, tq = row / G, gq = row % G;
     float x = 0.f;
     if (qpos[row] >= 0) {
-      const int64_t o = off4(a.q, b, t0 + tq, h * G + gq, 0);
+      const int64_t o = q_at(a.q, tq, h * G + gq, 0);
       auto qe = [&](int32_t j) { return load_elem(a.q.data, a.q.elem, o + j); };
       x = rope_elem(qe, e, qpos[row], a.inv_freq, a.rotary_dim, a.inter, a.att) *
           (a.scale * kLog2e);
@@ -918,11 +1019,11 @@ __global__ void __launch_bounds__(kGThreads)
     O[i] = 0.f;
   }
 
-  const int32_t S = a.len[b];
   const int32_t hs = a.n_sel_heads == 1 ? 0 : h;
-  const bool sparse = a.sparse != 0;
+  /* paged storage: a sparse layer's single-query sequences take sparse steps */
+  const bool sparse = a.sparse != 0 && (!PG || nq == 1);
   const int32_t* sel =
-      sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.max_tokens : nullptr;
+      sparse ? a.sel_idx + ((int64_t)b * a.n_sel_heads + hs) * a.sel_stride : nullptr;
   const int32_t n_cand = S - a.n_sink - a.n_recent > 0 ? S - a.n_sink - a.n_recent : 0;
   const TokList L = tok_list(S, a.n_sink, a.n_recent, sparse ? a.sel_count[b] : n_cand);
   const T* lat_s = (const T*)a.lat_score;
@@ -934,13 +1035,18 @@ __global__ void __launch_bounds__(kGThreads)
     if (tid < kGKT) {
       const int32_t i = j0 + tid;
       int32_t kind = -1, slot = 0, p = 0;
+      int64_t base = 0;
       if (i < L.total) {
-        slot = tok_slot(L, i, sel, a.n_sink, &kind);
-        p = a.pos[(int64_t)b * a.max_tokens + slot];
+        const Tok tk = tok_entry<PG>(a, b, L, i, sel);
+        kind = tk.kind;
+        slot = tk.src;
+        p = tok_pos<PG>(a, b, tk.t);
+        if constexpr (PG) base = kind == 0 ? a.pg.offset(b, tk.t) : 0;
       }
       kslot[tid] = slot;
       kkind[tid] = kind;
       kpos[tid] = p;
+      if constexpr (PG) kbase[tid] = base;
     }
     for (int i = tid; i < kGKT * D; i += blockDim.x) K[i] = 0.f;
     __syncthreads();
@@ -951,9 +1057,18 @@ __global__ void __launch_bounds__(kGThreads)
         const int32_t c = c0 + cc;
         float x = 0.f;
         if (kkind[j] == 0 && c < a.rank) {
-          const int64_t row = (int64_t)b * a.max_tokens + kslot[j];
-          if constexpr (QK) load_latent_q<1>(a, row, c, &x);
-          else x = c < a.rs ? to_f<T>(lat_s[row * a.rs + c]) : to_f<T>(lat_r[row * rr + c - a.rs]);
+          if constexpr (PG) {
+            const uint8_t* p = a.pg.pages + kbase[j];
+            if constexpr (QK) load_latent_q<1, PG>(a, kbase[j], c, &x);
+            else
+              x = c < a.rs ? to_f<T>(((const T*)(p + a.pg.lay.lat[0]))[c])
+                           : to_f<T>(((const T*)(p + a.pg.lay.lat[1]))[c - a.rs]);
+          } else {
+            const int64_t row = (int64_t)b * a.max_tokens + kslot[j];
+            if constexpr (QK) load_latent_q<1, PG>(a, row, c, &x);
+            else
+              x = c < a.rs ? to_f<T>(lat_s[row * a.rs + c]) : to_f<T>(lat_r[row * rr + c - a.rs]);
+          }
         }
         Lt[j * (kGRC + 1) + cc] = x;
       }
@@ -973,14 +1088,16 @@ __global__ void __launch_bounds__(kGThreads)
     for (int i = tid; i < kGKT * D; i += blockDim.x) {
       const int j = i / D, e = i % D;
       const int kind = kkind[j];
-      if (kind == 1 || kind == 2) {
+      if (PG && kind == 3) {
+        K[i] = load_elem(a.window, a.w_elem, (int64_t)kslot[j] * a.w_s0 + (int64_t)h * a.w_s2 + e);
+      } else if (!PG && (kind == 1 || kind == 2)) {
         const T* kp = kind == 1 ? (const T*)a.sink_k + ((int64_t)b * a.n_sink + kslot[j]) * a.dk
                                 : (const T*)a.recent_k +
                                       ((int64_t)b * a.n_recent + kslot[j] % a.n_recent) * a.dk;
         K[i] = to_f<T>(kp[(int64_t)h * D + e]);
       }
       float v = 0.f;
-      if (kind >= 0) load_value<T, 1>(a, b, h, D, kslot[j], kind, e, &v);
+      if (kind >= 0) load_value<T, 1, PG>(a, b, h, D, kslot[j], kind, e, &v);
       V[i] = v;
     }
     __syncthreads();
@@ -1041,16 +1158,16 @@ __global__ void __launch_bounds__(kGThreads)
   __syncthreads();
   for (int i = tid; i < R * D; i += blockDim.x) {
     const int32_t row = i / D, e = i % D, tq = row / G, gq = row % G;
-    if (t0 + tq >= Tq) continue;
+    if (t0 + tq >= nq) continue;
     const float l = lrow[row];
     const float o = (qpos[row] >= 0 && l > 0.f) ? O[i] / l : 0.f;
-    store_elem((void*)a.out.data, a.out.elem, off4(a.out, b, t0 + tq, h * G + gq, e), o);
+    store_elem((void*)a.out.data, a.out.elem, q_at(a.out, tq, h * G + gq, e), o);
   }
 }
 
 AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_t* q_pos,
                    const sals_view_t* out) {
-  AttnArgs a;
+  AttnArgs a{};
   const CacheState* s = state(c);
   a.lat_score = c->lat_score;
   a.lat_rest = c->lat_rest;
@@ -1065,6 +1182,7 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
   a.len = c->len;
   a.sel_idx = c->sel_idx;
   a.sel_count = c->sel_count;
+  a.sel_stride = c->cfg.max_tokens;
   a.uh = s->uh;
   a.proj = c->proj;
   a.inv_freq = c->inv_freq;
@@ -1127,11 +1245,6 @@ int32_t pick_splits(int64_t pairs, int32_t max_tiles, int64_t slots) {
   return best;
 }
 
-/* Launch geometry of a decode step: B x n_head_kv lists of at most max_tiles 128-token tiles. */
-struct DecodeGrid {
-  int32_t B, max_tiles, max_pv_split, num_sms;
-};
-
 /* Resident blocks per SM of `kernel` (at least 1). */
 template <typename K>
 cudaError_t blocks_per_sm(K kernel, int threads, size_t smem, int* n) {
@@ -1142,13 +1255,13 @@ cudaError_t blocks_per_sm(K kernel, int threads, size_t smem, int* n) {
 }
 
 /* rebuild_logits_kernel then softmax_pv_kernel (which merges the splits). */
-template <typename T, int D, int GM>
+template <typename T, int D, int GM, bool PG>
 cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_t st) {
   const int64_t pairs = (int64_t)dg.B * a.hkv;
   const size_t smem = rebuild_smem_bytes<T, D>();
   /* quantised latent keys: a second instantiation, the 16-bit kernel stays as it is */
-  auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, GM, true>
-                                 : rebuild_logits_kernel<T, D, GM, false>;
+  auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, GM, true, PG>
+                                 : rebuild_logits_kernel<T, D, GM, false, PG>;
   cudaError_t e =
       cudaFuncSetAttribute(rebuild, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
@@ -1167,32 +1280,38 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
       a.bits < 16 ? (size_t)kPWarps * 2 * pv_group_bytes(D * a.bits / 8, D / a.group) : 0;
   const int32_t staged = pv_smem > 0 && pv_smem <= kPStageMax;
   const size_t pv_dyn = staged ? pv_smem : 0;
-  e = cudaFuncSetAttribute(softmax_pv_kernel<T, D, GM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)pv_dyn);
+  auto pv = softmax_pv_kernel<T, D, GM, PG>;
+  e = cudaFuncSetAttribute(pv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pv_dyn);
   if (e != cudaSuccess) return e;
-  e = blocks_per_sm(softmax_pv_kernel<T, D, GM>, kPWarps * 32, pv_dyn, &per_sm);
+  e = blocks_per_sm(pv, kPWarps * 32, pv_dyn, &per_sm);
   if (e != cudaSuccess) return e;
   int64_t want = cdiv((int64_t)dg.num_sms * per_sm, pairs);
   if (want > dg.max_tiles) want = dg.max_tiles;
   if (want > dg.max_pv_split) want = dg.max_pv_split;
   const int32_t pv_split = want > 1 ? (int32_t)want : 1;
-  softmax_pv_kernel<T, D, GM>
-      <<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B), kPWarps * 32, pv_dyn, st>>>(
-          a, staged);
+  pv<<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B), kPWarps * 32, pv_dyn, st>>>(
+      a, staged);
   return cudaPeekAtLastError();
 }
-template <typename T, int D>
+template <typename T, int D, bool PG>
 cudaError_t launch_decode_d(const AttnArgs& a, const DecodeGrid& dg, cudaStream_t st) {
-  if (a.G <= 1) return launch_decode_g<T, D, 1>(a, dg, st);
-  if (a.G <= 2) return launch_decode_g<T, D, 2>(a, dg, st);
-  if (a.G <= 4) return launch_decode_g<T, D, 4>(a, dg, st);
-  return launch_decode_g<T, D, 8>(a, dg, st);
+  if (a.G <= 1) return launch_decode_g<T, D, 1, PG>(a, dg, st);
+  if (a.G <= 2) return launch_decode_g<T, D, 2, PG>(a, dg, st);
+  if (a.G <= 4) return launch_decode_g<T, D, 4, PG>(a, dg, st);
+  return launch_decode_g<T, D, 8, PG>(a, dg, st);
 }
-template <typename T>
+template <typename T, bool PG>
 cudaError_t launch_decode(const AttnArgs& a, int D, const DecodeGrid& dg, cudaStream_t st) {
-  if (D == 64) return launch_decode_d<T, 64>(a, dg, st);
-  if (D == 128) return launch_decode_d<T, 128>(a, dg, st);
-  return launch_decode_d<T, 256>(a, dg, st);
+  if (D == 64) return launch_decode_d<T, 64, PG>(a, dg, st);
+  if (D == 128) return launch_decode_d<T, 128, PG>(a, dg, st);
+  return launch_decode_d<T, 256, PG>(a, dg, st);
+}
+
+/* Dynamic shared memory of the general kernel for R = QT * G query rows. */
+size_t general_smem(int32_t R, int32_t D) {
+  return sizeof(float) *
+             ((size_t)2 * R * D + 2 * kGKT * D + kGKT * (kGRC + 1) + (size_t)R * kGKT + 3 * R) +
+         sizeof(int32_t) * (R + 3 * kGKT);
 }
 
 }  // namespace
@@ -1206,11 +1325,81 @@ static int32_t host_budget(const sals_config_t& cf, int32_t S) {
   return k < n_cand ? k : n_cand;
 }
 
+int32_t most_selected(const sals_config_t& cf, int32_t S) { return host_budget(cf, S); }
+
 /* Sinks + recent + the budget at max_tokens (the budget grows with the length), or every token
  * in dense mode. */
 int64_t attend_list_max(const sals_config_t& cf) {
   if (cf.dense) return cf.max_tokens;
   return (int64_t)cf.n_sink + cf.n_recent + host_budget(cf, cf.max_tokens);
+}
+
+bool decode_kernels_fit(const sals_config_t& cf, int32_t rotary_dim, int32_t interleaved) {
+  const int32_t D = cf.head_dim;
+  const bool rot_ok = rotary_dim == 0 || interleaved || rotary_dim == D;
+  return cf.dtype != SALS_DTYPE_FLOAT32 && (D == 64 || D == 128 || D == 256) &&
+         cf.n_head_q / cf.n_head_kv <= 8 && cf.rank % 8 == 0 && cf.score_rank % 8 == 0 && rot_ok;
+}
+
+cudaError_t launch_decode_attention(const AttnArgs& a, bool paged, sals_dtype_t dtype, int32_t D,
+                                    const DecodeGrid& dg, cudaStream_t st) {
+  if (dtype == SALS_DTYPE_FLOAT16)
+    return paged ? launch_decode<__half, true>(a, D, dg, st)
+                 : launch_decode<__half, false>(a, D, dg, st);
+  return paged ? launch_decode<__nv_bfloat16, true>(a, D, dg, st)
+               : launch_decode<__nv_bfloat16, false>(a, D, dg, st);
+}
+
+int32_t general_rows(int32_t G) { return 32 / G > 1 ? 32 / G : 1; }
+
+int decode_parts(int32_t n_head_kv, int num_sms) {
+  int p = (2 * num_sms + n_head_kv - 1) / n_head_kv;
+  if (p < 2) p = 2;
+  if (p > 64) p = 64;
+  return p;
+}
+
+cudaError_t launch_general_attention(const AttnArgs& a, bool paged, sals_dtype_t dtype, int32_t D,
+                                     int32_t Tq, int32_t QT, dim3 grid, cudaStream_t st) {
+  const size_t smem = general_smem(QT * a.G, D);
+  cudaError_t e = cudaSuccess;
+  SALS_DISPATCH_DTYPE(dtype, T, {
+    auto general = a.key_bits < 16
+                       ? (paged ? general_kernel<T, true, true> : general_kernel<T, true, false>)
+                       : (paged ? general_kernel<T, false, true> : general_kernel<T, false, false>);
+    e = cudaFuncSetAttribute(general, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e == cudaSuccess) {
+      general<<<grid, kGThreads, smem, st>>>(a, D, Tq, QT);
+      e = cudaPeekAtLastError();
+    }
+  });
+  return e;
+}
+
+cudaError_t launch_fold(const DView& q, const int32_t* row_of, int32_t B, int32_t H, int32_t G,
+                        int32_t D, int32_t dk, const float* proj, int32_t rank, int32_t score_rank,
+                        void* work, int64_t work_rows, float* qlat, int* flag, cudaStream_t st) {
+  const int32_t fold_k = H == 1 ? dk : D;
+  const SkinnyWork w = skinny_work(work, work_rows, score_rank, H);
+  const QLatStore qs{qlat, score_rank};
+  const int32_t ph = H == 1 ? 0 : 1;
+  auto fold = [&](auto load) {
+    return skinny(B, score_rank, fold_k, H, proj, rank, (int64_t)D * rank, load, w, qs, st);
+  };
+  auto by_heads = [&](auto elem, auto rm) {
+    typedef typename decltype(elem)::type E;
+    constexpr bool RM = decltype(rm)::value;
+    if (G == 1) return fold(QFoldLoad<E, 1, RM>{q, row_of, G, D, ph, flag});
+    if (G <= 4) return fold(QFoldLoad<E, 4, RM>{q, row_of, G, D, ph, flag});
+    if (G <= 8) return fold(QFoldLoad<E, 8, RM>{q, row_of, G, D, ph, flag});
+    return fold(QFoldLoad<E, 0, RM>{q, row_of, G, D, ph, flag});
+  };
+  cudaError_t e = cudaSuccess;
+  SALS_DISPATCH_FLOAT_ELEM(q.elem, E, {
+    e = row_of ? by_heads(ElemType<E>{}, std::true_type{})
+               : by_heads(ElemType<E>{}, std::false_type{});
+  });
+  return e;
 }
 }  // namespace sals_cuda
 
@@ -1228,34 +1417,19 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
   const bool decode = Tq == 1;
   const bool sparse = decode && !cf.dense;
   /* a sparse step checks q in the scoring query's fold (flag 2), which reads all of it */
-  int* const q_flag = cf.check_finite && sparse ? s->flag + 2 : nullptr;
-  if (cf.check_finite) SALS_TRY(sparse ? cache_report_finite(c) : cache_check_finite(c, q, 2, st));
+  int* const q_flag = cf.check_finite && sparse ? s->flag + kFlagQ : nullptr;
+  if (cf.check_finite)
+    SALS_TRY(sparse ? cache_report_finite(c) : cache_check_finite(c, q, kFlagQ, st));
   SALS_TRY(ensure_uh(c, st));
   AttnArgs a = make_args(c, q, q_pos, out);
   a.sparse = sparse ? 1 : 0;
   const int32_t G = a.G;
-  const int32_t rot = c->rotary_dim;
-  const bool rot_ok = rot == 0 || c->interleaved || rot == D;
-  const bool fast = decode && cf.dtype != SALS_DTYPE_FLOAT32 && (D == 64 || D == 128 || D == 256) &&
-                    G <= 8 && cf.rank % 8 == 0 && cf.score_rank % 8 == 0 && rot_ok;
+  const bool fast = decode && decode_kernels_fit(cf, c->rotary_dim, c->interleaved);
 
   if (sparse) {
     const int32_t H = c->n_sel_heads;
-    const int32_t fold_k = H == 1 ? c->dk : D;
-    const SkinnyWork qw = skinny_work(s->qpart, cf.max_batch, cf.score_rank, H);
-    const QLatStore qs{s->qlat, cf.score_rank};
-    auto fold = [&](auto load) {
-      return skinny(B, cf.score_rank, fold_k, H, c->proj, cf.rank, (int64_t)D * cf.rank, load, qw,
-                    qs, st);
-    };
-    const int32_t ph = H == 1 ? 0 : 1;
-    SALS_DISPATCH_FLOAT_ELEM(q->elem, E, {
-      const DView qv = dview(q);
-      if (G == 1) SALS_CUDA_TRY(fold(QFoldLoad<E, 1>{qv, G, D, ph, q_flag}));
-      else if (G <= 4) SALS_CUDA_TRY(fold(QFoldLoad<E, 4>{qv, G, D, ph, q_flag}));
-      else if (G <= 8) SALS_CUDA_TRY(fold(QFoldLoad<E, 8>{qv, G, D, ph, q_flag}));
-      else SALS_CUDA_TRY(fold(QFoldLoad<E, 0>{qv, G, D, ph, q_flag}));
-    });
+    SALS_CUDA_TRY(launch_fold(dview(q), nullptr, B, H, G, D, c->dk, c->proj, cf.rank, cf.score_rank,
+                              s->qpart, cf.max_batch, s->qlat, q_flag, st));
     if (cf.key_bits < 16) {
       const QuantRows kq{
           (const uint8_t*)c->lat_score, c->lat_score_scale, c->lat_score_zero, cf.max_tokens,
@@ -1305,25 +1479,13 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     const int32_t max_split = s->max_parts;
     const DecodeGrid dg{B, max_tiles > 0 ? max_tiles : 1, max_split > 0 ? max_split : 1,
                         s->num_sms};
-    if (cf.dtype == SALS_DTYPE_FLOAT16) SALS_CUDA_TRY(launch_decode<__half>(a, D, dg, st));
-    else SALS_CUDA_TRY(launch_decode<__nv_bfloat16>(a, D, dg, st));
+    SALS_CUDA_TRY(launch_decode_attention(a, false, cf.dtype, D, dg, st));
     return SALS_OK;
   }
 
-  int32_t QT = 32 / G;
-  if (QT < 1) QT = 1;
+  int32_t QT = general_rows(G);
   if (QT > Tq) QT = Tq;
-  const int32_t R = QT * G;
-  const size_t smem = sizeof(float) * ((size_t)2 * R * D + 2 * kGKT * D + kGKT * (kGRC + 1) +
-                                       (size_t)R * kGKT + 3 * R) +
-                      sizeof(int32_t) * (R + 3 * kGKT);
-  dim3 grid((unsigned)cdiv(Tq, QT), (unsigned)cf.n_head_kv, (unsigned)B);
-  SALS_DISPATCH_DTYPE(cf.dtype, T, {
-    auto general = cf.key_bits < 16 ? general_kernel<T, true> : general_kernel<T, false>;
-    SALS_CUDA_TRY(
-        cudaFuncSetAttribute(general, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    general<<<grid, kGThreads, smem, st>>>(a, D, Tq, QT);
-  });
-  SALS_CUDA_LAUNCHED("general attention");
+  const dim3 grid((unsigned)cdiv(Tq, QT), (unsigned)cf.n_head_kv, (unsigned)B);
+  SALS_CUDA_TRY(launch_general_attention(a, false, cf.dtype, D, Tq, QT, grid, st));
   return SALS_OK;
 }

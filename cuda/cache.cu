@@ -13,25 +13,34 @@
 
 #include "common.cuh"
 #include "gemm.cuh"
+#include "store.cuh"
 
 namespace sals_cuda {
 namespace {
 
-constexpr int kScanThreads = 256;
+constexpr int kScanThreads = kRowThreads;
 /* Rows of an append projected at a time with quantised latent keys (float32 workspace). */
 constexpr int64_t kLatChunk = 2048;
 
 /* Finite check over a strided view of up to 4 dims; sets *flag when a NaN/inf is seen (a
- * plain store of 1: any number of writers agree). */
-__global__ void finite_kernel(DView v, int64_t n, int* flag) {
+ * plain store of 1: any number of writers agree). With rows_lo, only the rows (dim 0) in
+ * [*rows_lo, *rows_hi), clamped to the view, are looked at. */
+__global__ void finite_kernel(DView v, int64_t n, int* flag, const int32_t* rows_lo,
+                              const int32_t* rows_hi) {
+  int64_t lo = 0, hi = v.shape[0];
+  if (rows_lo) {
+    lo = *rows_lo < 0 ? 0 : (*rows_lo > hi ? hi : *rows_lo);
+    hi = *rows_hi < lo ? lo : (*rows_hi > hi ? hi : *rows_hi);
+  }
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     int64_t r = i, off = 0;
-    for (int d = SALS_MAX_DIMS - 1; d >= 0; --d) {
+    for (int d = SALS_MAX_DIMS - 1; d > 0; --d) {
       off += (r % v.shape[d]) * v.stride[d];
       r /= v.shape[d];
     }
-    if (!isfinite(load_elem(v.data, v.elem, off))) *flag = 1;
+    /* r: the element's row */
+    if (r >= lo && r < hi && !isfinite(load_elem(v.data, v.elem, off + r * v.stride[0]))) *flag = 1;
   }
 }
 
@@ -109,54 +118,12 @@ __device__ __forceinline__ void store_latent(const sals_cache_t& c, int64_t b, i
   else ((T*)c.lat_rest)[row * rr + (n - rs)] = from_f<T>(x);
 }
 
-/* Offsets of the channels i = h * d + e of row (b, t) of a [B, T, Hkv, d] view; rows whose heads
- * lie back to back (the usual layout) need no division per channel. */
-struct RowOff {
-  int64_t base, s2, s3;
-  int32_t d;
-  bool flat;
-  __device__ RowOff(const DView& x, int64_t b, int64_t t, int32_t d_)
-      : base(off2(x, b, t)),
-        s2(x.stride[2]),
-        s3(x.stride[3]),
-        d(d_),
-        flat(x.stride[3] == 1 && x.stride[2] == d_) {}
-  __device__ int64_t operator()(int32_t i) const {
-    return flat ? base + i : base + (i / d) * s2 + (i % d) * s3;
-  }
-};
-
 /*
- * A float element's raw bits (float32: 32 bits; float16 / bfloat16: 16 bits), then its value.
- * Loading raw bits first lets a thread have all its loads in flight before it converts any: a
- * conversion right after each load (load_elem's switch) waits on the loads one after another.
- * k and v may be of different float types, so the type stays a run-time tag here.
- */
-__device__ __forceinline__ uint32_t load_bits(const void* p, int32_t elem, int64_t i) {
-  return elem == SALS_ELEM_F32 ? ((const uint32_t*)p)[i] : ((const uint16_t*)p)[i];
-}
-__device__ __forceinline__ float bits_value(uint32_t x, int32_t elem) {
-  if (elem == SALS_ELEM_F32) return __uint_as_float(x);
-  if (elem == SALS_ELEM_F16) return __half2float(__ushort_as_half((unsigned short)x));
-  return __bfloat162float(__ushort_as_bfloat16((unsigned short)x));
-}
-
-/* Channels of a row staged per pass: kVPer per thread, loaded before any is used. */
-constexpr int kVPer = 16, kVChunk = kScanThreads * kVPer;
-
-/*
- * Values and exact windows of one appended row (m = b * T + t) per block of kScanThreads. With
- * T == 1 the block first assigns its sequence's slot (a decode step needs no slot kernel).
- * Channels are read coalesced (thread i takes channels i, i + 256, ...), all of a pass at once,
- * and staged in shared memory; then a segment of lanes per quantisation group runs
- * quantize_group_seg on the staged copy (one padding float per 32 keeps the group-strided reads
- * free of bank conflicts): at a decode step the row is one block, and one thread per group
- * left most of it idle on a serial min/max and packing loop.
- * A pass covers whole groups; a group longer than a pass is read from global memory instead.
- * Three blocks per SM leave registers for a pass's 32 loads in flight without spills.
- * With `flags` (check_finite), the block also checks its row's k and v, raising flags[0] / [1]:
- * the append needs no finite-check launches. Padding rows (no slot) are not checked, as on the
- * CPU.
+ * Values and exact windows of one appended row (m = b * T + t) per block of kScanThreads
+ * (store_value_row). With T == 1 the block first assigns its sequence's slot (a decode step
+ * needs no slot kernel). Three blocks per SM leave registers for a pass's 32 loads in flight
+ * without spills. With `flags` (check_finite), the block also checks its row's k and v; padding
+ * rows (no slot) are not checked, as on the CPU.
  */
 template <typename T>
 __global__ void __launch_bounds__(kScanThreads, 3)
@@ -189,7 +156,6 @@ __global__ void __launch_bounds__(kScanThreads, 3)
   }
   if (slot < 0) return;
   const int32_t d = c.cfg.head_dim, dk = c.dk, bits = c.cfg.value_bits;
-  const int32_t group = c.cfg.value_group;
   const int64_t row = (int64_t)b * c.cfg.max_tokens + slot;
   const bool sink = slot < c.cfg.n_sink;
   const bool recent = c.cfg.n_recent > 0 && slot >= n - c.cfg.n_recent;
@@ -199,61 +165,22 @@ __global__ void __launch_bounds__(kScanThreads, 3)
                  : nullptr;
   T* rv = recent ? (T*)c.recent_v + ((int64_t)b * c.cfg.n_recent + slot % c.cfg.n_recent) * dk
                  : nullptr;
-  T* full = bits == 16 ? (T*)c.val + row * dk : nullptr;
-  uint8_t* packed = (uint8_t*)c.val + row * c.val_row_bytes;
-  const bool staged = bits == 16 || group <= kVChunk;
-  const int32_t span = bits == 16 || !staged ? kVChunk : kVChunk / group * group;
-  const RowOff voff(v, b, t, d), koff(k, b, t, d);
-  for (int32_t c0 = 0; c0 < dk; c0 += span) {
-    const int32_t cn = dk - c0 < span ? dk - c0 : span;
-    uint32_t vb[kVPer], kb[kVPer];
-#pragma unroll
-    for (int j = 0; j < kVPer; ++j) {
-      const int32_t i = threadIdx.x + j * kScanThreads;
-      vb[j] = i < cn ? load_bits(v.data, v.elem, voff(c0 + i)) : 0u;
-      kb[j] = i < cn && (sink || recent || flags) ? load_bits(k.data, k.elem, koff(c0 + i)) : 0u;
+  const ValueDst<T> dst{bits == 16 ? (T*)c.val + row * dk : nullptr,
+                        (uint8_t*)c.val + row * c.val_row_bytes,
+                        bits == 16 ? nullptr : c.val_scale + row * c.n_groups,
+                        bits == 16 ? nullptr : c.val_zero + row * c.n_groups};
+  auto exact = [&](int32_t ch, float kx, float vx) {
+    if (sink) {
+      sk[ch] = from_f<T>(kx);
+      sv[ch] = from_f<T>(vx);
     }
-#pragma unroll
-    for (int j = 0; j < kVPer; ++j) {
-      const int32_t i = threadIdx.x + j * kScanThreads, ch = c0 + i;
-      if (i >= cn) break;
-      const float vx = bits_value(vb[j], v.elem), kx = bits_value(kb[j], k.elem);
-      if (flags && !isfinite(kx)) flags[0] = 1;
-      if (flags && !isfinite(vx)) flags[1] = 1;
-      if (sink) {
-        sk[ch] = from_f<T>(kx);
-        sv[ch] = from_f<T>(vx);
-      }
-      if (recent) {
-        rk[ch] = from_f<T>(kx);
-        rv[ch] = from_f<T>(vx);
-      }
-      if (full) full[ch] = from_f<T>(vx);
-      else xs[i + i / 32] = vx;
+    if (recent) {
+      rk[ch] = from_f<T>(kx);
+      rv[ch] = from_f<T>(vx);
     }
-    if (full) continue;
-    __syncthreads();
-    /* groups that start in this pass (all of them lie in it when staged), one per segment of
-     * `seg` lanes: the power of two covering the group (at most a warp), halved until the
-     * pass's groups fit the block at once */
-    const int32_t g_lo = (c0 + group - 1) / group, g_hi = (c0 + cn - 1) / group + 1;
-    int32_t seg = group >= 32 ? 32 : 1 << (32 - __clz(group - 1));
-    while (seg > 1 && (g_hi - g_lo) * seg > kScanThreads) seg >>= 1;
-    const int32_t per_warp = 32 / seg, lane = threadIdx.x & 31;
-    for (int32_t g0 = g_lo + (int32_t)(threadIdx.x >> 5) * per_warp; g0 < g_hi;
-         g0 += kScanThreads / 32 * per_warp) {
-      const int32_t g = g0 + lane / seg, e0 = g * group;
-      auto x_at = [&](int32_t e) {
-        const int32_t i = e0 + e - c0;
-        return staged ? xs[i + i / 32] : load_elem(v.data, v.elem, voff(e0 + e));
-      };
-      /* group * bits is a multiple of 8: each group owns whole bytes */
-      quantize_group_seg(x_at, g < g_hi, lane % seg, seg, group, bits,
-                         packed + (int64_t)e0 * bits / 8, &c.val_scale[row * c.n_groups + g],
-                         &c.val_zero[row * c.n_groups + g]);
-    }
-    __syncthreads();
-  }
+  };
+  store_value_row<T>(k, v, RowOff(k, b, t, d), RowOff(v, b, t, d), dk, bits, c.cfg.value_group, dst,
+                     sink || recent, exact, flags, xs);
 }
 
 /* dst = [U_hi; U_lo; U_hi] with U_hi = T(U), U_lo = T(U - U_hi): see KRowLoad8. */
@@ -273,63 +200,24 @@ __global__ void lengths_kernel(const int32_t* len, DView out, int32_t B) {
   if (b < B) ((int32_t*)out.data)[b * out.stride[0]] = len[b];
 }
 
+/* One block per row (b, h) of idx: the first cnt[b] entries of selection row b * H + h (of
+ * row_stride), then -1; count[b] = cnt[b] when count.data; *flag raised (when given) if a
+ * selection is longer than idx's rows. */
 __global__ void selected_kernel(const int32_t* sel, const int32_t* cnt, int32_t H,
-                                int32_t max_tokens, DView idx, DView count) {
-  const int32_t b = blockIdx.y / H, h = blockIdx.y % H;
+                                int64_t row_stride, DView idx, DView count, int* flag) {
+  const int32_t b = blockIdx.x / H, h = blockIdx.x % H;
   const int32_t n = cnt[b];
   const int64_t N = idx.shape[2];
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < N;
-       j += (int64_t)gridDim.x * blockDim.x) {
-    int32_t x = (j < n && j < max_tokens) ? sel[((int64_t)b * H + h) * max_tokens + j] : -1;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    int32_t x = (j < n && j < row_stride) ? sel[((int64_t)b * H + h) * row_stride + j] : -1;
     ((int32_t*)idx.data)[off3(idx, b, h, j)] = x;
   }
-  if (h == 0 && blockIdx.x == 0 && threadIdx.x == 0)
-    ((int32_t*)count.data)[b * count.stride[0]] = n;
+  if (h == 0 && threadIdx.x == 0) {
+    if (count.data) ((int32_t*)count.data)[b * count.stride[0]] = n;
+    if (flag && n > N) *flag = 1;
+  }
 }
 
-/* Input projection row m = b*T + t, column i = h*d + e of a [B, T, Hkv, d] view. */
-template <typename E> struct KRowLoad {
-  DView k;
-  int32_t T, d;
-  __device__ float operator()(int64_t m, int64_t i, int32_t = 0) const {
-    const int64_t b = T == 1 ? m : m / T; /* decode: no 64-bit division per element */
-    return load_as<E>(k.data, RowOff(k, b, m - b * T, d)((int32_t)i));
-  }
-};
-/*
- * A operand of the prefill projection on tensor cores. 16-bit U and 16-bit keys alone would
- * round the latent keys (and so the scores) well above float32: with x = x_hi + x_lo and
- * U = U_hi + U_lo split into 16-bit parts, the product runs over K' = 3K (or 2K when the keys
- * are already in the storage type, x_lo = 0) as [x_hi, x_hi, x_lo] . [U_hi; U_lo; U_hi], which
- * is float32-accurate up to the dropped x_lo U_lo term. Column i of segment i / K is key
- * coordinate i % K.
- */
-template <typename T> struct KRowLoad8 {
-  DView k;
-  int64_t M, K;
-  int32_t steps, d; /* steps: T of the [B, T, Hkv, d] view */
-  __device__ void load8(int64_t m, int64_t i, T* dst) const {
-    const int64_t seg = i / K;
-    if (m >= M || seg >= 3) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(0.f);
-      return;
-    }
-    i -= seg * K;
-    const int64_t o = off4(k, m / steps, m % steps, i / d, i % d);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float x = load_elem(k.data, k.elem, o + e);
-      const T hi = from_f<T>(x);
-      dst[e] = seg == 2 ? from_f<T>(x - to_f<T>(hi)) : hi;
-    }
-  }
-};
-struct FloatMatLoad {
-  const float* p;
-  int64_t ld;
-  __device__ float operator()(int64_t i, int64_t j) const { return p[i * ld + j]; }
-};
 template <typename T> struct LatentEpi {
   sals_cache_t c;
   const int32_t* dest;
@@ -340,82 +228,33 @@ template <typename T> struct LatentEpi {
   }
 };
 
-/* Quantised latent keys: the projection's epilogue writes row m of a chunk of the append's rows
- * to the float32 workspace, quantize_latent_kernel then stores it. */
-struct LatentWsEpi {
-  float* ws;
-  int32_t N;
-  __device__ void operator()(int64_t m, int64_t n, float x) const { ws[m * N + n] = x; }
-};
-/* A row loader seen from row m0 on (the chunks of a quantised-key append). */
-template <typename L> struct RowShift {
-  L l;
+/* Where row m of a chunk from row m0 of an append keeps a latent part (quantize_latent_kernel):
+ * its slot's row of lat_score / lat_rest and their scales and zeros. */
+struct CacheLatentDst {
+  sals_cache_t c;
+  const int32_t* dest;
   int64_t m0;
-  __device__ float operator()(int64_t m, int64_t i, int32_t hs = 0) const {
-    return l(m + m0, i, hs);
-  }
-  template <typename D> __device__ void load8(int64_t m, int64_t i, D* dst) const {
-    l.load8(m + m0, i, dst);
+  int32_t T_;
+  __device__ bool operator()(int64_t m, int part, uint8_t** codes, uint16_t** sc,
+                             uint16_t** zr) const {
+    const int32_t slot = __ldg(dest + m0 + m);
+    if (slot < 0) return false;
+    const int64_t row = (m0 + m) / T_ * c.cfg.max_tokens + slot;
+    const int64_t groups =
+        (part ? c.cfg.rank - c.cfg.score_rank : c.cfg.score_rank) / c.cfg.key_group;
+    *codes = (uint8_t*)(part ? c.lat_rest : c.lat_score) +
+             row * (part ? c.lat_rest_bytes : c.lat_score_bytes);
+    *sc = (part ? c.lat_rest_scale : c.lat_score_scale) + row * groups;
+    *zr = (part ? c.lat_rest_zero : c.lat_score_zero) + row * groups;
+    return true;
   }
 };
 
-/*
- * Quantised latent keys of rows [m0, m0 + Mc) of an append (ws: their float32 latent rows,
- * [Mc][rank]), stored as the CPU's store_latent does: the score part [0, score_rank) and the
- * rest [score_rank, rank) each as the value path's groups (quantize_group, the same rounding),
- * one thread per (row, group); key_group divides both parts, so group g of the whole row starts
- * at coordinate g * key_group. flag (when checking): raised if a group's float16 scale or zero
- * overflowed, the case the CPU's check_storable refuses.
- */
-__global__ void quantize_latent_kernel(sals_cache_t c, const float* __restrict__ ws,
-                                       const int32_t* __restrict__ dest, int64_t m0, int64_t Mc,
-                                       int32_t T_, int* flag) {
-  const int32_t kg = c.cfg.key_group, bits = c.cfg.key_bits, r = c.cfg.rank;
-  const int32_t ngs = c.cfg.score_rank / kg, ng = r / kg;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < Mc * ng;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t m = i / ng;
-    const int32_t g = (int32_t)(i % ng);
-    const int32_t slot = __ldg(dest + m0 + m);
-    if (slot < 0) continue;
-    const int64_t row = (m0 + m) / T_ * c.cfg.max_tokens + slot;
-    const bool score = g < ngs;
-    const int32_t lg = score ? g : g - ngs, part_groups = score ? ngs : ng - ngs;
-    uint8_t* packed = (uint8_t*)(score ? c.lat_score : c.lat_rest) +
-                      row * (score ? c.lat_score_bytes : c.lat_rest_bytes) +
-                      (int64_t)lg * kg * bits / 8;
-    uint16_t* sc = (score ? c.lat_score_scale : c.lat_rest_scale) + row * part_groups + lg;
-    uint16_t* zr = (score ? c.lat_score_zero : c.lat_rest_zero) + row * part_groups + lg;
-    const float* x = ws + m * r + (int64_t)g * kg;
-    quantize_group([&](int32_t e) { return x[e]; }, kg, bits, packed, sc, zr);
-    if (flag && ((*sc & 0x7c00u) == 0x7c00u || (*zr & 0x7c00u) == 0x7c00u)) *flag = 1;
-  }
-}
-
-/* What each deferred check reports: the finite checks of k, v and q (the flag index), then the
- * latent range of quantised keys. */
-constexpr const char* kFlagWhat[] = {
-    "k: an earlier call's input held NaN or infinity",
-    "v: an earlier call's input held NaN or infinity",
-    "q: an earlier call's input held NaN or infinity",
-    "k: an earlier call's latent coordinates spanned more than the float16 scale and zero of "
-    "quantised keys hold"};
-constexpr int kFiniteCount = 4, kLatentFlag = 3;
-
-/* Report (and clear) what earlier checks found: NOT_FINITE naming the argument. Reads the
- * mapped flags without synchronising, so it sees the checks whose kernels have completed. */
+/* Report (and clear) what the cache's earlier checks found. */
 sals_status_t report_finite(CacheState* s) {
-  volatile int* flags = s->flag_host;
-  for (int i = 0; i < kFiniteCount; ++i) {
-    if (flags[i]) {
-      for (int j = 0; j < kFiniteCount; ++j) flags[j] = 0;
-      return sals_set_error(SALS_ERR_NOT_FINITE,
-                            "%s (CUDA checks run on the device and report at the next call or "
-                            "sals_cache_check; the cache holds that token: reset it)",
-                            kFlagWhat[i]);
-    }
-  }
-  return SALS_OK;
+  return report_flags(s->flag_host, kFlagCacheCount,
+                      "CUDA checks run on the device and report at the next call or "
+                      "sals_cache_check; the cache holds that token: reset it");
 }
 
 /* Report what earlier checks found, then enqueue the check of input x, raising flag `which`. No
@@ -426,81 +265,97 @@ sals_status_t check_finite(sals_cache_t* c, const sals_view_t* x, int which, cud
   SALS_TRY(report_finite(s));
   int64_t n = 1;
   for (int d = 0; d < x->ndim; ++d) n *= x->shape[d];
-  if (n == 0) return SALS_OK;
-  int64_t blocks = cdiv(n, 256);
-  if (blocks > 4096) blocks = 4096;
-  finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(dview(x), n, s->flag + which);
-  SALS_CUDA_LAUNCHED("finite");
+  SALS_CUDA_TRY(launch_finite(dview(x), n, s->flag + which, nullptr, nullptr, st));
   return SALS_OK;
 }
 
-template <typename T> struct Type {
-  typedef T type;
-};
-
 /*
- * The append's projection U^T k of rows [m0, m0 + Mc) of k (M = B * T rows in all), by the
- * product that fits: tensor cores (16-bit storage, M >= 64), the skinny split-K product (a decode
- * step's few rows) or float32 tiles. kQuant = false: the whole append (m0 = 0, Mc = M), the
- * epilogue storing the latent rows; kQuant = true: one chunk, written to the float32 workspace
- * (row m - m0) for quantize_latent_kernel.
+ * The append's projection U^T k of rows [m0, m0 + Mc) of k (project_keys). kQuant = false: the
+ * whole append (m0 = 0, Mc = M), the epilogue storing the latent rows; kQuant = true: one chunk,
+ * written to the float32 workspace (row m - m0) for quantize_latent_kernel.
  */
 template <bool kQuant>
 sals_status_t project(sals_cache_t* c, const sals_view_t* k, int64_t m0, int64_t Mc,
                       cudaStream_t st) {
   CacheState* s = state(c);
-  const int32_t T = (int32_t)k->shape[1], d = c->cfg.head_dim;
-  const int64_t M = (int64_t)k->shape[0] * T, N = c->cfg.rank, K = c->dk;
+  const int32_t T = (int32_t)k->shape[1];
   const sals_cache_t cv = *c;
   auto epi = [&](auto type) {
     typedef typename decltype(type)::type T_;
-    if constexpr (kQuant) return LatentWsEpi{s->lat_ws, (int32_t)N};
+    if constexpr (kQuant) return LatentWsEpi{s->lat_ws, c->cfg.rank};
     else return LatentEpi<T_>{cv, s->dest, T};
   };
-  auto rows = [&](auto load) {
-    if constexpr (kQuant) return RowShift<decltype(load)>{load, m0};
-    else return load;
-  };
-  const bool tc = c->cfg.dtype != SALS_DTYPE_FLOAT32 && M >= 64 && d % 8 == 0 && N % 8 == 0;
-  const bool k_exact = (k->elem == SALS_ELEM_F16 && c->cfg.dtype == SALS_DTYPE_FLOAT16) ||
-                       (k->elem == SALS_ELEM_BF16 && c->cfg.dtype == SALS_DTYPE_BFLOAT16);
-  const int64_t K3 = (k_exact ? 2 : 3) * K; /* see KRowLoad8 */
-  if (tc && c->cfg.dtype == SALS_DTYPE_FLOAT16) {
-    SALS_CUDA_TRY(hgemm<__half>(Mc, N, K3, rows(KRowLoad8<__half>{dview(k), M, K, T, d}),
-                                (const __half*)s->uh, epi(Type<__half>{}), st));
-  } else if (tc) {
-    SALS_CUDA_TRY(
-        hgemm<__nv_bfloat16>(Mc, N, K3, rows(KRowLoad8<__nv_bfloat16>{dview(k), M, K, T, d}),
-                             (const __nv_bfloat16*)s->uh, epi(Type<__nv_bfloat16>{}), st));
-  } else if (M <= c->cfg.max_batch) { /* a decode step: a few rows, U read once */
-    const SkinnyWork w = skinny_work(s->proj_part, c->cfg.max_batch, N, 1);
-    SALS_DISPATCH_DTYPE(
-        c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-          SALS_CUDA_TRY(skinny((int32_t)Mc, (int32_t)N, (int32_t)K, 1, c->proj, N, 0,
-                               rows(KRowLoad<E>{dview(k), T, d}), w, epi(Type<T_>{}), st));
-        }));
-  } else {
-    SALS_DISPATCH_DTYPE(c->cfg.dtype, T_, SALS_DISPATCH_FLOAT_ELEM(k->elem, E, {
-                          SALS_CUDA_TRY(sgemm(Mc, N, K, rows(KRowLoad<E>{dview(k), T, d}),
-                                              FloatMatLoad{c->proj, N}, epi(Type<T_>{}), st));
-                        }));
-  }
-  return SALS_OK;
+  const KeyProduct p{c->proj,     s->uh, c->cfg.dtype, c->cfg.head_dim,
+                     c->cfg.rank, c->dk, s->proj_part, c->cfg.max_batch};
+  return project_keys<kQuant>(p, dview(k), T, m0, Mc, epi, st);
 }
 
 }  // namespace
+
+cudaError_t convert_projection(const float* src, void* dst, int64_t n, sals_dtype_t dtype,
+                               cudaStream_t st) {
+  const unsigned blocks = (unsigned)(cdiv(n, 256) < 4096 ? cdiv(n, 256) : 4096);
+  SALS_DISPATCH_DTYPE(dtype, T,
+                      { convert_proj_kernel<T><<<blocks, 256, 0, st>>>(src, (T*)dst, n); });
+  return cudaPeekAtLastError();
+}
+
+cudaError_t launch_selected(const int32_t* sel, const int32_t* cnt, int32_t B, int32_t H,
+                            int64_t row_stride, const DView& idx, const DView* count, int* flag,
+                            cudaStream_t st) {
+  if ((int64_t)B * H == 0) return cudaSuccess;
+  selected_kernel<<<(unsigned)(B * H), 256, 0, st>>>(sel, cnt, H, row_stride, idx,
+                                                     count ? *count : DView{}, flag);
+  return cudaPeekAtLastError();
+}
+
+cudaError_t launch_finite(const DView& v, int64_t n, int* flag, const int32_t* rows_lo,
+                          const int32_t* rows_hi, cudaStream_t st) {
+  if (n == 0) return cudaSuccess;
+  int64_t blocks = cdiv(n, 256);
+  if (blocks > 4096) blocks = 4096;
+  finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(v, n, flag, rows_lo, rows_hi);
+  return cudaPeekAtLastError();
+}
+
+/* What each deferred check reports (the flag's index), and as what. */
+sals_status_t report_flags(int* flags_host, int n, const char* after) {
+  static const struct {
+    sals_status_t status;
+    const char* what;
+  } kWhat[kFlagCount] = {
+      {SALS_ERR_NOT_FINITE, "k: an earlier call's input held NaN or infinity"},
+      {SALS_ERR_NOT_FINITE, "v: an earlier call's input held NaN or infinity"},
+      {SALS_ERR_NOT_FINITE, "q: an earlier call's input held NaN or infinity"},
+      {SALS_ERR_NOT_FINITE,
+       "k: an earlier call's latent coordinates spanned more than the float16 scale and zero of "
+       "quantised keys hold"},
+      {SALS_ERR_INVALID_ARGUMENT,
+       "slot_mapping, window_rows: an earlier append had an entry out of range (that token or "
+       "copy was not stored)"},
+      {SALS_ERR_INVALID_ARGUMENT,
+       "query_start, seq_lens, block_table, window_rows: an earlier attend had a sequence with "
+       "an entry out of range (a sequence's: not attended, its output rows not written; a window "
+       "row's: the token rebuilt)"},
+      {SALS_ERR_INVALID_ARGUMENT,
+       "selected: an earlier attend selected more tokens than its dim 2 holds (the rest were "
+       "left out of `selected`, not out of the attention)"}};
+  /* the mapped flags are read without synchronising: the checks whose kernels have completed */
+  volatile int* flags = flags_host;
+  for (int i = 0; i < n; ++i) {
+    if (flags[i]) {
+      for (int j = 0; j < n; ++j) flags[j] = 0;
+      return sals_set_error(kWhat[i].status, "%s (%s)", kWhat[i].what, after);
+    }
+  }
+  return SALS_OK;
+}
 
 /* Exposed to attend.cu. */
 sals_status_t ensure_uh(sals_cache_t* c, cudaStream_t st) {
   CacheState* s = state(c);
   if (s->uh_ready || c->cfg.dtype == SALS_DTYPE_FLOAT32) return SALS_OK;
-  const int64_t n = (int64_t)c->dk * c->cfg.rank;
-  SALS_DISPATCH_DTYPE(c->cfg.dtype, T, {
-    convert_proj_kernel<T>
-        <<<(unsigned)cdiv(n, 256) < 4096 ? (unsigned)cdiv(n, 256) : 4096, 256, 0, st>>>(
-            c->proj, (T*)s->uh, n);
-  });
-  SALS_CUDA_LAUNCHED("convert_proj");
+  SALS_CUDA_TRY(convert_projection(c->proj, s->uh, (int64_t)c->dk * c->cfg.rank, c->cfg.dtype, st));
   s->uh_ready = true;
   return SALS_OK;
 }
@@ -557,15 +412,6 @@ void sals_cuda_cache_free(sals_cache_t* c) {
     delete s;
     c->backend = nullptr;
   }
-}
-
-/* Splits of the decode softmax per (sequence, KV head), one partial each per query head: enough
- * to fill the device at batch 1, within [2, 64] so the workspace stays small. */
-static int parts_for(const sals_cache_t* c, int num_sms) {
-  int p = (2 * num_sms + c->cfg.n_head_kv - 1) / c->cfg.n_head_kv;
-  if (p < 2) p = 2;
-  if (p > 64) p = 64;
-  return p;
 }
 
 sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
@@ -632,7 +478,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   const size_t topk_bytes = topk_workspace_bytes((int32_t)(B * H), S);
   alloc(&s->topk_ws, topk_bytes);
   alloc((void**)&s->logits, (size_t)B * Hq * attend_list_max(cf) * 4);
-  s->max_parts = parts_for(c, s->num_sms);
+  s->max_parts = decode_parts(c->cfg.n_head_kv, s->num_sms);
   alloc((void**)&s->part_o, (size_t)B * Hq * s->max_parts * d * 4);
   alloc((void**)&s->part_ml, (size_t)B * Hq * s->max_parts * 2 * 4);
   alloc((void**)&s->pv_done, (size_t)B * c->cfg.n_head_kv * 4);
@@ -644,13 +490,13 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
     s->lat_ws_rows = B * S < chunk ? B * S : chunk;
     alloc((void**)&s->lat_ws, (size_t)(s->lat_ws_rows * r) * 4);
   }
-  if (!oom && (cudaHostAlloc((void**)&s->flag_host, kFiniteCount * sizeof(int),
+  if (!oom && (cudaHostAlloc((void**)&s->flag_host, kFlagCacheCount * sizeof(int),
                              cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess ||
                cudaHostGetDevicePointer((void**)&s->flag, s->flag_host, 0) != cudaSuccess)) {
     cudaGetLastError();
     oom = true;
   }
-  if (s->flag_host) memset(s->flag_host, 0, kFiniteCount * sizeof(int));
+  if (s->flag_host) memset(s->flag_host, 0, kFlagCacheCount * sizeof(int));
   if (oom) {
     sals_cuda_cache_free(c);
     return sals_set_error(SALS_ERR_OUT_OF_MEMORY,
@@ -705,15 +551,13 @@ sals_status_t sals_cuda_cache_append(sals_cache_t* c, const sals_view_t* k, cons
   SALS_CUDA_LAUNCHED("values");
   if (c->cfg.key_bits == 16) return project<false>(c, k, 0, M, st);
   /* quantised keys: each chunk of rows is projected to float32, then quantised */
-  int* flag = c->cfg.check_finite ? s->flag + kLatentFlag : nullptr;
-  const int64_t groups_per_row = N / c->cfg.key_group;
+  int* flag = c->cfg.check_finite ? s->flag + kFlagLatent : nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += s->lat_ws_rows) {
     const int64_t mc = M - m0 < s->lat_ws_rows ? M - m0 : s->lat_ws_rows;
     SALS_TRY(project<true>(c, k, m0, mc, st));
-    const int64_t blocks = cdiv(mc * groups_per_row, 256);
-    quantize_latent_kernel<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st>>>(
-        cv, s->lat_ws, s->dest, m0, mc, T, flag);
-    SALS_CUDA_LAUNCHED("quantize latent");
+    SALS_CUDA_TRY(launch_quantize_latent(CacheLatentDst{cv, s->dest, m0, T}, s->lat_ws, mc,
+                                         (int32_t)N, c->cfg.score_rank, c->cfg.key_group,
+                                         c->cfg.key_bits, flag, st));
   }
   return SALS_OK;
 }
@@ -752,12 +596,9 @@ sals_status_t sals_cuda_cache_selected(const sals_cache_t* c, const sals_view_t*
                                        const sals_view_t* count, void* stream) {
   DeviceGuard g(c->cfg.device.device_id);
   const int32_t B = (int32_t)idx->shape[0], H = (int32_t)idx->shape[1];
-  if (B == 0) return SALS_OK;
-  const int64_t N = idx->shape[2];
-  dim3 grid((unsigned)(N > 0 ? (cdiv(N, 256) < 64 ? cdiv(N, 256) : 64) : 1), (unsigned)(B * H));
-  selected_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(
-      c->sel_idx, c->sel_count, H, c->cfg.max_tokens, dview(idx), dview(count));
-  SALS_CUDA_LAUNCHED("selected");
+  const DView cv = dview(count);
+  SALS_CUDA_TRY(launch_selected(c->sel_idx, c->sel_count, B, H, c->cfg.max_tokens, dview(idx), &cv,
+                                nullptr, (cudaStream_t)stream));
   return SALS_OK;
 }
 

@@ -437,15 +437,62 @@ struct CacheState {
                       * append, quantised by a second kernel (cache.cu) */
   int64_t lat_ws_rows;
   int max_parts;
-  /* Non-finite input seen, one int per check (cache.cu kFlagWhat: k, v, q, then the latent
-   * scale/zero range of quantised keys), in mapped pinned host memory: kernels write it through
-   * `flag`, the host reads `flag_host` without a copy. */
+  /* Non-finite input seen, one int per check (kFlagK .. kFlagLatent below), in mapped pinned
+   * host memory: kernels write it through `flag`, the host reads `flag_host` without a copy. */
   int* flag;         /* device alias of flag_host */
   int* flag_host;
   int num_sms;
 };
 
 static inline CacheState* state(const sals_cache_t* c) { return (CacheState*)c->backend; }
+
+/* ---- CUDA-private state of paged storage (sals_paged_t::backend, paged.cu) -------------- */
+
+struct PagedState {
+  int device;
+  float* proj;     /* [Dk, rank] float32 */
+  void* uh;        /* [3 Dk, rank] storage type, as CacheState::uh (16-bit storage only) */
+  float* inv_freq; /* [max(rotary_dim / 2, 1)] */
+  int* flag;       /* kFlagCount deferred checks, mapped pinned host memory (as the cache's) */
+  int* flag_host;
+  int num_sms;
+};
+
+/*
+ * Deferred checks: kernels raise a flag (a plain store of 1) in mapped pinned host memory, and
+ * the host reports it at the next call that looks, without a copy or a wait (graph capturable).
+ * The cache uses the first kFlagCacheCount; paged storage all of them (its index checks: the
+ * host cannot read device indices without a synchronisation).
+ */
+enum {
+  kFlagK,        /* k held NaN or infinity */
+  kFlagV,        /* v held NaN or infinity */
+  kFlagQ,        /* q held NaN or infinity */
+  kFlagLatent,   /* a quantised latent group's float16 scale or zero overflowed */
+  kFlagCacheCount,
+  kFlagSlots = kFlagCacheCount, /* paged append: a slot_mapping or window_rows entry out of range */
+  kFlagSeqs, /* paged attend: a sequence's query_start, seq_lens or block table entries out of
+              * range, or a window_rows entry */
+  kFlagSelected, /* paged attend: a selection longer than `selected` holds */
+  kFlagCount
+};
+/* Report (and clear) the first raised of flags[0, n): SALS_ERR_NOT_FINITE or
+ * SALS_ERR_INVALID_ARGUMENT naming the argument, the message closed by `after`. */
+sals_status_t report_flags(int* flags_host, int n, const char* after);
+/* Enqueue a check of the first n elements of view v (row-major over its shape) that raises
+ * *flag on NaN or infinity; with rows_lo / rows_hi (device int32), only rows (dim 0) in
+ * [*rows_lo, *rows_hi) clamped to the view are checked (cache.cu). */
+cudaError_t launch_finite(const DView& v, int64_t n, int* flag, const int32_t* rows_lo,
+                          const int32_t* rows_hi, cudaStream_t st);
+/* idx[b, h, :] (a [B, H, K] view) = the first cnt[b] entries of selection row b * H + h of
+ * `sel` (rows of row_stride), then -1; *count (when given) [B] = cnt; *flag (when given) raised
+ * for a selection longer than K, whose entries past K are left out (cache.cu). */
+cudaError_t launch_selected(const int32_t* sel, const int32_t* cnt, int32_t B, int32_t H,
+                            int64_t row_stride, const DView& idx, const DView* count, int* flag,
+                            cudaStream_t st);
+/* dst = [U_hi; U_lo; U_hi] of src [n] in the 16-bit storage type (see CacheState::uh). */
+cudaError_t convert_projection(const float* src, void* dst, int64_t n, sals_dtype_t dtype,
+                               cudaStream_t st);
 
 /* Sets the cache's device for the duration of a call and restores the caller's. */
 struct DeviceGuard {
@@ -486,15 +533,15 @@ __device__ __forceinline__ int32_t budget_for(int32_t S, int32_t n_sink, int32_t
 struct RowSpec {
   const int32_t* lengths; /* [B] or NULL (= fixed_len) */
   int32_t fixed_len;
-  int32_t rows_per_seq;   /* rows r belong to sequence r / rows_per_seq */
+  int32_t rows_per_seq; /* rows r belong to sequence r / rows_per_seq */
   int32_t n_sink, n_recent;
-  int32_t budget_tokens;  /* > 0: fixed budget */
-  float budget_frac;      /* used when budget_tokens == 0 */
-  int32_t* count;         /* [B] selected per sequence, or NULL */
-  DView qpos;             /* [B, 1] query positions: a padded query (< 0) selects nothing; */
-  bool has_qpos;          /* absent for the stateless score_select */
-  const int32_t* pos;     /* [B, pos_stride] token positions: a token after the query's position
-                           * is not a candidate; NULL = every token is */
+  int32_t budget_tokens; /* > 0: fixed budget */
+  float budget_frac; /* used when budget_tokens == 0 */
+  int32_t* count; /* [B] selected per sequence, or NULL */
+  DView qpos; /* [B, 1] query positions: a padded query (< 0) selects nothing; */
+  bool has_qpos; /* absent for the stateless score_select */
+  const int32_t* pos; /* [B, pos_stride] token positions: a token after the query's position
+                       * is not a candidate; NULL = every token is */
   int64_t pos_stride;
 };
 size_t topk_workspace_bytes(int32_t rows, int64_t row_stride);
@@ -528,6 +575,139 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRo
 /* Longest attended list of one decode step for the cache's config (attend.cu): the row length of
  * CacheState::logits. */
 int64_t attend_list_max(const sals_config_t& cf);
+/* Tokens a sparse step selects at most for sequences of up to S tokens (the budget rule clamped
+ * to the candidates; attend.cu). */
+int32_t most_selected(const sals_config_t& cf, int32_t S);
+
+/* ---- paged storage ------------------------------------------------------------------------ */
+
+/*
+ * Token t of sequence b of an attend lies in slot t % block_size of block table[b, t /
+ * block_size] of the pages [num_blocks, block_size, slot_bytes]; a field of the slot at its byte
+ * offset in `lay` (sals_paged_layout_t). Kernels read the table only for tokens of sequences
+ * whose entries the plan kernel found in range (paged.cu).
+ */
+struct PagedSlots {
+  const uint8_t* pages;
+  int64_t s0, s1; /* bytes from one block to the next, from one slot to the next */
+  const int32_t* table;
+  int64_t table_s0; /* entries from one sequence's row to the next */
+  int32_t block_size;
+  sals_paged_layout_t lay;
+  __device__ __forceinline__ int64_t offset(int32_t b, int32_t t) const {
+    return (int64_t)table[(int64_t)b * table_s0 + t / block_size] * s0 +
+           (int64_t)(t % block_size) * s1;
+  }
+  __device__ __forceinline__ const uint8_t* slot(int32_t b, int32_t t) const {
+    return pages + offset(b, t);
+  }
+};
+
+/* Scores of paged latent keys (score.cu), as launch_scores above: the score part of each slot,
+ * `elem` the storage type (key_bits 16) or codes (key_bits < 16). `vec`: the slots and their
+ * fields are 16-byte aligned (vector loads); max_len bounds the lengths. */
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const PagedSlots& k_lat,
+                          int32_t elem, int32_t key_bits, int32_t key_group, bool vec,
+                          const int32_t* lengths, int32_t max_len, int32_t n_sink, int32_t n_recent,
+                          int32_t B, float* scores, int64_t score_stride_b, int32_t num_sms,
+                          cudaStream_t st);
+
+/*
+ * Scoring queries (attend.cu): qlat[b * H + hs, :score_rank] = U_hs[:, :score_rank]^T of the
+ * GQA-summed pre-RoPE query of sequence b, read from row row_of[b] (or b when row_of is NULL),
+ * token 0, of the [rows, T, n_head_q, head_dim] view q. H = 1 folds every head, H = n_head_kv
+ * each KV head's group. `work`: a skinny workspace for `work_rows` >= B rows (gemm.cuh
+ * skinny_work), counters zero. flag: raised when a folded sum is not finite (NULL: no check).
+ */
+cudaError_t launch_fold(const DView& q, const int32_t* row_of, int32_t B, int32_t H, int32_t G,
+                        int32_t D, int32_t dk, const float* proj, int32_t rank, int32_t score_rank,
+                        void* work, int64_t work_rows, float* qlat, int* flag, cudaStream_t st);
+
+/* ---- attention (attend.cu) ---------------------------------------------------------------- */
+
+/*
+ * Everything the attention kernels read. The kernels have two instantiations: the cache's
+ * (token t of sequence b at row b * max_tokens + t of its arrays, exact copies of the sinks and
+ * the recent window in its own arrays) and paged storage's (tokens in slots, `pg`; exact copies
+ * in an optional window store; the call's sequences described by the plan kernel's arrays).
+ */
+struct AttnArgs {
+  /* cache */
+  const void* lat_score;
+  const void* lat_rest;
+  const void* val;
+  const uint16_t* val_scale;
+  const uint16_t* val_zero;
+  const void* sink_k;
+  const void* sink_v;
+  const void* recent_k;
+  const void* recent_v;
+  const int32_t* pos;
+  const int32_t* len; /* [B] tokens per sequence (paged: the plan's) */
+  const int32_t* sel_idx; /* [B, n_sel_heads, sel_stride] selections */
+  const int32_t* sel_count; /* [B] */
+  int64_t sel_stride;
+  const void* uh; /* storage-type projection (tensor-core rebuild) */
+  const float* proj; /* float32 projection (general kernel) */
+  const float* inv_freq;
+  int32_t n_sink, n_recent, max_tokens, rank, rs, dk, hkv, hq, G, bits, group, n_groups;
+  int64_t val_row_bytes;
+  int32_t n_sel_heads, sparse, rotary_dim, inter;
+  float att, scale;
+  /* call: q and out as [rows, T, heads, head_dim] (paged: [N, 1, ...]), query positions [B, T]
+   * (the cache's) */
+  DView q, qpos, out;
+  float* logits; /* [B, hq, lmax] sparse decode logits (log2 domain) */
+  int64_t lmax;
+  float* part_o;
+  float* part_ml;
+  uint32_t* pv_done; /* [B, hkv] softmax arrival counters, zero between launches */
+  int32_t max_parts;
+  /* quantised latent keys (key_bits < 16): scales and zeros of the two parts' groups */
+  const uint16_t* lat_score_scale;
+  const uint16_t* lat_score_zero;
+  const uint16_t* lat_rest_scale;
+  const uint16_t* lat_rest_zero;
+  int32_t key_bits, key_group;
+  int64_t lat_score_bytes, lat_rest_bytes;
+  /* paged storage */
+  PagedSlots pg;
+  const void* window; /* exact copies [w_rows, 2, hkv, head_dim] of type w_elem, or NULL */
+  int32_t w_elem;
+  int64_t w_rows, w_s0, w_s1, w_s2;
+  const int32_t* wrows; /* [B, n_sink + n_recent] window_rows, row stride wrows_s0 */
+  int64_t wrows_s0;
+  const int32_t* q_row; /* [B] the query row of a sequence the decode kernels run, else -1 */
+  const int32_t* q_first; /* [B] first query row and */
+  const int32_t* q_count; /* [B] queries of each sequence */
+  const int32_t* tiles; /* (sequence, first query) of each general-kernel block, *n_tiles */
+  const int32_t* n_tiles;
+};
+
+/* Launch geometry of a decode step: B x n_head_kv lists of at most max_tiles 128-token tiles. */
+struct DecodeGrid {
+  int32_t B, max_tiles, max_pv_split, num_sms;
+};
+
+/* Whether the decode kernels serve a layer: 16-bit storage, head_dim 64, 128 or 256, at most 8
+ * query heads per KV head, rank and score_rank multiples of 8, and a rotation that covers the
+ * head or is interleaved. */
+bool decode_kernels_fit(const sals_config_t& cf, int32_t rotary_dim, int32_t interleaved);
+/* The decode kernels (rebuild + logits, then softmax + P.V + merge) over dg.B sequences of one
+ * query each; `paged` picks paged storage's instantiation. */
+cudaError_t launch_decode_attention(const AttnArgs& a, bool paged, sals_dtype_t dtype, int32_t D,
+                                    const DecodeGrid& dg, cudaStream_t st);
+/* Splits of the decode softmax per (sequence, KV head), one partial each per query head: enough
+ * to fill the device at batch 1, within [2, 64] so the workspace stays small (the row length of
+ * the partials, max_parts). */
+int decode_parts(int32_t n_head_kv, int num_sms);
+/* Rows of queries per block of the general kernel: QT queries of one KV head's G heads. */
+int32_t general_rows(int32_t G);
+/* The general kernel over grid (tiles, n_head_kv, sequences): the cache's tile x holds queries
+ * [x QT, (x + 1) QT) of sequence z (Tq per sequence); paged storage's reads its (sequence, first
+ * query) from a.tiles. */
+cudaError_t launch_general_attention(const AttnArgs& a, bool paged, sals_dtype_t dtype, int32_t D,
+                                     int32_t Tq, int32_t QT, dim3 grid, cudaStream_t st);
 
 }  // namespace sals_cuda
 

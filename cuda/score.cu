@@ -3,7 +3,9 @@
  * of L lanes reads one token's leading R latent coordinates with 16-byte loads (L = R/8
  * rounded up to a power of two, at most 32) and several tokens are in flight per warp.
  * Quantised latent keys go through the same loops (score_codes_*), each lane dequantising its
- * 8 coordinates from one code load.
+ * 8 coordinates from one code load. Each kernel reads token j of sequence b through a row
+ * functor: the cache's rows are strided arrays, paged storage's are slots named by the block
+ * table (the same loops, another instantiation).
  */
 #include "common.cuh"
 
@@ -20,15 +22,27 @@ __device__ __forceinline__ void load8(const T* p, float* f) {
   for (int i = 0; i < 8; ++i) f[i] = to_f<T>(h[i]);
 }
 
+/* Rows of 16-bit latent keys: row(b, j) points at token j's leading coordinates. */
+template <typename T> struct StridedRows {
+  const T* k;
+  int64_t ksb, ksj;
+  __device__ const T* row(int32_t b, int64_t j) const { return k + (int64_t)b * ksb + j * ksj; }
+};
+template <typename T> struct PagedRows {
+  PagedSlots s;
+  __device__ const T* row(int32_t b, int64_t j) const {
+    return (const T*)(s.slot(b, (int32_t)j) + s.lay.lat[0]);
+  }
+};
+
 /* Vector path: 16-bit storage, R % 8 == 0, rows 16-byte aligned. Each lane group scores kU
  * tokens per iteration so that kU independent 16-byte loads per lane are in flight. */
 constexpr int kU = 4;
-template <typename T>
+template <typename T, typename Rows>
 __global__ void __launch_bounds__(kThreads)
-    score_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, const T* __restrict__ k,
-                     int64_t ksb, int64_t ksj, const int32_t* __restrict__ lengths,
-                     int32_t fixed_len, int32_t n_sink, int32_t n_recent, int32_t L,
-                     float* __restrict__ scores, int64_t ssb) {
+    score_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, Rows k,
+                     const int32_t* __restrict__ lengths, int32_t fixed_len, int32_t n_sink,
+                     int32_t n_recent, int32_t L, float* __restrict__ scores, int64_t ssb) {
   const int32_t b = blockIdx.y;
   const int32_t S = lengths ? lengths[b] : fixed_len;
   const int32_t lo = n_sink, hi = S - n_recent;
@@ -48,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kU; ++u) {
       const int64_t j = j0 + u * per_warp + grp;
       ok[u] = j < hi;
-      row[u] = k + (int64_t)b * ksb + (ok[u] ? j : lo) * ksj;
+      row[u] = k.row(b, ok[u] ? j : lo);
     }
     for (int32_t h = 0; h < H; ++h) {
       float acc[kU] = {};
@@ -73,9 +87,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+/* Rows of latent keys of any float type: row(b, j) gives token j's row, at(c) coordinate c. */
+struct ViewRows {
+  DView k; /* [B, S, >= R], last dim contiguous */
+  struct Row {
+    const void* p;
+    int32_t elem;
+    int64_t off;
+    __device__ float at(int32_t c) const { return load_elem(p, elem, off + c); }
+  };
+  __device__ Row row(int32_t b, int64_t j) const { return Row{k.data, k.elem, off2(k, b, j)}; }
+};
+struct PagedAnyRows {
+  PagedSlots s;
+  int32_t elem;
+  __device__ ViewRows::Row row(int32_t b, int64_t j) const {
+    return ViewRows::Row{s.slot(b, (int32_t)j) + s.lay.lat[0], elem, 0};
+  }
+};
+
 /* Any element type and stride. */
+template <typename Rows>
 __global__ void __launch_bounds__(kThreads)
-    score_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, DView k,
+    score_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, Rows k,
                      const int32_t* __restrict__ lengths, int32_t fixed_len, int32_t n_sink,
                      int32_t n_recent, float* __restrict__ scores, int64_t ssb) {
   const int32_t b = blockIdx.y;
@@ -85,10 +119,10 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int64_t step = (int64_t)gridDim.x * (kThreads / 32);
   for (int64_t j = lo + (int64_t)blockIdx.x * (kThreads / 32) + warp; j < hi; j += step) {
+    const auto row = k.row(b, j);
     for (int32_t h = 0; h < H; ++h) {
       float acc = 0.f;
-      for (int32_t c = lane; c < R; c += 32)
-        acc += load_elem(k.data, k.elem, off3(k, b, j, c)) * qlat[((int64_t)b * H + h) * R + c];
+      for (int32_t c = lane; c < R; c += 32) acc += row.at(c) * qlat[((int64_t)b * H + h) * R + c];
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (lane == 0) scores[(int64_t)b * ssb + (int64_t)h * (ssb / H) + j] = acc;
     }
@@ -122,10 +156,21 @@ struct CodeRows {
     return Row{q.codes + r * q.row_bytes, q.scale + r * ng, q.zero + r * ng, q.bits, q.group};
   }
 };
+/* Paged slots' codes of the score part, with their groups' scales and zeros. */
+struct PagedCodeRows {
+  PagedSlots s;
+  int32_t bits, group;
+  __device__ CodeRows::Row row(int32_t b, int64_t j) const {
+    const uint8_t* p = s.slot(b, (int32_t)j);
+    return CodeRows::Row{p + s.lay.lat[0], (const uint16_t*)(p + s.lay.lat_scale[0]),
+                         (const uint16_t*)(p + s.lay.lat_zero[0]), bits, group};
+  }
+};
 
 /* Vector path (R % 8 == 0), as score_vec_kernel. */
+template <typename Rows>
 __global__ void __launch_bounds__(kThreads)
-    score_codes_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, CodeRows k,
+    score_codes_vec_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, Rows k,
                            const int32_t* __restrict__ lengths, int32_t n_sink, int32_t n_recent,
                            int32_t L, float* __restrict__ scores, int64_t ssb) {
   const int32_t b = blockIdx.y;
@@ -141,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
   float* s = scores + (int64_t)b * ssb;
   for (int64_t j0 = lo + ((int64_t)blockIdx.x * (kThreads / 32) + warp) * per_warp * kU; j0 < hi;
        j0 += step) {
-    CodeRows::Row row[kU];
+    decltype(k.row(0, 0)) row[kU];
     bool ok[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -173,8 +218,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 /* Scalar path (R % 8 != 0), as score_any_kernel: one warp per token. */
+template <typename Rows>
 __global__ void __launch_bounds__(kThreads)
-    score_codes_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, CodeRows k,
+    score_codes_any_kernel(const float* __restrict__ qlat, int32_t H, int32_t R, Rows k,
                            const int32_t* __restrict__ lengths, int32_t n_sink, int32_t n_recent,
                            float* __restrict__ scores, int64_t ssb) {
   const int32_t b = blockIdx.y;
@@ -184,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int64_t step = (int64_t)gridDim.x * (kThreads / 32);
   for (int64_t j = lo + (int64_t)blockIdx.x * (kThreads / 32) + warp; j < hi; j += step) {
-    const CodeRows::Row row = k.row(b, j);
+    const auto row = k.row(b, j);
     for (int32_t h = 0; h < H; ++h) {
       float acc = 0.f;
       for (int32_t c = lane; c < R; c += 32) acc += row.at(c) * qlat[((int64_t)b * H + h) * R + c];
@@ -231,15 +277,18 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, DView k_lat,
   if (vec) {
     if (k_lat.elem == SALS_ELEM_F16)
       score_vec_kernel<__half><<<grid, kThreads, 0, st>>>(
-          qlat, H, R, (const __half*)k_lat.data, k_lat.stride[0], k_lat.stride[1], lengths,
+          qlat, H, R,
+          StridedRows<__half>{(const __half*)k_lat.data, k_lat.stride[0], k_lat.stride[1]}, lengths,
           fixed_len, n_sink, n_recent, L, scores, score_stride_b);
     else
       score_vec_kernel<__nv_bfloat16><<<grid, kThreads, 0, st>>>(
-          qlat, H, R, (const __nv_bfloat16*)k_lat.data, k_lat.stride[0], k_lat.stride[1], lengths,
-          fixed_len, n_sink, n_recent, L, scores, score_stride_b);
+          qlat, H, R,
+          StridedRows<__nv_bfloat16>{(const __nv_bfloat16*)k_lat.data, k_lat.stride[0],
+                                     k_lat.stride[1]},
+          lengths, fixed_len, n_sink, n_recent, L, scores, score_stride_b);
   } else {
-    score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, k_lat, lengths, fixed_len, n_sink,
-                                                n_recent, scores, score_stride_b);
+    score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, ViewRows{k_lat}, lengths, fixed_len,
+                                                n_sink, n_recent, scores, score_stride_b);
   }
   return cudaPeekAtLastError();
 }
@@ -259,6 +308,39 @@ cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const QuantRo
   else
     score_codes_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, CodeRows{k_lat}, lengths, n_sink,
                                                       n_recent, scores, score_stride_b);
+  return cudaPeekAtLastError();
+}
+
+cudaError_t launch_scores(const float* qlat, int32_t H, int32_t R, const PagedSlots& k_lat,
+                          int32_t elem, int32_t key_bits, int32_t key_group, bool vec,
+                          const int32_t* lengths, int32_t max_len, int32_t n_sink, int32_t n_recent,
+                          int32_t B, float* scores, int64_t score_stride_b, int32_t num_sms,
+                          cudaStream_t st) {
+  if (B <= 0) return cudaSuccess;
+  vec = vec && R % 8 == 0;
+  const int L = lanes_for(R);
+  const dim3 grid =
+      score_grid(max_len, B, vec ? (kThreads / 32) * (32 / L) * kU : kThreads / 32, num_sms);
+  if (key_bits < 16) {
+    const PagedCodeRows rows{k_lat, key_bits, key_group};
+    if (vec)
+      score_codes_vec_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, rows, lengths, n_sink, n_recent,
+                                                        L, scores, score_stride_b);
+    else
+      score_codes_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, rows, lengths, n_sink, n_recent,
+                                                        scores, score_stride_b);
+  } else if (vec && elem == SALS_ELEM_F16) {
+    score_vec_kernel<__half><<<grid, kThreads, 0, st>>>(qlat, H, R, PagedRows<__half>{k_lat},
+                                                        lengths, 0, n_sink, n_recent, L, scores,
+                                                        score_stride_b);
+  } else if (vec && elem == SALS_ELEM_BF16) {
+    score_vec_kernel<__nv_bfloat16>
+        <<<grid, kThreads, 0, st>>>(qlat, H, R, PagedRows<__nv_bfloat16>{k_lat}, lengths, 0, n_sink,
+                                    n_recent, L, scores, score_stride_b);
+  } else {
+    score_any_kernel<<<grid, kThreads, 0, st>>>(qlat, H, R, PagedAnyRows{k_lat, elem}, lengths, 0,
+                                                n_sink, n_recent, scores, score_stride_b);
+  }
   return cudaPeekAtLastError();
 }
 
