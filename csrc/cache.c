@@ -196,16 +196,8 @@ sals_status_t sals_check_method(const sals_config_t* g) {
   return SALS_OK;
 }
 
-/* The method's fields, then those of a cache: sizes, threads and device. */
-static sals_status_t check_config(const sals_config_t* g) {
+sals_status_t sals_check_config_device(const sals_config_t* g) {
   char buf[32];
-  SALS_TRY(sals_check_method(g));
-  SALS_TRY(check_min("max_batch", g->max_batch, 1));
-  SALS_TRY(check_min("max_tokens", g->max_tokens, 1));
-  SALS_TRY(check_min("n_threads", g->n_threads, 0));
-  if (g->n_threads > SALS_MAX_THREADS)
-    return sals_set_error(INVALID, "config.n_threads: %d must be <= %d (0 = one per online core)",
-                          (int)g->n_threads, SALS_MAX_THREADS);
   if (g->device.device_type != kDLCPU && g->device.device_type != kDLCUDA)
     return sals_set_error(SALS_ERR_UNSUPPORTED, "config.device: %s not supported (cpu, cuda)",
                           sals_device_str(g->device, buf));
@@ -215,6 +207,19 @@ static sals_status_t check_config(const sals_config_t* g) {
   if (g->device.device_type == kDLCUDA && g->device.device_id < 0)
     return sals_set_error(INVALID, "config.device: invalid CUDA ordinal %d",
                           (int)g->device.device_id);
+  return SALS_OK;
+}
+
+/* The method's fields, then those of a cache: sizes, threads and device. */
+static sals_status_t check_config(const sals_config_t* g) {
+  SALS_TRY(sals_check_method(g));
+  SALS_TRY(check_min("max_batch", g->max_batch, 1));
+  SALS_TRY(check_min("max_tokens", g->max_tokens, 1));
+  SALS_TRY(check_min("n_threads", g->n_threads, 0));
+  if (g->n_threads > SALS_MAX_THREADS)
+    return sals_set_error(INVALID, "config.n_threads: %d must be <= %d (0 = one per online core)",
+                          (int)g->n_threads, SALS_MAX_THREADS);
+  SALS_TRY(sals_check_config_device(g));
   /* The backends index a step's query rows (and the selection rows, fewer) in int32. */
   if ((int64_t)g->max_batch * g->n_head_q > INT32_MAX)
     return sals_set_error(INVALID,

@@ -133,6 +133,9 @@ sals_status_t sals_set_error(sals_status_t status, const char* fmt, ...)
  */
 sals_status_t sals_check_method(const sals_config_t* g);
 
+/** config.device: cpu (device_id 0) or cuda with an ordinal >= 0, refused naming it. */
+sals_status_t sals_check_config_device(const sals_config_t* g);
+
 /**
  * A compact float32 host copy (malloc'd, *out) of the projection view [Dk, rank] on `pdev`
  * (host or a GPU), refused unless finite with orthonormal columns (sals_cache_create's rule).
@@ -158,7 +161,11 @@ typedef struct {
 /** The slot layout of a config whose method fields passed sals_check_method. */
 void sals_paged_layout(const sals_config_t* g, sals_paged_layout_t* out);
 
-/** Immutable settings of one layer's paged storage; all pointers are host memory. */
+/**
+ * Immutable settings of one layer's paged storage; the pointers below are host memory. With
+ * cfg.device on CUDA, `backend` holds the CUDA backend's device copies (cuda/paged.cu), else
+ * NULL.
+ */
 struct sals_paged {
   sals_config_t cfg;
   int32_t dk;
@@ -170,13 +177,15 @@ struct sals_paged {
   float* inv_freq;        /* [max(rotary_dim / 2, 1)] */
   float* proj;            /* [Dk, rank] float32 */
   sals_paged_layout_t layout;
+  void* backend;
 };
 
 /*
  * The CPU backend of paged storage (csrc/cpu/paged.c), on validated views: slot_mapping entries
  * are below num_blocks * block_size and distinct; query_start, seq_lens and the used block
  * table entries are in range; window rows are -1 or rows of `window`; `selected`, window_rows
- * and window are NULL when absent.
+ * and window are NULL when absent. The CUDA backend (below) takes the same views with only
+ * their shapes, dtypes, strides and devices checked: it checks index values on the device.
  */
 sals_status_t sals_cpu_paged_append(const sals_paged_t* p, const sals_view_t* k,
                                     const sals_view_t* v, const sals_view_t* slots,
@@ -251,6 +260,25 @@ sals_status_t sals_cuda_upload(void* dst, const void* src, size_t bytes);
 /** Copy `bytes` from device memory `src` (any CUDA device) to host `dst_host` (synchronous). */
 sals_status_t sals_cuda_download(void* dst_host, const void* src_dev, size_t bytes);
 int32_t sals_cuda_device_usable(void);
+/*
+ * Paged storage on CUDA (cuda/paged.cu). paged_init makes the settings' device copies on
+ * cfg.device (synchronous); paged_free releases them (NULL-safe). append and attend take the
+ * views of the CPU backend's functions, on the settings' device; paged_check reports the
+ * deferred checks (sals_paged_check).
+ */
+sals_status_t sals_cuda_paged_init(sals_paged_t* p);
+void sals_cuda_paged_free(sals_paged_t* p);
+sals_status_t sals_cuda_paged_append(const sals_paged_t* p, const sals_view_t* k,
+                                     const sals_view_t* v, const sals_view_t* slots,
+                                     const sals_view_t* pages, const sals_view_t* window_rows,
+                                     const sals_view_t* window, void* stream);
+sals_status_t sals_cuda_paged_attend(const sals_paged_t* p, const sals_view_t* q,
+                                     const sals_view_t* query_start, const sals_view_t* seq_lens,
+                                     const sals_view_t* block_table, const sals_view_t* pages,
+                                     const sals_view_t* window_rows, const sals_view_t* window,
+                                     const sals_view_t* out, const sals_view_t* selected,
+                                     void* stream);
+sals_status_t sals_cuda_paged_check(const sals_paged_t* p, int32_t wait, void* stream);
 #endif
 
 #ifdef __cplusplus

@@ -72,6 +72,8 @@ sals_status_t sals_paged_create(const sals_config_t* config, const sals_rope_t* 
   if (out == NULL) return sals_set_error(INVALID, "out: is NULL");
   if (config == NULL) return sals_set_error(INVALID, "config: is NULL");
   SALS_TRY(sals_check_method(config));
+  SALS_TRY(sals_check_config_device(config));
+  SALS_TRY(sals_check_backend("config.device", config->device));
   SALS_TRY(sals_check_rope(rope, config->head_dim));
   const int32_t dk = config->n_head_kv * config->head_dim, half = rope->rotary_dim / 2;
   sals_view_t pv;
@@ -100,24 +102,49 @@ sals_status_t sals_paged_create(const sals_config_t* config, const sals_rope_t* 
   p->inv_freq = inv_freq;
   p->proj = proj;
   sals_paged_layout(config, &p->layout);
+#if defined(SALS_WITH_CUDA)
+  if (config->device.device_type == kDLCUDA) {
+    const sals_status_t st = sals_cuda_paged_init(p);
+    if (st != SALS_OK) {
+      sals_paged_destroy(p);
+      return st;
+    }
+  }
+#endif
   *out = p;
   return SALS_OK;
 }
 
 void sals_paged_destroy(sals_paged_t* paged) {
   if (paged == NULL) return;
+#if defined(SALS_WITH_CUDA)
+  sals_cuda_paged_free(paged);
+#endif
   free(paged->inv_freq);
   free(paged->proj);
   free(paged);
 }
 
-/* Paged storage runs on the CPU only: a CUDA call is refused naming its first tensor. */
-static sals_status_t cpu_only(DLDevice dev, const char* name) {
+/*
+ * A call runs where its tensors are: on the CPU with any settings; on a GPU with settings made
+ * for it (config.device), which hold the device copies, and within the CUDA kernels' grid
+ * limits (`batch` sequences, `rows` token rows).
+ */
+static sals_status_t check_call_device(const sals_paged_t* p, DLDevice dev, const char* name,
+                                       int64_t batch, const char* batch_name, int64_t rows) {
+  char a[32], b[32];
   if (dev.device_type == kDLCPU) return SALS_OK;
-  return sals_set_error(SALS_ERR_UNSUPPORTED,
-                        "%s: on CUDA, but paged storage (sals_paged_*) "
-                        "runs on the CPU only in this release",
-                        name);
+  if (dev.device_type != p->cfg.device.device_type || dev.device_id != p->cfg.device.device_id)
+    return sals_set_error(INVALID,
+                          "%s: on %s but the paged settings were made for %s (config.device)", name,
+                          sals_device_str(dev, a), sals_device_str(p->cfg.device, b));
+  if (batch > 65535)
+    return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: %lld sequences, more than 65535 on CUDA",
+                          batch_name, (long long)batch);
+  if (rows > INT32_MAX)
+    return sals_set_error(SALS_ERR_UNSUPPORTED, "%s: %lld rows, more than %d on CUDA", name,
+                          (long long)rows, INT32_MAX);
+  return SALS_OK;
 }
 
 /* pages [num_blocks, block_size, slot_bytes]: every slot's fields aligned to their elements. */
@@ -190,7 +217,6 @@ static sals_status_t both_or_neither(const DLTensor* rows, const DLTensor* windo
 sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, const DLTensor* v,
                                 const DLTensor* slot_mapping, DLTensor* pages,
                                 const DLTensor* window_rows, DLTensor* window, void* stream) {
-  (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
   SALS_TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
@@ -203,7 +229,7 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
                           {pages, "pages", 3, SALS_ACCEPT_U8, &pv, 0, 1},
                           {window, "window", 4, SALS_ACCEPT_FLOAT, &wv, 1, 1}};
   SALS_TRY(sals_arg_views(a, 6, &dev));
-  SALS_TRY(cpu_only(dev, "k"));
+  SALS_TRY(check_call_device(paged, dev, "k", 0, NULL, kv.shape[0]));
   SALS_TRY(sals_check_dim(&kv, "k", 1, g->n_head_kv, "n_head_kv"));
   SALS_TRY(sals_check_dim(&kv, "k", 2, g->head_dim, "head_dim"));
   for (int32_t i = 0; i < 3; ++i) SALS_TRY(sals_dim_eq(&vv, "v", i, &kv, "k", i));
@@ -215,6 +241,11 @@ sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTensor* k, co
     SALS_TRY(check_window(paged, &wv));
     SALS_TRY(sals_arg_apart(a, 5));
   }
+#if defined(SALS_WITH_CUDA)
+  if (dev.device_type == kDLCUDA) /* indices and values are checked on the device */
+    return sals_cuda_paged_append(paged, &kv, &vv, &sv, &pv, window ? &rv : NULL,
+                                  window ? &wv : NULL, stream);
+#endif
   SALS_TRY(check_distinct(&sv, "slot_mapping", "slot", NULL, pv.shape[0] * pv.shape[1], "pages'"));
   if (window) SALS_TRY(check_distinct(&rv, "window_rows", "row", &sv, wv.shape[0], "window's"));
   if (g->check_finite)
@@ -261,7 +292,7 @@ static sals_status_t check_attend(const sals_paged_t* p, const sals_view_t* qv,
                             "block table's capacity, block_table.shape[1] * block_size)",
                             (long long)b, (long long)S, (long long)n_q, (long long)cap);
     const int32_t* row = (const int32_t*)tv->data + b * tv->stride[0];
-    for (int64_t j = 0; j < (S + bs - 1) / bs; ++j)
+    for (int64_t j = 0; j < (bs > 0 ? (S + bs - 1) / bs : 0); ++j)
       if (row[j] < 0 || row[j] >= nb)
         return sals_set_error(INVALID,
                               "block_table[%lld, %lld]: %d not a block of pages "
@@ -293,7 +324,6 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                                 const DLTensor* block_table, const DLTensor* pages,
                                 const DLTensor* window_rows, const DLTensor* window, DLTensor* out,
                                 DLTensor* selected, void* stream) {
-  (void)stream;
   if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
   SALS_TRY(both_or_neither(window_rows, window));
   const sals_config_t* g = &paged->cfg;
@@ -309,7 +339,7 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
                           {out, "out", 3, SALS_ACCEPT_FLOAT, &ov, 0, 1},
                           {selected, "selected", 3, SALS_ACCEPT_I32, &selv, 1, 1}};
   SALS_TRY(sals_arg_views(a, 9, &dev));
-  SALS_TRY(cpu_only(dev, "q"));
+  SALS_TRY(check_call_device(paged, dev, "q", lv.shape[0], "seq_lens", qv.shape[0]));
   SALS_TRY(sals_check_dim(&qv, "q", 1, g->n_head_q, "n_head_q"));
   SALS_TRY(sals_check_dim(&qv, "q", 2, g->head_dim, "head_dim"));
   const int64_t B = lv.shape[0];
@@ -332,6 +362,11 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
   SALS_TRY(sals_arg_apart(a, 7));
   if (selected) SALS_TRY(sals_arg_apart(a, 8));
   if (B == 0) return SALS_OK;
+#if defined(SALS_WITH_CUDA)
+  if (dev.device_type == kDLCUDA) /* indices and values are checked on the device */
+    return sals_cuda_paged_attend(paged, &qv, &qsv, &lv, &tv, &pv, window ? &rv : NULL,
+                                  window ? &wv : NULL, &ov, selected ? &selv : NULL, stream);
+#endif
   SALS_TRY(check_attend(paged, &qv, &qsv, &lv, &tv, &pv, selected ? &selv : NULL));
   if (window)
     for (int64_t b = 0; b < B; ++b)
@@ -345,4 +380,14 @@ sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTensor* q,
       }
   return sals_cpu_paged_attend(paged, &qv, &qsv, &lv, &tv, &pv, window ? &rv : NULL,
                                window ? &wv : NULL, &ov, selected ? &selv : NULL);
+}
+
+sals_status_t sals_paged_check(const sals_paged_t* paged, int32_t wait, void* stream) {
+  if (paged == NULL) return sals_set_error(INVALID, "paged: is NULL");
+  if (wait != 0 && wait != 1) return sals_set_error(INVALID, "wait: %d must be 0 or 1", (int)wait);
+#if defined(SALS_WITH_CUDA)
+  if (paged->backend) return sals_cuda_paged_check(paged, wait, stream);
+#endif
+  (void)stream;
+  return SALS_OK;
 }

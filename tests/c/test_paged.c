@@ -182,15 +182,26 @@ static void test_bad_input(void) {
   tset(&tf, p.pages, U8, 3, NB, BS, p.slot_bytes - 1, 0);
   CHECK_ERR(APPEND(p.paged, &tk.t, &tk.t, &ts.t, &tf.t), INV,
             "pages: dim 2 is 127, expected 128 (slot_bytes of the config)");
-  tensor_t tg = tk;
-  tg.t.shape = tg.shape;
-  tg.t.device.device_type = kDLCUDA;
-  /* Unsupported (no CUDA backend, or paged storage on CUDA) or a device error (no GPU). */
-  const sals_status_t st = APPEND(p.paged, &tg.t, &tk.t, &ts.t, &tp.t);
-  CHECK((st == SALS_ERR_UNSUPPORTED || st == SALS_ERR_DEVICE) &&
+  /* Tensors claimed to be on a GPU, with settings made for the CPU: no CUDA backend
+   * (unsupported), no usable GPU (a device error), or settings made for another device. */
+  tensor_t tg[4] = {tk, tk, ts, tp};
+  for (int i = 0; i < 4; ++i) {
+    tg[i].t.shape = tg[i].shape;
+    tg[i].t.strides = NULL;
+    tg[i].t.device.device_type = kDLCUDA;
+  }
+  const sals_status_t st = APPEND(p.paged, &tg[0].t, &tg[1].t, &tg[2].t, &tg[3].t);
+  CHECK((st == SALS_ERR_UNSUPPORTED || st == SALS_ERR_DEVICE ||
+         (st == SALS_ERR_INVALID_ARGUMENT &&
+          strstr(sals_last_error(), "the paged settings were made for cpu"))) &&
             strncmp(sals_last_error(), "k: on cuda", 10) == 0,
         "a CUDA k: %s \"%s\"", sals_status_string(st), sals_last_error());
   CHECK(memcmp(before, p.pages, bytes) == 0, "a refused append changed the pages");
+  /* the deferred checks of CUDA calls: nothing to report for settings made for the CPU */
+  CHECK_OK(sals_paged_check(p.paged, 1, NULL));
+  CHECK_OK(sals_paged_check(p.paged, 0, NULL));
+  CHECK_ERR(sals_paged_check(p.paged, 2, NULL), INV, "wait: 2 must be 0 or 1");
+  CHECK_ERR(sals_paged_check(NULL, 1, NULL), INV, "paged: is NULL");
 
   int32_t qs[B + 1] = {0, 1, 1}, lens[B] = {23, 9}, table[B][6];
   memcpy(table, p.table, sizeof table);
@@ -222,6 +233,13 @@ static void test_bad_input(void) {
   tset(&tsel, sel, I32, 3, B, 1, 3, 0);
   CHECK_ERR(ATTEND(p.paged, &tq.t, &tqs.t, &tl.t, &tt.t, &tp.t, &to.t, &tsel.t), INV,
             "selected: dim 2 is 3, fewer than the 20 tokens");
+  /* pages of empty blocks: sequences of no tokens, without queries */
+  int32_t qs0[B + 1] = {0, 0, 0}, lens0[B] = {0, 0};
+  tensor_t tqs0, tl0, tp0;
+  tset(&tqs0, qs0, I32, 1, B + 1, 0, 0, 0);
+  tset(&tl0, lens0, I32, 1, B, 0, 0, 0);
+  tset(&tp0, p.pages, U8, 3, NB, 0, p.slot_bytes, 0);
+  CHECK_OK(ATTEND(p.paged, &tq.t, &tqs0.t, &tl0.t, &tt.t, &tp0.t, &to.t, NULL));
   sals_paged_destroy(NULL);
   free(before);
   teardown(&p);

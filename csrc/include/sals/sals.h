@@ -183,7 +183,8 @@ typedef struct sals_config {
    */
   int32_t check_finite;
   int32_t n_threads; /**< CPU worker threads, 0..SALS_MAX_THREADS; 0 = one per online core */
-  DLDevice device; /**< where the cache lives: {kDLCPU, 0} or {kDLCUDA, ordinal} */
+  /** where the cache lives (paged storage: its settings): {kDLCPU, 0} or {kDLCUDA, ordinal} */
+  DLDevice device;
 } sals_config_t;
 
 /** Paper defaults with zero shape fields; the caller must set n_head_q .. max_tokens. */
@@ -490,12 +491,41 @@ SALS_API sals_status_t sals_dequantize_values(const DLTensor* packed, const DLTe
  * Codes, scales and zeros are those of sals_quantize_values over each part.
  *
  * A sals_paged_t holds one layer's settings, rotary embedding and projection, checked once; it
- * holds no tokens and is never modified, so any number of threads may use it at once. The
- * functions run where their tensors are; only the CPU is implemented (CUDA tensors:
- * SALS_ERR_UNSUPPORTED). Config fields max_batch, max_tokens, n_threads and device are not
- * used (the calls size their scratch from their arguments, and thread over the online cores).
+ * holds no tokens and its settings never change, so any number of threads may use it at once.
+ * The functions run where their tensors are (all on one device): on the CPU with any settings,
+ * on a GPU with settings made for it (config.device {kDLCUDA, n}: sals_paged_create copies the
+ * projection there); other settings are refused (SALS_ERR_INVALID_ARGUMENT naming the first
+ * tensor). Config fields max_batch, max_tokens and n_threads are not used (the calls size their
+ * scratch from their arguments, and thread over the online cores).
+ *
  * On the CPU every host-readable index is checked before anything is written, and with
  * config.check_finite every float a call reads (and what an append stores) as the cache does.
+ *
+ * On CUDA the host reads no index tensor (that would synchronise): shapes, dtypes, strides,
+ * devices and overlaps are checked as on the CPU, index values on the device, where an entry
+ * out of range is skipped and nothing outside the tensors is read or written:
+ *   - append: a token whose slot_mapping entry is >= num_blocks * block_size is not stored; a
+ *     window_rows entry < -1 or >= rows makes no copy;
+ *   - attend: a sequence whose query_start[b] .. query_start[b + 1] is not a range of 0..N, whose
+ *     seq_lens entry is not in n_b..capacity, or whose used block_table entries are not blocks
+ *     of pages is not attended (its output rows are not written, its selection row is -1); a
+ *     window_rows entry out of range counts as -1; a selection longer than selected.shape[2] is
+ *     cut there (the attention still uses all of it).
+ * Each is reported, like the NaN and infinity config.check_finite looks for (in k, v, the rows
+ * of q the call reads, and a quantised latent group's float16 scale or zero, reported naming
+ * k), by a flag the kernels raise in mapped host memory, with no host synchronisation (graph
+ * capturable): the first later append or attend with these settings, or sals_paged_check,
+ * returns SALS_ERR_INVALID_ARGUMENT or SALS_ERR_NOT_FINITE naming the argument, once (with
+ * several threads: whichever call looks first), and does nothing else; what the reported call
+ * stored stays in the pages. Not checked on CUDA: a slot or window row named twice in one append
+ * (it then holds either token, or a mix of both), query ranges of sequences that overlap (their
+ * rows are written twice), values beyond the storage type (stored as infinity, as the CUDA
+ * cache does). CUDA calls enqueue their work on `stream` only, and take their scratch
+ * stream-ordered (cudaMallocAsync from the device's current memory pool, released before they
+ * return; a stream capture records it as graph memory nodes): on a sparse layer about
+ * 12 * B * H * capacity bytes (capacity = block_table.shape[1] * block_size, H the selection
+ * heads), plus 4 * B * n_head_q * the attended list for the decode kernels. Calls with the same
+ * settings may run at once on any streams.
  */
 
 /** Immutable per-layer settings of paged storage. */
@@ -506,8 +536,9 @@ SALS_API sals_status_t sals_paged_slot_bytes(const sals_config_t* config, int64_
 
 /**
  * Check and copy one layer's settings. projection: [Dk, rank] float with orthonormal columns
- * (sals_cache_create's rule), host or device memory, copied as float32; rope: copied.
- * On success *out owns the settings: release them with sals_paged_destroy.
+ * (sals_cache_create's rule), host or device memory, copied as float32; rope: copied. With
+ * config.device on a GPU the settings also get device copies there (allocated, and the device
+ * synchronised, here). On success *out owns the settings: release them with sals_paged_destroy.
  */
 SALS_API sals_status_t sals_paged_create(const sals_config_t* config, const sals_rope_t* rope,
                                          const DLTensor* projection, sals_paged_t** out);
@@ -547,9 +578,10 @@ SALS_API sals_status_t sals_paged_append(const sals_paged_t* paged, const DLTens
  *              (-1 or 0 .. rows - 1) of the window store [rows, 2, n_head_kv, head_dim] float.
  * out:         [N, n_head_q, head_dim], any float dtype; may not overlap an input.
  * selected:    NULL, or [B, H, K] int32 (H = 1 for a shared selection, n_head_kv per head;
- *              K at least the budget rule's count at the longest sparse sequence): the token
- *              indices each sparse step selected among the candidates (any order, -1 padded;
- *              rows of sequences without a sparse step are all -1).
+ *              K at least the budget rule's count at the longest sparse sequence; on CUDA a
+ *              shorter K is reported later, see above): the token indices each sparse step
+ *              selected among the candidates (any order, -1 padded; rows of sequences without
+ *              a sparse step are all -1).
  * A key is visible to a query when its position is <= the query's (causal). A sequence with one
  * query on a layer with config.dense == 0 takes a sparse step (sinks, recent window and the
  * selected candidates, as sals_cache_attend); otherwise its queries attend every visible token.
@@ -559,6 +591,16 @@ SALS_API sals_status_t sals_paged_attend(const sals_paged_t* paged, const DLTens
                                          const DLTensor* block_table, const DLTensor* pages,
                                          const DLTensor* window_rows, const DLTensor* window,
                                          DLTensor* out, DLTensor* selected, void* stream);
+
+/**
+ * Report what the deferred checks of earlier CUDA calls with these settings found (see "On
+ * CUDA" above): SALS_ERR_NOT_FINITE or SALS_ERR_INVALID_ARGUMENT naming the argument, once,
+ * then the flags are clear. wait = 1 first waits for `stream` (skipped while it is being
+ * captured), so that every earlier call on it is covered; wait = 0 reads the flags as they
+ * stand, without synchronising. Always SALS_OK for settings made for the CPU, whose checks are
+ * immediate.
+ */
+SALS_API sals_status_t sals_paged_check(const sals_paged_t* paged, int32_t wait, void* stream);
 
 #ifdef __cplusplus
 }
