@@ -896,6 +896,19 @@ static PyObject* Paged_attend(PagedObject* self, PyObject* args, PyObject* kwarg
       c, sals_paged_attend(paged, q, qs, lens, table, pages, rows, window, out, sel, c.stream));
 }
 
+/* check(wait, stream=None) */
+static PyObject* Paged_check(PagedObject* self, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"wait", "stream", NULL};
+  int wait;
+  PyObject* stream_obj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p|O", kwlist, &wait, &stream_obj)) return NULL;
+  sals_paged_t* paged = paged_of(self);
+  if (paged == NULL) return NULL;
+  call_t c;
+  if (call_begin(&c, stream_obj, NULL, 0) < 0) return NULL;
+  CALL_RETURN_NONE(c, sals_paged_check(paged, (int32_t)wait, c.stream));
+}
+
 static PyMethodDef Paged_methods[] = {
     {"append", (PyCFunction)(void (*)(void))Paged_append, METH_VARARGS | METH_KEYWORDS,
      "append(k, v, slot_mapping, pages, window_rows=None, window=None, stream=None): "
@@ -903,6 +916,8 @@ static PyMethodDef Paged_methods[] = {
     {"attend", (PyCFunction)(void (*)(void))Paged_attend, METH_VARARGS | METH_KEYWORDS,
      "attend(q, query_start, seq_lens, block_table, pages, out, window_rows=None, window=None, "
      "selected=None, stream=None): sals_paged_attend."},
+    {"check", (PyCFunction)(void (*)(void))Paged_check, METH_VARARGS | METH_KEYWORDS,
+     "check(wait, stream=None): sals_paged_check."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -596,3 +596,19 @@ def test_settings_are_checked_at_creation():
                             rope_for(16), orthonormal(rng, 32, 8))
     assert layer.slot_bytes == documented_slot_bytes(layer.config)
 
+
+
+def test_device_of_the_settings():
+    """A layer is made for a device: "cpu" (the default) or a GPU, where CUDA is usable; an
+    unknown device is refused, and check() has nothing to report on the CPU."""
+    rng = np.random.default_rng(82)
+    cfg = sals.Config(4, 2, 16, rank=8)
+    proj = orthonormal(rng, 32, 8)
+    with pytest.raises(sals.InvalidArgumentError, match="device"):
+        sals.PagedLayer(cfg, rope_for(16), proj, device="tpu:0")
+    if not sals.cuda_available():
+        with pytest.raises(sals.SalsError, match="config.device"):
+            sals.PagedLayer(cfg, rope_for(16), proj, device="cuda:0")
+    layer = sals.PagedLayer(cfg, rope_for(16), proj, device="cpu")
+    layer.check()
+    layer.check(wait=False)
