@@ -418,3 +418,166 @@ def test_stateless_sparse_attention_index_errors():
             sals.sparse_attention(
                 q.to(dev), k.to(dev), v.to(dev), bad.to(dev), lengths.to(dev)
             )
+
+
+# ---- paged storage (sals.PagedLayer on a GPU) ------------------------------------------------
+
+# Sequences of a paged step: (tokens stored, queries of this step): decode steps, a prefill
+# chunk, a sequence without queries and a whole prompt, attended in one call.
+PAGED_SEQS = [(300, 1), (57, 1), (1, 1), (130, 9), (40, 0), (33, 33)]
+
+
+def paged_problem(cfg, block_size, gen, dtype):
+    """Keys, values, queries and a shuffled block placement of PAGED_SEQS: (k, v [T, Hkv, d],
+    slots [T] with padding rows, q [N, Hq, d], query_start, seq_lens, block table, blocks,
+    window_rows for the append [T] and the attend [B, n_sink + n_recent])."""
+    hq, hkv, d = cfg.n_head_q, cfg.n_head_kv, cfg.head_dim
+    need = [-(-s // block_size) for s, _ in PAGED_SEQS]
+    num_blocks = sum(need) + 3
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = torch.full((len(PAGED_SEQS), max(need) + 1), -1, dtype=torch.int32)
+    width = cfg.n_sink + cfg.n_recent
+    window_rows = torch.full((len(PAGED_SEQS), width), -1, dtype=torch.int32)
+    slots, rows, at, row = [], [], 0, 0
+    for b, (s, _) in enumerate(PAGED_SEQS):
+        table[b, : need[b]] = order[at : at + need[b]]
+        at += need[b]
+        ns = min(s, cfg.n_sink)
+        recent = max(ns, s - cfg.n_recent)
+        for t in range(s):
+            slots.append(int(table[b, t // block_size]) * block_size + t % block_size)
+            copy = t < ns or t >= recent
+            rows.append(row if copy else -1)
+            if copy:
+                window_rows[b, t if t < ns else width - s + t] = row
+                row += 1
+    slots = torch.tensor(slots, dtype=torch.int32)
+    rows = torch.tensor(rows, dtype=torch.int32)
+    pad = torch.arange(0, len(slots), 41)  # padding rows: skipped, their NaN keys never read
+    keep = torch.ones(len(slots) + len(pad), dtype=torch.bool)
+    keep[pad + torch.arange(len(pad))] = False
+    all_slots = torch.full((len(keep),), -1, dtype=torch.int32)
+    all_rows = torch.full((len(keep),), -1, dtype=torch.int32)
+    all_slots[keep], all_rows[keep] = slots, rows
+    k = torch.randn(len(keep), hkv, d, generator=gen).to(dtype)
+    v = torch.randn(len(keep), hkv, d, generator=gen).to(dtype)
+    k[~keep] = float("nan")
+    n_q = [n for _, n in PAGED_SEQS]
+    q = torch.randn(sum(n_q) + 2, hq, d, generator=gen).to(dtype)  # first and last rows unused
+    q[0] = q[-1] = float("nan")
+    qs = torch.tensor([1] + [1 + sum(n_q[: b + 1]) for b in range(len(n_q))], dtype=torch.int32)
+    lens = torch.tensor([s for s, _ in PAGED_SEQS], dtype=torch.int32)
+    return k, v, all_slots, all_rows, q, qs, lens, table, num_blocks, window_rows, row
+
+
+def overlap_of(sel_c, sel_g):
+    """The worst overlap of two selections [B, H, K] as sets, with equal counts."""
+    worst = 1.0
+    for b in range(sel_c.shape[0]):
+        for h in range(sel_c.shape[1]):
+            a = {int(x) for x in sel_c[b, h] if x >= 0}
+            g = {int(x) for x in sel_g[b, h] if x >= 0}
+            assert len(a) == len(g), (b, h, len(a), len(g))
+            if a:
+                worst = min(worst, len(a & g) / len(a))
+    return worst
+
+
+@pytest.mark.parametrize(
+    "setting,dtype,per_head,window",
+    [
+        ("dense-equivalent", torch.float16, False, True),
+        ("sals-25", torch.float16, False, True),
+        ("sals-12.5", torch.bfloat16, True, False),
+    ],
+)
+def test_paged_vs_cpu(setting, dtype, per_head, window):
+    """One layer in pages on both devices: pages that are a non-contiguous view (as vLLM's KV
+    memory is), shuffled blocks, padding rows, mixed decode steps, a prefill chunk, a whole
+    prompt and a sequence without queries in one attend; outputs and selections against the
+    CPU's, rows outside the sequences untouched."""
+    gen = torch.Generator().manual_seed(len(setting) + per_head)
+    name = str(dtype).replace("torch.", "")
+    cfg = sals.Config.preset(
+        setting, 8, 2, 64, dtype=name, n_sink=4, n_recent=8, select_per_head=per_head
+    )
+    proj = make_proj(cfg.dk, cfg.resolved_rank(), gen)
+    rope = make_rope(64)
+    cpu = sals.PagedLayer(cfg, rope, proj)
+    gpu = sals.PagedLayer(cfg, rope, proj.cuda(), device="cuda")
+    block_size = 16
+    k, v, slots, rows, q, qs, lens, table, num_blocks, wrows, n_rows = paged_problem(
+        cfg, block_size, gen, dtype
+    )
+    sb = cpu.slot_bytes
+    wide = -(-sb // 16) * 16 + 16  # slots of a wider allocation: strided pages
+    pages_c = torch.zeros(num_blocks, block_size, wide, dtype=torch.uint8)[:, :, :sb]
+    pages_g = torch.zeros(num_blocks, block_size, wide, dtype=torch.uint8, device="cuda")[:, :, :sb]
+    store_c = torch.zeros(n_rows, 2, cfg.n_head_kv, 64, dtype=dtype) if window else None
+    store_g = store_c.cuda() if window else None
+    cpu.append(k, v, slots, pages_c, rows if window else None, store_c)
+    gpu.append(k.cuda(), v.cuda(), slots.cuda(), pages_g, rows.cuda() if window else None, store_g)
+    gpu.check()  # the padding rows' NaN keys are not looked at
+    if window:
+        assert torch.equal(store_g.cpu(), store_c)
+    out_c, sel_c = cpu.attend(
+        q, qs, lens, table, pages_c, wrows if window else None, store_c, return_selected=True
+    )
+    out_g, sel_g = gpu.attend(
+        q.cuda(),
+        qs.cuda(),
+        lens.cuda(),
+        table.cuda(),
+        pages_g,
+        wrows.cuda() if window else None,
+        store_g,
+        out=torch.zeros_like(q, device="cuda"),
+        return_selected=True,
+    )
+    gpu.check()  # q's first and last rows belong to no sequence
+    assert out_g.is_cuda and sel_g.is_cuda
+    assert torch.equal(out_g[0].cpu(), torch.zeros_like(q[0]))
+    assert torch.equal(out_g[-1].cpu(), torch.zeros_like(q[-1]))
+    tol = 5e-3 if setting == "dense-equivalent" else 3e-2
+    assert rel(out_g[1:-1], out_c[1:-1]) < tol
+    k_c = torch.as_tensor(sel_c)
+    k_g = sel_g.cpu()[:, :, : k_c.shape[2]]
+    assert (sel_g.cpu()[:, :, k_c.shape[2] :] == -1).all()
+    assert overlap_of(k_c, k_g) >= 0.9
+
+
+def test_paged_deferred_checks():
+    """On CUDA an out-of-range index is skipped and a NaN input stored; check() (or the next
+    call) raises, naming the argument, once."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = sals.Config.preset("sals-25", 4, 2, 64, dtype="float16", n_sink=4, n_recent=8)
+    proj = make_proj(cfg.dk, cfg.resolved_rank(), gen)
+    gpu = sals.PagedLayer(cfg, make_rope(64), proj.cuda(), device="cuda")
+    pages = torch.zeros(4, 8, gpu.slot_bytes, dtype=torch.uint8, device="cuda")
+    k = torch.randn(10, 2, 64, generator=gen).half().cuda()
+    v = torch.randn(10, 2, 64, generator=gen).half().cuda()
+    slots = torch.arange(10, dtype=torch.int32, device="cuda")
+    gpu.append(k, v, slots, pages)
+    gpu.check()
+    slots[4] = 32  # past the 4 x 8 slots
+    gpu.append(k, v, slots, pages)
+    with pytest.raises(sals.InvalidArgumentError, match="slot_mapping"):
+        gpu.check()
+    gpu.check()  # reported once
+    slots[4] = 4
+    v[2, 1, 3] = float("nan")
+    gpu.append(k, v, slots, pages)
+    torch.cuda.synchronize()
+    with pytest.raises(sals.NotFiniteError, match="v: an earlier call"):
+        gpu.append(k, v, slots, pages)  # the next call reports it
+    q = torch.randn(1, 4, 64, generator=gen).half().cuda()
+    qs = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    table = torch.tensor([[0, 7]], dtype=torch.int32, device="cuda")  # block 7 of 4
+    out = torch.full_like(q, 3.0)
+    gpu.attend(q, qs, torch.tensor([10], dtype=torch.int32, device="cuda"), table, pages, out=out)
+    with pytest.raises(sals.InvalidArgumentError, match="block_table"):
+        gpu.check()
+    assert (out == 3.0).all()  # the sequence was not attended
+    cpu = sals.PagedLayer(cfg, make_rope(64), proj)
+    with pytest.raises(sals.InvalidArgumentError, match="made for cpu"):
+        cpu.attend(q, qs, torch.tensor([10], dtype=torch.int32, device="cuda"), table, pages)
