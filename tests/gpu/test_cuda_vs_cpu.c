@@ -98,13 +98,15 @@ static float h2f(uint16_t h) {
   memcpy(&f, &u, 4);
   return f;
 }
-static uint16_t f2h(float f) { /* round to nearest even, normal range is enough here */
+static uint16_t f2h(float f) { /* round to nearest even; subnormals flush to zero */
   uint32_t u;
   memcpy(&u, &f, 4);
   uint32_t s = (u >> 16) & 0x8000u;
   int32_t e = (int32_t)((u >> 23) & 255) - 112;
   uint32_t m = u & 0x7fffffu;
   if (e <= 0) return (uint16_t)s;
+  if (e == 255 - 112) return (uint16_t)(s | 0x7c00u | (m ? 0x200u : 0u)); /* NaN, infinity */
+  if (e >= 31) return (uint16_t)(s | 0x7c00u);                          /* overflow */
   uint32_t h = s | ((uint32_t)e << 10) | (m >> 13);
   uint32_t rest = m & 0x1fffu;
   if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
