@@ -268,23 +268,32 @@ __device__ __forceinline__ int rebuild_tile_offset(int row, int col) {
   return row * kMmaStride + col;
 #endif
 }
+/* Element offset of query n (< 8), column c (< D, counted pass by pass) in the logits' B
+ * operand: 8-row atoms of 64 columns in the 128-byte swizzle layout, one atom per 64 columns. */
+__device__ __forceinline__ int rebuild_q_offset(int n, int c) {
+  return ((c >> 6) * 8 + n) * 64 + ((((c >> 3) ^ n) & 7) << 3) + (c & 7);
+}
 /* Dynamic shared memory of either path (the host does not know which one the device runs):
- * the stages, plus 1 KB to align the swizzle atoms. */
+ * the stages and the queries [8][D] (whole swizzle atoms, so they stay 1024-byte aligned after
+ * the stages), plus 1 KB to align the atoms. */
 template <typename T, int D>
 constexpr size_t rebuild_smem_bytes() {
   constexpr size_t rows = kRTile + (D < 128 ? D : 128);
-  constexpr size_t mma = sizeof(T) * kMmaStages * rows * kMmaStride;
-  constexpr size_t wg = sizeof(T) * kWgStages * rows * kWgKC + 1024;
+  constexpr size_t mma = sizeof(T) * (kMmaStages * rows * kMmaStride + 8 * D);
+  constexpr size_t wg = sizeof(T) * (kWgStages * rows * kWgKC + 8 * D) + 1024;
   return mma > wg ? mma : wg;
 }
 
-template <typename T, int D, int GM, bool QK, bool PG>
-__global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a) {
+/* Two blocks per SM up to D = 128 (the shared memory allows it): the quantised-key and paged
+ * instantiations would otherwise take 150-170 registers and run one. */
+template <typename T, int D, bool QK, bool PG>
+__global__ void __launch_bounds__(kRWarps * 32, D <= 128 ? 2 : 1) rebuild_logits_kernel(AttnArgs a) {
   constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */
   constexpr int kURowsPerThread = W * kRPieces / (kRWarps * 32);
-  /* dynamic: kRStages stages of latent rows [kRTile][kRKC] and U_h rows [W][kRKC] */
+  /* dynamic: kRStages stages of latent rows [kRTile][kRKC] and U_h rows [W][kRKC], then the
+   * rotated queries (the logits' B operand, rebuild_q_offset) */
   extern __shared__ __align__(16) unsigned char rebuild_smem[];
 #ifdef SALS_WGMMA
   constexpr int kRowElems = kWgKC;
@@ -297,7 +306,7 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
   T* const bs0 = as0 + kRStages * kRTile * kRowElems;
   auto As = [&](int buf) { return as0 + buf * (kRTile * kRowElems); };
   auto Bs = [&](int buf) { return bs0 + buf * (W * kRowElems); };
-  __shared__ float qs[GM][D];
+  T* const qt = bs0 + kRStages * W * kRowElems;
   __shared__ float s_freq[D / 2];
   __shared__ int32_t t_slot[kRTile], t_kind[kRTile], t_pos[kRTile];
   __shared__ int64_t t_base[PG ? kRTile : 1]; /* paged: slot offsets of rebuilt tokens */
@@ -317,17 +326,26 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
     if (qp < 0) return; /* padded query: merge writes zeros */
   }
 
-  /* rotated, scaled queries (log2 domain for exp2) */
-  for (int i = tid; i < GM * D; i += blockDim.x) {
-    const int gq = i / D, e = i % D;
+  auto dim_of = [&](int c, int p) -> int {
+    if (NPASS == 1) return c;
+    return c < 64 ? p * 64 + c : 128 + p * 64 + (c - 64);
+  };
+
+  /* rotated queries in the storage type, rows G..7 zero: the logits are a 64 x 8 x W product
+   * per warpgroup and pass, the rotated keys its A operand straight from the accumulators */
+  for (int i = tid; i < 8 * D; i += blockDim.x) {
+    const int gq = i / D, c = i % D;
     float x = 0.f;
     if (gq < G) {
       const int64_t o = off4(a.q, qb, 0, h * G + gq, 0);
       auto qe = [&](int32_t j) { return load_elem(a.q.data, a.q.elem, o + j); };
-      x = rope_elem(qe, e, qp, a.inv_freq, a.rotary_dim, a.inter, a.att) * (a.scale * kLog2e);
+      x = rope_elem(qe, dim_of(c % W, c / W), qp, a.inv_freq, a.rotary_dim, a.inter, a.att);
     }
-    qs[gq][e] = x;
+    qt[rebuild_q_offset(gq, c)] = from_f<T>(x);
   }
+#ifdef SALS_WGMMA
+  fence_proxy_async(); /* the queries are read by wgmma (the async proxy) */
+#endif
   for (int i = tid; i < D / 2; i += blockDim.x)
     s_freq[i] = i < a.rotary_dim / 2 ? a.inv_freq[i] : 0.f;
 
@@ -349,11 +367,6 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
   const int ch = (tid % kRPieces) * 8;
   const int row0 = tid / kRPieces;
   constexpr int kRowStep = kRWarps * 32 / kRPieces;
-
-  auto dim_of = [&](int c, int p) -> int {
-    if (NPASS == 1) return c;
-    return c < 64 ? p * 64 + c : 128 + p * 64 + (c - 64);
-  };
 
   for (int32_t tile = split; tile < n_tiles; tile += nsplit) {
     __syncthreads(); /* previous tile's smem reads are done */
@@ -400,9 +413,8 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
       }
     }
 
-    float logit[GM][2];
-#pragma unroll
-    for (int gq = 0; gq < GM; ++gq) logit[gq][0] = logit[gq][1] = 0.f;
+    /* logits of rows g, g + 8 of the warp's 16 tokens for queries 2 t4, 2 t4 + 1 */
+    float logit[1][4] = {{0.f, 0.f, 0.f, 0.f}};
 
 #pragma unroll
     for (int pass = 0; pass < NPASS; ++pass) {
@@ -557,35 +569,48 @@ __global__ void __launch_bounds__(kRWarps * 32) rebuild_logits_kernel(AttnArgs a
         }
       }
 
-      /* partial logits of this pass */
+      /* partial logits of this pass on tensor cores: k-step ks takes the rotated keys of
+       * n-tiles 2 ks, 2 ks + 1 (rounded to T) as the A fragment */
+#ifdef SALS_WGMMA
+      wgmma_fence_operands(logit);
+      wgmma_fence();
+#endif
 #pragma unroll
-      for (int gq = 0; gq < GM; ++gq) {
-        if (gq < G) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int c = nt * 8 + 2 * t4;
-            const float q0 = qs[gq][dim_of(c, pass)], q1 = qs[gq][dim_of(c + 1, pass)];
-            logit[gq][0] += acc[nt][0] * q0 + acc[nt][1] * q1;
-            logit[gq][1] += acc[nt][2] * q0 + acc[nt][3] * q1;
-          }
-        }
+      for (int ks = 0; ks < W / 16; ++ks) {
+        const uint32_t af[4] = {pack2<T>(acc[2 * ks][0], acc[2 * ks][1]),
+                                pack2<T>(acc[2 * ks][2], acc[2 * ks][3]),
+                                pack2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]),
+                                pack2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3])};
+        const int c = pass * W + ks * 16;
+#ifdef SALS_WGMMA
+        wgmma_m64n8k16_rs<T>(logit[0], af, wgmma_desc_sw128(qt + rebuild_q_offset(0, c)));
+#else
+        const uint32_t bf[2] = {
+            *reinterpret_cast<const uint32_t*>(&qt[rebuild_q_offset(g, c + 2 * t4)]),
+            *reinterpret_cast<const uint32_t*>(&qt[rebuild_q_offset(g, c + 8 + 2 * t4)])};
+        mma16816<T>(logit[0], af, bf);
+#endif
       }
+#ifdef SALS_WGMMA
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_fence_operands(logit);
+#endif
     }
 
-    /* complete each row's logits across its quad; lane t4 of the quad writes heads t4, t4 + 4 */
+    /* scaled to the log2 domain (exp2 in the softmax); -inf after the query */
+    const float sc = a.scale * kLog2e;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = warp * 16 + g + hr * 8;
       const int32_t i = tile * kRTile + row;
       const bool vis = t_kind[row] >= 0 && t_pos[row] <= qp;
 #pragma unroll
-      for (int gq = 0; gq < GM; ++gq) {
-        if (gq >= G) continue;
-        float x = logit[gq][hr];
-        x += __shfl_xor_sync(0xffffffffu, x, 1);
-        x += __shfl_xor_sync(0xffffffffu, x, 2);
-        if (gq % 4 == t4 && i < L.total)
-          a.logits[((int64_t)b * a.hq + h * G + gq) * a.lmax + i] = vis ? x : -INFINITY;
+      for (int j = 0; j < 2; ++j) {
+        const int gq = 2 * t4 + j;
+        if (gq < G && i < L.total)
+          a.logits[((int64_t)b * a.hq + h * G + gq) * a.lmax + i] =
+              vis ? logit[0][hr * 2 + j] * sc : -INFINITY;
       }
     }
   }
@@ -1260,8 +1285,8 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
   const int64_t pairs = (int64_t)dg.B * a.hkv;
   const size_t smem = rebuild_smem_bytes<T, D>();
   /* quantised latent keys: a second instantiation, the 16-bit kernel stays as it is */
-  auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, GM, true, PG>
-                                 : rebuild_logits_kernel<T, D, GM, false, PG>;
+  auto rebuild = a.key_bits < 16 ? rebuild_logits_kernel<T, D, true, PG>
+                                 : rebuild_logits_kernel<T, D, false, PG>;
   cudaError_t e =
       cudaFuncSetAttribute(rebuild, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;

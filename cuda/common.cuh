@@ -120,16 +120,29 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
 
 /*
  * RoPE of one pair at position p for frequency f (float32 theta, as the header specifies).
- * theta is reduced to [-pi, pi] in double (exact enough for any int32 position) and the
- * hardware sine/cosine (absolute error ~5e-7 there) does the rest: sincosf costs tens of
- * instructions per pair, and a Payne-Hanek slow path with a local-memory frame once theta
- * passes ~1e5 (long contexts), in the loop every rebuilt key goes through.
+ * theta is reduced to [-pi, pi] in float32 with a two-part Cody-Waite split of 2 pi and fma
+ * (each fma rounds once; the result is within about 3e-7 of the exact remainder for
+ * |theta| < 2^24, i.e. any position below 16M at frequency 1) and the hardware sine/cosine
+ * (absolute error ~5e-7 there) does the rest. sincosf costs tens of instructions per pair, and
+ * a Payne-Hanek slow path with a local-memory frame once theta passes ~1e5 (long contexts), in
+ * the loop every rebuilt key goes through; the reduction in float64 cost a quarter of the
+ * rebuild's issue slots (F2F conversions and DFMA run at a fraction of the float32 rate).
+ * Larger angles take the float64 reduction.
  */
 __device__ __forceinline__ void rope_cs(int32_t p, float f, float att, float* c, float* s) {
   const float th = (float)p * f;
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
-  const double k = rint((double)th * (1.0 / kTwoPi));
-  const float r = (float)fma(-k, kTwoPi, (double)th);
+  float r;
+  if (fabsf(th) < 16777216.f) {
+    constexpr float kInvTwoPi = 0.15915494309189535f;
+    constexpr float kTwoPiHi = 6.28318548202514648f;       /* float(2 pi) */
+    constexpr float kTwoPiLo = -1.7484555314695172e-07f;   /* 2 pi - kTwoPiHi */
+    const float k = rintf(th * kInvTwoPi);
+    r = fmaf(-k, kTwoPiLo, fmaf(-k, kTwoPiHi, th));
+  } else {
+    constexpr double kTwoPi = 6.283185307179586476925286766559;
+    const double k = rint((double)th * (1.0 / kTwoPi));
+    r = (float)fma(-k, kTwoPi, (double)th);
+  }
   float sn, cs;
   __sincosf(r, &sn, &cs);
   *c = cs * att;
@@ -319,6 +332,18 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
   }
 }
 
+/* Two floats rounded to T and packed into one 32-bit fragment register (lo in the low half),
+ * as an MMA's A or B fragment holds two consecutive K elements. */
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (MmaKind<T>::bf16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -408,6 +433,25 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], uint64_t da, u
   if constexpr (MmaKind<T>::bf16)
     SALS_WGMMA_ASM("m64n64k16", ".bf16.bf16", SALS_WGMMA_R32, "%32, %33", SALS_WGMMA_ACC64);
   else SALS_WGMMA_ASM("m64n64k16", ".f16.f16", SALS_WGMMA_R32, "%32, %33", SALS_WGMMA_ACC64);
+}
+/* D[64 x 8] += A[64 x 16] B[16 x 8] with A in registers (each warp's 16 rows in the mma.sync
+ * m16n8k16 A layout, which is the layout of an m16n8 accumulator pair: FlashAttention-3 feeds
+ * P to its P.V product the same way) and B K-major in shared memory (descriptor). */
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint64_t db) {
+  if constexpr (MmaKind<T>::bf16)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  else
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 #endif
 
