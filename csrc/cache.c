@@ -432,7 +432,7 @@ sals_status_t sals_cache_create(const sals_config_t* config, const sals_rope_t* 
   c->dk = dk;
   c->n_sel_heads = g->select_per_head ? g->n_head_kv : 1;
   c->n_groups = g->value_bits < 16 ? dk / g->value_group : 0;
-  const int64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  const int64_t e = (int64_t)sals_dtype_size(g->dtype);
   c->val_row_bytes = g->value_bits < 16 ? (int64_t)dk * g->value_bits / 8 : (int64_t)dk * e;
   const int64_t key_coord_bits = g->key_bits < 16 ? g->key_bits : 8 * e;
   c->lat_score_bytes = (int64_t)g->score_rank * key_coord_bits / 8;
@@ -487,7 +487,7 @@ static void* skip(void* p, int64_t bytes) { return p ? (char*)p + bytes : NULL; 
  */
 static sals_cache_t from_sequence(const sals_cache_t* c, int64_t first) {
   const sals_config_t* g = &c->cfg;
-  const int64_t T = g->max_tokens, e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  const int64_t T = g->max_tokens, e = (int64_t)sals_dtype_size(g->dtype);
   /* float16 scale/zero groups per token of each latent part (quantised keys only) */
   const int64_t ks = g->key_bits < 16 ? g->score_rank / g->key_group : 0;
   const int64_t kr = g->key_bits < 16 ? (g->rank - g->score_rank) / g->key_group : 0;
@@ -749,7 +749,7 @@ static sals_status_t cache_memory(const sals_cache_t* cache, sals_memory_t* out,
     free(len);
     return st;
   }
-  const uint64_t e = g->dtype == SALS_DTYPE_FLOAT32 ? 4 : 2, dk = (uint64_t)cache->dk;
+  const uint64_t e = sals_dtype_size(g->dtype), dk = (uint64_t)cache->dk;
   /* A float16 scale and zero per group of quantised latent coordinates. */
   const uint64_t key_params = g->key_bits < 16 ? (uint64_t)(g->rank / g->key_group) * 2 * 2 : 0;
   sals_memory_t m;

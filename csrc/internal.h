@@ -38,6 +38,13 @@ typedef struct sals_view {
   int64_t stride[SALS_MAX_DIMS];
 } sals_view_t;
 
+/** Bytes and view element type of a cache storage type. */
+static inline size_t sals_dtype_size(sals_dtype_t t) { return t == SALS_DTYPE_FLOAT32 ? 4 : 2; }
+static inline sals_elem_t sals_dtype_elem(sals_dtype_t t) {
+  return t == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
+                                 : (t == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16 : SALS_ELEM_BF16);
+}
+
 /**
  * The cache. The struct lives in host memory; every pointer below points at memory on
  * cfg.device. Layouts (all compact row-major, `b` = sequence slot, `t` = token slot):

@@ -1464,9 +1464,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
     } else {
       DView kl;
       kl.data = c->lat_score;
-      kl.elem = (int32_t)(cf.dtype == SALS_DTYPE_FLOAT32   ? SALS_ELEM_F32
-                          : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16
-                                                           : SALS_ELEM_BF16);
+      kl.elem = (int32_t)sals_dtype_elem(cf.dtype);
       kl.shape[0] = B;
       kl.shape[1] = cf.max_tokens;
       kl.shape[2] = cf.score_rank;
@@ -1478,15 +1476,7 @@ extern "C" sals_status_t sals_cuda_cache_attend(sals_cache_t* c, const sals_view
       SALS_CUDA_TRY(launch_scores(s->qlat, H, cf.score_rank, kl, c->len, 0, cf.n_sink, cf.n_recent,
                                   B, s->scores, (int64_t)H * cf.max_tokens, s->num_sms, st));
     }
-    RowSpec spec;
-    spec.lengths = c->len;
-    spec.fixed_len = 0;
-    spec.rows_per_seq = H;
-    spec.n_sink = cf.n_sink;
-    spec.n_recent = cf.n_recent;
-    spec.budget_tokens = cf.budget_tokens;
-    spec.budget_frac = cf.budget_frac;
-    spec.count = c->sel_count;
+    RowSpec spec = budget_rows(cf, c->len, H, c->sel_count);
     spec.qpos = dview(q_pos);
     spec.has_qpos = true;
     spec.pos = c->pos;

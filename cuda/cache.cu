@@ -425,7 +425,7 @@ sals_status_t sals_cuda_cache_init(sals_cache_t* c) {
   cudaDeviceProp prop;
   SALS_CUDA_TRY(cudaGetDeviceProperties(&prop, s->device));
   s->num_sms = prop.multiProcessorCount;
-  const size_t es = cf.dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  const size_t es = sals_dtype_size(cf.dtype);
   const int64_t B = cf.max_batch, S = cf.max_tokens, dk = c->dk, r = cf.rank, rs = cf.score_rank,
                 H = c->n_sel_heads, Hq = cf.n_head_q, d = cf.head_dim;
   uint64_t total = 0;

@@ -588,6 +588,21 @@ struct RowSpec {
                        * is not a candidate; NULL = every token is */
   int64_t pos_stride;
 };
+/* The rows of a cache's selection: cf's sinks, recent window and budget over `lengths`,
+ * rows_per_seq selection heads per sequence, counts to `count`; no query positions (the caller
+ * sets qpos, has_qpos, pos and pos_stride where it has them). */
+inline RowSpec budget_rows(const sals_config_t& cf, const int32_t* lengths, int32_t rows_per_seq,
+                           int32_t* count) {
+  RowSpec r{};
+  r.lengths = lengths;
+  r.rows_per_seq = rows_per_seq;
+  r.n_sink = cf.n_sink;
+  r.n_recent = cf.n_recent;
+  r.budget_tokens = cf.budget_tokens;
+  r.budget_frac = cf.budget_frac;
+  r.count = count;
+  return r;
+}
 size_t topk_workspace_bytes(int32_t rows, int64_t row_stride);
 cudaError_t launch_topk(const float* scores, int64_t row_stride, int32_t rows, RowSpec spec,
                         int32_t* idx, int64_t idx_stride_b, int64_t idx_stride_h, int32_t pad_to,

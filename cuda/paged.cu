@@ -280,7 +280,7 @@ sals_status_t sals_cuda_paged_init(sals_paged_t* p) {
   p->backend = s;
   SALS_CUDA_TRY(cudaDeviceGetAttribute(&s->num_sms, cudaDevAttrMultiProcessorCount, s->device));
   const int64_t n = (int64_t)p->dk * cf.rank, half = p->rotary_dim / 2 > 0 ? p->rotary_dim / 2 : 1;
-  const size_t e = cf.dtype == SALS_DTYPE_FLOAT32 ? 4 : 2;
+  const size_t e = sals_dtype_size(cf.dtype);
   bool oom =
       cudaMalloc((void**)&s->proj, (size_t)n * 4) != cudaSuccess ||
       cudaMalloc((void**)&s->inv_freq, (size_t)half * 4) != cudaSuccess ||
@@ -391,8 +391,8 @@ sals_status_t sals_cuda_paged_attend(const sals_paged_t* p, const sals_view_t* q
   const int64_t budget_cap = sparse ? most_selected(cf, (int32_t)cap) : 0;
   const int64_t most = budget_cap > 0 ? budget_cap : 1;
   const int64_t lmax = cf.dense ? cap : (int64_t)cf.n_sink + cf.n_recent + budget_cap;
-  const bool fast = decode_kernels_fit(cf, p->rotary_dim, p->interleaved) &&
-                    slots_aligned(p, pages) &&
+  const bool aligned = slots_aligned(p, pages);
+  const bool fast = decode_kernels_fit(cf, p->rotary_dim, p->interleaved) && aligned &&
                     (size_t)B * Hq * (size_t)(lmax > 0 ? lmax : 1) * 4 <= kMaxLogitsBytes;
   const int32_t QT = general_rows(G);
   const int64_t max_multis = cdiv(N, QT) + (B < N / 2 ? B : N / 2);
@@ -460,30 +460,16 @@ sals_status_t sals_cuda_paged_attend(const sals_paged_t* p, const sals_view_t* q
     float* scores = w.ptr<float>(o_scores);
     SALS_CUDA_TRY(launch_fold(rows4(q), plan.fold_row, B, H, G, D, p->dk, s->proj, cf.rank, rs,
                               w.ptr<void>(o_fold), B, qlat, nullptr, st));
-    const int32_t elem = cf.dtype == SALS_DTYPE_FLOAT32   ? SALS_ELEM_F32
-                         : cf.dtype == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16
-                                                          : SALS_ELEM_BF16;
-    SALS_CUDA_TRY(launch_scores(qlat, H, rs, slots, elem, cf.key_bits, cf.key_group,
-                                slots_aligned(p, pages), plan.sel_len, (int32_t)cap, cf.n_sink,
+    SALS_CUDA_TRY(launch_scores(qlat, H, rs, slots, sals_dtype_elem(cf.dtype), cf.key_bits,
+                                cf.key_group, aligned, plan.sel_len, (int32_t)cap, cf.n_sink,
                                 cf.n_recent, B, scores, (int64_t)H * cap, s->num_sms, st));
-    RowSpec spec;
-    spec.lengths = plan.sel_len;
-    spec.fixed_len = 0;
-    spec.rows_per_seq = H;
-    spec.n_sink = cf.n_sink;
-    spec.n_recent = cf.n_recent;
-    spec.budget_tokens = cf.budget_tokens;
-    spec.budget_frac = cf.budget_frac;
-    spec.count = sel_count;
-    spec.qpos = DView{};
+    RowSpec spec = budget_rows(cf, plan.sel_len, H, sel_count);
     spec.qpos.data = plan.sel_qpos;
     spec.qpos.elem = SALS_ELEM_I32;
     spec.qpos.shape[0] = B;
     spec.qpos.shape[1] = spec.qpos.shape[2] = spec.qpos.shape[3] = 1;
     spec.qpos.stride[0] = 1;
-    spec.has_qpos = true;
-    spec.pos = nullptr; /* token t of a sequence is at position t <= its query's */
-    spec.pos_stride = 0;
+    spec.has_qpos = true; /* no pos: token t of a sequence is at position t <= its query's */
     SALS_CUDA_TRY(launch_topk(scores, cap, B * H, spec, sel, (int64_t)H * most, most, 0,
                               w.ptr<void>(o_topk), st));
   }

@@ -163,10 +163,4 @@ static inline void* sals_view_at(const sals_view_t* v, int64_t i0, int64_t i1, i
   return (char*)v->data + off * sals_elem_bytes(v->elem);
 }
 
-static inline size_t sals_dtype_size(sals_dtype_t t) { return t == SALS_DTYPE_FLOAT32 ? 4 : 2; }
-static inline sals_elem_t sals_dtype_elem(sals_dtype_t t) {
-  return t == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
-                                 : (t == SALS_DTYPE_FLOAT16 ? SALS_ELEM_F16 : SALS_ELEM_BF16);
-}
-
 #endif /* SALS_CPU_H_ */

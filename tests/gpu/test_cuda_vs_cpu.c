@@ -603,6 +603,18 @@ static double compare_selected(const char* name, const paged_spec_t* c, pair_t* 
   return worst;
 }
 
+/* Paged settings of one config and projection on the CPU (*pc) and on CUDA (*pg); 0 unless
+ * both were made (a failure is reported). */
+static int paged_pair(const sals_config_t* cfg, const sals_rope_t* rope, const pair_t* proj,
+                      sals_paged_t** pc, sals_paged_t** pg) {
+  *pc = *pg = NULL;
+  OK(sals_paged_create(cfg, rope, &proj->h, pc));
+  sals_config_t gcfg = *cfg;
+  gcfg.device = (DLDevice){kDLCUDA, 0};
+  OK(sals_paged_create(&gcfg, rope, &proj->d, pg));
+  return *pc && *pg;
+}
+
 /*
  * One layer in pages on both backends: two appends (the history with padding rows, then the
  * step's own tokens), the stored slots and window store compared, then one attend of the six
@@ -617,12 +629,8 @@ static void paged_case(const paged_spec_t* c) {
   float inv[256];
   sals_rope_t rope = make_rope(c->d, inv);
   pair_t proj = make_projection(dk, c->rank);
-  sals_paged_t *pc = NULL, *pg = NULL;
-  OK(sals_paged_create(&cfg, &rope, &proj.h, &pc));
-  sals_config_t gcfg = cfg;
-  gcfg.device = (DLDevice){kDLCUDA, 0};
-  OK(sals_paged_create(&gcfg, &rope, &proj.d, &pg));
-  if (!pc || !pg) return;
+  sals_paged_t *pc, *pg;
+  if (!paged_pair(&cfg, &rope, &proj, &pc, &pg)) return;
   int64_t sb = 0;
   OK(sals_paged_slot_bytes(&cfg, &sb));
   const slot_layout_t L = slot_layout(&cfg);
@@ -807,12 +815,8 @@ static void paged_errors(void) {
   float inv[256];
   sals_rope_t rope = make_rope(D, inv);
   pair_t proj = make_projection(HKV * D, 32);
-  sals_paged_t *pc = NULL, *pg = NULL;
-  OK(sals_paged_create(&cfg, &rope, &proj.h, &pc));
-  sals_config_t gcfg = cfg;
-  gcfg.device = (DLDevice){kDLCUDA, 0};
-  OK(sals_paged_create(&gcfg, &rope, &proj.d, &pg));
-  if (!pc || !pg) return;
+  sals_paged_t *pc, *pg;
+  if (!paged_pair(&cfg, &rope, &proj, &pc, &pg)) return;
   int64_t sb = 0;
   OK(sals_paged_slot_bytes(&cfg, &sb));
   pages_t pages;
