@@ -1251,7 +1251,8 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
 }
 
 /*
- * Splits of each (sequence, KV head) tile list for the rebuild kernel. Blocks run in waves of
+ * Splits of each (sequence, KV head) list of at most max_tiles 128-entry tiles, for the rebuild
+ * and the softmax + P.V kernels. Blocks run in waves of
  * `slots` (blocks resident on the device at once); a wave lasts about the tiles of one block
  * plus a fixed cost (query rotation, first tile header: ~1/4 tile). The split minimising waves x
  * (tiles per block + 1/4) avoids a last wave that leaves most of the device idle; ties go to
@@ -1297,8 +1298,8 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
   rebuild<<<dim3((unsigned)ns, (unsigned)a.hkv, (unsigned)dg.B), kRWarps * 32, smem, st>>>(a);
   e = cudaPeekAtLastError();
   if (e != cudaSuccess) return e;
-  /* softmax + P.V streams the values: enough blocks for several per SM, at most one split per
-   * 128-entry tile of the longest list. Staging needs 2 groups per warp of shared memory;
+  /* softmax + P.V streams the values, split by the same wave model (at most max_pv_split
+   * parts: the merge's partials). Staging needs 2 groups per warp of shared memory;
    * configurations needing more than kPStageMax fall back to global reads. */
   constexpr size_t kPStageMax = 96 << 10;
   const size_t pv_smem =
@@ -1310,10 +1311,9 @@ cudaError_t launch_decode_g(const AttnArgs& a, const DecodeGrid& dg, cudaStream_
   if (e != cudaSuccess) return e;
   e = blocks_per_sm(pv, kPWarps * 32, pv_dyn, &per_sm);
   if (e != cudaSuccess) return e;
-  int64_t want = cdiv((int64_t)dg.num_sms * per_sm, pairs);
-  if (want > dg.max_tiles) want = dg.max_tiles;
-  if (want > dg.max_pv_split) want = dg.max_pv_split;
-  const int32_t pv_split = want > 1 ? (int32_t)want : 1;
+  const int32_t pv_split =
+      pick_splits(pairs, dg.max_tiles < dg.max_pv_split ? dg.max_tiles : dg.max_pv_split,
+                  (int64_t)dg.num_sms * per_sm);
   pv<<<dim3((unsigned)pv_split, (unsigned)a.hkv, (unsigned)dg.B), kPWarps * 32, pv_dyn, st>>>(
       a, staged);
   return cudaPeekAtLastError();
