@@ -287,7 +287,8 @@ constexpr size_t rebuild_smem_bytes() {
 /* Two blocks per SM up to D = 128 (the shared memory allows it): the quantised-key and paged
  * instantiations would otherwise take 150-170 registers and run one. */
 template <typename T, int D, bool QK, bool PG>
-__global__ void __launch_bounds__(kRWarps * 32, D <= 128 ? 2 : 1) rebuild_logits_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(kRWarps * 32, D <= 128 ? 2 : 1)
+    rebuild_logits_kernel(AttnArgs a) {
   constexpr int W = D < 128 ? D : 128;   /* key columns per pass */
   constexpr int NPASS = D / W;
   constexpr int NT = W / 8;              /* n-tiles per warp */

@@ -437,21 +437,17 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], uint64_t da, u
 /* D[64 x 8] += A[64 x 16] B[16 x 8] with A in registers (each warp's 16 rows in the mma.sync
  * m16n8k16 A layout, which is the layout of an m16n8 accumulator pair: FlashAttention-3 feeds
  * P to its P.V product the same way) and B K-major in shared memory (descriptor). */
+#define SALS_WGMMA_RS_ASM(TYPES)                                                      \
+  asm volatile(                                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n8k16" \
+      ".f32" TYPES " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"        \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4],
                                                   uint64_t db) {
-  if constexpr (MmaKind<T>::bf16)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  else
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  if constexpr (MmaKind<T>::bf16) SALS_WGMMA_RS_ASM(".bf16.bf16");
+  else SALS_WGMMA_RS_ASM(".f16.f16");
 }
 #endif
 
