@@ -1253,11 +1253,10 @@ AttnArgs make_args(const sals_cache_t* c, const sals_view_t* q, const sals_view_
 
 /*
  * Splits of each (sequence, KV head) list of at most max_tiles 128-entry tiles, for the rebuild
- * and the softmax + P.V kernels. Blocks run in waves of
- * `slots` (blocks resident on the device at once); a wave lasts about the tiles of one block
- * plus a fixed cost (query rotation, first tile header: ~1/4 tile). The split minimising waves x
- * (tiles per block + 1/4) avoids a last wave that leaves most of the device idle; ties go to
- * fewer blocks.
+ * and the softmax + P.V kernels. Blocks run in waves of `slots` (blocks resident on the device
+ * at once); a wave lasts about the tiles of one block plus a fixed cost (query rotation, first
+ * tile header: ~1/4 tile). The split minimising waves x (tiles per block + 1/4) avoids a last
+ * wave that leaves most of the device idle; ties go to fewer blocks.
  */
 int32_t pick_splits(int64_t pairs, int32_t max_tiles, int64_t slots) {
   int32_t best = 1;

@@ -122,12 +122,11 @@ __device__ __forceinline__ float half_bits_to_f(uint16_t h) {
  * RoPE of one pair at position p for frequency f (float32 theta, as the header specifies).
  * theta is reduced to [-pi, pi] in float32 with a two-part Cody-Waite split of 2 pi and fma
  * (each fma rounds once; the result is within about 3e-7 of the exact remainder for
- * |theta| < 2^24, i.e. any position below 16M at frequency 1) and the hardware sine/cosine
- * (absolute error ~5e-7 there) does the rest. sincosf costs tens of instructions per pair, and
- * a Payne-Hanek slow path with a local-memory frame once theta passes ~1e5 (long contexts), in
- * the loop every rebuilt key goes through; the reduction in float64 cost a quarter of the
- * rebuild's issue slots (F2F conversions and DFMA run at a fraction of the float32 rate).
- * Larger angles take the float64 reduction.
+ * |theta| < 2^24, i.e. any position below 16M at frequency 1; larger angles are reduced in
+ * float64) and the hardware sine/cosine (absolute error ~5e-7 there) does the rest. sincosf
+ * costs tens of instructions per pair, and a Payne-Hanek slow path with a local-memory frame
+ * once theta passes ~1e5 (long contexts), in the loop every rebuilt key goes through; a float64
+ * reduction for every angle runs F2F conversions and DFMA at a fraction of the float32 rate.
  */
 __device__ __forceinline__ void rope_cs(int32_t p, float f, float att, float* c, float* s) {
   const float th = (float)p * f;
