@@ -7,17 +7,6 @@
 #include <stdio.h>
 #include <string.h>
 
-size_t sals_elem_size(sals_elem_t elem) {
-  switch (elem) {
-    case SALS_ELEM_F32:
-    case SALS_ELEM_I32: return 4;
-    case SALS_ELEM_F16:
-    case SALS_ELEM_BF16: return 2;
-    case SALS_ELEM_U8: return 1;
-  }
-  return 0;
-}
-
 int64_t sals_view_numel(const sals_view_t* v) {
   int64_t n = 1;
   for (int32_t i = 0; i < v->ndim; ++i) n *= v->shape[i];

@@ -13,9 +13,6 @@
 #define SALS_ACCEPT_U8 (1u << SALS_ELEM_U8)
 #define SALS_ACCEPT_F16 (1u << SALS_ELEM_F16)
 
-/** Bytes of one element. */
-size_t sals_elem_size(sals_elem_t elem);
-
 /** Elements of a view (product of its shape). */
 int64_t sals_view_numel(const sals_view_t* v);
 

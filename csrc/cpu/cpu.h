@@ -148,19 +148,13 @@ int64_t sals_topk(const float* score, int64_t n, int64_t k, int32_t* perm, int32
 
 /* ---- views ------------------------------------------------------------------------------- */
 
-/** Bytes of one element of type `elem`. */
-static inline int64_t sals_elem_bytes(sals_elem_t elem) {
-  static const int64_t es[] = {4, 2, 2, 4, 1};
-  return es[elem];
-}
-
 static inline void* sals_view_at(const sals_view_t* v, int64_t i0, int64_t i1, int64_t i2,
                                  int64_t i3) {
   int64_t off = i0 * v->stride[0];
   if (v->ndim > 1) off += i1 * v->stride[1];
   if (v->ndim > 2) off += i2 * v->stride[2];
   if (v->ndim > 3) off += i3 * v->stride[3];
-  return (char*)v->data + off * sals_elem_bytes(v->elem);
+  return (char*)v->data + off * (int64_t)sals_elem_size(v->elem);
 }
 
 #endif /* SALS_CPU_H_ */

@@ -37,7 +37,7 @@ void sals_layer_load_latent(const sals_layer_t* L, int part, int64_t major, int6
   const char* src = sals_field_at(f, major, minor);
   if (g->key_bits == 16) {
     const sals_elem_t el = sals_dtype_elem(g->dtype);
-    if (f->s_minor == w * sals_elem_bytes(el)) { /* rows back to back: one conversion */
+    if (f->s_minor == w * (int64_t)sals_elem_size(el)) { /* rows back to back: one conversion */
       sals_load_f32(dst, src, el, n * w);
       return;
     }
@@ -88,7 +88,7 @@ void sals_layer_load_value(const sals_layer_t* L, int64_t major, int64_t minor, 
   const char* src = sals_field_at(&L->val, major, minor);
   if (g->value_bits == 16) {
     const sals_elem_t el = sals_dtype_elem(g->dtype);
-    sals_load_f32(dst, src + h * d * sals_elem_bytes(el), el, d);
+    sals_load_f32(dst, src + h * d * (int64_t)sals_elem_size(el), el, d);
     return;
   }
   const int64_t g0 = h * d / g->value_group;
@@ -178,7 +178,7 @@ int64_t sals_attend_ws_floats(const sals_config_t* g, int32_t half, int64_t rows
 }
 
 static const char* elem_at(const char* base, sals_elem_t el, int64_t off) {
-  return base + off * sals_elem_bytes(el);
+  return base + off * (int64_t)sals_elem_size(el);
 }
 
 /* Fold the pre-RoPE query's heads per GQA group, project, score the candidates on the
@@ -248,8 +248,8 @@ static int exact_copy(const sals_config_t* g, const sals_seq_t* s, int64_t t, in
     *el = sals_dtype_elem(g->dtype);
     *head_stride = g->head_dim;
     const int64_t row = (t < ns ? t : t % g->n_recent) * g->n_head_kv * g->head_dim;
-    *k = (t < ns ? s->sink_k : s->recent_k) + row * sals_elem_bytes(*el);
-    *v = (t < ns ? s->sink_v : s->recent_v) + row * sals_elem_bytes(*el);
+    *k = (t < ns ? s->sink_k : s->recent_k) + row * (int64_t)sals_elem_size(*el);
+    *v = (t < ns ? s->sink_v : s->recent_v) + row * (int64_t)sals_elem_size(*el);
     return 1;
   }
   if (!s->window_rows) return 0;
@@ -257,8 +257,8 @@ static int exact_copy(const sals_config_t* g, const sals_seq_t* s, int64_t t, in
   if (row < 0) return 0;
   *el = s->window_elem;
   *head_stride = s->window_stride[2];
-  *k = s->window + row * s->window_stride[0] * sals_elem_bytes(*el);
-  *v = *k + s->window_stride[1] * sals_elem_bytes(*el);
+  *k = s->window + row * s->window_stride[0] * (int64_t)sals_elem_size(*el);
+  *v = *k + s->window_stride[1] * (int64_t)sals_elem_size(*el);
   return 1;
 }
 
@@ -372,7 +372,7 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
           sals_layer_load_value(L, major, minor, h, vr);
           continue;
         }
-        const int64_t off = h * xhs[n] * sals_elem_bytes(xel[n]);
+        const int64_t off = h * xhs[n] * (int64_t)sals_elem_size(xel[n]);
         sals_load_f32(row, xk[n] + off, xel[n], d);
         for (int64_t i = 0; i < d; ++i) kt[i * SALS_KEY_BLOCK + n] = row[i];
         sals_load_f32(vr, xv[n] + off, xel[n], d);
@@ -403,7 +403,7 @@ void sals_attend_task(void* p, int64_t task, int32_t thread) {
         const float inv = l[ri] > 0.0f ? 1.0f / l[ri] : 0.0f;
         for (int64_t i = 0; i < d; ++i) row[i] = acc[ri * d + i] * inv;
         sals_store_f32(seq->out + ((t0 + t) * seq->o_st + ((h0 + hh) * G + j) * seq->o_sh) *
-                                      sals_elem_bytes(a->out_elem),
+                                      (int64_t)sals_elem_size(a->out_elem),
                        a->out_elem, row, d);
       }
 }
@@ -432,5 +432,6 @@ void sals_merge_task(void* p, int64_t task, int32_t thread) {
     }
   const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
   for (int64_t i = 0; i < d; ++i) row[i] *= inv;
-  sals_store_f32(seq->out + qh * seq->o_sh * sals_elem_bytes(a->out_elem), a->out_elem, row, d);
+  sals_store_f32(seq->out + qh * seq->o_sh * (int64_t)sals_elem_size(a->out_elem), a->out_elem, row,
+                 d);
 }
