@@ -120,17 +120,25 @@ def test_chunked_prefill(family):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_left_padded_batch_equals_sequences_alone(family):
     """Sparse SALS (selection active), a batch of three left-padded prompts of lengths 40, 23
-    and 31 generates what each prompt generates alone."""
+    and 31 generates what each prompt generates alone, up to a near-tie: torch's batched and
+    single-row float32 products round differently, which can swap a token at the budget's
+    boundary or flip a greedy choice between two logits within 0.05 of each other. A sequence
+    may leave its alone run only at such a step."""
     model = tiny.model(family)
     sals.hf.patch(model, dtype="float32", preset=None, **SPARSE)
     prompts = [tiny.prompt(n, seed=s) for n, s in ((40, 3), (23, 4), (31, 5))]
-    alone = [model.generate(p, max_new_tokens=12, do_sample=False)[0, p.shape[1]:]
-             for p in prompts]
+    alone = [model.generate(p, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                            output_scores=True) for p in prompts]
     ids, mask = tiny.left_padded(prompts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                          pad_token_id=0, return_dict_in_generate=True)
-    for i, ref in enumerate(alone):
-        assert torch.equal(out.sequences[i, ids.shape[1]:], ref)
+    for i, (run, p) in enumerate(zip(alone, prompts)):
+        ref, got = run.sequences[0, p.shape[1]:], out.sequences[i, ids.shape[1]:]
+        differ = (got != ref).nonzero()
+        if len(differ):
+            top2 = run.scores[int(differ[0])][0].topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            assert margin < 0.05, f"sequence {i} left its alone run where the margin was {margin}"
     # padding is not stored: each sequence holds its own tokens only
     layer = next(x for x in getattr(out, CACHE_ARG).layers if isinstance(x, sals.hf.SalsLayer))
     assert layer.layer_cache.lengths()[:3].tolist() == [40 + 11, 23 + 11, 31 + 11]
