@@ -38,11 +38,12 @@ typedef struct sals_view {
   int64_t stride[SALS_MAX_DIMS];
 } sals_view_t;
 
-/** Bytes and view element type of a cache storage type. */
 /** Bytes of one element of type `elem`. */
 static inline size_t sals_elem_size(sals_elem_t elem) {
   return elem == SALS_ELEM_U8 ? 1 : (elem == SALS_ELEM_F16 || elem == SALS_ELEM_BF16) ? 2 : 4;
 }
+
+/** Bytes and view element type of a cache storage type. */
 static inline size_t sals_dtype_size(sals_dtype_t t) { return t == SALS_DTYPE_FLOAT32 ? 4 : 2; }
 static inline sals_elem_t sals_dtype_elem(sals_dtype_t t) {
   return t == SALS_DTYPE_FLOAT32 ? SALS_ELEM_F32
